@@ -1,0 +1,3 @@
+"""Curia Node: receiving, cataloguing, routing and administration."""
+
+__version__ = "0.1.0"

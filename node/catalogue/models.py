@@ -1,0 +1,205 @@
+"""Catalogue tables.
+
+Rows describe files in the spool (instances), their grouping (series, studies), and the
+node's work on them (pipeline runs, results, deliveries), plus peers and an audit trail.
+Patient-identifying values are kept only where the node needs them to answer queries.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class SeriesState(enum.StrEnum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"  # quiet period over, pipeline queued
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class RunState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    REPORTED = "reported"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    return Enum(cls, values_callable=lambda e: [m.value for m in e], native_enum=False, length=20)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[SeriesState] = mapped_column(_enum(SeriesState), default=SeriesState.RECEIVING)
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    completed_at: Mapped[datetime | None]
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+    runs: Mapped[list[PipelineRun]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None]
+    path: Mapped[str] = mapped_column(Text, doc="relative to the spool folder")
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class PipelineRun(Base):
+    """One analysis of one series by one backbone and head set.
+
+    ``run_key`` (series, backbone version, heads) is unique: the same result is never
+    computed, reported or delivered twice unless a re-run is asked for explicitly.
+    """
+
+    __tablename__ = "pipeline_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    run_key: Mapped[str] = mapped_column(String(200), unique=True)
+    state: Mapped[RunState] = mapped_column(_enum(RunState), default=RunState.QUEUED)
+    backbone: Mapped[str | None] = mapped_column(String(200))
+    heads: Mapped[str | None] = mapped_column(Text)
+    findings: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    inferred_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    series: Mapped[Series] = relationship(back_populates="runs")
+    results: Mapped[list[Result]] = relationship(back_populates="run")
+
+
+class Result(Base):
+    """A DICOM object the node wrote (an SR, later SEG), kept under the results folder."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("pipeline_runs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text, doc="relative to the results folder")
+    summary: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    run: Mapped[PipelineRun] = relationship(back_populates="results")
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="result")
+
+
+class Peer(Base):
+    """A DICOM or HTTP peer: a source allowed to send, or a destination to send to."""
+
+    __tablename__ = "peers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # source | destination
+    protocol: Mapped[str] = mapped_column(String(16), default="dimse")
+    ae_title: Mapped[str | None] = mapped_column(String(16))
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None]
+    url: Mapped[str | None] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Delivery(Base):
+    """Sending one result to one destination; unique per (result, destination)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState), default=DeliveryState.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+    result: Mapped[Result] = relationship(back_populates="deliveries")
+
+
+class AuditEvent(Base):
+    """Who did what, when: configuration changes and notable node events."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(200))
+    details: Mapped[dict[str, Any] | None]

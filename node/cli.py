@@ -1,0 +1,109 @@
+"""The ``curia-node`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from node import __version__
+
+app = typer.Typer(help="Curia Node: a DICOM node that runs Curia on CT and MRI studies.")
+config_app = typer.Typer(help="Inspect the configuration.")
+db_app = typer.Typer(help="Manage the catalogue database.")
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (else $CURIA_CONFIG)", exists=True),
+]
+
+
+def _settings(config: Path | None):  # noqa: ANN202
+    from node.settings import load_settings
+
+    try:
+        return load_settings(config)
+    except ValidationError as exc:
+        typer.echo(f"invalid configuration:\n{exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """Start the node: DICOM listener, completion watcher, pipeline worker, HTTP API."""
+    settings = _settings(config)
+    _logging(settings.log_level)
+    from node.service import NodeService
+    from pipelines.backbone import WeightsError
+
+    try:
+        NodeService(settings).run_forever()
+    except WeightsError as exc:
+        typer.echo(f"cannot load the Curia weights: {exc}", err=True)
+        raise typer.Exit(3) from exc
+    except OSError as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    queues: Annotated[str | None, typer.Option(help="comma-separated stages")] = None,
+) -> None:
+    """Run a separate pipeline worker (production mode); same as `celery ... worker`."""
+    settings = _settings(config)
+    from pipelines.celery_app import STAGES, create_app, queue_name
+
+    stages = queues.split(",") if queues else list(STAGES)
+    celery_app = create_app(settings)
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            f"--queues={','.join(queue_name(settings, s) for s in stages)}",
+            f"--loglevel={settings.log_level}",
+        ]
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the node's version."""
+    typer.echo(__version__)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective configuration, secrets masked."""
+    typer.echo(json.dumps(_settings(config).masked(), indent=2))
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Bring the catalogue schema to the newest revision."""
+    settings = _settings(config)
+    from node.catalogue.db import upgrade
+
+    settings.ensure_dirs()
+    upgrade(settings.effective_database_url)
+    typer.echo("catalogue schema is up to date")
+
+
+def main() -> None:
+    app()

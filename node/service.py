@@ -1,0 +1,112 @@
+"""`curia-node run`: wire the stages together in one process and keep them running."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.catalogue.db import Catalogue, upgrade
+from node.completion import CompletionWatcher
+from node.dimse import start_listener
+from node.ingest import Ingestor
+from node.settings import Settings
+from node.storage import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeService:
+    settings: Settings
+    _stoppers: list[Any] = field(default_factory=list)
+
+    def start(self) -> None:
+        settings = self.settings
+        settings.ensure_dirs()
+        upgrade(settings.effective_database_url)
+        catalogue = Catalogue(settings.effective_database_url)
+        self._stoppers.append(catalogue.dispose)
+
+        from pipelines.celery_app import STAGES, create_app, queue_name
+        from pipelines.runtime import run_key_for
+
+        app = create_app(settings)
+        if settings.pipeline.embedded_worker:
+            from pipelines.embedded_worker import EmbeddedWorker
+
+            runtime = app.curia_runtime()
+            # Load the model now: a bad weights folder stops the node at start, not later.
+            log.info("model: %s", runtime.backbone.identity.name)
+            worker = EmbeddedWorker(app, [queue_name(settings, stage) for stage in STAGES])
+            worker.start()
+            self._stoppers.append(worker.stop)
+
+        analyse_task = app.tasks["curia.analyse_series"]
+        watcher = CompletionWatcher(
+            catalogue,
+            enqueue=lambda run_id: analyse_task.delay(run_id),
+            run_key=run_key_for(settings),
+            quiet_seconds=settings.completion.series_quiet_seconds,
+            poll_seconds=settings.completion.poll_seconds,
+        )
+        watcher.start()
+        self._stoppers.append(watcher.stop)
+
+        ingestor = Ingestor(Spool(settings.spool_dir, settings.quarantine_dir), catalogue)
+        server = start_listener(settings.dicom, ingestor)
+        self._stoppers.append(server.shutdown)
+
+        if settings.api.enabled:
+            self._start_api(catalogue)
+
+    def _start_api(self, catalogue: Catalogue) -> None:
+        import uvicorn
+
+        from node.api import create_api
+
+        api = create_api(self.settings, catalogue)
+        config = uvicorn.Config(
+            api,
+            host=self.settings.api.host,
+            port=self.settings.api.port,
+            log_level="warning",
+            access_log=False,
+        )
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        thread = threading.Thread(target=server.run, name="api", daemon=True)
+        thread.start()
+
+        def stop_api() -> None:
+            server.should_exit = True
+            thread.join(timeout=5)
+
+        self._stoppers.append(stop_api)
+        log.info("HTTP API on http://%s:%d", self.settings.api.host, self.settings.api.port)
+
+    def stop(self) -> None:
+        for stop in reversed(self._stoppers):
+            try:
+                stop()
+            except Exception:
+                log.exception("error while stopping")
+        self._stoppers.clear()
+
+    def run_forever(self) -> None:
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("signal %d: stopping", signum)
+            done.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            self.start()
+            log.info("Curia Node ready")
+            done.wait()
+        finally:
+            self.stop()

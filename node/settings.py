@@ -1,0 +1,234 @@
+"""The node's one typed configuration object.
+
+Every component reads its configuration from :class:`Settings`, which merges (highest
+priority first) ``CURIA_*`` environment variables (nested with ``__``, e.g.
+``CURIA_DICOM__PORT=11112``), a TOML config file (``--config`` or ``CURIA_CONFIG``) and the
+defaults below. The defaults are the embedded mode: everything under one data folder, no
+server needed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from node.uids import validate_ae_title
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_CONFIG_FILE: ContextVar[str | None] = ContextVar("curia_config_file", default=None)
+
+
+class DicomSettings(BaseModel):
+    """The DIMSE listener (C-ECHO / C-STORE SCP)."""
+
+    ae_title: str = "CURIA"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(16, ge=1)
+    max_pdu: int = Field(0, ge=0, description="0 = unlimited")
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+
+class ArchiveSettings(BaseModel):
+    """Where results go: the PACS that receives the node's SRs by C-STORE."""
+
+    enabled: bool = True
+    ae_title: str = "ORTHANC"
+    host: str = "127.0.0.1"
+    port: int = Field(4242, ge=1, le=65535)
+    calling_ae_title: str | None = Field(
+        None, description="AE title the node calls from; defaults to dicom.ae_title"
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+
+class CompletionSettings(BaseModel):
+    """When a series counts as complete: no new instance for ``series_quiet_seconds``."""
+
+    series_quiet_seconds: float = Field(10.0, ge=0.0)
+    poll_seconds: float = Field(1.0, gt=0.0)
+
+
+class ModelSettings(BaseModel):
+    """The Curia backbone and the heads to run."""
+
+    weights_dir: Path | None = Field(
+        None, description="local Hugging Face-layout folder; none = labelled demo weights"
+    )
+    demo_size: Literal["base", "tiny"] = Field(
+        "base", description="demo architecture: the real Curia-B, or a scaled-down copy"
+    )
+    heads_dir: Path | None = Field(
+        None, description="folder of head packages; none = the built-in demo head"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class PipelineSettings(BaseModel):
+    """Celery: the broker, the worker mode and queue names."""
+
+    broker_url: str | None = Field(
+        None, description="none = embedded SQLite transport under the data folder"
+    )
+    embedded_worker: bool = Field(
+        True, description="run a worker thread inside `curia-node run`"
+    )
+    queue_prefix: str = "curia"
+    polling_interval: float = Field(0.2, gt=0.0)
+
+    @field_validator("queue_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ValueError("queue_prefix may hold only letters, digits, '_', '.', '-'")
+        return value
+
+
+class ApiSettings(BaseModel):
+    """The HTTP API and dashboard."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    token: SecretStr | None = Field(
+        None, description="admin bearer token; none = generated once into the data folder"
+    )
+
+
+class NodeIdentitySettings(BaseModel):
+    """How the node names itself in the objects it writes."""
+
+    manufacturer: str = "Curia Node"
+    model_name: str = "Curia Node"
+    device_uid: str | None = Field(
+        None, description="none = generated once and kept in the data folder"
+    )
+    institution_name: str | None = None
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one node."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CURIA_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    data_dir: Path = Field(Path("curia-data"), description="spool, catalogue, broker, keys")
+    database_url: str | None = Field(None, description="none = SQLite in the data folder")
+    log_level: str = "INFO"
+    dicom: DicomSettings = DicomSettings()
+    archive: ArchiveSettings = ArchiveSettings()
+    completion: CompletionSettings = CompletionSettings()
+    model: ModelSettings = ModelSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    api: ApiSettings = ApiSettings()
+    identity: NodeIdentitySettings = NodeIdentitySettings()
+    templates_dir: Path = PROJECT_ROOT / "sr_templates"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = _CONFIG_FILE.get() or os.environ.get("CURIA_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    # Derived locations: one data folder holds everything in embedded mode.
+    @cached_property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_path / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_path / "results"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_path / "quarantine"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_path / 'catalogue.sqlite'}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.pipeline.broker_url or f"sqla+sqlite:///{self.data_path / 'broker.sqlite'}"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.pipeline.broker_url is None
+
+    def ensure_dirs(self) -> None:
+        """Create the data folders; called once at start, never on a hot path."""
+        for path in (self.data_path, self.spool_dir, self.results_dir, self.quarantine_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def masked(self) -> dict[str, Any]:
+        """The configuration as a dict with every secret masked, for `config show`."""
+        data = self.model_dump(mode="json")
+        data["database_url"] = mask_url(self.effective_database_url)
+        data["pipeline"]["broker_url"] = mask_url(self.effective_broker_url)
+        data["data_dir"] = str(self.data_path)
+        if self.api.token is not None:
+            data["api"]["token"] = "**********"
+        return data
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>://[^:/@]+:)(?P<password>[^@]+)(?P<tail>@)")
+
+
+def mask_url(url: str) -> str:
+    """Hide the password part of a database or broker URL."""
+    return _URL_PASSWORD.sub(r"\g<head>*****\g<tail>", url)
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Load settings, optionally from an explicit TOML file (else ``CURIA_CONFIG``)."""
+    if config_file is None:
+        return Settings()
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    token = _CONFIG_FILE.set(str(config_file))
+    try:
+        return Settings()
+    finally:
+        _CONFIG_FILE.reset(token)

@@ -1,0 +1,1 @@
+"""Curia Node pipelines: series preparation, Curia inference, heads, reports, dispatch."""

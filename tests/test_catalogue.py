@@ -1,0 +1,76 @@
+"""Schema migrations on both databases, and the completion watcher's rules."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from node.catalogue.db import Catalogue, upgrade
+from node.catalogue.models import PipelineRun, RunState, Series, SeriesState, Study
+from node.completion import CompletionWatcher
+
+TABLES = {
+    "studies", "series", "instances", "pipeline_runs", "results", "peers", "deliveries",
+    "audit_events", "alembic_version",
+}
+
+
+def test_sqlite_schema_upgrades_and_is_idempotent(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    upgrade(url)
+    assert TABLES <= set(sa.inspect(sa.create_engine(url)).get_table_names())
+
+
+@pytest.mark.production
+def test_postgres_schema_upgrades(postgres_url: str) -> None:
+    upgrade(postgres_url)
+    upgrade(postgres_url)
+    engine = sa.create_engine(postgres_url)
+    assert TABLES <= set(sa.inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def _series(catalogue: Catalogue, uid: str, last: datetime) -> None:
+    with catalogue.session() as session:
+        study = Study(study_instance_uid=f"{uid}.1")
+        session.add(Series(series_instance_uid=uid, study=study, last_received_at=last))
+
+
+def test_watcher_completes_only_quiet_series_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    now = datetime.now(UTC)
+    _series(catalogue, "1.2.3", now - timedelta(seconds=30))
+    _series(catalogue, "1.2.4", now)
+    sent: list[int] = []
+    watcher = CompletionWatcher(catalogue, sent.append, lambda s: s.series_instance_uid, 10, 1)
+
+    first = watcher.complete_quiet_series(now)
+    assert len(first) == 1 and sent == first
+    assert watcher.complete_quiet_series(now) == [], "a complete series is not queued again"
+    later = watcher.complete_quiet_series(now + timedelta(seconds=11))
+    assert len(later) == 1
+    with catalogue.session() as session:
+        states = {s.series_instance_uid: s.state for s in session.scalars(sa.select(Series))}
+        assert states == {"1.2.3": SeriesState.COMPLETE, "1.2.4": SeriesState.COMPLETE}
+        runs = session.scalars(sa.select(PipelineRun)).all()
+        assert all(run.enqueued_at is not None for run in runs)
+
+
+def test_watcher_resends_runs_that_never_reached_the_broker(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    _series(catalogue, "1.2.3", datetime.now(UTC))
+    with catalogue.session() as session:
+        series = session.scalars(sa.select(Series)).one()
+        session.add(PipelineRun(series=series, run_key="k", state=RunState.QUEUED))
+    sent: list[int] = []
+    watcher = CompletionWatcher(catalogue, sent.append, lambda s: "k", 10, 1)
+    assert watcher.resend_unsent() == sent and len(sent) == 1
+    assert watcher.resend_unsent() == [], "sent runs are not sent twice"

@@ -1,0 +1,93 @@
+"""The DIMSE listener against DCMTK's echoscu/storescu: statuses a sender relies on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, select
+
+from node.catalogue.db import Catalogue, upgrade
+from node.catalogue.models import Instance
+from node.dimse import start_listener
+from node.ingest import Ingestor
+from node.settings import DicomSettings
+from node.storage import Spool
+from tests.conftest import require_tool
+from tests.peers import free_port
+from tests.testdata import repaired_ct_series, totalseg_ct_dir
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[int, Ingestor]]:
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), Catalogue(url))
+    port = free_port()
+    server = start_listener(DicomSettings(host="127.0.0.1", port=port), ingestor)
+    yield port, ingestor
+    server.shutdown()
+
+
+def dcmtk(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool(tool), *args], capture_output=True, text=True, env=DCMTK_ENV, timeout=120
+    )
+
+
+def stored(ingestor: Ingestor) -> int:
+    with ingestor.catalogue.session() as session:
+        return session.scalar(select(func.count()).select_from(Instance))
+
+
+def test_echo(listener: tuple[int, Ingestor]) -> None:
+    port, _ = listener
+    result = dcmtk("echoscu", "-aec", "CURIA", "127.0.0.1", str(port))
+    assert result.returncode == 0, result.stderr
+
+
+def test_wrong_called_ae_title_is_rejected(listener: tuple[int, Ingestor]) -> None:
+    port, _ = listener
+    result = dcmtk("echoscu", "-aec", "NOTCURIA", "127.0.0.1", str(port))
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stderr + result.stdout
+
+
+def test_storescu_stores_compressed_and_uncompressed(
+    listener: tuple[int, Ingestor], tmp_path: Path
+) -> None:
+    port, ingestor = listener
+    jpeg2000 = [str(p) for p in repaired_ct_series(tmp_path / "ct", "dimse-test")[:3]]
+    # -xv: propose JPEG 2000 lossless (storescu proposes only uncompressed by default)
+    for option, files in (("-xe", [get_testdata_file("CT_small.dcm")]), ("-xv", jpeg2000)):
+        result = dcmtk("storescu", "-aec", "CURIA", option, "127.0.0.1", str(port), *files)
+        assert result.returncode == 0, result.stderr
+    assert stored(ingestor) == 4
+
+
+def test_empty_uids_get_a_failure_status_and_are_quarantined(
+    listener: tuple[int, Ingestor], tmp_path: Path
+) -> None:
+    """The real TotalSegmentator sample has empty Study/Series UIDs: refused, kept aside.
+
+    (Its SOP Class/Instance UIDs are filled in first: storescu will not send without them.)
+    """
+    port, ingestor = listener
+    ds = dcmread(sorted(totalseg_ct_dir().iterdir())[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    assert ds.StudyInstanceUID == "" and ds.SeriesInstanceUID == ""
+    sample = tmp_path / "empty-study-uid.dcm"
+    ds.save_as(sample)
+    result = dcmtk("storescu", "-v", "-aec", "CURIA", "-xv", "127.0.0.1", str(port), str(sample))
+    output = result.stdout + result.stderr
+    assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in output, output
+    assert stored(ingestor) == 0
+    assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 1

@@ -1,0 +1,62 @@
+"""One typed settings object: defaults, TOML file, environment, masked display."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from node.cli import app
+from node.settings import Settings, load_settings
+
+
+def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CURIA_CONFIG", raising=False)
+    monkeypatch.setenv("CURIA_DATA_DIR", str(tmp_path))
+    settings = Settings()
+    assert settings.dicom.ae_title == "CURIA" and settings.dicom.port == 11112
+    assert settings.effective_database_url == f"sqlite:///{tmp_path / 'catalogue.sqlite'}"
+    assert settings.effective_broker_url.startswith("sqla+sqlite:///")
+    assert settings.api.host == "127.0.0.1"
+
+
+def test_file_then_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[dicom]\nae_title = "FROMFILE"\nport = 4000\n')
+    monkeypatch.setenv("CURIA_DICOM__PORT", "5000")
+    settings = load_settings(config)
+    assert settings.dicom.ae_title == "FROMFILE"
+    assert settings.dicom.port == 5000, "the environment overrides the file"
+
+
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CURIA_CONFIG", raising=False)
+    monkeypatch.setenv("CURIA_DICOM__AE_TITLE", "WAY-TOO-LONG-AE-TITLE")
+    with pytest.raises(ValidationError, match="AE title"):
+        Settings()
+
+
+def test_config_show_masks_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CURIA_CONFIG", raising=False)
+    monkeypatch.setenv("CURIA_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CURIA_API__TOKEN", "s3cret-token")
+    monkeypatch.setenv("CURIA_DATABASE_URL", "postgresql+psycopg://curia:pa55word@db/curia")
+    monkeypatch.setenv("CURIA_PIPELINE__BROKER_URL", "amqp://user:brokerpw@mq:5672//")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    for secret in ("s3cret-token", "pa55word", "brokerpw"):
+        assert secret not in result.output
+    shown = json.loads(result.output)
+    assert shown["database_url"] == "postgresql+psycopg://curia:*****@db/curia"
+    assert shown["pipeline"]["broker_url"] == "amqp://user:*****@mq:5672//"
+
+
+def test_cli_reports_a_bad_config_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CURIA_CONFIG", raising=False)
+    monkeypatch.setenv("CURIA_DICOM__PORT", "not-a-port")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 2
+    assert "invalid configuration" in result.output and "port" in result.output
