@@ -99,7 +99,6 @@ class PipelineSettings(BaseModel):
         True, description="run a worker thread inside `curia-node run`"
     )
     queue_prefix: str = "curia"
-    polling_interval: float = Field(0.2, gt=0.0)
 
     @field_validator("queue_prefix")
     @classmethod
@@ -191,7 +190,8 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.pipeline.broker_url or f"sqla+sqlite:///{self.data_path / 'broker.sqlite'}"
+        embedded = f"curia-sqla+sqlite:///{self.data_path / 'broker.sqlite'}"
+        return self.pipeline.broker_url or embedded
 
     @property
     def is_embedded_broker(self) -> bool:

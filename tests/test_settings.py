@@ -19,7 +19,7 @@ def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch, tmp_pat
     settings = Settings()
     assert settings.dicom.ae_title == "CURIA" and settings.dicom.port == 11112
     assert settings.effective_database_url == f"sqlite:///{tmp_path / 'catalogue.sqlite'}"
-    assert settings.effective_broker_url.startswith("sqla+sqlite:///")
+    assert settings.effective_broker_url.startswith("curia-sqla+sqlite:///")
     assert settings.api.host == "127.0.0.1"
 
 

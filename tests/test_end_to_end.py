@@ -1,0 +1,113 @@
+"""One real CT study: Orthanc -> C-STORE -> node -> Curia -> SR -> C-STORE -> Orthanc.
+
+Run in both modes the node supports: embedded (SQLite + SQLite broker + in-process worker)
+and production (PostgreSQL + RabbitMQ + a separate `celery worker` process).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import RABBITMQ_URL, node_env, require_tool
+from tests.peers import NodeProcess, Orthanc, wait_for
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def push_and_wait_for_sr(
+    orthanc: Orthanc, node: NodeProcess, ct_series: list[Path], tmp_path: Path
+) -> tuple[Path, float]:
+    """Have Orthanc push the study to the node; return the SR Orthanc got back and the time
+    from the end of the push (last instance received) to the SR stored in Orthanc."""
+    study = dcmread(ct_series[0], stop_before_pixels=True)
+    orthanc_study = orthanc.upload(ct_series)
+    orthanc.set_modality("node", "CURIA", node.dicom_port)
+    orthanc.post("/modalities/node/store", json={"Resources": [orthanc_study], "Synchronous": True})
+    pushed = time.monotonic()
+
+    def sr_series() -> list[dict]:
+        return [
+            s
+            for s in orthanc.series_of_study(study.StudyInstanceUID)
+            if s["MainDicomTags"].get("Modality") == "SR"
+        ]
+
+    found = wait_for(sr_series, 300, f"no SR reached Orthanc; node log:\n{node.log()[-4000:]}")
+    elapsed = time.monotonic() - pushed
+    assert len(found) == 1, "exactly one SR series is expected"
+    instance_id = found[0]["Instances"][0]
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(httpx.get(f"{orthanc.url}/instances/{instance_id}/file", timeout=60).content)
+    return path, elapsed
+
+
+def assert_sr_belongs_to(sr_path: Path, ct_series: list[Path]) -> None:
+    sr = dcmread(sr_path)
+    source = dcmread(ct_series[0], stop_before_pixels=True)
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.PatientID == source.PatientID
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+    assert sr.ContentSequence, "the SR has content"
+    text = str(sr)
+    assert "demo" in text.lower(), "an SR made with demo weights must say so"
+
+
+def assert_dciodvfy_clean(path: Path) -> None:
+    binary = require_tool("dciodvfy")
+    result = subprocess.run([binary, "-new", str(path)], capture_output=True, text=True)
+    errors = [
+        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
+    ]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.e2e
+def test_embedded_mode_returns_a_valid_sr_to_the_archive(
+    orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path
+) -> None:
+    node = node_factory(node_env(tmp_path, orthanc))
+    sr_path, elapsed = push_and_wait_for_sr(orthanc, node, ct_series, tmp_path)
+    print(f"embedded: last instance -> SR in Orthanc: {elapsed:.1f} s")
+    assert_sr_belongs_to(sr_path, ct_series)
+    assert_dciodvfy_clean(sr_path)
+
+
+@pytest.mark.e2e
+@pytest.mark.production
+def test_production_mode_rabbitmq_postgres_separate_worker(
+    orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
+) -> None:
+    env = node_env(
+        tmp_path,
+        orthanc,
+        CURIA_DATABASE_URL=postgres_url,
+        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
+        CURIA_PIPELINE__EMBEDDED_WORKER="false",
+    )
+    node = node_factory(env, separate_worker=True)
+    try:
+        sr_path, elapsed = push_and_wait_for_sr(orthanc, node, ct_series, tmp_path)
+    except AssertionError:
+        print(node.log("worker.log")[-4000:])
+        raise
+    print(f"production: last instance -> SR in Orthanc: {elapsed:.1f} s")
+    assert_sr_belongs_to(sr_path, ct_series)
+    assert_dciodvfy_clean(sr_path)
+    assert "curia.analyse_series" in node.log("worker.log"), "the separate worker ran the task"
+    _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
+
+
+def _delete_queues(prefix: str) -> None:
+    from kombu import Connection
+
+    with Connection(RABBITMQ_URL) as conn:
+        channel = conn.channel()
+        for stage in ("inference", "report", "dispatch"):
+            channel.queue_delete(f"{prefix}.{stage}")
