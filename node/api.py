@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, status
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -29,9 +29,16 @@ def api_token(settings: Settings) -> str:
     if path.is_file():
         return path.read_text().strip()
     token = secrets.token_urlsafe(32)
-    write_durably(path, token.encode())
-    path.chmod(0o600)
+    write_durably(path, token.encode(), mode=0o600)
     return token
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.catalogue.session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def create_api(settings: Settings, catalogue: Catalogue) -> FastAPI:
@@ -47,11 +54,7 @@ def create_api(settings: Settings, catalogue: Catalogue) -> FastAPI:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    def get_session() -> Iterator[Session]:
-        with catalogue.session() as session:
-            yield session
-
-    SessionDep = Annotated[Session, Depends(get_session)]
+    app.state.catalogue = catalogue
     auth = [Depends(require_token)]
 
     @app.get("/healthz")

@@ -25,7 +25,7 @@ ConfigOption = Annotated[
 ]
 
 
-def _settings(config: Path | None):  # noqa: ANN202
+def _settings(config: Path | None):
     from node.settings import load_settings
 
     try:

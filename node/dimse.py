@@ -61,7 +61,9 @@ def make_store_handler(ingestor: Ingestor) -> Callable[[Event], int]:
         except Exception:
             log.exception("cannot encode the received data set from %s", calling)
             return CANNOT_UNDERSTAND
-        outcome = ingestor.ingest(data, calling, expected_sop_uid=event.request.AffectedSOPInstanceUID)
+        outcome = ingestor.ingest(
+            data, calling, expected_sop_uid=event.request.AffectedSOPInstanceUID
+        )
         stats = event.assoc.__dict__.setdefault("_curia_stats", {"ok": 0, "failed": 0})
         stats["ok" if outcome.status == 0 else "failed"] += 1
         return outcome.status

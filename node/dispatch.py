@@ -52,7 +52,9 @@ def send(destination: Any, paths: list[Path]) -> None:
     try:
         handler = _HANDLERS[type(destination)]
     except KeyError:
-        raise DispatchError(f"no handler for destination type {type(destination).__name__}") from None
+        raise DispatchError(
+            f"no handler for destination type {type(destination).__name__}"
+        ) from None
     handler(destination, paths)
 
 

@@ -95,9 +95,7 @@ class PipelineSettings(BaseModel):
     broker_url: str | None = Field(
         None, description="none = embedded SQLite transport under the data folder"
     )
-    embedded_worker: bool = Field(
-        True, description="run a worker thread inside `curia-node run`"
-    )
+    embedded_worker: bool = Field(True, description="run a worker thread inside `curia-node run`")
     queue_prefix: str = "curia"
 
     @field_validator("queue_prefix")

@@ -94,7 +94,7 @@ class Runtime:
         return Spool(self.settings.spool_dir, self.settings.quarantine_dir)
 
     @cached_property
-    def device(self):  # noqa: ANN201 - torch is imported lazily
+    def device(self):
         from pipelines.inference import select_device
 
         return select_device(self.settings.model.device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task
@@ -74,7 +73,9 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
         series_instance_uid=series_uid,
         batch_size=runtime.settings.model.batch_size,
     )
-    log.info("run %d: %d slices analysed in %.2f s", run_id, len(paths), time.perf_counter() - started)
+    log.info(
+        "run %d: %d slices analysed in %.2f s", run_id, len(paths), time.perf_counter() - started
+    )
     with runtime.catalogue.session() as session:
         run = session.get(PipelineRun, run_id)
         run.findings = findings_to_dict(findings)
@@ -130,7 +131,9 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
         delivery_ids = []
         for name in runtime.destinations():
             delivery = session.scalar(
-                select(Delivery).where(Delivery.result_id == result.id, Delivery.destination == name)
+                select(Delivery).where(
+                    Delivery.result_id == result.id, Delivery.destination == name
+                )
             )
             if delivery is None:
                 delivery = Delivery(result=result, destination=name)
@@ -233,7 +236,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             if final:
                 log.error("delivery %d failed for good: %s", delivery_id, exc)
                 return None
-            delay = min(2 ** self.request.retries, 300)
+            delay = min(2**self.request.retries, 300)
             log.warning("delivery %d failed (%s); retrying in %d s", delivery_id, exc, delay)
             raise self.retry(exc=exc, countdown=delay) from exc
         return None

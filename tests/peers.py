@@ -65,7 +65,9 @@ class Orthanc:
     def start(self) -> None:
         binary = shutil.which("Orthanc")
         if binary is None:
-            raise RuntimeError("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+            raise RuntimeError(
+                "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
+            )
         config = {
             "Name": "curia-test",
             "StorageDirectory": str(self.root / "storage"),

@@ -6,7 +6,6 @@ and production (PostgreSQL + RabbitMQ + a separate `celery worker` process).
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import RABBITMQ_URL, node_env, require_tool
+from tests.conftest import RABBITMQ_URL, node_env
 from tests.peers import NodeProcess, Orthanc, wait_for
+from tests.validators import assert_dciodvfy_clean, assert_dsrdump_clean
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -59,15 +59,6 @@ def assert_sr_belongs_to(sr_path: Path, ct_series: list[Path]) -> None:
     assert "demo" in text.lower(), "an SR made with demo weights must say so"
 
 
-def assert_dciodvfy_clean(path: Path) -> None:
-    binary = require_tool("dciodvfy")
-    result = subprocess.run([binary, "-new", str(path)], capture_output=True, text=True)
-    errors = [
-        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
-    ]
-    assert not errors, "\n".join(errors)
-
-
 @pytest.mark.e2e
 def test_embedded_mode_returns_a_valid_sr_to_the_archive(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path
@@ -77,6 +68,7 @@ def test_embedded_mode_returns_a_valid_sr_to_the_archive(
     print(f"embedded: last instance -> SR in Orthanc: {elapsed:.1f} s")
     assert_sr_belongs_to(sr_path, ct_series)
     assert_dciodvfy_clean(sr_path)
+    assert_dsrdump_clean(sr_path)
 
 
 @pytest.mark.e2e
@@ -100,6 +92,7 @@ def test_production_mode_rabbitmq_postgres_separate_worker(
     print(f"production: last instance -> SR in Orthanc: {elapsed:.1f} s")
     assert_sr_belongs_to(sr_path, ct_series)
     assert_dciodvfy_clean(sr_path)
+    assert_dsrdump_clean(sr_path)
     assert "curia.analyse_series" in node.log("worker.log"), "the separate worker ran the task"
     _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
 

@@ -33,8 +33,19 @@ def totalseg_ct_dir() -> Path:
     archives = list(root.glob("totalsegmentator-2.18.0.tar.gz"))
     if not archives:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--no-binary", ":all:", TOTALSEG, "-d", str(root)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                TOTALSEG,
+                "-d",
+                str(root),
+            ],
             check=True,
         )
         archives = list(root.glob("totalsegmentator-2.18.0.tar.gz"))
