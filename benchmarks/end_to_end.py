@@ -44,6 +44,7 @@ def main() -> None:
     }
     node = NodeProcess(env, root)
     try:
+        node.allow_source("orthanc", orthanc.aet)
         node.start()
         orthanc_study = orthanc.upload(series)
         orthanc.set_modality("node", "CURIA", node.dicom_port)

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.ingest import CANNOT_UNDERSTAND, Ingestor
+from node.peers import SourcePolicy
 from node.settings import DicomSettings
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,30 @@ def handle_closed(event: Event) -> None:
     )
 
 
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+
+
+def make_request_handler(policy: SourcePolicy) -> Callable[[Event], None]:
+    """Refuse senders that are not in the allow-list, before any negotiation."""
+
+    def handle_requested(event: Event) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.primitive.calling_ae_title if requestor.primitive else ""
+        if policy.allows(calling, requestor.address):
+            return
+        log.warning(
+            "refused association from AE %r at %s: not in the source allow-list "
+            "(add it with `curia-node ae source add`)",
+            calling,
+            requestor.address,
+        )
+        event.assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNISED)
+        event.assoc.kill()
+
+    return handle_requested
+
+
 def build_ae(settings: DicomSettings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
@@ -108,10 +133,13 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
-def start_listener(settings: DicomSettings, ingestor: Ingestor) -> ThreadedAssociationServer:
+def start_listener(
+    settings: DicomSettings, ingestor: Ingestor, policy: SourcePolicy
+) -> ThreadedAssociationServer:
     """Start the C-ECHO/C-STORE SCP in background threads and return its server."""
     ae = build_ae(settings)
     handlers: list[Any] = [
+        (evt.EVT_REQUESTED, make_request_handler(policy)),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(ingestor)),
         (evt.EVT_ACCEPTED, handle_accepted),

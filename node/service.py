@@ -12,6 +12,7 @@ from node.catalogue.db import Catalogue, upgrade
 from node.completion import CompletionWatcher
 from node.dimse import start_listener
 from node.ingest import Ingestor
+from node.peers import SourcePolicy
 from node.settings import Settings
 from node.storage import Spool
 
@@ -56,7 +57,10 @@ class NodeService:
         self._stoppers.append(watcher.stop)
 
         ingestor = Ingestor(Spool(settings.spool_dir, settings.quarantine_dir), catalogue)
-        server = start_listener(settings.dicom, ingestor)
+        policy = SourcePolicy(catalogue, accept_any=settings.dicom.accept_any_source)
+        if settings.dicom.accept_any_source:
+            log.warning("dicom.accept_any_source is on: any sender may store into this node")
+        server = start_listener(settings.dicom, ingestor, policy)
         self._stoppers.append(server.shutdown)
 
         if settings.api.enabled:

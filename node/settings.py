@@ -36,6 +36,9 @@ class DicomSettings(BaseModel):
     ae_title: str = "CURIA"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
+    accept_any_source: bool = Field(
+        False, description="accept any calling AE title and address (off: allow-list only)"
+    )
     max_associations: int = Field(16, ge=1)
     max_pdu: int = Field(0, ge=0, description="0 = unlimited")
     acse_timeout: float = 30.0

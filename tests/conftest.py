@@ -81,6 +81,7 @@ def node_factory(tmp_path: Path) -> Iterator[callable]:
 
     def start(env: dict[str, str], separate_worker: bool = False) -> NodeProcess:
         node = NodeProcess(env, tmp_path)
+        node.allow_source("orthanc", "ORTHANC")
         started.append(node)
         node.start(separate_worker=separate_worker)
         return node

@@ -163,6 +163,25 @@ class NodeProcess:
             start_new_session=True,
         )
 
+    def allow_source(self, name: str, ae_title: str, host: str = "127.0.0.1") -> None:
+        """Add a sender to the node's allow-list with the real CLI."""
+        subprocess.run(
+            [
+                str(VENV_BIN / "curia-node"),
+                "ae",
+                "source",
+                "add",
+                name,
+                "--ae-title",
+                ae_title,
+                "--host",
+                host,
+            ],
+            env={**os.environ, **self.env},
+            check=True,
+            capture_output=True,
+        )
+
     def start(self, separate_worker: bool = False, timeout: float = 180) -> None:
         self.node = self._spawn([str(VENV_BIN / "curia-node"), "run"], "node.log")
         if separate_worker:

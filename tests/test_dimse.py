@@ -16,6 +16,7 @@ from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance
 from node.dimse import start_listener
 from node.ingest import Ingestor
+from node.peers import SourcePolicy, add_source
 from node.settings import DicomSettings
 from node.storage import Spool
 from tests.conftest import require_tool
@@ -29,9 +30,13 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 def listener(tmp_path: Path) -> Iterator[tuple[int, Ingestor]]:
     url = f"sqlite:///{tmp_path / 'c.sqlite'}"
     upgrade(url)
-    ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), Catalogue(url))
+    catalogue = Catalogue(url)
+    ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), catalogue)
+    for name in ("STORESCU", "ECHOSCU"):
+        add_source(catalogue, name.lower(), name, "127.0.0.1", actor="test")
+    policy = SourcePolicy(catalogue, accept_any=False, cache_seconds=0)
     port = free_port()
-    server = start_listener(DicomSettings(host="127.0.0.1", port=port), ingestor)
+    server = start_listener(DicomSettings(host="127.0.0.1", port=port), ingestor, policy)
     yield port, ingestor
     server.shutdown()
 
@@ -58,6 +63,32 @@ def test_wrong_called_ae_title_is_rejected(listener: tuple[int, Ingestor]) -> No
     result = dcmtk("echoscu", "-aec", "NOTCURIA", "127.0.0.1", str(port))
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stderr + result.stdout
+
+
+def test_unknown_calling_ae_title_is_rejected(listener: tuple[int, Ingestor]) -> None:
+    port, _ = listener
+    result = dcmtk("echoscu", "-aet", "STRANGER", "-aec", "CURIA", "127.0.0.1", str(port))
+    assert result.returncode != 0
+    assert "Calling AE Title Not Recognized" in result.stderr + result.stdout
+
+
+def test_known_ae_title_from_another_address_is_rejected(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    add_source(catalogue, "remote", "ECHOSCU", "10.9.8.7", actor="test")
+    ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), catalogue)
+    port = free_port()
+    policy = SourcePolicy(catalogue, accept_any=False, cache_seconds=0)
+    server = start_listener(DicomSettings(host="127.0.0.1", port=port), ingestor, policy)
+    try:
+        refused = dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "CURIA", "127.0.0.1", str(port))
+        assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
+        add_source(catalogue, "local", "ECHOSCU", "127.0.0.0/8", actor="test")
+        allowed = dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "CURIA", "127.0.0.1", str(port))
+        assert allowed.returncode == 0, "a new source applies without a restart"
+    finally:
+        server.shutdown()
 
 
 def test_storescu_stores_compressed_and_uncompressed(
