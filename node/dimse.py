@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -29,6 +32,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.catalogue.models import AssociationRecord
 from node.ingest import CANNOT_UNDERSTAND, Ingestor
 from node.peers import SourcePolicy
 from node.settings import DicomSettings
@@ -54,69 +58,138 @@ def handle_echo(event: Event) -> int:
     return 0x0000
 
 
-def make_store_handler(ingestor: Ingestor) -> Callable[[Event], int]:
-    def handle_store(event: Event) -> int:
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+REJECT_TEMPORARY_CONGESTION = (0x02, 0x03, 0x01)
+
+
+@dataclass
+class _Tally:
+    """What happened on one association, kept on the association object."""
+
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    clock: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    bytes_received: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+
+
+def _tally(event: Event) -> _Tally:
+    return event.assoc.__dict__.setdefault("_curia_tally", _Tally())
+
+
+class AssociationHandlers:
+    """pynetdicom event handlers: admission, storage, and a record of every association."""
+
+    def __init__(self, ingestor: Ingestor, policy: SourcePolicy) -> None:
+        self.ingestor = ingestor
+        self.policy = policy
+
+    def bindings(self) -> list[tuple[Any, Callable[..., Any]]]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_aborted),
+        ]
+
+    def on_requested(self, event: Event) -> None:
+        """Refuse everyone while the disk is below its watermark, and unknown senders always."""
+        requestor = event.assoc.requestor
+        calling = (requestor.primitive.calling_ae_title if requestor.primitive else "").strip()
+        guard = self.ingestor.guard
+        if guard is not None and not guard.can_accept():
+            self._reject(event, calling, REJECT_TEMPORARY_CONGESTION, "disk below watermark")
+        elif not self.policy.allows(calling, requestor.address):
+            self._reject(event, calling, REJECT_CALLING_AE_NOT_RECOGNISED, "not in allow-list")
+
+    def _reject(self, event: Event, calling: str, rsd: tuple[int, int, int], why: str) -> None:
+        requestor = event.assoc.requestor
+        log.warning(
+            "refused association from AE %r at %s: %s%s",
+            calling,
+            requestor.address,
+            why,
+            " (add it with `curia-node ae source add`)" if why == "not in allow-list" else "",
+        )
+        self._record(event, calling, "rejected", why)
+        event.assoc.acse.send_reject(*rsd)
+        event.assoc.kill()
+
+    def on_accepted(self, event: Event) -> None:
+        _tally(event)
+        requestor = event.assoc.requestor
+        log.info(
+            "association accepted from %s (%s:%s)",
+            requestor.ae_title,
+            requestor.address,
+            requestor.port,
+        )
+
+    def on_store(self, event: Event) -> int:
         calling = event.assoc.requestor.ae_title
+        tally = _tally(event)
         try:
             data = event.encoded_dataset(include_meta=True)
         except Exception:
             log.exception("cannot encode the received data set from %s", calling)
+            tally.failed += 1
+            tally.statuses[f"0x{CANNOT_UNDERSTAND:04X}"] += 1
             return CANNOT_UNDERSTAND
-        outcome = ingestor.ingest(
+        outcome = self.ingestor.ingest(
             data, calling, expected_sop_uid=event.request.AffectedSOPInstanceUID
         )
-        stats = event.assoc.__dict__.setdefault("_curia_stats", {"ok": 0, "failed": 0})
-        stats["ok" if outcome.status == 0 else "failed"] += 1
+        tally.bytes_received += len(data)
+        if outcome.status == 0:
+            tally.stored += 1
+        else:
+            tally.failed += 1
+        tally.statuses[f"0x{outcome.status:04X}"] += 1
         return outcome.status
 
-    return handle_store
+    def on_released(self, event: Event) -> None:
+        self._closed(event, "released")
 
+    def on_aborted(self, event: Event) -> None:
+        self._closed(event, "aborted")
 
-def handle_accepted(event: Event) -> None:
-    event.assoc.__dict__["_curia_started"] = time.monotonic()
-    log.info(
-        "association accepted from %s (%s:%s)",
-        event.assoc.requestor.ae_title,
-        event.assoc.requestor.address,
-        event.assoc.requestor.port,
-    )
-
-
-def handle_closed(event: Event) -> None:
-    stats = event.assoc.__dict__.get("_curia_stats", {"ok": 0, "failed": 0})
-    started = event.assoc.__dict__.get("_curia_started")
-    elapsed = time.monotonic() - started if started else 0.0
-    log.info(
-        "association from %s closed: %d stored, %d failed, %.2f s",
-        event.assoc.requestor.ae_title,
-        stats["ok"],
-        stats["failed"],
-        elapsed,
-    )
-
-
-# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
-REJECT_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
-
-
-def make_request_handler(policy: SourcePolicy) -> Callable[[Event], None]:
-    """Refuse senders that are not in the allow-list, before any negotiation."""
-
-    def handle_requested(event: Event) -> None:
-        requestor = event.assoc.requestor
-        calling = requestor.primitive.calling_ae_title if requestor.primitive else ""
-        if policy.allows(calling, requestor.address):
-            return
-        log.warning(
-            "refused association from AE %r at %s: not in the source allow-list "
-            "(add it with `curia-node ae source add`)",
-            calling,
-            requestor.address,
+    def _closed(self, event: Event, outcome: str) -> None:
+        tally = _tally(event)
+        log.info(
+            "association from %s %s: %d stored, %d failed, %.2f s",
+            event.assoc.requestor.ae_title,
+            outcome,
+            tally.stored,
+            tally.failed,
+            time.monotonic() - tally.clock,
         )
-        event.assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNISED)
-        event.assoc.kill()
+        self._record(event, event.assoc.requestor.ae_title, outcome, None)
 
-    return handle_requested
+    def _record(self, event: Event, calling: str, outcome: str, reason: str | None) -> None:
+        tally = _tally(event)
+        requestor = event.assoc.requestor
+        try:
+            with self.ingestor.catalogue.session() as session:
+                session.add(
+                    AssociationRecord(
+                        calling_ae_title=calling[:16],
+                        address=str(requestor.address)[:64],
+                        port=requestor.port,
+                        outcome=outcome,
+                        reason=reason,
+                        stored=tally.stored,
+                        failed=tally.failed,
+                        statuses=dict(tally.statuses),
+                        bytes_received=tally.bytes_received,
+                        started_at=tally.started,
+                        ended_at=datetime.now(UTC),
+                    )
+                )
+        except Exception:
+            log.exception("cannot record the association in the catalogue")
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -138,14 +211,7 @@ def start_listener(
 ) -> ThreadedAssociationServer:
     """Start the C-ECHO/C-STORE SCP in background threads and return its server."""
     ae = build_ae(settings)
-    handlers: list[Any] = [
-        (evt.EVT_REQUESTED, make_request_handler(policy)),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, make_store_handler(ingestor)),
-        (evt.EVT_ACCEPTED, handle_accepted),
-        (evt.EVT_RELEASED, handle_closed),
-        (evt.EVT_ABORTED, handle_closed),
-    ]
+    handlers = AssociationHandlers(ingestor, policy).bindings()
     server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
     log.info("DICOM listener %s on %s:%d", settings.ae_title, settings.host, settings.port)
     return server

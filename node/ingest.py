@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Instance, Series, Study
+from node.disk import DiskGuard
 from node.storage import Spool
 from node.uids import InvalidUID, validate_uid
 
@@ -108,15 +109,19 @@ def _instance_number(ds: Dataset) -> int | None:
 class Ingestor:
     """Stores and catalogues instances; safe to call from many association threads."""
 
-    def __init__(self, spool: Spool, catalogue: Catalogue) -> None:
+    def __init__(self, spool: Spool, catalogue: Catalogue, guard: DiskGuard | None = None) -> None:
         self.spool = spool
         self.catalogue = catalogue
+        self.guard = guard
         # One writer at a time: keeps study/series upserts free of races on any database.
         self._catalogue_lock = threading.Lock()
 
     def ingest(
         self, data: bytes, calling_ae: str | None, expected_sop_uid: str | None = None
     ) -> IngestOutcome:
+        if self.guard is not None and not self.guard.can_accept(len(data)):
+            log.error("refused instance from %s: free disk space below the watermark", calling_ae)
+            return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
             header = read_header(data)
             if expected_sop_uid is not None and header.sop_instance_uid != expected_sop_uid:

@@ -11,6 +11,7 @@ from typing import Any
 from node.catalogue.db import Catalogue, upgrade
 from node.completion import CompletionWatcher
 from node.dimse import start_listener
+from node.disk import DiskGuard
 from node.ingest import Ingestor
 from node.peers import SourcePolicy
 from node.settings import Settings
@@ -56,7 +57,9 @@ class NodeService:
         watcher.start()
         self._stoppers.append(watcher.stop)
 
-        ingestor = Ingestor(Spool(settings.spool_dir, settings.quarantine_dir), catalogue)
+        guard = DiskGuard(settings.data_path, settings.dicom.min_free_mb * 1024 * 1024)
+        spool = Spool(settings.spool_dir, settings.quarantine_dir)
+        ingestor = Ingestor(spool, catalogue, guard)
         policy = SourcePolicy(catalogue, accept_any=settings.dicom.accept_any_source)
         if settings.dicom.accept_any_source:
             log.warning("dicom.accept_any_source is on: any sender may store into this node")

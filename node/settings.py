@@ -39,6 +39,9 @@ class DicomSettings(BaseModel):
     accept_any_source: bool = Field(
         False, description="accept any calling AE title and address (off: allow-list only)"
     )
+    min_free_mb: int = Field(
+        1024, ge=0, description="below this free space in the data folder, refuse to store"
+    )
     max_associations: int = Field(16, ge=1)
     max_pdu: int = Field(0, ge=0, description="0 = unlimited")
     acse_timeout: float = 30.0

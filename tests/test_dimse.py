@@ -15,12 +15,13 @@ from sqlalchemy import func, select
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance
 from node.dimse import start_listener
+from node.disk import DiskGuard
 from node.ingest import Ingestor
 from node.peers import SourcePolicy, add_source
 from node.settings import DicomSettings
 from node.storage import Spool
 from tests.conftest import require_tool
-from tests.peers import free_port
+from tests.peers import free_port, wait_for
 from tests.testdata import repaired_ct_series, totalseg_ct_dir
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -122,3 +123,71 @@ def test_empty_uids_get_a_failure_status_and_are_quarantined(
     assert "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in output, output
     assert stored(ingestor) == 0
     assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 1
+
+
+def test_below_the_disk_watermark_nothing_is_accepted(tmp_path: Path) -> None:
+    """New associations are refused as transient congestion; an open one gets 0xA700."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    add_source(catalogue, "scu", "SCU", "127.0.0.1", actor="test")
+    guard = DiskGuard(tmp_path, min_free_bytes=0)
+    ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), catalogue, guard)
+    port = free_port()
+    policy = SourcePolicy(catalogue, accept_any=False, cache_seconds=0)
+    server = start_listener(DicomSettings(host="127.0.0.1", port=port), ingestor, policy)
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate("127.0.0.1", port, ae_title="CURIA")
+        assert assoc.is_established
+        guard.min_free_bytes = guard.free_bytes() * 2  # the disk "fills up" mid-association
+        status = assoc.send_c_store(dcmread(get_testdata_file("CT_small.dcm")))
+        assoc.release()
+        assert status.Status == 0xA700
+        assert stored(ingestor) == 0
+
+        refused = scu.associate("127.0.0.1", port, ae_title="CURIA")
+        assert refused.is_rejected
+        assert (
+            refused.acceptor.primitive.result_source,
+            refused.acceptor.primitive.diagnostic,
+        ) == (
+            0x03,
+            0x01,
+        )
+    finally:
+        server.shutdown()
+
+
+def test_every_association_is_recorded_without_patient_data(
+    listener: tuple[int, Ingestor], tmp_path: Path
+) -> None:
+    from node.catalogue.models import AssociationRecord
+
+    port, ingestor = listener
+    dcmtk(
+        "storescu",
+        "-aec",
+        "CURIA",
+        "-xe",
+        "127.0.0.1",
+        str(port),
+        get_testdata_file("CT_small.dcm"),
+    )
+    dcmtk("echoscu", "-aet", "STRANGER", "-aec", "CURIA", "127.0.0.1", str(port))
+
+    def records() -> dict[str, AssociationRecord] | None:
+        with ingestor.catalogue.session() as session:
+            rows = {r.calling_ae_title: r for r in session.scalars(select(AssociationRecord))}
+        return rows if len(rows) == 2 else None
+
+    rows = wait_for(records, 10, "both associations are recorded")
+    stored_row, refused_row = rows["STORESCU"], rows["STRANGER"]
+    assert (stored_row.outcome, stored_row.stored, stored_row.failed) == ("released", 1, 0)
+    assert stored_row.statuses == {"0x0000": 1} and stored_row.bytes_received > 0
+    assert stored_row.address == "127.0.0.1" and stored_row.ended_at is not None
+    assert (refused_row.outcome, refused_row.reason) == ("rejected", "not in allow-list")

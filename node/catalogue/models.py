@@ -203,3 +203,22 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str | None] = mapped_column(String(200))
     details: Mapped[dict[str, Any] | None]
+
+
+class AssociationRecord(Base):
+    """One DIMSE association: who, from where, what happened, how long (no patient data)."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(64))
+    port: Mapped[int | None]
+    outcome: Mapped[str] = mapped_column(String(16))  # released | aborted | rejected
+    reason: Mapped[str | None] = mapped_column(String(200))
+    stored: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    statuses: Mapped[dict[str, Any] | None]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    ended_at: Mapped[datetime | None]
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
