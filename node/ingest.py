@@ -109,10 +109,20 @@ def _instance_number(ds: Dataset) -> int | None:
 class Ingestor:
     """Stores and catalogues instances; safe to call from many association threads."""
 
-    def __init__(self, spool: Spool, catalogue: Catalogue, guard: DiskGuard | None = None) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        catalogue: Catalogue,
+        guard: DiskGuard | None = None,
+        duplicate_policy: str = "keep_first",
+    ) -> None:
         self.spool = spool
         self.catalogue = catalogue
         self.guard = guard
+        self.duplicate_policy = duplicate_policy
+        # Two associations sending the same SOP Instance UID at once must not race on its
+        # file: each UID maps to one of these locks for the whole check-write-commit.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
         # One writer at a time: keeps study/series upserts free of races on any database.
         self._catalogue_lock = threading.Lock()
 
@@ -133,7 +143,8 @@ class Ingestor:
             self.spool.quarantine(data, exc.reason, calling_ae)
             log.warning("refused instance from %s: 0x%04X %s", calling_ae, exc.status, exc.reason)
             return IngestOutcome(exc.status, exc.reason)
-        return self._store(header, data, calling_ae)
+        with self._uid_locks[hash(header.sop_instance_uid) % len(self._uid_locks)]:
+            return self._store(header, data, calling_ae)
 
     def _store(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> IngestOutcome:
         with self.catalogue.session() as session:
@@ -209,15 +220,36 @@ class Ingestor:
     def _duplicate(
         self, existing: Instance, header: InstanceHeader, data: bytes, ae: str | None
     ) -> IngestOutcome:
-        """Identical bytes: Success, stored once. Different bytes: the first copy is kept."""
-        identical = hashlib.sha256(data).hexdigest() == existing.sha256
-        if not identical:
-            with self._catalogue_lock, self.catalogue.session() as session:
-                session.add(
-                    AuditEvent(
-                        actor=ae or "unknown",
-                        action="duplicate-differs-kept-first",
-                        target=header.sop_instance_uid,
-                    )
+        """Identical bytes: Success, stored once. Different bytes: the configured policy
+        (keep the first copy, or replace it atomically), recorded in the audit trail."""
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == existing.sha256:
+            return IngestOutcome(SUCCESS, duplicate=True, series_uid=header.series_instance_uid)
+        replace = self.duplicate_policy == "replace"
+        if replace:
+            try:
+                stored = self.spool.store(
+                    header.study_instance_uid,
+                    header.series_instance_uid,
+                    header.sop_instance_uid,
+                    data,
                 )
+            except OSError as exc:
+                log.error("cannot write instance to the spool: %s", exc)
+                return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the spool")
+        with self._catalogue_lock, self.catalogue.session() as session:
+            if replace:
+                row = session.get(Instance, existing.id)
+                row.path, row.size, row.sha256 = stored.relative_path, stored.size, stored.sha256
+                row.transfer_syntax_uid = header.transfer_syntax_uid
+            session.add(
+                AuditEvent(
+                    actor=ae or "unknown",
+                    action="duplicate-differs-replaced"
+                    if replace
+                    else "duplicate-differs-kept-first",
+                    target=header.sop_instance_uid,
+                    details={"before": existing.sha256, "received": digest},
+                )
+            )
         return IngestOutcome(SUCCESS, duplicate=True, series_uid=header.series_instance_uid)

@@ -59,7 +59,7 @@ class NodeService:
 
         guard = DiskGuard(settings.data_path, settings.dicom.min_free_mb * 1024 * 1024)
         spool = Spool(settings.spool_dir, settings.quarantine_dir)
-        ingestor = Ingestor(spool, catalogue, guard)
+        ingestor = Ingestor(spool, catalogue, guard, settings.dicom.duplicate_policy)
         policy = SourcePolicy(catalogue, accept_any=settings.dicom.accept_any_source)
         if settings.dicom.accept_any_source:
             log.warning("dicom.accept_any_source is on: any sender may store into this node")

@@ -39,6 +39,9 @@ class DicomSettings(BaseModel):
     accept_any_source: bool = Field(
         False, description="accept any calling AE title and address (off: allow-list only)"
     )
+    duplicate_policy: Literal["keep_first", "replace"] = Field(
+        "keep_first", description="a known SOP Instance UID arriving with different bytes"
+    )
     min_free_mb: int = Field(
         1024, ge=0, description="below this free space in the data folder, refuse to store"
     )

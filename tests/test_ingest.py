@@ -112,3 +112,18 @@ def test_invalid_uids(uid: str) -> None:
 @pytest.mark.parametrize("uid", ["0", "1.2.840.10008.1.2", "1.0.3", "9" * 64])
 def test_valid_uids(uid: str) -> None:
     assert validate_uid(uid) == uid
+
+
+def test_replace_policy_swaps_the_file_and_records_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'catalogue.sqlite'}"
+    upgrade(url)
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    ingestor = Ingestor(spool, Catalogue(url), duplicate_policy="replace")
+    assert ingestor.ingest(ct_bytes(), "A").status == SUCCESS
+    second = ct_bytes(PatientName="OTHER^NAME")
+    assert ingestor.ingest(second, "B").status == SUCCESS
+    with ingestor.catalogue.session() as session:
+        row = session.scalars(select(Instance)).one()
+        assert spool.absolute(row.path).read_bytes() == second
+        [event] = session.scalars(select(AuditEvent)).all()
+        assert event.action == "duplicate-differs-replaced"
