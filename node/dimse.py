@@ -7,6 +7,7 @@ Handlers are plain functions bound to pynetdicom events; storage and cataloguing
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.catalogue.models import AssociationRecord
 from node.ingest import CANNOT_UNDERSTAND, Ingestor
 from node.peers import SourcePolicy
-from node.settings import DicomSettings
+from node.settings import DicomSettings, TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,34 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """A server context for DICOM TLS: TLS 1.2+, optional client-certificate verification."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file is not None:
+        context.load_verify_locations(cafile=str(tls.ca_file))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    if tls.ca_file is None:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def start_listener(
     settings: DicomSettings, ingestor: Ingestor, policy: SourcePolicy
 ) -> ThreadedAssociationServer:
     """Start the C-ECHO/C-STORE SCP in background threads and return its server."""
     ae = build_ae(settings)
     handlers = AssociationHandlers(ingestor, policy).bindings()
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    log.info("DICOM listener %s on %s:%d", settings.ae_title, settings.host, settings.port)
+    context = tls_context(settings.tls) if settings.tls.enabled else None
+    server = ae.start_server(
+        (settings.host, settings.port), block=False, evt_handlers=handlers, ssl_context=context
+    )
+    log.info(
+        "DICOM listener %s on %s:%d%s",
+        settings.ae_title,
+        settings.host,
+        settings.port,
+        " (TLS)" if context else "",
+    )
     return server

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +28,24 @@ from node.uids import validate_ae_title
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("curia_config_file", default=None)
+
+
+class TlsSettings(BaseModel):
+    """DICOM TLS (PS3.15 B.9 / BCP 195): TLS 1.2 or newer on the listener."""
+
+    enabled: bool = False
+    cert_file: Path | None = Field(None, description="server certificate (PEM)")
+    key_file: Path | None = Field(None, description="server private key (PEM)")
+    ca_file: Path | None = Field(None, description="CAs whose client certificates are trusted")
+    require_client_cert: bool = Field(False, description="refuse clients without a valid cert")
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("dicom.tls.enabled needs cert_file and key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("dicom.tls.require_client_cert needs ca_file")
+        return self
 
 
 class DicomSettings(BaseModel):
@@ -45,6 +63,7 @@ class DicomSettings(BaseModel):
     min_free_mb: int = Field(
         1024, ge=0, description="below this free space in the data folder, refuse to store"
     )
+    tls: TlsSettings = TlsSettings()
     max_associations: int = Field(16, ge=1)
     max_pdu: int = Field(0, ge=0, description="0 = unlimited")
     acse_timeout: float = 30.0

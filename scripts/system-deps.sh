@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the real DICOM peers and validators the tests run against (Debian packages).
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb dicom3tools pixelmed-apps)
+packages=(dcmtk orthanc orthanc-dicomweb dicom3tools pixelmed-apps openssl)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

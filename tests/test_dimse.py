@@ -191,3 +191,66 @@ def test_every_association_is_recorded_without_patient_data(
     assert stored_row.statuses == {"0x0000": 1} and stored_row.bytes_received > 0
     assert stored_row.address == "127.0.0.1" and stored_row.ended_at is not None
     assert (refused_row.outcome, refused_row.reason) == ("rejected", "not in allow-list")
+
+
+def _tls_listener(tmp_path: Path, require_client_cert: bool):
+    from node.settings import TlsSettings
+    from tests.tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    add_source(catalogue, "echo", "ECHOSCU", "127.0.0.1", actor="test")
+    add_source(catalogue, "store", "STORESCU", "127.0.0.1", actor="test")
+    ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), catalogue)
+    tls = TlsSettings(
+        enabled=True,
+        cert_file=pki.server_cert,
+        key_file=pki.server_key,
+        ca_file=pki.ca_cert,
+        require_client_cert=require_client_cert,
+    )
+    port = free_port()
+    settings = DicomSettings(host="127.0.0.1", port=port, tls=tls)
+    server = start_listener(settings, ingestor, SourcePolicy(catalogue, False, 0))
+    return pki, port, ingestor, server
+
+
+def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    """DCMTK's TLS-enabled storescu: a trusted client stores; one without a cert is refused."""
+    pki, port, ingestor, server = _tls_listener(tmp_path, require_client_cert=True)
+    try:
+        with_cert = dcmtk(
+            "storescu",
+            "+tls",
+            str(pki.client_key),
+            str(pki.client_cert),
+            "+cf",
+            str(pki.ca_cert),
+            "-aec",
+            "CURIA",
+            "-xe",
+            "127.0.0.1",
+            str(port),
+            get_testdata_file("CT_small.dcm"),
+        )
+        assert with_cert.returncode == 0, with_cert.stderr
+        assert stored(ingestor) == 1
+        anonymous = dcmtk("echoscu", "+tla", "-ic", "-aec", "CURIA", "127.0.0.1", str(port))
+        assert anonymous.returncode != 0, "a client without a certificate is refused"
+        plain = dcmtk("echoscu", "-aec", "CURIA", "127.0.0.1", str(port))
+        assert plain.returncode != 0, "plain TCP is refused on a TLS port"
+    finally:
+        server.shutdown()
+
+
+def test_tls_server_certificate_only(tmp_path: Path) -> None:
+    pki, port, _, server = _tls_listener(tmp_path, require_client_cert=False)
+    try:
+        result = dcmtk(
+            "echoscu", "+tla", "+cf", str(pki.ca_cert), "-aec", "CURIA", "127.0.0.1", str(port)
+        )
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.shutdown()
