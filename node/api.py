@@ -7,16 +7,28 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
+from fastapi.responses import HTMLResponse
+from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node import __version__
 from node.catalogue.db import Catalogue
-from node.catalogue.models import PipelineRun, Series, Study
+from node.catalogue.models import DeliveryState, PipelineRun, Series, Study
+from node.results import (
+    SR_SOP_CLASSES,
+    ResultsError,
+    list_deliveries,
+    render_html,
+    requeue,
+    result_files,
+)
 from node.settings import Settings
 from node.storage import write_durably
 
@@ -41,7 +53,12 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def create_api(settings: Settings, catalogue: Catalogue) -> FastAPI:
+def create_api(
+    settings: Settings,
+    catalogue: Catalogue,
+    enqueue_dispatch: Callable[[int], object] | None = None,
+) -> FastAPI:
+    """The API app; ``enqueue_dispatch`` sends a delivery to the dispatch queue."""
     token = api_token(settings)
     app = FastAPI(title="Curia Node", version=__version__)
 
@@ -72,12 +89,45 @@ def create_api(settings: Settings, catalogue: Catalogue) -> FastAPI:
             for study in studies
         ]
 
+    @app.get("/api/v1/deliveries", dependencies=auth)
+    def deliveries(state: DeliveryState | None = None) -> list[dict[str, Any]]:
+        """Deliveries, newest first; ``?state=failed`` is the dead-letter list."""
+        views = list_deliveries(catalogue, state.value if state else None)
+        return [asdict(view) for view in views]
+
+    @app.post("/api/v1/deliveries/{delivery_id}/retry", dependencies=auth, status_code=202)
+    def retry_delivery(delivery_id: int) -> dict[str, Any]:
+        if enqueue_dispatch is None:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no pipeline connected")
+        try:
+            requeue(catalogue, delivery_id, "api", enqueue_dispatch)
+        except ResultsError as exc:
+            code = 404 if "no delivery" in str(exc) else status.HTTP_409_CONFLICT
+            raise HTTPException(code, str(exc)) from exc
+        return {"id": delivery_id, "state": "pending"}
+
+    @app.get("/api/v1/studies/{study_uid}/report", dependencies=auth, response_class=HTMLResponse)
+    def study_report(study_uid: str) -> str:
+        """The study's Structured Reports rendered as HTML."""
+        try:
+            files = result_files(catalogue, settings.results_dir, study_uid)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from exc
+        reports = [f for f in files if _is_sr(f)]
+        if not reports:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no report for this study")
+        return "\n<hr>\n".join(render_html(path) for path in reports)
+
     @app.get("/api/v1/runs", dependencies=auth)
     def list_runs(session: SessionDep) -> list[dict[str, Any]]:
         runs = session.scalars(select(PipelineRun).order_by(PipelineRun.id.desc()).limit(200))
         return [_run(run) for run in runs]
 
     return app
+
+
+def _is_sr(path: Path) -> bool:
+    return str(dcmread(path, stop_before_pixels=True).SOPClassUID) in SR_SOP_CLASSES
 
 
 def _series(series: Series) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from node import __version__
 from node.ae_cli import ae_app
+from node.results_cli import results_app
 
 app = typer.Typer(help="Curia Node: a DICOM node that runs Curia on CT and MRI studies.")
 config_app = typer.Typer(help="Inspect the configuration.")
@@ -20,6 +21,7 @@ db_app = typer.Typer(help="Manage the catalogue database.")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(ae_app, name="ae")
+app.add_typer(results_app, name="results")
 
 ConfigOption = Annotated[
     Path | None,

@@ -67,14 +67,14 @@ class NodeService:
         self._stoppers.append(server.shutdown)
 
         if settings.api.enabled:
-            self._start_api(catalogue)
+            self._start_api(catalogue, app.tasks["curia.dispatch_result"].delay)
 
-    def _start_api(self, catalogue: Catalogue) -> None:
+    def _start_api(self, catalogue: Catalogue, enqueue_dispatch: Any) -> None:
         import uvicorn
 
         from node.api import create_api
 
-        api = create_api(self.settings, catalogue)
+        api = create_api(self.settings, catalogue, enqueue_dispatch)
         config = uvicorn.Config(
             api,
             host=self.settings.api.host,

@@ -93,6 +93,18 @@ class ArchiveSettings(BaseModel):
         return validate_ae_title(value)
 
 
+class DeliverySettings(BaseModel):
+    """Retries of a failed send: exponential backoff, then the dead-letter state."""
+
+    max_attempts: int = Field(8, ge=1, description="sends before a delivery is dead-lettered")
+    backoff_seconds: float = Field(2.0, gt=0.0, description="first wait; doubles each time")
+    backoff_max_seconds: float = Field(300.0, gt=0.0)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return min(self.backoff_seconds * 2 ** (attempt - 1), self.backoff_max_seconds)
+
+
 class CompletionSettings(BaseModel):
     """When a series counts as complete: no new instance for ``series_quiet_seconds``."""
 
@@ -172,6 +184,7 @@ class Settings(BaseSettings):
     dicom: DicomSettings = DicomSettings()
     archive: ArchiveSettings = ArchiveSettings()
     completion: CompletionSettings = CompletionSettings()
+    delivery: DeliverySettings = DeliverySettings()
     model: ModelSettings = ModelSettings()
     pipeline: PipelineSettings = PipelineSettings()
     api: ApiSettings = ApiSettings()

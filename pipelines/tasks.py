@@ -34,8 +34,6 @@ from pipelines.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-MAX_DELIVERY_ATTEMPTS = 8
-
 
 def _fail_run(runtime: Runtime, run_id: int, error: str) -> None:
     with runtime.catalogue.session() as session:
@@ -175,16 +173,21 @@ def dispatch(runtime: Runtime, delivery_id: int) -> None:
             _finish(run)
 
 
-def _record_delivery_failure(runtime: Runtime, delivery_id: int, error: str, final: bool) -> None:
+def _record_delivery_failure(
+    runtime: Runtime, delivery_id: int, error: str, max_attempts: int
+) -> tuple[int, bool]:
+    """Record a failed send; return (attempts so far, whether it is now dead-lettered)."""
     with runtime.catalogue.session() as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
-            return
+            return 0, True
         delivery.last_error = error[:2000]
+        final = delivery.attempts >= max_attempts
         if final:
             delivery.state = DeliveryState.FAILED
             delivery.result.run.state = RunState.FAILED
             delivery.result.run.error = f"delivery to {delivery.destination} failed: {error}"
+        return delivery.attempts, final
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
@@ -226,17 +229,25 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         for delivery_id in delivery_ids:
             dispatch_task.delay(delivery_id)
 
-    @app.task(name="curia.dispatch_result", bind=True, max_retries=MAX_DELIVERY_ATTEMPTS)
-    def dispatch_task(self: Task, delivery_id: int) -> Any:
+    delivery = settings.delivery
+
+    @app.task(name="curia.dispatch_result", bind=True)
+    def dispatch_task(self: Task, delivery_id: int) -> None:
+        """Send; on failure re-queue with backoff until ``max_attempts``, then dead-letter.
+
+        Attempts are counted in the catalogue, so they survive restarts and re-queues.
+        """
         try:
             dispatch(runtime(), delivery_id)
         except (DispatchError, OSError) as exc:
-            final = self.request.retries >= MAX_DELIVERY_ATTEMPTS
-            _record_delivery_failure(runtime(), delivery_id, str(exc), final)
+            attempts, final = _record_delivery_failure(
+                runtime(), delivery_id, str(exc), delivery.max_attempts
+            )
             if final:
-                log.error("delivery %d failed for good: %s", delivery_id, exc)
-                return None
-            delay = min(2**self.request.retries, 300)
-            log.warning("delivery %d failed (%s); retrying in %d s", delivery_id, exc, delay)
-            raise self.retry(exc=exc, countdown=delay) from exc
-        return None
+                log.error(
+                    "delivery %d dead-lettered after %d attempts: %s", delivery_id, attempts, exc
+                )
+                return
+            delay = delivery.delay(attempts)
+            log.warning("delivery %d failed (%s); retrying in %.1f s", delivery_id, exc, delay)
+            dispatch_task.apply_async((delivery_id,), countdown=delay)

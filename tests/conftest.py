@@ -79,8 +79,11 @@ def postgres_url() -> Iterator[str]:
 def node_factory(tmp_path: Path) -> Iterator[callable]:
     started: list[NodeProcess] = []
 
-    def start(env: dict[str, str], separate_worker: bool = False) -> NodeProcess:
-        node = NodeProcess(env, tmp_path)
+    def start(
+        env: dict[str, str], separate_worker: bool = False, node: NodeProcess | None = None
+    ) -> NodeProcess:
+        if node is None:
+            node = NodeProcess(env, tmp_path)
         node.allow_source("orthanc", "ORTHANC")
         started.append(node)
         node.start(separate_worker=separate_worker)

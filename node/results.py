@@ -1,0 +1,175 @@
+"""Results and their deliveries: listing, dead-letter re-queue, and a readable rendering.
+
+Shared by the CLI and the HTTP API so both say and do exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from node.catalogue.db import Catalogue
+from node.catalogue.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    PipelineRun,
+    Result,
+    RunState,
+    Series,
+    Study,
+)
+from node.uids import validate_uid
+
+SR_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+}
+
+
+class ResultsError(ValueError):
+    """A request about results that cannot be met; the message says why."""
+
+
+@dataclass(frozen=True)
+class DeliveryView:
+    id: int
+    destination: str
+    state: str
+    attempts: int
+    last_error: str | None
+    sent_at: datetime | None
+    result_kind: str
+    result_uid: str
+    series_uid: str
+
+
+def list_deliveries(catalogue: Catalogue, state: str | None = None) -> list[DeliveryView]:
+    with catalogue.session() as session:
+        query = select(Delivery).order_by(Delivery.id.desc()).limit(500)
+        if state is not None:
+            query = query.where(Delivery.state == DeliveryState(state))
+        return [
+            DeliveryView(
+                id=d.id,
+                destination=d.destination,
+                state=d.state.value,
+                attempts=d.attempts,
+                last_error=d.last_error,
+                sent_at=d.sent_at,
+                result_kind=d.result.kind,
+                result_uid=d.result.sop_instance_uid,
+                series_uid=d.result.run.series.series_instance_uid,
+            )
+            for d in session.scalars(query)
+        ]
+
+
+def requeue(
+    catalogue: Catalogue, delivery_id: int, actor: str, enqueue: Callable[[int], object]
+) -> None:
+    """Put a dead-lettered delivery back in the queue (only a failed one: never a sent one)."""
+    with catalogue.session() as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None:
+            raise ResultsError(f"no delivery {delivery_id}")
+        if delivery.state != DeliveryState.FAILED:
+            raise ResultsError(f"delivery {delivery_id} is {delivery.state.value}, not failed")
+        before = {
+            "state": "failed",
+            "attempts": delivery.attempts,
+            "last_error": delivery.last_error,
+        }
+        delivery.state = DeliveryState.PENDING
+        delivery.attempts = 0  # a re-queue gets the full retry budget again
+        delivery.result.run.state = RunState.REPORTED
+        delivery.result.run.error = None
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="delivery-requeued",
+                target=str(delivery_id),
+                details={"before": before},
+            )
+        )
+    enqueue(delivery_id)
+
+
+def result_files(catalogue: Catalogue, results_dir: Path, study_uid: str) -> list[Path]:
+    """The files of every result the node wrote for a study, oldest first."""
+    validate_uid(study_uid, "StudyInstanceUID")
+    with catalogue.session() as session:
+        rows = session.scalars(
+            select(Result)
+            .join(PipelineRun)
+            .join(Series)
+            .join(Study)
+            .where(Study.study_instance_uid == study_uid)
+            .order_by(Result.id)
+        ).all()
+        return [results_dir / row.path for row in rows]
+
+
+def render_text(ds: Dataset) -> str:
+    """The SR content tree as indented text: what a radiologist reads in a text viewer."""
+    lines = [
+        f"{ds.get('SeriesDescription', '')}",
+        f"Completion: {ds.get('CompletionFlag', '')}  "
+        f"Verification: {ds.get('VerificationFlag', '')}",
+        "",
+    ]
+
+    def walk(items: list[Dataset], depth: int) -> None:
+        for item in items:
+            name = (
+                item.ConceptNameCodeSequence[0].CodeMeaning
+                if "ConceptNameCodeSequence" in item
+                else ""
+            )
+            value = _value(item)
+            lines.append(f"{'  ' * depth}{name}{': ' + value if value else ''}")
+            if "ContentSequence" in item:
+                walk(item.ContentSequence, depth + 1)
+
+    title = ds.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in ds else ""
+    lines.append(title)
+    walk(ds.get("ContentSequence", []), 1)
+    return "\n".join(lines)
+
+
+def _value(item: Dataset) -> str:
+    kind = item.get("ValueType", "")
+    if kind == "TEXT":
+        return str(item.TextValue)
+    if kind == "CODE":
+        return str(item.ConceptCodeSequence[0].CodeMeaning)
+    if kind == "NUM":
+        measured = item.MeasuredValueSequence[0]
+        unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
+        return f"{measured.NumericValue} {'' if unit == '1' else unit}".strip()
+    if kind == "UIDREF":
+        return str(item.UID)
+    if kind == "IMAGE":
+        return f"image {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID}"
+    return ""
+
+
+def render_html(path: Path) -> str:
+    """HTML as DCMTK's dsr2html renders it, or the text rendering in a <pre> without it."""
+    if shutil.which("dsr2html"):
+        done = subprocess.run(
+            ["dsr2html", "+U8", str(path)], capture_output=True, text=True, timeout=60
+        )
+        if done.returncode == 0:
+            return done.stdout
+    import html
+
+    return f"<pre>{html.escape(render_text(dcmread(path)))}</pre>"
