@@ -15,6 +15,7 @@ from pydicom import dcmread
 
 from tests.conftest import RABBITMQ_URL, node_env
 from tests.peers import NodeProcess, Orthanc, wait_for
+from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
 from tests.validators import assert_dciodvfy_clean, assert_dsrdump_clean
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -47,6 +48,13 @@ def push_and_wait_for_sr(
     return path, elapsed
 
 
+def assert_no_patient_data_in_logs(*logs: str) -> None:
+    """The sample's test patient name and ID must appear in no log line."""
+    for text in logs:
+        for secret in (TEST_PATIENT_ID, TEST_PATIENT_NAME, *TEST_PATIENT_NAME.split("^")):
+            assert secret not in text, f"patient data {secret!r} leaked into a log"
+
+
 def assert_sr_belongs_to(sr_path: Path, ct_series: list[Path]) -> None:
     sr = dcmread(sr_path)
     source = dcmread(ct_series[0], stop_before_pixels=True)
@@ -66,6 +74,7 @@ def test_embedded_mode_returns_a_valid_sr_to_the_archive(
     node = node_factory(node_env(tmp_path, orthanc))
     sr_path, elapsed = push_and_wait_for_sr(orthanc, node, ct_series, tmp_path)
     print(f"embedded: last instance -> SR in Orthanc: {elapsed:.1f} s")
+    assert_no_patient_data_in_logs(node.log())
     assert_sr_belongs_to(sr_path, ct_series)
     assert_dciodvfy_clean(sr_path)
     assert_dsrdump_clean(sr_path)
@@ -90,6 +99,7 @@ def test_production_mode_rabbitmq_postgres_separate_worker(
         print(node.log("worker.log")[-4000:])
         raise
     print(f"production: last instance -> SR in Orthanc: {elapsed:.1f} s")
+    assert_no_patient_data_in_logs(node.log(), node.log("worker.log"))
     assert_sr_belongs_to(sr_path, ct_series)
     assert_dciodvfy_clean(sr_path)
     assert_dsrdump_clean(sr_path)
