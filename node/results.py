@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import dcmread
@@ -101,6 +101,47 @@ def requeue(
             )
         )
     enqueue(delivery_id)
+
+
+def request_rerun(
+    catalogue: Catalogue, series_uid: str, actor: str, enqueue: Callable[[int], object]
+) -> int:
+    """Analyse a series again on purpose: a new run, recorded, whose SR supersedes the last.
+
+    Without such a request the same series and model are never reported twice.
+    """
+    validate_uid(series_uid, "SeriesInstanceUID")
+    with catalogue.session() as session:
+        series = session.scalar(select(Series).where(Series.series_instance_uid == series_uid))
+        if series is None:
+            raise ResultsError(f"no series {series_uid}")
+        runs = sorted(series.runs, key=lambda r: r.id)
+        if not runs:
+            raise ResultsError("this series has not been analysed yet; nothing to re-run")
+        latest = runs[-1]
+        base = runs[0].run_key
+        run = PipelineRun(
+            series=series,
+            run_key=f"{base}#rerun{len(runs)}",
+            rerun_of=latest.id,
+            requested_by=actor[:64],
+            state=RunState.QUEUED,
+        )
+        session.add(run)
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="rerun-requested",
+                target=series_uid,
+                details={"supersedes_run": latest.id},
+            )
+        )
+        session.flush()
+        run_id = run.id
+    enqueue(run_id)
+    with catalogue.session() as session:
+        session.get(PipelineRun, run_id).enqueued_at = datetime.now(UTC)
+    return run_id
 
 
 def result_files(catalogue: Catalogue, results_dir: Path, study_uid: str) -> list[Path]:

@@ -19,6 +19,7 @@ from node.results import (
     list_deliveries,
     render_html,
     render_text,
+    request_rerun,
     requeue,
     result_files,
 )
@@ -87,6 +88,23 @@ def retry(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
         typer.echo(f"delivery {delivery_id} re-queued")
+
+
+@results_app.command("rerun")
+def rerun(ctx: typer.Context, series_uid: str) -> None:
+    """Analyse a series again; the new SR says which one it supersedes."""
+    from pipelines.celery_app import create_app
+
+    settings: Settings = ctx.obj["settings"]
+    task = create_app(settings).tasks["curia.analyse_series"]
+    try:
+        run_id = request_rerun(
+            ctx.obj["catalogue"], series_uid, f"cli:{getpass.getuser()}", task.delay
+        )
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"re-run {run_id} queued")
 
 
 @results_app.command("show")

@@ -15,7 +15,9 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_ready
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from node.catalogue.models import (
     Delivery,
@@ -106,6 +108,7 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
                 runtime.templates,
                 runtime.device_identity,
                 series_description="Curia AI results",
+                supersedes=_superseded_report(runtime, session, run),
             )
             relative = f"{sr.StudyInstanceUID}/{sr.SeriesInstanceUID}/{sr.SOPInstanceUID}.dcm"
             path = runtime.settings.results_dir / relative
@@ -142,6 +145,18 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
         if not delivery_ids:
             _finish(run)
     return delivery_ids
+
+
+def _superseded_report(runtime: Runtime, session: Session, run: PipelineRun) -> Dataset | None:
+    """For a requested re-run: the header of the SR it replaces, so the new SR cites it."""
+    if run.rerun_of is None:
+        return None
+    earlier = session.scalar(
+        select(Result).where(Result.run_id == run.rerun_of, Result.kind == "sr")
+    )
+    if earlier is None:
+        return None
+    return dcmread(runtime.settings.results_dir / earlier.path, stop_before_pixels=True)
 
 
 def _finish(run: PipelineRun) -> None:

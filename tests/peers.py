@@ -183,6 +183,7 @@ class NodeProcess:
         )
 
     def start(self, separate_worker: bool = False, timeout: float = 180) -> None:
+        offset = len(self.log())
         self.node = self._spawn([str(VENV_BIN / "curia-node"), "run"], "node.log")
         if separate_worker:
             self.worker = self._spawn(
@@ -205,7 +206,7 @@ class NodeProcess:
         def ready() -> bool:
             if self.node.poll() is not None:
                 raise AssertionError(f"curia-node exited early:\n{self.log()}")
-            return " node.service: Curia Node ready" in self.log()
+            return " node.service: Curia Node ready" in self.log()[offset:]
 
         wait_for(ready, timeout, "curia-node did not become ready")
 

@@ -6,7 +6,10 @@ and production (PostgreSQL + RabbitMQ + a separate `celery worker` process).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+from io import BytesIO
 from pathlib import Path
 
 import httpx
@@ -14,11 +17,17 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import RABBITMQ_URL, node_env
-from tests.peers import NodeProcess, Orthanc, wait_for
+from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
 from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
 from tests.validators import assert_dciodvfy_clean, assert_dsrdump_clean
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def sr_series_of(orthanc: Orthanc, study_uid: str) -> list[dict]:
+    return [
+        s for s in orthanc.series_of_study(study_uid) if s["MainDicomTags"].get("Modality") == "SR"
+    ]
 
 
 def push_and_wait_for_sr(
@@ -32,14 +41,11 @@ def push_and_wait_for_sr(
     orthanc.post("/modalities/node/store", json={"Resources": [orthanc_study], "Synchronous": True})
     pushed = time.monotonic()
 
-    def sr_series() -> list[dict]:
-        return [
-            s
-            for s in orthanc.series_of_study(study.StudyInstanceUID)
-            if s["MainDicomTags"].get("Modality") == "SR"
-        ]
-
-    found = wait_for(sr_series, 300, f"no SR reached Orthanc; node log:\n{node.log()[-4000:]}")
+    found = wait_for(
+        lambda: sr_series_of(orthanc, study.StudyInstanceUID),
+        300,
+        f"no SR reached Orthanc; node log:\n{node.log()[-4000:]}",
+    )
     elapsed = time.monotonic() - pushed
     assert len(found) == 1, "exactly one SR series is expected"
     instance_id = found[0]["Instances"][0]
@@ -78,6 +84,33 @@ def test_embedded_mode_returns_a_valid_sr_to_the_archive(
     assert_sr_belongs_to(sr_path, ct_series)
     assert_dciodvfy_clean(sr_path)
     assert_dsrdump_clean(sr_path)
+
+    study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
+    node.stop()
+    node.start()  # a restart must not send the same result again
+    time.sleep(3)
+    assert len(sr_series_of(orthanc, study_uid)) == 1, "a restart sent a second SR"
+
+    series_uid = dcmread(ct_series[0], stop_before_pixels=True).SeriesInstanceUID
+    rerun = subprocess.run(
+        [str(VENV_BIN / "curia-node"), "results", "rerun", series_uid],
+        env={**os.environ, **node.env},
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    both = wait_for(lambda: len(sr_series_of(orthanc, study_uid)) == 2, 120, "re-run SR arrives")
+    assert both
+    first = dcmread(sr_path, stop_before_pixels=True)
+    newer = [
+        s
+        for s in sr_series_of(orthanc, study_uid)
+        if s["MainDicomTags"].get("SeriesInstanceUID") != first.SeriesInstanceUID
+    ]
+    instance_id = newer[0]["Instances"][0]
+    second = dcmread(BytesIO(httpx.get(f"{orthanc.url}/instances/{instance_id}/file").content))
+    cited = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
 @pytest.mark.e2e

@@ -122,6 +122,10 @@ class PipelineRun(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     run_key: Mapped[str] = mapped_column(String(200), unique=True)
+    rerun_of: Mapped[int | None] = mapped_column(
+        ForeignKey("pipeline_runs.id"), doc="the run whose results this one supersedes"
+    )
+    requested_by: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[RunState] = mapped_column(_enum(RunState), default=RunState.QUEUED)
     backbone: Mapped[str | None] = mapped_column(String(200))
     heads: Mapped[str | None] = mapped_column(Text)
