@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from pydicom import dcmread
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from node import __version__
 from node.catalogue.db import Catalogue
 from node.catalogue.models import DeliveryState, PipelineRun, Series, Study
+from node.metrics import CatalogueCollector, GpuCollector
 from node.results import (
     SR_SOP_CLASSES,
     ResultsError,
@@ -74,9 +76,30 @@ def create_api(
     app.state.catalogue = catalogue
     auth = [Depends(require_token)]
 
+    scrape_registry = CollectorRegistry()
+    scrape_registry.register(CatalogueCollector(catalogue))
+    scrape_registry.register(GpuCollector())
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
         return {"status": "ok", "version": __version__}
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        """Readiness: the catalogue answers (the node cannot accept anything without it)."""
+        try:
+            with catalogue.session() as session:
+                session.execute(text("SELECT 1"))
+        except Exception as exc:
+            return JSONResponse({"status": "not ready", "reason": type(exc).__name__}, 503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", dependencies=auth)
+    def metrics() -> Response:
+        """Prometheus metrics (scrape with the bearer token)."""
+        body = generate_latest(REGISTRY) + generate_latest(scrape_registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/v1/studies", dependencies=auth)
     def list_studies(session: SessionDep) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.catalogue.models import AssociationRecord
 from node.ingest import CANNOT_UNDERSTAND, Ingestor
+from node.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_FAILURES
 from node.peers import SourcePolicy
 from node.settings import DicomSettings, TlsSettings
 
@@ -146,8 +147,11 @@ class AssociationHandlers:
         tally.bytes_received += len(data)
         if outcome.status == 0:
             tally.stored += 1
+            INSTANCES_RECEIVED.labels("dimse").inc()
+            BYTES_RECEIVED.labels("dimse").inc(len(data))
         else:
             tally.failed += 1
+            STORE_FAILURES.labels("dimse", f"0x{outcome.status:04X}").inc()
         tally.statuses[f"0x{outcome.status:04X}"] += 1
         return outcome.status
 
@@ -172,6 +176,7 @@ class AssociationHandlers:
     def _record(self, event: Event, calling: str, outcome: str, reason: str | None) -> None:
         tally = _tally(event)
         requestor = event.assoc.requestor
+        ASSOCIATIONS.labels(outcome).inc()
         try:
             with self.ingestor.catalogue.session() as session:
                 session.add(

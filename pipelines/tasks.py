@@ -30,6 +30,7 @@ from node.catalogue.models import (
     SeriesState,
 )
 from node.dispatch import DispatchError, send
+from node.metrics import DELIVERY_FAILURES, STAGE_SECONDS
 from node.settings import Settings
 from pipelines.findings import findings_from_dict, findings_to_dict
 from pipelines.runtime import Runtime
@@ -225,7 +226,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name="curia.analyse_series", bind=True)
     def analyse_series_task(self: Task, run_id: int) -> None:
         try:
-            proceed = analyse(runtime(), run_id)
+            with STAGE_SECONDS.labels("analyse").time():
+                proceed = analyse(runtime(), run_id)
         except Exception as exc:
             log.exception("run %d: analysis failed", run_id)
             _fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
@@ -236,7 +238,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name="curia.write_report", bind=True)
     def write_report_task(self: Task, run_id: int) -> None:
         try:
-            delivery_ids = report(runtime(), run_id)
+            with STAGE_SECONDS.labels("report").time():
+                delivery_ids = report(runtime(), run_id)
         except Exception as exc:
             log.exception("run %d: report failed", run_id)
             _fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
@@ -253,8 +256,10 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         Attempts are counted in the catalogue, so they survive restarts and re-queues.
         """
         try:
-            dispatch(runtime(), delivery_id)
+            with STAGE_SECONDS.labels("dispatch").time():
+                dispatch(runtime(), delivery_id)
         except (DispatchError, OSError) as exc:
+            DELIVERY_FAILURES.labels("any").inc()
             attempts, final = _record_delivery_failure(
                 runtime(), delivery_id, str(exc), delivery.max_attempts
             )

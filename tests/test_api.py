@@ -43,3 +43,12 @@ def test_token_is_generated_once_and_kept_private(tmp_path: Path, client) -> Non
     assert path.stat().st_mode & 0o077 == 0, "only the node's user may read the token"
     response = http.get("/api/v1/studies", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200 and response.json() == []
+
+
+def test_readiness_and_metrics(client: tuple[TestClient, str]) -> None:
+    http, token = client
+    assert http.get("/readyz").json() == {"status": "ready"}
+    assert http.get("/metrics").status_code == 401
+    body = http.get("/metrics", headers={"Authorization": f"Bearer {token}"}).text
+    assert "curia_instances_received_total" in body
+    assert "# TYPE curia_pipeline_runs gauge" in body
