@@ -122,7 +122,10 @@ class ModelSettings(BaseModel):
         "base", description="demo architecture: the real Curia-B, or a scaled-down copy"
     )
     heads_dir: Path | None = Field(
-        None, description="folder of head packages; none = the built-in demo head"
+        None, description="folder of head packages; none = the built-in demo heads"
+    )
+    mask_heads_dir: Path | None = Field(
+        None, description="folder of mask-head packages (SEG); none = demo one with demo heads"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     batch_size: int = Field(16, ge=1)

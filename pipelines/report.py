@@ -4,6 +4,11 @@ The SR is what a radiologist sees in the viewer, so it must be attached to the r
 patient and study, traceable to the exact model and node that made it, and honest
 about demo weights. Everything head-specific comes from the SR templates
 (``pipelines.sr_templates``); this module only knows the document structure.
+
+A mask head's group references the segment of the DICOM Segmentation it produced
+(TID 1411 with ``ReferencedSegment``), so a viewer can go from the text to the overlay.
+The helpers that a Segmentation shares with the SR (source preparation, algorithm
+naming, equipment, demo wording) are public here so both objects say the same thing.
 """
 
 from __future__ import annotations
@@ -14,26 +19,39 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 
-from pipelines.findings import CodeRef, HeadFinding, SeriesFindings
+from pipelines.findings import CodeRef, HeadFinding, ModelIdentity, SeriesFindings
 from pipelines.sr_templates import CodeSpec, ReportTemplate
 
 __all__ = [
     "DEMO_STATEMENT",
+    "SEGMENTATION_TASK",
     "DeviceIdentity",
     "ReportError",
+    "algorithm_name",
+    "algorithm_parameters",
+    "algorithm_version",
     "build_sr",
+    "ihe_air_equipment",
+    "prepare_sources",
+    "result_series_description",
+    "split_findings",
     "write_sr",
 ]
+
+#: ``HeadFinding.task`` of a head that produced a mask: its SR group references the
+#: segment of the Segmentation made from that mask instead of standing alone.
+SEGMENTATION_TASK = "segmentation"
 
 # Shown in the SR whenever demo weights made the result (see _document_notes for where).
 DEMO_STATEMENT = (
@@ -118,24 +136,27 @@ def _concept(code: CodeRef | CodeSpec) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def _prepare_sources(sources: Sequence[Dataset]) -> list[Dataset]:
-    """Deep copies of the sources that highdicom can use, never touching the originals.
+def prepare_sources(sources: Sequence[Dataset]) -> list[Dataset]:
+    """The sources as highdicom can use them, checked, never touching the originals.
 
     The caller's datasets are often cached or about to be stored: mutating them would
-    change what the archive receives.
+    change what the archive receives. highdicom copies patient and study attributes
+    from the first instance only and needs its type 2 ones present (empty is fine), so
+    only that instance is copied and completed; the others are passed on as they are,
+    since highdicom only reads them (copying hundreds of headers used to cost more than
+    building the rest of the document).
     """
     if not sources:
-        raise ReportError("no source instances given: an SR must reference what it describes")
-    prepared: list[Dataset] = []
+        raise ReportError("no source instances given: a result must reference what it describes")
     for i, ds in enumerate(sources):
         for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
             if not str(ds.get(keyword, "") or ""):
                 raise ReportError(f"source #{i} has no {keyword}; it cannot be referenced")
-        clone = copy.deepcopy(ds)
-        for keyword in _TYPE2_COPIED:
-            if keyword not in clone:
-                setattr(clone, keyword, None)
-        prepared.append(clone)
+    first = copy.deepcopy(sources[0])
+    for keyword in _TYPE2_COPIED:
+        if keyword not in first:
+            setattr(first, keyword, None)
+    prepared = [first, *sources[1:]]
     studies = {str(ds.StudyInstanceUID) for ds in prepared}
     if len(studies) != 1:
         raise ReportError(f"sources span several studies {sorted(studies)}; one SR per study")
@@ -177,18 +198,37 @@ def _check_finding(finding: HeadFinding) -> None:
         raise ReportError(f'head "{finding.head_name}": probabilities outside 0..1')
 
 
+def algorithm_name(model: ModelIdentity, head_name: str) -> str:
+    """Backbone and head, as every SR group and SEG segment names its algorithm.
+
+    One spelling everywhere is what lets an SR find the segment a head produced.
+    """
+    return f"{model.name} + {head_name}"
+
+
+def algorithm_version(model: ModelIdentity, head_version: str) -> str:
+    """Backbone and head versions, in the same order as :func:`algorithm_name`."""
+    return f"{model.version} / {head_version}"
+
+
+def algorithm_parameters(model: ModelIdentity, demo: bool) -> list[str]:
+    """Free-text parameters that pin the exact weights and flag demo ones."""
+    parameters: list[str] = []
+    if model.weights_digest:
+        parameters.append(f"backbone weights digest: {model.weights_digest}")
+    if model.demo or demo:
+        parameters.append("weights: demo (random, untrained); not for diagnosis")
+    return parameters
+
+
 def _algorithm(
     findings: SeriesFindings, finding: HeadFinding, device: DeviceIdentity
 ) -> hd.sr.AlgorithmIdentification:
     """TID 4019 naming backbone and head, so a result traces to the exact weights."""
-    parameters: list[str] = []
-    if findings.model.weights_digest:
-        parameters.append(f"backbone weights digest: {findings.model.weights_digest}")
-    if findings.model.demo or finding.demo:
-        parameters.append("weights: demo (random, untrained); not for diagnosis")
+    parameters = algorithm_parameters(findings.model, finding.demo)
     return hd.sr.AlgorithmIdentification(
-        name=f"{findings.model.name} + {finding.head_name}",
-        version=f"{findings.model.version} / {finding.head_version}",
+        name=algorithm_name(findings.model, finding.head_name),
+        version=algorithm_version(findings.model, finding.head_version),
         family=codes.cid7162.ArtificialIntelligence,
         manufacturer=device.manufacturer,
         parameters=parameters or None,
@@ -222,8 +262,16 @@ def _measurement_group(
     template: ReportTemplate,
     device: DeviceIdentity,
     by_uid: Mapping[str, Dataset],
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """One TID 1501 group for one head, laid out as its template says."""
+    segment: _SegmentRef | None = None,
+) -> (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+):
+    """One group for one head, laid out as its template says.
+
+    TID 1501 for a head that concludes about the whole series (pointing at its key
+    slice); TID 1411 for a mask head, whose region is the referenced segment.
+    """
     sites: list[CodeRef] = [c.to_ref() for c in template.finding_sites]
     if template.predicted_class.as_finding_site:
         predicted_code = _class_code(finding, finding.predicted_index, template)
@@ -286,16 +334,25 @@ def _measurement_group(
                 )
             )
 
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier=template.tracking_identifier
+    # A segment's tracking UID, where it has one, so that the SR group and the SEG segment
+    # are recognisably the same finding.
+    tracking_uid = (segment.tracking_uid if segment is not None else None) or generate_uid()
+    common: dict[str, Any] = {
+        "tracking_identifier": hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=template.tracking_identifier
         ),
-        finding_type=_concept(template.finding_type),
-        algorithm_id=_algorithm(findings, finding, device),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=_concept(s)) for s in sites] or None,
-        measurements=measurements or None,
-        qualitative_evaluations=evaluations or None,
-        source_images=_key_image(findings, finding, by_uid),
+        "finding_type": _concept(template.finding_type),
+        "algorithm_id": _algorithm(findings, finding, device),
+        "finding_sites": [hd.sr.FindingSite(anatomic_location=_concept(s)) for s in sites] or None,
+        "measurements": measurements or None,
+        "qualitative_evaluations": evaluations or None,
+    }
+    if segment is not None:
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            referenced_segment=segment.reference, **common
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        source_images=_key_image(findings, finding, by_uid), **common
     )
 
 
@@ -367,43 +424,385 @@ def _document_notes(
     return container
 
 
-def _concept_key(item: Dataset) -> tuple[str, str] | None:
-    if "ConceptNameCodeSequence" not in item:
-        return None
-    name = item.ConceptNameCodeSequence[0]
-    return str(name.CodeValue), str(name.CodingSchemeDesignator)
+# --- TID 1600 Image Library ----------------------------------------------------------------
+
+_ACQ_CONTEXT = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
+_CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 
 
-def _order_library_descriptors(node: Dataset) -> None:
-    """Put "Spacing between slices" where TID 1604 lists it (row 3, after the pixel spacings).
+@dataclass(frozen=True)
+class _Descriptor:
+    """One TID 1602/1603/1604 row: its concept (and unit, for NUM), built once.
 
-    highdicom appends it last; PixelMed (-checkcontentitemorder) then warns about row order
-    on every image entry, which would bury warnings that matter.
+    A CodedConcept is validated on construction, and a library needs thousands of them.
     """
-    seq = node.get("ContentSequence")
-    if not seq:
-        return
-    spacing = codes.DCM.SpacingBetweenSlices
-    vertical = codes.DCM.VerticalPixelSpacing
-    keys = [_concept_key(item) for item in seq]
-    spacing_key = (spacing.value, spacing.scheme_designator)
-    vertical_key = (vertical.value, vertical.scheme_designator)
-    if spacing_key in keys and vertical_key in keys:
-        item = seq.pop(keys.index(spacing_key))
-        keys.remove(spacing_key)
-        seq.insert(keys.index(vertical_key) + 1, item)
-    for child in seq:
-        _order_library_descriptors(child)
+
+    concept: hd.sr.CodedConcept
+    key: str  # the concept's code value, so cache keys need no highdicom property access
+    unit: hd.sr.CodedConcept | None = None
 
 
-def _series_description(base: str, demo: bool) -> str:
+def _descriptor(code: Code, unit: hd.sr.CodedConcept | None = None) -> _Descriptor:
+    return _Descriptor(concept=hd.sr.CodedConcept.from_code(code), key=code.value, unit=unit)
+
+
+# Units exactly as highdicom writes them in its Image Library.
+_PIXELS = hd.sr.CodedConcept(value="{pixels}", scheme_designator="UCUM", meaning="Pixels")
+_COSINE = hd.sr.CodedConcept(value="{-1:1}", scheme_designator="UCUM", meaning="{-1:1}")
+_MM = hd.sr.CodedConcept.from_code(codes.UCUM.Millimeter)
+_SOURCE = hd.sr.CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source")
+_MODALITY = _descriptor(codes.DCM.Modality)
+_FRAME_OF_REFERENCE = _descriptor(codes.DCM.FrameOfReferenceUID)
+_ROWS = _descriptor(codes.DCM.PixelDataRows, _PIXELS)
+_COLUMNS = _descriptor(codes.DCM.PixelDataColumns, _PIXELS)
+_HORIZONTAL_SPACING = _descriptor(codes.DCM.HorizontalPixelSpacing, _MM)
+_VERTICAL_SPACING = _descriptor(codes.DCM.VerticalPixelSpacing, _MM)
+_SPACING_BETWEEN_SLICES = _descriptor(codes.DCM.SpacingBetweenSlices, _MM)
+_SLICE_THICKNESS = _descriptor(codes.DCM.SliceThickness, _MM)
+_ORIENTATION_ROW = _descriptor(codes.DCM.PatientOrientationRow)
+_ORIENTATION_COLUMN = _descriptor(codes.DCM.PatientOrientationColumn)
+_POSITION = tuple(
+    _descriptor(c, _MM)
+    for c in (
+        codes.DCM.ImagePositionPatientX,
+        codes.DCM.ImagePositionPatientY,
+        codes.DCM.ImagePositionPatientZ,
+    )
+)
+_ORIENTATION = tuple(
+    _descriptor(c, _COSINE)
+    for c in (
+        codes.DCM.ImageOrientationPatientRowX,
+        codes.DCM.ImageOrientationPatientRowY,
+        codes.DCM.ImageOrientationPatientRowZ,
+        codes.DCM.ImageOrientationPatientColumnX,
+        codes.DCM.ImageOrientationPatientColumnY,
+        codes.DCM.ImageOrientationPatientColumnZ,
+    )
+)
+# Which descriptor template (TID 1604 or 1603) applies, by Modality, as in highdicom.
+_CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
+_PROJECTION = frozenset({"CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA"})
+
+
+def _coded_modalities() -> dict[str, Code]:
+    """Modality codes (CID 29 acquisition, else CID 32 other) by their Modality value."""
+    coded: dict[str, Code] = {}
+    for cid in (codes.cid32, codes.cid29):  # CID 29 wins where both define a value
+        for name in cid.dir():
+            code = getattr(cid, name)
+            coded[code.value] = code
+    return coded
+
+
+_CODED_MODALITIES = _coded_modalities()
+
+
+def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
+    """``count`` numbers from a DS/IS attribute value, or None if absent or malformed."""
+    if value is None or value == "":
+        return None
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    try:
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count else None
+
+
+class _DescriptorItems:
+    """Descriptor content items, each distinct (row, value) built once and then shared.
+
+    Within a series nearly every descriptor is the same on every slice (modality, frame
+    of reference, matrix, spacing, thickness, orientation) and only the position
+    changes; building each distinct item once, with highdicom's own content item classes
+    (so the encoding is highdicom's), and sharing it is what keeps a 300-slice library
+    cheap. Items are never changed after they are built.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[Any, ...], hd.sr.ContentItem] = {}
+
+    def num(self, row: _Descriptor, value: int | float) -> hd.sr.ContentItem:
+        # Integers (the matrix size) carry no float value, as highdicom writes them.
+        key = (row.key, isinstance(value, int), float(value).hex())
+        item = self._items.get(key)
+        if item is None:
+            if row.unit is None:
+                raise TypeError(f"descriptor {row.key} has no unit: it is not a NUM row")
+            item = hd.sr.NumContentItem(
+                name=row.concept, value=value, unit=row.unit, relationship_type=_ACQ_CONTEXT
+            )
+            self._items[key] = item
+        return item
+
+    def text(self, row: _Descriptor, value: str) -> hd.sr.ContentItem:
+        key = (row.key, value)
+        item = self._items.get(key)
+        if item is None:
+            item = hd.sr.TextContentItem(
+                name=row.concept, value=value, relationship_type=_ACQ_CONTEXT
+            )
+            self._items[key] = item
+        return item
+
+    def uid(self, row: _Descriptor, value: str) -> hd.sr.ContentItem:
+        key = (row.key, value)
+        item = self._items.get(key)
+        if item is None:
+            item = hd.sr.UIDRefContentItem(
+                name=row.concept, value=value, relationship_type=_ACQ_CONTEXT
+            )
+            self._items[key] = item
+        return item
+
+    def modality(self, index: int, modality: str) -> hd.sr.ContentItem:
+        key = (_MODALITY.key, modality)
+        item = self._items.get(key)
+        if item is None:
+            code = _CODED_MODALITIES.get(modality)
+            if code is None:
+                raise ReportError(
+                    f"source #{index} has Modality {modality!r}, which has no code in "
+                    "CID 29/32: its Image Library entry cannot state it"
+                )
+            item = hd.sr.CodeContentItem(
+                name=_MODALITY.concept, value=code, relationship_type=_ACQ_CONTEXT
+            )
+            self._items[key] = item
+        return item
+
+    def for_source(self, index: int, ds: Dataset) -> list[hd.sr.ContentItem]:
+        """TID 1602 rows for one source, then TID 1604 or 1603, in template order.
+
+        Rows whose attribute is absent are left out (all are optional in the templates).
+        """
+        if "Rows" not in ds or "Columns" not in ds:
+            raise ReportError(f"source #{index} has no Rows/Columns: it is not an image")
+        modality = str(ds.get("Modality", "") or "")
+        items = [self.modality(index, modality)]
+        frame_of_reference = str(ds.get("FrameOfReferenceUID", "") or "")
+        if frame_of_reference:
+            items.append(self.uid(_FRAME_OF_REFERENCE, frame_of_reference))
+        items.append(self.num(_ROWS, int(ds.Rows)))
+        items.append(self.num(_COLUMNS, int(ds.Columns)))
+        if modality in _CROSS_SECTIONAL:
+            items += self._cross_sectional(ds)
+        elif modality in _PROJECTION:
+            items += self._projection(ds)
+        return items
+
+    def _cross_sectional(self, ds: Dataset) -> list[hd.sr.ContentItem]:
+        items: list[hd.sr.ContentItem] = []
+        spacing = _numbers(ds.get("PixelSpacing"), 2)
+        if spacing is not None:
+            items.append(self.num(_HORIZONTAL_SPACING, spacing[1]))
+            items.append(self.num(_VERTICAL_SPACING, spacing[0]))
+        for row, keyword in (
+            (_SPACING_BETWEEN_SLICES, "SpacingBetweenSlices"),
+            (_SLICE_THICKNESS, "SliceThickness"),
+        ):
+            value = _numbers(ds.get(keyword), 1)
+            if value is not None:
+                items.append(self.num(row, value[0]))
+        position = _numbers(ds.get("ImagePositionPatient"), 3)
+        if position is not None:
+            items += [self.num(r, v) for r, v in zip(_POSITION, position, strict=True)]
+        orientation = _numbers(ds.get("ImageOrientationPatient"), 6)
+        if orientation is not None:
+            items += [self.num(r, v) for r, v in zip(_ORIENTATION, orientation, strict=True)]
+        return items
+
+    def _projection(self, ds: Dataset) -> list[hd.sr.ContentItem]:
+        items: list[hd.sr.ContentItem] = []
+        orientation = ds.get("PatientOrientation")
+        if orientation is not None and len(orientation) == 2:
+            items.append(self.text(_ORIENTATION_ROW, str(orientation[0])))
+            items.append(self.text(_ORIENTATION_COLUMN, str(orientation[1])))
+        spacing = _numbers(ds.get("ImagerPixelSpacing"), 2)
+        if spacing is not None:
+            items.append(self.num(_HORIZONTAL_SPACING, spacing[1]))
+            items.append(self.num(_VERTICAL_SPACING, spacing[0]))
+        return items
+
+
+def _library_group(
+    entries: list[tuple[Dataset, list[hd.sr.ContentItem]]],
+) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library Group: shared descriptors once, then one entry per source.
+
+    A descriptor every entry of the group has (modality, frame of reference, matrix,
+    spacing, orientation...) is stated once for the group (TID 1600 row 3, which
+    applies to all its entries); an entry keeps only what is its own (typically its
+    position). Same information as a full TID 1602 per entry, a fraction of the size.
+    """
+    first = entries[0][1]
+    others = [{id(item) for item in items} for _, items in entries[1:]]
+    shared = [item for item in first if all(id(item) in ids for ids in others)]
+    shared_ids = {id(item) for item in shared}
+    content: list[hd.sr.ContentItem] = list(shared)
+    for ds, items in entries:
+        image = hd.sr.ImageContentItem(
+            name=_SOURCE,
+            referenced_sop_class_uid=str(ds.SOPClassUID),
+            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            relationship_type=_CONTAINS,
+        )
+        own = [item for item in items if id(item) not in shared_ids]
+        if own:
+            image.ContentSequence = own
+        content.append(image)
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=_CONTAINS
+    )
+    group.ContentSequence = content
+    return group
+
+
+def _image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    """TID 1600: an entry for every source, one group per modality and frame of reference."""
+    descriptors = _DescriptorItems()
+    groups: dict[tuple[str, str], list[tuple[Dataset, list[hd.sr.ContentItem]]]] = {}
+    for i, ds in enumerate(sources):
+        key = (str(ds.get("Modality", "") or ""), str(ds.get("FrameOfReferenceUID", "") or ""))
+        groups.setdefault(key, []).append((ds, descriptors.for_source(i, ds)))
+    library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=_CONTAINS)
+    library.ContentSequence = [_library_group(entries) for entries in groups.values()]
+    return library
+
+
+def _attach_image_library(sr: hd.sr.Comprehensive3DSR, library: hd.sr.ContainerContentItem) -> None:
+    """Put the library where TID 1500 has it (row 5, before Imaging Measurements).
+
+    It is attached after highdicom has built the document, not passed in with the
+    content: the SR constructor deep-copies and re-parses the whole content tree and
+    searches it for references, which for a few hundred entries was most of an SR's
+    build time. Nothing that check would catch is skipped: every library entry is a
+    source, and every source is evidence. It goes into both the dataset and highdicom's
+    parsed view of it (``sr.content``) so that the two agree.
+    """
+    for tree in (sr.ContentSequence, sr.content[0].ContentSequence):
+        names = [item.name for item in tree]
+        tree.insert(names.index(codes.DCM.ImagingMeasurements), library)
+
+
+# --- referenced segments -------------------------------------------------------------------
+
+# Segmentation (BINARY/FRACTIONAL) and Label Map Segmentation storage.
+_SEGMENTATION_SOP_CLASSES = frozenset({SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7"})
+
+
+@dataclass(frozen=True)
+class _SegmentRef:
+    """A segment a mask head produced, as its SR group references it."""
+
+    reference: hd.sr.ReferencedSegment
+    tracking_uid: str | None
+
+
+def _segment_algorithm(segment: Dataset) -> tuple[str, str]:
+    """(name, version) of the algorithm that made one SegmentSequence item."""
+    name = str(segment.get("SegmentAlgorithmName", "") or "")
+    identification = segment.get("SegmentationAlgorithmIdentificationSequence") or []
+    version = str(identification[0].get("AlgorithmVersion", "") or "") if identification else ""
+    return name, version
+
+
+def _referenced_segments(
+    segmentations: Sequence[Dataset], findings: SeriesFindings, study_uid: str
+) -> dict[str, _SegmentRef]:
+    """The segment each mask head produced, by head name, found by its algorithm identity.
+
+    A segment is matched on the name and version of the algorithm that made it (backbone
+    + head, exactly as the SR names it) within a Segmentation of this study that
+    references this series. Everything must pair up: a mask head without its segment, a
+    segment claimed twice, or a Segmentation no finding reports is refused, since any of
+    them means the SR and the SEG would disagree.
+    """
+    wanted = {
+        (
+            algorithm_name(findings.model, f.head_name),
+            algorithm_version(findings.model, f.head_version),
+        ): f.head_name
+        for f in findings.findings
+        if f.task == SEGMENTATION_TASK
+    }
+    found: dict[str, _SegmentRef] = {}
+    for i, seg in enumerate(segmentations):
+        uid = str(seg.get("SOPInstanceUID", "") or "")
+        if str(seg.get("SOPClassUID", "")) not in _SEGMENTATION_SOP_CLASSES or not uid:
+            raise ReportError(f"segmentation #{i} is not a DICOM Segmentation instance")
+        if str(seg.get("StudyInstanceUID", "")) != study_uid:
+            raise ReportError(f"segmentation {uid} belongs to another study than the sources")
+        if "SeriesInstanceUID" not in seg:
+            raise ReportError(f"segmentation {uid} has no SeriesInstanceUID")
+        series = {
+            str(item.get("SeriesInstanceUID", ""))
+            for item in seg.get("ReferencedSeriesSequence") or []
+        }
+        if findings.series_instance_uid not in series:
+            raise ReportError(
+                f"segmentation {uid} does not reference series {findings.series_instance_uid}"
+            )
+        used = False
+        for segment in seg.get("SegmentSequence") or []:
+            head = wanted.get(_segment_algorithm(segment))
+            if head is None:
+                continue
+            if head in found:
+                raise ReportError(f'head "{head}" has more than one segment to reference')
+            tracking_uid = str(segment.get("TrackingUID", "") or "")
+            found[head] = _SegmentRef(
+                reference=hd.sr.ReferencedSegment(
+                    sop_class_uid=str(seg.SOPClassUID),
+                    sop_instance_uid=uid,
+                    segment_number=int(segment.SegmentNumber),
+                    source_series=hd.sr.SourceSeriesForSegmentation(findings.series_instance_uid),
+                ),
+                tracking_uid=tracking_uid if _is_uid(tracking_uid) else None,
+            )
+            used = True
+        if not used:
+            raise ReportError(
+                f"segmentation {uid} has no segment made by a reported mask head "
+                f"(looked for algorithms {sorted(name for name, _ in wanted)})"
+            )
+    missing = sorted(set(wanted.values()) - set(found))
+    if missing:
+        raise ReportError(
+            f"mask head(s) {missing} have no segment among the given segmentations: pass "
+            "the Segmentation each of them produced"
+        )
+    return found
+
+
+# --- the document --------------------------------------------------------------------------
+
+
+def split_findings(findings: SeriesFindings) -> list[SeriesFindings]:
+    """The findings as the SRs they go into: series-level heads first, then mask heads.
+
+    Each part is a copy of ``findings`` with only its own heads; an empty part is left
+    out. Give the mask heads' part its Segmentations (``segmentations=``) and both parts
+    the same ``series_instance_uid`` to keep the results in one series.
+    """
+    series_level = [f for f in findings.findings if f.task != SEGMENTATION_TASK]
+    masks = [f for f in findings.findings if f.task == SEGMENTATION_TASK]
+    return [replace(findings, findings=part) for part in (series_level, masks) if part]
+
+
+def result_series_description(base: str, demo: bool) -> str:
     """SeriesDescription (LO, 64 chars) that keeps the demo warning when it must cut."""
     if not demo:
         return base[:_LO_MAX]
     return base[: _LO_MAX - len(_DEMO_SERIES_SUFFIX)] + _DEMO_SERIES_SUFFIX
 
 
-def _air_equipment(device: DeviceIdentity, now: datetime.datetime) -> Dataset:
+def ihe_air_equipment(
+    device: DeviceIdentity,
+    now: datetime.datetime,
+    description: str = "AI classification results",
+) -> Dataset:
     """IHE AIR ContributingEquipmentSequence item (highdicom refuses this purpose code)."""
     item = Dataset()
     item.Manufacturer = device.manufacturer
@@ -413,7 +812,7 @@ def _air_equipment(device: DeviceIdentity, now: datetime.datetime) -> Dataset:
     item.SoftwareVersions = device.software_version
     item.DeviceUID = device.device_uid
     item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
-    item.ContributionDescription = "AI classification results"
+    item.ContributionDescription = description
     item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(_IHE_PROCESSING_ALGORITHM)]
     return item
 
@@ -428,24 +827,43 @@ def build_sr(
     instance_number: int = 1,
     series_description: str = "Curia AI results",
     supersedes: str | Dataset | None = None,
+    segmentations: Sequence[Dataset] = (),
+    series_instance_uid: str | None = None,
 ) -> Dataset:
     """Build the Comprehensive 3D SR for one analysed series.
 
-    ``sources`` are the series' instances (read without pixels); they are copied, never
+    ``sources`` are the series' instances (read without pixels); they are never
     changed. ``supersedes`` is an earlier SR this one replaces: given as a dataset (its
     header is enough) it goes into PredecessorDocumentsSequence; given as a bare SOP
     Instance UID (its series is unknown, and that sequence needs it) it is named in a
     note in the content tree instead.
+
+    ``segmentations`` are the DICOM Segmentations that the mask heads in ``findings``
+    (task :data:`SEGMENTATION_TASK`) produced for this series (their headers are
+    enough). Each such head's group is a TID 1411 group referencing its segment, and the
+    Segmentations are recorded as evidence. Mask heads and series-level heads go into
+    separate documents (see :func:`split_findings`); ``series_instance_uid`` lets the
+    two share one results series (with different ``instance_number``).
     """
     if not findings.findings:
         raise ReportError(f"series {findings.series_instance_uid}: no findings to report")
-    prepared = _prepare_sources(sources)
+    if len({f.task == SEGMENTATION_TASK for f in findings.findings}) > 1:
+        raise ReportError(
+            "mask heads and series-level heads in one SR: build one SR for each "
+            "(split_findings splits them). The standard allows both kinds of group in one "
+            "document, but PixelMed's validator applies TID 1411 to every group as soon "
+            "as one references a segment, and reports the others as errors."
+        )
+    if series_instance_uid is not None and not _is_uid(series_instance_uid):
+        raise ReportError(f"series_instance_uid is not a valid UID: {series_instance_uid!r}")
+    prepared = prepare_sources(sources)
     if findings.series_instance_uid not in {str(ds.SeriesInstanceUID) for ds in prepared}:
         raise ReportError(
             f"findings are for series {findings.series_instance_uid}, which none of the "
             "sources belong to"
         )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in prepared}
+    segments = _referenced_segments(segmentations, findings, str(prepared[0].StudyInstanceUID))
 
     demo = findings.model.demo or any(f.demo for f in findings.findings)
     groups = []
@@ -457,7 +875,8 @@ def build_sr(
                 f"(templates for: {sorted(templates) or 'none'})"
             )
         _check_finding(finding)
-        groups.append(_measurement_group(findings, finding, template, device, by_uid))
+        segment = segments.get(finding.head_name)
+        groups.append(_measurement_group(findings, finding, template, device, by_uid, segment))
 
     modality = str(prepared[0].get("Modality", "") or "")
     procedure = _PROCEDURE_BY_MODALITY.get(modality, codes.cid100.ImagingProcedure)
@@ -470,17 +889,15 @@ def build_sr(
             model_name=device.model_name,
         ),
     )
+    # The Image Library is built apart and attached once the document exists (see
+    # _attach_image_library), so highdicom never copies or re-parses it.
+    library = _image_library(prepared)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=procedure,
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
-        referenced_images=prepared,
     )
-    library = next(
-        item for item in report[0].ContentSequence if item.name == codes.DCM.ImageLibrary
-    )
-    _order_library_descriptors(library)
     supersedes_uid: str | None = None
     previous: list[Dataset] | None = None
     if isinstance(supersedes, Dataset):
@@ -496,9 +913,9 @@ def build_sr(
 
     now = datetime.datetime.now()
     sr = hd.sr.Comprehensive3DSR(
-        evidence=prepared,
+        evidence=[*prepared, *segmentations],
         content=report[0],
-        series_instance_uid=generate_uid(),
+        series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
         sop_instance_uid=generate_uid(),
         instance_number=instance_number,
@@ -510,12 +927,13 @@ def build_sr(
         is_verified=False,
         performed_procedure_codes=[procedure],
         previous_versions=previous,
-        series_description=_series_description(series_description, demo),
+        series_description=result_series_description(series_description, demo),
     )
+    _attach_image_library(sr, library)
     sr.ManufacturerModelName = device.model_name
     sr.SoftwareVersions = device.software_version
     sr.DeviceUID = device.device_uid
-    sr.ContributingEquipmentSequence.append(_air_equipment(device, now))
+    sr.ContributingEquipmentSequence.append(ihe_air_equipment(device, now))
     return sr
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipelines.backbone import Backbone
     from pipelines.heads import Head
     from pipelines.report import DeviceIdentity
+    from pipelines.segmentation import MaskHead
     from pipelines.sr_templates import ReportTemplate
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,14 @@ def model_key(settings: Settings) -> str:
         tensors = Path(weights) / "model.safetensors"
         parts.append(hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else "")
         parts.append(str(tensors.stat().st_size) if tensors.is_file() else "")
-    heads = settings.model.heads_dir
+    heads, masks = settings.model.heads_dir, settings.model.mask_heads_dir
     if heads is None:
-        parts.append("demo-head:body-region")
-    else:
-        for card in sorted(Path(heads).glob("*/head.json")):
-            meta = json.loads(card.read_text())
-            parts.append(f"{meta.get('name')}@{meta.get('version')}")
+        parts.append("demo-heads:body-region,demo-region-mask")
+    for folder in (heads, masks):
+        if folder is not None:
+            for card in sorted(Path(folder).glob("*/head.json")):
+                meta = json.loads(card.read_text())
+                parts.append(f"{meta.get('name')}@{meta.get('version')}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -118,6 +120,21 @@ class Runtime:
         if heads_dir is None:
             return [demo_head(self.backbone.spec.hidden_size, seed=self.settings.model.seed)]
         return list(load_heads(Path(heads_dir)).values())
+
+    @cached_property
+    def mask_heads(self) -> list[MaskHead]:
+        """Heads that produce masks (and so a SEG); the demo one goes with the demo heads."""
+        from pipelines.segmentation import demo_mask_head, load_mask_head
+
+        model = self.settings.model
+        if model.mask_heads_dir is not None:
+            return [
+                load_mask_head(card.parent)
+                for card in sorted(Path(model.mask_heads_dir).glob("*/head.json"))
+            ]
+        if model.heads_dir is None:
+            return [demo_mask_head(self.backbone.spec.hidden_size, seed=model.seed)]
+        return []
 
     @cached_property
     def templates(self) -> dict[str, ReportTemplate]:

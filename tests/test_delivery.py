@@ -75,8 +75,10 @@ def test_results_reach_an_archive_that_comes_back(
     try:
         study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
         wait_for(lambda: _sr_series(archive_down, study_uid), 60, "SR delivered after return")
-        [delivery] = _deliveries(node)
-        assert delivery["state"] == "sent"
+        wait_for(
+            lambda: all(d["state"] == "sent" for d in _deliveries(node)), 60, "all results sent"
+        )
+        assert len(_deliveries(node)) == 3, "a SEG and two SRs, each delivered once"
         assert len(_sr_series(archive_down, study_uid)) == 1
     finally:
         archive_down.stop()
@@ -96,7 +98,11 @@ def test_dead_lettered_delivery_is_requeued_and_sent_once(
     node.allow_source("storescu", "STORESCU")
     node_factory(env, node=node)
     _send(node, ct_series)
-    [dead] = wait_for(lambda: _deliveries(node, "failed"), 120, "delivery dead-lettered")
+    dead = wait_for(
+        lambda: (f := _deliveries(node, "failed")) and len(f) == 3 and f,
+        120,
+        "all three deliveries dead-lettered",
+    )[0]
     assert dead["attempts"] == 2 and dead["last_error"]
 
     cli = subprocess.run(
@@ -117,8 +123,10 @@ def test_dead_lettered_delivery_is_requeued_and_sent_once(
         )
         assert retry.returncode == 0, retry.stderr
         study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
-        wait_for(lambda: _sr_series(archive_down, study_uid), 60, "SR delivered after re-queue")
-        assert [d["state"] for d in _deliveries(node)] == ["sent"]
+        wait_for(
+            lambda: all(d["state"] == "sent" for d in _deliveries(node)), 60, "sent after re-queue"
+        )
+        assert len(_sr_series(archive_down, study_uid)) == 1
 
         again = subprocess.run(
             [str(VENV_BIN / "curia-node"), "results", "retry", str(dead["id"])],

@@ -19,15 +19,53 @@ from pydicom import dcmread
 from tests.conftest import RABBITMQ_URL, node_env
 from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
 from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
-from tests.validators import assert_dciodvfy_clean, assert_dsrdump_clean
+from tests.validators import assert_dcentvfy_clean, assert_dciodvfy_clean, assert_dsrdump_clean
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+# With the demo heads: one SEG (mask head) and two SRs (series-level heads; mask head + SEG)
+EXPECTED = {"SR": 2, "SEG": 1}
+
+
+def series_of_modality(orthanc: Orthanc, study_uid: str, modality: str) -> list[dict]:
+    return [
+        s
+        for s in orthanc.series_of_study(study_uid)
+        if s["MainDicomTags"].get("Modality") == modality
+    ]
 
 
 def sr_series_of(orthanc: Orthanc, study_uid: str) -> list[dict]:
-    return [
-        s for s in orthanc.series_of_study(study_uid) if s["MainDicomTags"].get("Modality") == "SR"
-    ]
+    return series_of_modality(orthanc, study_uid, "SR")
+
+
+def _file(orthanc: Orthanc, instance_id: str) -> bytes:
+    return httpx.get(f"{orthanc.url}/instances/{instance_id}/file", timeout=60).content
+
+
+def download_results(
+    orthanc: Orthanc, study_uid: str, folder: Path, expected: dict[str, int]
+) -> dict[str, list[Path]]:
+    """Wait until the archive holds ``expected`` result instances per modality; fetch them."""
+
+    def complete() -> dict[str, list[str]] | None:
+        found = {
+            modality: [
+                i for s in series_of_modality(orthanc, study_uid, modality) for i in s["Instances"]
+            ]
+            for modality in expected
+        }
+        return found if all(len(found[m]) >= n for m, n in expected.items()) else None
+
+    found = wait_for(complete, 300, f"results {expected} did not all reach the archive")
+    assert {m: len(ids) for m, ids in found.items()} == expected, "each result sent once"
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[Path]] = {}
+    for modality, ids in found.items():
+        for instance_id in ids:
+            path = folder / f"{instance_id}.dcm"
+            path.write_bytes(_file(orthanc, instance_id))
+            files.setdefault(modality, []).append(path)
+    return files
 
 
 def push_and_wait_for_sr(
@@ -48,10 +86,13 @@ def push_and_wait_for_sr(
     )
     elapsed = time.monotonic() - pushed
     assert len(found) == 1, "exactly one SR series is expected"
-    instance_id = found[0]["Instances"][0]
-    path = tmp_path / "sr.dcm"
-    path.write_bytes(httpx.get(f"{orthanc.url}/instances/{instance_id}/file", timeout=60).content)
-    return path, elapsed
+    results = download_results(orthanc, study.StudyInstanceUID, tmp_path / "results", EXPECTED)
+    for path in results["SR"] + results["SEG"]:
+        assert_dciodvfy_clean(path)
+    for path in results["SR"]:
+        assert_dsrdump_clean(path)
+    assert_dcentvfy_clean(ct_series, results["SR"] + results["SEG"])
+    return results["SR"][0], elapsed
 
 
 def assert_no_patient_data_in_logs(*logs: str) -> None:
@@ -99,18 +140,23 @@ def test_embedded_mode_returns_a_valid_sr_to_the_archive(
         text=True,
     )
     assert rerun.returncode == 0, rerun.stderr
-    both = wait_for(lambda: len(sr_series_of(orthanc, study_uid)) == 2, 120, "re-run SR arrives")
-    assert both
+    wait_for(lambda: len(sr_series_of(orthanc, study_uid)) == 2, 120, "re-run SR arrives")
     first = dcmread(sr_path, stop_before_pixels=True)
+    earlier_uids = {
+        dcmread(BytesIO(_file(orthanc, i)), stop_before_pixels=True).SOPInstanceUID
+        for s in sr_series_of(orthanc, study_uid)
+        if s["MainDicomTags"].get("SeriesInstanceUID") == first.SeriesInstanceUID
+        for i in s["Instances"]
+    }
     newer = [
         s
         for s in sr_series_of(orthanc, study_uid)
         if s["MainDicomTags"].get("SeriesInstanceUID") != first.SeriesInstanceUID
     ]
-    instance_id = newer[0]["Instances"][0]
-    second = dcmread(BytesIO(httpx.get(f"{orthanc.url}/instances/{instance_id}/file").content))
-    cited = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
-    assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    for instance_id in newer[0]["Instances"]:
+        second = dcmread(BytesIO(_file(orthanc, instance_id)))
+        cited = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+        assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in earlier_uids
 
 
 @pytest.mark.e2e

@@ -223,6 +223,45 @@ def test_every_source_is_evidence_and_in_the_image_library(
     assert referenced == uids
 
 
+def test_library_states_shared_descriptors_once_and_each_position_per_entry(
+    sr: Dataset, ct_paths: list[Path]
+) -> None:
+    """What every slice shares is said once for the group; each entry keeps its own z."""
+    library = _items(sr, codes.DCM.ImageLibrary)[0]
+    (group,) = library.ContentSequence
+    shared = {_name(i) for i in group.ContentSequence if i.ValueType != "IMAGE"}
+    assert {
+        _key(codes.DCM.Modality),
+        _key(codes.DCM.FrameOfReferenceUID),
+        _key(codes.DCM.PixelDataRows),
+        _key(codes.DCM.HorizontalPixelSpacing),
+        _key(codes.DCM.ImageOrientationPatientRowX),
+    } <= shared
+    z_by_uid = {}
+    for entry in (i for i in group.ContentSequence if i.ValueType == "IMAGE"):
+        own = {_name(i): i for i in entry.ContentSequence}
+        assert set(own) == {_key(codes.DCM.ImagePositionPatientZ)}
+        value = own[_key(codes.DCM.ImagePositionPatientZ)].MeasuredValueSequence[0]
+        z_by_uid[entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID] = float(
+            value.NumericValue
+        )
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct_paths]
+    assert z_by_uid == {
+        h.SOPInstanceUID: pytest.approx(float(h.ImagePositionPatient[2])) for h in headers
+    }
+
+
+def test_highdicom_view_of_the_document_has_the_library(
+    sources: list[Dataset], templates: dict[str, ReportTemplate], device: DeviceIdentity
+) -> None:
+    built = build_sr(sources, _findings(sources), templates, device)
+    names = [item.name for item in built.content[0].ContentSequence]
+    assert names.index(codes.DCM.ImageLibrary) + 1 == names.index(codes.DCM.ImagingMeasurements)
+    assert [i.ConceptNameCodeSequence[0].CodeValue for i in built.ContentSequence] == [
+        n.value for n in names
+    ]
+
+
 def test_group_identifies_algorithm_finding_site_and_key_slice(
     sr: Dataset, ct_paths: list[Path], templates: dict[str, ReportTemplate]
 ) -> None:

@@ -1,0 +1,275 @@
+"""The pipeline's stages: analyse a series, report it, dispatch the results.
+
+Each stage takes a catalogue id, does its one job, and records the outcome. Every stage
+first checks what is already recorded, so a redelivered task (after a worker was killed)
+finishes the work instead of repeating it: one run, one set of results, one delivery each.
+The Celery bindings are in :mod:`pipelines.tasks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.catalogue.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    PipelineRun,
+    Result,
+    RunState,
+    Series,
+    SeriesState,
+)
+from node.dispatch import DispatchError, send
+from pipelines.findings import HeadFinding, SeriesFindings, findings_from_dict, findings_to_dict
+from pipelines.report import SEGMENTATION_TASK
+from pipelines.runtime import Runtime
+
+if TYPE_CHECKING:
+    from pipelines.segmentation import MaskHead
+
+log = logging.getLogger(__name__)
+
+
+def fail_run(runtime: Runtime, run_id: int, error: str) -> None:
+    with runtime.catalogue.session() as session:
+        run = session.get(PipelineRun, run_id)
+        if run is None:
+            return
+        run.state = RunState.FAILED
+        run.error = error[:2000]
+        run.finished_at = datetime.now(UTC)
+        run.series.state = SeriesState.FAILED
+
+
+def analyse(runtime: Runtime, run_id: int) -> bool:
+    """Run the backbone and heads on the run's series; False if there is nothing to do.
+
+    Mask heads also produce a SEG here, while the mask is in memory; the SEG's result row is
+    committed with the findings, so a crash leaves either both or neither.
+    """
+    from pipelines.inference import analyse_series
+
+    with runtime.catalogue.session() as session:
+        run = session.get(PipelineRun, run_id)
+        if run is None or run.state == RunState.FAILED:
+            return False
+        if run.findings is not None:
+            return True  # inferred before a crash: go on to the report
+        series: Series = run.series
+        rows = session.scalars(select(Instance).where(Instance.series_id == series.id)).all()
+        paths = [runtime.spool.absolute(row.path) for row in rows]
+        series_uid = series.series_instance_uid
+        run.state = RunState.RUNNING
+        run.started_at = datetime.now(UTC)
+        series.state = SeriesState.PROCESSING
+    started = time.perf_counter()
+    findings = analyse_series(
+        paths,
+        runtime.backbone,
+        runtime.heads,
+        series_instance_uid=series_uid,
+        batch_size=runtime.settings.model.batch_size,
+    )
+    segmentations = [_segment(runtime, paths, head) for head in runtime.mask_heads]
+    findings.findings.extend(finding for finding, _ in segmentations)
+    log.info(
+        "run %d: %d slices analysed in %.2f s", run_id, len(paths), time.perf_counter() - started
+    )
+    with runtime.catalogue.session() as session:
+        run = session.get(PipelineRun, run_id)
+        run.findings = findings_to_dict(findings)
+        run.backbone = f"{findings.model.name} {findings.model.version}"
+        run.heads = ", ".join(f"{f.head_name} {f.head_version}" for f in findings.findings)
+        run.inferred_at = datetime.now(UTC)
+        for finding, seg in segmentations:
+            session.add(
+                Result(
+                    run=run,
+                    kind="seg",
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    series_instance_uid=seg.SeriesInstanceUID,
+                    path=_relative(seg),
+                    summary=f"{finding.head_name}: segmentation",
+                )
+            )
+    return True
+
+
+def _relative(ds: Dataset) -> str:
+    return f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+
+
+def _segment(runtime: Runtime, paths: list[Path], head: MaskHead) -> tuple[HeadFinding, Dataset]:
+    """Segment the series with one mask head and write its SEG; return its finding and SEG."""
+    from pipelines.report import write_sr
+    from pipelines.segmentation import build_seg, segment_series
+
+    mask = segment_series(
+        paths, runtime.backbone, head, batch_size=runtime.settings.model.batch_size
+    )
+    headers = [dcmread(path, stop_before_pixels=True) for path in paths]
+    seg = build_seg(headers, mask, head, runtime.device_identity)
+    path = runtime.settings.results_dir / _relative(seg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_sr(seg, path)
+    return mask.finding, seg
+
+
+def report(runtime: Runtime, run_id: int) -> list[int]:
+    """Write the run's SRs (once) and create every result's deliveries; return ids to send.
+
+    Series-level heads and mask heads go into two SRs of one results series (a mask head's
+    group references its SEG segment); both SRs are written and catalogued together.
+    """
+    from pipelines.report import build_sr, split_findings, write_sr
+
+    with runtime.catalogue.session() as session:
+        run = session.get(PipelineRun, run_id)
+        if run is None or run.findings is None:
+            return []
+        existing = session.scalars(select(Result).where(Result.run_id == run_id)).all()
+        if not any(result.kind == "sr" for result in existing):
+            findings = findings_from_dict(run.findings)
+            rows = session.scalars(
+                select(Instance).where(Instance.series_id == run.series_id)
+            ).all()
+            sources = [
+                dcmread(runtime.spool.absolute(row.path), stop_before_pixels=True) for row in rows
+            ]
+            segs = [
+                dcmread(runtime.settings.results_dir / r.path, stop_before_pixels=True)
+                for r in existing
+                if r.kind == "seg"
+            ]
+            parts = split_findings(findings)
+            shared = len({_is_demo(part) for part in parts}) == 1
+            results_series = generate_uid()
+            for number, part in enumerate(parts, start=1):
+                is_mask_part = any(f.task == SEGMENTATION_TASK for f in part.findings)
+                sr = build_sr(
+                    sources,
+                    part,
+                    runtime.templates,
+                    runtime.device_identity,
+                    series_description="Curia AI results",
+                    supersedes=_superseded_report(runtime, session, run),
+                    segmentations=segs if is_mask_part else (),
+                    series_instance_uid=results_series if shared else None,
+                    instance_number=number if shared else 1,
+                )
+                relative = _relative(sr)
+                path = runtime.settings.results_dir / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_sr(sr, path)
+                session.add(
+                    Result(
+                        run=run,
+                        kind="sr",
+                        sop_instance_uid=sr.SOPInstanceUID,
+                        series_instance_uid=sr.SeriesInstanceUID,
+                        path=relative,
+                        summary=_summary(part),
+                    )
+                )
+            session.flush()
+        run.state = RunState.REPORTED
+        delivery_ids = []
+        results = session.scalars(select(Result).where(Result.run_id == run_id)).all()
+        for result in results:
+            for name in runtime.destinations():
+                delivery = session.scalar(
+                    select(Delivery).where(
+                        Delivery.result_id == result.id, Delivery.destination == name
+                    )
+                )
+                if delivery is None:
+                    delivery = Delivery(result=result, destination=name)
+                    session.add(delivery)
+                    session.flush()
+                if delivery.state == DeliveryState.PENDING:
+                    delivery_ids.append(delivery.id)
+        if not delivery_ids:
+            _finish(run)
+    return delivery_ids
+
+
+def _is_demo(findings: SeriesFindings) -> bool:
+    return findings.model.demo or any(f.demo for f in findings.findings)
+
+
+def _summary(findings: SeriesFindings) -> str:
+    return "; ".join(
+        f"{f.head_name}: segmentation"
+        if f.task == SEGMENTATION_TASK
+        else f"{f.head_name}: {f.predicted.name} ({f.probabilities[f.predicted_index]:.0%})"
+        for f in findings.findings
+    )
+
+
+def _superseded_report(runtime: Runtime, session: Session, run: PipelineRun) -> Dataset | None:
+    """For a requested re-run: the header of the SR it replaces, so the new SR cites it."""
+    if run.rerun_of is None:
+        return None
+    earlier = session.scalars(
+        select(Result).where(Result.run_id == run.rerun_of, Result.kind == "sr").order_by(Result.id)
+    ).first()
+    if earlier is None:
+        return None
+    return dcmread(runtime.settings.results_dir / earlier.path, stop_before_pixels=True)
+
+
+def _finish(run: PipelineRun) -> None:
+    run.state = RunState.SUCCEEDED
+    run.finished_at = datetime.now(UTC)
+    run.series.state = SeriesState.DONE
+
+
+def dispatch(runtime: Runtime, delivery_id: int) -> None:
+    """Send one result to one destination; raise DispatchError to be retried."""
+    with runtime.catalogue.session() as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None or delivery.state != DeliveryState.PENDING:
+            return
+        destination = runtime.destinations().get(delivery.destination)
+        path = runtime.settings.results_dir / delivery.result.path
+        delivery.attempts += 1
+    if destination is None:
+        raise DispatchError(f"destination {delivery.destination!r} is no longer configured")
+    send(destination, [path])
+    with runtime.catalogue.session() as session:
+        delivery = session.get(Delivery, delivery_id)
+        delivery.state = DeliveryState.SENT
+        delivery.sent_at = datetime.now(UTC)
+        delivery.last_error = None
+        run = delivery.result.run
+        pending = [d for r in run.results for d in r.deliveries if d.state != DeliveryState.SENT]
+        if not pending:
+            _finish(run)
+
+
+def record_delivery_failure(
+    runtime: Runtime, delivery_id: int, error: str, max_attempts: int
+) -> tuple[int, bool]:
+    """Record a failed send; return (attempts so far, whether it is now dead-lettered)."""
+    with runtime.catalogue.session() as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None:
+            return 0, True
+        delivery.last_error = error[:2000]
+        final = delivery.attempts >= max_attempts
+        if final:
+            delivery.state = DeliveryState.FAILED
+            delivery.result.run.state = RunState.FAILED
+            delivery.result.run.error = f"delivery to {delivery.destination} failed: {error}"
+        return delivery.attempts, final
