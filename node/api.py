@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 from node import __version__
 from node.catalogue.db import Catalogue
 from node.catalogue.models import DeliveryState, PipelineRun, Series, Study
+from node.dicomweb import create_dicomweb_router
+from node.ingest import Ingestor
 from node.metrics import CatalogueCollector, GpuCollector
 from node.results import (
     SR_SOP_CLASSES,
@@ -59,6 +61,7 @@ def create_api(
     settings: Settings,
     catalogue: Catalogue,
     enqueue_dispatch: Callable[[int], object] | None = None,
+    ingestor: Ingestor | None = None,
 ) -> FastAPI:
     """The API app; ``enqueue_dispatch`` sends a delivery to the dispatch queue."""
     token = api_token(settings)
@@ -75,6 +78,18 @@ def create_api(
 
     app.state.catalogue = catalogue
     auth = [Depends(require_token)]
+    # DICOMweb: STOW-RS, QIDO-RS, WADO-RS under /dicom-web, behind the same token; STOW-RS
+    # shares the listener's ingestor (one storage path, one set of locks).
+    app.include_router(
+        create_dicomweb_router(
+            settings,
+            catalogue,
+            ingestor,
+            max_part_bytes=settings.api.stow_max_part_mb << 20,
+            memory_budget=settings.api.stow_memory_mb << 20,
+        ),
+        dependencies=auth,
+    )
 
     scrape_registry = CollectorRegistry()
     scrape_registry.register(CatalogueCollector(catalogue))

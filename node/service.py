@@ -67,14 +67,14 @@ class NodeService:
         self._stoppers.append(server.shutdown)
 
         if settings.api.enabled:
-            self._start_api(catalogue, app.tasks["curia.dispatch_result"].delay)
+            self._start_api(catalogue, app.tasks["curia.dispatch_result"].delay, ingestor)
 
-    def _start_api(self, catalogue: Catalogue, enqueue_dispatch: Any) -> None:
+    def _start_api(self, catalogue: Catalogue, enqueue_dispatch: Any, ingestor: Ingestor) -> None:
         import uvicorn
 
         from node.api import create_api
 
-        api = create_api(self.settings, catalogue, enqueue_dispatch)
+        api = create_api(self.settings, catalogue, enqueue_dispatch, ingestor)
         config = uvicorn.Config(
             api,
             host=self.settings.api.host,

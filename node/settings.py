@@ -77,9 +77,16 @@ class DicomSettings(BaseModel):
 
 
 class ArchiveSettings(BaseModel):
-    """Where results go: the PACS that receives the node's SRs by C-STORE."""
+    """Where results go: the PACS that receives the node's SR and SEG objects."""
 
     enabled: bool = True
+    protocol: Literal["dimse", "stow-rs", "orthanc-rest"] = Field(
+        "dimse", description="C-STORE, DICOMweb STOW-RS, or Orthanc's REST API"
+    )
+    url: str | None = Field(None, description="base URL for stow-rs / orthanc-rest")
+    token: SecretStr | None = Field(None, description="bearer token for stow-rs")
+    username: str | None = Field(None, description="user for orthanc-rest")
+    password: SecretStr | None = Field(None, description="password for orthanc-rest")
     ae_title: str = "ORTHANC"
     host: str = "127.0.0.1"
     port: int = Field(4242, ge=1, le=65535)
@@ -157,6 +164,10 @@ class ApiSettings(BaseModel):
     port: int = Field(8080, ge=1, le=65535)
     token: SecretStr | None = Field(
         None, description="admin bearer token; none = generated once into the data folder"
+    )
+    stow_max_part_mb: int = Field(512, ge=1, description="largest STOW-RS part accepted")
+    stow_memory_mb: int = Field(
+        64, ge=1, description="STOW-RS part data a request keeps in memory before spilling"
     )
 
 
@@ -250,8 +261,9 @@ class Settings(BaseSettings):
         data["database_url"] = mask_url(self.effective_database_url)
         data["pipeline"]["broker_url"] = mask_url(self.effective_broker_url)
         data["data_dir"] = str(self.data_path)
-        if self.api.token is not None:
-            data["api"]["token"] = "**********"
+        for section, key in (("api", "token"), ("archive", "token"), ("archive", "password")):
+            if data[section].get(key) is not None:
+                data[section][key] = "**********"
         return data
 
 

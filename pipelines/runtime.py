@@ -156,16 +156,31 @@ class Runtime:
             institution_name=identity.institution_name,
         )
 
-    def destinations(self) -> dict[str, DimseDestination]:
+    def destinations(self) -> dict[str, object]:
+        """The configured result destinations, by name (one handler type per protocol)."""
         archive = self.settings.archive
         if not archive.enabled:
             return {}
+        if archive.protocol == "dimse":
+            return {
+                "archive": DimseDestination(
+                    name="archive",
+                    ae_title=archive.ae_title,
+                    host=archive.host,
+                    port=archive.port,
+                    calling_ae_title=archive.calling_ae_title or self.settings.dicom.ae_title,
+                )
+            }
+        from node.dispatch_web import OrthancRestDestination, StowRsDestination
+
+        if archive.url is None:
+            raise ValueError(f"archive.protocol {archive.protocol} needs archive.url")
+        if archive.protocol == "stow-rs":
+            token = archive.token.get_secret_value() if archive.token else None
+            return {"archive": StowRsDestination(name="archive", url=archive.url, token=token)}
+        password = archive.password.get_secret_value() if archive.password else None
         return {
-            "archive": DimseDestination(
-                name="archive",
-                ae_title=archive.ae_title,
-                host=archive.host,
-                port=archive.port,
-                calling_ae_title=archive.calling_ae_title or self.settings.dicom.ae_title,
+            "archive": OrthancRestDestination(
+                name="archive", url=archive.url, username=archive.username, password=password
             )
         }

@@ -148,3 +148,23 @@ def test_dead_lettered_delivery_is_requeued_and_sent_once(
         assert "demo" in shown.stdout.lower()
     finally:
         archive_down.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("protocol", ["stow-rs", "orthanc-rest"])
+def test_results_delivered_over_http_destinations(
+    protocol: str, orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path
+) -> None:
+    url = f"{orthanc.url}/dicom-web" if protocol == "stow-rs" else orthanc.url
+    env = node_env(tmp_path, orthanc, CURIA_ARCHIVE__PROTOCOL=protocol, CURIA_ARCHIVE__URL=url)
+    node = NodeProcess(env, tmp_path)
+    node.allow_source("storescu", "STORESCU")
+    node_factory(env, node=node)
+    _send(node, ct_series)
+    study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
+    wait_for(
+        lambda: (d := _deliveries(node)) and len(d) == 3 and all(x["state"] == "sent" for x in d),
+        120,
+        f"all results sent over {protocol}",
+    )
+    assert len(_sr_series(orthanc, study_uid)) == 1

@@ -1,0 +1,150 @@
+"""STOW-RS ingest throughput: the node (durable, catalogued) vs Orthanc's DICOMweb plugin.
+
+Sends the same 300-slice 512x512 CT series (synthetic pixels, uncompressed) in one STOW-RS
+request, streamed by the same httpx client, to the node's HTTP API (a separate uvicorn
+process, bearer token checked) and to a real Orthanc (``POST /dicom-web/studies``), on this
+machine, one run each. Prints instances/s for each and the ratio node/Orthanc.
+
+    .venv/bin/python -m benchmarks.stow [--slices 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+
+from benchmarks.ingest import write_series
+from tests.peers import Orthanc, free_port, port_open, wait_for
+
+TOKEN = "benchmark-token"
+
+
+def node_app() -> FastAPI:
+    """The node's API app over ``CURIA_DATA_DIR`` (uvicorn --factory entry point)."""
+    from node.api import create_api
+    from node.catalogue.db import Catalogue, upgrade
+    from node.settings import Settings
+
+    settings = Settings()
+    settings.ensure_dirs()
+    upgrade(settings.effective_database_url)
+    return create_api(settings, Catalogue(settings.effective_database_url))
+
+
+def body(paths: list[Path], boundary: str) -> Iterator[bytes]:
+    """The multipart/related body, streamed file by file."""
+    for path in paths:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        yield path.read_bytes()
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def timed_stow(url: str, paths: list[Path], headers: dict[str, str]) -> float:
+    boundary = uuid.uuid4().hex
+    content_type = f'multipart/related; type="application/dicom"; boundary={boundary}'
+    started = time.perf_counter()
+    response = httpx.post(
+        url,
+        content=body(paths, boundary),
+        headers={**headers, "Content-Type": content_type, "Accept": "application/dicom+json"},
+        timeout=600,
+    )
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"{url} answered {response.status_code}: {response.text[:500]}")
+    stored = response.json()["00081199"]["Value"]
+    if len(stored) != len(paths):
+        raise RuntimeError(f"{url} stored {len(stored)} of {len(paths)} instances")
+    return elapsed
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory of a process (Linux ``VmHWM``), to show the body is streamed."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def node_rate(paths: list[Path], work: Path) -> tuple[float, float, float]:
+    port = free_port()
+    env = {**os.environ, "CURIA_DATA_DIR": str(work / "node"), "CURIA_API__TOKEN": TOKEN}
+    env.pop("CURIA_CONFIG", None)
+    log = (work / "node.log").open("wb")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "benchmarks.stow:node_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: port_open(port), 60, "the node's API did not start")
+        url = f"http://127.0.0.1:{port}/dicom-web/studies"
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        httpx.get(url, headers=headers).raise_for_status()  # warm: imports, database
+        idle = peak_rss_mib(server.pid)
+        rate = len(paths) / timed_stow(url, paths, headers)
+        return rate, idle, peak_rss_mib(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def orthanc_rate(paths: list[Path], work: Path) -> float:
+    orthanc = Orthanc(work / "orthanc", free_port(), free_port())
+    orthanc.root.mkdir()
+    orthanc.start()
+    try:
+        return len(paths) / timed_stow(f"{orthanc.url}/dicom-web/studies", paths, {})
+    finally:
+        orthanc.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    args = parser.parse_args()
+    if shutil.which("Orthanc") is None:
+        raise SystemExit("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+
+    work = Path(tempfile.mkdtemp(prefix="curia-stow-"))
+    try:
+        paths = write_series(work / "series", args.slices)
+        size = sum(path.stat().st_size for path in paths) / 1e6
+        orthanc = orthanc_rate(paths, work)
+        node, idle, rss = node_rate(paths, work)
+        print(f"{args.slices} instances, {size:.0f} MB, one STOW-RS request each")
+        print(f"Orthanc DICOMweb: {orthanc:7.1f} instances/s (SyncStorageArea off: no fsync)")
+        print(f"Curia Node      : {node:7.1f} instances/s (fsync + rename + catalogued)")
+        print(f"node API process peak RSS: {idle:.0f} MiB before, {rss:.0f} MiB after the upload")
+        print(f"ratio node/Orthanc: {node / orthanc:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""multipart/related (RFC 2387) for DICOMweb: media types, a streamed reader, a writer.
+
+STOW-RS bodies can be gigabytes, so the reader never holds a whole body: it parses the
+request stream chunk by chunk and spools each part, in memory while a per-request budget
+lasts and then to an unnamed temporary file. A part larger than the limit is cut there and
+marked, so the caller can refuse it without ever storing half an instance.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import AsyncIterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+MAX_HEADER_BYTES = 16 * 1024
+_PARAMETER = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
+
+
+class MultipartError(ValueError):
+    """The body is not a well-formed multipart message (or ends before its last part)."""
+
+
+@dataclass(frozen=True)
+class MediaType:
+    """A media type with its parameters; names lower-cased, values unquoted."""
+
+    type: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: str) -> MediaType:
+        main, _, rest = value.partition(";")
+        params: dict[str, str] = {}
+        for match in _PARAMETER.finditer(";" + rest):
+            raw = match.group(2).strip()
+            if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
+                raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+            params[match.group(1).lower()] = raw
+        return cls(main.strip().lower(), params)
+
+    @property
+    def quality(self) -> float:
+        try:
+            return float(self.params.get("q", "1"))
+        except ValueError:
+            return 0.0
+
+
+def parse_accept(value: str | None) -> list[MediaType]:
+    """The media ranges of an Accept header, most preferred first (``*/*`` when absent).
+
+    Commas inside quoted parameter values do not split ranges.
+    """
+    if not value or not value.strip():
+        return [MediaType("*/*")]
+    ranges = [MediaType.parse(item) for item in _split_outside_quotes(value, ",") if item.strip()]
+    ranges = [media for media in ranges if media.quality > 0]
+    return sorted(ranges, key=lambda media: -media.quality)
+
+
+def _split_outside_quotes(value: str, separator: str) -> list[str]:
+    items, current, quoted = [], [], False
+    for char in value:
+        if char == '"':
+            quoted = not quoted
+        if char == separator and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return items
+
+
+class _MemoryBudget:
+    """Bytes of part bodies a request may keep in memory, shared by all its parts."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, size: int) -> bool:
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
+
+    def give(self, size: int) -> None:
+        self.left += size
+
+
+class Part:
+    """One body part: its headers and its spooled content (at most ``limit`` bytes)."""
+
+    def __init__(self, headers: dict[str, str], limit: int, budget: _MemoryBudget, tmp: Path):
+        self.headers = headers
+        self.size = 0
+        self.oversized = False
+        self._limit = limit
+        self._budget = budget
+        self._tmp = tmp
+        self._memory: bytearray | None = bytearray()
+        self._file: BinaryIO | None = None
+
+    @property
+    def content_type(self) -> MediaType | None:
+        value = self.headers.get("content-type")
+        return MediaType.parse(value) if value else None
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Keep ``data`` unless the part is over its limit; then remember only that it is."""
+        if self.oversized:
+            return
+        if self.size + len(data) > self._limit:
+            data = data[: self._limit - self.size]
+            self.oversized = True
+        if not data:
+            return
+        if self._memory is not None and self._budget.take(len(data)):
+            self._memory += data
+        else:
+            self._spill().write(data)
+        self.size += len(data)
+
+    def _spill(self) -> BinaryIO:
+        if self._file is None:
+            # Unnamed (O_TMPFILE where supported): nothing to clean up after a crash. It
+            # outlives this call on purpose; close() ends it.
+            self._file = tempfile.TemporaryFile(dir=self._tmp)  # noqa: SIM115
+            if self._memory:
+                self._file.write(self._memory)
+                self._budget.give(len(self._memory))
+            self._memory = None
+        return self._file
+
+    def head(self, size: int) -> bytes:
+        """The first ``size`` kept bytes (enough to name an instance that is not kept)."""
+        if self._memory is not None:
+            return bytes(self._memory[:size])
+        assert self._file is not None
+        self._file.seek(0)
+        return self._file.read(size)
+
+    def read(self) -> bytes:
+        """The whole kept content (one part at a time is in memory while it is ingested)."""
+        if self._memory is not None:
+            return bytes(self._memory)
+        assert self._file is not None
+        self._file.seek(0)
+        return self._file.read()
+
+    def close(self) -> None:
+        if self._memory is not None:
+            self._budget.give(len(self._memory))
+            self._memory = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class MultipartReader:
+    """Incremental parser: :meth:`feed` chunks in any sizes, then :meth:`finish`."""
+
+    def __init__(
+        self, boundary: str, *, max_part_bytes: int, memory_budget: int, tmp_dir: Path
+    ) -> None:
+        # RFC 2046 allows 70 characters; Orthanc's DICOMweb client sends 73, so be lenient.
+        if not boundary or len(boundary) > 256:
+            raise MultipartError("the boundary parameter must have 1 to 256 characters")
+        # Every delimiter is CRLF "--" boundary; a leading CRLF lets the first one match too.
+        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self._buffer = bytearray(b"\r\n")
+        self._state = "preamble"
+        self._max_part_bytes = max_part_bytes
+        self._budget = _MemoryBudget(memory_budget)
+        self._tmp_dir = tmp_dir
+        self._current: Part | None = None
+        self.parts: list[Part] = []
+
+    def feed(self, chunk: bytes) -> None:
+        if self._state == "done" or not chunk:
+            return
+        self._buffer += chunk
+        while self._step():
+            pass
+
+    def finish(self) -> list[Part]:
+        """The complete parts; raises :class:`MultipartError` if the close delimiter is
+        missing (a truncated upload) or no part was sent."""
+        if self._state != "done":
+            self.close()
+            raise MultipartError("the body ends before the closing boundary")
+        if not self.parts:
+            raise MultipartError("the body has no parts")
+        return self.parts
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()
+        if self._current is not None:
+            self._current.close()
+
+    def _step(self) -> bool:
+        """Advance one state; False when more input is needed."""
+        buffer, delimiter = self._buffer, self._delimiter
+        if self._state in ("preamble", "body"):
+            index = buffer.find(delimiter)
+            if index < 0:
+                keep = len(delimiter) - 1
+                if len(buffer) > keep:
+                    if self._current is not None:
+                        self._current.write(memoryview(buffer)[: len(buffer) - keep])
+                    del buffer[: len(buffer) - keep]
+                return False
+            if self._current is not None:
+                self._current.write(memoryview(buffer)[:index])
+                self.parts.append(self._current)
+                self._current = None
+            del buffer[: index + len(delimiter)]
+            self._state = "delimiter"
+            return True
+        if self._state == "delimiter":
+            if len(buffer) < 2:
+                return False
+            if buffer.startswith(b"--"):
+                self._state = "done"
+                buffer.clear()
+                return False
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                if len(buffer) > 1024:
+                    raise MultipartError("a boundary line does not end")
+                return False
+            if buffer[:end].strip(b" \t"):
+                raise MultipartError("text after a boundary on its line")
+            del buffer[: end + 2]
+            self._state = "headers"
+            return True
+        if self._state == "headers":
+            if buffer.startswith(b"\r\n"):
+                headers: dict[str, str] = {}
+                del buffer[:2]
+            else:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_HEADER_BYTES:
+                        raise MultipartError("part headers longer than 16 KiB")
+                    return False
+                headers = _parse_headers(bytes(buffer[:end]))
+                del buffer[: end + 4]
+            self._current = Part(headers, self._max_part_bytes, self._budget, self._tmp_dir)
+            self._state = "body"
+            return True
+        return False
+
+
+def _parse_headers(block: bytes) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for line in block.decode("latin-1").split("\r\n"):
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise MultipartError("malformed part header line")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+
+async def read_parts(
+    stream: AsyncIterable[bytes],
+    boundary: str,
+    *,
+    max_part_bytes: int,
+    memory_budget: int,
+    tmp_dir: Path,
+) -> list[Part]:
+    """Read a whole multipart body from ``stream``; the caller closes the parts."""
+    reader = MultipartReader(
+        boundary, max_part_bytes=max_part_bytes, memory_budget=memory_budget, tmp_dir=tmp_dir
+    )
+    try:
+        async for chunk in stream:
+            reader.feed(chunk)
+    except BaseException:
+        reader.close()
+        raise
+    return reader.finish()
+
+
+def write_parts(boundary: str, parts: Iterator[tuple[str, Iterator[bytes]]]) -> Iterator[bytes]:
+    """Encode ``(content type, content chunks)`` pairs as a multipart body, lazily."""
+    for content_type, chunks in parts:
+        yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode("latin-1")
+        yield from chunks
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode("latin-1")
