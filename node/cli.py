@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from node import __version__
 from node.ae_cli import ae_app
+from node.heads_cli import heads_app
 from node.results_cli import results_app
 
 app = typer.Typer(help="Curia Node: a DICOM node that runs Curia on CT and MRI studies.")
@@ -22,6 +23,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(ae_app, name="ae")
 app.add_typer(results_app, name="results")
+app.add_typer(heads_app, name="heads")
 
 ConfigOption = Annotated[
     Path | None,

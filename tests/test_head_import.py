@@ -1,0 +1,583 @@
+"""Raidium's released head folders: import, refusals, and attentive heads run faithfully.
+
+The reference below follows the published description of Raidium's 3D forward with
+transformers' Dinov2Model (not the node's timm backbone) on the real sample CT, so the
+node's streaming window path is checked against an independent computation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Dinov2Model
+from typer.testing import CliRunner
+
+from node.heads_cli import heads_app
+from pipelines import preprocess
+from pipelines.backbone import Backbone, demo_backbone, save_hf_folder, timm_to_hf
+from pipelines.findings import CodeRef
+from pipelines.head_import import HeadImportError, import_raidium_head
+from pipelines.heads import (
+    AttentionBlock,
+    AttentionCard,
+    Head,
+    HeadError,
+    WindowCard,
+    demo_attentive_head,
+    load_head,
+    save_head,
+)
+from pipelines.inference import analyse_series
+from pipelines.preprocess import load_series, preprocess_slices
+from tests.testdata import repaired_ct_series
+
+HIDDEN = 64
+CLASSES = [("benign", None), ("malignant", CodeRef("86049000", "SCT", "Malignant neoplasm"))]
+
+
+@pytest.fixture(scope="module")
+def backbone() -> Backbone:
+    return demo_backbone("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def backbone_folder(tmp_path_factory: pytest.TempPathFactory, backbone: Backbone) -> Path:
+    folder = tmp_path_factory.mktemp("curia-tiny")
+    save_hf_folder(backbone, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The real 20-slice sample CT (JPEG 2000), with repaired UIDs."""
+    return repaired_ct_series(tmp_path_factory.mktemp("ct"), "head-import")
+
+
+@pytest.fixture(scope="module")
+def last_block_tokens(ct: list[Path], backbone_folder: Path) -> torch.Tensor:
+    """transformers' hidden_states[-1] (before the final norm) for every slice: (S, 1+P, D)."""
+    model = Dinov2Model.from_pretrained(backbone_folder).eval()
+    pixels = preprocess_slices(load_series(ct).pixels)
+    with torch.no_grad():
+        return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+
+
+# --- building a released head folder -----------------------------------------------------
+
+
+def raidium_config(**fields: Any) -> dict[str, Any]:
+    config = {
+        "model_type": "dinov2_custom_classifier",
+        "architectures": ["Dinov2ForImageClassification"],
+        "auto_map": {
+            "AutoConfig": "modeling_dinov2.Dinov2ForImageClassificationConfig",
+            "AutoModelForImageClassification": "modeling_dinov2.Dinov2ForImageClassification",
+        },
+        "model_name": "raidium/curia",
+        "num_classes": 2,
+        "num_slices": 5,
+        "kernel_size": None,
+        "use_n_blocks": 1,
+        "use_class_token": False,
+        "use_avgpool_per_slice": False,
+        "use_avgpool_on_the_volume": False,
+        "attention_cfg": {"num_heads": 2, "num_queries": 3, "block": ["self", "cross"]},
+        "regression": False,
+        "transformers_version": "4.56.1",
+    }
+    config.update(fields)
+    return config
+
+
+def raidium_tensors(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Head tensors under the released names, random but large enough to move the output."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.3) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    d, c = HIDDEN, config["num_classes"]
+    attention = config["attention_cfg"]
+    # the probe ends in a LayerNorm (unit-scale features): a small classifier keeps the
+    # softmax away from 0 and 1, where a wrong forward would still look right
+    scale = 0.05 if attention is not None else 0.5
+    tensors = {"classifier.weight": rand(c, d, scale=scale), "classifier.bias": rand(c, scale=0.1)}
+    if attention is not None:
+        for kind in sorted(set(attention.get("block", ["self", "cross"]))):
+            base = f"attention_module.{kind}_attention.attention."
+            tensors[base + "multihead_attn.in_proj_weight"] = rand(3 * d, d)
+            tensors[base + "multihead_attn.in_proj_bias"] = rand(3 * d, scale=0.1)
+            tensors[base + "multihead_attn.out_proj.weight"] = rand(d, d)
+            tensors[base + "multihead_attn.out_proj.bias"] = rand(d, scale=0.1)
+            tensors[base + "norm.weight"] = 1 + rand(d, scale=0.1)
+            tensors[base + "norm.bias"] = rand(d, scale=0.1)
+        if "cross" in attention.get("block", ["self", "cross"]):
+            tensors["attention_module.cross_attention.learned_queries"] = rand(
+                attention.get("num_queries", 1), d, scale=1.0
+            )
+    return tensors
+
+
+def raidium_folder(
+    root: Path, backbone: Backbone, *, seed: int = 0, tensors: dict | None = None, **fields: Any
+) -> Path:
+    """A folder laid out like Raidium's released heads: config + head + full `dino.` copy."""
+    folder = root / f"raidium-{seed}"
+    folder.mkdir(parents=True)
+    config = raidium_config(**fields)
+    weights = tensors if tensors is not None else raidium_tensors(config, seed)
+    copy = timm_to_hf(backbone.model.state_dict(), backbone.spec)
+    weights = weights | {f"dino.{k}": v for k, v in copy.items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+# --- an independent reference of the released 3D forward ---------------------------------
+
+
+def sinusoid(n: int, d: int) -> torch.Tensor:
+    table = torch.zeros(n, d)
+    for pos in range(n):
+        for i in range(0, d, 2):
+            angle = pos / (10000 ** (i / d))
+            table[pos, i] = math.sin(angle)
+            table[pos, i + 1] = math.cos(angle)
+    return table
+
+
+def reference_logits(
+    hidden: torch.Tensor, window: list[int], config: dict, tensors: dict
+) -> torch.Tensor:
+    """Logits of the released head for one volume, from hidden_states[-1] of every slice."""
+    d = hidden.shape[-1]
+    slices = []
+    for pos, i in enumerate(window):
+        patches = hidden[i, 1:]
+        if config["use_avgpool_on_the_volume"]:
+            slices.append(patches)
+            continue
+        if config["use_avgpool_per_slice"]:
+            patches = patches.mean(dim=0, keepdim=True)
+        elif config["kernel_size"]:
+            k, side = config["kernel_size"], math.isqrt(patches.shape[0])
+            grid = patches.T.reshape(1, d, side, side)
+            patches = torch.nn.functional.avg_pool2d(grid, k).flatten(2)[0].T
+        if config["use_class_token"]:
+            patches = torch.cat([hidden[i, :1], patches])
+        slices.append(patches + sinusoid(len(window), d)[pos])
+    x = torch.cat(slices).unsqueeze(0)
+    if config["use_avgpool_on_the_volume"]:
+        pooled = x.mean(dim=1)
+    else:
+        attention = config["attention_cfg"]
+        for kind in attention["block"]:
+            base = f"attention_module.{kind}_attention.attention."
+            mha = torch.nn.MultiheadAttention(d, attention["num_heads"], batch_first=True)
+            mha.load_state_dict(
+                {
+                    k[len(base + "multihead_attn.") :]: v
+                    for k, v in tensors.items()
+                    if k.startswith(base + "multihead_attn.")
+                }
+            )
+            norm = torch.nn.LayerNorm(d)
+            norm.load_state_dict(
+                {"weight": tensors[base + "norm.weight"], "bias": tensors[base + "norm.bias"]}
+            )
+            query = x
+            if kind == "cross":
+                query = tensors["attention_module.cross_attention.learned_queries"].unsqueeze(0)
+            with torch.no_grad():
+                x = norm(query + mha(query, x, x)[0])
+        pooled = x.mean(dim=1)
+    return pooled @ tensors["classifier.weight"].T + tensors["classifier.bias"]
+
+
+def centre_window(count: int, size: int) -> list[int]:
+    start = count // 2 - size // 2
+    return list(range(start, start + size))
+
+
+# --- imports that run ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"kernel_size": 4},
+        {"use_class_token": True},
+        {"use_avgpool_per_slice": True, "num_slices": 7},
+        {"attention_cfg": {"num_heads": 1, "num_queries": 1, "block": ["cross"]}},
+        {"attention_cfg": {"num_heads": 2, "num_queries": 2, "block": ["self", "self", "cross"]}},
+        {"attention_cfg": None, "use_avgpool_on_the_volume": True},
+    ],
+    ids=["patch", "kernel", "class-token", "slice-mean", "cross-only", "shared-self", "volume"],
+)
+def test_imported_window_head_matches_the_released_forward(
+    tmp_path: Path,
+    backbone: Backbone,
+    backbone_folder: Path,
+    ct: list[Path],
+    last_block_tokens: torch.Tensor,
+    fields: dict,
+) -> None:
+    folder = raidium_folder(tmp_path, backbone, **fields)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "heads" / "lesion",
+        name="lesion",
+        classes=CLASSES,
+        version="1.0",
+        backbone_name=backbone.identity.name,
+        backbone_folder=backbone_folder,
+    )
+    assert head.card.imported is not None and head.card.imported.backbone_match is True
+    (finding,) = analyse_series(
+        ct, backbone, [load_head(tmp_path / "heads" / "lesion")], series_instance_uid="1"
+    ).findings
+
+    config, tensors = raidium_config(**fields), raidium_tensors(raidium_config(**fields))
+    window = centre_window(len(ct), config["num_slices"])
+    expected = torch.softmax(reference_logits(last_block_tokens, window, config, tensors), -1)[0]
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+    assert min(finding.probabilities) > 0.02  # not saturated: the comparison is sensitive
+    assert finding.key_slice in window
+    assert finding.classes[1].code == CLASSES[1][1]
+
+
+def test_import_writes_a_complete_card(
+    tmp_path: Path, backbone: Backbone, backbone_folder: Path
+) -> None:
+    folder = raidium_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="lesion",
+        classes=CLASSES,
+        version="2.1",
+        backbone_name="Curia-B",
+        backbone_folder=backbone_folder,
+        clip_below_air=True,
+    )
+    card = head.card
+    assert (card.task, card.pooling, card.hidden_size, card.clip_below_air) == (
+        "classification",
+        "attentive",
+        HIDDEN,
+        True,
+    )
+    assert card.attention == AttentionCard(num_heads=2, num_queries=3, blocks=["self", "cross"])
+    assert card.window is not None and card.window.num_slices == 5
+    assert card.window.tokens == "patch" and not card.window.final_norm
+    record = card.imported
+    assert record is not None
+    assert record.backbone_copy and len(record.backbone_copy_digest) == 64
+    assert record.config["attention_cfg"]["num_queries"] == 3
+    assert record.model_name == "raidium/curia"
+    assert len(card.backbone_digest) == 64
+    # the package holds the head only, under the node's names
+    names = sorted(load_file(tmp_path / "out" / "head.safetensors"))
+    assert not any(n.startswith("dino.") for n in names)
+    assert "attention.cross_attention.learned_queries" in names
+
+
+def test_backbone_copy_mismatch_is_recorded(tmp_path: Path, backbone_folder: Path) -> None:
+    other = demo_backbone("tiny", seed=7)
+    folder = raidium_folder(tmp_path, other)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="lesion",
+        classes=CLASSES,
+        version="1",
+        backbone_name="Curia-B",
+        backbone_folder=backbone_folder,
+    )
+    record = head.card.imported
+    assert record is not None and record.backbone_match is False
+    assert any("differs" in note for note in record.notes)
+    assert head.card.backbone_digest == ""
+
+
+def test_import_without_a_backbone_to_check(tmp_path: Path, backbone: Backbone) -> None:
+    head = import_raidium_head(
+        raidium_folder(tmp_path, backbone),
+        tmp_path / "out",
+        name="lesion",
+        classes=CLASSES,
+        version="1",
+        backbone_name="Curia-B",
+    )
+    record = head.card.imported
+    assert record is not None
+    assert record.backbone_copy and record.backbone_match is None
+
+
+def test_slice_level_head_becomes_mean_cls(
+    tmp_path: Path, backbone: Backbone, ct: list[Path]
+) -> None:
+    folder = raidium_folder(tmp_path, backbone, attention_cfg=None, num_classes=3, num_slices=None)
+    classes = [("a", None), ("b", None), ("c", None)]
+    head = import_raidium_head(
+        folder, tmp_path / "out", name="slices", classes=classes, version="1", backbone_name="x"
+    )
+    assert head.card.pooling == "mean_cls" and head.card.window is None
+    assert any("slice-level" in note for note in head.card.imported.notes)  # type: ignore[union-attr]
+    features = backbone.features(preprocess_slices(load_series(ct[:4]).pixels)).mean(0)
+    expected = torch.softmax(
+        features @ load_file(folder / "model.safetensors")["classifier.weight"].T
+        + load_file(folder / "model.safetensors")["classifier.bias"],
+        -1,
+    )
+    torch.testing.assert_close(head.predict(features.unsqueeze(0))[0], expected)
+
+
+def test_regression_head_reports_the_raw_value(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], last_block_tokens: torch.Tensor
+) -> None:
+    fields = {"regression": True, "num_classes": 1}
+    folder = raidium_folder(tmp_path, backbone, **fields)
+    import_raidium_head(
+        folder,
+        tmp_path / "heads" / "age",
+        name="age",
+        classes=[("age", CodeRef("397659008", "SCT", "Age"))],
+        version="1",
+        backbone_name="x",
+        unit=CodeRef("a", "UCUM", "year"),
+    )
+    head = load_head(tmp_path / "heads" / "age")
+    assert head.card.task == "regression" and head.card.unit is not None
+    (finding,) = analyse_series(ct, backbone, [head], series_instance_uid="1").findings
+    config = raidium_config(**fields)
+    window = centre_window(len(ct), 5)
+    value = reference_logits(last_block_tokens, window, config, raidium_tensors(config))[0, 0]
+    assert finding.task == "regression" and finding.predicted_index == 0
+    assert len(finding.probabilities) == 1
+    assert abs(finding.probabilities[0] - float(value)) < 1e-4
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"model_type": "dinov2"}, "model_type is 'dinov2'"),
+        ({"use_n_blocks": 4}, "use_n_blocks is 4"),
+        ({"use_class_token": True, "use_avgpool_per_slice": True}, "use_class_token"),
+        ({"attention_cfg": None, "use_avgpool_per_slice": True}, "use_avgpool_per_slice"),
+        ({"use_avgpool_on_the_volume": True}, "use_avgpool_on_the_volume"),
+        ({"num_classes": 3}, "num_classes is 3 but 2 class names"),
+        ({"regression": True}, "regression is true but num_classes is 2"),
+        ({"num_slices": 0}, "num_slices is 0"),
+        ({"attention_cfg": {"num_heads": 3}}, "num_heads 3 does not divide hidden_size 64"),
+        ({"attention_cfg": {"block": ["self"], "mlp": True}}, "attention_cfg has keys ['mlp']"),
+    ],
+)
+def test_unsupported_configs_are_refused(
+    tmp_path: Path, backbone: Backbone, fields: dict, message: str
+) -> None:
+    kept = {k: v for k, v in fields.items() if k not in ("model_type", "attention_cfg")}
+    tensors = raidium_tensors(raidium_config(**kept))
+    folder = raidium_folder(tmp_path, backbone, tensors=tensors, **fields)
+    with pytest.raises(HeadImportError) as err:
+        import_raidium_head(
+            folder, tmp_path / "out", name="x", classes=CLASSES, version="1", backbone_name="x"
+        )
+    assert message in str(err.value)
+    assert str(folder) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _edit(edit: Callable[[dict[str, torch.Tensor]], object]) -> dict[str, torch.Tensor]:
+    tensors = raidium_tensors(raidium_config())
+    edit(tensors)
+    return tensors
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        (_edit(lambda t: t.pop("classifier.bias")), "missing tensor classifier.bias"),
+        (
+            _edit(lambda t: t.update({"attention_module.mlp.weight": torch.zeros(2)})),
+            "attention_module.mlp.weight",
+        ),
+        (
+            _edit(lambda t: t.pop("attention_module.cross_attention.learned_queries")),
+            "missing tensors ['attention.cross_attention.learned_queries']",
+        ),
+        (
+            _edit(
+                lambda t: t.update(
+                    {"attention_module.cross_attention.learned_queries": torch.zeros(4, HIDDEN)}
+                )
+            ),
+            "learned_queries is [4, 64], expected [3, 64]",
+        ),
+        (_edit(lambda t: t.update({"pooler.weight": torch.zeros(2)})), "pooler.weight"),
+    ],
+    ids=["no-bias", "unknown-attention", "no-queries", "queries-shape", "stray"],
+)
+def test_weights_must_fit_the_config(
+    tmp_path: Path, backbone: Backbone, tensors: dict, message: str
+) -> None:
+    folder = raidium_folder(tmp_path, backbone, tensors=tensors)
+    with pytest.raises(HeadImportError) as err:
+        import_raidium_head(
+            folder, tmp_path / "out", name="x", classes=CLASSES, version="1", backbone_name="x"
+        )
+    assert message in str(err.value)
+
+
+def test_missing_weights_are_refused(tmp_path: Path, backbone: Backbone) -> None:
+    folder = raidium_folder(tmp_path, backbone)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(HeadImportError, match=r"missing model\.safetensors"):
+        import_raidium_head(
+            folder, tmp_path / "out", name="x", classes=CLASSES, version="1", backbone_name="x"
+        )
+
+
+# --- attentive heads in the node ------------------------------------------------------------
+
+
+def test_window_indices() -> None:
+    head = demo_attentive_head(HIDDEN, num_slices=5)
+    assert head.window_indices(20) == [8, 9, 10, 11, 12]
+    assert head.window_indices(6) == [1, 2, 3, 4, 5]
+    assert head.window_indices(5) == [0, 1, 2, 3, 4]
+    assert head.window_indices(3) == [0, 1, 2]  # shorter series: all of it
+    window = WindowCard(num_slices=5, selection="even")
+    even = Head(
+        card=head.card.model_copy(update={"window": window}), linear=head.linear, probe=head.probe
+    )
+    assert even.window_indices(20) == [0, 5, 10, 14, 19]
+    assert demo_attentive_head(HIDDEN, num_slices=None).window_indices(7) == list(range(7))
+
+
+def test_only_window_slices_are_decoded(
+    monkeypatch: pytest.MonkeyPatch, backbone: Backbone, ct: list[Path]
+) -> None:
+    decoded: list[Path] = []
+    read_slice = preprocess.read_slice
+
+    def counting(path: Path) -> Any:
+        decoded.append(Path(path))
+        return read_slice(path)
+
+    monkeypatch.setattr(preprocess, "read_slice", counting)
+    head = demo_attentive_head(HIDDEN, num_slices=3)
+    result = analyse_series(ct, backbone, [head], series_instance_uid="1", batch_size=2)
+    plan = preprocess.plan_series(ct)
+    assert sorted(decoded) == sorted(plan.paths[9:12])
+    assert result.slice_count == 20 and result.findings[0].key_slice in (9, 10, 11)
+
+
+def test_attentive_and_mean_heads_share_one_pass(backbone: Backbone, ct: list[Path]) -> None:
+    from pipelines.heads import demo_head
+
+    mean_head, window_head = demo_head(HIDDEN), demo_attentive_head(HIDDEN, num_slices=4)
+    both = analyse_series(ct, backbone, [window_head, mean_head], series_instance_uid="1")
+    alone = analyse_series(ct, backbone, [mean_head], series_instance_uid="1")
+    alone_window = analyse_series(ct, backbone, [window_head], series_instance_uid="1")
+    assert [f.head_name for f in both.findings] == ["body-region-3d", "body-region"]
+    assert both.findings[1].probabilities == pytest.approx(alone.findings[0].probabilities)
+    assert both.findings[0].probabilities == pytest.approx(
+        alone_window.findings[0].probabilities, abs=1e-6
+    )
+
+
+def test_attentive_head_round_trip(tmp_path: Path) -> None:
+    head = demo_attentive_head(HIDDEN, seed=3, attention=AttentionCard(num_heads=4, num_queries=2))
+    save_head(head, tmp_path / "h")
+    loaded = load_head(tmp_path / "h")
+    assert loaded.card == head.card
+    tokens = torch.randn(5, 7, HIDDEN)
+    a, b = head.predict_window(tokens), loaded.predict_window(tokens)
+    assert torch.equal(a.outputs, b.outputs) and a.key_position == b.key_position
+    with pytest.raises(HeadError, match="predict_window"):
+        loaded.predict(torch.randn(1, HIDDEN))
+
+
+def test_padding_rows_are_masked() -> None:
+    """Zero rows never change the real tokens' result (self block) or the queries' (cross)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 16)
+    padded = torch.cat([x, torch.zeros(1, 3, 16)], dim=1)
+    self_block = AttentionBlock(16, num_heads=2).eval()
+    cross_block = AttentionBlock(16, num_heads=2, num_queries=3).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(self_block(padded)[0][:, :6], self_block(x)[0])
+        torch.testing.assert_close(cross_block(padded)[0], cross_block(x)[0])
+        _, weights = cross_block(padded, need_weights=True)
+    assert weights is not None and float(weights[0, :, 6:].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        ({"pooling": "attentive"}, "attention"),
+        ({"pooling": "mean_patch"}, "window"),
+        ({"task": "regression"}, "classes"),
+        ({"unit": {"value": "a", "scheme": "UCUM", "meaning": "year"}}, "unit"),
+        ({"window": {"num_slices": 3}}, "window"),
+    ],
+)
+def test_card_combinations_are_checked(tmp_path: Path, edit: dict, field: str) -> None:
+    from pipelines.heads import demo_head
+
+    save_head(demo_head(HIDDEN), tmp_path / "h")
+    card = json.loads((tmp_path / "h" / "head.json").read_text()) | edit
+    (tmp_path / "h" / "head.json").write_text(json.dumps(card))
+    with pytest.raises(HeadError, match=f"field '{field}'"):
+        load_head(tmp_path / "h")
+
+
+def test_cli_import(tmp_path: Path, backbone: Backbone, backbone_folder: Path) -> None:
+    folder = raidium_folder(tmp_path, backbone)
+    codes = tmp_path / "codes.csv"
+    codes.write_text("label,value,scheme,meaning\nmalignant,86049000,SCT,Malignant neoplasm\n")
+    result = CliRunner().invoke(
+        heads_app,
+        [
+            "import",
+            str(folder),
+            "--name",
+            "lesion",
+            "--classes",
+            "benign,malignant",
+            "--codes",
+            str(codes),
+            "--out",
+            str(tmp_path / "heads"),
+            "--backbone",
+            str(backbone_folder),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    head = load_head(tmp_path / "heads" / "lesion")
+    assert head.card.classes[1].code is not None
+    assert head.card.classes[1].code.value == "86049000"
+    assert head.card.backbone == backbone.identity.name
+    assert "matches" in result.output
+    listed = CliRunner().invoke(heads_app, ["list", str(tmp_path / "heads")])
+    assert listed.exit_code == 0, listed.output
+    assert "lesion" in listed.output and "attentive" in listed.output
+
+    refused = CliRunner().invoke(
+        heads_app,
+        ["import", str(folder), "--name", "x", "--classes", "a,b,c", "--out", str(tmp_path / "h2")],
+    )
+    assert refused.exit_code != 0
+    assert "num_classes is 2 but 3 class names" in refused.output
