@@ -30,9 +30,10 @@ class HeadClass:
 class HeadFinding:
     """What one head concluded about one series.
 
-    ``probabilities`` are in class order and sum to 1 for a softmax head; ``key_slice`` is
-    the index (in the spatially sorted series) of the slice that scored highest for the
-    predicted class, so a report can point a viewer at it.
+    ``probabilities`` are in class order and sum to 1 for a softmax head; for a regression
+    head (one class naming the quantity) the single entry is the raw predicted value.
+    ``key_slice`` is the index (in the spatially sorted series) of the slice that scored
+    highest for the predicted class, so a report can point a viewer at it.
     """
 
     head_name: str

@@ -35,6 +35,7 @@ from pipelines.sr_templates import CodeSpec, ReportTemplate
 
 __all__ = [
     "DEMO_STATEMENT",
+    "REGRESSION_TASK",
     "SEGMENTATION_TASK",
     "DeviceIdentity",
     "ReportError",
@@ -52,6 +53,7 @@ __all__ = [
 #: ``HeadFinding.task`` of a head that produced a mask: its SR group references the
 #: segment of the Segmentation made from that mask instead of standing alone.
 SEGMENTATION_TASK = "segmentation"
+REGRESSION_TASK = "regression"
 
 # Shown in the SR whenever demo weights made the result (see _document_notes for where).
 DEMO_STATEMENT = (
@@ -194,7 +196,8 @@ def _check_finding(finding: HeadFinding) -> None:
         raise ReportError(
             f'head "{finding.head_name}": predicted_index {finding.predicted_index} out of range'
         )
-    if any(not 0.0 <= p <= 1.0 for p in finding.probabilities):
+    # A regression head's one output is a raw value, not a probability.
+    if finding.task != REGRESSION_TASK and any(not 0.0 <= p <= 1.0 for p in finding.probabilities):
         raise ReportError(f'head "{finding.head_name}": probabilities outside 0..1')
 
 
@@ -333,6 +336,20 @@ def _measurement_group(
                     finding_sites=qualifier,
                 )
             )
+
+    if template.value is not None:
+        if finding.task != REGRESSION_TASK:
+            raise ReportError(
+                f'head "{finding.head_name}" is a {finding.task} head; "value" in '
+                f"{template.source} is for regression heads"
+            )
+        measurements.append(
+            hd.sr.Measurement(
+                name=_concept(template.value.concept),
+                value=round(float(finding.probabilities[0]), 6),
+                unit=_concept(template.value.unit),
+            )
+        )
 
     # A segment's tracking UID, where it has one, so that the SR group and the SEG segment
     # are recognisably the same finding.

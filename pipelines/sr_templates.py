@@ -205,6 +205,20 @@ class ProbabilitySpec(_Strict):
         return self
 
 
+class ValueSpec(_Strict):
+    """A regression head's output as one NUM measurement (TID 300) in its UCUM unit."""
+
+    concept: CodeSpec
+    unit: CodeSpec
+
+    @field_validator("unit")
+    @classmethod
+    def _unit_is_ucum(cls, v: CodeSpec) -> CodeSpec:
+        if v.scheme != "UCUM":
+            raise ValueError(f"measurement units must be UCUM codes, not {v.scheme!r}")
+        return v
+
+
 class PresenceSpec(_Strict):
     """Present/absent evaluation for binary heads: positive class probability >= threshold."""
 
@@ -266,6 +280,7 @@ class ReportTemplate(_Strict):
     predicted_class: PredictedClassSpec = Field(default_factory=PredictedClassSpec)
     probability: ProbabilitySpec | None = None
     presence: PresenceSpec | None = None
+    value: ValueSpec | None = None
     summary: SummarySpec | None = None
 
     _source: Path | None = PrivateAttr(default=None)
@@ -282,10 +297,11 @@ class ReportTemplate(_Strict):
             and not self.predicted_class.as_finding_site
             and self.probability is None
             and self.presence is None
+            and self.value is None
         ):
             raise ValueError(
                 "template reports nothing about the prediction: give predicted_class, "
-                "probability or presence"
+                "probability, presence or value"
             )
         return self
 

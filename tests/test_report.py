@@ -580,3 +580,61 @@ def test_two_templates_for_one_head_are_refused(tmp_path: Path) -> None:
         (tmp_path / name).write_text(_body_region_text())
     with pytest.raises(TemplateError, match=r"b\.yaml.*already has a template"):
         load_templates(tmp_path)
+
+
+REGRESSION_TEMPLATE = """\
+head: brain-age
+tracking_identifier: Curia brain age
+finding_type: {value: "363787002", scheme: SCT, meaning: Observable entity}
+value:
+  concept: {value: "397669002", scheme: SCT, meaning: Age}
+  unit: {value: a, scheme: UCUM, meaning: year}
+summary:
+  concept: {value: "121111", scheme: DCM, meaning: Summary}
+  pattern: "Estimated age: {probability:.1f} years"
+"""
+
+
+def test_regression_head_is_reported_as_a_numeric_value(
+    sources: list[Dataset], device: DeviceIdentity, tmp_path: Path
+) -> None:
+    """A regression head's raw value becomes one NUM in its UCUM unit, validator-clean."""
+    template_path = tmp_path / "brain-age.yaml"
+    template_path.write_text(REGRESSION_TEMPLATE)
+    template = load_template(template_path)
+    findings = SeriesFindings(
+        series_instance_uid=str(sources[0].SeriesInstanceUID),
+        model=ModelIdentity(name="Curia-B", version="1.0", demo=False),
+        findings=[
+            HeadFinding(
+                head_name="brain-age",
+                head_version="1.0.0",
+                task="regression",
+                classes=(HeadClass(name="age"),),
+                probabilities=(47.25,),
+                predicted_index=0,
+            )
+        ],
+        slice_count=len(sources),
+        sop_instance_uids_sorted=[str(ds.SOPInstanceUID) for ds in sources],
+    )
+    path = write_sr(
+        build_sr(sources, findings, {"brain-age": template}, device), tmp_path / "r.dcm"
+    )
+    nums = [i for i in _walk(list(pydicom.dcmread(path).ContentSequence)) if i.ValueType == "NUM"]
+    [age] = [n for n in nums if _name(n) == ("397669002", "SCT")]
+    measured = age.MeasuredValueSequence[0]
+    assert float(measured.NumericValue) == 47.25
+    assert measured.MeasurementUnitsCodeSequence[0].CodeValue == "a"
+    assert_dciodvfy_clean(path)
+    assert_dsrdump_clean(path)
+
+
+def test_value_section_is_refused_for_a_classifier(
+    sources: list[Dataset], device: DeviceIdentity, tmp_path: Path
+) -> None:
+    template_path = tmp_path / "body-region.yaml"
+    template_path.write_text(REGRESSION_TEMPLATE.replace("brain-age", "body-region"))
+    templates = {"body-region": load_template(template_path)}
+    with pytest.raises(ReportError, match="regression"):
+        build_sr(sources, _findings(sources), templates, device)
