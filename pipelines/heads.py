@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -197,6 +198,9 @@ class HeadCard(BaseModel):
     backbone: str = Field(min_length=1)
     clip_below_air: bool = False
     demo: bool = False
+    modalities: list[str] = Field(
+        default_factory=list, description="series modalities it applies to; empty = any"
+    )
     attention: AttentionCard | None = Field(None, validate_default=True)
     window: WindowCard | None = Field(None, validate_default=True)
     unit: CodeCard | None = Field(None, description="regression only: UCUM unit of the value")
@@ -720,3 +724,12 @@ def demo_attentive_head(
         linear, probe = build_head_modules(card)
         init_probe_linear(linear)
     return Head(card=card, linear=linear, probe=probe)
+
+
+def heads_for(heads: Sequence[Head], modality: str | None) -> list[Head]:
+    """The heads whose card says they apply to a series of ``modality`` (empty = any)."""
+    return [
+        head
+        for head in heads
+        if not head.card.modalities or (modality or "").upper() in head.card.modalities
+    ]

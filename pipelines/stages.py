@@ -58,6 +58,7 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
     Mask heads also produce a SEG here, while the mask is in memory; the SEG's result row is
     committed with the findings, so a crash leaves either both or neither.
     """
+    from pipelines.heads import heads_for
     from pipelines.inference import analyse_series
 
     with runtime.catalogue.session() as session:
@@ -70,6 +71,7 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
         rows = session.scalars(select(Instance).where(Instance.series_id == series.id)).all()
         paths = [runtime.spool.absolute(row.path) for row in rows]
         series_uid = series.series_instance_uid
+        modality = series.modality
         run.state = RunState.RUNNING
         run.started_at = datetime.now(UTC)
         series.state = SeriesState.PROCESSING
@@ -77,7 +79,7 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
     findings = analyse_series(
         paths,
         runtime.backbone,
-        runtime.heads,
+        heads_for(runtime.heads, modality),
         series_instance_uid=series_uid,
         batch_size=runtime.settings.model.batch_size,
     )
@@ -139,8 +141,11 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
         if run is None or run.findings is None:
             return []
         existing = session.scalars(select(Result).where(Result.run_id == run_id)).all()
+        findings = findings_from_dict(run.findings)
+        if not findings.findings:  # no head applies to this series: nothing to report
+            _finish(run)
+            return []
         if not any(result.kind == "sr" for result in existing):
-            findings = findings_from_dict(run.findings)
             rows = session.scalars(
                 select(Instance).where(Instance.series_id == run.series_id)
             ).all()

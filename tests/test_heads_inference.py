@@ -286,3 +286,17 @@ def test_select_device() -> None:
 def test_cuda_request_without_gpu_is_an_error() -> None:
     with pytest.raises(ValueError, match="CUDA is not available"):
         select_device("cuda:1")
+
+
+def test_heads_apply_only_to_the_modalities_on_their_card(tmp_path: Path) -> None:
+    from pipelines.heads import heads_for
+
+    any_series = demo_head(64, seed=1)
+    save_head(any_series, tmp_path / "ct-only")
+    card = json.loads((tmp_path / "ct-only" / "head.json").read_text())
+    card.update(name="ct-only", modalities=["CT"])
+    (tmp_path / "ct-only" / "head.json").write_text(json.dumps(card))
+    ct_only = load_head(tmp_path / "ct-only")
+    assert heads_for([any_series, ct_only], "CT") == [any_series, ct_only]
+    assert heads_for([any_series, ct_only], "MR") == [any_series]
+    assert heads_for([ct_only], None) == []
