@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import getpass
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from node.catalogue.db import Catalogue, upgrade
+from node.cli_options import ConfigOption, settings_or_exit
 from node.peers import PeerError, add_source, list_sources, remove_source
 from node.settings import Settings
 
@@ -21,21 +20,9 @@ ae_app.add_typer(source_app, name="source")
 
 
 @ae_app.callback()
-def ae_options(
-    ctx: typer.Context,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="TOML config file (else $CURIA_CONFIG)", exists=True),
-    ] = None,
-) -> None:
+def ae_options(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Load the settings once for every `ae` command."""
-    from node.settings import load_settings
-
-    try:
-        ctx.obj = {"settings": load_settings(config)}
-    except ValidationError as exc:
-        typer.echo(f"invalid configuration:\n{exc}", err=True)
-        raise typer.Exit(2) from exc
+    ctx.obj = {"settings": settings_or_exit(config)}
 
 
 def _catalogue(ctx: typer.Context) -> Catalogue:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
 from node import __version__
 from node.ae_cli import ae_app
+from node.cli_options import ConfigOption, settings_or_exit
 from node.heads_cli import heads_app
 from node.results_cli import results_app
 
@@ -24,21 +23,6 @@ app.add_typer(db_app, name="db")
 app.add_typer(ae_app, name="ae")
 app.add_typer(results_app, name="results")
 app.add_typer(heads_app, name="heads")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML config file (else $CURIA_CONFIG)", exists=True),
-]
-
-
-def _settings(config: Path | None):
-    from node.settings import load_settings
-
-    try:
-        return load_settings(config)
-    except ValidationError as exc:
-        typer.echo(f"invalid configuration:\n{exc}", err=True)
-        raise typer.Exit(2) from exc
 
 
 def _logging(level: str) -> None:
@@ -52,7 +36,7 @@ def _logging(level: str) -> None:
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Start the node: DICOM listener, completion watcher, pipeline worker, HTTP API."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     _logging(settings.log_level)
     from node.service import NodeService
     from pipelines.backbone import WeightsError
@@ -73,7 +57,7 @@ def worker(
     queues: Annotated[str | None, typer.Option(help="comma-separated stages")] = None,
 ) -> None:
     """Run a separate pipeline worker (production mode); same as `celery ... worker`."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     from pipelines.celery_app import STAGES, create_app, queue_name
 
     stages = queues.split(",") if queues else list(STAGES)
@@ -97,13 +81,13 @@ def version() -> None:
 @config_app.command("show")
 def config_show(config: ConfigOption = None) -> None:
     """Print the effective configuration, secrets masked."""
-    typer.echo(json.dumps(_settings(config).masked(), indent=2))
+    typer.echo(json.dumps(settings_or_exit(config).masked(), indent=2))
 
 
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Bring the catalogue schema to the newest revision."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     from node.catalogue.db import upgrade
 
     settings.ensure_dirs()

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
-from pydantic import ValidationError
 from rich import box
 from rich.console import Console
 from rich.progress import (
@@ -20,6 +19,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from node.cli_options import ConfigOption, settings_or_exit
 
 if TYPE_CHECKING:
     from node.settings import Settings
@@ -35,10 +36,6 @@ heads_app = typer.Typer(
 console = Console(highlight=False)
 errors = Console(stderr=True, highlight=False)
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="TOML config file (else $CURIA_CONFIG)", exists=True),
-]
 WeightsOption = Annotated[
     str | None,
     typer.Option(
@@ -81,13 +78,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    from node.settings import load_settings
-
     if "settings" not in ctx.obj:
-        try:
-            ctx.obj["settings"] = load_settings(ctx.obj.get("config"))
-        except ValidationError as exc:
-            raise _fail(f"invalid configuration:\n{exc}") from exc
+        ctx.obj["settings"] = settings_or_exit(ctx.obj.get("config"))
     return ctx.obj["settings"]
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Instance, Series, Study
 from node.disk import DiskGuard
-from node.storage import Spool
+from node.storage import Spool, StoredFile
 from node.uids import InvalidUID, validate_uid
 
 log = logging.getLogger(__name__)
@@ -153,16 +153,9 @@ class Ingestor:
             )
         if existing is not None:
             return self._duplicate(existing, header, data, calling_ae)
-        try:
-            stored = self.spool.store(
-                header.study_instance_uid,
-                header.series_instance_uid,
-                header.sop_instance_uid,
-                data,
-            )
-        except OSError as exc:
-            log.error("cannot write instance to the spool: %s", exc)
-            return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the spool")
+        stored = self._write(header, data)
+        if isinstance(stored, IngestOutcome):
+            return stored
         try:
             with self._catalogue_lock, self.catalogue.session() as session:
                 series = self._upsert_series(session, header, calling_ae)
@@ -183,6 +176,19 @@ class Ingestor:
             self.spool.remove(stored.relative_path)
             return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
         return IngestOutcome(SUCCESS, series_uid=header.series_instance_uid)
+
+    def _write(self, header: InstanceHeader, data: bytes) -> StoredFile | IngestOutcome:
+        """Write the file durably, or the Out of Resources outcome if the disk refuses."""
+        try:
+            return self.spool.store(
+                header.study_instance_uid,
+                header.series_instance_uid,
+                header.sop_instance_uid,
+                data,
+            )
+        except OSError as exc:
+            log.error("cannot write instance to the spool: %s", exc)
+            return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the spool")
 
     def _upsert_series(self, session: Session, header: InstanceHeader, ae: str | None) -> Series:
         ds = header.dataset
@@ -227,16 +233,9 @@ class Ingestor:
             return IngestOutcome(SUCCESS, duplicate=True, series_uid=header.series_instance_uid)
         replace = self.duplicate_policy == "replace"
         if replace:
-            try:
-                stored = self.spool.store(
-                    header.study_instance_uid,
-                    header.series_instance_uid,
-                    header.sop_instance_uid,
-                    data,
-                )
-            except OSError as exc:
-                log.error("cannot write instance to the spool: %s", exc)
-                return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the spool")
+            stored = self._write(header, data)
+            if isinstance(stored, IngestOutcome):
+                return stored
         with self._catalogue_lock, self.catalogue.session() as session:
             if replace:
                 row = session.get(Instance, existing.id)

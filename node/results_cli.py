@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import getpass
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from pydicom import dcmread
 from rich.console import Console
 from rich.table import Table
 
 from node.catalogue.db import Catalogue, upgrade
+from node.cli_options import ConfigOption, settings_or_exit
 from node.results import (
     SR_SOP_CLASSES,
     ResultsError,
@@ -29,21 +28,9 @@ results_app = typer.Typer(help="Results (SR, SEG) and their deliveries.")
 
 
 @results_app.callback()
-def results_options(
-    ctx: typer.Context,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="TOML config file (else $CURIA_CONFIG)", exists=True),
-    ] = None,
-) -> None:
+def results_options(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Load the settings once for every `results` command."""
-    from node.settings import load_settings
-
-    try:
-        settings = load_settings(config)
-    except ValidationError as exc:
-        typer.echo(f"invalid configuration:\n{exc}", err=True)
-        raise typer.Exit(2) from exc
+    settings = settings_or_exit(config)
     settings.ensure_dirs()
     upgrade(settings.effective_database_url)
     ctx.obj = {"settings": settings, "catalogue": Catalogue(settings.effective_database_url)}
