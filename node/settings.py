@@ -135,6 +135,7 @@ class ModelSettings(BaseModel):
         None, description="folder of mask-head packages (SEG); none = demo one with demo heads"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    compile: bool = Field(False, description="torch.compile the backbone (faster on a GPU)")
     batch_size: int = Field(16, ge=1)
     seed: int = 0
 

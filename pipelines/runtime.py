@@ -109,8 +109,15 @@ class Runtime:
             model = self.settings.model
             if model.weights_dir is None:
                 log.warning("no weights configured: using DEMO weights (random, not for diagnosis)")
-                return demo_backbone(model.demo_size, seed=model.seed, device=self.device)
-            return load_backbone(Path(model.weights_dir), device=self.device)
+                backbone = demo_backbone(model.demo_size, seed=model.seed, device=self.device)
+            else:
+                backbone = load_backbone(Path(model.weights_dir), device=self.device)
+            if model.compile:
+                import torch
+
+                # Compiled on first use per input shape; worth it for long-running GPU workers.
+                backbone.model = torch.compile(backbone.model)
+            return backbone
 
     @cached_property
     def heads(self) -> list[Head]:

@@ -92,7 +92,35 @@ def push_and_wait_for_sr(
     for path in results["SR"]:
         assert_dsrdump_clean(path)
     assert_dcentvfy_clean(ct_series, results["SR"] + results["SEG"])
+    assert_round_trip_through_dicomweb(orthanc, node, results["SR"] + results["SEG"])
     return results["SR"][0], elapsed
+
+
+def assert_round_trip_through_dicomweb(
+    orthanc: Orthanc, node: NodeProcess, received: list[Path]
+) -> None:
+    """Each result read back through Orthanc's DICOMweb (WADO-RS) says what the node wrote."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=f"{orthanc.url}/dicom-web")
+    results_dir = Path(node.env["CURIA_DATA_DIR"]) / "results"
+    for path in received:
+        header = dcmread(path, stop_before_pixels=True)
+        via_web = client.retrieve_instance(
+            header.StudyInstanceUID, header.SeriesInstanceUID, header.SOPInstanceUID
+        )
+        written = dcmread(
+            results_dir
+            / header.StudyInstanceUID
+            / header.SeriesInstanceUID
+            / f"{header.SOPInstanceUID}.dcm"
+        )
+        assert via_web.SOPClassUID == written.SOPClassUID
+        if "ContentSequence" in written:
+            assert via_web.ContentSequence == written.ContentSequence, "SR content differs"
+        if "PixelData" in written:
+            assert via_web.PixelData == written.PixelData, "SEG frames differ"
+            assert via_web.SegmentSequence == written.SegmentSequence
 
 
 def assert_no_patient_data_in_logs(*logs: str) -> None:

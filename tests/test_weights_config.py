@@ -55,3 +55,14 @@ def test_node_refuses_a_three_channel_model(tmp_path: Path) -> None:
     result = node_run(tmp_path, folder)
     assert result.returncode == 3
     assert "num_channels" in result.stderr
+
+
+def test_compile_option_wraps_the_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.compile hands the backbone to torch.compile (compiled lazily, on first use)."""
+    import torch
+
+    monkeypatch.delenv("CURIA_CONFIG", raising=False)
+    seen: list[object] = []
+    monkeypatch.setattr(torch, "compile", lambda model: seen.append(model) or model)
+    runtime = Runtime(Settings(data_dir=tmp_path, model={"demo_size": "tiny", "compile": True}))
+    assert seen == [runtime.backbone.model]
