@@ -484,7 +484,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     """``model.safetensors``, or the shards a ``model.safetensors.index.json`` lists."""
     single = folder / WEIGHTS_FILE
     if single.is_file():
@@ -606,7 +606,7 @@ def load_backbone(folder: Path, device: torch.device | None = None) -> Backbone:
         raise WeightsError(f"{folder}: weights folder does not exist")
     cfg = _read_config(folder)
     spec = BackboneSpec.from_hf_config(cfg, str(folder))
-    files = _weight_files(folder)
+    files = weight_files(folder)
     check_tensor_shapes(_read_shapes(files, folder), spec, str(folder))
 
     model = build_backbone(spec, device="meta")

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pipelines.backbone import CONFIG_FILE, IGNORED_HF_KEYS, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+from pipelines.backbone import (
+    CONFIG_FILE,
+    IGNORED_HF_KEYS,
+    WeightsError,
+)
+from pipelines.backbone import weight_files as backbone_weight_files
 from pipelines.findings import CodeRef
 from pipelines.heads import (
     ATTENTION_PREFIX,
@@ -254,22 +259,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """``model.safetensors``, or the shards its index lists."""
-    single = folder / WEIGHTS_FILE
-    if single.is_file():
-        return [single]
-    index = folder / WEIGHTS_INDEX_FILE
-    if not index.is_file():
-        raise HeadImportError(f"{folder}: missing {WEIGHTS_FILE}")
+    """``model.safetensors``, or the shards its index lists (the backbone loader's rule)."""
     try:
-        weight_map = _read_json(index)["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise HeadImportError(f"{index}: unreadable shard index: {exc}") from exc
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise HeadImportError(f"{folder}: shard index lists missing files {missing}")
-    return [folder / n for n in names]
+        return backbone_weight_files(folder)
+    except WeightsError as exc:
+        raise HeadImportError(str(exc)) from exc
 
 
 def _open_all(files: list[Path]) -> dict[str, Path]:
