@@ -1,11 +1,12 @@
 """The HTTP API (FastAPI): health, and a read view of studies and results.
 
-Every route but ``/healthz`` needs ``Authorization: Bearer <token>``.
+Every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>``; what a
+token may do depends on its role (:mod:`node.tokens`): 401 without a valid token, 403 when
+its role does not allow the request.
 """
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from node import __version__
+from node.admin_api import create_admin_router
 from node.catalogue.db import Catalogue
 from node.catalogue.models import DeliveryState, PipelineRun, Series, Study
 from node.dicomweb import create_dicomweb_router
@@ -35,6 +37,7 @@ from node.results import (
 )
 from node.settings import Settings
 from node.storage import write_durably
+from node.tokens import Principal, TokenVerifier
 
 
 def api_token(settings: Settings) -> str:
@@ -64,17 +67,28 @@ def create_api(
     ingestor: Ingestor | None = None,
 ) -> FastAPI:
     """The API app; ``enqueue_dispatch`` sends a delivery to the dispatch queue."""
-    token = api_token(settings)
+    verifier = TokenVerifier(catalogue, api_token(settings))
     app = FastAPI(title="Curia Node", version=__version__)
 
-    def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+    def require_token(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Principal:
         scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        principal = verifier.verify(given.strip()) if scheme.lower() == "bearer" else None
+        if principal is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 "a valid bearer token is required",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+        if not principal.may(request.method, path):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"a {principal.role} token may not {request.method} this resource",
+            )
+        request.state.principal = principal
+        return principal
 
     app.state.catalogue = catalogue
     auth = [Depends(require_token)]
@@ -90,6 +104,8 @@ def create_api(
         ),
         dependencies=auth,
     )
+
+    app.include_router(create_admin_router(settings, catalogue), dependencies=auth)
 
     scrape_registry = CollectorRegistry()
     scrape_registry.register(CatalogueCollector(catalogue))

@@ -1,12 +1,13 @@
-"""Dispatch: sending DICOM objects to destinations.
+"""Dispatch: sending DICOM objects to destinations, and checking that a destination answers.
 
-One handler per destination type, looked up in a registry, so new transports (STOW-RS,
-Orthanc REST) slot in without touching callers.
+One sender and one checker per destination type, looked up in registries, so new transports
+(STOW-RS, Orthanc REST) slot in without touching callers.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,31 @@ class DimseDestination:
     port: int
     calling_ae_title: str = "CURIA"
     timeout: float = 30.0
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def where(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{' TLS' if self.tls else ''})"
+
+    def associate(self, ae: AE) -> Any:
+        """Request an association; over TLS when configured (server certificate verified
+        against ``ca_file`` when given, the system store otherwise)."""
+        tls_args = None
+        if self.tls:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            tls_args = (context, self.host)
+        return ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args)
 
 
 Handler = Callable[[Any, list[Path]], None]
+Checker = Callable[[Any], str]
 _HANDLERS: dict[type, Handler] = {}
+_CHECKERS: dict[type, Checker] = {}
 
 
 def handler_for(kind: type) -> Callable[[Handler], Handler]:
@@ -45,6 +67,26 @@ def handler_for(kind: type) -> Callable[[Handler], Handler]:
         return func
 
     return register
+
+
+def checker_for(kind: type) -> Callable[[Checker], Checker]:
+    def register(func: Checker) -> Checker:
+        _CHECKERS[kind] = func
+        return func
+
+    return register
+
+
+def check(destination: Any) -> str:
+    """Ask ``destination`` whether it answers (C-ECHO, an HTTP request); return what it said
+    or raise :class:`DispatchError`. Sends no data."""
+    try:
+        checker = _CHECKERS[type(destination)]
+    except KeyError:
+        raise DispatchError(
+            f"no checker for destination type {type(destination).__name__}"
+        ) from None
+    return checker(destination)
 
 
 def send(destination: Any, paths: list[Path]) -> None:
@@ -65,8 +107,8 @@ def send_dimse(destination: DimseDestination, paths: list[Path]) -> None:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
     for context in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         ae.add_requested_context(*context)
-    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    where = destination.where()
+    assoc = _associate(destination, ae, where)
     if not assoc.is_established:
         raise DispatchError(f"association with {where} was rejected or failed")
     try:
@@ -80,3 +122,32 @@ def send_dimse(destination: DimseDestination, paths: list[Path]) -> None:
         if assoc.is_established:
             assoc.release()
     log.info("sent %d object(s) to %s", len(datasets), where)
+
+
+def _associate(destination: DimseDestination, ae: AE, where: str) -> Any:
+    try:
+        return destination.associate(ae)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise DispatchError(f"cannot set up the association with {where}: {exc}") from exc
+
+
+@checker_for(DimseDestination)
+def echo_dimse(destination: DimseDestination) -> str:
+    """C-ECHO the destination."""
+    ae = AE(ae_title=destination.calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = min(destination.timeout, 10.0)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    where = destination.where()
+    assoc = _associate(destination, ae, where)
+    if not assoc.is_established:
+        raise DispatchError(f"association with {where} was rejected or failed")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        shown = "no response" if code is None else f"0x{code:04X}"
+        raise DispatchError(f"{where} answered C-ECHO with {shown}")
+    return f"C-ECHO to {where}: Success"

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pyorthanc import Orthanc
 
-from node.dispatch import DispatchError, handler_for
+from node.dispatch import DispatchError, checker_for, handler_for
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +155,44 @@ def send_orthanc_rest(destination: OrthancRestDestination, paths: list[Path]) ->
             if stored not in _ORTHANC_STORED:
                 raise DispatchError(f"{where} did not confirm storing an instance ({stored})")
     log.info("sent %d object(s) to %s by Orthanc REST", len(paths), where)
+
+
+@checker_for(StowRsDestination)
+def check_stow_rs(destination: StowRsDestination) -> str:
+    """A QIDO-RS search for one study: proves the URL, the service and the token."""
+    where = f"{destination.name} ({destination.url})"
+    headers = {"Accept": "application/dicom+json"}
+    if destination.token:
+        headers["Authorization"] = f"Bearer {destination.token}"
+    try:
+        response = httpx.get(
+            f"{destination.url}/studies",
+            params={"limit": "1"},
+            headers=headers,
+            timeout=min(destination.timeout, 10.0),
+        )
+    except httpx.HTTPError as exc:
+        raise DispatchError(f"{where} is unreachable: {type(exc).__name__}") from exc
+    if response.status_code not in (200, 204):
+        raise DispatchError(f"{where} answered a QIDO-RS search with HTTP {response.status_code}")
+    return f"{where} answered QIDO-RS with HTTP {response.status_code}"
+
+
+@checker_for(OrthancRestDestination)
+def check_orthanc_rest(destination: OrthancRestDestination) -> str:
+    """``GET /system``: proves the URL and the credentials; reports Orthanc's version."""
+    where = f"{destination.name} ({destination.url})"
+    auth = (destination.username, destination.password or "") if destination.username else None
+    try:
+        response = httpx.get(
+            f"{destination.url}/system", auth=auth, timeout=min(destination.timeout, 10.0)
+        )
+    except httpx.HTTPError as exc:
+        raise DispatchError(f"{where} is unreachable: {type(exc).__name__}") from exc
+    if response.status_code != 200:
+        raise DispatchError(f"{where} answered GET /system with HTTP {response.status_code}")
+    try:
+        version = response.json().get("Version", "?")
+    except ValueError:
+        version = "?"
+    return f"{where} is Orthanc {version}"

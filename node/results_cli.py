@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 from typing import Annotated
 
 import typer
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from node.catalogue.db import Catalogue, upgrade
-from node.cli_options import ConfigOption, settings_or_exit
+from node.cli_options import ConfigOption, cli_actor, settings_or_exit
 from node.results import (
     SR_SOP_CLASSES,
     ResultsError,
@@ -70,7 +69,7 @@ def retry(
     task = create_app(settings).tasks["curia.dispatch_result"]
     for delivery_id in ids:
         try:
-            requeue(catalogue, delivery_id, f"cli:{getpass.getuser()}", task.delay)
+            requeue(catalogue, delivery_id, cli_actor(), task.delay)
         except ResultsError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from exc
@@ -85,9 +84,7 @@ def rerun(ctx: typer.Context, series_uid: str) -> None:
     settings: Settings = ctx.obj["settings"]
     task = create_app(settings).tasks["curia.analyse_series"]
     try:
-        run_id = request_rerun(
-            ctx.obj["catalogue"], series_uid, f"cli:{getpass.getuser()}", task.delay
-        )
+        run_id = request_rerun(ctx.obj["catalogue"], series_uid, cli_actor(), task.delay)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from node import __version__
 from node.catalogue.db import Catalogue
 from node.catalogue.models import Series
-from node.dispatch import DimseDestination
+from node.destinations import dispatchers, result_destinations
 from node.settings import Settings
 from node.storage import Spool, write_durably
 
@@ -164,30 +164,10 @@ class Runtime:
         )
 
     def destinations(self) -> dict[str, object]:
-        """The configured result destinations, by name (one handler type per protocol)."""
-        archive = self.settings.archive
-        if not archive.enabled:
-            return {}
-        if archive.protocol == "dimse":
-            return {
-                "archive": DimseDestination(
-                    name="archive",
-                    ae_title=archive.ae_title,
-                    host=archive.host,
-                    port=archive.port,
-                    calling_ae_title=archive.calling_ae_title or self.settings.dicom.ae_title,
-                )
-            }
-        from node.dispatch_web import OrthancRestDestination, StowRsDestination
+        """Enabled destinations by name, read from the catalogue on every call so an admin's
+        change applies to the next delivery without a restart."""
+        return dispatchers(self.catalogue, self.settings)
 
-        if archive.url is None:
-            raise ValueError(f"archive.protocol {archive.protocol} needs archive.url")
-        if archive.protocol == "stow-rs":
-            token = archive.token.get_secret_value() if archive.token else None
-            return {"archive": StowRsDestination(name="archive", url=archive.url, token=token)}
-        password = archive.password.get_secret_value() if archive.password else None
-        return {
-            "archive": OrthancRestDestination(
-                name="archive", url=archive.url, username=archive.username, password=password
-            )
-        }
+    def result_destinations(self) -> list[str]:
+        """Destinations that receive every result (routing rules may add others)."""
+        return result_destinations(self.catalogue, self.settings)

@@ -192,7 +192,7 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
         delivery_ids = []
         results = session.scalars(select(Result).where(Result.run_id == run_id)).all()
         for result in results:
-            for name in runtime.destinations():
+            for name in runtime.result_destinations():
                 delivery = session.scalar(
                     select(Delivery).where(
                         Delivery.result_id == result.id, Delivery.destination == name

@@ -87,6 +87,10 @@ class Series(Base):
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     completed_at: Mapped[datetime | None]
+    priority: Mapped[int] = mapped_column(Integer, default=0, doc="0 routine .. 9 stat")
+    routing: Mapped[dict[str, Any] | None] = mapped_column(
+        doc="what the routing rules decided for this series, and why"
+    )
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -172,18 +176,33 @@ class Peer(Base):
     host: Mapped[str | None] = mapped_column(String(255))
     port: Mapped[int | None]
     url: Mapped[str | None] = mapped_column(Text)
+    options: Mapped[dict[str, Any] | None] = mapped_column(
+        doc="protocol-specific settings of a destination (TLS, credentials, result routing)"
+    )
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime | None]
 
 
 class Delivery(Base):
-    """Sending one result to one destination; unique per (result, destination)."""
+    """Sending one result, or one received series (a routed forward), to one destination.
+
+    Unique per (result, destination) and per (series, destination): routing a series twice
+    to the same place is one delivery.
+    """
 
     __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("result_id", "destination"),)
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination"),
+        UniqueConstraint("series_id", "destination", name="uq_deliveries_series_destination"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"), index=True)
+    series_id: Mapped[int | None] = mapped_column(
+        ForeignKey("series.id"), index=True, doc="set when the original series is forwarded"
+    )
+    rule: Mapped[str | None] = mapped_column(String(64), doc="the routing rule that asked for it")
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[DeliveryState] = mapped_column(
         _enum(DeliveryState), default=DeliveryState.PENDING
@@ -193,7 +212,34 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
 
-    result: Mapped[Result] = relationship(back_populates="deliveries")
+    result: Mapped[Result | None] = relationship(back_populates="deliveries")
+    series: Mapped[Series | None] = relationship()
+
+
+class ApiToken(Base):
+    """A bearer token for the HTTP API; only its SHA-256 is kept, the token is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # admin | read | store
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class RuleSet(Base):
+    """One version of the routing rules; the newest row is the one in force."""
+
+    __tablename__ = "rule_sets"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    document: Mapped[str] = mapped_column(Text, doc="the rules as the admin wrote them (YAML)")
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditEvent(Base):

@@ -1,0 +1,143 @@
+"""Admin routes of the HTTP API: senders, destinations, audit trail, caller identity.
+
+Reads need any valid token; changes need an admin token (enforced by the app's token
+dependency). Every change is attributed to the calling token's name in the audit trail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, HTTPException, Request, status
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from node.catalogue.db import Catalogue
+from node.catalogue.models import AuditEvent
+from node.destinations import (
+    DestinationError,
+    add_destination,
+    check_destination,
+    get_destination,
+    list_destinations,
+    remove_destination,
+    update_destination,
+)
+from node.peers import PeerError, add_source, list_sources, remove_source
+from node.settings import Settings
+
+JsonObject = Annotated[dict[str, Any], Body()]
+
+
+class SourceIn(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str
+    host: str | None = None
+
+
+def actor(request: Request) -> str:
+    principal = getattr(request.state, "principal", None)
+    return f"api:{principal.name}" if principal else "api"
+
+
+def _http_error(exc: ValueError) -> HTTPException:
+    message = str(exc)
+    if message.startswith("no "):
+        return HTTPException(status.HTTP_404_NOT_FOUND, message)
+    if "already exists" in message or "belongs to" in message or "comes from" in message:
+        return HTTPException(status.HTTP_409_CONFLICT, message)
+    return HTTPException(422, message)
+
+
+def create_admin_router(settings: Settings, catalogue: Catalogue) -> APIRouter:
+    router = APIRouter(prefix="/api/v1")
+
+    @router.get("/whoami")
+    def whoami(request: Request) -> dict[str, str]:
+        """The calling token's name and role (the dashboard shows what it may do)."""
+        principal = request.state.principal
+        return {"name": principal.name, "role": principal.role}
+
+    @router.get("/sources")
+    def sources() -> list[dict[str, Any]]:
+        return [asdict(peer) for peer in list_sources(catalogue)]
+
+    @router.post("/sources", status_code=201)
+    def create_source(request: Request, body: SourceIn) -> dict[str, Any]:
+        try:
+            peer = add_source(catalogue, body.name, body.ae_title, body.host, actor(request))
+        except PeerError as exc:
+            raise _http_error(exc) from exc
+        return asdict(peer)
+
+    @router.delete("/sources/{name}", status_code=204)
+    def delete_source(request: Request, name: str) -> None:
+        try:
+            remove_source(catalogue, name, actor(request))
+        except PeerError as exc:
+            raise _http_error(exc) from exc
+
+    @router.get("/destinations")
+    def destinations() -> list[dict[str, Any]]:
+        return [spec.public() for spec in list_destinations(catalogue, settings)]
+
+    @router.get("/destinations/{name}")
+    def destination(name: str) -> dict[str, Any]:
+        try:
+            return get_destination(catalogue, settings, name).public()
+        except DestinationError as exc:
+            raise _http_error(exc) from exc
+
+    @router.post("/destinations", status_code=201)
+    def create_destination(request: Request, body: JsonObject) -> dict[str, Any]:
+        """Add a destination: ``{"name", "protocol": "dimse"|"stow-rs"|"orthanc-rest", ...}``."""
+        try:
+            return add_destination(catalogue, settings, body, actor(request)).public()
+        except DestinationError as exc:
+            raise _http_error(exc) from exc
+
+    @router.patch("/destinations/{name}")
+    def edit_destination(request: Request, name: str, body: JsonObject) -> dict[str, Any]:
+        """Change the given fields; masked secrets sent back unchanged are ignored."""
+        changes = {k: v for k, v in body.items() if v != "**********"}
+        try:
+            return update_destination(catalogue, settings, name, changes, actor(request)).public()
+        except DestinationError as exc:
+            raise _http_error(exc) from exc
+
+    @router.delete("/destinations/{name}", status_code=204)
+    def delete_destination(request: Request, name: str) -> None:
+        try:
+            remove_destination(catalogue, name, actor(request))
+        except DestinationError as exc:
+            raise _http_error(exc) from exc
+
+    @router.post("/destinations/{name}/test")
+    def test_destination(name: str) -> dict[str, Any]:
+        """C-ECHO or an HTTP check; 200 with ``ok: false`` when the destination does not answer."""
+        try:
+            spec = get_destination(catalogue, settings, name)
+        except DestinationError as exc:
+            raise _http_error(exc) from exc
+        return asdict(check_destination(spec, settings.dicom.ae_title))
+
+    @router.get("/audit")
+    def audit(limit: int = 100) -> list[dict[str, Any]]:
+        """Configuration changes, newest first: who, when, what, before and after."""
+        with catalogue.session() as session:
+            rows = session.scalars(
+                select(AuditEvent).order_by(AuditEvent.id.desc()).limit(min(max(limit, 1), 1000))
+            ).all()
+            return [
+                {
+                    "at": row.at.isoformat(),
+                    "actor": row.actor,
+                    "action": row.action,
+                    "target": row.target,
+                    "details": row.details,
+                }
+                for row in rows
+            ]
+
+    return router
