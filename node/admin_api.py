@@ -25,9 +25,21 @@ from node.destinations import (
     update_destination,
 )
 from node.peers import PeerError, add_source, list_sources, remove_source
+from node.router import active_rules, dry_run, save_rules
+from node.routing import RulesError, parse_rules
 from node.settings import Settings
+from node.uids import validate_uid
 
 JsonObject = Annotated[dict[str, Any], Body()]
+
+
+class RulesIn(BaseModel):
+    document: str = Field(description="the rule set as YAML")
+
+
+class RulesTestIn(BaseModel):
+    study_instance_uid: str
+    document: str | None = Field(None, description="rules to try instead of those in force")
 
 
 class SourceIn(BaseModel):
@@ -121,6 +133,46 @@ def create_admin_router(settings: Settings, catalogue: Catalogue) -> APIRouter:
         except DestinationError as exc:
             raise _http_error(exc) from exc
         return asdict(check_destination(spec, settings.dicom.ae_title))
+
+    @router.get("/rules")
+    def rules() -> dict[str, Any]:
+        """The routing rules in force: the YAML as written, its version and author."""
+        active = active_rules(catalogue)
+        return {
+            "id": active.id,
+            "document": active.document,
+            "created_by": active.created_by,
+            "created_at": active.created_at,
+        }
+
+    @router.put("/rules")
+    def put_rules(request: Request, body: RulesIn) -> dict[str, Any]:
+        """Validate and put a rule set in force; 422 with the reason if it is not valid."""
+        known = [d.name for d in list_destinations(catalogue, settings)]
+        try:
+            active = save_rules(catalogue, body.document, actor(request), known)
+        except RulesError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return {
+            "id": active.id,
+            "document": active.document,
+            "created_by": active.created_by,
+            "created_at": active.created_at,
+        }
+
+    @router.post("/rules/test")
+    def test_rules(body: RulesTestIn) -> dict[str, Any]:
+        """Dry-run (the given or the active) rules on a stored study; changes nothing."""
+        try:
+            study_uid = validate_uid(body.study_instance_uid, "StudyInstanceUID")
+            known = [d.name for d in list_destinations(catalogue, settings)]
+            rules = parse_rules(body.document, known) if body.document is not None else None
+        except (RulesError, ValueError) as exc:
+            raise HTTPException(422, str(exc)) from exc
+        try:
+            return {"series": dry_run(catalogue, settings.spool_dir, study_uid, rules)}
+        except LookupError as exc:
+            raise HTTPException(404, str(exc).strip("'\"")) from exc
 
     @router.get("/audit")
     def audit(limit: int = 100) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from node.ae_cli import ae_app
 from node.cli_options import ConfigOption, settings_or_exit
 from node.heads_cli import heads_app
 from node.results_cli import results_app
+from node.rules_cli import rules_app
 from node.token_cli import token_app
 
 app = typer.Typer(help="Curia Node: a DICOM node that runs Curia on CT and MRI studies.")
@@ -25,6 +26,7 @@ app.add_typer(ae_app, name="ae")
 app.add_typer(results_app, name="results")
 app.add_typer(heads_app, name="heads")
 app.add_typer(token_app, name="token")
+app.add_typer(rules_app, name="rules")
 
 
 def _logging(level: str) -> None:

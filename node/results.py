@@ -47,9 +47,10 @@ class DeliveryView:
     attempts: int
     last_error: str | None
     sent_at: datetime | None
-    result_kind: str
+    result_kind: str  # sr | seg | series (the original series, forwarded by a rule)
     result_uid: str
     series_uid: str
+    rule: str | None = None
 
 
 def list_deliveries(catalogue: Catalogue, state: str | None = None) -> list[DeliveryView]:
@@ -65,9 +66,12 @@ def list_deliveries(catalogue: Catalogue, state: str | None = None) -> list[Deli
                 attempts=d.attempts,
                 last_error=d.last_error,
                 sent_at=d.sent_at,
-                result_kind=d.result.kind,
-                result_uid=d.result.sop_instance_uid,
-                series_uid=d.result.run.series.series_instance_uid,
+                result_kind=d.result.kind if d.result else "series",
+                result_uid=(
+                    d.result.sop_instance_uid if d.result else d.series.series_instance_uid
+                ),
+                series_uid=(d.result.run.series if d.result else d.series).series_instance_uid,
+                rule=d.rule,
             )
             for d in session.scalars(query)
         ]
@@ -90,8 +94,9 @@ def requeue(
         }
         delivery.state = DeliveryState.PENDING
         delivery.attempts = 0  # a re-queue gets the full retry budget again
-        delivery.result.run.state = RunState.REPORTED
-        delivery.result.run.error = None
+        if delivery.result is not None:
+            delivery.result.run.state = RunState.REPORTED
+            delivery.result.run.error = None
         session.add(
             AuditEvent(
                 actor=actor,

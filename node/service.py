@@ -14,6 +14,7 @@ from node.dimse import start_listener
 from node.disk import DiskGuard
 from node.ingest import Ingestor
 from node.peers import SourcePolicy
+from node.router import Router
 from node.settings import Settings
 from node.storage import Spool
 
@@ -47,12 +48,15 @@ class NodeService:
             self._stoppers.append(worker.stop)
 
         analyse_task = app.tasks["curia.analyse_series"]
+        dispatch_task = app.tasks["curia.dispatch_result"]
         watcher = CompletionWatcher(
             catalogue,
-            enqueue=lambda run_id: analyse_task.delay(run_id),
+            enqueue=lambda run_id, priority: analyse_task.apply_async((run_id,), priority=priority),
             run_key=run_key_for(settings),
             quiet_seconds=settings.completion.series_quiet_seconds,
             poll_seconds=settings.completion.poll_seconds,
+            router=Router(catalogue, settings.spool_dir),
+            enqueue_delivery=dispatch_task.delay,
         )
         watcher.start()
         self._stoppers.append(watcher.stop)

@@ -3,6 +3,7 @@
 Embedded mode uses kombu's SQLAlchemy transport on a SQLite file in the data folder
 (durable, no server); production points ``pipeline.broker_url`` at RabbitMQ. Either way
 tasks are acknowledged late, one at a time, so a killed worker's task is redelivered.
+Messages carry the series' routing priority, so stat work overtakes routine work.
 
 Start a separate worker with ``celery -A pipelines.celery_app worker --pool solo``.
 """
@@ -43,6 +44,10 @@ def create_app(settings: Settings) -> Celery:
             "curia.dispatch_result": {"queue": queue_name(settings, "dispatch")},
         },
         worker_send_task_events=False,
+        # Priority 0 (routine) .. 9 (stat): RabbitMQ queues are declared with x-max-priority;
+        # the embedded transport orders waiting messages by the same number.
+        task_queue_max_priority=10,
+        task_default_priority=0,
     )
     from pipelines.tasks import register_tasks
 

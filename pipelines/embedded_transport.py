@@ -3,18 +3,59 @@
 kombu hands every transport option to ``create_engine``, so the stock transport cannot be
 given a polling interval; this subclass takes it as a class attribute instead. Messages
 live in a SQLite database in the data folder and survive restarts.
+
+The stock transport is first-in first-out; this one honours message priority (0-9, as
+RabbitMQ does with ``x-max-priority``), so a STAT series overtakes routine ones waiting
+in the same queue. Among equal priorities the order stays first-in first-out.
 """
 
 from __future__ import annotations
 
 from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport.sqlalchemy import Channel as SqlAlchemyChannel
 from kombu.transport.sqlalchemy import Transport as SqlAlchemyTransport
+from kombu.transport.virtual import Empty
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+from sqlalchemy import text
 
 SCHEME = "curia-sqla"
 POLLING_INTERVAL = 0.1
+#: How many waiting messages are looked at to find the most urgent one.
+PRIORITY_WINDOW = 500
+
+
+class Channel(SqlAlchemyChannel):
+    def _get(self, queue: str) -> dict:
+        obj = self._get_or_create(queue)
+        if self.session.bind.name == "sqlite":
+            self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
+        try:
+            waiting = (
+                self.session.query(self.message_cls)
+                .with_for_update()
+                .filter(self.message_cls.queue_id == obj.id)
+                .filter(self.message_cls.visible != False)  # noqa: E712 (SQL expression)
+                .order_by(self.message_cls.sent_at)
+                .order_by(self.message_cls.id)
+                .limit(PRIORITY_WINDOW)
+                .all()
+            )
+            if not waiting:
+                raise Empty()
+            payloads = [loads(bytes_to_str(msg.payload)) for msg in waiting]
+            best = max(
+                range(len(waiting)),
+                key=lambda i: (self._get_message_priority(payloads[i]), -i),
+            )
+            waiting[best].visible = False
+            return payloads[best]
+        finally:
+            self.session.commit()
 
 
 class Transport(SqlAlchemyTransport):
+    Channel = Channel
     polling_interval = POLLING_INTERVAL
 
 

@@ -18,8 +18,9 @@ from pydicom.uid import generate_uid
 
 from node import __version__
 from node.catalogue.db import Catalogue
-from node.catalogue.models import Series
+from node.catalogue.models import PipelineRun, Series
 from node.destinations import dispatchers, result_destinations
+from node.router import Router
 from node.settings import Settings
 from node.storage import Spool, write_durably
 
@@ -90,6 +91,10 @@ class Runtime:
     @cached_property
     def catalogue(self) -> Catalogue:
         return Catalogue(self.settings.effective_database_url)
+
+    @cached_property
+    def router(self) -> Router:
+        return Router(self.catalogue, self.settings.spool_dir)
 
     @cached_property
     def spool(self) -> Spool:
@@ -171,3 +176,9 @@ class Runtime:
     def result_destinations(self) -> list[str]:
         """Destinations that receive every result (routing rules may add others)."""
         return result_destinations(self.catalogue, self.settings)
+
+    def priority_of_run(self, run_id: int) -> int:
+        """The routing priority of a run's series (0 routine .. 9 stat)."""
+        with self.catalogue.session() as session:
+            run = session.get(PipelineRun, run_id)
+            return run.series.priority if run is not None else 0

@@ -31,6 +31,7 @@ from node.catalogue.models import (
     SeriesState,
 )
 from node.dispatch import DispatchError, send
+from node.router import forward_deliveries
 from pipelines.findings import HeadFinding, SeriesFindings, findings_from_dict, findings_to_dict
 from pipelines.report import SEGMENTATION_TASK
 from pipelines.runtime import Runtime
@@ -72,18 +73,24 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
         paths = [runtime.spool.absolute(row.path) for row in rows]
         series_uid = series.series_instance_uid
         modality = series.modality
+        chosen = ((series.routing or {}).get("attributes") or {}).get("heads")
         run.state = RunState.RUNNING
         run.started_at = datetime.now(UTC)
         series.state = SeriesState.PROCESSING
     started = time.perf_counter()
+    heads = heads_for(runtime.heads, modality)
+    mask_heads = runtime.mask_heads
+    if chosen is not None:  # a routing rule named the heads to run
+        heads = [head for head in heads if head.name in chosen]
+        mask_heads = [head for head in mask_heads if head.name in chosen]
     findings = analyse_series(
         paths,
         runtime.backbone,
-        heads_for(runtime.heads, modality),
+        heads,
         series_instance_uid=series_uid,
         batch_size=runtime.settings.model.batch_size,
     )
-    segmentations = [_segment(runtime, paths, head) for head in runtime.mask_heads]
+    segmentations = [_segment(runtime, paths, head) for head in mask_heads]
     findings.findings.extend(finding for finding, _ in segmentations)
     log.info(
         "run %d: %d slices analysed in %.2f s", run_id, len(paths), time.perf_counter() - started
@@ -143,8 +150,9 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
         existing = session.scalars(select(Result).where(Result.run_id == run_id)).all()
         findings = findings_from_dict(run.findings)
         if not findings.findings:  # no head applies to this series: nothing to report
+            decision = runtime.router.decide(session, run.series, run.findings)
             _finish(run)
-            return []
+            return forward_deliveries(session, run.series, decision)
         if not any(result.kind == "sr" for result in existing):
             rows = session.scalars(
                 select(Instance).where(Instance.series_id == run.series_id)
@@ -189,24 +197,32 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
                 )
             session.flush()
         run.state = RunState.REPORTED
-        delivery_ids = []
+        decision = runtime.router.decide(session, run.series, run.findings)
+        delivery_ids = forward_deliveries(session, run.series, decision)
+        destinations = list(dict.fromkeys([*runtime.result_destinations(), *decision.results_to]))
         results = session.scalars(select(Result).where(Result.run_id == run_id)).all()
         for result in results:
-            for name in runtime.result_destinations():
+            for name in destinations:
                 delivery = session.scalar(
                     select(Delivery).where(
                         Delivery.result_id == result.id, Delivery.destination == name
                     )
                 )
                 if delivery is None:
-                    delivery = Delivery(result=result, destination=name)
+                    delivery = Delivery(
+                        result=result, destination=name, rule=decision.results_to.get(name)
+                    )
                     session.add(delivery)
                     session.flush()
                 if delivery.state == DeliveryState.PENDING:
                     delivery_ids.append(delivery.id)
-        if not delivery_ids:
+        if not _pending_results(run):
             _finish(run)
     return delivery_ids
+
+
+def _pending_results(run: PipelineRun) -> bool:
+    return any(d.state != DeliveryState.SENT for r in run.results for d in r.deliveries)
 
 
 def _is_demo(findings: SeriesFindings) -> bool:
@@ -241,26 +257,33 @@ def _finish(run: PipelineRun) -> None:
 
 
 def dispatch(runtime: Runtime, delivery_id: int) -> None:
-    """Send one result to one destination; raise DispatchError to be retried."""
+    """Send one result, or a forwarded series, to one destination; raise DispatchError to
+    be retried. A forwarded series is sent whole, from the spool, in one association."""
     with runtime.catalogue.session() as session:
         delivery = session.get(Delivery, delivery_id)
         if delivery is None or delivery.state != DeliveryState.PENDING:
             return
         destination = runtime.destinations().get(delivery.destination)
-        path = runtime.settings.results_dir / delivery.result.path
+        if delivery.result is not None:
+            paths = [runtime.settings.results_dir / delivery.result.path]
+        else:
+            rows = session.scalars(
+                select(Instance)
+                .where(Instance.series_id == delivery.series_id)
+                .order_by(Instance.instance_number, Instance.id)
+            ).all()
+            paths = [runtime.spool.absolute(row.path) for row in rows]
         delivery.attempts += 1
     if destination is None:
         raise DispatchError(f"destination {delivery.destination!r} is no longer configured")
-    send(destination, [path])
+    send(destination, paths)
     with runtime.catalogue.session() as session:
         delivery = session.get(Delivery, delivery_id)
         delivery.state = DeliveryState.SENT
         delivery.sent_at = datetime.now(UTC)
         delivery.last_error = None
-        run = delivery.result.run
-        pending = [d for r in run.results for d in r.deliveries if d.state != DeliveryState.SENT]
-        if not pending:
-            _finish(run)
+        if delivery.result is not None and not _pending_results(delivery.result.run):
+            _finish(delivery.result.run)
 
 
 def record_delivery_failure(
@@ -275,6 +298,7 @@ def record_delivery_failure(
         final = delivery.attempts >= max_attempts
         if final:
             delivery.state = DeliveryState.FAILED
-            delivery.result.run.state = RunState.FAILED
-            delivery.result.run.error = f"delivery to {delivery.destination} failed: {error}"
+            if delivery.result is not None:
+                delivery.result.run.state = RunState.FAILED
+                delivery.result.run.error = f"delivery to {delivery.destination} failed: {error}"
         return delivery.attempts, final

@@ -38,7 +38,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         if getattr(sender, "app", None) is app:
             log.info("model loaded: %s", runtime().backbone.identity.name)
 
-    @app.task(name="curia.analyse_series", bind=True)
+    @app.task(name="curia.analyse_series", bind=True, shared=False)
     def analyse_series_task(self: Task, run_id: int) -> None:
         try:
             with STAGE_SECONDS.labels("analyse").time():
@@ -48,9 +48,9 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
             return
         if proceed:
-            write_report_task.delay(run_id)
+            write_report_task.apply_async((run_id,), priority=runtime().priority_of_run(run_id))
 
-    @app.task(name="curia.write_report", bind=True)
+    @app.task(name="curia.write_report", bind=True, shared=False)
     def write_report_task(self: Task, run_id: int) -> None:
         try:
             with STAGE_SECONDS.labels("report").time():
@@ -59,12 +59,13 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             log.exception("run %d: report failed", run_id)
             fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
             return
+        priority = runtime().priority_of_run(run_id)
         for delivery_id in delivery_ids:
-            dispatch_task.delay(delivery_id)
+            dispatch_task.apply_async((delivery_id,), priority=priority)
 
     delivery = settings.delivery
 
-    @app.task(name="curia.dispatch_result", bind=True)
+    @app.task(name="curia.dispatch_result", bind=True, shared=False)
     def dispatch_task(self: Task, delivery_id: int) -> None:
         """Send; on failure re-queue with backoff until ``max_attempts``, then dead-letter.
 
