@@ -137,6 +137,7 @@ def facts_for(
         return None if value is None or value == "" else str(value)
 
     return SeriesFacts(
+        orientation=orientation(header),
         modality=series.modality or text("Modality"),
         body_part=series.body_part_examined or text("BodyPartExamined"),
         series_description=series.series_description or text("SeriesDescription"),
@@ -147,6 +148,30 @@ def facts_for(
         tags=text,
         findings=findings,
     )
+
+
+def orientation(header: Dataset | None) -> str | None:
+    """axial, coronal or sagittal when the slice normal is within ~35 degrees of a patient
+    axis (ImageOrientationPatient), else oblique; None without the attribute."""
+    try:
+        row, col = (
+            [float(v) for v in header.ImageOrientationPatient[:3]],
+            [  # type: ignore[union-attr]
+                float(v)
+                for v in header.ImageOrientationPatient[3:6]  # type: ignore[union-attr]
+            ],
+        )
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    normal = [
+        row[1] * col[2] - row[2] * col[1],
+        row[2] * col[0] - row[0] * col[2],
+        row[0] * col[1] - row[1] * col[0],
+    ]
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    if abs(normal[axis]) < 0.82:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
 
 
 def forward_deliveries(session: Session, series: Series, decision: Decision) -> list[int]:

@@ -83,6 +83,7 @@ class Condition(BaseModel):
     study_description: list[str] | None = None
     manufacturer: list[str] | None = None
     calling_ae_title: list[str] | None = None
+    orientation: list[Literal["axial", "coronal", "sagittal", "oblique"]] | None = None
     min_slices: int | None = Field(None, ge=0)
     max_slices: int | None = Field(None, ge=0)
     tags: dict[str, list[str]] | None = None
@@ -98,6 +99,7 @@ class Condition(BaseModel):
         "study_description",
         "manufacturer",
         "calling_ae_title",
+        "orientation",
         mode="before",
     )
     @classmethod
@@ -252,6 +254,7 @@ class SeriesFacts:
     study_description: str | None = None
     manufacturer: str | None = None
     calling_ae_title: str | None = None
+    orientation: str | None = None
     slices: int = 0
     tags: Callable[[str], str | None] = field(default=lambda _keyword: None, repr=False)
     findings: list[Finding] | None = None
@@ -290,6 +293,7 @@ class _Evaluator:
             ("study_description", "StudyDescription", facts.study_description),
             ("manufacturer", "Manufacturer", facts.manufacturer),
             ("calling_ae_title", "calling AE title", facts.calling_ae_title),
+            ("orientation", "orientation", facts.orientation),
         )
         for name, label, value in text_fields:
             patterns = getattr(cond, name)
@@ -370,6 +374,11 @@ class _Evaluator:
         bounds = " and ".join(b for b in (low, high) if b)
         verb = "meets" if ok else "fails"
         return ok, f"{cond.head}: P({label}) = {p:.3f} {verb} {bounds}"
+
+
+def matches(condition: Condition, facts: SeriesFacts) -> bool:
+    """Whether ``facts`` meet ``condition`` (a finding not known yet counts as not met)."""
+    return _Evaluator(facts).check(condition)[0] is True
 
 
 def _state(value: bool | None) -> str:

@@ -53,9 +53,8 @@ class NodeService:
             catalogue,
             enqueue=lambda run_id, priority: analyse_task.apply_async((run_id,), priority=priority),
             run_key=run_key_for(settings),
-            quiet_seconds=settings.completion.series_quiet_seconds,
-            poll_seconds=settings.completion.poll_seconds,
             router=Router(catalogue, settings.spool_dir),
+            policy=settings.completion,
             enqueue_delivery=dispatch_task.delay,
         )
         watcher.start()

@@ -113,10 +113,40 @@ class DeliverySettings(BaseModel):
 
 
 class CompletionSettings(BaseModel):
-    """When a series counts as complete: no new instance for ``series_quiet_seconds``."""
+    """When a series counts as complete, and what happens to instances that come later.
+
+    A series is complete when it has had no new instance for ``series_quiet_seconds`` and,
+    if ``study_quiet_seconds`` is set, its whole study none for that long; and, if
+    ``required_series`` is set, when its study has a series matching each of those
+    conditions (routing-rule conditions, e.g. ``{modality = "CT", orientation = "axial",
+    min_slices = 50}``). ``force_seconds`` after the study's first instance the node stops
+    waiting for required series and applies ``force_action``.
+
+    ``late_instances``: instances arriving after a series was completed either trigger one
+    re-run once the series is quiet again and its current run has ended (``rerun``: the new
+    SR supersedes the previous one, forwards are re-sent), or are only stored (``append``).
+    """
 
     series_quiet_seconds: float = Field(10.0, ge=0.0)
+    study_quiet_seconds: float = Field(0.0, ge=0.0, description="0 = judge each series alone")
+    required_series: list[dict[str, Any]] = Field(
+        default_factory=list, description="conditions a study must meet before it is analysed"
+    )
+    force_seconds: float | None = Field(None, gt=0.0)
+    force_action: Literal["process", "discard"] = "process"
+    late_instances: Literal["rerun", "append"] = "rerun"
     poll_seconds: float = Field(1.0, gt=0.0)
+
+    @field_validator("required_series")
+    @classmethod
+    def _conditions(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from node.routing import Condition
+
+        for item in value:
+            condition = Condition.model_validate(item)
+            if condition.uses_findings():
+                raise ValueError("a required series is known before inference: no 'finding'")
+        return value
 
 
 class ModelSettings(BaseModel):
