@@ -24,7 +24,7 @@ from node.destinations import (
     remove_destination,
     update_destination,
 )
-from node.peers import PeerError, add_source, list_sources, remove_source
+from node.peers import PeerError, add_source, list_sources, remove_source, update_source
 from node.router import active_rules, dry_run, save_rules
 from node.routing import RulesError, parse_rules
 from node.settings import Settings
@@ -40,6 +40,11 @@ class RulesIn(BaseModel):
 class RulesTestIn(BaseModel):
     study_instance_uid: str
     document: str | None = Field(None, description="rules to try instead of those in force")
+
+
+class SourceChange(BaseModel):
+    ae_title: str | None = None
+    host: str | None = Field(None, description="'*' for any address")
 
 
 class SourceIn(BaseModel):
@@ -79,6 +84,14 @@ def create_admin_router(settings: Settings, catalogue: Catalogue) -> APIRouter:
     def create_source(request: Request, body: SourceIn) -> dict[str, Any]:
         try:
             peer = add_source(catalogue, body.name, body.ae_title, body.host, actor(request))
+        except PeerError as exc:
+            raise _http_error(exc) from exc
+        return asdict(peer)
+
+    @router.patch("/sources/{name}")
+    def edit_source(request: Request, name: str, body: SourceChange) -> dict[str, Any]:
+        try:
+            peer = update_source(catalogue, name, actor(request), body.ae_title, body.host)
         except PeerError as exc:
             raise _http_error(exc) from exc
         return asdict(peer)

@@ -21,7 +21,7 @@ from node.destinations import (
     remove_destination,
     update_destination,
 )
-from node.peers import PeerError, add_source, list_sources, remove_source
+from node.peers import PeerError, add_source, list_sources, remove_source, update_source
 from node.settings import Settings
 
 ae_app = typer.Typer(help="AE titles and peers.")
@@ -62,6 +62,25 @@ def source_add(
         raise fail(str(exc)) from exc
     where = peer.host or "any address"
     typer.echo(f"source {peer.name!r} added: AE title {peer.ae_title!r} from {where}")
+
+
+@source_app.command("edit")
+def source_edit(
+    ctx: typer.Context,
+    name: str,
+    ae_title: Annotated[str | None, typer.Option("--ae-title", "-a")] = None,
+    host: Annotated[str | None, typer.Option(help="'*' for any address")] = None,
+) -> None:
+    """Change a sender's AE title or address."""
+    if ae_title is None and host is None:
+        raise fail("nothing to change: give --ae-title and/or --host")
+    try:
+        peer = update_source(_catalogue(ctx), name, cli_actor(), ae_title, host)
+    except PeerError as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(
+        f"source {peer.name!r}: AE title {peer.ae_title!r} from {peer.host or 'any address'}"
+    )
 
 
 @source_app.command("list")

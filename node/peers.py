@@ -145,3 +145,35 @@ def remove_source(catalogue: Catalogue, name: str, actor: str) -> None:
             )
         )
         session.delete(peer)
+
+
+def update_source(
+    catalogue: Catalogue,
+    name: str,
+    actor: str,
+    ae_title: str | None = None,
+    host: str | None = None,
+) -> SourcePeer:
+    """Change a sender's AE title and/or address (``host="*"`` allows any address)."""
+    with catalogue.session() as session:
+        peer = session.scalar(select(Peer).where(Peer.name == name, Peer.role == SOURCE))
+        if peer is None:
+            raise PeerError(f"no source named {name!r}")
+        before = {"ae_title": peer.ae_title, "host": peer.host}
+        if ae_title is not None:
+            try:
+                peer.ae_title = validate_ae_title(ae_title)
+            except ValueError as exc:
+                raise PeerError(str(exc)) from exc
+        if host is not None:
+            peer.host = _validate_host(host)
+        after = {"ae_title": peer.ae_title, "host": peer.host}
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="source-changed",
+                target=name,
+                details={"before": before, "after": after},
+            )
+        )
+        return SourcePeer(name, peer.ae_title or "", peer.host)

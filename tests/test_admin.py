@@ -158,9 +158,12 @@ def test_sources_over_the_api(catalogue: Catalogue, http: TestClient, settings: 
     assert [s["name"] for s in http.get("/api/v1/sources", headers=bearer(admin)).json()] == [
         "ct-1"
     ]
+    edited = http.patch("/api/v1/sources/ct-1", json={"host": "*"}, headers=bearer(admin))
+    assert edited.status_code == 200 and edited.json()["host"] is None
     assert http.delete("/api/v1/sources/ct-1", headers=bearer(admin)).status_code == 204
     audit = http.get("/api/v1/audit", headers=bearer(admin)).json()
-    assert [a["action"] for a in audit[:2]] == ["source-removed", "source-added"]
+    assert [a["action"] for a in audit[:3]] == ["source-removed", "source-changed", "source-added"]
+    assert audit[1]["details"]["before"]["host"] == "10.0.0.0/24"
     assert audit[0]["actor"] == "api:bootstrap"
 
 
