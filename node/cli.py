@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from typing import Annotated
 
 import typer
@@ -13,6 +11,7 @@ from node import __version__
 from node.ae_cli import ae_app
 from node.cli_options import ConfigOption, settings_or_exit
 from node.heads_cli import heads_app
+from node.logs import configure_logging
 from node.results_cli import results_app
 from node.rules_cli import rules_app
 from node.token_cli import token_app
@@ -29,19 +28,11 @@ app.add_typer(token_app, name="token")
 app.add_typer(rules_app, name="rules")
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Start the node: DICOM listener, completion watcher, pipeline worker, HTTP API."""
     settings = settings_or_exit(config)
-    _logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     from node.service import NodeService
     from pipelines.backbone import WeightsError
 

@@ -226,6 +226,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("curia-data"), description="spool, catalogue, broker, keys")
     database_url: str | None = Field(None, description="none = SQLite in the data folder")
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="json: one object per line")
     dicom: DicomSettings = DicomSettings()
     archive: ArchiveSettings = ArchiveSettings()
     completion: CompletionSettings = CompletionSettings()

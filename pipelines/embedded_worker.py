@@ -48,13 +48,18 @@ class EmbeddedWorker:
             without_gossip=True,
             loglevel=logging.getLogger().level or logging.INFO,
         )
-        self._thread = threading.Thread(
-            target=self._controller.start, name="celery-worker", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="celery-worker", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
             raise RuntimeError("the embedded Celery worker did not start")
         log.info("embedded worker consuming %s", ", ".join(self.queues))
+
+    def _run(self) -> None:
+        # Celery's "current app" is per thread, and the solo pool looks tasks up in it: this
+        # thread must see the node's app (its tasks are not shared with other apps).
+        self.app.set_current()
+        assert self._controller is not None
+        self._controller.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         if self._controller is not None:

@@ -206,7 +206,7 @@ class NodeProcess:
         def ready() -> bool:
             if self.node.poll() is not None:
                 raise AssertionError(f"curia-node exited early:\n{self.log()}")
-            return " node.service: Curia Node ready" in self.log()[offset:]
+            return "Curia Node ready" in self.log()[offset:]
 
         wait_for(ready, timeout, "curia-node did not become ready")
 

@@ -7,6 +7,7 @@ inference) and, on a finding, send the results there too. A localiser is discard
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydicom import dcmread
 from tests.conftest import node_env
 from tests.peers import NodeProcess, Orthanc, free_port, wait_for
 from tests.test_delivery import _send
-from tests.testdata import repaired_ct_series
+from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME, repaired_ct_series
 
 RULES = """
 rules:
@@ -63,7 +64,7 @@ def _modalities(orthanc: Orthanc, study_uid: str) -> dict[str, int]:
 def test_rules_forward_the_original_and_route_results_by_findings(
     orthanc: Orthanc, neuro: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path
 ) -> None:
-    env = node_env(tmp_path, orthanc)
+    env = node_env(tmp_path, orthanc, CURIA_LOG_FORMAT="json")
     node = NodeProcess(env, tmp_path)
     node.allow_source("storescu", "STORESCU")
     node_factory(env, node=node)
@@ -132,3 +133,12 @@ def test_rules_forward_the_original_and_route_results_by_findings(
     scout = next(s for st in studies for s in st["series"] if s["series_instance_uid"] == scout_uid)
     assert scout["state"] == "done" and scout["runs"] == []
     assert not any(d["series_uid"] == scout_uid for d in deliveries)
+
+    # Structured logs: one JSON object per line, and no patient data in any of them.
+    entries = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
+    assert len(entries) >= 5 and {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(
+        e["logger"] == "node.service" and e["message"] == "Curia Node ready" for e in entries
+    )
+    text = node.log()
+    assert TEST_PATIENT_NAME not in text and TEST_PATIENT_ID not in text
