@@ -7,6 +7,7 @@ catalogue at scrape time, so they are right even when workers run in other proce
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Histogram
@@ -70,6 +71,16 @@ class GpuCollector(Collector):
         family = GaugeMetricFamily(
             "curia_gpu_memory_bytes", "GPU memory allocated by this process", labels=["device"]
         )
+        utilisation = GaugeMetricFamily(
+            "curia_gpu_utilisation_ratio",
+            "GPU busy fraction over the last sample period (needs NVML)",
+            labels=["device"],
+        )
         for index in range(torch.cuda.device_count()):
             family.add_metric([str(index)], torch.cuda.memory_allocated(index))
+            # Without NVML (pynvml) torch cannot read utilisation: memory only.
+            with contextlib.suppress(Exception):
+                utilisation.add_metric([str(index)], torch.cuda.utilization(index) / 100.0)
         yield family
+        if utilisation.samples:
+            yield utilisation

@@ -31,6 +31,7 @@ from node.catalogue.models import (
     SeriesState,
 )
 from node.dispatch import DispatchError, send
+from node.metrics import DELIVERY_FAILURES
 from node.router import forward_deliveries
 from pipelines.findings import HeadFinding, SeriesFindings, findings_from_dict, findings_to_dict
 from pipelines.report import SEGMENTATION_TASK
@@ -294,6 +295,7 @@ def record_delivery_failure(
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             return 0, True
+        DELIVERY_FAILURES.labels(delivery.destination).inc()
         delivery.last_error = error[:2000]
         final = delivery.attempts >= max_attempts
         if final:

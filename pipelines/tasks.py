@@ -13,7 +13,7 @@ from celery import Celery, Task
 from celery.signals import worker_ready
 
 from node.dispatch import DispatchError
-from node.metrics import DELIVERY_FAILURES, STAGE_SECONDS
+from node.metrics import STAGE_SECONDS
 from node.settings import Settings
 from pipelines.runtime import Runtime
 from pipelines.stages import analyse, dispatch, fail_run, record_delivery_failure, report
@@ -75,7 +75,6 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             with STAGE_SECONDS.labels("dispatch").time():
                 dispatch(runtime(), delivery_id)
         except (DispatchError, OSError) as exc:
-            DELIVERY_FAILURES.labels("any").inc()
             attempts, final = record_delivery_failure(
                 runtime(), delivery_id, str(exc), delivery.max_attempts
             )
