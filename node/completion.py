@@ -220,8 +220,9 @@ class CompletionWatcher:
         run_ids.append(run.id)
         log.info("series %d: late instances, re-run %d queued", series.id, run.id)
 
-    def resend_unsent(self) -> list[int]:
-        """Send runs that were committed but never handed to the broker (crash recovery)."""
+    def _resend_runs(self) -> list[int]:
+        """Send runs committed but never handed to the broker (a crash, or the broker was
+        down when they completed: they go as soon as it is back)."""
         with self.catalogue.session() as session:
             run_ids = list(
                 session.scalars(
@@ -231,6 +232,11 @@ class CompletionWatcher:
                 )
             )
         self._send(run_ids)
+        return run_ids
+
+    def resend_unsent(self) -> list[int]:
+        """At start: send unsent runs, and deliveries recorded but never tried."""
+        run_ids = self._resend_runs()
         if self.enqueue_delivery is not None:
             # Deliveries recorded but never tried (a crash between commit and send). One may
             # also still be in the broker: dispatch skips a delivery that is already sent.
@@ -258,11 +264,21 @@ class CompletionWatcher:
                     run.enqueued_at = datetime.now(UTC)
 
     def _loop(self) -> None:
+        failing = False
         while not self._stop.wait(self.poll_seconds):
             try:
+                if failing:
+                    self.resend_unsent()
                 self.complete_quiet_series()
-            except Exception:
-                log.exception("completion check failed; retrying")
+                if failing:
+                    log.info("completion checks work again; unsent runs were sent")
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.error(
+                        "completion check failed (%s); retrying", type(exc).__name__, exc_info=True
+                    )
+                failing = True
 
     def start(self) -> None:
         self.resend_unsent()

@@ -1,0 +1,59 @@
+"""RabbitMQ stops while studies arrive, then comes back (production mode).
+
+The listener keeps accepting (Success means stored and catalogued, not queued); the series
+that complete while the broker is down are sent as soon as it is back, and their results
+reach the archive once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import RABBITMQ_URL, node_env
+from tests.peers import NodeProcess, Orthanc, port_open, wait_for
+from tests.test_delivery import _send
+from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
+from tests.test_worker_faults import _runs
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.e2e
+@pytest.mark.production
+def test_studies_received_while_rabbitmq_is_down_are_processed_when_it_returns(
+    orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
+) -> None:
+    env = node_env(
+        tmp_path,
+        orthanc,
+        CURIA_DATABASE_URL=postgres_url,
+        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
+        CURIA_PIPELINE__EMBEDDED_WORKER="false",
+    )
+    node = NodeProcess(env, tmp_path)
+    node.allow_source("storescu", "STORESCU")
+    node_factory(env, node=node, separate_worker=True)
+    wait_for(lambda: "ready" in node.log("worker.log"), 120, "the worker did not start")
+    _rabbitmqctl("stop_app")
+    try:
+        wait_for(lambda: not port_open(5672), 60, "RabbitMQ did not stop")
+        _send(node, ct_series)  # storescu fails unless every instance got Success
+        wait_for(lambda: "completion check failed" in node.log(), 60, "the node noticed the outage")
+        assert [r["state"] for r in _runs(node)] == ["queued"], "recorded, waiting to be sent"
+    finally:
+        _rabbitmqctl("start_app")
+    wait_for(lambda: port_open(5672), 60, "RabbitMQ did not come back")
+    try:
+        study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
+        download_results(orthanc, study_uid, tmp_path / "results", EXPECTED)
+        wait_for(lambda: _runs(node)[0]["state"] == "succeeded", 120, "the run did not finish")
+        assert len(_runs(node)) == 1
+        assert "completion checks work again" in node.log()
+    finally:
+        _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
