@@ -21,9 +21,10 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from node import __version__
-from node.admin_api import create_admin_router
+from node.admin_api import actor, create_admin_router
 from node.catalogue.db import Catalogue
 from node.catalogue.models import DeliveryState, PipelineRun, Series, Study
+from node.dashboard import create_dashboard_router
 from node.dicomweb import create_dicomweb_router
 from node.ingest import Ingestor
 from node.metrics import CatalogueCollector, GpuCollector
@@ -106,6 +107,9 @@ def create_api(
     )
 
     app.include_router(create_admin_router(settings, catalogue), dependencies=auth)
+    dashboard_pages, dashboard_api = create_dashboard_router(settings, catalogue)
+    app.include_router(dashboard_pages)  # static pages: no data, no token
+    app.include_router(dashboard_api, dependencies=auth)
 
     scrape_registry = CollectorRegistry()
     scrape_registry.register(CatalogueCollector(catalogue))
@@ -150,11 +154,11 @@ def create_api(
         return [asdict(view) for view in views]
 
     @app.post("/api/v1/deliveries/{delivery_id}/retry", dependencies=auth, status_code=202)
-    def retry_delivery(delivery_id: int) -> dict[str, Any]:
+    def retry_delivery(request: Request, delivery_id: int) -> dict[str, Any]:
         if enqueue_dispatch is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no pipeline connected")
         try:
-            requeue(catalogue, delivery_id, "api", enqueue_dispatch)
+            requeue(catalogue, delivery_id, actor(request), enqueue_dispatch)
         except ResultsError as exc:
             code = 404 if "no delivery" in str(exc) else status.HTTP_409_CONFLICT
             raise HTTPException(code, str(exc)) from exc

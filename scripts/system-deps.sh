@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Install the real DICOM peers and validators the tests run against (Debian packages).
+# Install the real DICOM peers and validators the tests run against (Debian packages), and the
+# headless browser the dashboard test drives.
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb dicom3tools pixelmed-apps openssl)
+packages=(dcmtk orthanc orthanc-dicomweb dicom3tools pixelmed-apps openssl chromium chromium-driver)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -55,7 +55,13 @@ def test_watcher_completes_only_quiet_series_once(tmp_path: Path) -> None:
     _series(catalogue, "1.2.3", now - timedelta(seconds=30))
     _series(catalogue, "1.2.4", now)
     sent: list[int] = []
-    watcher = CompletionWatcher(catalogue, lambda run_id, _priority: sent.append(run_id), lambda s: s.series_instance_uid, 10, 1)
+    watcher = CompletionWatcher(
+        catalogue,
+        lambda run_id, _priority: sent.append(run_id),
+        lambda s: s.series_instance_uid,
+        10,
+        1,
+    )
 
     first = watcher.complete_quiet_series(now)
     assert len(first) == 1 and sent == first
@@ -78,6 +84,8 @@ def test_watcher_resends_runs_that_never_reached_the_broker(tmp_path: Path) -> N
         series = session.scalars(sa.select(Series)).one()
         session.add(PipelineRun(series=series, run_key="k", state=RunState.QUEUED))
     sent: list[int] = []
-    watcher = CompletionWatcher(catalogue, lambda run_id, _priority: sent.append(run_id), lambda s: "k", 10, 1)
+    watcher = CompletionWatcher(
+        catalogue, lambda run_id, _priority: sent.append(run_id), lambda s: "k", 10, 1
+    )
     assert watcher.resend_unsent() == sent and len(sent) == 1
     assert watcher.resend_unsent() == [], "sent runs are not sent twice"
