@@ -1,0 +1,79 @@
+"""PostgreSQL stops while a sender stores, then comes back (production mode).
+
+While the catalogue cannot commit, the node must not answer Success (Success means stored
+and catalogued): the sender gets a failure status and keeps the instance. When PostgreSQL
+is back, the same node accepts the study again, without a restart, and the results reach
+the archive once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+
+from tests.conftest import RABBITMQ_URL, node_env
+from tests.peers import NodeProcess, Orthanc, port_open, wait_for
+from tests.test_delivery import _send
+from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
+from tests.test_worker_faults import _runs
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _cluster(action: str) -> None:
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def _store_one(node: NodeProcess, path: Path) -> int:
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CT_IMAGE_STORAGE, dcmread(path).file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="CURIA")
+    assert assoc.is_established, "the listener still accepts associations"
+    try:
+        return int(assoc.send_c_store(dcmread(path)).Status)
+    finally:
+        assoc.release()
+
+
+@pytest.mark.e2e
+@pytest.mark.production
+def test_no_success_while_the_catalogue_is_down_and_recovery_without_restart(
+    orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
+) -> None:
+    env = node_env(
+        tmp_path,
+        orthanc,
+        CURIA_DATABASE_URL=postgres_url,
+        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
+        CURIA_PIPELINE__EMBEDDED_WORKER="false",
+    )
+    node = NodeProcess(env, tmp_path)
+    node.allow_source("storescu", "STORESCU")
+    node_factory(env, node=node, separate_worker=True)
+    _cluster("stop")
+    try:
+        wait_for(lambda: not port_open(5432), 60, "PostgreSQL did not stop")
+        status = _store_one(node, ct_series[0])
+        assert status != 0x0000, "Success was answered although nothing could be catalogued"
+        assert status >> 12 in (0xA, 0xC), f"a failure status is expected, got 0x{status:04X}"
+    finally:
+        _cluster("start")
+    wait_for(lambda: port_open(5432), 60, "PostgreSQL did not come back")
+    try:
+        _send(node, ct_series)  # the sender retries the whole study: every instance Success
+        study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
+        download_results(orthanc, study_uid, tmp_path / "results", EXPECTED)
+        wait_for(lambda: _runs(node)[0]["state"] == "succeeded", 120, "the run did not finish")
+        assert len(_runs(node)) == 1
+    finally:
+        _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
