@@ -2,10 +2,11 @@
 
 Sends the same 300-slice 512x512 CT series (synthetic pixels, uncompressed) in one STOW-RS
 request, streamed by the same httpx client, to the node's HTTP API (a separate uvicorn
-process, bearer token checked) and to a real Orthanc (``POST /dicom-web/studies``), on this
-machine, one run each. Prints instances/s for each and the ratio node/Orthanc.
+process with its default HTTP implementation, bearer token checked) and to a real Orthanc
+(``POST /dicom-web/studies``), on this machine, one request each per run. Prints
+instances/s for each and the ratio node/Orthanc, per run.
 
-    .venv/bin/python -m benchmarks.stow [--slices 300]
+    .venv/bin/python -m benchmarks.stow [--slices 300] [--runs 1]
 """
 
 from __future__ import annotations
@@ -124,9 +125,19 @@ def orthanc_rate(paths: list[Path], work: Path) -> float:
         orthanc.stop()
 
 
+def http_implementation() -> str:
+    """What uvicorn's ``--http auto`` picks here (httptools when installed, else h11)."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=1, help="measure both this many times")
     args = parser.parse_args()
     if shutil.which("Orthanc") is None:
         raise SystemExit("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
@@ -135,13 +146,19 @@ def main() -> None:
     try:
         paths = write_series(work / "series", args.slices)
         size = sum(path.stat().st_size for path in paths) / 1e6
-        orthanc = orthanc_rate(paths, work)
-        node, idle, rss = node_rate(paths, work)
         print(f"{args.slices} instances, {size:.0f} MB, one STOW-RS request each")
-        print(f"Orthanc DICOMweb: {orthanc:7.1f} instances/s (SyncStorageArea off: no fsync)")
-        print(f"Curia Node      : {node:7.1f} instances/s (fsync + rename + catalogued)")
-        print(f"node API process peak RSS: {idle:.0f} MiB before, {rss:.0f} MiB after the upload")
-        print(f"ratio node/Orthanc: {node / orthanc:.2f}")
+        print(f"node API served by uvicorn with {http_implementation()}")
+        for run in range(1, args.runs + 1):
+            folder = work / f"run-{run}"
+            folder.mkdir()
+            orthanc = orthanc_rate(paths, folder)
+            node, idle, rss = node_rate(paths, folder)
+            if args.runs > 1:
+                print(f"run {run}:")
+            print(f"Orthanc DICOMweb: {orthanc:7.1f} instances/s (SyncStorageArea off: no fsync)")
+            print(f"Curia Node      : {node:7.1f} instances/s (fsync + rename + catalogued)")
+            print(f"node API process peak RSS: {idle:.0f} MiB before, {rss:.0f} MiB after")
+            print(f"ratio node/Orthanc: {node / orthanc:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,32 +1,43 @@
 """Receive -> store durably -> catalogue: the one path every received instance takes.
 
-The DIMSE listener (and later STOW-RS) hands raw Part 10 bytes to :meth:`Ingestor.ingest`
-and returns the status it gets. Success is returned only after the file is durable and its
-catalogue row committed.
+The DIMSE listener hands raw Part 10 bytes to :meth:`Ingestor.ingest`; STOW-RS hands the
+staged, fsynced files of one request to :meth:`Ingestor.ingest_staged`, which places and
+catalogues them together (one folder fsync per folder, one transaction). Both return the
+status of each instance, and Success only after its file is durable and its catalogue row
+committed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Instance, Series, Study
 from node.disk import DiskGuard
-from node.storage import Spool, StoredFile
+from node.storage import Spool, StagedFile, StoredFile
 from node.uids import InvalidUID, validate_uid
 
 log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # instances placed and catalogued in one transaction
 
 # C-STORE statuses (PS3.4 Annex B.2.3 and GG.4)
 SUCCESS = 0x0000
@@ -65,6 +76,7 @@ class InstanceHeader:
     series_instance_uid: str
     transfer_syntax_uid: str
     dataset: Dataset
+    instance_number: int | None
 
 
 class RejectedInstance(Exception):
@@ -74,12 +86,24 @@ class RejectedInstance(Exception):
         self.reason = reason
 
 
-def read_header(data: bytes) -> InstanceHeader:
-    """Parse the identifying attributes of a Part 10 byte string, validating every UID."""
+def parse_header(source: bytes | bytearray | Path | BinaryIO) -> Dataset:
+    """The header (no pixel data) of Part 10 bytes or a file, or why it cannot be read."""
+    in_memory = isinstance(source, bytes | bytearray)
     try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError) as exc:
+        ds = dcmread(
+            BytesIO(source) if in_memory else source,
+            stop_before_pixels=True,
+            specific_tags=_HEADER_TAGS,
+        )
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, struct.error) as exc:
         raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+    if in_memory and isinstance(ds, FileDataset):
+        ds.buffer = None  # read in full already; keep no copy of the instance's bytes
+    return ds
+
+
+def header_from(ds: Dataset) -> InstanceHeader:
+    """The identifying attributes of a parsed header, every UID validated."""
     try:
         tsuid = validate_uid(str(ds.file_meta.get("TransferSyntaxUID", "")), "TransferSyntaxUID")
         values = [
@@ -88,7 +112,32 @@ def read_header(data: bytes) -> InstanceHeader:
         ]
     except InvalidUID as exc:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
-    return InstanceHeader(*values, transfer_syntax_uid=tsuid, dataset=ds)
+    return InstanceHeader(
+        *values, transfer_syntax_uid=tsuid, dataset=ds, instance_number=_instance_number(ds)
+    )
+
+
+def read_header(data: bytes) -> InstanceHeader:
+    """Parse the identifying attributes of a Part 10 byte string, validating every UID."""
+    return header_from(parse_header(data))
+
+
+@dataclass
+class _Entry:
+    """An accepted instance on its way into the spool: bytes, or a staged (synced) file."""
+
+    header: InstanceHeader
+    payload: bytes | StagedFile
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) if isinstance(self.payload, bytes) else self.payload.size
+
+    @cached_property
+    def sha256(self) -> str:
+        if isinstance(self.payload, bytes):
+            return hashlib.sha256(self.payload).hexdigest()
+        return self.payload.sha256
 
 
 def _text(ds: Dataset, name: str, limit: int) -> str | None:
@@ -129,8 +178,8 @@ class Ingestor:
     def ingest(
         self, data: bytes, calling_ae: str | None, expected_sop_uid: str | None = None
     ) -> IngestOutcome:
-        if self.guard is not None and not self.guard.can_accept(len(data)):
-            log.error("refused instance from %s: free disk space below the watermark", calling_ae)
+        """Store and catalogue one instance received as Part 10 bytes."""
+        if not self._room_for(len(data), calling_ae):
             return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
             header = read_header(data)
@@ -141,58 +190,220 @@ class Ingestor:
                 )
         except RejectedInstance as exc:
             self.spool.quarantine(data, exc.reason, calling_ae)
-            log.warning("refused instance from %s: 0x%04X %s", calling_ae, exc.status, exc.reason)
-            return IngestOutcome(exc.status, exc.reason)
-        with self._uid_locks[hash(header.sop_instance_uid) % len(self._uid_locks)]:
-            return self._store(header, data, calling_ae)
+            return self._refused(exc, calling_ae)
+        return self._store([_Entry(header, data)], calling_ae)[0]
 
-    def _store(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> IngestOutcome:
-        with self.catalogue.session() as session:
-            existing = session.scalar(
-                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-            )
-        if existing is not None:
-            return self._duplicate(existing, header, data, calling_ae)
-        stored = self._write(header, data)
-        if isinstance(stored, IngestOutcome):
-            return stored
+    def ingest_staged(
+        self,
+        received: Sequence[tuple[StagedFile, InstanceHeader | RejectedInstance]],
+        calling_ae: str | None,
+    ) -> list[IngestOutcome]:
+        """Store and catalogue instances already staged and fsynced, each with its header
+        from :func:`header_from` (or why it has none); outcomes in the same order.
+
+        The same checks as :meth:`ingest`, but the files are placed and catalogued in
+        batches. Staged files that are not placed stay where they are: the caller discards
+        them.
+        """
+        outcomes: list[IngestOutcome | None] = [None] * len(received)
+        accepted: list[_Entry] = []
+        positions: list[int] = []
+        for index, (staged, header) in enumerate(received):
+            if not self._room_for(staged.size, calling_ae):
+                outcomes[index] = IngestOutcome(
+                    OUT_OF_RESOURCES, "free disk space below the watermark"
+                )
+                continue
+            if isinstance(header, RejectedInstance):
+                try:
+                    self.spool.quarantine_staged(staged, header.reason, calling_ae)
+                except OSError as error:  # the refusal stands; only its evidence is lost
+                    log.error("cannot quarantine a refused instance: %s", error)
+                outcomes[index] = self._refused(header, calling_ae)
+                continue
+            accepted.append(_Entry(header, staged))
+            positions.append(index)
+        for index, outcome in zip(positions, self._store(accepted, calling_ae), strict=True):
+            outcomes[index] = outcome
+        return _filled(outcomes)
+
+    def _room_for(self, size: int, calling_ae: str | None) -> bool:
+        if self.guard is None or self.guard.can_accept(size):
+            return True
+        log.error("refused instance from %s: free disk space below the watermark", calling_ae)
+        return False
+
+    @staticmethod
+    def _refused(exc: RejectedInstance, calling_ae: str | None) -> IngestOutcome:
+        log.warning("refused instance from %s: 0x%04X %s", calling_ae, exc.status, exc.reason)
+        return IngestOutcome(exc.status, exc.reason)
+
+    def _store(self, entries: list[_Entry], calling_ae: str | None) -> list[IngestOutcome]:
+        outcomes: list[IngestOutcome] = []
+        for batch in _batches(entries):
+            outcomes += self._store_batch(batch, calling_ae)
+        return outcomes
+
+    def _store_batch(self, batch: list[_Entry], calling_ae: str | None) -> list[IngestOutcome]:
+        """Check, write and catalogue instances with distinct SOP Instance UIDs, holding
+        their UID locks throughout (taken in one order, so batches cannot deadlock)."""
+        stripes = sorted({self._stripe(entry) for entry in batch})
+        with ExitStack() as held:
+            for stripe in stripes:
+                held.enter_context(self._uid_locks[stripe])
+            with self.catalogue.session() as session:
+                uids = [entry.header.sop_instance_uid for entry in batch]
+                rows = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids)))
+                existing = {row.sop_instance_uid: row for row in rows}
+            return self._write_and_catalogue(batch, existing, calling_ae)
+
+    def _stripe(self, entry: _Entry) -> int:
+        return hash(entry.header.sop_instance_uid) % len(self._uid_locks)
+
+    def _write_and_catalogue(
+        self, batch: list[_Entry], existing: dict[str, Instance], ae: str | None
+    ) -> list[IngestOutcome]:
+        """New instances are written and catalogued; a duplicate with identical bytes is
+        Success, stored once; different bytes follow the configured policy (keep the first
+        copy, or replace it atomically), recorded in the audit trail."""
+        replace = self.duplicate_policy == "replace"
+        outcomes: list[IngestOutcome | None] = [None] * len(batch)
+        to_write: list[int] = []
+        differing: set[int] = set()
+        for index, entry in enumerate(batch):
+            known = existing.get(entry.header.sop_instance_uid)
+            if known is None:
+                to_write.append(index)
+            elif entry.sha256 == known.sha256:
+                outcomes[index] = self._success(entry, duplicate=True)
+            else:
+                differing.add(index)
+                if replace:
+                    to_write.append(index)
+        written = dict(zip(to_write, self._write([batch[i] for i in to_write]), strict=True))
+        for index, stored in written.items():
+            if isinstance(stored, IngestOutcome):
+                outcomes[index] = stored
+        new = [i for i in to_write if outcomes[i] is None and i not in differing]
+        changed = [i for i in sorted(differing) if outcomes[i] is None]
+        if not new and not changed:
+            return _filled(outcomes)
         try:
             with self._catalogue_lock, self.catalogue.session() as session:
-                series = self._upsert_series(session, header, calling_ae)
-                session.add(
-                    Instance(
-                        sop_instance_uid=header.sop_instance_uid,
-                        series=series,
-                        sop_class_uid=header.sop_class_uid,
-                        transfer_syntax_uid=header.transfer_syntax_uid,
-                        instance_number=_instance_number(header.dataset),
-                        path=stored.relative_path,
-                        size=stored.size,
-                        sha256=stored.sha256,
+                self._add_instances(session, [(batch[i].header, written[i]) for i in new], ae)
+                for index in changed:
+                    self._record_duplicate(
+                        session, batch[index], existing, written.get(index), ae, replace
                     )
-                )
         except Exception:
-            log.exception("cannot catalogue instance; removing its file")
-            self.spool.remove(stored.relative_path)
-            return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
-        return IngestOutcome(SUCCESS, series_uid=header.series_instance_uid)
+            log.exception("cannot catalogue %d instance(s); removing new files", len(new))
+            new_files = [written[i] for i in new]
+            self.spool.remove(*(f.relative_path for f in new_files if isinstance(f, StoredFile)))
+            failed = IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
+            for index in new + changed:
+                outcomes[index] = failed
+        for index in new:
+            if outcomes[index] is None:
+                outcomes[index] = self._success(batch[index])
+        for index in changed:
+            if outcomes[index] is None:
+                outcomes[index] = self._success(batch[index], duplicate=True)
+        return _filled(outcomes)
 
-    def _write(self, header: InstanceHeader, data: bytes) -> StoredFile | IngestOutcome:
-        """Write the file durably, or the Out of Resources outcome if the disk refuses."""
-        try:
-            return self.spool.store(
-                header.study_instance_uid,
-                header.series_instance_uid,
-                header.sop_instance_uid,
-                data,
-            )
-        except OSError as exc:
-            log.error("cannot write instance to the spool: %s", exc)
-            return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the spool")
-
-    def _upsert_series(self, session: Session, header: InstanceHeader, ae: str | None) -> Series:
-        ds = header.dataset
+    def _add_instances(
+        self,
+        session: Session,
+        instances: list[tuple[InstanceHeader, StoredFile | IngestOutcome]],
+        ae: str | None,
+    ) -> None:
+        """Instance rows, and their series and study rows counted and stamped once per
+        series (one bulk INSERT, so a large batch costs little more than one instance)."""
+        if not instances:
+            return
         now = datetime.now(UTC)
+        counts = Counter(header.series_instance_uid for header, _ in instances)
+        series: dict[str, Series] = {}
+        for header, _ in instances:
+            uid = header.series_instance_uid
+            if uid not in series:
+                series[uid] = self._upsert_series(session, header, ae, counts[uid], now)
+        session.flush()  # the ids of new series
+        rows = []
+        for header, stored in instances:
+            assert isinstance(stored, StoredFile)
+            rows.append(
+                {
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "series_id": series[header.series_instance_uid].id,
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "instance_number": header.instance_number,
+                    "path": stored.relative_path,
+                    "size": stored.size,
+                    "sha256": stored.sha256,
+                }
+            )
+        session.execute(insert(Instance), rows)
+
+    @staticmethod
+    def _success(entry: _Entry, duplicate: bool = False) -> IngestOutcome:
+        return IngestOutcome(
+            SUCCESS, duplicate=duplicate, series_uid=entry.header.series_instance_uid
+        )
+
+    def _write(self, entries: list[_Entry]) -> list[StoredFile | IngestOutcome]:
+        """Write each file durably, or the Out of Resources outcome if the disk refuses.
+
+        Staged files are renamed into place together, one fsync per folder touched."""
+        results: list[StoredFile | OSError | None] = []
+        staged: list[tuple[int, StagedFile, str]] = []
+        for entry in entries:
+            header = entry.header
+            try:
+                if isinstance(entry.payload, bytes):
+                    results.append(
+                        self.spool.store(
+                            header.study_instance_uid,
+                            header.series_instance_uid,
+                            header.sop_instance_uid,
+                            entry.payload,
+                        )
+                    )
+                    continue
+                relative = self.spool.relative_path(
+                    header.study_instance_uid,
+                    header.series_instance_uid,
+                    header.sop_instance_uid,
+                )
+            except OSError as exc:
+                results.append(exc)
+                continue
+            staged.append((len(results), entry.payload, relative))
+            results.append(None)
+        placed = self.spool.place([(item, relative) for _, item, relative in staged])
+        for (index, _, _), stored in zip(staged, placed, strict=True):
+            results[index] = stored
+        final: list[StoredFile | IngestOutcome] = []
+        for result in results:
+            assert result is not None
+            if isinstance(result, OSError):
+                log.error("cannot write instance to the spool: %s", result)
+                final.append(IngestOutcome(OUT_OF_RESOURCES, "cannot write to the spool"))
+            else:
+                final.append(result)
+        return final
+
+    def _upsert_series(
+        self,
+        session: Session,
+        header: InstanceHeader,
+        ae: str | None,
+        count: int = 1,
+        now: datetime | None = None,
+    ) -> Series:
+        """The series row (and its study, when new) with ``count`` more instances."""
+        ds = header.dataset
+        now = now or datetime.now(UTC)
         series = session.scalar(
             select(Series).where(Series.series_instance_uid == header.series_instance_uid)
         )
@@ -219,36 +430,55 @@ class Ingestor:
                 first_received_at=now,
             )
             session.add(series)
-        series.instance_count = (series.instance_count or 0) + 1
+        series.instance_count = (series.instance_count or 0) + count
         series.last_received_at = now
         return series
 
-    def _duplicate(
-        self, existing: Instance, header: InstanceHeader, data: bytes, ae: str | None
-    ) -> IngestOutcome:
-        """Identical bytes: Success, stored once. Different bytes: the configured policy
-        (keep the first copy, or replace it atomically), recorded in the audit trail."""
-        digest = hashlib.sha256(data).hexdigest()
-        if digest == existing.sha256:
-            return IngestOutcome(SUCCESS, duplicate=True, series_uid=header.series_instance_uid)
-        replace = self.duplicate_policy == "replace"
+    @staticmethod
+    def _record_duplicate(
+        session: Session,
+        entry: _Entry,
+        existing: dict[str, Instance],
+        stored: StoredFile | IngestOutcome | None,
+        ae: str | None,
+        replace: bool,
+    ) -> None:
+        header = entry.header
+        before = existing[header.sop_instance_uid]
         if replace:
-            stored = self._write(header, data)
-            if isinstance(stored, IngestOutcome):
-                return stored
-        with self._catalogue_lock, self.catalogue.session() as session:
-            if replace:
-                row = session.get(Instance, existing.id)
-                row.path, row.size, row.sha256 = stored.relative_path, stored.size, stored.sha256
-                row.transfer_syntax_uid = header.transfer_syntax_uid
-            session.add(
-                AuditEvent(
-                    actor=ae or "unknown",
-                    action="duplicate-differs-replaced"
-                    if replace
-                    else "duplicate-differs-kept-first",
-                    target=header.sop_instance_uid,
-                    details={"before": existing.sha256, "received": digest},
-                )
+            assert isinstance(stored, StoredFile)
+            row = session.get(Instance, before.id)
+            assert row is not None
+            row.path, row.size, row.sha256 = stored.relative_path, stored.size, stored.sha256
+            row.transfer_syntax_uid = header.transfer_syntax_uid
+        session.add(
+            AuditEvent(
+                actor=ae or "unknown",
+                action="duplicate-differs-replaced" if replace else "duplicate-differs-kept-first",
+                target=header.sop_instance_uid,
+                details={"before": before.sha256, "received": entry.sha256},
             )
-        return IngestOutcome(SUCCESS, duplicate=True, series_uid=header.series_instance_uid)
+        )
+
+
+def _filled(outcomes: list[IngestOutcome | None]) -> list[IngestOutcome]:
+    """Outcomes once every instance has one."""
+    assert all(outcome is not None for outcome in outcomes)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _batches(entries: list[_Entry]) -> Iterator[list[_Entry]]:
+    """Runs of at most :data:`MAX_BATCH` entries with distinct SOP Instance UIDs, in order:
+    a UID seen again starts a new batch, so it meets the first copy as a catalogued
+    duplicate, as it would have arriving alone."""
+    batch: list[_Entry] = []
+    uids: set[str] = set()
+    for entry in entries:
+        uid = entry.header.sop_instance_uid
+        if uid in uids or len(batch) >= MAX_BATCH:
+            yield batch
+            batch, uids = [], set()
+        batch.append(entry)
+        uids.add(uid)
+    if batch:
+        yield batch

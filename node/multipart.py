@@ -1,19 +1,21 @@
 """multipart/related (RFC 2387) for DICOMweb: media types, a streamed reader, a writer.
 
-STOW-RS bodies can be gigabytes, so the reader never holds a whole body: it parses the
-request stream chunk by chunk and spools each part, in memory while a per-request budget
-lasts and then to an unnamed temporary file. A part larger than the limit is cut there and
-marked, so the caller can refuse it without ever storing half an instance.
+STOW-RS bodies can be gigabytes, so the parser never holds a whole body: it parses the
+request stream chunk by chunk and hands each part's bytes to a sink as they arrive. The
+sink of :class:`MultipartReader` spools each part, in memory while a per-request budget
+lasts and then to an unnamed temporary file; a part larger than the limit is cut there and
+marked, so the caller can refuse it without ever storing half an instance. STOW-RS brings
+its own sink, which writes parts straight to the spool.
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import AsyncIterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Generic, Protocol, TypeVar
 
 MAX_HEADER_BYTES = 16 * 1024
 _PARAMETER = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
@@ -75,6 +77,21 @@ def _split_outside_quotes(value: str, separator: str) -> list[str]:
     return items
 
 
+class PartSink(Protocol):
+    """Where the parser puts one part: its bytes in order, then :meth:`end`."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def end(self) -> None:
+        """The part is complete (its closing delimiter was seen)."""
+
+    def close(self) -> None:
+        """Release what the part holds (also for a part that never ended)."""
+
+
+P = TypeVar("P", bound=PartSink)
+
+
 class _MemoryBudget:
     """Bytes of part bodies a request may keep in memory, shared by all its parts."""
 
@@ -124,6 +141,9 @@ class Part:
             self._spill().write(data)
         self.size += len(data)
 
+    def end(self) -> None:
+        """Nothing to do: the content is kept as it arrives."""
+
     def _spill(self) -> BinaryIO:
         if self._file is None:
             # Unnamed (O_TMPFILE where supported): nothing to clean up after a crash. It
@@ -160,12 +180,13 @@ class Part:
             self._file = None
 
 
-class MultipartReader:
-    """Incremental parser: :meth:`feed` chunks in any sizes, then :meth:`finish`."""
+class MultipartParser(Generic[P]):
+    """Incremental parser: :meth:`feed` chunks in any sizes, then :meth:`finish`.
 
-    def __init__(
-        self, boundary: str, *, max_part_bytes: int, memory_budget: int, tmp_dir: Path
-    ) -> None:
+    ``new_part`` makes the sink for each part from its headers (names lower-cased).
+    """
+
+    def __init__(self, boundary: str, new_part: Callable[[dict[str, str]], P]) -> None:
         # RFC 2046 allows 70 characters; Orthanc's DICOMweb client sends 73, so be lenient.
         if not boundary or len(boundary) > 256:
             raise MultipartError("the boundary parameter must have 1 to 256 characters")
@@ -173,11 +194,9 @@ class MultipartReader:
         self._delimiter = b"\r\n--" + boundary.encode("latin-1")
         self._buffer = bytearray(b"\r\n")
         self._state = "preamble"
-        self._max_part_bytes = max_part_bytes
-        self._budget = _MemoryBudget(memory_budget)
-        self._tmp_dir = tmp_dir
-        self._current: Part | None = None
-        self.parts: list[Part] = []
+        self._new_part = new_part
+        self._current: P | None = None
+        self.parts: list[P] = []
 
     def feed(self, chunk: bytes) -> None:
         if self._state == "done" or not chunk:
@@ -186,7 +205,7 @@ class MultipartReader:
         while self._step():
             pass
 
-    def finish(self) -> list[Part]:
+    def finish(self) -> list[P]:
         """The complete parts; raises :class:`MultipartError` if the close delimiter is
         missing (a truncated upload) or no part was sent."""
         if self._state != "done":
@@ -216,6 +235,7 @@ class MultipartReader:
                 return False
             if self._current is not None:
                 self._current.write(memoryview(buffer)[:index])
+                self._current.end()
                 self.parts.append(self._current)
                 self._current = None
             del buffer[: index + len(delimiter)]
@@ -250,10 +270,20 @@ class MultipartReader:
                     return False
                 headers = _parse_headers(bytes(buffer[:end]))
                 del buffer[: end + 4]
-            self._current = Part(headers, self._max_part_bytes, self._budget, self._tmp_dir)
+            self._current = self._new_part(headers)
             self._state = "body"
             return True
         return False
+
+
+class MultipartReader(MultipartParser[Part]):
+    """A parser that keeps each part (:class:`Part`) within a per-request memory budget."""
+
+    def __init__(
+        self, boundary: str, *, max_part_bytes: int, memory_budget: int, tmp_dir: Path
+    ) -> None:
+        budget = _MemoryBudget(memory_budget)
+        super().__init__(boundary, lambda headers: Part(headers, max_part_bytes, budget, tmp_dir))
 
 
 def _parse_headers(block: bytes) -> dict[str, str]:
@@ -264,27 +294,6 @@ def _parse_headers(block: bytes) -> dict[str, str]:
             raise MultipartError("malformed part header line")
         headers[name.strip().lower()] = value.strip()
     return headers
-
-
-async def read_parts(
-    stream: AsyncIterable[bytes],
-    boundary: str,
-    *,
-    max_part_bytes: int,
-    memory_budget: int,
-    tmp_dir: Path,
-) -> list[Part]:
-    """Read a whole multipart body from ``stream``; the caller closes the parts."""
-    reader = MultipartReader(
-        boundary, max_part_bytes=max_part_bytes, memory_budget=memory_budget, tmp_dir=tmp_dir
-    )
-    try:
-        async for chunk in stream:
-            reader.feed(chunk)
-    except BaseException:
-        reader.close()
-        raise
-    return reader.finish()
 
 
 def write_parts(boundary: str, parts: Iterator[tuple[str, Iterator[bytes]]]) -> Iterator[bytes]:

@@ -3,10 +3,13 @@ and retrieves it, and malformed or unwelcome requests get the PS3.18 answers."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import threading
+import tracemalloc
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -28,8 +31,12 @@ from node.api import api_token, create_api
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance, PipelineRun, Result, Series
 from node.dicomweb import create_dicomweb_router
+from node.dicomweb.rendering import json_to_xml
+from node.dicomweb.stow import WRITE_CHUNK, PartOutcome, StowUpload, stow_answer
+from node.ingest import RejectedInstance
 from node.multipart import MultipartError, MultipartReader
 from node.settings import Settings
+from node.storage import STAGING_DIR, Spool
 from tests.peers import Orthanc, free_port, wait_for
 from tests.testdata import TEST_PATIENT_ID
 
@@ -377,6 +384,28 @@ def test_truncated_body_is_400_and_stores_nothing(node: RunningNode, ct_series: 
     )
     assert response.status_code == 400
     assert not node.catalogued([sop_uid(path) for path in ct_series[:3]]), "nothing stored"
+    assert not staged_files(node), "no staged part is left behind"
+
+
+def staged_files(node: RunningNode) -> list[Path]:
+    folder = node.settings.spool_dir / STAGING_DIR
+    return [path for path in folder.iterdir()] if folder.is_dir() else []
+
+
+def test_an_instance_twice_in_one_request_is_stored_once(
+    node: RunningNode, ct_series: list[Path]
+) -> None:
+    first, second = ct_series[0].read_bytes(), ct_series[1].read_bytes()
+    uids = [sop_uid(ct_series[0]), sop_uid(ct_series[1])]
+    response = node.stow([first, second, first])
+    assert response.status_code == 200
+    assert referenced(response.json()) == [*uids, uids[0]]
+    stored = node.catalogued(uids)
+    assert len(stored) == 2
+    assert (node.settings.spool_dir / stored[uids[0]].path).read_bytes() == first
+    with node.catalogue.session() as session:
+        assert session.get(Series, stored[uids[0]].series_id).instance_count == 2
+    assert not staged_files(node)
 
 
 def test_non_dicom_part_fails_and_the_others_are_stored(
@@ -423,6 +452,49 @@ def test_answer_in_xml_when_asked(node: RunningNode, ct_series: list[Path]) -> N
     assert reason is not None and reason.text == str(0xC000)
     stored = root.find("d:DicomAttribute[@keyword='ReferencedSOPSequence']", ns)
     assert stored is not None and len(stored.findall("d:Item", ns)) == 1
+
+
+def test_parts_larger_than_one_write_are_stored_exactly(node: RunningNode, tmp_path: Path) -> None:
+    study = generate_uid()
+    datas = []
+    for number in (1, 2):
+        ds = make_sr(study, tmp_path / f"big{number}.dcm")
+        ds.InstanceNumber = number
+        ds.add_new(0x00091010, "OB", os.urandom(3 * WRITE_CHUNK // 2))  # private bulk data
+        ds.save_as(tmp_path / f"big{number}.dcm", enforce_file_format=True)
+        datas.append((tmp_path / f"big{number}.dcm").read_bytes())
+    assert all(len(data) > WRITE_CHUNK for data in datas)
+    response = node.stow(datas, path=f"/studies/{study}")
+    assert response.status_code == 200
+    uids = [str(dcmread(BytesIO(data)).SOPInstanceUID) for data in datas]
+    assert referenced(response.json()) == uids
+    stored = node.catalogued(uids)
+    for uid, data in zip(uids, datas, strict=True):
+        assert (node.settings.spool_dir / stored[uid].path).read_bytes() == data
+        assert stored[uid].sha256 == hashlib.sha256(data).hexdigest()
+    assert [stored[uid].instance_number for uid in uids] == [1, 2]
+    assert not staged_files(node)
+
+
+def test_a_part_that_is_not_dicom_is_refused_unread(
+    node: RunningNode, ct_series: list[Path]
+) -> None:
+    boundary = uuid.uuid4().hex
+    body = (
+        f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nhello\r\n".encode()
+        + f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + ct_series[0].read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    response = httpx.post(
+        f"{node.dicomweb}/studies",
+        content=body,
+        headers={"Content-Type": STOW_TYPE.format(boundary), **node.auth},
+    )
+    assert response.status_code == 202
+    assert failure_reasons(response.json()) == [0xC000]
+    assert referenced(response.json()) == [sop_uid(ct_series[0])]
+    assert not staged_files(node)
 
 
 def test_oversized_part_fails_and_nothing_of_it_is_stored(
@@ -506,6 +578,83 @@ def test_unsupported_matching_key_is_ignored_with_a_warning(node: RunningNode) -
     response = httpx.get(f"{node.dicomweb}/studies?PatientName=NOBODY", headers=node.auth)
     assert response.status_code == 200
     assert "PatientName" in response.headers["warning"]
+
+
+# --- the STOW-RS upload, without a server ---------------------------------------------------
+
+
+async def chunks(body: bytes, size: int) -> AsyncIterator[bytes]:
+    for offset in range(0, len(body), size):
+        yield body[offset : offset + size]
+
+
+def test_a_large_part_is_never_held_in_memory(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    content = os.urandom(1 << 20) * 24
+    body = multipart_body([content], "big")
+    budget = 4 << 20
+    upload = StowUpload(spool, max_part_bytes=1 << 30, memory_budget=budget)
+    tracemalloc.start()
+    try:
+        (part,) = asyncio.run(upload.receive(chunks(body, 64 * 1024), "big"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    try:
+        assert peak < budget + 4 * WRITE_CHUNK, f"{peak} bytes held for a 24 MiB part"
+        assert part.staged is not None and part.error is None
+        assert part.staged.path.read_bytes() == content
+        assert part.staged.sha256 == hashlib.sha256(content).hexdigest()
+        assert isinstance(part.header, RejectedInstance), "random bytes are not DICOM"
+    finally:
+        upload.close()
+    assert not list((spool.root / STAGING_DIR).iterdir()), "closing discards what is staged"
+
+
+def test_a_truncated_upload_leaves_nothing_staged(tmp_path: Path, ct_series: list[Path]) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    body = multipart_body([path.read_bytes() for path in ct_series[:3]], "cut", close=False)
+    upload = StowUpload(spool, max_part_bytes=1 << 30, memory_budget=1 << 20)
+    with pytest.raises(MultipartError):
+        asyncio.run(upload.receive(chunks(body, 10_000), "cut"))
+    upload.close()
+    assert not list((spool.root / STAGING_DIR).iterdir())
+
+
+def test_the_stow_answer_is_what_pydicom_renders() -> None:
+    outcomes = [
+        PartOutcome(0, "", BASIC_TEXT_SR, "1.2.3", "1.2", "1.2.4"),
+        PartOutcome(0xC000, "a part of type text/plain"),
+        PartOutcome(0xA700, "too large", BASIC_TEXT_SR, "1.2.5"),
+    ]
+    for study in (None, "1.2"):
+        for some in (outcomes, outcomes[:1], outcomes[1:]):
+            expected = Dataset()
+            referenced_items, failed_items = [], []
+            for outcome in some:
+                item = Dataset()
+                item.ReferencedSOPClassUID = outcome.sop_class_uid or ""
+                item.ReferencedSOPInstanceUID = outcome.sop_instance_uid or ""
+                if outcome.status == 0:
+                    item.RetrieveURL = (
+                        f"http://n/studies/{outcome.study_uid}/series/{outcome.series_uid}"
+                        f"/instances/{outcome.sop_instance_uid}"
+                    )
+                    referenced_items.append(item)
+                else:
+                    item.FailureReason = outcome.status
+                    failed_items.append(item)
+            stored = {o.study_uid for o in some if o.status == 0}
+            url_study = study or (stored.pop() if len(stored) == 1 else None)
+            if url_study:
+                expected.RetrieveURL = f"http://n/studies/{url_study}"
+            if referenced_items:
+                expected.ReferencedSOPSequence = referenced_items
+            if failed_items:
+                expected.FailedSOPSequence = failed_items
+            answer = stow_answer(some, "http://n/studies", study)
+            assert answer == expected.to_json_dict(suppress_invalid_tags=True)
+            assert json_to_xml(answer) == json_to_xml(expected.to_json_dict())
 
 
 # --- the streamed multipart reader ---------------------------------------------------------

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -12,17 +16,35 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import func, select
 
 from node.catalogue.db import Catalogue, upgrade
-from node.catalogue.models import AuditEvent, Instance, Series
-from node.ingest import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS, SUCCESS, Ingestor
-from node.storage import Spool
+from node.catalogue.models import AuditEvent, Instance, Series, Study
+from node.disk import DiskGuard
+from node.ingest import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    Ingestor,
+    IngestOutcome,
+    InstanceHeader,
+    RejectedInstance,
+    header_from,
+    parse_header,
+)
+from node.storage import STAGING_DIR, Spool, StagedFile, StoredFile
 from node.uids import InvalidUID, is_valid_uid, validate_uid
+
+
+def make_ingestor(root: Path, duplicate_policy: str = "keep_first") -> Ingestor:
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{root / 'catalogue.sqlite'}"
+    upgrade(url)
+    spool = Spool(root / "spool", root / "quarantine")
+    return Ingestor(spool, Catalogue(url), duplicate_policy=duplicate_policy)
 
 
 @pytest.fixture
 def ingestor(tmp_path: Path) -> Ingestor:
-    url = f"sqlite:///{tmp_path / 'catalogue.sqlite'}"
-    upgrade(url)
-    return Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), Catalogue(url))
+    return make_ingestor(tmp_path)
 
 
 def ct_bytes(**changes: str) -> bytes:
@@ -127,3 +149,216 @@ def test_replace_policy_swaps_the_file_and_records_it(tmp_path: Path) -> None:
         assert spool.absolute(row.path).read_bytes() == second
         [event] = session.scalars(select(AuditEvent)).all()
         assert event.action == "duplicate-differs-replaced"
+
+
+# --- a batch of staged instances (STOW-RS) -------------------------------------------------
+
+
+def staged(spool: Spool, data: bytes) -> tuple[StagedFile, InstanceHeader | RejectedInstance]:
+    """``data`` staged and synced as STOW-RS stages a part, with its header or refusal."""
+    file = spool.stage()
+    file.write(data)
+    file.sync()
+    try:
+        return file, header_from(parse_header(data))
+    except RejectedInstance as exc:
+        return file, exc
+
+
+def catalogue_rows(ingestor: Ingestor) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """What the catalogue holds, without ids and timestamps."""
+    with ingestor.catalogue.session() as session:
+        studies = [
+            (s.study_instance_uid, s.patient_id, s.study_date, s.accession_number)
+            for s in session.scalars(select(Study))
+        ]
+        series = [
+            (
+                s.series_instance_uid,
+                s.modality,
+                s.series_description,
+                s.body_part_examined,
+                s.calling_ae_title,
+                s.instance_count,
+                s.state,
+                s.last_received_at is not None,
+            )
+            for s in session.scalars(select(Series))
+        ]
+        instances = sorted(
+            (
+                i.sop_instance_uid,
+                i.series.series_instance_uid,
+                i.sop_class_uid,
+                i.transfer_syntax_uid,
+                i.instance_number,
+                i.path,
+                i.size,
+                i.sha256,
+                i.received_at is not None,
+            )
+            for i in session.scalars(select(Instance))
+        )
+    return studies, series, instances
+
+
+def test_a_staged_batch_catalogues_what_single_ingests_do(tmp_path: Path) -> None:
+    datas = [
+        ct_bytes(SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.{i}", InstanceNumber=str(i))
+        for i in range(1, 6)
+    ]
+    single = make_ingestor(tmp_path / "single")
+    for data in datas:
+        assert single.ingest(data, "STOW-RS").status == SUCCESS
+    batch = make_ingestor(tmp_path / "batch")
+    outcomes = batch.ingest_staged([staged(batch.spool, data) for data in datas], "STOW-RS")
+    assert [o.status for o in outcomes] == [SUCCESS] * 5
+    assert not any(o.duplicate for o in outcomes)
+    assert catalogue_rows(batch) == catalogue_rows(single)
+    with batch.catalogue.session() as session:
+        for row in session.scalars(select(Instance)):
+            assert batch.spool.absolute(row.path).read_bytes() in datas
+    assert not list((batch.spool.root / STAGING_DIR).iterdir()), "every staged file was placed"
+
+
+def test_a_staged_batch_handles_duplicates_like_single_ingests(tmp_path: Path) -> None:
+    ingestor = make_ingestor(tmp_path)
+    first, other = ct_bytes(), ct_bytes(PatientName="OTHER^NAME")
+    assert ingestor.ingest(first, "A").status == SUCCESS
+    again = [staged(ingestor.spool, data) for data in (first, other, other)]
+    outcomes = ingestor.ingest_staged(again, "B")
+    assert [(o.status, o.duplicate) for o in outcomes] == [(SUCCESS, True)] * 3
+    assert count(ingestor, Instance) == 1
+    with ingestor.catalogue.session() as session:
+        row = session.scalars(select(Instance)).one()
+        assert ingestor.spool.absolute(row.path).read_bytes() == first
+        assert session.scalars(select(Series)).one().instance_count == 1
+        events = session.scalars(select(AuditEvent)).all()
+        assert [e.action for e in events] == ["duplicate-differs-kept-first"] * 2
+
+
+def test_a_uid_twice_in_one_batch_is_stored_once(tmp_path: Path) -> None:
+    ingestor = make_ingestor(tmp_path, duplicate_policy="replace")
+    first, second = ct_bytes(), ct_bytes(PatientName="OTHER^NAME")
+    batch = [staged(ingestor.spool, data) for data in (first, first, second)]
+    outcomes = ingestor.ingest_staged(batch, "B")
+    assert [(o.status, o.duplicate) for o in outcomes] == [
+        (SUCCESS, False),
+        (SUCCESS, True),
+        (SUCCESS, True),
+    ]
+    with ingestor.catalogue.session() as session:
+        row = session.scalars(select(Instance)).one()
+        assert ingestor.spool.absolute(row.path).read_bytes() == second, "replaced"
+        assert session.scalars(select(Series)).one().instance_count == 1
+        [event] = session.scalars(select(AuditEvent)).all()
+        assert event.action == "duplicate-differs-replaced"
+
+
+def test_a_staged_batch_quarantines_refusals_and_stores_the_rest(tmp_path: Path) -> None:
+    ingestor = make_ingestor(tmp_path)
+    good = ct_bytes()
+    batch = [
+        staged(ingestor.spool, ct_bytes(StudyInstanceUID="1.2..3")),
+        staged(ingestor.spool, b"not DICOM at all"),
+        staged(ingestor.spool, good),
+    ]
+    outcomes = ingestor.ingest_staged(batch, "STOW-RS")
+    assert [o.status for o in outcomes] == [
+        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        CANNOT_UNDERSTAND,
+        SUCCESS,
+    ]
+    assert count(ingestor, Instance) == 1
+    reasons = [meta["reason"] for meta in quarantined(tmp_path)]
+    assert len(reasons) == 2 and any("StudyInstanceUID" in r for r in reasons)
+    assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 2
+    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
+
+
+def test_a_failed_commit_stores_nothing_of_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = make_ingestor(tmp_path)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(ingestor, "_add_instances", broken)
+    datas = [ct_bytes(SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.{i}") for i in range(1, 4)]
+    outcomes = ingestor.ingest_staged([staged(ingestor.spool, d) for d in datas], "STOW-RS")
+    assert {(o.status, o.reason) for o in outcomes} == {
+        (OUT_OF_RESOURCES, "cannot write to the catalogue")
+    }
+    assert count(ingestor, Instance) == 0
+    assert not list((tmp_path / "spool").rglob("*.dcm")), "placed files are removed again"
+
+
+def test_a_staged_batch_below_the_watermark_is_refused(tmp_path: Path) -> None:
+    ingestor = make_ingestor(tmp_path)
+    ingestor.guard = DiskGuard(tmp_path, min_free_bytes=1 << 62)
+    outcomes = ingestor.ingest_staged([staged(ingestor.spool, ct_bytes())], "STOW-RS")
+    assert [o.status for o in outcomes] == [OUT_OF_RESOURCES]
+    assert count(ingestor, Instance) == 0
+
+
+def test_staged_files_are_placed_durably_or_discarded(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    kept, dropped = spool.stage(), spool.stage()
+    for file in (kept, dropped):
+        file.write(b"abc")
+        file.write(memoryview(b"def"))
+        file.sync()
+    assert kept.size == 6 and kept.sha256 == hashlib.sha256(b"abcdef").hexdigest()
+    [stored] = spool.place([(kept, "1.2/1.3/1.4.dcm")])
+    assert isinstance(stored, StoredFile) and stored.size == 6
+    assert spool.absolute("1.2/1.3/1.4.dcm").read_bytes() == b"abcdef"
+    for file in (kept, dropped):
+        file.discard()
+    assert spool.absolute("1.2/1.3/1.4.dcm").exists(), "a placed file is not discarded"
+    assert not list((spool.root / STAGING_DIR).iterdir())
+
+
+def test_stale_staging_files_are_swept(tmp_path: Path) -> None:
+    folder = tmp_path / "spool" / STAGING_DIR
+    folder.mkdir(parents=True)
+    stale, fresh = folder / "old.part", folder / "new.part"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(stale, (old, old))
+    Spool(tmp_path / "spool", tmp_path / "quarantine").stage().discard()
+    assert sorted(p.name for p in folder.iterdir()) == ["new.part"]
+
+
+def test_concurrent_batches_and_single_ingests_store_each_uid_once(tmp_path: Path) -> None:
+    ingestor = make_ingestor(tmp_path)
+    datas = [ct_bytes(SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.{i}") for i in range(1, 41)]
+    outcomes: list[IngestOutcome] = []
+    lock = threading.Lock()
+
+    def batch(chunk: list[bytes]) -> None:
+        result = ingestor.ingest_staged([staged(ingestor.spool, d) for d in chunk], "STOW-RS")
+        with lock:
+            outcomes.extend(result)
+
+    def single(chunk: list[bytes]) -> None:
+        result = [ingestor.ingest(d, "MODALITY") for d in chunk]
+        with lock:
+            outcomes.extend(result)
+
+    workers = [
+        threading.Thread(target=batch, args=(datas,)),
+        threading.Thread(target=batch, args=(datas[::-1],)),
+        threading.Thread(target=single, args=(datas[10:30],)),
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not any(worker.is_alive() for worker in workers), "no deadlock"
+    assert len(outcomes) == 100 and {o.status for o in outcomes} == {SUCCESS}
+    assert sum(not o.duplicate for o in outcomes) == 40, "each instance stored once"
+    assert count(ingestor, Instance) == 40
+    with ingestor.catalogue.session() as session:
+        assert session.scalars(select(Series)).one().instance_count == 40
