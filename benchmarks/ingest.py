@@ -39,7 +39,7 @@ def write_series(folder: Path, slices: int) -> list[Path]:
     from pydicom.dataset import Dataset
 
     folder.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
     rng = np.random.default_rng(0)
     paths = []
     for i in range(slices):
@@ -49,6 +49,8 @@ def write_series(folder: Path, slices: int) -> list[Path]:
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.FrameOfReferenceUID = frame
+        ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.0
         ds.Modality, ds.PatientID, ds.PatientName = "CT", "BENCH", "BENCH^INGEST"
         ds.InstanceNumber = i + 1
         ds.ImagePositionPatient = [0, 0, float(i)]

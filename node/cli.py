@@ -57,6 +57,7 @@ def worker(
 
     stages = queues.split(",") if queues else list(STAGES)
     celery_app = create_app(settings)
+    celery_app.set_default()  # the worker's threads (timer included) look tasks up in it
     celery_app.worker_main(
         [
             "worker",

@@ -61,5 +61,6 @@ def __getattr__(name: str) -> Celery:
     if name == "app":
         global app
         app = create_app(Settings())
+        app.set_default()  # the worker's threads (timer included) look tasks up in it
         return app
     raise AttributeError(name)

@@ -35,6 +35,10 @@ class EmbeddedWorker:
 
     def start(self, timeout: float = 60.0) -> None:
         self.app.finalize()
+        # Celery looks tasks up in the "current app", which is per thread; the worker runs
+        # tasks from its own thread and from its timer thread (retries with a countdown).
+        # The node has one Celery app: make it the default for every thread.
+        self.app.set_default()
         self.app.set_current()
         self._controller = _Controller(
             app=self.app,
@@ -55,8 +59,6 @@ class EmbeddedWorker:
         log.info("embedded worker consuming %s", ", ".join(self.queues))
 
     def _run(self) -> None:
-        # Celery's "current app" is per thread, and the solo pool looks tasks up in it: this
-        # thread must see the node's app (its tasks are not shared with other apps).
         self.app.set_current()
         assert self._controller is not None
         self._controller.start()

@@ -91,7 +91,9 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
         series_instance_uid=series_uid,
         batch_size=runtime.settings.model.batch_size,
     )
-    segmentations = [_segment(runtime, paths, head) for head in mask_heads]
+    segmentations = [
+        seg for seg in (_segment(runtime, run_id, paths, head) for head in mask_heads) if seg
+    ]
     findings.findings.extend(finding for finding, _ in segmentations)
     log.info(
         "run %d: %d slices analysed in %.2f s", run_id, len(paths), time.perf_counter() - started
@@ -120,15 +122,26 @@ def _relative(ds: Dataset) -> str:
     return f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
 
 
-def _segment(runtime: Runtime, paths: list[Path], head: MaskHead) -> tuple[HeadFinding, Dataset]:
-    """Segment the series with one mask head and write its SEG; return its finding and SEG."""
+def _segment(
+    runtime: Runtime, run_id: int, paths: list[Path], head: MaskHead
+) -> tuple[HeadFinding, Dataset] | None:
+    """Segment the series with one mask head and write its SEG; return its finding and SEG.
+
+    A SEG must share its source images' frame of reference: for a series without
+    FrameOfReferenceUID (non-conformant, but seen) there is no SEG, and the SR is still made.
+    """
     from pipelines.report import write_sr
     from pipelines.segmentation import build_seg, segment_series
 
+    headers = [dcmread(path, stop_before_pixels=True) for path in paths]
+    if any(not h.get("FrameOfReferenceUID") for h in headers):
+        log.warning(
+            "run %d: no SEG from %s: the series has no FrameOfReferenceUID", run_id, head.name
+        )
+        return None
     mask = segment_series(
         paths, runtime.backbone, head, batch_size=runtime.settings.model.batch_size
     )
-    headers = [dcmread(path, stop_before_pixels=True) for path in paths]
     seg = build_seg(headers, mask, head, runtime.device_identity)
     path = runtime.settings.results_dir / _relative(seg)
     path.parent.mkdir(parents=True, exist_ok=True)

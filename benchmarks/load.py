@@ -1,0 +1,138 @@
+"""A busy night: many senders at once into a real node, results back to a real archive.
+
+Starts a real Orthanc (the archive) and a real ``curia-node run`` (embedded mode, demo
+model), then N sender processes associate at the same time and each C-STOREs its own
+S-slice study (synthetic 512x512 CT, uncompressed) with pynetdicom, timing every C-STORE.
+Prints the aggregate instances/s, the C-STORE latency p50/p95/max, failures, the node's peak
+RSS, and, per study, the time from its last instance to its SR stored in the archive.
+
+    .venv/bin/python -m benchmarks.load [--senders 20] [--slices 300] [--demo-size tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE
+
+from benchmarks.ingest import write_series
+from tests.peers import NodeProcess, Orthanc, free_port, wait_for
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def send_study(args: tuple[int, int, list[str]]) -> tuple[list[float], int, float]:
+    """One sender: one association, every file; (latencies s, failures, end time)."""
+    index, port, paths = args
+    ae = AE(ae_title=f"LOAD{index:02d}")
+    ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    assoc = ae.associate("127.0.0.1", port, ae_title="CURIA")
+    if not assoc.is_established:
+        return [], len(paths), time.time()
+    latencies, failures = [], 0
+    try:
+        for path in paths:
+            started = time.perf_counter()
+            status = assoc.send_c_store(Path(path))  # sent from the file, not re-encoded
+            latencies.append(time.perf_counter() - started)
+            if getattr(status, "Status", None) != 0x0000:
+                failures += 1
+    finally:
+        assoc.release()
+    return latencies, failures, time.time()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory (VmHWM) of the node: one process in embedded mode
+    (listener, watcher, API and the worker thread with the model)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--senders", type=int, default=20)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--demo-size", default="tiny", choices=["base", "tiny"])
+    parser.add_argument("--quiet", type=float, default=2.0, help="series quiet period, s")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="curia-load-"))
+    studies = [write_series(root / f"study-{i:02d}", args.slices) for i in range(args.senders)]
+    study_uids = [dcmread(s[0], stop_before_pixels=True).StudyInstanceUID for s in studies]
+    (root / "orthanc").mkdir()
+    orthanc = Orthanc(root / "orthanc", free_port(), free_port())
+    orthanc.start()
+    env = {
+        "CURIA_DATA_DIR": str(root / "data"),
+        "CURIA_DICOM__PORT": str(free_port()),
+        "CURIA_DICOM__MAX_ASSOCIATIONS": str(args.senders + 4),
+        "CURIA_API__PORT": str(free_port()),
+        "CURIA_ARCHIVE__PORT": str(orthanc.dicom_port),
+        "CURIA_COMPLETION__SERIES_QUIET_SECONDS": str(args.quiet),
+        "CURIA_COMPLETION__POLL_SECONDS": "0.2",
+        "CURIA_MODEL__DEMO_SIZE": args.demo_size,
+    }
+    node = NodeProcess(env, root)
+    try:
+        for i in range(args.senders):
+            node.allow_source(f"load-{i}", f"LOAD{i:02d}")
+        node.start()
+        assert node.node is not None
+        jobs = [(i, node.dicom_port, [str(p) for p in s]) for i, s in enumerate(studies)]
+        started = time.time()
+        with multiprocessing.get_context("spawn").Pool(args.senders) as pool:
+            outcomes = pool.map(send_study, jobs)
+        ended = max(end for _, _, end in outcomes)
+        ingest_rss = peak_rss_mib(node.node.pid)
+
+        arrived: dict[str, float] = {}
+
+        def all_reports() -> bool:
+            for uid in study_uids:
+                if uid not in arrived and any(
+                    s["MainDicomTags"].get("Modality") == "SR" for s in orthanc.series_of_study(uid)
+                ):
+                    arrived[uid] = time.time()
+            return len(arrived) == len(study_uids)
+
+        wait_for(all_reports, 3600, "not every study got its SR", interval=0.5)
+        total_rss = peak_rss_mib(node.node.pid)
+    finally:
+        node.stop()
+        orthanc.stop()
+
+    latencies = sorted(x for lat, _, _ in outcomes for x in lat)
+    failures = sum(f for _, f, _ in outcomes)
+    count = args.senders * args.slices
+    p95 = latencies[int(0.95 * (len(latencies) - 1))] * 1000
+    print(f"{args.senders} concurrent associations x {args.slices} slices (512x512, explicit LE)")
+    print(f"aggregate: {count / (ended - started):.1f} instances/s over {ended - started:.1f} s")
+    print(
+        f"C-STORE latency: p50 {statistics.median(latencies) * 1000:.1f} ms, "
+        f"p95 {p95:.1f} ms, max {latencies[-1] * 1000:.1f} ms; failures: {failures}"
+    )
+    print(f"node peak RSS: {ingest_rss:.0f} MiB after ingest, {total_rss:.0f} MiB overall")
+    ends = {uid: end for uid, (_, _, end) in zip(study_uids, outcomes, strict=True)}
+    delays = sorted(arrived[uid] - ends[uid] for uid in study_uids)
+    print(
+        f"last instance -> SR in archive (demo {args.demo_size}, {args.quiet:.0f} s quiet "
+        f"included): min {delays[0]:.1f} s, median {statistics.median(delays):.1f} s, "
+        f"max {delays[-1]:.1f} s"
+    )
+    for uid in study_uids:
+        print(f"  study ...{uid[-12:]}: {arrived[uid] - ends[uid]:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
