@@ -49,19 +49,38 @@ def run(config: ConfigOption = None) -> None:
 @app.command()
 def worker(
     config: ConfigOption = None,
-    queues: Annotated[str | None, typer.Option(help="comma-separated stages")] = None,
+    queues: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated stages: inference (GPU), report, dispatch; all if omitted"
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="worker name, unique on this host (default: from the stages), e.g. gpu1"),
+    ] = None,
 ) -> None:
     """Run a separate pipeline worker (production mode); same as `celery ... worker`."""
     settings = settings_or_exit(config)
     from pipelines.celery_app import STAGES, create_app, queue_name
 
-    stages = queues.split(",") if queues else list(STAGES)
+    stages = [s.strip() for s in queues.split(",")] if queues else list(STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        typer.echo(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}", err=True)
+        raise typer.Exit(2)
     celery_app = create_app(settings)
+    # Only a worker that runs inference needs the model (GPU memory, seconds to load).
+    celery_app.conf.curia_load_model = "inference" in stages
     celery_app.set_default()  # the worker's threads (timer included) look tasks up in it
+    # Node names must be unique per host: two workers on one machine (one per GPU, or a GPU
+    # and a CPU worker) would otherwise fight over Celery's control queue.
+    node_name = name or f"curia-{'-'.join(stages)}"
     celery_app.worker_main(
         [
             "worker",
             "--pool=solo",
+            f"--hostname={node_name}@%h",
             f"--queues={','.join(queue_name(settings, s) for s in stages)}",
             f"--loglevel={settings.log_level}",
         ]

@@ -35,7 +35,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     @worker_ready.connect(weak=False)
     def load_model_when_ready(sender: Any = None, **_: Any) -> None:
         """Load the model as the worker starts, not on the first series it gets."""
-        if getattr(sender, "app", None) is app:
+        if getattr(sender, "app", None) is app and app.conf.get("curia_load_model", True):
             log.info("model loaded: %s", runtime().backbone.identity.name)
 
     @app.task(name="curia.analyse_series", bind=True, shared=False)

@@ -1,0 +1,77 @@
+"""Scale-out: workers on separate queues against the real RabbitMQ (production mode).
+
+One worker takes only inference (where a GPU would be, one process per GPU), another only
+report and dispatch (CPU and network). Each stage must run in the worker of its queue, the
+CPU worker must not load the model, and the study's results reach the archive once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.conftest import RABBITMQ_URL, node_env
+from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
+from tests.test_delivery import _send
+from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
+from tests.test_worker_faults import _runs
+
+
+@pytest.mark.e2e
+@pytest.mark.production
+def test_inference_and_cpu_workers_on_separate_queues(
+    orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
+) -> None:
+    env = node_env(
+        tmp_path,
+        orthanc,
+        CURIA_DATABASE_URL=postgres_url,
+        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
+        CURIA_PIPELINE__EMBEDDED_WORKER="false",
+    )
+    node = NodeProcess(env, tmp_path)
+    node.allow_source("storescu", "STORESCU")
+    node_factory(env, node=node)
+    worker = str(VENV_BIN / "curia-node")
+    gpu = node._spawn([worker, "worker", "--queues", "inference"], "gpu-worker.log")
+    cpu = node._spawn([worker, "worker", "--queues", "report,dispatch"], "cpu-worker.log")
+    try:
+        for name in ("gpu-worker.log", "cpu-worker.log"):
+            wait_for(lambda n=name: " ready." in node.log(n), 120, f"{name}: not ready")
+        _send(node, ct_series)
+        study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
+        download_results(orthanc, study_uid, tmp_path / "results", EXPECTED)
+        wait_for(lambda: _runs(node)[0]["state"] == "succeeded", 60, "the run did not finish")
+
+        gpu_log, cpu_log = node.log("gpu-worker.log"), node.log("cpu-worker.log")
+
+        def ran(task: str, log: str) -> bool:  # "Task curia.x[<id>] succeeded in ..."
+            return f"Task {task}[" in log
+
+        assert ran("curia.analyse_series", gpu_log) and "model loaded" in gpu_log
+        assert not ran("curia.write_report", gpu_log) and not ran("curia.dispatch_result", gpu_log)
+        assert ran("curia.write_report", cpu_log) and ran("curia.dispatch_result", cpu_log)
+        assert not ran("curia.analyse_series", cpu_log)
+        assert "model loaded" not in cpu_log, "a report/dispatch worker does not load the model"
+    finally:
+        for proc in (gpu, cpu):
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
+
+
+def test_a_worker_refuses_an_unknown_stage() -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "curia-node"), "worker", "--queues", "inference,gpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "unknown stage(s) gpu; stages: inference, report, dispatch" in result.stderr
