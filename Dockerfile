@@ -1,15 +1,26 @@
-# Curia Node image: the node (listener, watcher, API, embedded worker) or, with
-# `curia-node worker`, a pipeline worker. PyTorch's default Linux wheels include CUDA, so the
-# same image uses a GPU when run with one (docker run --gpus all ...).
-FROM python:3.11-slim-bookworm
+# Curia Node image: the node (listener, watcher, API) or, with `curia-node worker`, a
+# pipeline worker. Built on a CUDA runtime by default so one image serves GPU workers;
+# PyTorch's Linux wheels bring their own CUDA libraries, so the same image also runs on a
+# machine without a GPU (inference falls back to the CPU). For a smaller CPU-only image:
+#   docker build --build-arg BASE=python:3.11-slim-bookworm -t curia-node:cpu .
+ARG BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    DEBIAN_FRONTEND=noninteractive \
+    PATH=/opt/venv/bin:$PATH \
     CURIA_DATA_DIR=/data \
     CURIA_API__HOST=0.0.0.0
 
-RUN useradd --system --create-home --uid 10001 curia \
+# The CUDA base has no Python; the python base has it (and needs nothing here).
+RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv" 2>/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && python3 -m venv /opt/venv \
+ && useradd --system --create-home --uid 10001 curia \
  && mkdir -p /data && chown curia /data
 
 WORKDIR /opt/curia-node
@@ -18,10 +29,11 @@ COPY node ./node
 COPY pipelines ./pipelines
 COPY sr_templates ./sr_templates
 COPY migrations ./migrations
-RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install -e .
+RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install -e ".[gpu]" flower
 
 USER curia
 VOLUME ["/data"]
 EXPOSE 11112 8080
+HEALTHCHECK --interval=30s --timeout=5s CMD python3 -c "import urllib.request,os; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('CURIA_API__PORT', '8080') + '/readyz')" || exit 1
 ENTRYPOINT ["curia-node"]
 CMD ["run"]

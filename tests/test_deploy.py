@@ -1,0 +1,52 @@
+"""The shipped compose file and Dockerfile agree with the node's settings and CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from node.settings import Settings
+from pipelines.celery_app import STAGES
+
+ROOT = Path(__file__).parents[1]
+COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
+CURIA_SERVICES = ["node", "cpu-worker", "gpu-worker", "flower"]
+
+
+@pytest.mark.parametrize("service", CURIA_SERVICES)
+def test_compose_environment_is_valid_configuration(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env = COMPOSE["services"][service]["environment"]
+    for key in [k for k in os.environ if k.startswith("CURIA_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("CURIA_"):
+            monkeypatch.setenv(key, re.sub(r"\$\{[^}]*\}", "x" * 32, str(value)))
+    settings = Settings()
+    assert not settings.is_embedded_broker and not settings.pipeline.embedded_worker
+    assert settings.effective_database_url.startswith("postgresql+psycopg://")
+    assert settings.archive.host == "orthanc"
+
+
+def test_compose_workers_split_the_stages_between_them() -> None:
+    queues = {}
+    for service in ("cpu-worker", "gpu-worker"):
+        command = COMPOSE["services"][service]["command"]
+        assert command[0] == "worker"
+        queues[service] = set(command[command.index("--queues") + 1].split(","))
+    assert queues["gpu-worker"] == {"inference"}
+    assert queues["cpu-worker"] | queues["gpu-worker"] == set(STAGES)
+    gpu = COMPOSE["services"]["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu[0]["count"] == 1, "one worker process per GPU"
+
+
+def test_image_runs_as_a_non_root_user_on_a_cuda_runtime() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE=nvidia/cuda:[\w.-]+-runtime-", dockerfile, re.M)
+    assert re.search(r"^USER curia$", dockerfile, re.M)
+    assert 'pip install "torch==2.14.1"' in dockerfile
