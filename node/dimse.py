@@ -32,9 +32,10 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from node.catalogue.models import AssociationRecord
-from node.ingest import CANNOT_UNDERSTAND, Ingestor
+from node.ingest import CANNOT_UNDERSTAND, Ingestor, brief
 from node.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_FAILURES
 from node.peers import SourcePolicy
 from node.settings import DicomSettings, TlsSettings
@@ -105,7 +106,16 @@ class AssociationHandlers:
         guard = self.ingestor.guard
         if guard is not None and not guard.can_accept():
             self._reject(event, calling, REJECT_TEMPORARY_CONGESTION, "disk below watermark")
-        elif not self.policy.allows(calling, requestor.address):
+            return
+        try:
+            allowed = self.policy.allows(calling, requestor.address)
+        except Exception as exc:
+            # pynetdicom logs an exception here and goes on to accept the association: a
+            # sender that cannot be checked (the catalogue is down) is refused, transiently.
+            log.error("cannot read the allow-list: %s", brief(exc))
+            self._reject(event, calling, REJECT_TEMPORARY_CONGESTION, "allow-list unavailable")
+            return
+        if not allowed:
             self._reject(event, calling, REJECT_CALLING_AE_NOT_RECOGNISED, "not in allow-list")
 
     def _reject(self, event: Event, calling: str, rsd: tuple[int, int, int], why: str) -> None:
@@ -194,6 +204,8 @@ class AssociationHandlers:
                         ended_at=datetime.now(UTC),
                     )
                 )
+        except SQLAlchemyError as exc:  # the database is down: one line, not a traceback
+            log.error("cannot record the association in the catalogue: %s", brief(exc))
         except Exception:
             log.exception("cannot record the association in the catalogue")
 

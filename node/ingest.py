@@ -13,6 +13,7 @@ import hashlib
 import logging
 import struct
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -25,15 +26,16 @@ from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from sqlalchemy import insert, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Instance, Series, Study
 from node.disk import DiskGuard
 from node.storage import Spool, StagedFile, StoredFile
-from node.uids import InvalidUID, validate_uid
+from node.uids import InvalidUID, is_valid_uid, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +88,231 @@ class RejectedInstance(Exception):
         self.reason = reason
 
 
-def parse_header(source: bytes | bytearray | Path | BinaryIO) -> Dataset:
-    """The header (no pixel data) of Part 10 bytes or a file, or why it cannot be read."""
+# --- is it a well-formed Part 10 stream? ---------------------------------------------------
+
+_VR_32 = frozenset(  # explicit VRs with two reserved bytes and a 4-byte length (PS3.5 7.1.2)
+    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
+)
+_VRS = _VR_32 | frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+MAX_NESTING = 64  # sequences within sequences; pydicom recurses on each level
+MAX_INFLATED = 1 << 30  # bytes a deflated data set may inflate to
+
+
+class _Malformed(Exception):
+    """Why a stream is not a well-formed Part 10 file."""
+
+
+def check_structure(source: bytes | bytearray | Path | BinaryIO) -> None:
+    """Refuse (0xC000) a stream that is not a well-formed Part 10 file in the transfer
+    syntax its file meta names.
+
+    Reads only element headers, seeking over values (a staged STOW-RS part is never loaded
+    whole): every element complete within its container, every explicit VR a VR, undefined
+    lengths only on sequences and encapsulated pixel data and closed by their delimiters,
+    pixel data encapsulated exactly when the transfer syntax says so, sequences at most
+    :data:`MAX_NESTING` deep. Lenient where common readers are: odd lengths, tag order, and
+    a transfer syntax pydicom does not know, read as explicit VR little endian (as every
+    newer transfer syntax but the deflated ones is encoded).
+    """
+    try:
+        if isinstance(source, bytes | bytearray):
+            _Structure(BytesIO(source)).check()
+        elif isinstance(source, Path):
+            with source.open("rb") as fp:
+                _Structure(fp).check()
+        else:
+            start = source.tell()
+            try:
+                _Structure(source).check()
+            finally:
+                source.seek(start)  # where the caller's reader expects it
+    except _Malformed as exc:
+        raise RejectedInstance(CANNOT_UNDERSTAND, f"not a well-formed DICOM file: {exc}") from None
+    except OSError as exc:
+        raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+
+
+class _Structure:
+    """One pass over a Part 10 stream: the file meta, then the data set."""
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self.fp = fp
+        start = fp.tell()
+        self.size = fp.seek(0, 2)
+        fp.seek(start)
+        self.implicit = False
+        self.encapsulated: bool | None = None  # None: a transfer syntax pydicom does not know
+        self._endian("<")
+
+    def _endian(self, order: str) -> None:
+        self.tag, self.short, self.length = (struct.Struct(order + f) for f in ("HH", "H", "L"))
+
+    def check(self) -> None:
+        tsuid = self._meta()
+        deflated = False
+        if tsuid.is_transfer_syntax:
+            self.implicit = tsuid.is_implicit_VR
+            self.encapsulated = tsuid.is_encapsulated
+            deflated = tsuid.is_deflated
+            if not tsuid.is_little_endian:
+                self._endian(">")
+        if deflated:
+            self._inflate()
+        self._elements(self.size, False, self.implicit, 0)
+
+    def _meta(self) -> UID:
+        """The transfer syntax the file meta names; leaves the stream at the data set."""
+        fp = self.fp
+        prefix = fp.read(132)
+        if len(prefix) < 132 or prefix[128:] != b"DICM":
+            raise _Malformed("no preamble and DICM prefix")
+        tsuid = ""
+        while True:
+            position = fp.tell()
+            head = fp.read(8)
+            if len(head) < 8 or head[:2] != b"\x02\x00":  # the data set starts here
+                fp.seek(position)
+                break
+            vr = head[4:6]
+            if vr not in _VRS:
+                raise _Malformed(f"the file meta has an unknown VR {vr.decode('latin-1')!r}")
+            length = self._length32() if vr in _VR_32 else int.from_bytes(head[6:], "little")
+            if length == _UNDEFINED or fp.tell() + length > self.size:
+                raise _Malformed("the file meta is cut short")
+            if head[2:4] == b"\x10\x00":
+                tsuid = fp.read(length).rstrip(b"\x00 ").decode("latin-1")
+            else:
+                fp.seek(length, 1)
+        if not is_valid_uid(tsuid):
+            raise _Malformed("the file meta has no valid Transfer Syntax UID")
+        return UID(tsuid)
+
+    def _inflate(self) -> None:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            data = inflater.decompress(self.fp.read(), MAX_INFLATED)
+        except zlib.error as exc:
+            raise _Malformed(f"the deflated data set does not inflate: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise _Malformed(f"the deflated data set inflates to more than {MAX_INFLATED} bytes")
+        if not inflater.eof:
+            raise _Malformed("the deflated data set is cut short")
+        self.fp, self.size = BytesIO(data), len(data)
+
+    def _length32(self) -> int:
+        data = self.fp.read(4)
+        if len(data) < 4:
+            raise _Malformed("an element header is cut short")
+        return self.length.unpack(data)[0]
+
+    def _header(self, limit: int) -> tuple[int, bytes]:
+        head = self.fp.read(8)
+        if len(head) < 8 or self.fp.tell() > limit:
+            raise _Malformed("an element header is cut short")
+        group, element = self.tag.unpack_from(head)
+        return group << 16 | element, head
+
+    def _elements(self, limit: int, delimited: bool, implicit: bool, depth: int) -> None:
+        """Elements up to ``limit`` or, if ``delimited``, up to an item delimiter."""
+        fp = self.fp
+        while True:
+            position = fp.tell()
+            if position == limit and not delimited:
+                return
+            tag, head = self._header(limit)
+            if tag == _ITEM_END and delimited:
+                return
+            if tag >> 16 == 0xFFFE:
+                raise _Malformed(f"a delimiter or item tag among elements at {position}")
+            vr = None
+            if implicit:
+                length = self.length.unpack_from(head, 4)[0]
+            else:
+                vr = head[4:6]
+                if vr not in _VRS:
+                    raise _Malformed(f"unknown VR {vr.decode('latin-1')!r} at {position}")
+                wide = vr in _VR_32
+                length = self._length32() if wide else self.short.unpack_from(head, 6)[0]
+            if length == _UNDEFINED:
+                if tag == _PIXEL_DATA and vr in (b"OB", b"OW") and self.encapsulated is not False:
+                    self._fragments(limit)
+                elif implicit or vr in (b"SQ", b"UN"):  # UN of undefined length: implicit VR
+                    self._items(limit, True, True if vr == b"UN" else implicit, depth + 1)
+                else:
+                    raise _Malformed(f"undefined length for {vr.decode()} at {position}")
+                continue
+            if tag == _PIXEL_DATA and depth == 0 and self.encapsulated:
+                raise _Malformed("pixel data not encapsulated in an encapsulated transfer syntax")
+            end = fp.tell() + length
+            if end > limit:
+                raise _Malformed(f"a value of {length} bytes runs past its end at {position}")
+            if vr == b"SQ":
+                self._items(end, False, implicit, depth + 1)
+            else:
+                fp.seek(end)
+
+    def _items(self, limit: int, delimited: bool, implicit: bool, depth: int) -> None:
+        """The items of a sequence, up to ``limit`` or its delimiter."""
+        if depth > MAX_NESTING:
+            raise _Malformed(f"sequences nested more than {MAX_NESTING} deep")
+        fp = self.fp
+        while True:
+            position = fp.tell()
+            if position == limit and not delimited:
+                return
+            tag, head = self._header(limit)
+            if tag == _SEQUENCE_END and delimited:
+                return
+            if tag != _ITEM:
+                raise _Malformed(f"a sequence holds something other than items at {position}")
+            length = self.length.unpack_from(head, 4)[0]
+            if length == _UNDEFINED:
+                self._elements(limit, True, implicit, depth)
+                continue
+            end = fp.tell() + length
+            if end > limit:
+                raise _Malformed(f"an item of {length} bytes runs past its end at {position}")
+            self._elements(end, False, implicit, depth)
+
+    def _fragments(self, limit: int) -> None:
+        """Encapsulated pixel data: items of defined length, then the delimiter."""
+        fp = self.fp
+        while True:
+            position = fp.tell()
+            tag, head = self._header(limit)
+            if tag == _SEQUENCE_END:
+                return
+            length = self.length.unpack_from(head, 4)[0]
+            if tag != _ITEM or length == _UNDEFINED:
+                raise _Malformed(f"encapsulated pixel data holds a non-fragment at {position}")
+            end = fp.tell() + length
+            if end > limit:
+                raise _Malformed(f"a fragment of {length} bytes runs past its end at {position}")
+            fp.seek(end)
+
+
+def parse_header(source: bytes | bytearray | Path | BinaryIO, whole: bool = True) -> Dataset:
+    """The header (no pixel data) of Part 10 bytes or a file, or why it cannot be read.
+
+    The whole stream is checked first (:func:`check_structure`): pydicom reads only the
+    header, and reads damaged bytes leniently, so without the check a file cut inside its
+    pixel data, or one whose lengths or VRs are garbage, could be stored as received.
+    ``whole=False`` skips the check, for bytes known to be cut and refused anyway (a STOW-RS
+    part over the size limit), whose header still names the instance in the answer.
+    """
     in_memory = isinstance(source, bytes | bytearray)
+    if whole:
+        check_structure(source)
     try:
         ds = dcmread(
             BytesIO(source) if in_memory else source,
             stop_before_pixels=True,
             specific_tags=_HEADER_TAGS,
         )
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, struct.error) as exc:
+    except Exception as exc:  # whatever the parser trips on, these bytes are not readable
         raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
     if in_memory and isinstance(ds, FileDataset):
         ds.buffer = None  # read in full already; keep no copy of the instance's bytes
@@ -104,6 +321,11 @@ def parse_header(source: bytes | bytearray | Path | BinaryIO) -> Dataset:
 
 def header_from(ds: Dataset) -> InstanceHeader:
     """The identifying attributes of a parsed header, every UID validated."""
+    try:
+        for _ in ds:  # decode every value read now: a bad one is refused, not met later
+            pass
+    except Exception as exc:
+        raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
     try:
         tsuid = validate_uid(str(ds.file_meta.get("TransferSyntaxUID", "")), "TransferSyntaxUID")
         values = [
@@ -189,7 +411,10 @@ class Ingestor:
                     "SOPInstanceUID in the data set differs from the request's",
                 )
         except RejectedInstance as exc:
-            self.spool.quarantine(data, exc.reason, calling_ae)
+            try:
+                self.spool.quarantine(data, exc.reason, calling_ae)
+            except OSError as error:  # the refusal stands; only its evidence is lost
+                log.error("cannot quarantine a refused instance: %s", error)
             return self._refused(exc, calling_ae)
         return self._store([_Entry(header, data)], calling_ae)[0]
 
@@ -251,10 +476,18 @@ class Ingestor:
         with ExitStack() as held:
             for stripe in stripes:
                 held.enter_context(self._uid_locks[stripe])
-            with self.catalogue.session() as session:
-                uids = [entry.header.sop_instance_uid for entry in batch]
-                rows = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(uids)))
-                existing = {row.sop_instance_uid: row for row in rows}
+            try:
+                with self.catalogue.session() as session:
+                    uids = [entry.header.sop_instance_uid for entry in batch]
+                    rows = session.scalars(
+                        select(Instance).where(Instance.sop_instance_uid.in_(uids))
+                    )
+                    existing = {row.sop_instance_uid: row for row in rows}
+            except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
+                log.error(
+                    "cannot read the catalogue for %d instance(s): %s", len(batch), brief(exc)
+                )
+                return [IngestOutcome(OUT_OF_RESOURCES, "cannot read the catalogue")] * len(batch)
             return self._write_and_catalogue(batch, existing, calling_ae)
 
     def _stripe(self, entry: _Entry) -> int:
@@ -295,8 +528,11 @@ class Ingestor:
                     self._record_duplicate(
                         session, batch[index], existing, written.get(index), ae, replace
                     )
-        except Exception:
-            log.exception("cannot catalogue %d instance(s); removing new files", len(new))
+        except Exception as exc:
+            if isinstance(exc, SQLAlchemyError):  # the database, not a bug: no traceback
+                log.error("cannot catalogue %d instance(s): %s", len(new + changed), brief(exc))
+            else:
+                log.exception("cannot catalogue %d instance(s); removing new files", len(new))
             new_files = [written[i] for i in new]
             self.spool.remove(*(f.relative_path for f in new_files if isinstance(f, StoredFile)))
             failed = IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
@@ -459,6 +695,13 @@ class Ingestor:
                 details={"before": before.sha256, "received": entry.sha256},
             )
         )
+
+
+def brief(exc: BaseException) -> str:
+    """One line on a database error: the driver's first line, not SQLAlchemy's essay."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 def _filled(outcomes: list[IngestOutcome | None]) -> list[IngestOutcome]:

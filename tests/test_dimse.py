@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -252,5 +253,117 @@ def test_tls_server_certificate_only(tmp_path: Path) -> None:
             "echoscu", "+tla", "+cf", str(pki.ca_cert), "-aec", "CURIA", "127.0.0.1", str(port)
         )
         assert result.returncode == 0, result.stderr
+    finally:
+        server.shutdown()
+
+
+# --- bad input and a catalogue that is down -------------------------------------------------
+
+
+def _store_bytes(port: int, path: Path, syntax: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    """C-STORE the data set of the file at ``path`` as it is, in a context for ``syntax``."""
+    from pynetdicom import AE, _config
+    from pynetdicom.sop_class import CTImageStorage
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # no decoding on the way
+    scu = AE(ae_title="STORESCU")
+    scu.add_requested_context(CTImageStorage, syntax)
+    assoc = scu.associate("127.0.0.1", port, ae_title="CURIA")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize(
+    "defect",
+    [
+        "deflated",  # zlib.error escaped the handler: 0xC211
+        "cut",  # the header alone was read: stored with Success
+    ],
+)
+def test_bytes_that_are_no_data_set_get_cannot_understand(
+    listener: tuple[int, Ingestor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    defect: str,
+) -> None:
+    from tests.fuzzing import dataset_offset, file_meta
+
+    port, ingestor = listener
+    [source] = repaired_ct_series(tmp_path / "ct", "dimse-bad-bytes")[:1]
+    data = source.read_bytes()
+    ds = dcmread(source, stop_before_pixels=True)
+    syntax = str(ds.file_meta.TransferSyntaxUID)
+    if defect == "deflated":
+        syntax = "1.2.840.10008.1.2.1.99"
+        data = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, syntax) + data[dataset_offset(data) :]
+    else:
+        data = data[: len(data) - 1000]
+    sent = tmp_path / "sent.dcm"
+    sent.write_bytes(data)
+    assert _store_bytes(port, sent, syntax, monkeypatch) == 0xC000
+    assert stored(ingestor) == 0
+    assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 1
+
+
+def _unreachable() -> Catalogue:
+    return Catalogue(f"postgresql+psycopg://curia@127.0.0.1:{free_port()}/curia")
+
+
+def test_a_c_store_while_the_catalogue_is_down_gets_out_of_resources(
+    listener: tuple[int, Ingestor], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not pynetdicom's 0xC211 and a traceback: 0xA700 (the sender keeps the instance and
+    retries) and one line in the log."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    port, ingestor = listener
+    scu = AE(ae_title="STORESCU")
+    scu.add_requested_context(CTImageStorage)
+    assoc = scu.associate("127.0.0.1", port, ae_title="CURIA")
+    assert assoc.is_established
+    working, ingestor.catalogue = ingestor.catalogue, _unreachable()
+    try:
+        with caplog.at_level(logging.ERROR):
+            status = assoc.send_c_store(dcmread(get_testdata_file("CT_small.dcm")))
+            assoc.release()
+    finally:
+        ingestor.catalogue = working
+    assert status.Status == 0xA700
+    assert stored(ingestor) == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and all(r.exc_info is None for r in errors), "no traceback"
+    assert any(r.name == "node.ingest" for r in errors)
+
+
+def test_senders_are_refused_while_the_allow_list_cannot_be_read(tmp_path: Path) -> None:
+    """pynetdicom would log the handler's exception and accept the association: an
+    unchecked sender is refused instead, as transient congestion."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    add_source(catalogue, "scu", "SCU", "127.0.0.1", actor="test")
+    ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), catalogue)
+    policy = SourcePolicy(catalogue, accept_any=False, cache_seconds=0)
+    port = free_port()
+    server = start_listener(DicomSettings(host="127.0.0.1", port=port), ingestor, policy)
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(Verification)
+    try:
+        policy.catalogue = _unreachable()
+        refused = scu.associate("127.0.0.1", port, ae_title="CURIA")
+        assert refused.is_rejected
+        answer = refused.acceptor.primitive
+        assert (answer.result, answer.result_source, answer.diagnostic) == (0x02, 0x03, 0x01)
+        policy.catalogue = catalogue
+        accepted = scu.associate("127.0.0.1", port, ae_title="CURIA")
+        assert accepted.is_established, "accepted again once the catalogue answers"
+        accepted.release()
     finally:
         server.shutdown()

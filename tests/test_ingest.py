@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from sqlalchemy import func, select
 
 from node.catalogue.db import Catalogue, upgrade
@@ -21,6 +25,7 @@ from node.disk import DiskGuard
 from node.ingest import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    MAX_NESTING,
     OUT_OF_RESOURCES,
     SUCCESS,
     Ingestor,
@@ -32,6 +37,8 @@ from node.ingest import (
 )
 from node.storage import STAGING_DIR, Spool, StagedFile, StoredFile
 from node.uids import InvalidUID, is_valid_uid, validate_uid
+from tests.fuzzing import Element, dataset_offset, element_map, file_meta
+from tests.peers import free_port
 
 
 def make_ingestor(root: Path, duplicate_policy: str = "keep_first") -> Ingestor:
@@ -362,3 +369,148 @@ def test_concurrent_batches_and_single_ingests_store_each_uid_once(tmp_path: Pat
     assert count(ingestor, Instance) == 40
     with ingestor.catalogue.session() as session:
         assert session.scalars(select(Series)).one().instance_count == 40
+
+
+# --- bytes that are not a well-formed data set (found by tests/test_fuzz.py) -----------------
+
+
+def unreachable_catalogue() -> Catalogue:
+    """A catalogue whose database server is down: nothing listens on its port."""
+    return Catalogue(f"postgresql+psycopg://curia@127.0.0.1:{free_port()}/curia")
+
+
+def element(dataset: bytes, tag: int) -> Element:
+    return next(e for e in element_map(dataset, implicit=False) if e.tag == tag)
+
+
+def nested_sequences(depth: int) -> bytes:
+    """A private sequence (0009,1099) with ``depth`` levels, each in the one before."""
+    opening = b"\x09\x00\x99\x10SQ\x00\x00" + b"\xff" * 4 + b"\xfe\xff\x00\xe0" + b"\xff" * 4
+    closing = b"\xfe\xff\x0d\xe0" + b"\x00" * 4 + b"\xfe\xff\xdd\xe0" + b"\x00" * 4
+    return opening * depth + closing * depth
+
+
+def with_nesting(depth: int) -> bytes:
+    data = ct_bytes()
+    offset = dataset_offset(data)
+    after = next(e for e in element_map(data[offset:], False) if e.tag > 0x00091099)
+    return data[: offset + after.start] + nested_sequences(depth) + data[offset + after.start :]
+
+
+def malformed(defect: str) -> bytes:
+    """The sample CT (explicit VR little endian) with one defect."""
+    data = ct_bytes()
+    offset = dataset_offset(data)
+    meta, dataset = data[:offset], data[offset:]
+    ds = dcmread(BytesIO(data), stop_before_pixels=True)
+    identity = (str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    pixels = element(dataset, 0x7FE00010)
+    if defect == "cut inside the pixel data":
+        return data[: offset + pixels.value_at + pixels.length // 2]
+    if defect == "cut inside the Series Instance UID":
+        series = element(dataset, 0x0020000E)
+        return data[: offset + series.value_at + series.length // 2]
+    if defect == "a length past the end":
+        at = offset + pixels.length_at
+        return data[:at] + (pixels.length + 2).to_bytes(4, "little") + data[at + 4 :]
+    if defect == "an unknown VR":
+        modality = element(dataset, 0x00080060)
+        return data[: offset + modality.start + 4] + b"zz" + data[offset + modality.start + 6 :]
+    if defect == "undefined length on a text value":
+        modality = element(dataset, 0x00080060)
+        header = dataset[modality.start : modality.start + 4] + b"UT\x00\x00" + b"\xff" * 4
+        return meta + dataset[: modality.start] + header + dataset[modality.value_at :]
+    if defect == "native pixel data under JPEG 2000":
+        return file_meta(*identity, JPEG2000Lossless) + dataset
+    if defect == "explicit VR data under implicit VR":
+        return file_meta(*identity, ImplicitVRLittleEndian) + dataset
+    if defect == "deflated, but not deflated":
+        return file_meta(*identity, DeflatedExplicitVRLittleEndian) + dataset
+    if defect == "file meta cut short":
+        return data[: offset - 10]
+    if defect == "sequences nested too deep":
+        return with_nesting(5000)
+    raise AssertionError(defect)
+
+
+@pytest.mark.parametrize(
+    "defect",
+    [
+        # what the node answered before it checked the structure:
+        "cut inside the pixel data",  # Success: only the header was read
+        "cut inside the Series Instance UID",  # 0xA900, or Success under the cut UID
+        "a length past the end",  # Success
+        "an unknown VR",  # 0xA900 or Success (the rest misread), or 0xC211 (an exception)
+        "undefined length on a text value",  # 0xA900 or Success
+        "native pixel data under JPEG 2000",  # Success
+        "explicit VR data under implicit VR",  # Success: pydicom guesses the encoding
+        "deflated, but not deflated",  # 0xC211: zlib.error escaped the handler
+        "file meta cut short",  # 0xA900 or 0xC000, depending on the cut
+        "sequences nested too deep",  # 0xC211: RecursionError escaped the handler
+    ],
+)
+def test_malformed_bytes_get_cannot_understand(
+    ingestor: Ingestor, tmp_path: Path, defect: str
+) -> None:
+    outcome = ingestor.ingest(malformed(defect), "MODALITY")
+    assert (outcome.status, outcome.reason.split(":")[0]) == (
+        CANNOT_UNDERSTAND,
+        "not a well-formed DICOM file",
+    )
+    assert count(ingestor, Instance) == 0
+    assert not list((tmp_path / "spool").rglob("*.dcm"))
+    assert len(quarantined(tmp_path)) == 1
+
+
+def test_sequences_nested_to_the_limit_are_stored(ingestor: Ingestor) -> None:
+    assert ingestor.ingest(with_nesting(MAX_NESTING), "MODALITY").status == SUCCESS
+    assert ingestor.ingest(with_nesting(MAX_NESTING + 1), "MODALITY").status == CANNOT_UNDERSTAND
+
+
+def test_a_staged_part_is_checked_from_its_file(tmp_path: Path) -> None:
+    """STOW-RS parses parts larger than one write from the staged file."""
+    path = tmp_path / "part.dcm"
+    path.write_bytes(malformed("cut inside the pixel data"))
+    with pytest.raises(RejectedInstance) as refused:
+        parse_header(path)
+    assert refused.value.status == CANNOT_UNDERSTAND
+    path.write_bytes(ct_bytes())
+    assert str(parse_header(path).Modality) == "CT"
+
+
+def test_a_value_that_cannot_be_decoded_is_refused_before_cataloguing() -> None:
+    """An element pydicom cannot decode fails the instance as unreadable, not later in
+    the catalogue transaction as Out of Resources."""
+    ds = parse_header(ct_bytes())
+    ds[0x00080060] = RawDataElement(Tag(0x00080060), "QQ", 2, b"CT", 0, False, True)
+    with pytest.raises(RejectedInstance) as refused:
+        header_from(ds)
+    assert refused.value.status == CANNOT_UNDERSTAND
+
+
+def test_a_refusal_stands_when_the_quarantine_cannot_be_written(
+    ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ingestor.spool, "quarantine", disk_full)
+    assert ingestor.ingest(b"not DICOM", "MODALITY").status == CANNOT_UNDERSTAND
+
+
+def test_an_unreachable_catalogue_gets_out_of_resources_and_one_log_line(
+    ingestor: Ingestor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingestor.catalogue = unreachable_catalogue()
+    with caplog.at_level(logging.ERROR, logger="node.ingest"):
+        single = ingestor.ingest(ct_bytes(), "MODALITY")
+        batch = ingestor.ingest_staged([staged(ingestor.spool, ct_bytes())], "STOW-RS")
+    assert [(o.status, o.reason) for o in [single, *batch]] == [
+        (OUT_OF_RESOURCES, "cannot read the catalogue")
+    ] * 2
+    records = [r for r in caplog.records if r.name == "node.ingest"]
+    assert len(records) == 2
+    for record in records:
+        assert record.exc_info is None and "\n" not in record.getMessage()
+        assert "OperationalError" in record.getMessage()
+    assert not list((tmp_path / "spool").rglob("*.dcm")), "nothing is written"

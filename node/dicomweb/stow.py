@@ -123,7 +123,7 @@ class StowPart:
         """Parse the header once, for the answer (:attr:`ids`) and for the ingestor."""
         ds: Dataset | None = None
         try:
-            ds = parse_header(source)
+            ds = parse_header(source, whole=not self.oversized)
             header = self.header = header_from(ds)
         except RejectedInstance as exc:
             self.header = exc
