@@ -45,9 +45,10 @@ def send_study(args: tuple[int, int, list[str]]) -> tuple[list[float], int, floa
             latencies.append(time.perf_counter() - started)
             if getattr(status, "Status", None) != 0x0000:
                 failures += 1
+        last_answer = time.time()  # the study's last instance is stored
     finally:
         assoc.release()
-    return latencies, failures, time.time()
+    return latencies, failures, last_answer
 
 
 def peak_rss_mib(pid: int) -> float:
