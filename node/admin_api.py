@@ -24,7 +24,16 @@ from node.destinations import (
     remove_destination,
     update_destination,
 )
-from node.peers import PeerError, add_source, list_sources, remove_source, update_source
+from node.peers import (
+    PeerError,
+    add_local_title,
+    add_source,
+    list_local_titles,
+    list_sources,
+    remove_local_title,
+    remove_source,
+    update_source,
+)
 from node.router import active_rules, dry_run, save_rules
 from node.routing import RulesError, parse_rules
 from node.settings import Settings
@@ -40,6 +49,10 @@ class RulesIn(BaseModel):
 class RulesTestIn(BaseModel):
     study_instance_uid: str
     document: str | None = Field(None, description="rules to try instead of those in force")
+
+
+class LocalTitleIn(BaseModel):
+    ae_title: str
 
 
 class SourceChange(BaseModel):
@@ -62,7 +75,7 @@ def _http_error(exc: ValueError) -> HTTPException:
     message = str(exc)
     if message.startswith("no "):
         return HTTPException(status.HTTP_404_NOT_FOUND, message)
-    if "already exists" in message or "belongs to" in message or "comes from" in message:
+    if any(w in message for w in ("already exists", "belongs to", "comes from", "already answers")):
         return HTTPException(status.HTTP_409_CONFLICT, message)
     return HTTPException(422, message)
 
@@ -100,6 +113,30 @@ def create_admin_router(settings: Settings, catalogue: Catalogue) -> APIRouter:
     def delete_source(request: Request, name: str) -> None:
         try:
             remove_source(catalogue, name, actor(request))
+        except PeerError as exc:
+            raise _http_error(exc) from exc
+
+    @router.get("/local-ae-titles")
+    def local_titles() -> list[dict[str, Any]]:
+        """The AE titles the node answers to: the configured one, then those added."""
+        dicom = settings.dicom
+        return [{"ae_title": dicom.ae_title, "port": dicom.port, "source": "config"}] + [
+            {"ae_title": title, "port": dicom.port, "source": "catalogue"}
+            for title in list_local_titles(catalogue)
+        ]
+
+    @router.post("/local-ae-titles", status_code=201)
+    def create_local_title(request: Request, body: LocalTitleIn) -> dict[str, Any]:
+        try:
+            title = add_local_title(catalogue, body.ae_title, actor(request))
+        except PeerError as exc:
+            raise _http_error(exc) from exc
+        return {"ae_title": title, "port": settings.dicom.port, "source": "catalogue"}
+
+    @router.delete("/local-ae-titles/{ae_title}", status_code=204)
+    def delete_local_title(request: Request, ae_title: str) -> None:
+        try:
+            remove_local_title(catalogue, ae_title, actor(request))
         except PeerError as exc:
             raise _http_error(exc) from exc
 

@@ -21,14 +21,25 @@ from node.destinations import (
     remove_destination,
     update_destination,
 )
-from node.peers import PeerError, add_source, list_sources, remove_source, update_source
+from node.peers import (
+    PeerError,
+    add_local_title,
+    add_source,
+    list_local_titles,
+    list_sources,
+    remove_local_title,
+    remove_source,
+    update_source,
+)
 from node.settings import Settings
 
 ae_app = typer.Typer(help="AE titles and peers.")
 source_app = typer.Typer(help="Senders allowed to store into the node (the allow-list).")
 destination_app = typer.Typer(help="Where results and routed studies are sent.")
+local_app = typer.Typer(help="The node's own AE titles (besides dicom.ae_title).")
 ae_app.add_typer(source_app, name="source")
 ae_app.add_typer(destination_app, name="destination")
+ae_app.add_typer(local_app, name="local")
 
 
 @ae_app.callback()
@@ -100,6 +111,35 @@ def source_remove(ctx: typer.Context, name: str) -> None:
     except PeerError as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"source {name!r} removed")
+
+
+@local_app.command("add")
+def local_add(ctx: typer.Context, ae_title: str) -> None:
+    """Answer to one more called AE title too (applies to the next association)."""
+    try:
+        title = add_local_title(_catalogue(ctx), ae_title, cli_actor())
+    except PeerError as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(f"the node now also answers to {title!r}")
+
+
+@local_app.command("list")
+def local_list(ctx: typer.Context) -> None:
+    """The AE titles the node answers to; the first is the configured one."""
+    settings: Settings = ctx.obj["settings"]
+    typer.echo(f"{settings.dicom.ae_title} (configuration, port {settings.dicom.port})")
+    for title in list_local_titles(_catalogue(ctx)):
+        typer.echo(title)
+
+
+@local_app.command("remove")
+def local_remove(ctx: typer.Context, ae_title: str) -> None:
+    """Stop answering to a local AE title added before."""
+    try:
+        remove_local_title(_catalogue(ctx), ae_title, cli_actor())
+    except PeerError as exc:
+        raise fail(str(exc)) from exc
+    typer.echo(f"the node no longer answers to {ae_title!r}")
 
 
 Opt = typer.Option

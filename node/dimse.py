@@ -64,6 +64,7 @@ def handle_echo(event: Event) -> int:
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 REJECT_TEMPORARY_CONGESTION = (0x02, 0x03, 0x01)
+REJECT_CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
 
 
 @dataclass
@@ -100,15 +101,18 @@ class AssociationHandlers:
         ]
 
     def on_requested(self, event: Event) -> None:
-        """Refuse everyone while the disk is below its watermark, and unknown senders always."""
+        """Refuse everyone while the disk is below its watermark, unknown senders always, and
+        called AE titles that are not the node's."""
         requestor = event.assoc.requestor
         calling = (requestor.primitive.calling_ae_title if requestor.primitive else "").strip()
         guard = self.ingestor.guard
         if guard is not None and not guard.can_accept():
             self._reject(event, calling, REJECT_TEMPORARY_CONGESTION, "disk below watermark")
             return
+        called = (requestor.primitive.called_ae_title if requestor.primitive else "").strip()
         try:
             allowed = self.policy.allows(calling, requestor.address)
+            ours = allowed and self.policy.answers_to(called)
         except Exception as exc:
             # pynetdicom logs an exception here and goes on to accept the association: a
             # sender that cannot be checked (the catalogue is down) is refused, transiently.
@@ -117,6 +121,11 @@ class AssociationHandlers:
             return
         if not allowed:
             self._reject(event, calling, REJECT_CALLING_AE_NOT_RECOGNISED, "not in allow-list")
+            return
+        if not ours:
+            self._reject(
+                event, calling, REJECT_CALLED_AE_NOT_RECOGNISED, f"called AE {called!r} unknown"
+            )
 
     def _reject(self, event: Event, calling: str, rsd: tuple[int, int, int], why: str) -> None:
         requestor = event.assoc.requestor
@@ -217,7 +226,9 @@ def build_ae(settings: DicomSettings) -> AE:
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    ae.require_called_aet = True
+    # The called AE title is checked in the A-ASSOCIATE handler: the configured title or a
+    # local one from the catalogue (added while the node runs).
+    ae.require_called_aet = False
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
@@ -242,6 +253,8 @@ def start_listener(
 ) -> ThreadedAssociationServer:
     """Start the C-ECHO/C-STORE SCP in background threads and return its server."""
     ae = build_ae(settings)
+    if policy.ae_title is None:
+        policy.ae_title = settings.ae_title
     handlers = AssociationHandlers(ingestor, policy).bindings()
     context = tls_context(settings.tls) if settings.tls.enabled else None
     server = ae.start_server(

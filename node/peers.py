@@ -1,9 +1,11 @@
-"""Peers: which senders may associate with the node (the source allow-list).
+"""Peers: which senders may associate with the node (the source allow-list), and the
+node's own AE titles.
 
 A source is an AE title plus, optionally, the address it must connect from (an IP, a
 network in CIDR form, or a host name). Unknown senders are refused unless the explicit
-``dicom.accept_any_source`` switch is on. Changes in the catalogue apply to the next
-association without a restart.
+``dicom.accept_any_source`` switch is on. The node answers to ``dicom.ae_title`` and to any
+local AE title added in the catalogue (e.g. one per department, so routing rules can tell
+them apart). Changes in the catalogue apply to the next association without a restart.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from node.uids import validate_ae_title
 log = logging.getLogger(__name__)
 
 SOURCE = "source"
+LOCAL = "local"
 
 
 class PeerError(ValueError):
@@ -70,23 +73,42 @@ def _host_matches(rule: str | None, address: str) -> bool:
 
 
 class SourcePolicy:
-    """Decides whether a calling AE title from an address may associate."""
+    """Decides whether a calling AE title from an address may associate, and whether the
+    called AE title is one of the node's."""
 
-    def __init__(self, catalogue: Catalogue, accept_any: bool, cache_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        accept_any: bool,
+        cache_seconds: float = 1.0,
+        ae_title: str | None = None,
+    ) -> None:
         self.catalogue = catalogue
         self.accept_any = accept_any
         self.cache_seconds = cache_seconds
-        self._cache: tuple[float, list[SourcePeer]] = (0.0, [])
+        self.ae_title = ae_title
+        self._cache: tuple[float, list[SourcePeer], set[str]] = (0.0, [], set())
         self._lock = threading.Lock()
 
-    def sources(self) -> list[SourcePeer]:
+    def _load(self) -> tuple[list[SourcePeer], set[str]]:
         with self._lock:
-            loaded_at, peers = self._cache
+            loaded_at, peers, local = self._cache
             if time.monotonic() - loaded_at < self.cache_seconds:
-                return peers
+                return peers, local
             peers = list_sources(self.catalogue)
-            self._cache = (time.monotonic(), peers)
-            return peers
+            local = set(list_local_titles(self.catalogue))
+            self._cache = (time.monotonic(), peers, local)
+            return peers, local
+
+    def sources(self) -> list[SourcePeer]:
+        return self._load()[0]
+
+    def answers_to(self, called_ae_title: str) -> bool:
+        """Whether ``called_ae_title`` is the configured AE title or a local one."""
+        called = called_ae_title.strip()
+        if self.ae_title is not None and called == self.ae_title:
+            return True
+        return called in self._load()[1]
 
     def allows(self, ae_title: str, address: str) -> bool:
         if self.accept_any:
@@ -177,3 +199,52 @@ def update_source(
             )
         )
         return SourcePeer(name, peer.ae_title or "", peer.host)
+
+
+def list_local_titles(catalogue: Catalogue) -> list[str]:
+    """The node's AE titles added in the catalogue (the configured one is not listed)."""
+    with catalogue.session() as session:
+        rows = session.scalars(
+            select(Peer).where(Peer.role == LOCAL, Peer.enabled.is_(True)).order_by(Peer.name)
+        ).all()
+        return [row.ae_title or "" for row in rows]
+
+
+def add_local_title(catalogue: Catalogue, ae_title: str, actor: str) -> str:
+    """Answer to one more called AE title (its catalogue name is ``local:<title>``)."""
+    try:
+        ae_title = validate_ae_title(ae_title)
+    except ValueError as exc:
+        raise PeerError(str(exc)) from exc
+    name = f"local:{ae_title}"
+    with catalogue.session() as session:
+        if session.scalar(select(Peer).where(Peer.name == name)) is not None:
+            raise PeerError(f"the node already answers to {ae_title!r}")
+        session.add(Peer(name=name, role=LOCAL, protocol="dimse", ae_title=ae_title))
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="local-ae-added",
+                target=ae_title,
+                details={"after": {"ae_title": ae_title}},
+            )
+        )
+    return ae_title
+
+
+def remove_local_title(catalogue: Catalogue, ae_title: str, actor: str) -> None:
+    with catalogue.session() as session:
+        peer = session.scalar(
+            select(Peer).where(Peer.name == f"local:{ae_title.strip()}", Peer.role == LOCAL)
+        )
+        if peer is None:
+            raise PeerError(f"no local AE title {ae_title!r}")
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="local-ae-removed",
+                target=peer.ae_title,
+                details={"before": {"ae_title": peer.ae_title}},
+            )
+        )
+        session.delete(peer)

@@ -211,3 +211,21 @@ def test_cli_destination_lifecycle(catalogue: Catalogue, settings: Settings) -> 
     assert '"pacs2"' in listed.stdout
     removed = runner.invoke(cli, ["ae", "destination", "remove", "pacs2"])
     assert removed.exit_code == 0
+
+
+def test_local_ae_titles_over_the_api(http: TestClient, settings: Settings) -> None:
+    admin = bearer(api_token(settings))
+    assert http.get("/api/v1/local-ae-titles", headers=admin).json() == [
+        {"ae_title": "CURIA", "port": 11112, "source": "config"}
+    ]
+    assert (
+        http.post("/api/v1/local-ae-titles", json={"ae_title": "NEURO"}, headers=admin)
+    ).status_code == 201
+    again = http.post("/api/v1/local-ae-titles", json={"ae_title": "NEURO"}, headers=admin)
+    assert again.status_code == 409
+    titles = [t["ae_title"] for t in http.get("/api/v1/local-ae-titles", headers=admin).json()]
+    assert titles == ["CURIA", "NEURO"]
+    assert http.delete("/api/v1/local-ae-titles/NEURO", headers=admin).status_code == 204
+    assert http.delete("/api/v1/local-ae-titles/NEURO", headers=admin).status_code == 404
+    actions = [a["action"] for a in http.get("/api/v1/audit", headers=admin).json()[:2]]
+    assert actions == ["local-ae-removed", "local-ae-added"]

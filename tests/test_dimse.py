@@ -18,7 +18,7 @@ from node.catalogue.models import Instance
 from node.dimse import start_listener
 from node.disk import DiskGuard
 from node.ingest import Ingestor
-from node.peers import SourcePolicy, add_source
+from node.peers import PeerError, SourcePolicy, add_local_title, add_source, remove_local_title
 from node.settings import DicomSettings
 from node.storage import Spool
 from tests.conftest import require_tool
@@ -65,6 +65,25 @@ def test_wrong_called_ae_title_is_rejected(listener: tuple[int, Ingestor]) -> No
     result = dcmtk("echoscu", "-aec", "NOTCURIA", "127.0.0.1", str(port))
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stderr + result.stdout
+
+
+def test_a_local_ae_title_added_while_running_is_answered(
+    listener: tuple[int, Ingestor],
+) -> None:
+    port, ingestor = listener
+    echo = ("echoscu", "-aet", "ECHOSCU", "-aec", "CURIA-NEURO", "127.0.0.1", str(port))
+    refused = dcmtk(*echo)
+    assert refused.returncode != 0
+    assert "Called AE Title Not Recognized" in refused.stdout + refused.stderr
+    add_local_title(ingestor.catalogue, "CURIA-NEURO", actor="test")
+    assert dcmtk(*echo).returncode == 0, "answered without a restart"
+    assert (
+        dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "CURIA", "127.0.0.1", str(port)).returncode == 0
+    )
+    remove_local_title(ingestor.catalogue, "CURIA-NEURO", actor="test")
+    assert dcmtk(*echo).returncode != 0
+    with pytest.raises(PeerError, match="AE title"):
+        add_local_title(ingestor.catalogue, "WAY-TOO-LONG-AE-TITLE", actor="test")
 
 
 def test_unknown_calling_ae_title_is_rejected(listener: tuple[int, Ingestor]) -> None:
