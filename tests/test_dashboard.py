@@ -295,6 +295,11 @@ def test_dashboard_in_a_browser(
     dead_end = page.locator('#destinations-body tr[data-destination="dead-end"]')
     expect(dead_end).to_contain_text(f"NOWHERE@127.0.0.1:{dead_port}")
     expect(page.locator("#audit-body")).to_contain_text("destination-added")
+    expect(page.locator("#local-body")).to_contain_text("CURIA")
+    page.locator("#local-form").get_by_label("AE title").fill("CURIA-NEURO")
+    page.locator("#local-form").get_by_role("button", name="Add AE title").click()
+    expect(page.locator("#local-message")).to_have_text("The node now also answers to CURIA-NEURO.")
+    expect(page.locator("#local-body")).to_contain_text("CURIA-NEURO")
 
     # c. The real CT arrives and goes through every stage; the archive gets the results.
     page.get_by_role("tab", name="Studies").click()

@@ -297,6 +297,55 @@ async function submitSource(event) {
   await refreshPeers();
 }
 
+export async function loadLocalTitles() {
+  const titles = await api("api/v1/local-ae-titles");
+  replace(
+    $("local-body"),
+    titles.map((t) =>
+      h(
+        "tr",
+        {},
+        h("td", { class: "mono" }, h("strong", {}, t.ae_title)),
+        h("td", { class: "mono" }, String(t.port)),
+        h("td", {}, t.source),
+        h(
+          "td",
+          {},
+          t.source === "config"
+            ? h("span", { class: "muted" }, "configuration file")
+            : h("button", { type: "button", class: "button small danger write", onclick: (e) => removeLocalTitle(t.ae_title, e.currentTarget) }, "Remove"),
+        ),
+      ),
+    ),
+  );
+}
+
+async function removeLocalTitle(title, button) {
+  if (!window.confirm(`Stop answering to ${title}?`)) return;
+  try {
+    await busy(button, () => api(`api/v1/local-ae-titles/${encodeURIComponent(title)}`, { method: "DELETE" }));
+    say($("local-message"), `The node no longer answers to ${title}.`, "ok");
+  } catch (error) {
+    say($("local-message"), error.message, "error");
+  }
+  await refreshPeers();
+}
+
+async function submitLocalTitle(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const body = { ae_title: form.elements.ae_title.value.trim() };
+  try {
+    await busy(form.querySelector("button[type=submit]"), () => api("api/v1/local-ae-titles", { method: "POST", body }));
+    say($("local-message"), `The node now also answers to ${body.ae_title}.`, "ok");
+    form.reset();
+  } catch (error) {
+    say($("local-message"), error.message, "error");
+    return;
+  }
+  await refreshPeers();
+}
+
 const compact = (value) => (typeof value === "string" ? value : JSON.stringify(value));
 
 /** A change as "field: before → after" for the fields that changed; anything else as JSON. */
@@ -336,7 +385,7 @@ export async function loadAudit() {
 }
 
 export async function refreshPeers() {
-  await Promise.all([loadDestinations(), loadSources(), loadAudit()]);
+  await Promise.all([loadDestinations(), loadSources(), loadLocalTitles(), loadAudit()]);
 }
 
 export function setupPeers() {
@@ -349,6 +398,7 @@ export function setupPeers() {
   });
   showProtocolFields(form);
   $("source-form").addEventListener("submit", submitSource);
+  $("local-form").addEventListener("submit", submitLocalTitle);
 }
 
 // ---- Rules (the API may not offer them: then the panel says so) ------------------------------
