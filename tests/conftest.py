@@ -57,6 +57,18 @@ def node_env(root: Path, orthanc: Orthanc, **extra: str) -> dict[str, str]:
     return env
 
 
+def production_env(root: Path, orthanc: Orthanc, postgres_url: str, **extra: str) -> dict[str, str]:
+    """Production mode: PostgreSQL catalogue, RabbitMQ broker, workers as separate processes."""
+    return node_env(
+        root,
+        orthanc,
+        CURIA_DATABASE_URL=postgres_url,
+        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
+        CURIA_PIPELINE__EMBEDDED_WORKER="false",
+        **extra,
+    )
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""

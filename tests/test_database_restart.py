@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from tests.conftest import RABBITMQ_URL, node_env
+from tests.conftest import production_env
 from tests.peers import NodeProcess, Orthanc, port_open, wait_for
 from tests.test_delivery import _send
 from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
@@ -52,13 +52,7 @@ def _store_one(node: NodeProcess, path: Path) -> int | None:
 def test_no_success_while_the_catalogue_is_down_and_recovery_without_restart(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
 ) -> None:
-    env = node_env(
-        tmp_path,
-        orthanc,
-        CURIA_DATABASE_URL=postgres_url,
-        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
-        CURIA_PIPELINE__EMBEDDED_WORKER="false",
-    )
+    env = production_env(tmp_path, orthanc, postgres_url)
     node = NodeProcess(env, tmp_path)
     node.allow_source("storescu", "STORESCU")
     node_factory(env, node=node, separate_worker=True)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import RABBITMQ_URL, node_env
+from tests.conftest import RABBITMQ_URL, node_env, production_env
 from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
 from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
 from tests.validators import assert_dcentvfy_clean, assert_dciodvfy_clean, assert_dsrdump_clean
@@ -192,13 +192,7 @@ def test_embedded_mode_returns_a_valid_sr_to_the_archive(
 def test_production_mode_rabbitmq_postgres_separate_worker(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
 ) -> None:
-    env = node_env(
-        tmp_path,
-        orthanc,
-        CURIA_DATABASE_URL=postgres_url,
-        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
-        CURIA_PIPELINE__EMBEDDED_WORKER="false",
-    )
+    env = production_env(tmp_path, orthanc, postgres_url)
     node = node_factory(env, separate_worker=True)
     try:
         sr_path, elapsed = push_and_wait_for_sr(orthanc, node, ct_series, tmp_path)

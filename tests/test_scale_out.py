@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import RABBITMQ_URL, node_env
+from tests.conftest import production_env
 from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
 from tests.test_delivery import _send
 from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
@@ -25,13 +25,7 @@ from tests.test_worker_faults import _runs
 def test_inference_and_cpu_workers_on_separate_queues(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
 ) -> None:
-    env = node_env(
-        tmp_path,
-        orthanc,
-        CURIA_DATABASE_URL=postgres_url,
-        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
-        CURIA_PIPELINE__EMBEDDED_WORKER="false",
-    )
+    env = production_env(tmp_path, orthanc, postgres_url)
     node = NodeProcess(env, tmp_path)
     node.allow_source("storescu", "STORESCU")
     node_factory(env, node=node)

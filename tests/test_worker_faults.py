@@ -15,7 +15,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import RABBITMQ_URL, node_env
+from tests.conftest import production_env
 from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
 from tests.test_delivery import _send
 from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
@@ -49,12 +49,10 @@ def _worker_args(node: NodeProcess) -> list[str]:
 def test_worker_killed_mid_analysis_is_finished_by_the_next_worker_once(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
 ) -> None:
-    env = node_env(
+    env = production_env(
         tmp_path,
         orthanc,
-        CURIA_DATABASE_URL=postgres_url,
-        CURIA_PIPELINE__BROKER_URL=RABBITMQ_URL,
-        CURIA_PIPELINE__EMBEDDED_WORKER="false",
+        postgres_url,
         CURIA_COMPLETION__POLL_SECONDS="0.1",
     )
     node = NodeProcess(env, tmp_path)
