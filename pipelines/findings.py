@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+#: A rectangle of a stored image, in pixel indices: (first row, first column, end row, end
+#: column), ends exclusive.
+Box = tuple[int, int, int, int]
+
 
 @dataclass(frozen=True)
 class CodeRef:
@@ -33,7 +37,9 @@ class HeadFinding:
     ``probabilities`` are in class order and sum to 1 for a softmax head; for a regression
     head (one class naming the quantity) the single entry is the raw predicted value.
     ``key_slice`` is the index (in the spatially sorted series) of the slice that scored
-    highest for the predicted class, so a report can point a viewer at it.
+    highest for the predicted class, so a report can point a viewer at it; ``key_region``
+    is where on that slice (see :mod:`pipelines.key_region`), None when the head keeps no
+    spatial information.
     """
 
     head_name: str
@@ -44,6 +50,7 @@ class HeadFinding:
     predicted_index: int
     key_slice: int | None = None
     demo: bool = False
+    key_region: Box | None = None
 
     @property
     def predicted(self) -> HeadClass:
@@ -91,6 +98,7 @@ def findings_from_dict(data: dict) -> SeriesFindings:
                         HeadClass(name=c["name"], code=code(c.get("code"))) for c in f["classes"]
                     ),
                     "probabilities": tuple(f["probabilities"]),
+                    "key_region": tuple(f["key_region"]) if f.get("key_region") else None,
                 }
             )
             for f in data["findings"]

@@ -375,6 +375,9 @@ class WindowPrediction:
 
     outputs: torch.Tensor  # (C,): probabilities, or the raw value for regression
     key_position: int | None  # index into the window, None when nothing singles one out
+    # per spatial token of the key slice (row-major grid, CLS dropped): how much each drove
+    # the prediction; None when the head keeps no spatial tokens
+    key_scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -497,18 +500,29 @@ class Head:
         with torch.inference_mode():
             if self.probe is None:  # mean_patch: no position embedding, plain mean
                 outputs = self._outputs(self.linear(x.mean(dim=(0, 1))))
-                key = None
-                if self.card.task == "classification":
-                    scores = self._outputs(self.linear(x.mean(dim=1)))
-                    key = int(torch.argmax(scores[:, int(torch.argmax(outputs))]))
-                return WindowPrediction(outputs=outputs.cpu(), key_position=key)
+                if self.card.task != "classification":
+                    return WindowPrediction(outputs=outputs.cpu(), key_position=None)
+                predicted = int(torch.argmax(outputs))
+                scores = self._outputs(self.linear(x.mean(dim=1)))
+                key = int(torch.argmax(scores[:, predicted]))
+                # the series logit is the mean of the patch logits: each patch's share
+                patch_logits = self.linear(x[key])[:, predicted]
+                return WindowPrediction(
+                    outputs=outputs.cpu(), key_position=key, key_scores=patch_logits.cpu()
+                )
             x = x + slice_position_embedding(count, hidden).to(x.device).unsqueeze(1)
             pooled, weights = self.probe(x.reshape(1, count * per, hidden))
             outputs = self._outputs(self.linear(pooled))[0]
-        key = count // 2
-        if weights is not None:
-            key = int(torch.argmax(weights[0].sum(dim=0).reshape(count, per).sum(dim=1)))
-        return WindowPrediction(outputs=outputs.cpu(), key_position=key)
+        if weights is None:
+            return WindowPrediction(outputs=outputs.cpu(), key_position=count // 2)
+        attention = weights[0].sum(dim=0).reshape(count, per)
+        key = int(torch.argmax(attention.sum(dim=1)))
+        spatial = attention[key, int(self._window().class_token) :]
+        return WindowPrediction(
+            outputs=outputs.cpu(),
+            key_position=key,
+            key_scores=spatial.cpu() if self._window().tokens == "patch" else None,
+        )
 
     def _window(self) -> WindowCard:
         if self.card.window is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 from pipelines.backbone import Backbone
 from pipelines.findings import HeadFinding, SeriesFindings
 from pipelines.heads import Head
+from pipelines.key_region import grid_region
 from pipelines.preprocess import SeriesPlan, iter_series_chunks, plan_series, preprocess_slices
 
 log = logging.getLogger(__name__)
@@ -251,15 +253,66 @@ def _mean_finding(
     return _finding(head, outputs, key_slice, backbone)
 
 
-def _window_finding(head: Head, window: _Window, backbone: Backbone) -> HeadFinding:
+def _window_finding(
+    head: Head, window: _Window, backbone: Backbone, plan: SeriesPlan
+) -> HeadFinding:
     missing = [window.indices[k] for k, t in enumerate(window.kept) if t is None]
     if missing:  # defensive: every window slice is decoded and embedded above
         raise RuntimeError(f"head {head.name}: no tokens for slices {missing}")
     prediction = head.predict_window(torch.stack([t for t in window.kept if t is not None]))
     key = prediction.key_position
-    return _finding(
+    finding = _finding(
         head, prediction.outputs, None if key is None else window.indices[key], backbone
     )
+    if prediction.key_scores is None or finding.key_slice is None:
+        return finding
+    # pooled patches may leave a remainder of the full grid uncovered
+    full_side = math.isqrt(backbone.spec.num_patches)
+    kernel = (head.card.window.kernel_size if head.card.window else None) or 1
+    extent = math.isqrt(prediction.key_scores.numel()) * kernel / full_side
+    region = grid_region(
+        prediction.key_scores, plan.reorientation, (plan.rows, plan.columns), extent=extent
+    )
+    return dataclasses.replace(finding, key_region=region)
+
+
+def _locate_mean_findings(
+    plan: SeriesPlan,
+    heads: Sequence[Head],
+    groups: list[_Group],
+    findings: dict[int, HeadFinding],
+    backbone: Backbone,
+) -> None:
+    """Give each mean-CLS classification finding the region of its key slice.
+
+    The key slice is only known once every slice has been scored, so its patch tokens are
+    computed again here: one extra backbone pass over at most one slice per head.
+    """
+    for group in groups:
+        wanted = {
+            i: findings[i].key_slice
+            for i in group.head_indices
+            if findings[i].key_slice is not None
+        }
+        if not wanted:
+            continue
+        slices = sorted(set(wanted.values()))
+        _, pixels = next(iter_series_chunks(_subplan(plan, slices), len(slices), workers=1))
+        batch = preprocess_slices(
+            pixels,
+            size=backbone.spec.image_size,
+            clip_below_air=group.clip_below_air,
+            device=backbone.device,
+        )
+        patches = backbone_tokens(backbone, batch).final[:, 1:]
+        for i, key in wanted.items():
+            head = heads[i]
+            weight = head.linear.weight
+            with torch.inference_mode():
+                logits = head.linear(patches[slices.index(key)].to(weight.device, weight.dtype))
+            scores = logits[:, findings[i].predicted_index]
+            region = grid_region(scores, plan.reorientation, (plan.rows, plan.columns))
+            findings[i] = dataclasses.replace(findings[i], key_region=region)
 
 
 def _finding(
@@ -400,7 +453,8 @@ def analyse_series(
             findings[i] = _mean_finding(heads[i], group.slice_scores[i], group, len(plan), backbone)
         for window in group.windows:
             findings[window.head_index] = _window_finding(
-                heads[window.head_index], window, backbone
+                heads[window.head_index], window, backbone, plan
             )
+    _locate_mean_findings(plan, heads, groups, findings, backbone)
     result.findings.extend(findings[i] for i in range(len(heads)))
     return result

@@ -74,6 +74,21 @@ class Reorientation:
             out = np.flip(out, axis=-1)
         return np.ascontiguousarray(out)
 
+    def undo(self, pixels: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`apply`: PL layout back to the stored layout.
+
+        ``apply`` transposes, then flips; so the inverse flips (flips commute and are their
+        own inverse), then transposes.
+        """
+        out = pixels
+        if self.flip_cols:
+            out = np.flip(out, axis=-1)
+        if self.flip_rows:
+            out = np.flip(out, axis=-2)
+        if self.transpose:
+            out = np.swapaxes(out, -1, -2)
+        return np.ascontiguousarray(out)
+
     def output_shape(self, rows: int, columns: int) -> tuple[int, int]:
         return (columns, rows) if self.transpose else (rows, columns)
 

@@ -41,6 +41,7 @@ from torch import nn
 from pipelines.backbone import Backbone
 from pipelines.findings import HeadClass, HeadFinding, ModelIdentity
 from pipelines.heads import BIAS_KEY, CARD_FILE, WEIGHT_KEY, WEIGHTS_FILE, CodeCard
+from pipelines.key_region import mask_box
 from pipelines.preprocess import Reorientation, iter_series_chunks, plan_series, preprocess_slices
 from pipelines.report import (
     DEMO_STATEMENT,
@@ -321,19 +322,8 @@ def demo_mask_head(hidden_size: int, seed: int = 0, backbone: str = "Curia-B") -
 
 
 def to_stored_orientation(reorientation: Reorientation, pixels: np.ndarray) -> np.ndarray:
-    """Undo ``reorientation`` on the last two axes: PL layout back to the stored layout.
-
-    ``Reorientation.apply`` transposes, then flips; so the inverse flips (flips commute
-    and are their own inverse), then transposes.
-    """
-    out = pixels
-    if reorientation.flip_cols:
-        out = np.flip(out, axis=-1)
-    if reorientation.flip_rows:
-        out = np.flip(out, axis=-2)
-    if reorientation.transpose:
-        out = np.swapaxes(out, -1, -2)
-    return np.ascontiguousarray(out)
+    """Undo ``reorientation`` on the last two axes: PL layout back to the stored layout."""
+    return reorientation.undo(pixels)
 
 
 @dataclass(frozen=True, eq=False)
@@ -387,6 +377,7 @@ def make_series_mask(
         raise SegmentationError(f"probability {highest_probability} outside 0..1")
     areas = mask.sum(axis=(1, 2))
     present = bool(areas.any())
+    key = int(np.argmax(areas)) if present else None
     card = mask_head.card
     finding = HeadFinding(
         head_name=card.name,
@@ -395,8 +386,9 @@ def make_series_mask(
         classes=_present_absent(),
         probabilities=(1.0 - highest_probability, highest_probability),
         predicted_index=1 if present else 0,
-        key_slice=int(np.argmax(areas)) if present else None,
+        key_slice=key,
         demo=card.demo or model.demo,
+        key_region=mask_box(mask[key]) if key is not None else None,
     )
     return SeriesMask(
         mask=mask,

@@ -252,6 +252,14 @@ def test_imported_window_head_matches_the_released_forward(
     assert min(finding.probabilities) > 0.02  # not saturated: the comparison is sensitive
     assert finding.key_slice in window
     assert finding.classes[1].code == CLASSES[1][1]
+    # drawn where the head looked on the key slice, unless each slice is one mean token
+    if config["use_avgpool_per_slice"]:
+        assert finding.key_region is None
+    else:
+        plan = preprocess.plan_series(ct)
+        rows, columns = plan.rows, plan.columns
+        r0, c0, r1, c1 = finding.key_region
+        assert 0 <= r0 < r1 <= rows and 0 <= c0 < c1 <= columns
 
 
 def test_import_writes_a_complete_card(

@@ -20,7 +20,8 @@ from pipelines.backbone import Backbone, demo_backbone
 from pipelines.findings import CodeRef
 from pipelines.heads import Head, HeadError, demo_head, load_head, load_heads, save_head
 from pipelines.inference import analyse_series, select_device
-from pipelines.preprocess import load_series, preprocess_slices
+from pipelines.key_region import grid_region
+from pipelines.preprocess import load_series, plan_series, preprocess_slices
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +229,26 @@ def test_key_slice_is_the_best_scoring_slice(tmp_path: Path, backbone: Backbone)
     pixels = load_series(paths).pixels
     per_slice = head.predict(backbone.features(preprocess_slices(pixels)))
     assert finding.key_slice == int(torch.argmax(per_slice[:, finding.predicted_index]))
+
+
+def test_key_region_is_where_the_head_scores_its_class_on_the_key_slice(
+    tmp_path: Path, backbone: Backbone
+) -> None:
+    """The head's linear layer on each patch token of the key slice picks the region."""
+    paths = ct_series(tmp_path, [0.0, 1.0, 2.0, 3.0])
+    head = big_demo_head(64, seed=5)
+    (finding,) = analyse_series(
+        paths, backbone, [head], series_instance_uid="1", batch_size=3
+    ).findings
+    plan = plan_series(paths)
+    pixels = load_series(paths).pixels[finding.key_slice : finding.key_slice + 1]
+    patches = backbone.tokens(preprocess_slices(pixels))[0, 1:]
+    scores = head.linear(patches)[:, finding.predicted_index]
+    expected = grid_region(scores, plan.reorientation, (plan.rows, plan.columns))
+    assert finding.key_region == expected
+    r0, c0, r1, c1 = finding.key_region
+    assert 0 <= r0 < r1 <= plan.rows and 0 <= c0 < c1 <= plan.columns
+    assert (r1 - r0) * (c1 - c0) < plan.rows * plan.columns  # a region, not the whole slice
 
 
 def test_heads_get_their_own_preprocessing(tmp_path: Path, backbone: Backbone) -> None:
