@@ -205,6 +205,10 @@ def _value(item: Dataset) -> str:
         return str(item.UID)
     if kind == "IMAGE":
         return f"image {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID}"
+    if kind == "SCOORD":
+        corners = [round(float(v)) for v in item.GraphicData]
+        points = ", ".join(f"({c}, {r})" for c, r in zip(corners[::2], corners[1::2], strict=True))
+        return f"{str(item.GraphicType).lower()} {points} (column, row) on"
     return ""
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import os
 import re
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
@@ -53,7 +55,11 @@ __all__ = [
 #: ``HeadFinding.task`` of a head that produced a mask: its SR group references the
 #: segment of the Segmentation made from that mask instead of standing alone.
 SEGMENTATION_TASK = "segmentation"
+CLASSIFICATION_TASK = "classification"
 REGRESSION_TASK = "regression"
+
+#: Private coding scheme of the labels viewers draw next to a finding's region.
+LABEL_SCHEME = "99CURIA"
 
 # Shown in the SR whenever demo weights made the result (see _document_notes for where).
 DEMO_STATEMENT = (
@@ -238,10 +244,10 @@ def _algorithm(
     )
 
 
-def _key_image(
+def _key_dataset(
     findings: SeriesFindings, finding: HeadFinding, by_uid: Mapping[str, Dataset]
-) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
-    """Reference the head's key slice so a viewer can jump to it."""
+) -> Dataset | None:
+    """The source instance of the head's key slice, None when it names none."""
     if finding.key_slice is None:
         return None
     uids = findings.sop_instance_uids_sorted
@@ -256,7 +262,90 @@ def _key_image(
             f'head "{finding.head_name}": key slice {uids[finding.key_slice]} is not '
             "among the source instances"
         )
+    return ds
+
+
+def _key_image(
+    findings: SeriesFindings, finding: HeadFinding, by_uid: Mapping[str, Dataset]
+) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
+    """Reference the head's key slice so a viewer can jump to it."""
+    ds = _key_dataset(findings, finding, by_uid)
+    if ds is None:
+        return None
     return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)]
+
+
+def _label_concept(text: str) -> hd.sr.CodedConcept:
+    """A concept of the node's private scheme whose meaning is a viewer label.
+
+    Viewers label a drawn region with its measurement's concept name, so the name has to
+    read as the finding ("Chest probability"); no standard code says that, hence a
+    private scheme (declared in CodingSchemeIdentificationSequence). The code value is a
+    digest of the text, so one label always has one code.
+    """
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12].upper()
+    return hd.sr.CodedConcept(value=f"L{digest}", scheme_designator=LABEL_SCHEME, meaning=text)
+
+
+def _drawn_region(
+    findings: SeriesFindings, finding: HeadFinding, by_uid: Mapping[str, Dataset]
+) -> hd.sr.CoordinatesForMeasurement:
+    """The outline viewers draw for a finding: its key region on its key slice.
+
+    A finding without a key slice (a regression value, an empty mask) is outlined on the
+    series' central slice as a whole, and so is one whose head keeps no spatial tokens:
+    viewers such as OHIF refuse a report whose groups are not all on an image.
+    """
+    ds = _key_dataset(findings, finding, by_uid)
+    if ds is None:
+        uids = findings.sop_instance_uids_sorted
+        ds = by_uid.get(uids[len(uids) // 2]) if uids else None
+        if ds is None:
+            raise ReportError(f'head "{finding.head_name}": no slice to draw the finding on')
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    box = finding.key_region if finding.key_slice is not None else None
+    r0, c0, r1, c1 = box or (0, 0, rows, columns)
+    if not (0 <= r0 < r1 <= rows and 0 <= c0 < c1 <= columns):
+        raise ReportError(
+            f'head "{finding.head_name}": key region {finding.key_region} outside the '
+            f"{rows} x {columns} key slice"
+        )
+    # (column, row) pairs; (0, 0) is the top-left corner of the top-left pixel
+    outline = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float64)
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+    )
+
+
+def _drawn_label(
+    finding: HeadFinding,
+    template: ReportTemplate,
+    demo: bool,
+    region: hd.sr.CoordinatesForMeasurement,
+) -> hd.sr.Measurement:
+    """The NUM viewers write next to the outline: "<label>: <probability> %"."""
+    spec = template.key_region
+    names = [c.name for c in finding.classes]
+    index = finding.predicted_index
+    # a presence head's label is about its positive class, whatever the prediction
+    wanted = spec.class_name or (template.presence.positive_class if template.presence else None)
+    if wanted is not None:
+        if wanted not in names:
+            raise ReportError(
+                f'head "{finding.head_name}" has no class "{wanted}" '
+                f"(key_region.class_name in {template.source}); classes: {names}"
+            )
+        index = names.index(wanted)
+    label = spec.label.format(**_placeholders(finding, template, index))
+    label = (f"DEMO {label}" if demo else label)[:_LO_MAX]
+    return hd.sr.Measurement(
+        name=_label_concept(label),
+        value=round(float(finding.probabilities[index]) * 100, 2),
+        unit=codes.UCUM.Percent,
+        referenced_coordinates=[region],
+    )
 
 
 def _measurement_group(
@@ -265,6 +354,7 @@ def _measurement_group(
     template: ReportTemplate,
     device: DeviceIdentity,
     by_uid: Mapping[str, Dataset],
+    demo: bool,
     segment: _SegmentRef | None = None,
 ) -> (
     hd.sr.MeasurementsAndQualitativeEvaluations
@@ -273,8 +363,13 @@ def _measurement_group(
     """One group for one head, laid out as its template says.
 
     TID 1501 for a head that concludes about the whole series (pointing at its key
-    slice); TID 1411 for a mask head, whose region is the referenced segment.
+    slice); TID 1411 for a mask head, whose region is the referenced segment. In a TID
+    1501 group one measurement is inferred from an outline on the key slice (TID 300 row
+    "INFERRED FROM" a 2D SCOORD), which is what image viewers draw: a labelled
+    probability for a classifier, the value itself for a regression head.
     """
+    # a mask head's region is its segment, and TID 1411 measurements take no coordinates
+    region = _drawn_region(findings, finding, by_uid) if segment is None else None
     sites: list[CodeRef] = [c.to_ref() for c in template.finding_sites]
     if template.predicted_class.as_finding_site:
         predicted_code = _class_code(finding, finding.predicted_index, template)
@@ -306,6 +401,9 @@ def _measurement_group(
         )
 
     measurements: list[hd.sr.Measurement] = []
+    if region is not None and finding.task != REGRESSION_TASK:
+        # first: viewers show the first few labels of a group only
+        measurements.append(_drawn_label(finding, template, demo, region))
     if template.probability is not None:
         spec_p = template.probability
         names = [c.name for c in finding.classes]
@@ -348,6 +446,7 @@ def _measurement_group(
                 name=_concept(template.value.concept),
                 value=round(float(finding.probabilities[0]), 6),
                 unit=_concept(template.value.unit),
+                referenced_coordinates=[region] if region is not None else None,
             )
         )
 
@@ -373,20 +472,31 @@ def _measurement_group(
     )
 
 
+def _placeholders(
+    finding: HeadFinding, template: ReportTemplate, index: int | None = None
+) -> dict[str, Any]:
+    """Values for the template patterns (summary, key region label).
+
+    ``index`` names the class the pattern speaks of (default: the predicted class).
+    """
+    index = finding.predicted_index if index is None else index
+    chosen = finding.classes[index]
+    meaning = chosen.code.meaning if chosen.code is not None else chosen.name
+    if chosen.code is None and chosen.name in template.class_codes:
+        meaning = template.class_codes[chosen.name].meaning
+    return {
+        "head": finding.head_name,
+        "task": finding.task,
+        "predicted": chosen.name,
+        "predicted_meaning": meaning,
+        "probability": float(finding.probabilities[index]),
+    }
+
+
 def _summary(finding: HeadFinding, template: ReportTemplate) -> str | None:
     if template.summary is None:
         return None
-    predicted = finding.predicted
-    meaning = predicted.code.meaning if predicted.code is not None else predicted.name
-    if predicted.code is None and predicted.name in template.class_codes:
-        meaning = template.class_codes[predicted.name].meaning
-    return template.summary.pattern.format(
-        head=finding.head_name,
-        task=finding.task,
-        predicted=predicted.name,
-        predicted_meaning=meaning,
-        probability=float(finding.probabilities[finding.predicted_index]),
-    )
+    return template.summary.pattern.format(**_placeholders(finding, template))
 
 
 def _document_notes(
@@ -797,15 +907,21 @@ def _referenced_segments(
 
 
 def split_findings(findings: SeriesFindings) -> list[SeriesFindings]:
-    """The findings as the SRs they go into: series-level heads first, then mask heads.
+    """The findings as the SRs they go into: every head first, then mask heads.
 
-    Each part is a copy of ``findings`` with only its own heads; an empty part is left
-    out. Give the mask heads' part its Segmentations (``segmentations=``) and both parts
-    the same ``series_instance_uid`` to keep the results in one series.
+    The first part holds every finding as a TID 1501 group drawn on its key slice, so one
+    document shows all of them in viewers that draw SR coordinates (OHIF draws no group
+    without any): there a mask head's finding reads like a classifier's (absent/present,
+    outlined where its mask is largest). The second part, when there are mask heads,
+    holds their TID 1411 groups referencing the segments: give it the Segmentations
+    (``segmentations=``). Each part is a copy of ``findings``.
     """
-    series_level = [f for f in findings.findings if f.task != SEGMENTATION_TASK]
+    as_classes = [
+        replace(f, task=CLASSIFICATION_TASK) if f.task == SEGMENTATION_TASK else f
+        for f in findings.findings
+    ]
     masks = [f for f in findings.findings if f.task == SEGMENTATION_TASK]
-    return [replace(findings, findings=part) for part in (series_level, masks) if part]
+    return [replace(findings, findings=part) for part in (as_classes, masks) if part]
 
 
 def result_series_description(base: str, demo: bool) -> str:
@@ -893,7 +1009,9 @@ def build_sr(
             )
         _check_finding(finding)
         segment = segments.get(finding.head_name)
-        groups.append(_measurement_group(findings, finding, template, device, by_uid, segment))
+        groups.append(
+            _measurement_group(findings, finding, template, device, by_uid, demo, segment)
+        )
 
     modality = str(prepared[0].get("Modality", "") or "")
     procedure = _PROCEDURE_BY_MODALITY.get(modality, codes.cid100.ImagingProcedure)
@@ -947,11 +1065,23 @@ def build_sr(
         series_description=result_series_description(series_description, demo),
     )
     _attach_image_library(sr, library)
+    if any(f.task not in (SEGMENTATION_TASK, REGRESSION_TASK) for f in findings.findings):
+        _declare_label_scheme(sr, device)
     sr.ManufacturerModelName = device.model_name
     sr.SoftwareVersions = device.software_version
     sr.DeviceUID = device.device_uid
     sr.ContributingEquipmentSequence.append(ihe_air_equipment(device, now))
     return sr
+
+
+def _declare_label_scheme(sr: Dataset, device: DeviceIdentity) -> None:
+    """Name the private scheme of the viewer labels (PS3.3 C.12.1.1.2.1)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = LABEL_SCHEME
+    item.CodingSchemeName = "Curia Node finding labels"
+    item.CodingSchemeResponsibleOrganization = device.manufacturer
+    schemes = list(sr.get("CodingSchemeIdentificationSequence", []))
+    sr.CodingSchemeIdentificationSequence = [*schemes, item]
 
 
 def write_sr(ds: Dataset, path: Path | str) -> Path:

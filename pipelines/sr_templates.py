@@ -231,6 +231,31 @@ class PresenceSpec(_Strict):
     absent: CodeSpec
 
 
+def _check_pattern(v: str) -> str:
+    """A format string that uses only :data:`SUMMARY_FIELDS` and formats a sample finding."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"pattern is not a valid format string: {exc}") from None
+    unknown = {f for f in fields if f.split(".")[0].split("[")[0] not in SUMMARY_FIELDS}
+    if "" in fields or unknown:
+        raise ValueError(
+            f"unknown placeholder(s) {sorted(unknown) or ['{}']}; allowed: {sorted(SUMMARY_FIELDS)}"
+        )
+    sample = {
+        "head": "head",
+        "task": "classification",
+        "predicted": "class",
+        "predicted_meaning": "Class",
+        "probability": 0.5,
+    }
+    try:
+        v.format(**sample)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ValueError(f"pattern cannot be formatted: {exc}") from None
+    return v
+
+
 class SummarySpec(_Strict):
     """A one-line human-readable summary, as a TEXT content item."""
 
@@ -240,28 +265,31 @@ class SummarySpec(_Strict):
     @field_validator("pattern")
     @classmethod
     def _known_placeholders(cls, v: str) -> str:
-        try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(v) if name is not None}
-        except ValueError as exc:
-            raise ValueError(f"pattern is not a valid format string: {exc}") from None
-        unknown = {f for f in fields if f.split(".")[0].split("[")[0] not in SUMMARY_FIELDS}
-        if "" in fields or unknown:
-            raise ValueError(
-                f"unknown placeholder(s) {sorted(unknown) or ['{}']}; "
-                f"allowed: {sorted(SUMMARY_FIELDS)}"
-            )
-        sample = {
-            "head": "head",
-            "task": "classification",
-            "predicted": "class",
-            "predicted_meaning": "Class",
-            "probability": 0.5,
-        }
-        try:
-            v.format(**sample)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            raise ValueError(f"pattern cannot be formatted: {exc}") from None
-        return v
+        return _check_pattern(v)
+
+
+class KeyRegionSpec(_Strict):
+    """The finding as an image viewer draws it: an outline on the key slice, with a label.
+
+    The outline (a 2D SCOORD on the key slice) is the source of one NUM, a probability in
+    %, whose concept name is ``label``: viewers such as OHIF write "<label>: <value> %"
+    next to the outline.
+    """
+
+    label: Annotated[str, Field(min_length=1, max_length=58)] = Field(
+        default="{predicted_meaning} probability",
+        description="Text of the label, with the summary's placeholders (at most 58 "
+        'characters once filled in; "DEMO " goes in front for demo weights).',
+    )
+    class_name: str | None = Field(
+        default=None,
+        description="Class whose probability the label gives (default: the predicted one).",
+    )
+
+    @field_validator("label")
+    @classmethod
+    def _known_placeholders(cls, v: str) -> str:
+        return _check_pattern(v)
 
 
 class ReportTemplate(_Strict):
@@ -282,6 +310,7 @@ class ReportTemplate(_Strict):
     presence: PresenceSpec | None = None
     value: ValueSpec | None = None
     summary: SummarySpec | None = None
+    key_region: KeyRegionSpec = Field(default_factory=KeyRegionSpec)
 
     _source: Path | None = PrivateAttr(default=None)
 

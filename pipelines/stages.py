@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -179,21 +178,20 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
                 for r in existing
                 if r.kind == "seg"
             ]
-            parts = split_findings(findings)
-            shared = len({_is_demo(part) for part in parts}) == 1
-            results_series = generate_uid()
-            for number, part in enumerate(parts, start=1):
+            # Each SR in its own series: viewers such as OHIF show one SR per series.
+            for part in split_findings(findings):
                 is_mask_part = any(f.task == SEGMENTATION_TASK for f in part.findings)
                 sr = build_sr(
                     sources,
                     part,
                     runtime.templates,
                     runtime.device_identity,
-                    series_description="Curia AI results",
+                    series_number=9903 if is_mask_part else 9901,
+                    series_description=(
+                        "Curia AI segmentation report" if is_mask_part else "Curia AI results"
+                    ),
                     supersedes=_superseded_report(runtime, session, run),
                     segmentations=segs if is_mask_part else (),
-                    series_instance_uid=results_series if shared else None,
-                    instance_number=number if shared else 1,
                 )
                 relative = _relative(sr)
                 path = runtime.settings.results_dir / relative
@@ -237,10 +235,6 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
 
 def _pending_results(run: PipelineRun) -> bool:
     return any(d.state != DeliveryState.SENT for r in run.results for d in r.deliveries)
-
-
-def _is_demo(findings: SeriesFindings) -> bool:
-    return findings.model.demo or any(f.demo for f in findings.findings)
 
 
 def _summary(findings: SeriesFindings) -> str:

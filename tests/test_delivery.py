@@ -79,7 +79,7 @@ def test_results_reach_an_archive_that_comes_back(
             lambda: all(d["state"] == "sent" for d in _deliveries(node)), 60, "all results sent"
         )
         assert len(_deliveries(node)) == 3, "a SEG and two SRs, each delivered once"
-        assert len(_sr_series(archive_down, study_uid)) == 1
+        assert len(_sr_series(archive_down, study_uid)) == 2  # two SRs, one series each
     finally:
         archive_down.stop()
 
@@ -126,7 +126,7 @@ def test_dead_lettered_delivery_is_requeued_and_sent_once(
         wait_for(
             lambda: all(d["state"] == "sent" for d in _deliveries(node)), 60, "sent after re-queue"
         )
-        assert len(_sr_series(archive_down, study_uid)) == 1
+        assert len(_sr_series(archive_down, study_uid)) == 2  # two SRs, one series each
 
         again = subprocess.run(
             [str(VENV_BIN / "curia-node"), "results", "retry", str(dead["id"])],
@@ -135,7 +135,7 @@ def test_dead_lettered_delivery_is_requeued_and_sent_once(
             text=True,
         )
         assert again.returncode == 2 and "not failed" in again.stderr, "a sent one is not resent"
-        assert len(_sr_series(archive_down, study_uid)) == 1
+        assert len(_sr_series(archive_down, study_uid)) == 2  # two SRs, one series each
 
         shown = subprocess.run(
             [str(VENV_BIN / "curia-node"), "results", "show", study_uid],
@@ -167,4 +167,4 @@ def test_results_delivered_over_http_destinations(
         120,
         f"all results sent over {protocol}",
     )
-    assert len(_sr_series(orthanc, study_uid)) == 1
+    assert len(_sr_series(orthanc, study_uid)) == 2  # two SRs, one series each

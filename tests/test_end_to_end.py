@@ -22,7 +22,8 @@ from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
 from tests.validators import assert_dcentvfy_clean, assert_dciodvfy_clean, assert_dsrdump_clean
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-# With the demo heads: one SEG (mask head) and two SRs (series-level heads; mask head + SEG)
+# With the demo heads: one SEG (mask head) and two SRs (series-level heads; mask head + SEG),
+# each in its own series (a viewer such as OHIF shows one SR per series)
 EXPECTED = {"SR": 2, "SEG": 1}
 
 
@@ -79,14 +80,16 @@ def push_and_wait_for_sr(
     orthanc.post("/modalities/node/store", json={"Resources": [orthanc_study], "Synchronous": True})
     pushed = time.monotonic()
 
-    found = wait_for(
+    wait_for(
         lambda: sr_series_of(orthanc, study.StudyInstanceUID),
         300,
         f"no SR reached Orthanc; node log:\n{node.log()[-4000:]}",
     )
     elapsed = time.monotonic() - pushed
-    assert len(found) == 1, "exactly one SR series is expected"
     results = download_results(orthanc, study.StudyInstanceUID, tmp_path / "results", EXPECTED)
+    assert len(sr_series_of(orthanc, study.StudyInstanceUID)) == EXPECTED["SR"], (
+        "each SR in its own series"
+    )
     for path in results["SR"] + results["SEG"]:
         assert_dciodvfy_clean(path)
     for path in results["SR"]:
@@ -158,7 +161,13 @@ def test_embedded_mode_returns_a_valid_sr_to_the_archive(
     node.stop()
     node.start()  # a restart must not send the same result again
     time.sleep(3)
-    assert len(sr_series_of(orthanc, study_uid)) == 1, "a restart sent a second SR"
+    assert len(sr_series_of(orthanc, study_uid)) == EXPECTED["SR"], "a restart sent an SR again"
+    earlier_uids = {
+        dcmread(BytesIO(_file(orthanc, i)), stop_before_pixels=True).SOPInstanceUID
+        for s in sr_series_of(orthanc, study_uid)
+        for i in s["Instances"]
+    }
+    earlier_series = {s["ID"] for s in sr_series_of(orthanc, study_uid)}
 
     series_uid = dcmread(ct_series[0], stop_before_pixels=True).SeriesInstanceUID
     rerun = subprocess.run(
@@ -168,23 +177,17 @@ def test_embedded_mode_returns_a_valid_sr_to_the_archive(
         text=True,
     )
     assert rerun.returncode == 0, rerun.stderr
-    wait_for(lambda: len(sr_series_of(orthanc, study_uid)) == 2, 120, "re-run SR arrives")
-    first = dcmread(sr_path, stop_before_pixels=True)
-    earlier_uids = {
-        dcmread(BytesIO(_file(orthanc, i)), stop_before_pixels=True).SOPInstanceUID
-        for s in sr_series_of(orthanc, study_uid)
-        if s["MainDicomTags"].get("SeriesInstanceUID") == first.SeriesInstanceUID
-        for i in s["Instances"]
-    }
-    newer = [
-        s
-        for s in sr_series_of(orthanc, study_uid)
-        if s["MainDicomTags"].get("SeriesInstanceUID") != first.SeriesInstanceUID
-    ]
-    for instance_id in newer[0]["Instances"]:
-        second = dcmread(BytesIO(_file(orthanc, instance_id)))
-        cited = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
-        assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in earlier_uids
+    wait_for(
+        lambda: len(sr_series_of(orthanc, study_uid)) == 2 * EXPECTED["SR"],
+        120,
+        "re-run SRs arrive",
+    )
+    newer = [s for s in sr_series_of(orthanc, study_uid) if s["ID"] not in earlier_series]
+    for series in newer:
+        for instance_id in series["Instances"]:
+            second = dcmread(BytesIO(_file(orthanc, instance_id)))
+            cited = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+            assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in earlier_uids
 
 
 @pytest.mark.e2e

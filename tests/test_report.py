@@ -8,6 +8,7 @@ reads what it received.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,14 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 
 from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
-from pipelines.report import DEMO_STATEMENT, DeviceIdentity, ReportError, build_sr, write_sr
+from pipelines.report import (
+    DEMO_STATEMENT,
+    LABEL_SCHEME,
+    DeviceIdentity,
+    ReportError,
+    build_sr,
+    write_sr,
+)
 from pipelines.sr_templates import ReportTemplate, TemplateError, load_template, load_templates
 from tests.validators import (
     assert_dcentvfy_clean,
@@ -32,6 +40,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "sr_templates"
 REGIONS = ("Head", "Neck", "Chest", "Abdomen", "Pelvis")
 PROBABILITIES = (0.05, 0.05, 0.7, 0.15, 0.05)
 PREDICTED = 2  # chest
+KEY_REGION = (10, 20, 40, 60)  # rows 10..39, columns 20..59 of the key slice
 STRIPPED = ("AccessionNumber", "PatientBirthDate", "StudyID")
 
 
@@ -86,6 +95,7 @@ def _findings(sources: list[Dataset], *, demo: bool = True, coded: bool = True) 
                 predicted_index=PREDICTED,
                 key_slice=1,
                 demo=demo,
+                key_region=KEY_REGION,
             )
         ],
         slice_count=len(sources),
@@ -287,7 +297,7 @@ def test_group_identifies_algorithm_finding_site_and_key_slice(
 
 def test_probabilities_are_num_with_unit_1_and_their_class_as_site(sr: Dataset) -> None:
     (group,) = _groups(sr)
-    nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+    nums = [i for i in group.ContentSequence if i.ValueType == "NUM"][1:]  # after the label
     assert [_name(n) for n in nums] == [_key(codes.DCM.Probability)] * len(REGIONS)
     by_site = {}
     for num in nums:
@@ -342,6 +352,110 @@ def test_written_file_has_explicit_le_meta_and_no_temp_left(written_sr: Path, sr
 
 
 # --- variants ------------------------------------------------------------------------------
+
+
+def _drawn(group: Dataset) -> list[tuple[Dataset, Dataset]]:
+    """(NUM, SCOORD) pairs of a group: the measurements a viewer draws on an image."""
+    return [
+        (num, scoord)
+        for num in group.ContentSequence
+        if num.ValueType == "NUM"
+        for scoord in num.get("ContentSequence", [])
+        if scoord.ValueType == "SCOORD"
+    ]
+
+
+def _points(scoord: Dataset) -> list[float]:
+    return [float(v) for v in scoord.GraphicData]
+
+
+def test_finding_is_drawn_on_its_key_slice_with_a_readable_label(
+    sr: Dataset, ct_paths: list[Path]
+) -> None:
+    """What OHIF draws: a 2D outline on the key slice, labelled by its NUM's concept name."""
+    (group,) = _groups(sr)
+    ((num, scoord),) = _drawn(group)
+    assert scoord.RelationshipType == "INFERRED FROM"
+    assert scoord.GraphicType == "POLYLINE"
+    # (column, row) pairs around rows 10..40 and columns 20..60, closed
+    assert _points(scoord) == [20, 10, 60, 10, 60, 40, 20, 40, 20, 10]
+    key_slice = pydicom.dcmread(ct_paths[1], stop_before_pixels=True)  # key_slice=1
+    (image,) = [i for i in scoord.ContentSequence if i.ValueType == "IMAGE"]
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == key_slice.SOPInstanceUID
+    # the label comes first: viewers show the first few measurements of a group only
+    assert next(i for i in group.ContentSequence if i.ValueType == "NUM") is num
+    concept = num.ConceptNameCodeSequence[0]
+    assert concept.CodeMeaning == "DEMO Chest probability"
+    assert concept.CodingSchemeDesignator == LABEL_SCHEME
+    measured = num.MeasuredValueSequence[0]
+    assert float(measured.NumericValue) == pytest.approx(70.0)
+    assert measured.MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    schemes = {i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence}
+    assert LABEL_SCHEME in schemes
+
+
+def test_trained_weights_label_has_no_demo_mark_and_no_region_means_whole_slice(
+    sources: list[Dataset], templates: dict[str, ReportTemplate], device: DeviceIdentity
+) -> None:
+    findings = _findings(sources, demo=False)
+    findings.findings[0] = dataclasses.replace(findings.findings[0], key_region=None)
+    sr = build_sr(sources, findings, templates, device)
+    ((num, scoord),) = _drawn(_groups(sr)[0])
+    assert num.ConceptNameCodeSequence[0].CodeMeaning == "Chest probability"
+    rows, columns = int(sources[1].Rows), int(sources[1].Columns)
+    assert _points(scoord) == [0, 0, columns, 0, columns, rows, 0, rows, 0, 0]
+
+
+def test_key_region_outside_the_image_is_refused(
+    sources: list[Dataset], templates: dict[str, ReportTemplate], device: DeviceIdentity
+) -> None:
+    findings = _findings(sources)
+    rows = int(sources[1].Rows)
+    findings.findings[0] = dataclasses.replace(
+        findings.findings[0], key_region=(0, 0, rows + 1, 10)
+    )
+    with pytest.raises(ReportError, match="key region"):
+        build_sr(sources, findings, templates, device)
+
+
+def test_template_relabels_the_drawn_finding(
+    sources: list[Dataset], device: DeviceIdentity, tmp_path: Path
+) -> None:
+    path = tmp_path / "body-region.yaml"
+    text = _body_region_text().split("key_region:")[0]
+    path.write_text(text + 'key_region: {label: "Region {predicted} ({head})", class_name: head}\n')
+    sr = build_sr(sources, _findings(sources), {"body-region": load_template(path)}, device)
+    ((num, _),) = _drawn(_groups(sr)[0])
+    assert num.ConceptNameCodeSequence[0].CodeMeaning == "DEMO Region head (body-region)"
+    assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(5.0)  # head
+
+
+def test_regression_value_is_drawn_on_the_central_slice(
+    sources: list[Dataset], device: DeviceIdentity, tmp_path: Path
+) -> None:
+    template_path = tmp_path / "brain-age.yaml"
+    template_path.write_text(REGRESSION_TEMPLATE)
+    finding = HeadFinding(
+        head_name="brain-age",
+        head_version="1.0.0",
+        task="regression",
+        classes=(HeadClass(name="age"),),
+        probabilities=(47.25,),
+        predicted_index=0,
+    )
+    findings = SeriesFindings(
+        series_instance_uid=str(sources[0].SeriesInstanceUID),
+        model=ModelIdentity(name="Curia-B", version="1.0", demo=False),
+        findings=[finding],
+        slice_count=len(sources),
+        sop_instance_uids_sorted=[str(ds.SOPInstanceUID) for ds in sources],
+    )
+    sr = build_sr(sources, findings, {"brain-age": load_template(template_path)}, device)
+    ((num, scoord),) = _drawn(_groups(sr)[0])
+    assert num.ConceptNameCodeSequence[0].CodeMeaning == "Age"
+    (image,) = [i for i in scoord.ContentSequence if i.ValueType == "IMAGE"]
+    central = sources[len(sources) // 2].SOPInstanceUID
+    assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == central
 
 
 def test_trained_weights_carry_no_demo_statement(
@@ -464,8 +578,11 @@ def test_binary_head_reports_presence(
     (group,) = _groups(sr)
     evaluation = [i for i in group.ContentSequence if _name(i) == ("27925004", "SCT")]
     assert evaluation[0].ConceptCodeSequence[0].CodeValue == codes.SCT.Present.value
-    nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+    label, *nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
     assert [float(n.MeasuredValueSequence[0].NumericValue) for n in nums] == [0.7]
+    # drawn for viewers: the positive class's probability, whatever the prediction
+    assert label.ConceptNameCodeSequence[0].CodeMeaning == "nodule probability"
+    assert float(label.MeasuredValueSequence[0].NumericValue) == pytest.approx(70.0)
     out = write_sr(sr, tmp_path / "nodule-sr.dcm")
     assert_dciodvfy_clean(out)
     assert_dsrdump_clean(out)
@@ -638,3 +755,13 @@ def test_value_section_is_refused_for_a_classifier(
     templates = {"body-region": load_template(template_path)}
     with pytest.raises(ReportError, match="regression"):
         build_sr(sources, _findings(sources), templates, device)
+
+
+def test_text_rendering_names_the_drawn_finding_and_its_outline(sr: Dataset) -> None:
+    """What the dashboard's "View report" shows when no dsr2html is installed."""
+    from node.results import render_text
+
+    text = render_text(sr)
+    assert "DEMO Chest probability: 70" in text and "%" in text
+    assert "polyline (20, 10), (60, 10), (60, 40), (20, 40), (20, 10) (column, row) on" in text
+    assert "NOT FOR DIAGNOSIS" in text.splitlines()[0]

@@ -31,6 +31,7 @@ from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, S
 from pipelines.preprocess import Reorientation, plan_series
 from pipelines.report import (
     DEMO_STATEMENT,
+    LABEL_SCHEME,
     SEGMENTATION_TASK,
     DeviceIdentity,
     ReportError,
@@ -564,7 +565,7 @@ def _with_body_region(series_mask: SeriesMask) -> SeriesFindings:
     return findings
 
 
-def test_mask_and_series_level_heads_go_into_separate_srs_of_one_series(
+def test_every_head_is_drawn_in_one_sr_and_mask_heads_reference_segments_in_another(
     series: list[Path],
     series_mask: SeriesMask,
     seg: hd.seg.Segmentation,
@@ -574,22 +575,35 @@ def test_mask_and_series_level_heads_go_into_separate_srs_of_one_series(
     findings = _with_body_region(series_mask)
     with pytest.raises(ReportError, match="split_findings"):
         build_sr(_headers(series), findings, templates, device, segmentations=[seg])
-    series_level, masks = split_findings(findings)
-    assert [f.head_name for f in series_level.findings] == ["body-region"]
+    everything, masks = split_findings(findings)
+    assert [f.head_name for f in everything.findings] == ["body-region", "demo-region-mask"]
     assert [f.head_name for f in masks.findings] == ["demo-region-mask"]
-    shared = generate_uid()
-    first = build_sr(_headers(series), series_level, templates, device, series_instance_uid=shared)
-    second = build_sr(
-        _headers(series),
-        masks,
-        templates,
-        device,
-        segmentations=[seg],
-        series_instance_uid=shared,
-        instance_number=2,
+    first = build_sr(_headers(series), everything, templates, device)
+    second = build_sr(_headers(series), masks, templates, device, segmentations=[seg])
+    assert first.SeriesInstanceUID != second.SeriesInstanceUID
+
+    # In the first SR the mask finding is drawn where the mask is largest, with its label.
+    def walk(items):
+        for item in items:
+            yield item
+            yield from walk(item.get("ContentSequence", []))
+
+    labels = [
+        (num.ConceptNameCodeSequence[0].CodeMeaning, num)
+        for num in walk(first.ContentSequence)
+        if num.ValueType == "NUM"
+        and num.ConceptNameCodeSequence[0].CodingSchemeDesignator == LABEL_SCHEME
+    ]
+    meanings = [meaning for meaning, _ in labels]
+    assert meanings == ["DEMO Chest probability", "DEMO Segmented region probability"]
+    _, mask_label = labels[1]
+    finding = series_mask.finding
+    scoord = mask_label.ContentSequence[0]
+    r0, c0, r1, c1 = finding.key_region
+    assert [float(v) for v in scoord.GraphicData] == [c0, r0, c1, r0, c1, r1, c0, r1, c0, r0]
+    assert float(mask_label.MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        round(finding.probabilities[1] * 100, 2)
     )
-    assert first.SeriesInstanceUID == second.SeriesInstanceUID == shared
-    assert first.SeriesDescription == second.SeriesDescription
 
 
 # --- the real sample CT --------------------------------------------------------------------
