@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Install the real DICOM peers and validators the tests run against (Debian packages), and the
-# headless browser the dashboard test drives.
+# Install the real DICOM peers and validators the tests run against (Debian packages), the
+# headless browser the dashboard and viewer tests drive, and npm (fetches the OHIF viewer).
 set -euo pipefail
 packages=(dcmtk orthanc orthanc-dicomweb dicom3tools pixelmed-apps openssl chromium chromium-driver)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# npm comes with NodeSource's nodejs, or as Debian's own npm package
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -104,3 +104,22 @@ def node_factory(tmp_path: Path) -> Iterator[callable]:
     yield start
     for node in started:
         node.stop()
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Debian Chromium driven by Playwright (dashboard and viewer tests)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/system-deps.sh (chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader"],
+        )
+        yield browser
+        browser.close()

@@ -33,7 +33,6 @@ from tests.conftest import node_env
 from tests.peers import VENV_BIN, Orthanc, free_port
 from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
 
-CHROMIUM = "/usr/bin/chromium"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 ACCESSION = "ACC-4711"
 
@@ -216,18 +215,6 @@ def test_pages_need_no_token_and_hold_no_data(http: TestClient) -> None:
 
 
 # ---- the dashboard in a real browser, against a real node -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/system-deps.sh (chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield browser
-        browser.close()
 
 
 def push_study(orthanc: Orthanc, node_port: int, files: list[Path]) -> None:
