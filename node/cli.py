@@ -52,7 +52,8 @@ def worker(
     queues: Annotated[
         str | None,
         typer.Option(
-            help="comma-separated stages: inference (GPU), report, dispatch; all if omitted"
+            help="comma-separated stages: prepare (CPU decoding), inference (GPU), report, "
+            "dispatch; all if omitted"
         ),
     ] = None,
     name: Annotated[

@@ -82,7 +82,7 @@ def rerun(ctx: typer.Context, series_uid: str) -> None:
     from pipelines.celery_app import create_app
 
     settings: Settings = ctx.obj["settings"]
-    task = create_app(settings).tasks["curia.analyse_series"]
+    task = create_app(settings).tasks["curia.prepare_series"]
     try:
         run_id = request_rerun(ctx.obj["catalogue"], series_uid, cli_actor(), task.delay)
     except ValueError as exc:

@@ -47,11 +47,11 @@ class NodeService:
             worker.start()
             self._stoppers.append(worker.stop)
 
-        analyse_task = app.tasks["curia.analyse_series"]
+        prepare_task = app.tasks["curia.prepare_series"]
         dispatch_task = app.tasks["curia.dispatch_result"]
         watcher = CompletionWatcher(
             catalogue,
-            enqueue=lambda run_id, priority: analyse_task.apply_async((run_id,), priority=priority),
+            enqueue=lambda run_id, priority: prepare_task.apply_async((run_id,), priority=priority),
             run_key=run_key_for(settings),
             router=Router(catalogue, settings.spool_dir),
             policy=settings.completion,

@@ -15,7 +15,8 @@ from celery import Celery
 from node.settings import Settings
 from pipelines import embedded_transport
 
-STAGES = ("inference", "report", "dispatch")
+#: Queues, in the order a run goes through them: decode (CPU), embed (GPU), SR, send.
+STAGES = ("prepare", "inference", "report", "dispatch")
 
 
 def queue_name(settings: Settings, stage: str) -> str:
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         task_default_queue=queue_name(settings, "inference"),
         task_routes={
+            "curia.prepare_series": {"queue": queue_name(settings, "prepare")},
             "curia.analyse_series": {"queue": queue_name(settings, "inference")},
             "curia.write_report": {"queue": queue_name(settings, "report")},
             "curia.dispatch_result": {"queue": queue_name(settings, "dispatch")},

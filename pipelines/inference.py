@@ -28,7 +28,15 @@ from pipelines.backbone import Backbone
 from pipelines.findings import HeadFinding, SeriesFindings
 from pipelines.heads import Head
 from pipelines.key_region import grid_region
-from pipelines.preprocess import SeriesPlan, iter_series_chunks, plan_series, preprocess_slices
+from pipelines.preprocess import (
+    PreparedSeries,
+    SeriesPlan,
+    iter_series_chunks,
+    plan_of,
+    preprocess_slices,
+    series_source,
+    subset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +285,7 @@ def _window_finding(
 
 
 def _locate_mean_findings(
-    plan: SeriesPlan,
+    source: SeriesPlan | PreparedSeries,
     heads: Sequence[Head],
     groups: list[_Group],
     findings: dict[int, HeadFinding],
@@ -297,7 +305,7 @@ def _locate_mean_findings(
         if not wanted:
             continue
         slices = sorted(set(wanted.values()))
-        _, pixels = next(iter_series_chunks(_subplan(plan, slices), len(slices), workers=1))
+        _, pixels = next(iter_series_chunks(subset(source, slices), len(slices), workers=1))
         batch = preprocess_slices(
             pixels,
             size=backbone.spec.image_size,
@@ -311,6 +319,7 @@ def _locate_mean_findings(
             with torch.inference_mode():
                 logits = head.linear(patches[slices.index(key)].to(weight.device, weight.dtype))
             scores = logits[:, findings[i].predicted_index]
+            plan = plan_of(source)
             region = grid_region(scores, plan.reorientation, (plan.rows, plan.columns))
             findings[i] = dataclasses.replace(findings[i], key_region=region)
 
@@ -339,16 +348,6 @@ def _slices_to_decode(plan: SeriesPlan, groups: list[_Group]) -> list[int]:
     if any(g.needs_every_slice for g in groups):
         return list(range(len(plan)))
     return sorted({i for g in groups for w in g.windows for i in w.indices})
-
-
-def _subplan(plan: SeriesPlan, indices: list[int]) -> SeriesPlan:
-    if len(indices) == len(plan):
-        return plan
-    return dataclasses.replace(
-        plan,
-        paths=tuple(plan.paths[i] for i in indices),
-        sop_instance_uids=tuple(plan.sop_instance_uids[i] for i in indices),
-    )
 
 
 def _run_group(
@@ -401,7 +400,7 @@ def _accumulate_mean(
 
 
 def analyse_series(
-    paths: Sequence[Path],
+    paths: Sequence[Path] | PreparedSeries,
     backbone: Backbone,
     heads: Sequence[Head],
     *,
@@ -418,11 +417,13 @@ def analyse_series(
     queries attended to most (the window's centre when it has no cross-attention block).
 
     For a regression head, the finding's ``probabilities`` is the one raw predicted value.
+    ``paths`` may also be a series a CPU worker decoded ahead (:func:`prepare_series`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_heads(heads, backbone)
-    plan = plan_series(paths)
+    source = series_source(paths)
+    plan = plan_of(source)
     if plan.series_instance_uid and plan.series_instance_uid != series_instance_uid:
         log.warning(
             "series %s: files carry SeriesInstanceUID %s",
@@ -443,7 +444,7 @@ def analyse_series(
         if head.probe is not None:  # attention over thousands of tokens: next to the backbone
             head.to(backbone.device)
     decode = _slices_to_decode(plan, groups)
-    for local, pixels in iter_series_chunks(_subplan(plan, decode), batch_size):
+    for local, pixels in iter_series_chunks(subset(source, decode), batch_size):
         indices = [decode[i] for i in local]
         for group in groups:
             _run_group(group, heads, indices, pixels, backbone)
@@ -455,6 +456,6 @@ def analyse_series(
             findings[window.head_index] = _window_finding(
                 heads[window.head_index], window, backbone, plan
             )
-    _locate_mean_findings(plan, heads, groups, findings, backbone)
+    _locate_mean_findings(source, heads, groups, findings, backbone)
     result.findings.extend(findings[i] for i in range(len(heads)))
     return result

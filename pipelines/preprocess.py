@@ -13,7 +13,11 @@ A series is planned from headers alone (``stop_before_pixels``), then decoded in
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
+import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -353,17 +357,125 @@ def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedSeries:
+    """A series decoded ahead of time: its plan and its PL pixels, sorted, in one array.
+
+    Made by :func:`prepare_series` on a CPU worker, so the worker that holds the GPU only
+    resizes and embeds. ``pixels`` is usually a read-only memory map of the file.
+    """
+
+    plan: SeriesPlan
+    pixels: np.ndarray  # float32 (S, H, W)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+PREPARED_PIXELS = "pixels.npy"
+PREPARED_PLAN = "plan.json"
+
+
+def series_source(
+    paths: Sequence[Path] | SeriesPlan | PreparedSeries,
+) -> SeriesPlan | PreparedSeries:
+    """Files are planned (sorted, checked) here; a plan or a prepared series is kept."""
+    if isinstance(paths, SeriesPlan | PreparedSeries):
+        return paths
+    return plan_series(paths)
+
+
+def plan_of(source: SeriesPlan | PreparedSeries) -> SeriesPlan:
+    return source.plan if isinstance(source, PreparedSeries) else source
+
+
+def subset(
+    source: SeriesPlan | PreparedSeries, indices: Sequence[int]
+) -> SeriesPlan | PreparedSeries:
+    """The same source restricted to ``indices`` (positions in the sorted series)."""
+    plan = plan_of(source)
+    if list(indices) == list(range(len(plan))):
+        return source
+    narrowed = dataclasses.replace(
+        plan,
+        paths=tuple(plan.paths[i] for i in indices),
+        sop_instance_uids=tuple(plan.sop_instance_uids[i] for i in indices),
+    )
+    if isinstance(source, PreparedSeries):
+        return PreparedSeries(plan=narrowed, pixels=source.pixels[list(indices)])
+    return narrowed
+
+
+def prepare_series(paths: Sequence[Path], folder: Path, *, chunk: int = 16) -> PreparedSeries:
+    """Decode a whole series into ``folder`` (pixels + plan); return it, memory-mapped.
+
+    Written under a temporary name and renamed, so a reader sees a complete folder or
+    none. Only a chunk of slices is in memory at a time.
+    """
+    plan = plan_series(paths)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        out = np.lib.format.open_memmap(
+            tmp / PREPARED_PIXELS, mode="w+", dtype=np.float32, shape=(len(plan), *plan.shape)
+        )
+        for indices, pixels in iter_series_chunks(plan, chunk):
+            out[indices[0] : indices[-1] + 1] = pixels
+        out.flush()
+        del out
+        record = dataclasses.asdict(plan)
+        record["paths"] = [str(p) for p in plan.paths]
+        (tmp / PREPARED_PLAN).write_text(json.dumps(record))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prepared = load_prepared(folder)
+    assert prepared is not None
+    return prepared
+
+
+def load_prepared(folder: Path) -> PreparedSeries | None:
+    """The series :func:`prepare_series` wrote to ``folder``; None if it is not (all) there."""
+    try:
+        record = json.loads((folder / PREPARED_PLAN).read_text())
+        pixels = np.load(folder / PREPARED_PIXELS, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    plan = SeriesPlan(
+        **{
+            **record,
+            "paths": tuple(Path(p) for p in record["paths"]),
+            "sop_instance_uids": tuple(record["sop_instance_uids"]),
+            "reorientation": Reorientation(**record["reorientation"]),
+        }
+    )
+    if pixels.shape != (len(plan), *plan.shape):
+        return None
+    return PreparedSeries(plan=plan, pixels=pixels)
+
+
 def iter_series_chunks(
-    paths: Sequence[Path] | SeriesPlan, chunk: int, *, workers: int | None = None
+    paths: Sequence[Path] | SeriesPlan | PreparedSeries,
+    chunk: int,
+    *,
+    workers: int | None = None,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """Yield ``(indices, pixels)`` chunks in spatial order; pixels are float32 (n, H, W), PL.
 
     ``indices`` are positions in the sorted series. Decoding runs on a small thread pool
     with one chunk of read-ahead, so the next chunk decodes while the caller runs the model
-    on this one; at most two chunks of pixels are alive at a time.
+    on this one; at most two chunks of pixels are alive at a time. A prepared series is
+    read from its array instead.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if isinstance(paths, PreparedSeries):
+        for start in range(0, len(paths), chunk):
+            end = min(start + chunk, len(paths))
+            yield list(range(start, end)), np.array(paths.pixels[start:end], dtype=np.float32)
+        return
     plan = paths if isinstance(paths, SeriesPlan) else plan_series(paths)
     n = len(plan)
     pool = ThreadPoolExecutor(max_workers=workers or _default_workers())

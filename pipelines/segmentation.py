@@ -42,7 +42,14 @@ from pipelines.backbone import Backbone
 from pipelines.findings import HeadClass, HeadFinding, ModelIdentity
 from pipelines.heads import BIAS_KEY, CARD_FILE, WEIGHT_KEY, WEIGHTS_FILE, CodeCard
 from pipelines.key_region import mask_box
-from pipelines.preprocess import Reorientation, iter_series_chunks, plan_series, preprocess_slices
+from pipelines.preprocess import (
+    PreparedSeries,
+    Reorientation,
+    iter_series_chunks,
+    plan_of,
+    preprocess_slices,
+    series_source,
+)
 from pipelines.report import (
     DEMO_STATEMENT,
     SEGMENTATION_TASK,
@@ -400,7 +407,7 @@ def make_series_mask(
 
 
 def segment_series(
-    paths: Sequence[Path],
+    paths: Sequence[Path] | PreparedSeries,
     backbone: Backbone,
     mask_head: MaskHead,
     *,
@@ -419,12 +426,13 @@ def segment_series(
     # The head follows the backbone: tokens and probabilities then stay on its device
     # (the GPU when there is one) until the thresholded mask is copied back.
     mask_head.linear.to(backbone.device)
-    plan = plan_series(paths)
+    source = series_source(paths)
+    plan = plan_of(source)
     height, width = plan.shape
     threshold = mask_head.card.threshold
     mask = np.zeros((len(plan), plan.rows, plan.columns), dtype=bool)
     highest = 0.0
-    for indices, pixels in iter_series_chunks(plan, batch_size):
+    for indices, pixels in iter_series_chunks(source, batch_size):
         batch = preprocess_slices(
             pixels,
             size=backbone.spec.image_size,

@@ -9,6 +9,7 @@ The Celery bindings are in :mod:`pipelines.tasks`.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ from pipelines.report import SEGMENTATION_TASK
 from pipelines.runtime import Runtime
 
 if TYPE_CHECKING:
+    from pipelines.preprocess import PreparedSeries
     from pipelines.segmentation import MaskHead
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,42 @@ def fail_run(runtime: Runtime, run_id: int, error: str) -> None:
         run.error = error[:2000]
         run.finished_at = datetime.now(UTC)
         run.series.state = SeriesState.FAILED
+    discard_prepared(runtime, run_id)
+
+
+def prepared_folder(runtime: Runtime, run_id: int) -> Path:
+    """Where a run's series is decoded ahead of inference (data folder, shared by workers)."""
+    return runtime.settings.data_path / "prepared" / str(run_id)
+
+
+def prepare(runtime: Runtime, run_id: int) -> bool:
+    """Decode the run's series on a CPU worker, so the inference worker only embeds it.
+
+    False when there is nothing to do (unknown or failed run). Decoding again after a
+    crash is harmless: the folder appears whole or not at all.
+    """
+    from pipelines.preprocess import load_prepared, prepare_series
+
+    with runtime.catalogue.session() as session:
+        run = session.get(PipelineRun, run_id)
+        if run is None or run.state == RunState.FAILED:
+            return False
+        if run.findings is not None:
+            return True  # inferred before a crash: nothing to decode
+        rows = session.scalars(select(Instance).where(Instance.series_id == run.series_id)).all()
+        paths = [runtime.spool.absolute(row.path) for row in rows]
+    folder = prepared_folder(runtime, run_id)
+    if load_prepared(folder) is None:
+        started = time.perf_counter()
+        prepare_series(paths, folder)
+        log.info(
+            "run %d: %d slices decoded in %.2f s", run_id, len(paths), time.perf_counter() - started
+        )
+    return True
+
+
+def discard_prepared(runtime: Runtime, run_id: int) -> None:
+    shutil.rmtree(prepared_folder(runtime, run_id), ignore_errors=True)
 
 
 def analyse(runtime: Runtime, run_id: int) -> bool:
@@ -61,12 +99,14 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
     """
     from pipelines.heads import heads_for
     from pipelines.inference import analyse_series
+    from pipelines.preprocess import load_prepared
 
     with runtime.catalogue.session() as session:
         run = session.get(PipelineRun, run_id)
         if run is None or run.state == RunState.FAILED:
             return False
         if run.findings is not None:
+            discard_prepared(runtime, run_id)
             return True  # inferred before a crash: go on to the report
         series: Series = run.series
         rows = session.scalars(select(Instance).where(Instance.series_id == series.id)).all()
@@ -83,15 +123,19 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
     if chosen is not None:  # a routing rule named the heads to run
         heads = [head for head in heads if head.name in chosen]
         mask_heads = [head for head in mask_heads if head.name in chosen]
+    # decoded by a CPU worker when the prepare stage ran; decoded here otherwise
+    source = load_prepared(prepared_folder(runtime, run_id)) or paths
     findings = analyse_series(
-        paths,
+        source,
         runtime.backbone,
         heads,
         series_instance_uid=series_uid,
         batch_size=runtime.settings.model.batch_size,
     )
     segmentations = [
-        seg for seg in (_segment(runtime, run_id, paths, head) for head in mask_heads) if seg
+        seg
+        for seg in (_segment(runtime, run_id, paths, source, head) for head in mask_heads)
+        if seg
     ]
     findings.findings.extend(finding for finding, _ in segmentations)
     log.info(
@@ -114,6 +158,8 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
                     summary=f"{finding.head_name}: segmentation",
                 )
             )
+    del source  # the memory map, before its file goes
+    discard_prepared(runtime, run_id)
     return True
 
 
@@ -122,7 +168,11 @@ def _relative(ds: Dataset) -> str:
 
 
 def _segment(
-    runtime: Runtime, run_id: int, paths: list[Path], head: MaskHead
+    runtime: Runtime,
+    run_id: int,
+    paths: list[Path],
+    source: list[Path] | PreparedSeries,
+    head: MaskHead,
 ) -> tuple[HeadFinding, Dataset] | None:
     """Segment the series with one mask head and write its SEG; return its finding and SEG.
 
@@ -139,7 +189,7 @@ def _segment(
         )
         return None
     mask = segment_series(
-        paths, runtime.backbone, head, batch_size=runtime.settings.model.batch_size
+        source, runtime.backbone, head, batch_size=runtime.settings.model.batch_size
     )
     seg = build_seg(headers, mask, head, runtime.device_identity)
     path = runtime.settings.results_dir / _relative(seg)

@@ -16,7 +16,14 @@ from node.dispatch import DispatchError
 from node.metrics import STAGE_SECONDS
 from node.settings import Settings
 from pipelines.runtime import Runtime
-from pipelines.stages import analyse, dispatch, fail_run, record_delivery_failure, report
+from pipelines.stages import (
+    analyse,
+    dispatch,
+    fail_run,
+    prepare,
+    record_delivery_failure,
+    report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,19 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         """Load the model as the worker starts, not on the first series it gets."""
         if getattr(sender, "app", None) is app and app.conf.get("curia_load_model", True):
             log.info("model loaded: %s", runtime().backbone.identity.name)
+
+    @app.task(name="curia.prepare_series", bind=True, shared=False)
+    def prepare_series_task(self: Task, run_id: int) -> None:
+        """Decode on a CPU worker, then hand over to inference (a GPU worker, elsewhere)."""
+        try:
+            with STAGE_SECONDS.labels("prepare").time():
+                proceed = prepare(runtime(), run_id)
+        except Exception as exc:
+            log.exception("run %d: preparation failed", run_id)
+            fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
+            return
+        if proceed:
+            analyse_series_task.apply_async((run_id,), priority=runtime().priority_of_run(run_id))
 
     @app.task(name="curia.analyse_series", bind=True, shared=False)
     def analyse_series_task(self: Task, run_id: int) -> None:

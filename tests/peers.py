@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from pipelines.celery_app import STAGES
+
 T = TypeVar("T")
 VENV_BIN = Path(sys.executable).parent
 
@@ -196,8 +198,7 @@ class NodeProcess:
                     "--loglevel=INFO",
                     "-Q",
                     ",".join(
-                        f"{self.env['CURIA_PIPELINE__QUEUE_PREFIX']}.{stage}"
-                        for stage in ("inference", "report", "dispatch")
+                        f"{self.env['CURIA_PIPELINE__QUEUE_PREFIX']}.{stage}" for stage in STAGES
                     ),
                 ],
                 "worker.log",

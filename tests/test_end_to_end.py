@@ -16,6 +16,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
+from pipelines.celery_app import STAGES
 from tests.conftest import RABBITMQ_URL, node_env, production_env
 from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
 from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
@@ -216,5 +217,5 @@ def _delete_queues(prefix: str) -> None:
 
     with Connection(RABBITMQ_URL) as conn:
         channel = conn.channel()
-        for stage in ("inference", "report", "dispatch"):
+        for stage in STAGES:
             channel.queue_delete(f"{prefix}.{stage}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pipelines.celery_app import STAGES
 from tests.conftest import RABBITMQ_URL
 from tests.peers import VENV_BIN, free_port, wait_for
 
@@ -63,9 +64,14 @@ def test_flower_lists_the_worker_and_its_pipeline_tasks(tmp_path: Path) -> None:
 
         found = wait_for(workers, 120, "Flower did not see the node's worker", interval=2)
         registered = {task for info in found.values() for task in info.get("registered", [])}
-        assert {"curia.analyse_series", "curia.write_report", "curia.dispatch_result"} <= registered
+        assert {
+            "curia.prepare_series",
+            "curia.analyse_series",
+            "curia.write_report",
+            "curia.dispatch_result",
+        } <= registered
         queues = {q["name"] for info in found.values() for q in info.get("active_queues", [])}
-        assert {f"{prefix}.inference", f"{prefix}.report", f"{prefix}.dispatch"} <= queues
+        assert {f"{prefix}.{stage}" for stage in STAGES} <= queues
     finally:
         for process in processes:
             if process.poll() is None:

@@ -1,8 +1,9 @@
 """Scale-out: workers on separate queues against the real RabbitMQ (production mode).
 
-One worker takes only inference (where a GPU would be, one process per GPU), another only
-report and dispatch (CPU and network). Each stage must run in the worker of its queue, the
-CPU worker must not load the model, and the study's results reach the archive once.
+One worker takes only inference (where a GPU would be, one process per GPU), another the
+CPU and network stages: prepare (decoding), report and dispatch. Each stage must run in the
+worker of its queue, the CPU worker must not load the model, and the study's results reach
+the archive once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def test_inference_and_cpu_workers_on_separate_queues(
     node_factory(env, node=node)
     worker = str(VENV_BIN / "curia-node")
     gpu = node._spawn([worker, "worker", "--queues", "inference"], "gpu-worker.log")
-    cpu = node._spawn([worker, "worker", "--queues", "report,dispatch"], "cpu-worker.log")
+    cpu = node._spawn([worker, "worker", "--queues", "prepare,report,dispatch"], "cpu-worker.log")
     try:
         for name in ("gpu-worker.log", "cpu-worker.log"):
             wait_for(lambda n=name: " ready." in node.log(n), 120, f"{name}: not ready")
@@ -46,9 +47,13 @@ def test_inference_and_cpu_workers_on_separate_queues(
             return f"Task {task}[" in log
 
         assert ran("curia.analyse_series", gpu_log) and "model loaded" in gpu_log
-        assert not ran("curia.write_report", gpu_log) and not ran("curia.dispatch_result", gpu_log)
-        assert ran("curia.write_report", cpu_log) and ran("curia.dispatch_result", cpu_log)
+        for task in ("curia.prepare_series", "curia.write_report", "curia.dispatch_result"):
+            assert ran(task, cpu_log) and not ran(task, gpu_log), task
         assert not ran("curia.analyse_series", cpu_log)
+        # the series was decoded on the CPU worker: the GPU worker read the prepared pixels
+        assert "slices decoded in" in cpu_log and "slices decoded in" not in gpu_log
+        prepared = Path(env["CURIA_DATA_DIR"]) / "prepared"
+        assert not list(prepared.glob("*")), "prepared pixels are removed after inference"
         assert "model loaded" not in cpu_log, "a report/dispatch worker does not load the model"
     finally:
         for proc in (gpu, cpu):
@@ -68,4 +73,4 @@ def test_a_worker_refuses_an_unknown_stage() -> None:
         timeout=60,
     )
     assert result.returncode == 2
-    assert "unknown stage(s) gpu; stages: inference, report, dispatch" in result.stderr
+    assert "unknown stage(s) gpu; stages: prepare, inference, report, dispatch" in result.stderr
