@@ -94,9 +94,11 @@ def node_factory(tmp_path: Path) -> Iterator[callable]:
     def start(
         env: dict[str, str], separate_worker: bool = False, node: NodeProcess | None = None
     ) -> NodeProcess:
+        """Start a node that accepts the tests' senders: Orthanc and DCMTK/pynetdicom."""
         if node is None:
             node = NodeProcess(env, tmp_path)
         node.allow_source("orthanc", "ORTHANC")
+        node.allow_source("storescu", "STORESCU")
         started.append(node)
         node.start(separate_worker=separate_worker)
         return node

@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import production_env
-from tests.peers import NodeProcess, Orthanc, port_open, wait_for
+from tests.peers import Orthanc, port_open, wait_for
 from tests.test_delivery import _send
 from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
 from tests.test_worker_faults import _runs
@@ -30,9 +30,7 @@ def test_studies_received_while_rabbitmq_is_down_are_processed_when_it_returns(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
 ) -> None:
     env = production_env(tmp_path, orthanc, postgres_url)
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node, separate_worker=True)
+    node = node_factory(env, separate_worker=True)
     wait_for(lambda: "ready" in node.log("worker.log"), 120, "the worker did not start")
     _rabbitmqctl("stop_app")
     try:

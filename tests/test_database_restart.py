@@ -53,9 +53,7 @@ def test_no_success_while_the_catalogue_is_down_and_recovery_without_restart(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
 ) -> None:
     env = production_env(tmp_path, orthanc, postgres_url)
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node, separate_worker=True)
+    node = node_factory(env, separate_worker=True)
     _cluster("stop")
     try:
         wait_for(lambda: not port_open(5432), 60, "PostgreSQL did not stop")

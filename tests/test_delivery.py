@@ -62,9 +62,7 @@ def test_results_reach_an_archive_that_comes_back(
         CURIA_DELIVERY__BACKOFF_SECONDS="0.5",
         CURIA_DELIVERY__BACKOFF_MAX_SECONDS="1",
     )
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node)
+    node = node_factory(env)
     _send(node, ct_series)
     wait_for(
         lambda: any(d["attempts"] >= 2 for d in _deliveries(node, "pending")),
@@ -94,9 +92,7 @@ def test_dead_lettered_delivery_is_requeued_and_sent_once(
         CURIA_DELIVERY__MAX_ATTEMPTS="2",
         CURIA_DELIVERY__BACKOFF_SECONDS="0.2",
     )
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node)
+    node = node_factory(env)
     _send(node, ct_series)
     dead = wait_for(
         lambda: (f := _deliveries(node, "failed")) and len(f) == 3 and f,
@@ -157,9 +153,7 @@ def test_results_delivered_over_http_destinations(
 ) -> None:
     url = f"{orthanc.url}/dicom-web" if protocol == "stow-rs" else orthanc.url
     env = node_env(tmp_path, orthanc, CURIA_ARCHIVE__PROTOCOL=protocol, CURIA_ARCHIVE__URL=url)
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node)
+    node = node_factory(env)
     _send(node, ct_series)
     study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
     wait_for(

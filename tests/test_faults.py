@@ -76,9 +76,7 @@ def test_kill_9_during_a_push_loses_nothing_that_got_success(
 ) -> None:
     archive = Orthanc(tmp_path, free_port(), free_port())  # never started: results not needed
     env = node_env(tmp_path, archive, CURIA_COMPLETION__SERIES_QUIET_SECONDS="1")
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node)
+    node = node_factory(env)
 
     succeeded = _push(node, series_300, kill_after)
     assert len(succeeded) >= kill_after

@@ -65,9 +65,7 @@ def test_rules_forward_the_original_and_route_results_by_findings(
     orthanc: Orthanc, neuro: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path
 ) -> None:
     env = node_env(tmp_path, orthanc, CURIA_LOG_FORMAT="json")
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node)
+    node = node_factory(env)
     api = _api(node)
 
     # Configured while the node runs: a destination, then rules that name it.

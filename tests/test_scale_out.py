@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import production_env
-from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
+from tests.peers import VENV_BIN, Orthanc, wait_for
 from tests.test_delivery import _send
 from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
 from tests.test_worker_faults import _runs
@@ -27,9 +27,7 @@ def test_inference_and_cpu_workers_on_separate_queues(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
 ) -> None:
     env = production_env(tmp_path, orthanc, postgres_url)
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node)
+    node = node_factory(env)
     worker = str(VENV_BIN / "curia-node")
     gpu = node._spawn([worker, "worker", "--queues", "inference"], "gpu-worker.log")
     cpu = node._spawn([worker, "worker", "--queues", "prepare,report,dispatch"], "cpu-worker.log")

@@ -55,9 +55,7 @@ def test_worker_killed_mid_analysis_is_finished_by_the_next_worker_once(
         postgres_url,
         CURIA_COMPLETION__POLL_SECONDS="0.1",
     )
-    node = NodeProcess(env, tmp_path)
-    node.allow_source("storescu", "STORESCU")
-    node_factory(env, node=node, separate_worker=True)
+    node = node_factory(env, separate_worker=True)
     wait_for(lambda: "ready" in node.log("worker.log"), 120, "the worker did not start")
     try:
         _send(node, ct_series)
