@@ -37,6 +37,7 @@ from pipelines.preprocess import (
     series_source,
     subset,
 )
+from pipelines.segmentation import MaskAccumulator, MaskHead, SeriesMask
 
 log = logging.getLogger(__name__)
 
@@ -186,23 +187,36 @@ class _Group:
     feature_sum: torch.Tensor
     slice_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, C) per head
     windows: list[_Window] = field(default_factory=list)
+    masks: list[MaskAccumulator] = field(default_factory=list)
 
     @property
     def needs_every_slice(self) -> bool:
-        return bool(self.head_indices)
+        return bool(self.head_indices) or bool(self.masks)
 
     def wants(self, index: int) -> bool:
         return self.needs_every_slice or any(index in w.position for w in self.windows)
 
 
-def _group_heads(heads: Sequence[Head], hidden_size: int, slice_count: int) -> list[_Group]:
+def _group_heads(
+    heads: Sequence[Head],
+    hidden_size: int,
+    slice_count: int,
+    masks: Sequence[MaskAccumulator] = (),
+) -> list[_Group]:
     """One group per distinct ``clip_below_air`` setting, in the order heads first use it."""
     groups: dict[bool, _Group] = {}
-    for i, head in enumerate(heads):
-        clip = head.card.clip_below_air
+
+    def group(clip: bool) -> _Group:
         if clip not in groups:
             zeros = torch.zeros(hidden_size, dtype=torch.float64)
             groups[clip] = _Group(clip_below_air=clip, head_indices=[], feature_sum=zeros)
+        return groups[clip]
+
+    for mask in masks:
+        group(mask.head.card.clip_below_air).masks.append(mask)
+    for i, head in enumerate(heads):
+        clip = head.card.clip_below_air
+        group(clip)
         if head.uses_window:
             groups[clip].windows.append(_Window.for_head(i, head, slice_count))
         else:
@@ -373,11 +387,13 @@ def _run_group(
         for w in group.windows
     ]
     in_window = [(w, hits) for w, hits in in_window if hits]
-    if not in_window:  # CLS only: the plain forward pass
+    if not in_window and not group.masks:  # CLS only: the plain forward pass
         _accumulate_mean(group, heads, chunk_indices, backbone.features(batch))
         return
     tokens = backbone_tokens(backbone, batch)
     _accumulate_mean(group, heads, chunk_indices, tokens.final[:, 0])
+    for mask in group.masks:  # every slice is in this chunk's rows: masks need them all
+        mask.add(chunk_indices, tokens.final)
     for window, hits in in_window:
         head = heads[window.head_index]
         final_norm = head.card.window is not None and head.card.window.final_norm
@@ -391,7 +407,7 @@ def _accumulate_mean(
     group: _Group, heads: Sequence[Head], indices: list[int], cls: torch.Tensor
 ) -> None:
     """Add CLS features to the series sum and score each slice for the key slice."""
-    if not group.needs_every_slice:
+    if not group.head_indices:
         return
     features = cls.float().cpu()
     group.feature_sum += features.double().sum(dim=0)
@@ -407,6 +423,22 @@ def analyse_series(
     series_instance_uid: str,
     batch_size: int = 16,
 ) -> SeriesFindings:
+    """The findings of ``heads`` on one series (see :func:`analyse_series_and_masks`)."""
+    findings, _ = analyse_series_and_masks(
+        paths, backbone, heads, series_instance_uid=series_instance_uid, batch_size=batch_size
+    )
+    return findings
+
+
+def analyse_series_and_masks(
+    paths: Sequence[Path] | PreparedSeries,
+    backbone: Backbone,
+    heads: Sequence[Head],
+    *,
+    series_instance_uid: str,
+    batch_size: int = 16,
+    mask_heads: Sequence[MaskHead] = (),
+) -> tuple[SeriesFindings, list[SeriesMask]]:
     """Run every head on one series and report what they concluded.
 
     The series is sorted from headers, then streamed ``batch_size`` slices at a time:
@@ -418,6 +450,10 @@ def analyse_series(
 
     For a regression head, the finding's ``probabilities`` is the one raw predicted value.
     ``paths`` may also be a series a CPU worker decoded ahead (:func:`prepare_series`).
+
+    ``mask_heads`` read the same backbone pass (their tokens are the final ones of every
+    slice) and give one mask each, in order; their findings are in the masks, not in the
+    returned findings.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -436,9 +472,10 @@ def analyse_series(
         slice_count=len(plan),
         sop_instance_uids_sorted=list(plan.sop_instance_uids),
     )
-    if not heads:
-        return result
-    groups = _group_heads(heads, backbone.spec.hidden_size, len(plan))
+    if not heads and not mask_heads:
+        return result, []
+    masks = [MaskAccumulator(head, plan, backbone) for head in mask_heads]
+    groups = _group_heads(heads, backbone.spec.hidden_size, len(plan), masks)
     _warn_window_memory(heads, groups, backbone)
     for head in heads:
         if head.probe is not None:  # attention over thousands of tokens: next to the backbone
@@ -458,4 +495,4 @@ def analyse_series(
             )
     _locate_mean_findings(source, heads, groups, findings, backbone)
     result.findings.extend(findings[i] for i in range(len(heads)))
-    return result
+    return result, [mask.result() for mask in masks]

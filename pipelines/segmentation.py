@@ -45,6 +45,7 @@ from pipelines.key_region import mask_box
 from pipelines.preprocess import (
     PreparedSeries,
     Reorientation,
+    SeriesPlan,
     iter_series_chunks,
     plan_of,
     preprocess_slices,
@@ -406,6 +407,51 @@ def make_series_mask(
     )
 
 
+class MaskAccumulator:
+    """One mask head's mask of a series, filled a batch of slices at a time from tokens.
+
+    Per batch: per-patch probabilities -> bilinear upsampling to the PL slice size ->
+    threshold, on the backbone's device; then back to the stored orientation on the CPU.
+    Only the boolean mask (one byte per voxel) is kept for the whole series. The tokens
+    can come from a backbone pass shared with the classification heads.
+    """
+
+    def __init__(self, mask_head: MaskHead, plan: SeriesPlan, backbone: Backbone) -> None:
+        mask_head.check_hidden_size(backbone.spec.hidden_size)
+        # The head follows the backbone: tokens and probabilities then stay on its device
+        # (the GPU when there is one) until the thresholded mask is copied back.
+        mask_head.linear.to(backbone.device)
+        self.head = mask_head
+        self.plan = plan
+        self.model = backbone.identity
+        self.mask = np.zeros((len(plan), plan.rows, plan.columns), dtype=bool)
+        self.highest = 0.0
+
+    def add(self, indices: Sequence[int], tokens: torch.Tensor) -> None:
+        """Slices ``indices`` (positions in the sorted series) from their final tokens."""
+        grid = self.head.patch_probabilities(tokens)
+        with torch.inference_mode():
+            probabilities = F.interpolate(
+                grid.unsqueeze(1).float(),
+                size=self.plan.shape,
+                mode="bilinear",
+                align_corners=False,
+            )[:, 0]
+            self.highest = max(self.highest, float(probabilities.max()))
+            chunk = (probabilities >= self.head.card.threshold).cpu().numpy()
+        self.mask[list(indices)] = to_stored_orientation(self.plan.reorientation, chunk)
+
+    def result(self) -> SeriesMask:
+        return make_series_mask(
+            self.mask,
+            sop_instance_uids=self.plan.sop_instance_uids,
+            series_instance_uid=self.plan.series_instance_uid,
+            model=self.model,
+            mask_head=self.head,
+            highest_probability=self.highest,
+        )
+
+
 def segment_series(
     paths: Sequence[Path] | PreparedSeries,
     backbone: Backbone,
@@ -413,25 +459,15 @@ def segment_series(
     *,
     batch_size: int = 16,
 ) -> SeriesMask:
-    """Run a mask head over one series, a batch of slices at a time.
+    """Run one mask head over one series on its own backbone pass.
 
-    Per batch: decode (PL layout) -> Curia's preprocessing -> tokens -> per-patch
-    probabilities -> bilinear upsampling to the PL slice size -> threshold, on the
-    backbone's device; then back to the stored orientation on the CPU. Only the boolean
-    mask (one byte per voxel) is kept for the whole series.
+    The pipeline shares one pass with the other heads instead
+    (:func:`pipelines.inference.analyse_series_and_masks`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    mask_head.check_hidden_size(backbone.spec.hidden_size)
-    # The head follows the backbone: tokens and probabilities then stay on its device
-    # (the GPU when there is one) until the thresholded mask is copied back.
-    mask_head.linear.to(backbone.device)
     source = series_source(paths)
-    plan = plan_of(source)
-    height, width = plan.shape
-    threshold = mask_head.card.threshold
-    mask = np.zeros((len(plan), plan.rows, plan.columns), dtype=bool)
-    highest = 0.0
+    accumulator = MaskAccumulator(mask_head, plan_of(source), backbone)
     for indices, pixels in iter_series_chunks(source, batch_size):
         batch = preprocess_slices(
             pixels,
@@ -439,25 +475,8 @@ def segment_series(
             clip_below_air=mask_head.card.clip_below_air,
             device=backbone.device,
         )
-        grid = mask_head.patch_probabilities(backbone.tokens(batch))
-        with torch.inference_mode():
-            probabilities = F.interpolate(
-                grid.unsqueeze(1).float(),
-                size=(height, width),
-                mode="bilinear",
-                align_corners=False,
-            )[:, 0]
-            highest = max(highest, float(probabilities.max()))
-            chunk = (probabilities >= threshold).cpu().numpy()
-        mask[indices] = to_stored_orientation(plan.reorientation, chunk)
-    return make_series_mask(
-        mask,
-        sop_instance_uids=plan.sop_instance_uids,
-        series_instance_uid=plan.series_instance_uid,
-        model=backbone.identity,
-        mask_head=mask_head,
-        highest_probability=highest,
-    )
+        accumulator.add(indices, backbone.tokens(batch))
+    return accumulator.result()
 
 
 # --- DICOM Segmentation --------------------------------------------------------------------

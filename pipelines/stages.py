@@ -33,13 +33,12 @@ from node.catalogue.models import (
 from node.dispatch import DispatchError, send
 from node.metrics import DELIVERY_FAILURES
 from node.router import forward_deliveries
-from pipelines.findings import HeadFinding, SeriesFindings, findings_from_dict, findings_to_dict
+from pipelines.findings import SeriesFindings, findings_from_dict, findings_to_dict
 from pipelines.report import SEGMENTATION_TASK
 from pipelines.runtime import Runtime
 
 if TYPE_CHECKING:
-    from pipelines.preprocess import PreparedSeries
-    from pipelines.segmentation import MaskHead
+    from pipelines.segmentation import MaskHead, SeriesMask
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +97,7 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
     committed with the findings, so a crash leaves either both or neither.
     """
     from pipelines.heads import heads_for
-    from pipelines.inference import analyse_series
+    from pipelines.inference import analyse_series_and_masks
     from pipelines.preprocess import load_prepared
 
     with runtime.catalogue.session() as session:
@@ -123,19 +122,27 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
     if chosen is not None:  # a routing rule named the heads to run
         heads = [head for head in heads if head.name in chosen]
         mask_heads = [head for head in mask_heads if head.name in chosen]
+    headers: list[Dataset] = []
+    if mask_heads:
+        # A SEG must share its source images' frame of reference: for a series without
+        # FrameOfReferenceUID (non-conformant, but seen) there is no SEG, the SR is made.
+        headers = [dcmread(path, stop_before_pixels=True) for path in paths]
+        if any(not h.get("FrameOfReferenceUID") for h in headers):
+            log.warning("run %d: no SEG: the series has no FrameOfReferenceUID", run_id)
+            mask_heads = []
     # decoded by a CPU worker when the prepare stage ran; decoded here otherwise
     source = load_prepared(prepared_folder(runtime, run_id)) or paths
-    findings = analyse_series(
+    findings, masks = analyse_series_and_masks(
         source,
         runtime.backbone,
         heads,
         series_instance_uid=series_uid,
         batch_size=runtime.settings.model.batch_size,
+        mask_heads=mask_heads,
     )
     segmentations = [
-        seg
-        for seg in (_segment(runtime, run_id, paths, source, head) for head in mask_heads)
-        if seg
+        (mask.finding, _write_seg(runtime, headers, mask, head))
+        for head, mask in zip(mask_heads, masks, strict=True)
     ]
     findings.findings.extend(finding for finding, _ in segmentations)
     log.info(
@@ -167,35 +174,18 @@ def _relative(ds: Dataset) -> str:
     return f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
 
 
-def _segment(
-    runtime: Runtime,
-    run_id: int,
-    paths: list[Path],
-    source: list[Path] | PreparedSeries,
-    head: MaskHead,
-) -> tuple[HeadFinding, Dataset] | None:
-    """Segment the series with one mask head and write its SEG; return its finding and SEG.
-
-    A SEG must share its source images' frame of reference: for a series without
-    FrameOfReferenceUID (non-conformant, but seen) there is no SEG, and the SR is still made.
-    """
+def _write_seg(
+    runtime: Runtime, headers: list[Dataset], mask: SeriesMask, head: MaskHead
+) -> Dataset:
+    """Write one mask head's SEG into the results folder; return it."""
     from pipelines.report import write_sr
-    from pipelines.segmentation import build_seg, segment_series
+    from pipelines.segmentation import build_seg
 
-    headers = [dcmread(path, stop_before_pixels=True) for path in paths]
-    if any(not h.get("FrameOfReferenceUID") for h in headers):
-        log.warning(
-            "run %d: no SEG from %s: the series has no FrameOfReferenceUID", run_id, head.name
-        )
-        return None
-    mask = segment_series(
-        source, runtime.backbone, head, batch_size=runtime.settings.model.batch_size
-    )
     seg = build_seg(headers, mask, head, runtime.device_identity)
     path = runtime.settings.results_dir / _relative(seg)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_sr(seg, path)
-    return mask.finding, seg
+    return seg
 
 
 def report(runtime: Runtime, run_id: int) -> list[int]:

@@ -321,3 +321,37 @@ def test_heads_apply_only_to_the_modalities_on_their_card(tmp_path: Path) -> Non
     assert heads_for([any_series, ct_only], "CT") == [any_series, ct_only]
     assert heads_for([any_series, ct_only], "MR") == [any_series]
     assert heads_for([ct_only], None) == []
+
+
+def test_mask_heads_share_the_backbone_pass_of_the_other_heads(
+    tmp_path: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pass over the series feeds the classifier and the mask: same mask as alone."""
+    from pipelines import inference
+    from pipelines.inference import analyse_series_and_masks
+    from pipelines.segmentation import demo_mask_head, segment_series
+
+    paths = ct_series(tmp_path, [0.0, 1.0, 2.0, 3.0, 4.0])
+    head = big_demo_head(64, seed=5)
+    mask_head = demo_mask_head(backbone.spec.hidden_size, seed=1)
+    alone = segment_series(paths, backbone, mask_head, batch_size=2)
+    embedded: list[int] = []
+    real = inference.backbone_tokens
+
+    def counting(model: Backbone, batch: torch.Tensor) -> object:
+        embedded.append(batch.shape[0])
+        return real(model, batch)
+
+    monkeypatch.setattr(inference, "backbone_tokens", counting)
+    findings, [shared] = analyse_series_and_masks(
+        paths, backbone, [head], series_instance_uid="1", batch_size=2, mask_heads=[mask_head]
+    )
+    # every slice embedded once, plus the key slice again to locate the classifier's region
+    assert sum(embedded) == 5 + 1
+    assert shared.mask.shape == alone.mask.shape
+    assert np.mean(shared.mask != alone.mask) < 1e-3
+    assert shared.finding.probabilities == pytest.approx(alone.finding.probabilities, abs=1e-4)
+    assert findings.findings[0].probabilities == pytest.approx(
+        analyse_series(paths, backbone, [head], series_instance_uid="1").findings[0].probabilities,
+        abs=1e-6,
+    )
