@@ -17,10 +17,15 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.presentation import build_context
 from sqlalchemy import func, select
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import AuditEvent, Instance, Series, Study
+from node.dimse import part10
 from node.disk import DiskGuard
 from node.ingest import (
     CANNOT_UNDERSTAND,
@@ -514,3 +519,143 @@ def test_an_unreachable_catalogue_gets_out_of_resources_and_one_log_line(
         assert record.exc_info is None and "\n" not in record.getMessage()
         assert "OperationalError" in record.getMessage()
     assert not list((tmp_path / "spool").rglob("*.dcm")), "nothing is written"
+
+
+# --- the DIMSE handler's Part 10 bytes, and the catalogue rows of a series ------------------
+
+
+def store_event(sop_instance_uid: object, syntax: str = "1.2.840.10008.1.2.1") -> Event:
+    request = C_STORE()
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    request.AffectedSOPInstanceUID = sop_instance_uid
+    request.DataSet = BytesIO(b"\x08\x00\x60\x00CS\x02\x00CT")
+    context = build_context("1.2.840.10008.5.1.4.1.1.2", syntax)
+    context.context_id = 1
+    return Event(None, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+
+
+@pytest.mark.parametrize(
+    ("uid", "syntax"),
+    [
+        ("1.2.3.4", "1.2.840.10008.1.2.1"),  # even lengths
+        ("1.2.3", "1.2.840.10008.1.2"),  # odd: padded
+        ("1." + "2" * 62, "1.2.840.10008.1.2.4.90"),
+        ("1.2.03", "1.2.840.10008.1.2.1"),  # not a valid UID: pynetdicom encodes it
+    ],
+)
+def test_the_handler_builds_the_part10_bytes_pynetdicom_would(uid: str, syntax: str) -> None:
+    event = store_event(uid, syntax)
+    assert part10(event) == event.encoded_dataset(include_meta=True)
+
+
+def test_a_request_pynetdicom_cannot_encode_fails_as_before() -> None:
+    event = store_event("")
+    with pytest.raises(AttributeError):
+        event.encoded_dataset(include_meta=True)
+    with pytest.raises(AttributeError):
+        part10(event)
+
+
+def test_a_series_counts_every_instance_across_batches_and_single_ingests(
+    tmp_path: Path,
+) -> None:
+    ingestor = make_ingestor(tmp_path)
+    uids = [f"1.2.826.0.1.3680043.8.498.{i}" for i in range(1, 8)]
+    for uid in uids[:3]:
+        assert ingestor.ingest(ct_bytes(SOPInstanceUID=uid), "MODALITY").status == SUCCESS
+    batch = [staged(ingestor.spool, ct_bytes(SOPInstanceUID=uid)) for uid in uids[3:]]
+    assert {o.status for o in ingestor.ingest_staged(batch, "STOW-RS")} == {SUCCESS}
+    assert ingestor.ingest(ct_bytes(SOPInstanceUID=uids[0]), "MODALITY").duplicate
+    with ingestor.catalogue.session() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.instance_count == len(uids)
+        assert series.last_received_at >= series.first_received_at
+        assert session.scalar(select(func.count()).select_from(Study)) == 1
+
+
+def test_the_digest_of_stored_bytes_is_right_however_it_is_computed(tmp_path: Path) -> None:
+    """Large files are hashed beside their write, a few at a time; the rest inline."""
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    datas = [os.urandom(size) for size in (10, 64 * 1024, 300_000) for _ in range(4)]
+    results: list[StoredFile] = [None] * len(datas)  # type: ignore[list-item]
+
+    def store(index: int) -> None:
+        uid = f"1.2.826.0.1.3680043.8.498.{index + 1}"
+        results[index] = spool.store("1.2.3", "1.2.3.4", uid, datas[index])
+
+    threads = [threading.Thread(target=store, args=(i,)) for i in range(len(datas))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for data, stored in zip(datas, results, strict=True):
+        assert stored.sha256 == hashlib.sha256(data).hexdigest()
+        assert spool.absolute(stored.relative_path).read_bytes() == data
+
+
+def queued_ingests(ingestor: Ingestor, datas: list[bytes]) -> list[IngestOutcome]:
+    """Ingest from one thread each while the catalogue is held, so that all their rows wait
+    in the queue and one commit takes them together."""
+    outcomes: list[IngestOutcome] = [None] * len(datas)  # type: ignore[list-item]
+
+    def ingest(index: int) -> None:
+        outcomes[index] = ingestor.ingest(datas[index], "MODALITY")
+
+    threads = [threading.Thread(target=ingest, args=(i,)) for i in range(len(datas))]
+    with ingestor._catalogue_lock:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(ingestor._queue) < len(datas) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(ingestor._queue) == len(datas)
+        assert all(outcome is None for outcome in outcomes), "no answer before the commit"
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_rows_waiting_together_are_committed_together(tmp_path: Path) -> None:
+    ingestor = make_ingestor(tmp_path)
+    sessions = []
+    session = ingestor.catalogue.session
+
+    def counted():  # type: ignore[no-untyped-def]
+        sessions.append(1)
+        return session()
+
+    datas = [ct_bytes(SOPInstanceUID=f"1.2.826.0.1.3680043.8.498.{i}") for i in range(1, 6)]
+    ingestor.catalogue.session = counted  # type: ignore[method-assign]
+    outcomes = queued_ingests(ingestor, datas)
+    assert {o.status for o in outcomes} == {SUCCESS}
+    assert len(sessions) == len(datas) + 1, "one lookup each, one commit for all"
+    ingestor.catalogue.session = session  # type: ignore[method-assign]
+    assert count(ingestor, Instance) == len(datas)
+    with ingestor.catalogue.session() as db:
+        assert db.scalars(select(Series)).one().instance_count == len(datas)
+
+
+def test_a_row_that_fails_fails_only_its_own_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ingestor = make_ingestor(tmp_path)
+    bad = "1.2.826.0.1.3680043.8.498.3"
+    add_instances = ingestor._add_instances
+
+    def picky(session, instances, ae):  # type: ignore[no-untyped-def]
+        if any(header.sop_instance_uid == bad for header, _ in instances):
+            raise RuntimeError("this row cannot be written")
+        add_instances(session, instances, ae)
+
+    monkeypatch.setattr(ingestor, "_add_instances", picky)
+    uids = [f"1.2.826.0.1.3680043.8.498.{i}" for i in range(1, 6)]
+    outcomes = queued_ingests(ingestor, [ct_bytes(SOPInstanceUID=uid) for uid in uids])
+    assert [(o.status, o.reason) for o in outcomes] == [
+        (OUT_OF_RESOURCES, "cannot write to the catalogue") if uid == bad else (SUCCESS, "")
+        for uid in uids
+    ]
+    with ingestor.catalogue.session() as session:
+        stored = {row.sop_instance_uid for row in session.scalars(select(Instance))}
+    assert stored == set(uids) - {bad}
+    files = {path.stem for path in (tmp_path / "spool").rglob("*.dcm")}
+    assert files == stored, "the refused instance's file is removed again"
