@@ -111,9 +111,13 @@ def node_factory(tmp_path: Path) -> Iterator[callable]:
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """Headless Debian Chromium driven by Playwright (dashboard and viewer tests)."""
+    """Headless Debian Chromium driven by Playwright (dashboard and viewer tests).
+
+    Per module: Playwright's sync API keeps an event loop running in the main thread while
+    it is open, and later tests that call ``asyncio.run`` must not find one.
+    """
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/system-deps.sh (chromium)")
     from playwright.sync_api import sync_playwright
