@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,13 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pynetdicom import (
-    AE,
-    ALL_TRANSFER_SYNTAXES,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    evt,
-)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
@@ -46,7 +39,6 @@ from node.ingest import CANNOT_UNDERSTAND, Ingestor, brief
 from node.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_FAILURES
 from node.peers import SourcePolicy
 from node.settings import DicomSettings, TlsSettings
-from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -67,63 +59,6 @@ STORAGE_SOP_CLASSES = [
 
 def handle_echo(event: Event) -> int:
     return 0x0000
-
-
-# --- the received data set as a Part 10 file ------------------------------------------------
-
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """One file meta element, explicit VR little endian (a UI value padded with NUL, any
-    other text with a space)."""
-    if len(value) % 2:
-        value += b"\x00" if vr == b"UI" else b" "
-    if vr == b"OB":
-        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-_IMPLEMENTATION = _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()) + (
-    _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode())
-)
-
-
-def file_meta(sop_class_uid: object, sop_instance_uid: object, transfer_syntax: object) -> bytes:
-    """The file meta pynetdicom writes for a C-STORE (``Event.file_meta``, encoded), for
-    valid UIDs (ValueError otherwise: pynetdicom encodes anything else itself)."""
-    uids = (sop_class_uid, sop_instance_uid, transfer_syntax)
-    if not all(is_valid_uid(uid) for uid in uids):
-        raise ValueError("not a valid UID")
-    sop_class, sop_instance, syntax = (str(uid).encode() for uid in uids)
-    elements = b"".join(
-        (
-            _meta_element(0x0001, b"OB", b"\x00\x01"),
-            _meta_element(0x0002, b"UI", sop_class),
-            _meta_element(0x0003, b"UI", sop_instance),
-            _meta_element(0x0010, b"UI", syntax),
-            _IMPLEMENTATION,
-        )
-    )
-    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(elements)) + elements
-
-
-def part10(event: Event) -> bytes:
-    """The C-STORE data set as received, behind the preamble and file meta: what
-    ``event.encoded_dataset()`` returns, without building the file meta with pydicom or
-    copying the data set twice."""
-    request = event.request
-    try:
-        meta = file_meta(
-            request.AffectedSOPClassUID,
-            request.AffectedSOPInstanceUID,
-            event.context.transfer_syntax,
-        )
-        stream = request.DataSet.getbuffer()  # type: ignore[union-attr]
-    except (AttributeError, ValueError):  # pynetdicom's encoding, or its error
-        return event.encoded_dataset(include_meta=True)
-    with stream:
-        return b"".join((_PREAMBLE, meta, stream))
 
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
@@ -219,7 +154,7 @@ class AssociationHandlers:
         calling = event.assoc.requestor.ae_title
         tally = _tally(event)
         try:
-            data = part10(event)
+            data = event.encoded_dataset(include_meta=True)
         except Exception:
             log.exception("cannot encode the received data set from %s", calling)
             tally.failed += 1

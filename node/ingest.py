@@ -2,17 +2,18 @@
 
 The DIMSE listener hands raw Part 10 bytes to :meth:`Ingestor.ingest`; STOW-RS hands the
 staged, fsynced files of one request to :meth:`Ingestor.ingest_staged`, which places and
-catalogues them together (one folder fsync per folder, one transaction). Rows that wait
-for the catalogue at the same time, from any association or request, are committed in one
-transaction. Both return the status of each instance, and Success only after its file is
-durable and its catalogue row committed.
+catalogues them together (one folder fsync per folder, one transaction). Both return the
+status of each instance, and Success only after its file is durable and its catalogue row
+committed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import struct
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -24,19 +25,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
-from pydicom.charset import convert_encodings, default_encoding
-from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_value_for_VR
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.tag import BaseTag, Tag
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ImplicitVRLittleEndian,
-    PrivateTransferSyntaxes,
-)
-from pydicom.values import convert_string
-from sqlalchemy import bindparam, func, insert, select, update
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.uid import UID
+from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -44,10 +35,7 @@ from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Instance, Series, Study
 from node.disk import DiskGuard
 from node.storage import Spool, StagedFile, StoredFile
-from node.structure import MAX_INFLATED as MAX_INFLATED  # re-exported
-from node.structure import MAX_NESTING as MAX_NESTING  # re-exported
-from node.structure import Malformed, RawElement, Scan, scan
-from node.uids import InvalidUID, validate_uid
+from node.uids import InvalidUID, is_valid_uid, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +90,208 @@ class RejectedInstance(Exception):
 
 # --- is it a well-formed Part 10 stream? ---------------------------------------------------
 
-_HEADER_TAG_SET = frozenset(int(Tag(name)) for name in _HEADER_TAGS) | {0x00080005}
+_VR_32 = frozenset(  # explicit VRs with two reserved bytes and a 4-byte length (PS3.5 7.1.2)
+    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
+)
+_VRS = _VR_32 | frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+MAX_NESTING = 64  # sequences within sequences; pydicom recurses on each level
+MAX_INFLATED = 1 << 30  # bytes a deflated data set may inflate to
+
+
+class _Malformed(Exception):
+    """Why a stream is not a well-formed Part 10 file."""
 
 
 def check_structure(source: bytes | bytearray | Path | BinaryIO) -> None:
     """Refuse (0xC000) a stream that is not a well-formed Part 10 file in the transfer
-    syntax its file meta names (:func:`node.structure.scan`)."""
-    _scan(source, frozenset())
+    syntax its file meta names.
 
-
-def _scan(source: bytes | bytearray | Path | BinaryIO, wanted: frozenset[int]) -> Scan:
+    Reads only element headers, seeking over values (a staged STOW-RS part is never loaded
+    whole): every element complete within its container, every explicit VR a VR, undefined
+    lengths only on sequences and encapsulated pixel data and closed by their delimiters,
+    pixel data encapsulated exactly when the transfer syntax says so, sequences at most
+    :data:`MAX_NESTING` deep. Lenient where common readers are: odd lengths, tag order, and
+    a transfer syntax pydicom does not know, read as explicit VR little endian (as every
+    newer transfer syntax but the deflated ones is encoded).
+    """
     try:
-        return scan(source, wanted)
-    except Malformed as exc:
+        if isinstance(source, bytes | bytearray):
+            _Structure(BytesIO(source)).check()
+        elif isinstance(source, Path):
+            with source.open("rb") as fp:
+                _Structure(fp).check()
+        else:
+            start = source.tell()
+            try:
+                _Structure(source).check()
+            finally:
+                source.seek(start)  # where the caller's reader expects it
+    except _Malformed as exc:
         raise RejectedInstance(CANNOT_UNDERSTAND, f"not a well-formed DICOM file: {exc}") from None
     except OSError as exc:
         raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+
+
+class _Structure:
+    """One pass over a Part 10 stream: the file meta, then the data set."""
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self.fp = fp
+        start = fp.tell()
+        self.size = fp.seek(0, 2)
+        fp.seek(start)
+        self.implicit = False
+        self.encapsulated: bool | None = None  # None: a transfer syntax pydicom does not know
+        self._endian("<")
+
+    def _endian(self, order: str) -> None:
+        self.tag, self.short, self.length = (struct.Struct(order + f) for f in ("HH", "H", "L"))
+
+    def check(self) -> None:
+        tsuid = self._meta()
+        deflated = False
+        if tsuid.is_transfer_syntax:
+            self.implicit = tsuid.is_implicit_VR
+            self.encapsulated = tsuid.is_encapsulated
+            deflated = tsuid.is_deflated
+            if not tsuid.is_little_endian:
+                self._endian(">")
+        if deflated:
+            self._inflate()
+        self._elements(self.size, False, self.implicit, 0)
+
+    def _meta(self) -> UID:
+        """The transfer syntax the file meta names; leaves the stream at the data set."""
+        fp = self.fp
+        prefix = fp.read(132)
+        if len(prefix) < 132 or prefix[128:] != b"DICM":
+            raise _Malformed("no preamble and DICM prefix")
+        tsuid = ""
+        while True:
+            position = fp.tell()
+            head = fp.read(8)
+            if len(head) < 8 or head[:2] != b"\x02\x00":  # the data set starts here
+                fp.seek(position)
+                break
+            vr = head[4:6]
+            if vr not in _VRS:
+                raise _Malformed(f"the file meta has an unknown VR {vr.decode('latin-1')!r}")
+            length = self._length32() if vr in _VR_32 else int.from_bytes(head[6:], "little")
+            if length == _UNDEFINED or fp.tell() + length > self.size:
+                raise _Malformed("the file meta is cut short")
+            if head[2:4] == b"\x10\x00":
+                tsuid = fp.read(length).rstrip(b"\x00 ").decode("latin-1")
+            else:
+                fp.seek(length, 1)
+        if not is_valid_uid(tsuid):
+            raise _Malformed("the file meta has no valid Transfer Syntax UID")
+        return UID(tsuid)
+
+    def _inflate(self) -> None:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            data = inflater.decompress(self.fp.read(), MAX_INFLATED)
+        except zlib.error as exc:
+            raise _Malformed(f"the deflated data set does not inflate: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise _Malformed(f"the deflated data set inflates to more than {MAX_INFLATED} bytes")
+        if not inflater.eof:
+            raise _Malformed("the deflated data set is cut short")
+        self.fp, self.size = BytesIO(data), len(data)
+
+    def _length32(self) -> int:
+        data = self.fp.read(4)
+        if len(data) < 4:
+            raise _Malformed("an element header is cut short")
+        return self.length.unpack(data)[0]
+
+    def _header(self, limit: int) -> tuple[int, bytes]:
+        head = self.fp.read(8)
+        if len(head) < 8 or self.fp.tell() > limit:
+            raise _Malformed("an element header is cut short")
+        group, element = self.tag.unpack_from(head)
+        return group << 16 | element, head
+
+    def _elements(self, limit: int, delimited: bool, implicit: bool, depth: int) -> None:
+        """Elements up to ``limit`` or, if ``delimited``, up to an item delimiter."""
+        fp = self.fp
+        while True:
+            position = fp.tell()
+            if position == limit and not delimited:
+                return
+            tag, head = self._header(limit)
+            if tag == _ITEM_END and delimited:
+                return
+            if tag >> 16 == 0xFFFE:
+                raise _Malformed(f"a delimiter or item tag among elements at {position}")
+            vr = None
+            if implicit:
+                length = self.length.unpack_from(head, 4)[0]
+            else:
+                vr = head[4:6]
+                if vr not in _VRS:
+                    raise _Malformed(f"unknown VR {vr.decode('latin-1')!r} at {position}")
+                wide = vr in _VR_32
+                length = self._length32() if wide else self.short.unpack_from(head, 6)[0]
+            if length == _UNDEFINED:
+                if tag == _PIXEL_DATA and vr in (b"OB", b"OW") and self.encapsulated is not False:
+                    self._fragments(limit)
+                elif implicit or vr in (b"SQ", b"UN"):  # UN of undefined length: implicit VR
+                    self._items(limit, True, True if vr == b"UN" else implicit, depth + 1)
+                else:
+                    raise _Malformed(f"undefined length for {vr.decode()} at {position}")
+                continue
+            if tag == _PIXEL_DATA and depth == 0 and self.encapsulated:
+                raise _Malformed("pixel data not encapsulated in an encapsulated transfer syntax")
+            end = fp.tell() + length
+            if end > limit:
+                raise _Malformed(f"a value of {length} bytes runs past its end at {position}")
+            if vr == b"SQ":
+                self._items(end, False, implicit, depth + 1)
+            else:
+                fp.seek(end)
+
+    def _items(self, limit: int, delimited: bool, implicit: bool, depth: int) -> None:
+        """The items of a sequence, up to ``limit`` or its delimiter."""
+        if depth > MAX_NESTING:
+            raise _Malformed(f"sequences nested more than {MAX_NESTING} deep")
+        fp = self.fp
+        while True:
+            position = fp.tell()
+            if position == limit and not delimited:
+                return
+            tag, head = self._header(limit)
+            if tag == _SEQUENCE_END and delimited:
+                return
+            if tag != _ITEM:
+                raise _Malformed(f"a sequence holds something other than items at {position}")
+            length = self.length.unpack_from(head, 4)[0]
+            if length == _UNDEFINED:
+                self._elements(limit, True, implicit, depth)
+                continue
+            end = fp.tell() + length
+            if end > limit:
+                raise _Malformed(f"an item of {length} bytes runs past its end at {position}")
+            self._elements(end, False, implicit, depth)
+
+    def _fragments(self, limit: int) -> None:
+        """Encapsulated pixel data: items of defined length, then the delimiter."""
+        fp = self.fp
+        while True:
+            position = fp.tell()
+            tag, head = self._header(limit)
+            if tag == _SEQUENCE_END:
+                return
+            length = self.length.unpack_from(head, 4)[0]
+            if tag != _ITEM or length == _UNDEFINED:
+                raise _Malformed(f"encapsulated pixel data holds a non-fragment at {position}")
+            end = fp.tell() + length
+            if end > limit:
+                raise _Malformed(f"a fragment of {length} bytes runs past its end at {position}")
+            fp.seek(end)
 
 
 def parse_header(source: bytes | bytearray | Path | BinaryIO, whole: bool = True) -> Dataset:
@@ -125,25 +299,13 @@ def parse_header(source: bytes | bytearray | Path | BinaryIO, whole: bool = True
 
     The whole stream is checked first (:func:`check_structure`): pydicom reads only the
     header, and reads damaged bytes leniently, so without the check a file cut inside its
-    pixel data, or one whose lengths or VRs are garbage, could be stored as received. The
-    same pass keeps the header's elements, so pydicom decodes them without reading the
-    bytes again, unless pydicom's reader could walk them differently (then it reads them
-    itself). ``whole=False`` skips the check, for bytes known to be cut and refused anyway
-    (a STOW-RS part over the size limit), whose header still names the instance in the
-    answer.
+    pixel data, or one whose lengths or VRs are garbage, could be stored as received.
+    ``whole=False`` skips the check, for bytes known to be cut and refused anyway (a STOW-RS
+    part over the size limit), whose header still names the instance in the answer.
     """
-    if whole:
-        found = _scan(source, _HEADER_TAG_SET)
-        if found.plain:
-            try:
-                ds = _dataset(found)
-            except Exception as exc:  # what pydicom's reader would have tripped on
-                raise RejectedInstance(
-                    CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}"
-                ) from exc
-            if ds is not None:
-                return ds
     in_memory = isinstance(source, bytes | bytearray)
+    if whole:
+        check_structure(source)
     try:
         ds = dcmread(
             BytesIO(source) if in_memory else source,
@@ -155,64 +317,6 @@ def parse_header(source: bytes | bytearray | Path | BinaryIO, whole: bool = True
     if in_memory and isinstance(ds, FileDataset):
         ds.buffer = None  # read in full already; keep no copy of the instance's bytes
     return ds
-
-
-def _raw(element: RawElement, implicit: bool, little_endian: bool) -> RawDataElement:
-    """The element as pydicom's reader yields it."""
-    value = element.value if element.length else empty_value_for_VR(element.vr, raw=True)
-    return RawDataElement(
-        BaseTag(element.tag),
-        element.vr,
-        element.length,
-        value,
-        element.offset,
-        implicit,
-        little_endian,
-    )
-
-
-def _dataset(found: Scan) -> Dataset | None:
-    """The header pydicom's ``dcmread(stop_before_pixels=True, specific_tags=...)`` reads,
-    built from the elements :func:`node.structure.scan` kept (the same raw elements, so
-    pydicom decodes each value as it would have), or None where pydicom's reader would
-    read them otherwise."""
-    meta = FileMetaDataset(Dataset({BaseTag(e.tag): _raw(e, False, True) for e in found.meta}))
-    meta.set_original_encoding(
-        is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding
-    )
-    if meta._dict:
-        meta[next(iter(meta.elements())).tag]  # pydicom's reader decodes the first one
-    implicit, little = found.implicit, found.little_endian
-    if (implicit, little) != _pydicom_encoding(meta.get("TransferSyntaxUID")):
-        return None  # pydicom's reader would take the data set for another encoding
-    elements: dict[BaseTag, RawDataElement] = {}
-    for element in found.elements:
-        raw = _raw(element, implicit, little)
-        if element.tag == 0x00080005:  # decoded as it is read, as pydicom's reader does
-            convert_encodings(convert_string(raw.value or b"", little))
-        elements[raw.tag] = raw
-    ds = Dataset(elements, parent_encoding=default_encoding)
-    encoding: str | list[str] = default_encoding
-    if 0x00080005 in elements:
-        charset = convert_raw_data_element(elements[BaseTag(0x00080005)]).value
-        encoding = convert_encodings(charset)
-    ds.set_original_encoding(implicit, little, encoding)
-    ds.file_meta = meta
-    return ds
-
-
-def _pydicom_encoding(syntax: UID | None) -> tuple[bool, bool] | None:
-    """(implicit VR, little endian) as pydicom's reader takes them from a file meta's
-    transfer syntax; None where it guesses, inflates, or knows a private syntax."""
-    if syntax is None or syntax == DeflatedExplicitVRLittleEndian:
-        return None
-    if syntax in PrivateTransferSyntaxes:
-        return None
-    if syntax == ImplicitVRLittleEndian:
-        return True, True
-    if syntax == ExplicitVRBigEndian:
-        return False, False
-    return False, True  # explicit VR little endian, and every other syntax
 
 
 def header_from(ds: Dataset) -> InstanceHeader:
@@ -238,28 +342,6 @@ def header_from(ds: Dataset) -> InstanceHeader:
 def read_header(data: bytes) -> InstanceHeader:
     """Parse the identifying attributes of a Part 10 byte string, validating every UID."""
     return header_from(parse_header(data))
-
-
-@dataclass(frozen=True)
-class _Known:
-    """A catalogued instance met again: its row and the digest of its bytes."""
-
-    id: int
-    sha256: str
-
-
-@dataclass
-class _Rows:
-    """What one batch adds to the catalogue, waiting for a commit: new instances (their
-    files durable already), and duplicates that differ (replaced files, or the audit)."""
-
-    instances: list[tuple[InstanceHeader, StoredFile | IngestOutcome]]
-    duplicates: list[tuple[_Entry, StoredFile | IngestOutcome | None]]
-    existing: dict[str, _Known]
-    ae: str | None
-    replace: bool
-    done: bool = False
-    error: BaseException | None = None
 
 
 @dataclass
@@ -295,24 +377,6 @@ def _instance_number(ds: Dataset) -> int | None:
         return None
 
 
-# Statements built once (an instance costs their execution, not their construction).
-_INSTANCES, _SERIES = Instance.__table__, Series.__table__
-_KNOWN = select(_INSTANCES.c.id, _INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256)
-_KNOWN_ONE = _KNOWN.where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
-_KNOWN_ANY = _KNOWN.where(_INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
-_COUNT_IN_SERIES = (
-    update(_SERIES)
-    .where(_SERIES.c.series_instance_uid == bindparam("uid"))
-    .values(
-        instance_count=func.coalesce(_SERIES.c.instance_count, 0)
-        + bindparam("count", type_=_SERIES.c.instance_count.type),
-        last_received_at=bindparam("now", type_=_SERIES.c.last_received_at.type),
-    )
-    .returning(_SERIES.c.id)
-)
-_ADD_INSTANCES = insert(_INSTANCES)
-
-
 class Ingestor:
     """Stores and catalogues instances; safe to call from many association threads."""
 
@@ -331,10 +395,7 @@ class Ingestor:
         # file: each UID maps to one of these locks for the whole check-write-commit.
         self._uid_locks = [threading.Lock() for _ in range(64)]
         # One writer at a time: keeps study/series upserts free of races on any database.
-        # Rows wait in the queue for it, and whoever holds it commits all that wait.
         self._catalogue_lock = threading.Lock()
-        self._queue_lock = threading.Lock()
-        self._queue: list[_Rows] = []
 
     def ingest(
         self, data: bytes, calling_ae: str | None, expected_sop_uid: str | None = None
@@ -418,11 +479,10 @@ class Ingestor:
             try:
                 with self.catalogue.session() as session:
                     uids = [entry.header.sop_instance_uid for entry in batch]
-                    rows = session.execute(
-                        _KNOWN_ONE if len(uids) == 1 else _KNOWN_ANY,
-                        {"uid": uids[0]} if len(uids) == 1 else {"uids": uids},
+                    rows = session.scalars(
+                        select(Instance).where(Instance.sop_instance_uid.in_(uids))
                     )
-                    existing = {uid: _Known(id, sha256) for id, uid, sha256 in rows}
+                    existing = {row.sop_instance_uid: row for row in rows}
             except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
                 log.error(
                     "cannot read the catalogue for %d instance(s): %s", len(batch), brief(exc)
@@ -434,7 +494,7 @@ class Ingestor:
         return hash(entry.header.sop_instance_uid) % len(self._uid_locks)
 
     def _write_and_catalogue(
-        self, batch: list[_Entry], existing: dict[str, _Known], ae: str | None
+        self, batch: list[_Entry], existing: dict[str, Instance], ae: str | None
     ) -> list[IngestOutcome]:
         """New instances are written and catalogued; a duplicate with identical bytes is
         Success, stored once; different bytes follow the configured policy (keep the first
@@ -461,15 +521,13 @@ class Ingestor:
         changed = [i for i in sorted(differing) if outcomes[i] is None]
         if not new and not changed:
             return _filled(outcomes)
-        work = _Rows(
-            [(batch[i].header, written[i]) for i in new],
-            [(batch[i], written.get(i)) for i in changed],
-            existing,
-            ae,
-            replace,
-        )
         try:
-            self._catalogue_together(work)
+            with self._catalogue_lock, self.catalogue.session() as session:
+                self._add_instances(session, [(batch[i].header, written[i]) for i in new], ae)
+                for index in changed:
+                    self._record_duplicate(
+                        session, batch[index], existing, written.get(index), ae, replace
+                    )
         except Exception as exc:
             if isinstance(exc, SQLAlchemyError):  # the database, not a bug: no traceback
                 log.error("cannot catalogue %d instance(s): %s", len(new + changed), brief(exc))
@@ -488,55 +546,6 @@ class Ingestor:
                 outcomes[index] = self._success(batch[index], duplicate=True)
         return _filled(outcomes)
 
-    def _catalogue_together(self, work: _Rows) -> None:
-        """Commit ``work`` in one transaction with the rows other threads queued meanwhile
-        (group commit: one commit, one log fsync, for all of them); raises if its rows
-        were not committed. Each thread still holds its UID locks, and gets its answer
-        only once its rows are committed."""
-        with self._queue_lock:
-            self._queue.append(work)
-        with self._catalogue_lock:
-            if not work.done:  # nobody took it along: this thread commits the queue
-                with self._queue_lock:
-                    group, self._queue = self._queue, []
-                self._commit(group)
-        if work.error is not None:
-            raise work.error
-
-    def _commit(self, group: list[_Rows]) -> None:
-        """One transaction for the group; if it fails, one for each, so that a bad row
-        fails only its own instances."""
-        for work in group:
-            work.error = RuntimeError("not committed")
-        try:
-            try:
-                with self.catalogue.session() as session:
-                    for work in group:
-                        self._apply(session, work)
-            except Exception as exc:
-                if len(group) == 1:
-                    group[0].error = exc
-                    return
-                for work in group:
-                    try:
-                        with self.catalogue.session() as session:
-                            self._apply(session, work)
-                    except Exception as single:
-                        work.error = single
-                    else:
-                        work.error = None
-            else:
-                for work in group:
-                    work.error = None
-        finally:
-            for work in group:
-                work.done = True
-
-    def _apply(self, session: Session, work: _Rows) -> None:
-        self._add_instances(session, work.instances, work.ae)
-        for entry, stored in work.duplicates:
-            self._record_duplicate(session, entry, work.existing, stored, work.ae, work.replace)
-
     def _add_instances(
         self,
         session: Session,
@@ -549,27 +558,19 @@ class Ingestor:
             return
         now = datetime.now(UTC)
         counts = Counter(header.series_instance_uid for header, _ in instances)
-        series: dict[str, int] = {}
-        created: dict[str, Series] = {}
+        series: dict[str, Series] = {}
         for header, _ in instances:
             uid = header.series_instance_uid
-            if uid in series or uid in created:
-                continue
-            known = self._count_in_series(session, uid, counts[uid], now)
-            if known is None:
-                created[uid] = self._new_series(session, header, ae, counts[uid], now)
-            else:
-                series[uid] = known
-        if created:
-            session.flush()  # the ids of new series
-            series.update((uid, row.id) for uid, row in created.items())
+            if uid not in series:
+                series[uid] = self._upsert_series(session, header, ae, counts[uid], now)
+        session.flush()  # the ids of new series
         rows = []
         for header, stored in instances:
             assert isinstance(stored, StoredFile)
             rows.append(
                 {
                     "sop_instance_uid": header.sop_instance_uid,
-                    "series_id": series[header.series_instance_uid],
+                    "series_id": series[header.series_instance_uid].id,
                     "sop_class_uid": header.sop_class_uid,
                     "transfer_syntax_uid": header.transfer_syntax_uid,
                     "instance_number": header.instance_number,
@@ -578,7 +579,7 @@ class Ingestor:
                     "sha256": stored.sha256,
                 }
             )
-        session.execute(_ADD_INSTANCES, rows)
+        session.execute(insert(Instance), rows)
 
     @staticmethod
     def _success(entry: _Entry, duplicate: bool = False) -> IngestOutcome:
@@ -628,50 +629,52 @@ class Ingestor:
                 final.append(result)
         return final
 
-    @staticmethod
-    def _count_in_series(session: Session, uid: str, count: int, now: datetime) -> int | None:
-        """Add ``count`` instances to a series row, returning its id; None if it has none
-        (one statement, the count added in the database)."""
-        return session.execute(
-            _COUNT_IN_SERIES, {"uid": uid, "count": count, "now": now}
-        ).scalar_one_or_none()
-
-    @staticmethod
-    def _new_series(
-        session: Session, header: InstanceHeader, ae: str | None, count: int, now: datetime
+    def _upsert_series(
+        self,
+        session: Session,
+        header: InstanceHeader,
+        ae: str | None,
+        count: int = 1,
+        now: datetime | None = None,
     ) -> Series:
-        """A new series row with ``count`` instances (and its study, when new)."""
+        """The series row (and its study, when new) with ``count`` more instances."""
         ds = header.dataset
-        study = session.scalar(
-            select(Study).where(Study.study_instance_uid == header.study_instance_uid)
+        now = now or datetime.now(UTC)
+        series = session.scalar(
+            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
         )
-        if study is None:
-            study = Study(
-                study_instance_uid=header.study_instance_uid,
-                patient_id=_text(ds, "PatientID", 64),
-                study_date=_text(ds, "StudyDate", 8),
-                accession_number=_text(ds, "AccessionNumber", 16),
+        if series is None:
+            study = session.scalar(
+                select(Study).where(Study.study_instance_uid == header.study_instance_uid)
             )
-            session.add(study)
-        series = Series(
-            series_instance_uid=header.series_instance_uid,
-            study=study,
-            modality=_text(ds, "Modality", 16),
-            series_description=_text(ds, "SeriesDescription", 64),
-            body_part_examined=_text(ds, "BodyPartExamined", 16),
-            calling_ae_title=ae,
-            instance_count=count,
-            first_received_at=now,
-            last_received_at=now,
-        )
-        session.add(series)
+            if study is None:
+                study = Study(
+                    study_instance_uid=header.study_instance_uid,
+                    patient_id=_text(ds, "PatientID", 64),
+                    study_date=_text(ds, "StudyDate", 8),
+                    accession_number=_text(ds, "AccessionNumber", 16),
+                )
+                session.add(study)
+            series = Series(
+                series_instance_uid=header.series_instance_uid,
+                study=study,
+                modality=_text(ds, "Modality", 16),
+                series_description=_text(ds, "SeriesDescription", 64),
+                body_part_examined=_text(ds, "BodyPartExamined", 16),
+                calling_ae_title=ae,
+                instance_count=0,
+                first_received_at=now,
+            )
+            session.add(series)
+        series.instance_count = (series.instance_count or 0) + count
+        series.last_received_at = now
         return series
 
     @staticmethod
     def _record_duplicate(
         session: Session,
         entry: _Entry,
-        existing: dict[str, _Known],
+        existing: dict[str, Instance],
         stored: StoredFile | IngestOutcome | None,
         ae: str | None,
         replace: bool,

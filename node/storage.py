@@ -21,7 +21,6 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,39 +32,6 @@ log = logging.getLogger(__name__)
 STAGING_DIR = ".incoming"  # under the spool root; no UID starts with a dot
 STALE_STAGED_SECONDS = 24 * 3600  # staged files this old are leftovers of a crash
 _COPY_CHUNK = 4 * 1024 * 1024
-_HASH_ASIDE = 64 * 1024  # bytes from which a digest is worth a thread (hashlib drops the GIL)
-_HASHERS = 2  # digests computed aside at once; past that, in the caller's thread
-
-
-class _Hashers:
-    """A few threads computing SHA-256 digests while their callers write and fsync."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pid = 0
-        self._busy = 0
-
-    def digest(self, data: bytes) -> Future[str] | None:
-        """The digest of ``data`` on its way, or None when every thread is busy."""
-        with self._lock:
-            if self._pool is None or self._pid != os.getpid():  # none yet, or forked
-                self._pool = ThreadPoolExecutor(_HASHERS, thread_name_prefix="spool-hash")
-                self._pid, self._busy = os.getpid(), 0
-            if self._busy >= _HASHERS:
-                return None
-            self._busy += 1
-            return self._pool.submit(self._digest, data)
-
-    def _digest(self, data: bytes) -> str:
-        try:
-            return hashlib.sha256(data).hexdigest()
-        finally:
-            with self._lock:
-                self._busy -= 1
-
-
-_hashers = _Hashers()
 
 
 @dataclass(frozen=True)
@@ -223,14 +189,11 @@ class Spool:
             self._known_dirs.add(folder)
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
-        """Write ``data`` durably under its UIDs' path (its digest computed meanwhile)."""
         relative = self.relative_path(study_uid, series_uid, sop_uid)
         path = self.root / relative
-        digest = _hashers.digest(data) if len(data) >= _HASH_ASIDE else None
         self._ensure_dir(path.parent)
         write_durably(path, data)
-        sha256 = digest.result() if digest is not None else hashlib.sha256(data).hexdigest()
-        return StoredFile(relative, len(data), sha256)
+        return StoredFile(relative, len(data), hashlib.sha256(data).hexdigest())
 
     def stage(self) -> StagedFile:
         """A new staging file, to be written, synced, then placed or discarded."""
