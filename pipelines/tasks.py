@@ -7,7 +7,8 @@ worker was killed is redelivered and the stage finishes what was recorded as unf
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import Celery, Task
 from celery.signals import worker_ready
@@ -26,6 +27,7 @@ from pipelines.stages import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
@@ -45,39 +47,31 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         if getattr(sender, "app", None) is app and app.conf.get("curia_load_model", True):
             log.info("model loaded: %s", runtime().backbone.identity.name)
 
+    def run_stage(stage: str, work: Callable[[Runtime, int], T], run_id: int) -> T | None:
+        """One stage of a run, timed; a failure fails the run (recorded, logged): None."""
+        try:
+            with STAGE_SECONDS.labels(stage).time():
+                return work(runtime(), run_id)
+        except Exception as exc:
+            log.exception("run %d: %s failed", run_id, stage)
+            fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
+            return None
+
     @app.task(name="curia.prepare_series", bind=True, shared=False)
     def prepare_series_task(self: Task, run_id: int) -> None:
         """Decode on a CPU worker, then hand over to inference (a GPU worker, elsewhere)."""
-        try:
-            with STAGE_SECONDS.labels("prepare").time():
-                proceed = prepare(runtime(), run_id)
-        except Exception as exc:
-            log.exception("run %d: preparation failed", run_id)
-            fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
-            return
-        if proceed:
+        if run_stage("prepare", prepare, run_id):
             analyse_series_task.apply_async((run_id,), priority=runtime().priority_of_run(run_id))
 
     @app.task(name="curia.analyse_series", bind=True, shared=False)
     def analyse_series_task(self: Task, run_id: int) -> None:
-        try:
-            with STAGE_SECONDS.labels("analyse").time():
-                proceed = analyse(runtime(), run_id)
-        except Exception as exc:
-            log.exception("run %d: analysis failed", run_id)
-            fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
-            return
-        if proceed:
+        if run_stage("analyse", analyse, run_id):
             write_report_task.apply_async((run_id,), priority=runtime().priority_of_run(run_id))
 
     @app.task(name="curia.write_report", bind=True, shared=False)
     def write_report_task(self: Task, run_id: int) -> None:
-        try:
-            with STAGE_SECONDS.labels("report").time():
-                delivery_ids = report(runtime(), run_id)
-        except Exception as exc:
-            log.exception("run %d: report failed", run_id)
-            fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
+        delivery_ids = run_stage("report", report, run_id)
+        if delivery_ids is None:
             return
         priority = runtime().priority_of_run(run_id)
         for delivery_id in delivery_ids:
