@@ -9,16 +9,13 @@ the pipeline once did; (b) one pass feeding both. Prints seconds per run and the
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from pydicom import dcmread
-
-from benchmarks.prepare import _series
+from benchmarks.prepare import parse_args, sample_series
 from pipelines.backbone import demo_backbone
 from pipelines.heads import demo_head
 from pipelines.inference import analyse_series, analyse_series_and_masks
@@ -27,19 +24,14 @@ from pipelines.segmentation import demo_mask_head, segment_series
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--copies", type=int, default=5, help="copies of the 20-slice CT")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--size", choices=("tiny", "base"), default="tiny")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
 
     backbone = demo_backbone(args.size)
     heads = [demo_head(backbone.spec.hidden_size)]
     mask_head = demo_mask_head(backbone.spec.hidden_size)
     root = Path(tempfile.mkdtemp(prefix="curia-bench-masks-"))
     try:
-        paths = _series(root / "ct", args.copies)
-        uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+        paths, uid = sample_series(root / "ct", args.copies)
         series = prepare_series(paths, root / "prepared")
         print(f"{len(paths)} slices (prepared), backbone {args.size}, {backbone.device}")
         analyse_series(series, backbone, heads, series_instance_uid=uid)  # warm up

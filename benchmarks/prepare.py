@@ -26,8 +26,8 @@ from pipelines.preprocess import prepare_series
 from tests.testdata import repaired_ct_series
 
 
-def _series(folder: Path, copies: int) -> list[Path]:
-    """The 20-slice sample CT, ``copies`` times over, stacked into one series."""
+def sample_series(folder: Path, copies: int) -> tuple[list[Path], str]:
+    """The 20-slice sample CT, ``copies`` times over, stacked into one series; and its UID."""
     paths: list[Path] = []
     for copy in range(copies):
         for path in repaired_ct_series(folder / f"c{copy}", "bench-prepare"):
@@ -37,22 +37,26 @@ def _series(folder: Path, copies: int) -> list[Path]:
             ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 1000.0 * copy
             ds.save_as(path, enforce_file_format=True)
             paths.append(path)
-    return paths
+    return paths, str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str) -> argparse.Namespace:
+    """The options the sample-CT benchmarks share: series length, runs, model size."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--copies", type=int, default=5, help="copies of the 20-slice CT")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--size", choices=("tiny", "base"), default="tiny")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__)
 
     backbone = demo_backbone(args.size)
     heads = [demo_head(backbone.spec.hidden_size)]
     root = Path(tempfile.mkdtemp(prefix="curia-bench-prepare-"))
     try:
-        paths = _series(root / "ct", args.copies)
-        uid = str(dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+        paths, uid = sample_series(root / "ct", args.copies)
         print(f"{len(paths)} slices (JPEG 2000), backbone {args.size}, {backbone.device}")
         analyse_series(paths, backbone, heads, series_instance_uid=uid)  # warm up
         itself, prepared_times, prepare_times = [], [], []
