@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import struct
+import re
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -25,17 +24,26 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileDataset
-from pydicom.uid import UID
-from sqlalchemy import insert, select
+from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    PrivateTransferSyntaxes,
+)
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Instance, Series, Study
 from node.disk import DiskGuard
 from node.storage import Spool, StagedFile, StoredFile
-from node.uids import InvalidUID, is_valid_uid, validate_uid
+from node.structure import MAX_INFLATED as MAX_INFLATED  # re-exported
+from node.structure import MAX_NESTING as MAX_NESTING  # re-exported
+from node.structure import Malformed, Scan, scan
+from node.uids import InvalidUID, validate_uid
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +85,8 @@ class InstanceHeader:
     study_instance_uid: str
     series_instance_uid: str
     transfer_syntax_uid: str
-    dataset: Dataset
+    # str() of the descriptive attributes (_TEXTS) present and not empty, by keyword
+    texts: dict[str, str]
     instance_number: int | None
 
 
@@ -90,208 +99,44 @@ class RejectedInstance(Exception):
 
 # --- is it a well-formed Part 10 stream? ---------------------------------------------------
 
-_VR_32 = frozenset(  # explicit VRs with two reserved bytes and a 4-byte length (PS3.5 7.1.2)
-    b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split()
+_CHARSET = 0x00080005
+_HEADER_TAG_SET = frozenset(int(Tag(name)) for name in _HEADER_TAGS) | {_CHARSET}
+_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_TEXTS = (  # descriptive attributes kept for the study and series rows
+    "Modality",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "PatientID",
+    "StudyDate",
+    "AccessionNumber",
 )
-_VRS = _VR_32 | frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_UNDEFINED = 0xFFFFFFFF
-_PIXEL_DATA = 0x7FE00010
-MAX_NESTING = 64  # sequences within sequences; pydicom recurses on each level
-MAX_INFLATED = 1 << 30  # bytes a deflated data set may inflate to
-
-
-class _Malformed(Exception):
-    """Why a stream is not a well-formed Part 10 file."""
+# (tag, keyword, VR) of each header value :func:`_quick_header` decodes itself.
+_QUICK = tuple(
+    (int(Tag(name)), name, dictionary_VR(name).encode())
+    for name in (*_UIDS, *_TEXTS, "InstanceNumber")
+)
+# Character sets whose decoders read printable ASCII as ASCII, as pydicom names them:
+# values of LO and SH made of such bytes decode the same under each.
+_ASCII_CHARSETS = frozenset(
+    {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 144", "ISO_IR 192", "GB18030", "GBK"}
+)
+_PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash
+_INTEGER = re.compile(r" *[+-]?[0-9]+")
 
 
 def check_structure(source: bytes | bytearray | Path | BinaryIO) -> None:
     """Refuse (0xC000) a stream that is not a well-formed Part 10 file in the transfer
-    syntax its file meta names.
+    syntax its file meta names (:func:`node.structure.scan`)."""
+    _scan(source, frozenset())
 
-    Reads only element headers, seeking over values (a staged STOW-RS part is never loaded
-    whole): every element complete within its container, every explicit VR a VR, undefined
-    lengths only on sequences and encapsulated pixel data and closed by their delimiters,
-    pixel data encapsulated exactly when the transfer syntax says so, sequences at most
-    :data:`MAX_NESTING` deep. Lenient where common readers are: odd lengths, tag order, and
-    a transfer syntax pydicom does not know, read as explicit VR little endian (as every
-    newer transfer syntax but the deflated ones is encoded).
-    """
+
+def _scan(source: bytes | bytearray | Path | BinaryIO, wanted: frozenset[int]) -> Scan:
     try:
-        if isinstance(source, bytes | bytearray):
-            _Structure(BytesIO(source)).check()
-        elif isinstance(source, Path):
-            with source.open("rb") as fp:
-                _Structure(fp).check()
-        else:
-            start = source.tell()
-            try:
-                _Structure(source).check()
-            finally:
-                source.seek(start)  # where the caller's reader expects it
-    except _Malformed as exc:
+        return scan(source, wanted)
+    except Malformed as exc:
         raise RejectedInstance(CANNOT_UNDERSTAND, f"not a well-formed DICOM file: {exc}") from None
     except OSError as exc:
         raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
-
-
-class _Structure:
-    """One pass over a Part 10 stream: the file meta, then the data set."""
-
-    def __init__(self, fp: BinaryIO) -> None:
-        self.fp = fp
-        start = fp.tell()
-        self.size = fp.seek(0, 2)
-        fp.seek(start)
-        self.implicit = False
-        self.encapsulated: bool | None = None  # None: a transfer syntax pydicom does not know
-        self._endian("<")
-
-    def _endian(self, order: str) -> None:
-        self.tag, self.short, self.length = (struct.Struct(order + f) for f in ("HH", "H", "L"))
-
-    def check(self) -> None:
-        tsuid = self._meta()
-        deflated = False
-        if tsuid.is_transfer_syntax:
-            self.implicit = tsuid.is_implicit_VR
-            self.encapsulated = tsuid.is_encapsulated
-            deflated = tsuid.is_deflated
-            if not tsuid.is_little_endian:
-                self._endian(">")
-        if deflated:
-            self._inflate()
-        self._elements(self.size, False, self.implicit, 0)
-
-    def _meta(self) -> UID:
-        """The transfer syntax the file meta names; leaves the stream at the data set."""
-        fp = self.fp
-        prefix = fp.read(132)
-        if len(prefix) < 132 or prefix[128:] != b"DICM":
-            raise _Malformed("no preamble and DICM prefix")
-        tsuid = ""
-        while True:
-            position = fp.tell()
-            head = fp.read(8)
-            if len(head) < 8 or head[:2] != b"\x02\x00":  # the data set starts here
-                fp.seek(position)
-                break
-            vr = head[4:6]
-            if vr not in _VRS:
-                raise _Malformed(f"the file meta has an unknown VR {vr.decode('latin-1')!r}")
-            length = self._length32() if vr in _VR_32 else int.from_bytes(head[6:], "little")
-            if length == _UNDEFINED or fp.tell() + length > self.size:
-                raise _Malformed("the file meta is cut short")
-            if head[2:4] == b"\x10\x00":
-                tsuid = fp.read(length).rstrip(b"\x00 ").decode("latin-1")
-            else:
-                fp.seek(length, 1)
-        if not is_valid_uid(tsuid):
-            raise _Malformed("the file meta has no valid Transfer Syntax UID")
-        return UID(tsuid)
-
-    def _inflate(self) -> None:
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        try:
-            data = inflater.decompress(self.fp.read(), MAX_INFLATED)
-        except zlib.error as exc:
-            raise _Malformed(f"the deflated data set does not inflate: {exc}") from None
-        if inflater.unconsumed_tail:
-            raise _Malformed(f"the deflated data set inflates to more than {MAX_INFLATED} bytes")
-        if not inflater.eof:
-            raise _Malformed("the deflated data set is cut short")
-        self.fp, self.size = BytesIO(data), len(data)
-
-    def _length32(self) -> int:
-        data = self.fp.read(4)
-        if len(data) < 4:
-            raise _Malformed("an element header is cut short")
-        return self.length.unpack(data)[0]
-
-    def _header(self, limit: int) -> tuple[int, bytes]:
-        head = self.fp.read(8)
-        if len(head) < 8 or self.fp.tell() > limit:
-            raise _Malformed("an element header is cut short")
-        group, element = self.tag.unpack_from(head)
-        return group << 16 | element, head
-
-    def _elements(self, limit: int, delimited: bool, implicit: bool, depth: int) -> None:
-        """Elements up to ``limit`` or, if ``delimited``, up to an item delimiter."""
-        fp = self.fp
-        while True:
-            position = fp.tell()
-            if position == limit and not delimited:
-                return
-            tag, head = self._header(limit)
-            if tag == _ITEM_END and delimited:
-                return
-            if tag >> 16 == 0xFFFE:
-                raise _Malformed(f"a delimiter or item tag among elements at {position}")
-            vr = None
-            if implicit:
-                length = self.length.unpack_from(head, 4)[0]
-            else:
-                vr = head[4:6]
-                if vr not in _VRS:
-                    raise _Malformed(f"unknown VR {vr.decode('latin-1')!r} at {position}")
-                wide = vr in _VR_32
-                length = self._length32() if wide else self.short.unpack_from(head, 6)[0]
-            if length == _UNDEFINED:
-                if tag == _PIXEL_DATA and vr in (b"OB", b"OW") and self.encapsulated is not False:
-                    self._fragments(limit)
-                elif implicit or vr in (b"SQ", b"UN"):  # UN of undefined length: implicit VR
-                    self._items(limit, True, True if vr == b"UN" else implicit, depth + 1)
-                else:
-                    raise _Malformed(f"undefined length for {vr.decode()} at {position}")
-                continue
-            if tag == _PIXEL_DATA and depth == 0 and self.encapsulated:
-                raise _Malformed("pixel data not encapsulated in an encapsulated transfer syntax")
-            end = fp.tell() + length
-            if end > limit:
-                raise _Malformed(f"a value of {length} bytes runs past its end at {position}")
-            if vr == b"SQ":
-                self._items(end, False, implicit, depth + 1)
-            else:
-                fp.seek(end)
-
-    def _items(self, limit: int, delimited: bool, implicit: bool, depth: int) -> None:
-        """The items of a sequence, up to ``limit`` or its delimiter."""
-        if depth > MAX_NESTING:
-            raise _Malformed(f"sequences nested more than {MAX_NESTING} deep")
-        fp = self.fp
-        while True:
-            position = fp.tell()
-            if position == limit and not delimited:
-                return
-            tag, head = self._header(limit)
-            if tag == _SEQUENCE_END and delimited:
-                return
-            if tag != _ITEM:
-                raise _Malformed(f"a sequence holds something other than items at {position}")
-            length = self.length.unpack_from(head, 4)[0]
-            if length == _UNDEFINED:
-                self._elements(limit, True, implicit, depth)
-                continue
-            end = fp.tell() + length
-            if end > limit:
-                raise _Malformed(f"an item of {length} bytes runs past its end at {position}")
-            self._elements(end, False, implicit, depth)
-
-    def _fragments(self, limit: int) -> None:
-        """Encapsulated pixel data: items of defined length, then the delimiter."""
-        fp = self.fp
-        while True:
-            position = fp.tell()
-            tag, head = self._header(limit)
-            if tag == _SEQUENCE_END:
-                return
-            length = self.length.unpack_from(head, 4)[0]
-            if tag != _ITEM or length == _UNDEFINED:
-                raise _Malformed(f"encapsulated pixel data holds a non-fragment at {position}")
-            end = fp.tell() + length
-            if end > limit:
-                raise _Malformed(f"a fragment of {length} bytes runs past its end at {position}")
-            fp.seek(end)
 
 
 def parse_header(source: bytes | bytearray | Path | BinaryIO, whole: bool = True) -> Dataset:
@@ -328,20 +173,95 @@ def header_from(ds: Dataset) -> InstanceHeader:
         raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
     try:
         tsuid = validate_uid(str(ds.file_meta.get("TransferSyntaxUID", "")), "TransferSyntaxUID")
-        values = [
-            validate_uid(str(ds.get(name, "") or ""), name)
-            for name in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        ]
+        values = [validate_uid(str(ds.get(name, "") or ""), name) for name in _UIDS]
     except InvalidUID as exc:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+    texts = {}
+    for name in _TEXTS:
+        value = ds.get(name)
+        if value not in (None, ""):
+            texts[name] = str(value)
     return InstanceHeader(
-        *values, transfer_syntax_uid=tsuid, dataset=ds, instance_number=_instance_number(ds)
+        *values, transfer_syntax_uid=tsuid, texts=texts, instance_number=_instance_number(ds)
     )
 
 
 def read_header(data: bytes) -> InstanceHeader:
-    """Parse the identifying attributes of a Part 10 byte string, validating every UID."""
-    return header_from(parse_header(data))
+    """Parse the identifying attributes of a Part 10 byte string, validating every UID.
+
+    One pass checks the structure and keeps the header's raw values; those that are plain
+    ASCII in an encoding pydicom reads the same way are decoded here (pydicom would decode
+    them to the same strings), anything else is left to pydicom's reader."""
+    found = _scan(data, _HEADER_TAG_SET)
+    header = _quick_header(found)
+    if header is not None:
+        return header
+    return header_from(parse_header(data, whole=False))  # the structure is checked already
+
+
+def _quick_header(found: Scan) -> InstanceHeader | None:
+    """The header :func:`header_from` would make of pydicom's reading of the same bytes,
+    or None where decoding it needs pydicom (an encoding pydicom could read otherwise, a
+    character set or value outside plain ASCII, a VR other than the dictionary's, a
+    multi-valued or non-integer value)."""
+    if not found.plain:
+        return None
+    if (found.implicit, found.little_endian) != _pydicom_encoding(found.transfer_syntax):
+        return None
+    elements = found.elements
+    charset = elements.get(_CHARSET)
+    if charset is not None:
+        vr, raw = charset
+        if vr not in (None, b"CS") or _plain(raw) not in _ASCII_CHARSETS:
+            return None
+    values: dict[str, str] = {}
+    for tag, name, expected in _QUICK:
+        element = elements.get(tag)
+        if element is None:
+            continue
+        vr, raw = element
+        if vr is not None and vr != expected:
+            return None
+        text = _plain(raw)
+        if text is None:
+            return None
+        values[name] = text.strip() if expected == b"UI" else text  # as pydicom's UID()
+    number = values.get("InstanceNumber", "")
+    instance_number: int | None = None
+    if number.strip():
+        if not _INTEGER.fullmatch(number):
+            return None
+        instance_number = int(number)
+    try:
+        tsuid = validate_uid(found.transfer_syntax, "TransferSyntaxUID")
+        uids = [validate_uid(values.get(name, ""), name) for name in _UIDS]
+    except InvalidUID as exc:
+        raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+    texts = {name: values[name] for name in _TEXTS if values.get(name)}
+    return InstanceHeader(
+        *uids, transfer_syntax_uid=tsuid, texts=texts, instance_number=instance_number
+    )
+
+
+def _plain(raw: bytes) -> str | None:
+    """A value as pydicom decodes a single-valued UI, CS, DA, IS, SH or LO (trailing
+    padding and NULs removed), if it is printable ASCII without a backslash; else None."""
+    value = raw.rstrip(b"\x00 ")
+    if not _PRINTABLE.fullmatch(value):
+        return None
+    return value.decode("ascii")
+
+
+def _pydicom_encoding(syntax: str) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) as pydicom's reader takes them from a file meta's
+    transfer syntax; None where it inflates, or knows a private syntax."""
+    if syntax == DeflatedExplicitVRLittleEndian or syntax in PrivateTransferSyntaxes:
+        return None
+    if syntax == ImplicitVRLittleEndian:
+        return True, True
+    if syntax == ExplicitVRBigEndian:
+        return False, False
+    return False, True  # explicit VR little endian, and every other syntax
 
 
 @dataclass
@@ -362,11 +282,9 @@ class _Entry:
         return self.payload.sha256
 
 
-def _text(ds: Dataset, name: str, limit: int) -> str | None:
-    value = ds.get(name)
-    if value in (None, ""):
-        return None
-    return str(value)[:limit]
+def _text(header: InstanceHeader, name: str, limit: int) -> str | None:
+    value = header.texts.get(name)
+    return None if value is None else value[:limit]
 
 
 def _instance_number(ds: Dataset) -> int | None:
@@ -375,6 +293,39 @@ def _instance_number(ds: Dataset) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A catalogued instance met again: its row and the digest of its bytes."""
+
+    id: int
+    sha256: str
+
+
+# Core statements built once: an instance costs their execution, not their construction
+# (nor loading ORM objects it only reads one column of).
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+_SERIES: Table = Series.__table__  # type: ignore[assignment]
+_STUDIES: Table = Study.__table__  # type: ignore[assignment]
+_AUDIT_EVENTS: Table = AuditEvent.__table__  # type: ignore[assignment]
+_KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.id, _INSTANCES.c.sha256)
+_KNOWN_ONE = _KNOWN.where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_KNOWN_ANY = _KNOWN.where(_INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+_COUNT_IN_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.series_instance_uid == bindparam("uid"))
+    .values(
+        instance_count=func.coalesce(_SERIES.c.instance_count, 0)
+        + bindparam("count", type_=_SERIES.c.instance_count.type),
+        last_received_at=bindparam("now", type_=_SERIES.c.last_received_at.type),
+    )
+    .returning(_SERIES.c.id)
+)
+_STUDY_ID = select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == bindparam("uid"))
+_ADD_STUDY = insert(_STUDIES).returning(_STUDIES.c.id)
+_ADD_SERIES = insert(_SERIES).returning(_SERIES.c.id)
+_ADD_INSTANCES = insert(_INSTANCES)
 
 
 class Ingestor:
@@ -477,12 +428,14 @@ class Ingestor:
             for stripe in stripes:
                 held.enter_context(self._uid_locks[stripe])
             try:
-                with self.catalogue.session() as session:
+                with self.catalogue.engine.connect() as connection:
                     uids = [entry.header.sop_instance_uid for entry in batch]
-                    rows = session.scalars(
-                        select(Instance).where(Instance.sop_instance_uid.in_(uids))
+                    rows = (
+                        connection.execute(_KNOWN_ONE, {"uid": uids[0]})
+                        if len(uids) == 1
+                        else connection.execute(_KNOWN_ANY, {"uids": uids})
                     )
-                    existing = {row.sop_instance_uid: row for row in rows}
+                    existing = {uid: _Known(id_, sha256) for uid, id_, sha256 in rows}
             except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
                 log.error(
                     "cannot read the catalogue for %d instance(s): %s", len(batch), brief(exc)
@@ -494,7 +447,7 @@ class Ingestor:
         return hash(entry.header.sop_instance_uid) % len(self._uid_locks)
 
     def _write_and_catalogue(
-        self, batch: list[_Entry], existing: dict[str, Instance], ae: str | None
+        self, batch: list[_Entry], existing: dict[str, _Known], ae: str | None
     ) -> list[IngestOutcome]:
         """New instances are written and catalogued; a duplicate with identical bytes is
         Success, stored once; different bytes follow the configured policy (keep the first
@@ -522,11 +475,11 @@ class Ingestor:
         if not new and not changed:
             return _filled(outcomes)
         try:
-            with self._catalogue_lock, self.catalogue.session() as session:
-                self._add_instances(session, [(batch[i].header, written[i]) for i in new], ae)
+            with self._catalogue_lock, self.catalogue.engine.begin() as connection:
+                self._add_instances(connection, [(batch[i].header, written[i]) for i in new], ae)
                 for index in changed:
                     self._record_duplicate(
-                        session, batch[index], existing, written.get(index), ae, replace
+                        connection, batch[index], existing, written.get(index), ae, replace
                     )
         except Exception as exc:
             if isinstance(exc, SQLAlchemyError):  # the database, not a bug: no traceback
@@ -548,7 +501,7 @@ class Ingestor:
 
     def _add_instances(
         self,
-        session: Session,
+        connection: Connection,
         instances: list[tuple[InstanceHeader, StoredFile | IngestOutcome]],
         ae: str | None,
     ) -> None:
@@ -558,19 +511,18 @@ class Ingestor:
             return
         now = datetime.now(UTC)
         counts = Counter(header.series_instance_uid for header, _ in instances)
-        series: dict[str, Series] = {}
+        series: dict[str, int] = {}
         for header, _ in instances:
             uid = header.series_instance_uid
             if uid not in series:
-                series[uid] = self._upsert_series(session, header, ae, counts[uid], now)
-        session.flush()  # the ids of new series
+                series[uid] = self._upsert_series(connection, header, ae, counts[uid], now)
         rows = []
         for header, stored in instances:
             assert isinstance(stored, StoredFile)
             rows.append(
                 {
                     "sop_instance_uid": header.sop_instance_uid,
-                    "series_id": series[header.series_instance_uid].id,
+                    "series_id": series[header.series_instance_uid],
                     "sop_class_uid": header.sop_class_uid,
                     "transfer_syntax_uid": header.transfer_syntax_uid,
                     "instance_number": header.instance_number,
@@ -579,7 +531,7 @@ class Ingestor:
                     "sha256": stored.sha256,
                 }
             )
-        session.execute(insert(Instance), rows)
+        connection.execute(_ADD_INSTANCES, rows)
 
     @staticmethod
     def _success(entry: _Entry, duplicate: bool = False) -> IngestOutcome:
@@ -631,50 +583,54 @@ class Ingestor:
 
     def _upsert_series(
         self,
-        session: Session,
+        connection: Connection,
         header: InstanceHeader,
         ae: str | None,
         count: int = 1,
         now: datetime | None = None,
-    ) -> Series:
-        """The series row (and its study, when new) with ``count`` more instances."""
-        ds = header.dataset
+    ) -> int:
+        """The id of the series row (and its study, when new) with ``count`` more
+        instances; an existing row is counted up in the database, not from a copy read
+        earlier, so changes others make to it in between are kept."""
         now = now or datetime.now(UTC)
-        series = session.scalar(
-            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
+        counted = connection.execute(
+            _COUNT_IN_SERIES, {"uid": header.series_instance_uid, "count": count, "now": now}
+        ).scalar()
+        if counted is not None:
+            return int(counted)
+        study_id = connection.execute(_STUDY_ID, {"uid": header.study_instance_uid}).scalar()
+        if study_id is None:
+            study_id = connection.execute(
+                _ADD_STUDY,
+                {
+                    "study_instance_uid": header.study_instance_uid,
+                    "patient_id": _text(header, "PatientID", 64),
+                    "study_date": _text(header, "StudyDate", 8),
+                    "accession_number": _text(header, "AccessionNumber", 16),
+                },
+            ).scalar_one()
+        return int(
+            connection.execute(
+                _ADD_SERIES,
+                {
+                    "series_instance_uid": header.series_instance_uid,
+                    "study_id": study_id,
+                    "modality": _text(header, "Modality", 16),
+                    "series_description": _text(header, "SeriesDescription", 64),
+                    "body_part_examined": _text(header, "BodyPartExamined", 16),
+                    "calling_ae_title": ae,
+                    "instance_count": count,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                },
+            ).scalar_one()
         )
-        if series is None:
-            study = session.scalar(
-                select(Study).where(Study.study_instance_uid == header.study_instance_uid)
-            )
-            if study is None:
-                study = Study(
-                    study_instance_uid=header.study_instance_uid,
-                    patient_id=_text(ds, "PatientID", 64),
-                    study_date=_text(ds, "StudyDate", 8),
-                    accession_number=_text(ds, "AccessionNumber", 16),
-                )
-                session.add(study)
-            series = Series(
-                series_instance_uid=header.series_instance_uid,
-                study=study,
-                modality=_text(ds, "Modality", 16),
-                series_description=_text(ds, "SeriesDescription", 64),
-                body_part_examined=_text(ds, "BodyPartExamined", 16),
-                calling_ae_title=ae,
-                instance_count=0,
-                first_received_at=now,
-            )
-            session.add(series)
-        series.instance_count = (series.instance_count or 0) + count
-        series.last_received_at = now
-        return series
 
     @staticmethod
     def _record_duplicate(
-        session: Session,
+        connection: Connection,
         entry: _Entry,
-        existing: dict[str, Instance],
+        existing: dict[str, _Known],
         stored: StoredFile | IngestOutcome | None,
         ae: str | None,
         replace: bool,
@@ -683,12 +639,20 @@ class Ingestor:
         before = existing[header.sop_instance_uid]
         if replace:
             assert isinstance(stored, StoredFile)
-            row = session.get(Instance, before.id)
-            assert row is not None
-            row.path, row.size, row.sha256 = stored.relative_path, stored.size, stored.sha256
-            row.transfer_syntax_uid = header.transfer_syntax_uid
-        session.add(
-            AuditEvent(
+            replaced = connection.execute(
+                update(_INSTANCES)
+                .where(_INSTANCES.c.id == before.id)
+                .values(
+                    path=stored.relative_path,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    transfer_syntax_uid=header.transfer_syntax_uid,
+                )
+            )
+            if replaced.rowcount != 1:
+                raise LookupError(f"the catalogue row of {header.sop_instance_uid} is gone")
+        connection.execute(
+            insert(_AUDIT_EVENTS).values(
                 actor=ae or "unknown",
                 action="duplicate-differs-replaced" if replace else "duplicate-differs-kept-first",
                 target=header.sop_instance_uid,

@@ -21,12 +21,12 @@ def make_engine(url: str) -> Engine:
     """Create an engine tuned for durability.
 
     SQLite runs in WAL mode with ``synchronous=FULL`` so a committed row survives a power
-    cut, and a busy timeout so the listener, watcher and worker threads can share it.
+    cut, and a busy timeout so the listener, watcher and worker threads can share it. Its
+    pooled connections are not pinged on checkout: a file database has no server that
+    could have dropped them, and the ping would cost every short transaction a query.
     """
     if url.startswith("sqlite"):
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
-        )
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
