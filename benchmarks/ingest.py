@@ -2,7 +2,8 @@
 
 Sends the same 300-slice 512x512 CT series (synthetic pixels) with DCMTK storescu
 (TCP_NODELAY=1 on both ends) to storescp and to the node's listener, prints instances/s for
-each and the ratio node/DCMTK; then 10 concurrent senders x 300 slices to the node
+each and the ratio node/DCMTK, and the disk's own floor (what the fsyncs that a Success
+requires cost, without network or catalogue); then 10 concurrent senders x 300 slices to the node
 (aggregate instances/s, peak RSS of this process, which hosts the listener).
 
     .venv/bin/python -m benchmarks.ingest [--slices 300] [--senders 10]
@@ -28,7 +29,7 @@ from node.dimse import start_listener
 from node.ingest import Ingestor
 from node.peers import SourcePolicy
 from node.settings import DicomSettings
-from node.storage import Spool
+from node.storage import Spool, write_durably
 from tests.peers import free_port, port_open, wait_for
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -101,6 +102,20 @@ def dcmtk_rate(folder: Path, slices: int, work: Path) -> float:
         proc.wait()
 
 
+def durable_floor(folder: Path, work: Path) -> float:
+    """Instances/s for only what a Success requires of the disk: each file's bytes written
+    to a temporary name, fsynced, renamed and its folder fsynced (no network, no parsing,
+    no catalogue). Whatever the node does, it cannot answer faster than this."""
+    target = work / "floor"
+    target.mkdir()
+    files = sorted(folder.iterdir())
+    payloads = [path.read_bytes() for path in files]
+    started = time.perf_counter()
+    for path, data in zip(files, payloads, strict=True):
+        write_durably(target / path.name, data)
+    return len(files) / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
@@ -114,6 +129,7 @@ def main() -> None:
         folder = work / "series"
         write_series(folder, args.slices)
         dcmtk = dcmtk_rate(folder, args.slices, work)
+        floor = durable_floor(folder, work)
 
         url = f"sqlite:///{work / 'catalogue.sqlite'}"
         upgrade(url)
@@ -129,7 +145,9 @@ def main() -> None:
             node = args.slices / timed_send(port, [folder])
             print(f"DCMTK storescp: {dcmtk:7.1f} instances/s (no fsync, no catalogue)")
             print(f"Curia Node    : {node:7.1f} instances/s (fsync + rename + catalogued)")
+            print(f"disk floor    : {floor:7.1f} instances/s (write + fsync + rename, no network)")
             print(f"ratio node/DCMTK: {node / dcmtk:.2f}")
+            print(f"ratio node/disk floor: {node / floor:.2f}")
             folders = [work / f"series-{i}" for i in range(args.senders)]
             for extra in folders:
                 write_series(extra, args.slices)
