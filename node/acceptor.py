@@ -68,6 +68,8 @@ UNRECOGNISED_OPERATION = 0x0211
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 PROCESSING_FAILURE = 0x0110
 
+SLOW_STORE_SECONDS = 5.0  # a C-STORE handler slower than this is worth a line in the log
+
 
 class AssociationAborted(Exception):
     """The association ends here: the peer went away, timed out or broke the protocol."""
@@ -571,8 +573,12 @@ class AssociationAcceptor:
         data = b"".join((file_meta(sop_class, sop_instance, syntax, calling), *fragments))
         fragments.clear()
         request = StoreRequest(_uid(sop_class), _uid(sop_instance), syntax, data)
+        started = time.monotonic()
         try:
             status, comment = self.server.service.store(association, request)
+            elapsed = time.monotonic() - started
+            if elapsed > SLOW_STORE_SECONDS:
+                log.warning("storing one instance from %s took %.1f s", calling, elapsed)
         except Exception:
             log.exception("the C-STORE handler failed for an instance from %s", calling)
             status, comment = PROCESSING_FAILURE, "processing failure"

@@ -116,13 +116,15 @@ class AssociationHandlers:
     def closed(self, association: Association, outcome: str, reason: str | None) -> None:
         requestor = association.requestor
         if outcome != "rejected":
-            log.info(
-                "association from %s %s: %d stored, %d failed, %.2f s",
+            log.log(
+                logging.INFO if outcome == "released" else logging.WARNING,
+                "association from %s %s: %d stored, %d failed, %.2f s%s",
                 requestor.calling_ae_title,
                 outcome,
                 association.stored,
                 association.failed,
                 time.monotonic() - association.clock,
+                f" ({reason})" if reason else "",
             )
         ASSOCIATIONS.labels(outcome).inc()
         try:
@@ -133,7 +135,7 @@ class AssociationHandlers:
                         address=requestor.address[:64],
                         port=requestor.port,
                         outcome=outcome,
-                        reason=reason if outcome == "rejected" else None,
+                        reason=reason,
                         stored=association.stored,
                         failed=association.failed,
                         statuses=dict(association.statuses),
