@@ -198,7 +198,7 @@ def response(request: dict[int, bytes], status: int, comment: str = "") -> bytes
     for tag in (0x0002, 0x1000):  # Affected SOP Class / Instance UID
         if tag in request:
             elements.append((tag, request[tag]))
-    if comment and status not in (0x0000,):
+    if comment and status != 0x0000:
         text = comment.encode("ascii", "replace")[:64]
         elements.append((0x0902, text if len(text) % 2 == 0 else text + b" "))
     return command_set(elements)
@@ -225,7 +225,9 @@ def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
 def _us_value(elements: dict[int, bytes], tag: int) -> int:
     value = elements.get(tag, b"")
     if len(value) < 2:
-        raise AssociationAborted(f"command element (0000,{tag:04X}) is not a US", 0x06)
+        raise AssociationAborted(
+            f"command element (0000,{tag:04X}) is not a US", ABORT_INVALID_PARAMETER
+        )
     return int(struct.unpack_from("<H", value)[0])
 
 

@@ -55,20 +55,6 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
-_HEADER_TAGS = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesDescription",
-    "BodyPartExamined",
-    "PatientID",
-    "StudyDate",
-    "AccessionNumber",
-    "InstanceNumber",
-]
-
 
 @dataclass(frozen=True)
 class IngestOutcome:
@@ -100,7 +86,6 @@ class RejectedInstance(Exception):
 # --- is it a well-formed Part 10 stream? ---------------------------------------------------
 
 _CHARSET = 0x00080005
-_HEADER_TAG_SET = frozenset(int(Tag(name)) for name in _HEADER_TAGS) | {_CHARSET}
 _UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _TEXTS = (  # descriptive attributes kept for the study and series rows
     "Modality",
@@ -110,6 +95,8 @@ _TEXTS = (  # descriptive attributes kept for the study and series rows
     "StudyDate",
     "AccessionNumber",
 )
+_HEADER_TAGS = [*_UIDS, *_TEXTS, "InstanceNumber"]  # what the node reads of a header
+_HEADER_TAG_SET = frozenset(int(Tag(name)) for name in _HEADER_TAGS) | {_CHARSET}
 # (tag, keyword, VR) of each header value :func:`_quick_header` decodes itself.
 _QUICK = tuple(
     (int(Tag(name)), name, dictionary_VR(name).encode())

@@ -40,15 +40,20 @@ from tests.peers import free_port, wait_for
 CT_SMALL = get_testdata_file("CT_small.dcm")
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[tuple[Listener, Ingestor]]:
+def _start(tmp_path: Path, **settings: float) -> tuple[Listener, Ingestor]:
+    """A listener on a fresh catalogue that admits the AE title SCU from 127.0.0.1."""
     url = f"sqlite:///{tmp_path / 'c.sqlite'}"
     upgrade(url)
     catalogue = Catalogue(url)
     add_source(catalogue, "scu", "SCU", "127.0.0.1", actor="test")
     ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), catalogue)
-    settings = DicomSettings(host="127.0.0.1", port=free_port(), max_associations=2)
-    server = start_listener(settings, ingestor, SourcePolicy(catalogue, False, 0))
+    dicom = DicomSettings(host="127.0.0.1", port=free_port(), **settings)
+    return start_listener(dicom, ingestor, SourcePolicy(catalogue, False, 0)), ingestor
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Listener, Ingestor]]:
+    server, ingestor = _start(tmp_path, max_associations=2)
     yield server, ingestor
     server.shutdown()
 
@@ -256,13 +261,7 @@ def test_too_many_associations_are_refused_as_a_local_limit(
 
 
 def test_a_silent_peer_is_aborted_after_the_network_timeout(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
-    upgrade(url)
-    catalogue = Catalogue(url)
-    add_source(catalogue, "scu", "SCU", "127.0.0.1", actor="test")
-    ingestor = Ingestor(Spool(tmp_path / "spool", tmp_path / "quarantine"), catalogue)
-    settings = DicomSettings(host="127.0.0.1", port=free_port(), network_timeout=0.5)
-    server = start_listener(settings, ingestor, SourcePolicy(catalogue, False, 0))
+    server, ingestor = _start(tmp_path, network_timeout=0.5)
     try:
         sock, answer = _associate_raw(_port(server))
         with sock:
