@@ -42,10 +42,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pipelines.backbone import Backbone, demo_backbone
-from pipelines.heads import Head, demo_attentive_head, demo_head
-from pipelines.inference import analyse_series, select_device
-from pipelines.preprocess import iter_series_chunks, plan_series
+from pipelines.model.backbone import Backbone, demo_backbone
+from pipelines.model.heads import Head, demo_attentive_head, demo_head
+from pipelines.model.inference import analyse_series, select_device
+from pipelines.model.preprocess import iter_series_chunks, plan_series
 
 RESULT_PREFIX = "RESULT "
 

@@ -25,11 +25,11 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from node.catalogue.db import Catalogue, upgrade
-from node.dimse import start_listener
-from node.ingest import Ingestor
-from node.peers import SourcePolicy
-from node.settings import DicomSettings
-from node.storage import Spool, write_durably
+from node.core.settings import DicomSettings
+from node.dimse.allow_list import SourcePolicy
+from node.dimse.listener import start_listener
+from node.store.ingest import Ingestor
+from node.store.spool import Spool, write_durably
 from tests.peers import free_port, port_open, wait_for
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

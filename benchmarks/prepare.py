@@ -19,10 +19,10 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from pipelines.backbone import demo_backbone
-from pipelines.heads import demo_head
-from pipelines.inference import analyse_series
-from pipelines.preprocess import prepare_series
+from pipelines.model.backbone import demo_backbone
+from pipelines.model.heads import demo_head
+from pipelines.model.inference import analyse_series
+from pipelines.model.preprocess import prepare_series
 from tests.testdata import repaired_ct_series
 
 

@@ -33,16 +33,16 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
-from pipelines.preprocess import plan_series
-from pipelines.report import DeviceIdentity, build_sr, write_sr
-from pipelines.segmentation import (
+from pipelines.model.preprocess import plan_series
+from pipelines.model.segmentation import (
     MaskHead,
     SeriesMask,
     build_seg,
     demo_mask_head,
     make_series_mask,
 )
-from pipelines.sr_templates import load_templates
+from pipelines.reporting.sr import DeviceIdentity, build_sr, write_sr
+from pipelines.reporting.templates import load_templates
 
 SR_GOAL_S = 1.0
 SEG_GOAL_S = 5.0

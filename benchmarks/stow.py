@@ -33,9 +33,9 @@ TOKEN = "benchmark-token"
 
 def node_app() -> FastAPI:
     """The node's API app over ``CURIA_DATA_DIR`` (uvicorn --factory entry point)."""
-    from node.api import create_api
     from node.catalogue.db import Catalogue, upgrade
-    from node.settings import Settings
+    from node.core.settings import Settings
+    from node.web.app import create_api
 
     settings = Settings()
     settings.ensure_dirs()

@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from node.catalogue.db import Catalogue, upgrade
-from node.completion import CompletionWatcher
-from node.dimse import start_listener
-from node.disk import DiskGuard
-from node.ingest import Ingestor
-from node.peers import SourcePolicy
-from node.router import Router
-from node.settings import Settings
-from node.storage import Spool
+from node.core.settings import Settings
+from node.dimse.allow_list import SourcePolicy
+from node.dimse.listener import start_listener
+from node.store.disk import DiskGuard
+from node.store.ingest import Ingestor
+from node.store.spool import Spool
+from node.workflow.completion import CompletionWatcher
+from node.workflow.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,12 @@ class NodeService:
         catalogue = Catalogue(settings.effective_database_url)
         self._stoppers.append(catalogue.dispose)
 
-        from pipelines.celery_app import STAGES, create_app, queue_name
-        from pipelines.runtime import run_key_for
+        from pipelines.jobs.celery_app import STAGES, create_app, queue_name
+        from pipelines.jobs.runtime import run_key_for
 
         app = create_app(settings)
         if settings.pipeline.embedded_worker:
-            from pipelines.embedded_worker import EmbeddedWorker
+            from pipelines.jobs.embedded_worker import EmbeddedWorker
 
             runtime = app.curia_runtime()
             # Load the model now: a bad weights folder stops the node at start, not later.
@@ -75,7 +75,7 @@ class NodeService:
     def _start_api(self, catalogue: Catalogue, enqueue_dispatch: Any, ingestor: Ingestor) -> None:
         import uvicorn
 
-        from node.api import create_api
+        from node.web.app import create_api
 
         api = create_api(self.settings, catalogue, enqueue_dispatch, ingestor)
         config = uvicorn.Config(

@@ -38,7 +38,7 @@ class HeadFinding:
     head (one class naming the quantity) the single entry is the raw predicted value.
     ``key_slice`` is the index (in the spatially sorted series) of the slice that scored
     highest for the predicted class, so a report can point a viewer at it; ``key_region``
-    is where on that slice (see :mod:`pipelines.key_region`), None when the head keeps no
+    is where on that slice (see :mod:`pipelines.model.key_region`), None when the head keeps no
     spatial information.
     """
 

@@ -25,7 +25,7 @@ its kind and what the node may answer to it:
   the request too.
 - ``missing-uid``: one of those four UIDs removed.
 - ``deep-nesting``: a well-formed private sequence nested deeper than the node reads
-  (:data:`node.ingest.MAX_NESTING`).
+  (:data:`node.store.ingest.MAX_NESTING`).
 - ``byte-flip``: random bytes of the data set changed. The node cannot tell every such
   instance from a real one (a flipped pixel is still a picture): any answer but a crash.
 
@@ -56,7 +56,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
-from node.ingest import MAX_NESTING
+from node.store.ingest import MAX_NESTING
 from tests.testdata import repaired_ct_series
 
 SUCCESS = 0x0000

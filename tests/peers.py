@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from pipelines.celery_app import STAGES
+from pipelines.jobs.celery_app import STAGES
 
 T = TypeVar("T")
 VENV_BIN = Path(sys.executable).parent
@@ -192,7 +192,7 @@ class NodeProcess:
                 [
                     str(VENV_BIN / "celery"),
                     "-A",
-                    "pipelines.celery_app",
+                    "pipelines.jobs.celery_app",
                     "worker",
                     "--pool=solo",
                     "--loglevel=INFO",

@@ -20,7 +20,10 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, PatientRootQueryRetrieveInformationModelFind
 from sqlalchemy import select
 
-from node.acceptor import (
+from node.catalogue.db import Catalogue, upgrade
+from node.catalogue.models import AssociationRecord, Instance
+from node.core.settings import DicomSettings
+from node.dimse.acceptor import (
     APPLICATION_CONTEXT_NAME,
     IMPLEMENTATION_CLASS_UID,
     Listener,
@@ -28,13 +31,10 @@ from node.acceptor import (
     parse_command,
     response,
 )
-from node.catalogue.db import Catalogue, upgrade
-from node.catalogue.models import AssociationRecord, Instance
-from node.dimse import start_listener
-from node.ingest import Ingestor
-from node.peers import SourcePolicy, add_source
-from node.settings import DicomSettings
-from node.storage import Spool
+from node.dimse.allow_list import SourcePolicy, add_source
+from node.dimse.listener import start_listener
+from node.store.ingest import Ingestor
+from node.store.spool import Spool
 from tests.peers import free_port, wait_for
 
 CT_SMALL = get_testdata_file("CT_small.dcm")

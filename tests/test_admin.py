@@ -9,13 +9,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from node.api import api_token, create_api
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import ApiToken, AuditEvent
-from node.cli import app as cli
-from node.destinations import get_destination
-from node.settings import Settings
-from node.tokens import create_token, revoke_token
+from node.cli.main import app as cli
+from node.core.settings import Settings
+from node.delivery.destinations import get_destination
+from node.web.app import api_token, create_api
+from node.web.tokens import create_token, revoke_token
 from tests.peers import Orthanc, free_port
 
 

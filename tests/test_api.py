@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from node.api import api_token, create_api
 from node.catalogue.db import Catalogue, upgrade
-from node.settings import Settings
+from node.core.settings import Settings
+from node.web.app import api_token, create_api
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model
 
-from pipelines.backbone import (
+from pipelines.model.backbone import (
     CURIA_B,
     CURIA_TINY,
     Backbone,

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import PipelineRun, RunState, Series, SeriesState, Study
-from node.completion import CompletionWatcher
+from node.workflow.completion import CompletionWatcher
 
 TABLES = {
     "studies",

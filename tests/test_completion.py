@@ -12,9 +12,9 @@ from pydicom.dataset import Dataset
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import PipelineRun, RunState, Series, SeriesState, Study
-from node.completion import CompletionWatcher
-from node.router import Router, orientation
-from node.settings import CompletionSettings
+from node.core.settings import CompletionSettings
+from node.workflow.completion import CompletionWatcher
+from node.workflow.routing import Router, orientation
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

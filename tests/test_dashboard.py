@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 from sqlalchemy import event
 
-from node.api import api_token, create_api
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import (
     Delivery,
@@ -27,8 +26,9 @@ from node.catalogue.models import (
     SeriesState,
     Study,
 )
-from node.settings import Settings
-from node.tokens import create_token
+from node.core.settings import Settings
+from node.web.app import api_token, create_api
+from node.web.tokens import create_token
 from tests.conftest import node_env
 from tests.peers import VENV_BIN, Orthanc, free_port
 from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME

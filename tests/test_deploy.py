@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node.settings import Settings
-from pipelines.celery_app import STAGES
+from node.core.settings import Settings
+from pipelines.jobs.celery_app import STAGES
 
 ROOT = Path(__file__).parents[1]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())

@@ -27,16 +27,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from node.api import api_token, create_api
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance, PipelineRun, Result, Series
+from node.core.settings import Settings
 from node.dicomweb import create_dicomweb_router
+from node.dicomweb.multipart import MultipartError, MultipartReader
 from node.dicomweb.rendering import json_to_xml
 from node.dicomweb.stow import WRITE_CHUNK, PartOutcome, StowUpload, stow_answer
-from node.ingest import RejectedInstance
-from node.multipart import MultipartError, MultipartReader
-from node.settings import Settings
-from node.storage import STAGING_DIR, Spool
+from node.store.ingest import RejectedInstance
+from node.store.spool import STAGING_DIR, Spool
+from node.web.app import api_token, create_api
 from tests.peers import Orthanc, free_port, wait_for
 from tests.testdata import TEST_PATIENT_ID
 

@@ -15,12 +15,18 @@ from sqlalchemy import func, select
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance
-from node.dimse import start_listener
-from node.disk import DiskGuard
-from node.ingest import Ingestor
-from node.peers import PeerError, SourcePolicy, add_local_title, add_source, remove_local_title
-from node.settings import DicomSettings
-from node.storage import Spool
+from node.core.settings import DicomSettings
+from node.dimse.allow_list import (
+    PeerError,
+    SourcePolicy,
+    add_local_title,
+    add_source,
+    remove_local_title,
+)
+from node.dimse.listener import start_listener
+from node.store.disk import DiskGuard
+from node.store.ingest import Ingestor
+from node.store.spool import Spool
 from tests.conftest import require_tool
 from tests.peers import free_port, wait_for
 from tests.testdata import repaired_ct_series, totalseg_ct_dir
@@ -214,7 +220,7 @@ def test_every_association_is_recorded_without_patient_data(
 
 
 def _tls_listener(tmp_path: Path, require_client_cert: bool):
-    from node.settings import TlsSettings
+    from node.core.settings import TlsSettings
     from tests.tls import make_pki
 
     pki = make_pki(tmp_path / "pki")
@@ -355,7 +361,7 @@ def test_a_c_store_while_the_catalogue_is_down_gets_out_of_resources(
     assert stored(ingestor) == 0
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors and all(r.exc_info is None for r in errors), "no traceback"
-    assert any(r.name == "node.ingest" for r in errors)
+    assert any(r.name == "node.store.ingest" for r in errors)
 
 
 def test_senders_are_refused_while_the_allow_list_cannot_be_read(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import socket
 
 from pynetdicom import AE
 
-from node.dispatch import DimseDestination
+from node.delivery.dimse import DimseDestination
 from tests.peers import Orthanc
 
 

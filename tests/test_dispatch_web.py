@@ -10,8 +10,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from node.dispatch import DispatchError, send
-from node.dispatch_web import OrthancRestDestination, StowRsDestination
+from node.delivery.dimse import DispatchError, send
+from node.delivery.http import OrthancRestDestination, StowRsDestination
 from tests.peers import Orthanc, free_port
 from tests.test_dicomweb import RunningNode, make_sr, running_node
 

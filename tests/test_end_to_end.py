@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from pipelines.celery_app import STAGES
+from pipelines.jobs.celery_app import STAGES
 from tests.conftest import RABBITMQ_URL, node_env, production_env
 from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
 from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME

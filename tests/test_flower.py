@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.celery_app import STAGES
+from pipelines.jobs.celery_app import STAGES
 from tests.conftest import RABBITMQ_URL
 from tests.peers import VENV_BIN, free_port, wait_for
 
@@ -36,7 +36,7 @@ def test_flower_lists_the_worker_and_its_pipeline_tasks(tmp_path: Path) -> None:
                 [
                     str(VENV_BIN / "celery"),
                     "-A",
-                    "pipelines.celery_app",
+                    "pipelines.jobs.celery_app",
                     "flower",
                     f"--port={port}",
                     "--address=127.0.0.1",

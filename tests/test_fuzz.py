@@ -34,8 +34,8 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
-from node.storage import STAGING_DIR
-from node.uids import is_valid_uid
+from node.core.uids import is_valid_uid
+from node.store.spool import STAGING_DIR
 from tests.conftest import node_env
 from tests.fuzzing import SUCCESS, Base, Mutant, Mutator, make_bases
 from tests.peers import NodeProcess, Orthanc, free_port

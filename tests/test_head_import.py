@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
 from typer.testing import CliRunner
 
-from node.heads_cli import heads_app
-from pipelines import preprocess
-from pipelines.backbone import Backbone, demo_backbone, save_hf_folder, timm_to_hf
+from node.cli.heads import heads_app
 from pipelines.findings import CodeRef
-from pipelines.head_import import HeadImportError, import_raidium_head
-from pipelines.heads import (
+from pipelines.model import preprocess
+from pipelines.model.backbone import Backbone, demo_backbone, save_hf_folder, timm_to_hf
+from pipelines.model.head_import import HeadImportError, import_raidium_head
+from pipelines.model.heads import (
     AttentionBlock,
     AttentionCard,
     Head,
@@ -34,8 +34,8 @@ from pipelines.heads import (
     load_head,
     save_head,
 )
-from pipelines.inference import analyse_series
-from pipelines.preprocess import load_series, preprocess_slices
+from pipelines.model.inference import analyse_series
+from pipelines.model.preprocess import load_series, preprocess_slices
 from tests.testdata import repaired_ct_series
 
 HIDDEN = 64
@@ -493,7 +493,7 @@ def test_only_window_slices_are_decoded(
 
 
 def test_attentive_and_mean_heads_share_one_pass(backbone: Backbone, ct: list[Path]) -> None:
-    from pipelines.heads import demo_head
+    from pipelines.model.heads import demo_head
 
     mean_head, window_head = demo_head(HIDDEN), demo_attentive_head(HIDDEN, num_slices=4)
     both = analyse_series(ct, backbone, [window_head, mean_head], series_instance_uid="1")
@@ -543,7 +543,7 @@ def test_padding_rows_are_masked() -> None:
     ],
 )
 def test_card_combinations_are_checked(tmp_path: Path, edit: dict, field: str) -> None:
-    from pipelines.heads import demo_head
+    from pipelines.model.heads import demo_head
 
     save_head(demo_head(HIDDEN), tmp_path / "h")
     card = json.loads((tmp_path / "h" / "head.json").read_text()) | edit

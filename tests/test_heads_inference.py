@@ -16,12 +16,12 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from torch import nn
 
-from pipelines.backbone import Backbone, demo_backbone
 from pipelines.findings import CodeRef
-from pipelines.heads import Head, HeadError, demo_head, load_head, load_heads, save_head
-from pipelines.inference import analyse_series, select_device
-from pipelines.key_region import grid_region
-from pipelines.preprocess import load_series, plan_series, preprocess_slices
+from pipelines.model.backbone import Backbone, demo_backbone
+from pipelines.model.heads import Head, HeadError, demo_head, load_head, load_heads, save_head
+from pipelines.model.inference import analyse_series, select_device
+from pipelines.model.key_region import grid_region
+from pipelines.model.preprocess import load_series, plan_series, preprocess_slices
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +310,7 @@ def test_cuda_request_without_gpu_is_an_error() -> None:
 
 
 def test_heads_apply_only_to_the_modalities_on_their_card(tmp_path: Path) -> None:
-    from pipelines.heads import heads_for
+    from pipelines.model.heads import heads_for
 
     any_series = demo_head(64, seed=1)
     save_head(any_series, tmp_path / "ct-only")
@@ -327,9 +327,9 @@ def test_mask_heads_share_the_backbone_pass_of_the_other_heads(
     tmp_path: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One pass over the series feeds the classifier and the mask: same mask as alone."""
-    from pipelines import inference
-    from pipelines.inference import analyse_series_and_masks
-    from pipelines.segmentation import demo_mask_head, segment_series
+    from pipelines.model import inference
+    from pipelines.model.inference import analyse_series_and_masks
+    from pipelines.model.segmentation import demo_mask_head, segment_series
 
     paths = ct_series(tmp_path, [0.0, 1.0, 2.0, 3.0, 4.0])
     head = big_demo_head(64, seed=5)

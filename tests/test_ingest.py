@@ -21,8 +21,9 @@ from sqlalchemy import func, select
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import AuditEvent, Instance, Series, Study
-from node.disk import DiskGuard
-from node.ingest import (
+from node.core.uids import InvalidUID, is_valid_uid, validate_uid
+from node.store.disk import DiskGuard
+from node.store.ingest import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     MAX_NESTING,
@@ -35,8 +36,7 @@ from node.ingest import (
     header_from,
     parse_header,
 )
-from node.storage import STAGING_DIR, Spool, StagedFile, StoredFile
-from node.uids import InvalidUID, is_valid_uid, validate_uid
+from node.store.spool import STAGING_DIR, Spool, StagedFile, StoredFile
 from tests.fuzzing import Element, dataset_offset, element_map, file_meta
 from tests.peers import free_port
 
@@ -502,13 +502,13 @@ def test_an_unreachable_catalogue_gets_out_of_resources_and_one_log_line(
     ingestor: Ingestor, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ingestor.catalogue = unreachable_catalogue()
-    with caplog.at_level(logging.ERROR, logger="node.ingest"):
+    with caplog.at_level(logging.ERROR, logger="node.store.ingest"):
         single = ingestor.ingest(ct_bytes(), "MODALITY")
         batch = ingestor.ingest_staged([staged(ingestor.spool, ct_bytes())], "STOW-RS")
     assert [(o.status, o.reason) for o in [single, *batch]] == [
         (OUT_OF_RESOURCES, "cannot read the catalogue")
     ] * 2
-    records = [r for r in caplog.records if r.name == "node.ingest"]
+    records = [r for r in caplog.records if r.name == "node.store.ingest"]
     assert len(records) == 2
     for record in records:
         assert record.exc_info is None and "\n" not in record.getMessage()

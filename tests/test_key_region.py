@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.key_region import grid_region, mask_box
-from pipelines.preprocess import Reorientation
+from pipelines.model.key_region import grid_region, mask_box
+from pipelines.model.preprocess import Reorientation
 
 
 def test_mask_box_is_the_bounding_box_with_exclusive_ends() -> None:

@@ -13,7 +13,7 @@ import torch
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from pipelines.preprocess import (
+from pipelines.model.preprocess import (
     SeriesError,
     iter_series_chunks,
     load_series,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node.settings import Settings
-from pipelines.celery_app import create_app, queue_name
+from node.core.settings import Settings
+from pipelines.jobs.celery_app import create_app, queue_name
 from tests.conftest import RABBITMQ_URL
 
 

@@ -20,7 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 
 from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
-from pipelines.report import (
+from pipelines.reporting.sr import (
     DEMO_STATEMENT,
     LABEL_SCHEME,
     DeviceIdentity,
@@ -28,7 +28,12 @@ from pipelines.report import (
     build_sr,
     write_sr,
 )
-from pipelines.sr_templates import ReportTemplate, TemplateError, load_template, load_templates
+from pipelines.reporting.templates import (
+    ReportTemplate,
+    TemplateError,
+    load_template,
+    load_templates,
+)
 from tests.validators import (
     assert_dcentvfy_clean,
     assert_dciodvfy_clean,
@@ -759,7 +764,7 @@ def test_value_section_is_refused_for_a_classifier(
 
 def test_text_rendering_names_the_drawn_finding_and_its_outline(sr: Dataset) -> None:
     """What the dashboard's "View report" shows when no dsr2html is installed."""
-    from node.results import render_text
+    from node.web.results import render_text
 
     text = render_text(sr)
     assert "DEMO Chest probability: 70" in text and "%" in text

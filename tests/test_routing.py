@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node.routing import Finding, RulesError, SeriesFacts, evaluate, parse_rules
+from node.core.rules import Finding, RulesError, SeriesFacts, evaluate, parse_rules
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "routing-rules.yaml"
 DESTINATIONS = ["archive", "neuro-stat", "abdominal-pacs"]

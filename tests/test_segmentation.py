@@ -26,21 +26,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage, generate_uid
 from torch import nn
 
-from pipelines.backbone import CURIA_TINY, Backbone, demo_backbone
 from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
-from pipelines.preprocess import Reorientation, plan_series
-from pipelines.report import (
-    DEMO_STATEMENT,
-    LABEL_SCHEME,
-    SEGMENTATION_TASK,
-    DeviceIdentity,
-    ReportError,
-    algorithm_name,
-    build_sr,
-    split_findings,
-    write_sr,
-)
-from pipelines.segmentation import (
+from pipelines.model.backbone import CURIA_TINY, Backbone, demo_backbone
+from pipelines.model.preprocess import Reorientation, plan_series
+from pipelines.model.segmentation import (
     PRESENT_CLASS,
     MaskHead,
     SegmentationError,
@@ -53,7 +42,18 @@ from pipelines.segmentation import (
     segment_series,
     to_stored_orientation,
 )
-from pipelines.sr_templates import ReportTemplate, load_templates
+from pipelines.reporting.sr import (
+    DEMO_STATEMENT,
+    LABEL_SCHEME,
+    SEGMENTATION_TASK,
+    DeviceIdentity,
+    ReportError,
+    algorithm_name,
+    build_sr,
+    split_findings,
+    write_sr,
+)
+from pipelines.reporting.templates import ReportTemplate, load_templates
 from tests.validators import (
     assert_dcentvfy_clean,
     assert_dciodvfy_clean,

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from node.cli import app
-from node.settings import Settings, load_settings
+from node.cli.main import app
+from node.core.settings import Settings, load_settings
 
 
 def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -12,15 +12,15 @@ from pydicom import dcmread
 from benchmarks.ingest import write_series
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import PipelineRun, Result
-from node.completion import CompletionWatcher
-from node.ingest import Ingestor
-from node.settings import Settings
-from node.storage import Spool
-from pipelines import preprocess
-from pipelines.inference import analyse_series
-from pipelines.preprocess import load_prepared, load_series, prepare_series
-from pipelines.runtime import Runtime, run_key_for
-from pipelines.stages import analyse, prepare, prepared_folder, report
+from node.core.settings import Settings
+from node.store.ingest import Ingestor
+from node.store.spool import Spool
+from node.workflow.completion import CompletionWatcher
+from pipelines.jobs.runtime import Runtime, run_key_for
+from pipelines.jobs.stages import analyse, prepare, prepared_folder, report
+from pipelines.model import preprocess
+from pipelines.model.inference import analyse_series
+from pipelines.model.preprocess import load_prepared, load_series, prepare_series
 
 
 def _completed_run(tmp_path: Path, *, frame_of_reference: bool = True) -> tuple[Runtime, int]:

@@ -1,6 +1,6 @@
-"""The one-pass structure check (:mod:`node.structure`) and the header read from it.
+"""The one-pass structure check (:mod:`node.store.structure`) and the header read from it.
 
-The header :func:`node.ingest.read_header` builds from the scan must be the one pydicom's
+The header :func:`node.store.ingest.read_header` builds from the scan must be the one pydicom's
 reader gives (:func:`parse_header` then :func:`header_from`), refusals included: the tests
 compare the two over pydicom's test files and over values and bytes changed on purpose.
 """
@@ -34,7 +34,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from node.ingest import (
+from node.store.ingest import (
     _ASCII_CHARSETS,
     _HEADER_TAG_SET,
     _HEADER_TAGS,
@@ -46,7 +46,7 @@ from node.ingest import (
     parse_header,
     read_header,
 )
-from node.structure import MAX_NESTING, Malformed, scan
+from node.store.structure import MAX_NESTING, Malformed, scan
 from tests.fuzzing import element_map, file_meta
 
 SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.1"

@@ -19,13 +19,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from node.heads_cli import heads_app
-from pipelines import training
-from pipelines.backbone import Backbone, demo_backbone
-from pipelines.heads import load_head
-from pipelines.inference import analyse_series
-from pipelines.preprocess import plan_series
-from pipelines.training import (
+from node.cli.heads import heads_app
+from pipelines.model import training
+from pipelines.model.backbone import Backbone, demo_backbone
+from pipelines.model.heads import load_head
+from pipelines.model.inference import analyse_series
+from pipelines.model.preprocess import plan_series
+from pipelines.model.training import (
     FeatureCache,
     Recipe,
     TrainingError,
@@ -382,8 +382,8 @@ def test_divergence_is_reported() -> None:
 
 
 def test_list_shows_mask_heads_and_broken_packages(tmp_path: Path) -> None:
-    from pipelines.heads import demo_head, save_head
-    from pipelines.segmentation import demo_mask_head, save_mask_head
+    from pipelines.model.heads import demo_head, save_head
+    from pipelines.model.segmentation import demo_mask_head, save_mask_head
 
     save_head(demo_head(64), tmp_path / "region")
     save_mask_head(demo_mask_head(64), tmp_path / "mask")

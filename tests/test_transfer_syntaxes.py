@@ -23,11 +23,11 @@ from sqlalchemy import select
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance
-from node.dimse import start_listener
-from node.ingest import Ingestor
-from node.peers import SourcePolicy
-from node.settings import DicomSettings
-from node.storage import Spool
+from node.core.settings import DicomSettings
+from node.dimse.allow_list import SourcePolicy
+from node.dimse.listener import start_listener
+from node.store.ingest import Ingestor
+from node.store.spool import Spool
 from tests.peers import free_port
 
 FROM_PYDICOM = {

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from node.storage import Spool
-from node.uids import InvalidUID, is_valid_uid, validate_uid
+from node.core.uids import InvalidUID, is_valid_uid, validate_uid
+from node.store.spool import Spool
 
 # Deterministic (CI runs the same examples every time) and no example database written
 # into the working tree.

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from node.settings import Settings
-from pipelines.backbone import demo_backbone, save_hf_folder
-from pipelines.runtime import Runtime
+from node.core.settings import Settings
+from pipelines.jobs.runtime import Runtime
+from pipelines.model.backbone import demo_backbone, save_hf_folder
 from tests.peers import VENV_BIN, free_port
 
 

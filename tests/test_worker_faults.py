@@ -35,7 +35,7 @@ def _worker_args(node: NodeProcess) -> list[str]:
     return [
         str(VENV_BIN / "celery"),
         "-A",
-        "pipelines.celery_app",
+        "pipelines.jobs.celery_app",
         "worker",
         "--pool=solo",
         "--loglevel=INFO",

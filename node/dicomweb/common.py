@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.uids import InvalidUID, validate_uid
+from node.core.uids import InvalidUID, validate_uid
 
 log = logging.getLogger(__name__)
 

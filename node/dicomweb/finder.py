@@ -15,9 +15,9 @@ from sqlalchemy import ColumnElement, Select, func, or_, select
 from sqlalchemy.orm import Session
 
 from node.catalogue.models import Instance, PipelineRun, Result, Series, Study
+from node.core.settings import Settings
 from node.dicomweb.common import inside, read_stored
 from node.dicomweb.query import Query, pattern_condition, pattern_matches
-from node.settings import Settings
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
 from node.dicomweb.common import DICOM_JSON
-from node.multipart import parse_accept
+from node.dicomweb.multipart import parse_accept
 
 _NATIVE_DICOM = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 

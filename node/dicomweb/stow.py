@@ -23,7 +23,9 @@ from typing import Any
 from fastapi import status
 from pydicom.dataset import Dataset
 
-from node.ingest import (
+from node.core.uids import is_valid_uid
+from node.dicomweb.multipart import MediaType, MultipartParser
+from node.store.ingest import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
@@ -35,9 +37,7 @@ from node.ingest import (
     header_from,
     parse_header,
 )
-from node.multipart import MediaType, MultipartParser
-from node.storage import Spool, StagedFile
-from node.uids import is_valid_uid
+from node.store.spool import Spool, StagedFile
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class PartOutcome:
 
 
 class StowPart:
-    """One body part on its way to the spool (a :class:`~node.multipart.PartSink`).
+    """One body part on its way to the spool (a :class:`~node.dicomweb.multipart.PartSink`).
 
     Its bytes, up to the part limit, go to a staged file; a part that is not
     application/dicom is not kept at all, since it is refused whatever it holds.
@@ -176,7 +176,7 @@ class StowUpload:
 
     async def receive(self, stream: AsyncIterable[bytes], boundary: str) -> list[StowPart]:
         """The parts of a whole body, each staged, parsed and synced; raises
-        :class:`~node.multipart.MultipartError` for a malformed or truncated body."""
+        :class:`~node.dicomweb.multipart.MultipartError` for a malformed or truncated body."""
         parser = MultipartParser(boundary, self.new_part)
         async for chunk in stream:
             parser.feed(chunk)

@@ -16,12 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.catalogue.models import Instance, Series, Study
+from node.core.settings import Settings
 from node.dicomweb.common import inside, read_stored
 from node.dicomweb.finder import Finder
+from node.dicomweb.multipart import parse_accept, write_parts
 from node.dicomweb.query import Query
 from node.dicomweb.rendering import dicom_json
-from node.multipart import parse_accept, write_parts
-from node.settings import Settings
 
 _FILE_CHUNK = 1024 * 1024
 

@@ -1,0 +1,688 @@
+"""The DICOM upper layer as an association acceptor: one thread per association, no polling.
+
+pynetdicom's acceptor runs every association through two threads that poll each other's
+queues with millisecond sleeps, reads the socket 4 KiB at a time and decodes every PDU into
+objects: a few milliseconds per C-STORE before the node does any work of its own, which
+capped the listener far below a C++ receiver. Here pynetdicom still does what it does
+well, decoding the A-ASSOCIATE-RQ, negotiating presentation contexts and SCP/SCU roles
+(PS3.7 Annex D, PS3.8 9.3) and encoding the A-ASSOCIATE-AC, while the data transfer phase
+is a blocking loop over the socket: PDVs are sliced out of each P-DATA-TF in place, the
+command set (implicit VR little endian, PS3.7 E) is read with ``struct``, and a C-STORE's
+data set reaches the handler as Part 10 bytes exactly as received, never decoded.
+
+Protocol errors end the association with an A-ABORT (PS3.8 9.3.8): unexpected or unknown
+PDUs, PDVs for contexts that were not accepted, and malformed command sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from pydicom.uid import UID
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+import node
+
+log = logging.getLogger(__name__)
+
+APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
+IMPLEMENTATION_CLASS_UID = "2.25.137921735641477805350619179463649102399"
+IMPLEMENTATION_VERSION_NAME = f"CURIA_NODE_{node.__version__.replace('.', '')}"[:16]
+
+# PDU types, PS3.8 9.3.1
+_ASSOCIATE_RQ, _P_DATA, _RELEASE_RQ, _ABORT = 0x01, 0x04, 0x05, 0x07
+_PDU_HEADER = struct.Struct(">BxL")
+_MAX_ASSOCIATE_RQ = 1 << 20  # bytes: ample for every presentation context a sender proposes
+
+# A-ABORT provider reasons, PS3.8 9.3.8
+ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
+REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
+# DIMSE command fields and statuses (PS3.7 E.1, C)
+C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
+NO_DATA_SET = 0x0101
+UNRECOGNISED_OPERATION = 0x0211
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+PROCESSING_FAILURE = 0x0110
+
+SLOW_STORE_SECONDS = 5.0  # a C-STORE handler slower than this is worth a line in the log
+
+
+class AssociationAborted(Exception):
+    """The association ends here: the peer went away, timed out or broke the protocol."""
+
+    def __init__(self, why: str, reason: int | None = None) -> None:
+        super().__init__(why)
+        self.reason = reason  # an A-ABORT to send, or None when the peer is gone
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an association is rejected: the A-ASSOCIATE-RJ fields and a line for the log."""
+
+    result: int
+    source: int
+    diagnostic: int
+    why: str
+    hint: str = ""  # for the log line only
+
+
+@dataclass(frozen=True)
+class Requestor:
+    calling_ae_title: str
+    called_ae_title: str
+    address: str
+    port: int
+
+
+@dataclass
+class Association:
+    """One association: who asked, what was agreed, and what happened on it."""
+
+    requestor: Requestor
+    contexts: dict[int, PresentationContext] = field(default_factory=dict)
+    peer_max_pdu: int = 0
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    clock: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    bytes_received: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+
+    def count(self, status: int, size: int) -> None:
+        self.bytes_received += size
+        if status == 0:
+            self.stored += 1
+        else:
+            self.failed += 1
+        self.statuses[f"0x{status:04X}"] += 1
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A received C-STORE: its command's UIDs and the data set as a Part 10 file."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    data: bytes
+
+
+class Service(Protocol):
+    """What the acceptor asks of the node (see :class:`node.dimse.listener.AssociationHandlers`)."""
+
+    def admit(self, requestor: Requestor) -> Refusal | None: ...
+
+    def accepted(self, association: Association) -> None: ...
+
+    def store(self, association: Association, request: StoreRequest) -> tuple[int, str]: ...
+
+    def closed(self, association: Association, outcome: str, reason: str | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_associations: int = 16
+    max_pdu: int = 0  # 0: unlimited
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return _PDU_HEADER.pack(pdu_type, len(body)) + body
+
+
+def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
+    return _pdu(0x03, bytes((0, result, source, diagnostic)))
+
+
+def abort_pdu(reason: int, source: int = 0x02) -> bytes:
+    return _pdu(_ABORT, bytes((0, 0, source, reason)))
+
+
+RELEASE_RP = _pdu(0x06, b"\x00" * 4)
+
+
+def _element(element: int, value: bytes) -> bytes:
+    """A command element, implicit VR little endian, padded to even length."""
+    if len(value) % 2:
+        value += b"\x00"
+    return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def command_set(elements: Sequence[tuple[int, bytes]]) -> bytes:
+    """A command set: its elements behind the (0000,0000) group length."""
+    body = b"".join(_element(tag, value) for tag, value in sorted(elements))
+    return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def response(request: dict[int, bytes], status: int, comment: str = "") -> bytes:
+    """The response to a request command: same SOP class, instance and message ID."""
+    elements = [
+        (0x0100, _us(_us_value(request, 0x0100) | 0x8000)),
+        (0x0120, request.get(0x0110, _us(0))),
+        (0x0800, _us(NO_DATA_SET)),
+        (0x0900, _us(status)),
+    ]
+    for tag in (0x0002, 0x1000):  # Affected SOP Class / Instance UID
+        if tag in request:
+            elements.append((tag, request[tag]))
+    if comment and status != 0x0000:
+        text = comment.encode("ascii", "replace")[:64]
+        elements.append((0x0902, text if len(text) % 2 == 0 else text + b" "))
+    return command_set(elements)
+
+
+def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
+    """The elements of a command set (group 0000, implicit VR little endian)."""
+    elements: dict[int, bytes] = {}
+    offset, size = 0, len(data)
+    while offset < size:
+        if offset + 8 > size:
+            raise AssociationAborted("a command element is cut short", ABORT_INVALID_PARAMETER)
+        group, element, length = struct.unpack_from("<HHL", data, offset)
+        offset += 8
+        if group != 0x0000 or offset + length > size:
+            raise AssociationAborted("a malformed command set", ABORT_INVALID_PARAMETER)
+        elements[element] = bytes(data[offset : offset + length])
+        offset += length
+    if 0x0100 not in elements:
+        raise AssociationAborted("a command set without a command field", ABORT_INVALID_PARAMETER)
+    return elements
+
+
+def _us_value(elements: dict[int, bytes], tag: int) -> int:
+    value = elements.get(tag, b"")
+    if len(value) < 2:
+        raise AssociationAborted(
+            f"command element (0000,{tag:04X}) is not a US", ABORT_INVALID_PARAMETER
+        )
+    return int(struct.unpack_from("<H", value)[0])
+
+
+def _uid(value: bytes) -> str:
+    return value.rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One file meta element, explicit VR little endian (UI padded with NUL, text with a
+    space)."""
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+_IMPLEMENTATION = _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()) + (
+    _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode())
+)
+
+
+def file_meta(sop_class: bytes, sop_instance: bytes, syntax: str, source_ae: str) -> bytes:
+    """The preamble and file meta (PS3.10 7.1) for a data set received over the network.
+
+    The UIDs are written as the command carried them: whether they are valid is for the
+    ingest checks to say, with their own status codes.
+    """
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", sop_class.rstrip(b"\x00 ")),
+            _meta_element(0x0003, b"UI", sop_instance.rstrip(b"\x00 ")),
+            _meta_element(0x0010, b"UI", syntax.encode()),
+            _IMPLEMENTATION,
+            _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16]),
+        )
+    )
+    group = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(elements))
+    return _PREAMBLE + group + elements
+
+
+# --- one association --------------------------------------------------------------------------
+
+
+class _Connection:
+    """Reads whole PDUs from a socket and writes P-DATA-TF within the peer's maximum."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb", buffering=1 << 18)
+
+    def read_exact(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        try:
+            while got < size:
+                count = self.reader.readinto(view[got:])
+                if not count:
+                    raise AssociationAborted("the peer closed the connection")
+                got += count
+        except TimeoutError:
+            raise AssociationAborted("timed out waiting for the peer", 0x00) from None
+        except (OSError, ValueError) as exc:
+            raise AssociationAborted(f"the connection failed: {exc}") from None
+        return buffer
+
+    def read_pdu(self, limit: int = 0) -> tuple[int, bytearray]:
+        pdu_type, length = _PDU_HEADER.unpack(self.read_exact(6))
+        if limit and length > limit:
+            raise AssociationAborted(f"a PDU of {length} bytes", ABORT_INVALID_PARAMETER)
+        return pdu_type, self.read_exact(length)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise AssociationAborted(f"cannot send to the peer: {exc}") from None
+
+    def send_command(self, context_id: int, command: bytes, peer_max_pdu: int) -> None:
+        """A command set in as many P-DATA-TF as the peer's maximum PDU length needs."""
+        room = peer_max_pdu - 6 if peer_max_pdu > 6 else len(command)
+        pdus = []
+        for start in range(0, len(command), room):
+            chunk = command[start : start + room]
+            last = start + room >= len(command)
+            pdv = struct.pack(">LBB", len(chunk) + 2, context_id, 0x03 if last else 0x01)
+            pdus.append(_pdu(_P_DATA, pdv + chunk))
+        self.send(b"".join(pdus))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.reader.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _Message:
+    """A DIMSE message being received: its command, then its data set's fragments."""
+
+    def __init__(self) -> None:
+        self.context_id: int | None = None
+        self.command = bytearray()
+        self.fields: dict[int, bytes] | None = None
+        self.fragments: list[memoryview] = []
+
+
+class AssociationAcceptor:
+    """Serves one connection from A-ASSOCIATE-RQ to release or abort."""
+
+    def __init__(
+        self,
+        connection: _Connection,
+        requestor_address: tuple[str, int],
+        server: Listener,
+    ) -> None:
+        self.connection = connection
+        self.address = requestor_address
+        self.server = server
+        self.limits = server.limits
+
+    def run(self) -> None:
+        sock = self.connection.sock
+        sock.settimeout(self.limits.acse_timeout or None)
+        try:
+            association = self._negotiate()
+        except AssociationAborted as exc:
+            log.info("association request from %s ended: %s", self.address[0], exc)
+            if exc.reason is not None:
+                with contextlib.suppress(AssociationAborted):
+                    self.connection.send(abort_pdu(exc.reason))
+            return
+        if association is None:
+            return
+        outcome, reason = "released", None
+        try:
+            self._transfer(association)
+        except AssociationAborted as exc:
+            outcome, reason = "aborted", str(exc)
+            if exc.reason is not None:
+                with contextlib.suppress(AssociationAborted):
+                    self.connection.send(abort_pdu(exc.reason))
+        finally:
+            self.server.service.closed(association, outcome, reason)
+
+    # -- association establishment
+
+    def _negotiate(self) -> Association | None:
+        pdu_type, body = self.connection.read_pdu(_MAX_ASSOCIATE_RQ)
+        if pdu_type != _ASSOCIATE_RQ:
+            reason = ABORT_UNEXPECTED_PDU if pdu_type <= _ABORT else ABORT_UNRECOGNISED_PDU
+            raise AssociationAborted(f"PDU type 0x{pdu_type:02X} before association", reason)
+        rq = A_ASSOCIATE_RQ()
+        try:
+            rq.decode(bytes(_PDU_HEADER.pack(pdu_type, len(body)) + body))
+            primitive = rq.to_primitive()
+        except Exception as exc:  # whatever the decoder trips on, the request is invalid
+            raise AssociationAborted(
+                f"an undecodable A-ASSOCIATE-RQ: {exc}", ABORT_INVALID_PARAMETER
+            ) from None
+        requestor = Requestor(
+            calling_ae_title=str(primitive.calling_ae_title or "").strip(),
+            called_ae_title=str(primitive.called_ae_title or "").strip(),
+            address=self.address[0],
+            port=self.address[1],
+        )
+        association = Association(requestor, peer_max_pdu=primitive.maximum_length_received or 0)
+        refusal = self._refusal(primitive, requestor)
+        if refusal is not None:
+            log.warning(
+                "refused association from AE %r at %s: %s%s",
+                requestor.calling_ae_title,
+                requestor.address,
+                refusal.why,
+                refusal.hint,
+            )
+            self.connection.send(reject_pdu(refusal.result, refusal.source, refusal.diagnostic))
+            self.server.service.closed(association, "rejected", refusal.why)
+            return None
+        self._accept(primitive, association)
+        self.server.service.accepted(association)
+        return association
+
+    def _refusal(self, primitive: A_ASSOCIATE, requestor: Requestor) -> Refusal | None:
+        if str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
+            return Refusal(*REJECT_APPLICATION_CONTEXT, "application context not supported")
+        if self.server.active_count() > self.limits.max_associations:
+            return Refusal(*REJECT_LOCAL_LIMIT_EXCEEDED, "too many associations")
+        return self.server.service.admit(requestor)
+
+    def _accept(self, primitive: A_ASSOCIATE, association: Association) -> None:
+        items = primitive.user_information
+        roles = {
+            item.sop_class_uid: (item.scu_role, item.scp_role)
+            for item in items
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        }
+        contexts, role_items = negotiate_as_acceptor(
+            primitive.presentation_context_definition_list,
+            self.server.supported_contexts,
+            roles or None,
+        )
+        association.contexts = {
+            int(cx.context_id): cx
+            for cx in contexts
+            if cx.result == 0x00 and cx.context_id is not None
+        }
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = self.limits.max_pdu
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = UID(IMPLEMENTATION_CLASS_UID)
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        answer: list[object] = [maximum, implementation, version, *role_items]
+        if any(isinstance(item, AsynchronousOperationsWindowNegotiation) for item in items):
+            window = AsynchronousOperationsWindowNegotiation()  # one operation at a time
+            window.maximum_number_operations_invoked = 1
+            window.maximum_number_operations_performed = 1
+            answer.append(window)
+        accept = A_ASSOCIATE()
+        accept.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+        accept.calling_ae_title = primitive.calling_ae_title
+        accept.called_ae_title = primitive.called_ae_title
+        accept.result = 0x00
+        accept.result_source = 0x01
+        accept.presentation_context_definition_results_list = contexts
+        accept.user_information = answer  # type: ignore[assignment]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(accept)
+        self.connection.send(pdu.encode())
+
+    # -- data transfer
+
+    def _transfer(self, association: Association) -> None:
+        connection, limits = self.connection, self.limits
+        message = _Message()
+        while True:
+            waiting = message.context_id is not None
+            connection.sock.settimeout(
+                (limits.dimse_timeout if waiting else limits.network_timeout) or None
+            )
+            pdu_type, body = connection.read_pdu()
+            if pdu_type == _P_DATA:
+                message = self._pdvs(association, body, message)
+            elif pdu_type == _RELEASE_RQ:
+                if waiting:
+                    raise AssociationAborted("release requested mid-message", ABORT_UNEXPECTED_PDU)
+                connection.send(RELEASE_RP)
+                self._await_close()
+                return
+            elif pdu_type == _ABORT:
+                raise AssociationAborted("the peer aborted the association")
+            elif pdu_type in (0x02, 0x03, 0x06, _ASSOCIATE_RQ):
+                raise AssociationAborted(f"unexpected PDU 0x{pdu_type:02X}", ABORT_UNEXPECTED_PDU)
+            else:
+                raise AssociationAborted(f"unknown PDU 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
+
+    def _await_close(self) -> None:
+        """After the A-RELEASE-RP the requestor closes the connection (PS3.8 7.2); wait for
+        that briefly, so the answer is not cut off by our own close."""
+        sock = self.connection.sock
+        with contextlib.suppress(OSError, ValueError):
+            sock.settimeout(min(self.limits.acse_timeout or 5.0, 5.0))
+            self.connection.reader.read(1)
+
+    def _pdvs(self, association: Association, body: bytearray, message: _Message) -> _Message:
+        view = memoryview(body)
+        offset, size = 0, len(body)
+        while offset < size:
+            if offset + 6 > size:
+                raise AssociationAborted("a PDV item is cut short", ABORT_INVALID_PARAMETER)
+            length, context_id, header = struct.unpack_from(">LBB", body, offset)
+            end = offset + 4 + length
+            if length < 2 or end > size:
+                raise AssociationAborted("a PDV item of a wrong length", ABORT_INVALID_PARAMETER)
+            if context_id not in association.contexts:
+                raise AssociationAborted(
+                    f"a PDV for presentation context {context_id}, not accepted",
+                    ABORT_INVALID_PARAMETER,
+                )
+            if message.context_id is None:
+                message.context_id = context_id
+            elif context_id != message.context_id:
+                raise AssociationAborted(
+                    "a message switched presentation context", ABORT_INVALID_PARAMETER
+                )
+            value = view[offset + 6 : end]
+            offset = end
+            last = bool(header & 0x02)
+            if header & 0x01:  # a command fragment
+                if message.fields is not None:
+                    raise AssociationAborted("a command after a command", ABORT_UNEXPECTED_PDU)
+                message.command += value
+                if not last:
+                    continue
+                message.fields = parse_command(message.command)
+                if _us_value(message.fields, 0x0800) != NO_DATA_SET:
+                    continue
+            else:
+                if message.fields is None:
+                    raise AssociationAborted("a data set before its command", ABORT_UNEXPECTED_PDU)
+                message.fragments.append(value)
+                if not last:
+                    continue
+            self._dispatch(association, message)
+            message = _Message()
+        return message
+
+    def _dispatch(self, association: Association, message: _Message) -> None:
+        fields = message.fields
+        assert fields is not None and message.context_id is not None
+        command = _us_value(fields, 0x0100)
+        if command & 0x8000:
+            raise AssociationAborted("a response to a request never sent", ABORT_UNEXPECTED_PDU)
+        if command == C_CANCEL_RQ:
+            return
+        context = association.contexts[message.context_id]
+        status, comment = UNRECOGNISED_OPERATION, ""
+        if command == C_ECHO_RQ:
+            status = 0x0000
+        elif command == C_STORE_RQ:
+            status, comment = self._store(association, context, fields, message.fragments)
+        self.connection.send_command(
+            message.context_id, response(fields, status, comment), association.peer_max_pdu
+        )
+
+    def _store(
+        self,
+        association: Association,
+        context: PresentationContext,
+        fields: dict[int, bytes],
+        fragments: list[memoryview],
+    ) -> tuple[int, str]:
+        sop_class, sop_instance = fields.get(0x0002, b""), fields.get(0x1000, b"")
+        size = sum(len(fragment) for fragment in fragments)
+        if _uid(sop_class) != str(context.abstract_syntax):
+            association.count(SOP_CLASS_NOT_SUPPORTED, size)
+            return SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context"
+        syntax = str(context.transfer_syntax[0])
+        calling = association.requestor.calling_ae_title
+        data = b"".join((file_meta(sop_class, sop_instance, syntax, calling), *fragments))
+        fragments.clear()
+        request = StoreRequest(_uid(sop_class), _uid(sop_instance), syntax, data)
+        started = time.monotonic()
+        try:
+            status, comment = self.server.service.store(association, request)
+            elapsed = time.monotonic() - started
+            if elapsed > SLOW_STORE_SECONDS:
+                log.warning("storing one instance from %s took %.1f s", calling, elapsed)
+        except Exception:
+            log.exception("the C-STORE handler failed for an instance from %s", calling)
+            status, comment = PROCESSING_FAILURE, "processing failure"
+        association.count(status, size)
+        return status, comment
+
+
+# --- the listening socket ------------------------------------------------------------------
+
+
+class Listener:
+    """Accepts connections on one address and serves each in its own thread.
+
+    ``shutdown()`` stops accepting, then aborts the associations still open (an instance
+    being stored finishes first: its handler runs to the end, only its answer is lost).
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        supported_contexts: list[PresentationContext],
+        service: Service,
+        limits: Limits,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.supported_contexts = supported_contexts
+        self.service = service
+        self.limits = limits
+        self.ssl_context = ssl_context
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._socket = socket.create_server(address, family=family)
+        self._socket.settimeout(0.5)
+        self.server_address: tuple[str, int] = self._socket.getsockname()[:2]
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._active: dict[threading.Thread, socket.socket] = {}
+        self._thread = threading.Thread(target=self._accept_loop, name="dicom-listener")
+        self._thread.daemon = True
+
+    def start(self) -> Listener:
+        self._thread.start()
+        return self
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, address = self._socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                log.exception("cannot accept a connection")
+                time.sleep(0.1)
+                continue
+            thread = threading.Thread(
+                target=self._serve, args=(sock, address), name=f"association-{address[0]}"
+            )
+            thread.daemon = True
+            with self._lock:
+                self._active[thread] = sock
+            thread.start()
+
+    def _serve(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.limits.acse_timeout or None)
+            if self.ssl_context is not None:
+                try:
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("TLS handshake with %s failed: %s", address[0], exc)
+                    return
+                with self._lock:
+                    self._active[threading.current_thread()] = sock
+            connection = _Connection(sock)
+            try:
+                AssociationAcceptor(connection, (address[0], address[1]), self).run()
+            finally:
+                connection.close()
+        except Exception:
+            log.exception("an association from %s failed", address[0])
+        finally:
+            with contextlib.suppress(OSError):
+                sock.close()
+            with self._lock:
+                self._active.pop(threading.current_thread(), None)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._socket.close()
+        self._thread.join(timeout)
+        with self._lock:
+            active = dict(self._active)
+        for sock in active.values():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for thread in active:
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,678 @@
+"""Receive -> store durably -> catalogue: the one path every received instance takes.
+
+The DIMSE listener hands raw Part 10 bytes to :meth:`Ingestor.ingest`; STOW-RS hands the
+staged, fsynced files of one request to :meth:`Ingestor.ingest_staged`, which places and
+catalogues them together (one folder fsync per folder, one transaction). Both return the
+status of each instance, and Success only after its file is durable and its catalogue row
+committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from io import BytesIO
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    PrivateTransferSyntaxes,
+)
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.catalogue.db import Catalogue
+from node.catalogue.models import AuditEvent, Instance, Series, Study
+from node.core.uids import InvalidUID, validate_uid
+from node.store.disk import DiskGuard
+from node.store.spool import Spool, StagedFile, StoredFile
+from node.store.structure import MAX_INFLATED as MAX_INFLATED  # re-exported
+from node.store.structure import MAX_NESTING as MAX_NESTING  # re-exported
+from node.store.structure import Malformed, Scan, scan
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000  # instances placed and catalogued in one transaction
+
+# C-STORE statuses (PS3.4 Annex B.2.3 and GG.4)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    status: int
+    reason: str = ""
+    duplicate: bool = False
+    series_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    # str() of the descriptive attributes (_TEXTS) present and not empty, by keyword
+    texts: dict[str, str]
+    instance_number: int | None
+
+
+class RejectedInstance(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# --- is it a well-formed Part 10 stream? ---------------------------------------------------
+
+_CHARSET = 0x00080005
+_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_TEXTS = (  # descriptive attributes kept for the study and series rows
+    "Modality",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "PatientID",
+    "StudyDate",
+    "AccessionNumber",
+)
+_HEADER_TAGS = [*_UIDS, *_TEXTS, "InstanceNumber"]  # what the node reads of a header
+_HEADER_TAG_SET = frozenset(int(Tag(name)) for name in _HEADER_TAGS) | {_CHARSET}
+# (tag, keyword, VR) of each header value :func:`_quick_header` decodes itself.
+_QUICK = tuple(
+    (int(Tag(name)), name, dictionary_VR(name).encode())
+    for name in (*_UIDS, *_TEXTS, "InstanceNumber")
+)
+# Character sets whose decoders read printable ASCII as ASCII, as pydicom names them:
+# values of LO and SH made of such bytes decode the same under each.
+_ASCII_CHARSETS = frozenset(
+    {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 144", "ISO_IR 192", "GB18030", "GBK"}
+)
+_PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash
+_INTEGER = re.compile(r" *[+-]?[0-9]+")
+
+
+def check_structure(source: bytes | bytearray | Path | BinaryIO) -> None:
+    """Refuse (0xC000) a stream that is not a well-formed Part 10 file in the transfer
+    syntax its file meta names (:func:`node.store.structure.scan`)."""
+    _scan(source, frozenset())
+
+
+def _scan(source: bytes | bytearray | Path | BinaryIO, wanted: frozenset[int]) -> Scan:
+    try:
+        return scan(source, wanted)
+    except Malformed as exc:
+        raise RejectedInstance(CANNOT_UNDERSTAND, f"not a well-formed DICOM file: {exc}") from None
+    except OSError as exc:
+        raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+
+
+def parse_header(source: bytes | bytearray | Path | BinaryIO, whole: bool = True) -> Dataset:
+    """The header (no pixel data) of Part 10 bytes or a file, or why it cannot be read.
+
+    The whole stream is checked first (:func:`check_structure`): pydicom reads only the
+    header, and reads damaged bytes leniently, so without the check a file cut inside its
+    pixel data, or one whose lengths or VRs are garbage, could be stored as received.
+    ``whole=False`` skips the check, for bytes known to be cut and refused anyway (a STOW-RS
+    part over the size limit), whose header still names the instance in the answer.
+    """
+    in_memory = isinstance(source, bytes | bytearray)
+    if whole:
+        check_structure(source)
+    try:
+        ds = dcmread(
+            BytesIO(source) if in_memory else source,
+            stop_before_pixels=True,
+            specific_tags=_HEADER_TAGS,
+        )
+    except Exception as exc:  # whatever the parser trips on, these bytes are not readable
+        raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+    if in_memory and isinstance(ds, FileDataset):
+        ds.buffer = None  # read in full already; keep no copy of the instance's bytes
+    return ds
+
+
+def header_from(ds: Dataset) -> InstanceHeader:
+    """The identifying attributes of a parsed header, every UID validated."""
+    try:
+        for _ in ds:  # decode every value read now: a bad one is refused, not met later
+            pass
+    except Exception as exc:
+        raise RejectedInstance(CANNOT_UNDERSTAND, f"not a readable DICOM file: {exc}") from exc
+    try:
+        tsuid = validate_uid(str(ds.file_meta.get("TransferSyntaxUID", "")), "TransferSyntaxUID")
+        values = [validate_uid(str(ds.get(name, "") or ""), name) for name in _UIDS]
+    except InvalidUID as exc:
+        raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+    texts = {}
+    for name in _TEXTS:
+        value = ds.get(name)
+        if value not in (None, ""):
+            texts[name] = str(value)
+    return InstanceHeader(
+        *values, transfer_syntax_uid=tsuid, texts=texts, instance_number=_instance_number(ds)
+    )
+
+
+def read_header(data: bytes) -> InstanceHeader:
+    """Parse the identifying attributes of a Part 10 byte string, validating every UID.
+
+    One pass checks the structure and keeps the header's raw values; those that are plain
+    ASCII in an encoding pydicom reads the same way are decoded here (pydicom would decode
+    them to the same strings), anything else is left to pydicom's reader."""
+    found = _scan(data, _HEADER_TAG_SET)
+    header = _quick_header(found)
+    if header is not None:
+        return header
+    return header_from(parse_header(data, whole=False))  # the structure is checked already
+
+
+def _quick_header(found: Scan) -> InstanceHeader | None:
+    """The header :func:`header_from` would make of pydicom's reading of the same bytes,
+    or None where decoding it needs pydicom (an encoding pydicom could read otherwise, a
+    character set or value outside plain ASCII, a VR other than the dictionary's, a
+    multi-valued or non-integer value)."""
+    if not found.plain:
+        return None
+    if (found.implicit, found.little_endian) != _pydicom_encoding(found.transfer_syntax):
+        return None
+    elements = found.elements
+    charset = elements.get(_CHARSET)
+    if charset is not None:
+        vr, raw = charset
+        if vr not in (None, b"CS") or _plain(raw) not in _ASCII_CHARSETS:
+            return None
+    values: dict[str, str] = {}
+    for tag, name, expected in _QUICK:
+        element = elements.get(tag)
+        if element is None:
+            continue
+        vr, raw = element
+        if vr is not None and vr != expected:
+            return None
+        text = _plain(raw)
+        if text is None:
+            return None
+        values[name] = text.strip() if expected == b"UI" else text  # as pydicom's UID()
+    number = values.get("InstanceNumber", "")
+    instance_number: int | None = None
+    if number.strip():
+        if not _INTEGER.fullmatch(number):
+            return None
+        instance_number = int(number)
+    try:
+        tsuid = validate_uid(found.transfer_syntax, "TransferSyntaxUID")
+        uids = [validate_uid(values.get(name, ""), name) for name in _UIDS]
+    except InvalidUID as exc:
+        raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
+    texts = {name: values[name] for name in _TEXTS if values.get(name)}
+    return InstanceHeader(
+        *uids, transfer_syntax_uid=tsuid, texts=texts, instance_number=instance_number
+    )
+
+
+def _plain(raw: bytes) -> str | None:
+    """A value as pydicom decodes a single-valued UI, CS, DA, IS, SH or LO (trailing
+    padding and NULs removed), if it is printable ASCII without a backslash; else None."""
+    value = raw.rstrip(b"\x00 ")
+    if not _PRINTABLE.fullmatch(value):
+        return None
+    return value.decode("ascii")
+
+
+def _pydicom_encoding(syntax: str) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) as pydicom's reader takes them from a file meta's
+    transfer syntax; None where it inflates, or knows a private syntax."""
+    if syntax == DeflatedExplicitVRLittleEndian or syntax in PrivateTransferSyntaxes:
+        return None
+    if syntax == ImplicitVRLittleEndian:
+        return True, True
+    if syntax == ExplicitVRBigEndian:
+        return False, False
+    return False, True  # explicit VR little endian, and every other syntax
+
+
+@dataclass
+class _Entry:
+    """An accepted instance on its way into the spool: bytes, or a staged (synced) file."""
+
+    header: InstanceHeader
+    payload: bytes | StagedFile
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) if isinstance(self.payload, bytes) else self.payload.size
+
+    @cached_property
+    def sha256(self) -> str:
+        if isinstance(self.payload, bytes):
+            return hashlib.sha256(self.payload).hexdigest()
+        return self.payload.sha256
+
+
+def _text(header: InstanceHeader, name: str, limit: int) -> str | None:
+    value = header.texts.get(name)
+    return None if value is None else value[:limit]
+
+
+def _instance_number(ds: Dataset) -> int | None:
+    try:
+        value = ds.get("InstanceNumber")
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A catalogued instance met again: its row and the digest of its bytes."""
+
+    id: int
+    sha256: str
+
+
+# Core statements built once: an instance costs their execution, not their construction
+# (nor loading ORM objects it only reads one column of).
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+_SERIES: Table = Series.__table__  # type: ignore[assignment]
+_STUDIES: Table = Study.__table__  # type: ignore[assignment]
+_AUDIT_EVENTS: Table = AuditEvent.__table__  # type: ignore[assignment]
+_KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.id, _INSTANCES.c.sha256)
+_KNOWN_ONE = _KNOWN.where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_KNOWN_ANY = _KNOWN.where(_INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+_COUNT_IN_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.series_instance_uid == bindparam("uid"))
+    .values(
+        instance_count=func.coalesce(_SERIES.c.instance_count, 0)
+        + bindparam("count", type_=_SERIES.c.instance_count.type),
+        last_received_at=bindparam("now", type_=_SERIES.c.last_received_at.type),
+    )
+    .returning(_SERIES.c.id)
+)
+_STUDY_ID = select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == bindparam("uid"))
+_ADD_STUDY = insert(_STUDIES).returning(_STUDIES.c.id)
+_ADD_SERIES = insert(_SERIES).returning(_SERIES.c.id)
+_ADD_INSTANCES = insert(_INSTANCES)
+
+
+class Ingestor:
+    """Stores and catalogues instances; safe to call from many association threads."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        catalogue: Catalogue,
+        guard: DiskGuard | None = None,
+        duplicate_policy: str = "keep_first",
+    ) -> None:
+        self.spool = spool
+        self.catalogue = catalogue
+        self.guard = guard
+        self.duplicate_policy = duplicate_policy
+        # Two associations sending the same SOP Instance UID at once must not race on its
+        # file: each UID maps to one of these locks for the whole check-write-commit.
+        self._uid_locks = [threading.Lock() for _ in range(64)]
+        # One writer at a time: keeps study/series upserts free of races on any database.
+        self._catalogue_lock = threading.Lock()
+
+    def ingest(
+        self, data: bytes, calling_ae: str | None, expected_sop_uid: str | None = None
+    ) -> IngestOutcome:
+        """Store and catalogue one instance received as Part 10 bytes."""
+        if not self._room_for(len(data), calling_ae):
+            return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
+        try:
+            header = read_header(data)
+            if expected_sop_uid is not None and header.sop_instance_uid != expected_sop_uid:
+                raise RejectedInstance(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "SOPInstanceUID in the data set differs from the request's",
+                )
+        except RejectedInstance as exc:
+            try:
+                self.spool.quarantine(data, exc.reason, calling_ae)
+            except OSError as error:  # the refusal stands; only its evidence is lost
+                log.error("cannot quarantine a refused instance: %s", error)
+            return self._refused(exc, calling_ae)
+        return self._store([_Entry(header, data)], calling_ae)[0]
+
+    def ingest_staged(
+        self,
+        received: Sequence[tuple[StagedFile, InstanceHeader | RejectedInstance]],
+        calling_ae: str | None,
+    ) -> list[IngestOutcome]:
+        """Store and catalogue instances already staged and fsynced, each with its header
+        from :func:`header_from` (or why it has none); outcomes in the same order.
+
+        The same checks as :meth:`ingest`, but the files are placed and catalogued in
+        batches. Staged files that are not placed stay where they are: the caller discards
+        them.
+        """
+        outcomes: list[IngestOutcome | None] = [None] * len(received)
+        accepted: list[_Entry] = []
+        positions: list[int] = []
+        for index, (staged, header) in enumerate(received):
+            if not self._room_for(staged.size, calling_ae):
+                outcomes[index] = IngestOutcome(
+                    OUT_OF_RESOURCES, "free disk space below the watermark"
+                )
+                continue
+            if isinstance(header, RejectedInstance):
+                try:
+                    self.spool.quarantine_staged(staged, header.reason, calling_ae)
+                except OSError as error:  # the refusal stands; only its evidence is lost
+                    log.error("cannot quarantine a refused instance: %s", error)
+                outcomes[index] = self._refused(header, calling_ae)
+                continue
+            accepted.append(_Entry(header, staged))
+            positions.append(index)
+        for index, outcome in zip(positions, self._store(accepted, calling_ae), strict=True):
+            outcomes[index] = outcome
+        return _filled(outcomes)
+
+    def _room_for(self, size: int, calling_ae: str | None) -> bool:
+        if self.guard is None or self.guard.can_accept(size):
+            return True
+        log.error("refused instance from %s: free disk space below the watermark", calling_ae)
+        return False
+
+    @staticmethod
+    def _refused(exc: RejectedInstance, calling_ae: str | None) -> IngestOutcome:
+        log.warning("refused instance from %s: 0x%04X %s", calling_ae, exc.status, exc.reason)
+        return IngestOutcome(exc.status, exc.reason)
+
+    def _store(self, entries: list[_Entry], calling_ae: str | None) -> list[IngestOutcome]:
+        outcomes: list[IngestOutcome] = []
+        for batch in _batches(entries):
+            outcomes += self._store_batch(batch, calling_ae)
+        return outcomes
+
+    def _store_batch(self, batch: list[_Entry], calling_ae: str | None) -> list[IngestOutcome]:
+        """Check, write and catalogue instances with distinct SOP Instance UIDs, holding
+        their UID locks throughout (taken in one order, so batches cannot deadlock)."""
+        stripes = sorted({self._stripe(entry) for entry in batch})
+        with ExitStack() as held:
+            for stripe in stripes:
+                held.enter_context(self._uid_locks[stripe])
+            try:
+                with self.catalogue.engine.connect() as connection:
+                    uids = [entry.header.sop_instance_uid for entry in batch]
+                    rows = (
+                        connection.execute(_KNOWN_ONE, {"uid": uids[0]})
+                        if len(uids) == 1
+                        else connection.execute(_KNOWN_ANY, {"uids": uids})
+                    )
+                    existing = {uid: _Known(id_, sha256) for uid, id_, sha256 in rows}
+            except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
+                log.error(
+                    "cannot read the catalogue for %d instance(s): %s", len(batch), brief(exc)
+                )
+                return [IngestOutcome(OUT_OF_RESOURCES, "cannot read the catalogue")] * len(batch)
+            return self._write_and_catalogue(batch, existing, calling_ae)
+
+    def _stripe(self, entry: _Entry) -> int:
+        return hash(entry.header.sop_instance_uid) % len(self._uid_locks)
+
+    def _write_and_catalogue(
+        self, batch: list[_Entry], existing: dict[str, _Known], ae: str | None
+    ) -> list[IngestOutcome]:
+        """New instances are written and catalogued; a duplicate with identical bytes is
+        Success, stored once; different bytes follow the configured policy (keep the first
+        copy, or replace it atomically), recorded in the audit trail."""
+        replace = self.duplicate_policy == "replace"
+        outcomes: list[IngestOutcome | None] = [None] * len(batch)
+        to_write: list[int] = []
+        differing: set[int] = set()
+        for index, entry in enumerate(batch):
+            known = existing.get(entry.header.sop_instance_uid)
+            if known is None:
+                to_write.append(index)
+            elif entry.sha256 == known.sha256:
+                outcomes[index] = self._success(entry, duplicate=True)
+            else:
+                differing.add(index)
+                if replace:
+                    to_write.append(index)
+        written = dict(zip(to_write, self._write([batch[i] for i in to_write]), strict=True))
+        for index, stored in written.items():
+            if isinstance(stored, IngestOutcome):
+                outcomes[index] = stored
+        new = [i for i in to_write if outcomes[i] is None and i not in differing]
+        changed = [i for i in sorted(differing) if outcomes[i] is None]
+        if not new and not changed:
+            return _filled(outcomes)
+        try:
+            with self._catalogue_lock, self.catalogue.engine.begin() as connection:
+                self._add_instances(connection, [(batch[i].header, written[i]) for i in new], ae)
+                for index in changed:
+                    self._record_duplicate(
+                        connection, batch[index], existing, written.get(index), ae, replace
+                    )
+        except Exception as exc:
+            if isinstance(exc, SQLAlchemyError):  # the database, not a bug: no traceback
+                log.error("cannot catalogue %d instance(s): %s", len(new + changed), brief(exc))
+            else:
+                log.exception("cannot catalogue %d instance(s); removing new files", len(new))
+            new_files = [written[i] for i in new]
+            self.spool.remove(*(f.relative_path for f in new_files if isinstance(f, StoredFile)))
+            failed = IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
+            for index in new + changed:
+                outcomes[index] = failed
+        for index in new:
+            if outcomes[index] is None:
+                outcomes[index] = self._success(batch[index])
+        for index in changed:
+            if outcomes[index] is None:
+                outcomes[index] = self._success(batch[index], duplicate=True)
+        return _filled(outcomes)
+
+    def _add_instances(
+        self,
+        connection: Connection,
+        instances: list[tuple[InstanceHeader, StoredFile | IngestOutcome]],
+        ae: str | None,
+    ) -> None:
+        """Instance rows, and their series and study rows counted and stamped once per
+        series (one bulk INSERT, so a large batch costs little more than one instance)."""
+        if not instances:
+            return
+        now = datetime.now(UTC)
+        counts = Counter(header.series_instance_uid for header, _ in instances)
+        series: dict[str, int] = {}
+        for header, _ in instances:
+            uid = header.series_instance_uid
+            if uid not in series:
+                series[uid] = self._upsert_series(connection, header, ae, counts[uid], now)
+        rows = []
+        for header, stored in instances:
+            assert isinstance(stored, StoredFile)
+            rows.append(
+                {
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "series_id": series[header.series_instance_uid],
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": header.transfer_syntax_uid,
+                    "instance_number": header.instance_number,
+                    "path": stored.relative_path,
+                    "size": stored.size,
+                    "sha256": stored.sha256,
+                }
+            )
+        connection.execute(_ADD_INSTANCES, rows)
+
+    @staticmethod
+    def _success(entry: _Entry, duplicate: bool = False) -> IngestOutcome:
+        return IngestOutcome(
+            SUCCESS, duplicate=duplicate, series_uid=entry.header.series_instance_uid
+        )
+
+    def _write(self, entries: list[_Entry]) -> list[StoredFile | IngestOutcome]:
+        """Write each file durably, or the Out of Resources outcome if the disk refuses.
+
+        Staged files are renamed into place together, one fsync per folder touched."""
+        results: list[StoredFile | OSError | None] = []
+        staged: list[tuple[int, StagedFile, str]] = []
+        for entry in entries:
+            header = entry.header
+            try:
+                if isinstance(entry.payload, bytes):
+                    results.append(
+                        self.spool.store(
+                            header.study_instance_uid,
+                            header.series_instance_uid,
+                            header.sop_instance_uid,
+                            entry.payload,
+                        )
+                    )
+                    continue
+                relative = self.spool.relative_path(
+                    header.study_instance_uid,
+                    header.series_instance_uid,
+                    header.sop_instance_uid,
+                )
+            except OSError as exc:
+                results.append(exc)
+                continue
+            staged.append((len(results), entry.payload, relative))
+            results.append(None)
+        placed = self.spool.place([(item, relative) for _, item, relative in staged])
+        for (index, _, _), stored in zip(staged, placed, strict=True):
+            results[index] = stored
+        final: list[StoredFile | IngestOutcome] = []
+        for result in results:
+            assert result is not None
+            if isinstance(result, OSError):
+                log.error("cannot write instance to the spool: %s", result)
+                final.append(IngestOutcome(OUT_OF_RESOURCES, "cannot write to the spool"))
+            else:
+                final.append(result)
+        return final
+
+    def _upsert_series(
+        self,
+        connection: Connection,
+        header: InstanceHeader,
+        ae: str | None,
+        count: int = 1,
+        now: datetime | None = None,
+    ) -> int:
+        """The id of the series row (and its study, when new) with ``count`` more
+        instances; an existing row is counted up in the database, not from a copy read
+        earlier, so changes others make to it in between are kept."""
+        now = now or datetime.now(UTC)
+        counted = connection.execute(
+            _COUNT_IN_SERIES, {"uid": header.series_instance_uid, "count": count, "now": now}
+        ).scalar()
+        if counted is not None:
+            return int(counted)
+        study_id = connection.execute(_STUDY_ID, {"uid": header.study_instance_uid}).scalar()
+        if study_id is None:
+            study_id = connection.execute(
+                _ADD_STUDY,
+                {
+                    "study_instance_uid": header.study_instance_uid,
+                    "patient_id": _text(header, "PatientID", 64),
+                    "study_date": _text(header, "StudyDate", 8),
+                    "accession_number": _text(header, "AccessionNumber", 16),
+                },
+            ).scalar_one()
+        return int(
+            connection.execute(
+                _ADD_SERIES,
+                {
+                    "series_instance_uid": header.series_instance_uid,
+                    "study_id": study_id,
+                    "modality": _text(header, "Modality", 16),
+                    "series_description": _text(header, "SeriesDescription", 64),
+                    "body_part_examined": _text(header, "BodyPartExamined", 16),
+                    "calling_ae_title": ae,
+                    "instance_count": count,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                },
+            ).scalar_one()
+        )
+
+    @staticmethod
+    def _record_duplicate(
+        connection: Connection,
+        entry: _Entry,
+        existing: dict[str, _Known],
+        stored: StoredFile | IngestOutcome | None,
+        ae: str | None,
+        replace: bool,
+    ) -> None:
+        header = entry.header
+        before = existing[header.sop_instance_uid]
+        if replace:
+            assert isinstance(stored, StoredFile)
+            replaced = connection.execute(
+                update(_INSTANCES)
+                .where(_INSTANCES.c.id == before.id)
+                .values(
+                    path=stored.relative_path,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    transfer_syntax_uid=header.transfer_syntax_uid,
+                )
+            )
+            if replaced.rowcount != 1:
+                raise LookupError(f"the catalogue row of {header.sop_instance_uid} is gone")
+        connection.execute(
+            insert(_AUDIT_EVENTS).values(
+                actor=ae or "unknown",
+                action="duplicate-differs-replaced" if replace else "duplicate-differs-kept-first",
+                target=header.sop_instance_uid,
+                details={"before": before.sha256, "received": entry.sha256},
+            )
+        )
+
+
+def brief(exc: BaseException) -> str:
+    """One line on a database error: the driver's first line, not SQLAlchemy's essay."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+def _filled(outcomes: list[IngestOutcome | None]) -> list[IngestOutcome]:
+    """Outcomes once every instance has one."""
+    assert all(outcome is not None for outcome in outcomes)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _batches(entries: list[_Entry]) -> Iterator[list[_Entry]]:
+    """Runs of at most :data:`MAX_BATCH` entries with distinct SOP Instance UIDs, in order:
+    a UID seen again starts a new batch, so it meets the first copy as a catalogued
+    duplicate, as it would have arriving alone."""
+    batch: list[_Entry] = []
+    uids: set[str] = set()
+    for entry in entries:
+        uid = entry.header.sop_instance_uid
+        if uid in uids or len(batch) >= MAX_BATCH:
+            yield batch
+            batch, uids = [], set()
+        batch.append(entry)
+        uids.add(uid)
+    if batch:
+        yield batch

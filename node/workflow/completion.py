@@ -1,0 +1,291 @@
+"""The study-completion watcher: when a series is complete, and what then.
+
+A series is complete after a quiet period (per series, and optionally per study), once its
+study has the series the configuration requires (or a force timeout has passed). The
+routing rules on DICOM attributes then decide its priority, whether it is discarded and
+where the original is forwarded (forwards go at once, not after inference), and a pipeline
+run is queued.
+
+Late instances (arriving after completion) follow ``completion.late_instances``: ``rerun``
+queues one new run once the series is quiet again and its current run has ended, whose SR
+supersedes the previous one; ``append`` only stores them. Either way the decision is
+recorded on the series and ``completed_at`` moves to it, so it is taken once.
+
+The run row is committed before the task is sent and marked sent afterwards, so a crash
+between the two is repaired at start by re-sending every run that was never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from node.catalogue.db import Catalogue
+from node.catalogue.models import (
+    Delivery,
+    DeliveryState,
+    PipelineRun,
+    RunState,
+    Series,
+    SeriesState,
+)
+from node.core.rules import Condition, matches
+from node.core.settings import CompletionSettings
+from node.workflow.routing import Router, facts_for, forward_deliveries
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[int, int], object]  # (run id, priority 0-9)
+EnqueueDelivery = Callable[[int], object]
+Verdict = Literal["ready", "wait", "forced", "discard"]
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class CompletionWatcher:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        enqueue: Enqueue,
+        run_key: Callable[[Series], str],
+        quiet_seconds: float | None = None,
+        poll_seconds: float | None = None,
+        router: Router | None = None,
+        enqueue_delivery: EnqueueDelivery | None = None,
+        policy: CompletionSettings | None = None,
+    ) -> None:
+        policy = policy or CompletionSettings()
+        if quiet_seconds is not None:
+            policy = policy.model_copy(update={"series_quiet_seconds": quiet_seconds})
+        if poll_seconds is not None:
+            policy = policy.model_copy(update={"poll_seconds": poll_seconds})
+        if policy.required_series and router is None:
+            raise ValueError("required_series needs a router to read series attributes")
+        self.catalogue = catalogue
+        self.enqueue = enqueue
+        self.run_key = run_key
+        self.policy = policy
+        self.required = [Condition.model_validate(c) for c in policy.required_series]
+        self.router = router
+        self.enqueue_delivery = enqueue_delivery
+        self.quiet = timedelta(seconds=policy.series_quiet_seconds)
+        self.poll_seconds = policy.poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def complete_quiet_series(self, now: datetime | None = None) -> list[int]:
+        """Complete what is ready, handle late instances, send the runs; return run ids."""
+        now = now or datetime.now(UTC)
+        cutoff = now - self.quiet
+        run_ids: list[int] = []
+        forward_ids: list[int] = []
+        with self.catalogue.session() as session:
+            quiet = session.scalars(
+                select(Series)
+                .where(Series.state == SeriesState.RECEIVING)
+                .where(Series.last_received_at <= cutoff)
+                .with_for_update(skip_locked=True)
+            ).all()
+            by_study: dict[int, list[Series]] = defaultdict(list)
+            for series in quiet:
+                by_study[series.study_id].append(series)
+            for group in by_study.values():
+                verdict = self._study_verdict(session, group[0], now)
+                if verdict == "wait":
+                    continue
+                for series in group:
+                    self._complete(session, series, verdict, now, run_ids, forward_ids)
+            for series in self._late(session, cutoff):
+                self._late_instances(session, series, now, run_ids, forward_ids)
+        self._send(run_ids)
+        if self.enqueue_delivery is not None:
+            for delivery_id in forward_ids:
+                self.enqueue_delivery(delivery_id)
+        return run_ids
+
+    def _study_verdict(self, session: Session, series: Series, now: datetime) -> Verdict:
+        siblings = series.study.series
+        study_quiet = timedelta(seconds=self.policy.study_quiet_seconds)
+        if study_quiet and any(_aware(s.last_received_at) > now - study_quiet for s in siblings):
+            return "wait"
+        if not self.required:
+            return "ready"
+        assert self.router is not None
+        facts = [facts_for(session, self.router.spool_dir, s) for s in siblings]
+        if all(any(matches(c, f) for f in facts) for c in self.required):
+            return "ready"
+        first = min(_aware(s.first_received_at) for s in siblings)
+        force = self.policy.force_seconds
+        if force is not None and now - first >= timedelta(seconds=force):
+            return "forced" if self.policy.force_action == "process" else "discard"
+        return "wait"
+
+    def _complete(
+        self,
+        session: Session,
+        series: Series,
+        verdict: Verdict,
+        now: datetime,
+        run_ids: list[int],
+        forward_ids: list[int],
+    ) -> None:
+        series.state = SeriesState.COMPLETE
+        series.completed_at = now
+        if verdict in ("forced", "discard"):
+            series.routing = {
+                **(series.routing or {}),
+                "completion": f"required series missing after {self.policy.force_seconds} s: "
+                f"{'processed anyway' if verdict == 'forced' else 'discarded'}",
+            }
+        if verdict == "discard":
+            series.state = SeriesState.DONE
+            log.info("series %d discarded: required series never arrived", series.id)
+            return
+        if self.router is not None:
+            decision = self.router.decide(session, series)
+            if decision.discard:
+                series.state = SeriesState.DONE
+                log.info("series %d discarded by rule(s) %s", series.id, decision.fired)
+                return
+            forward_ids += forward_deliveries(session, series, decision)
+        key = self.run_key(series)
+        if session.scalar(select(PipelineRun).where(PipelineRun.run_key == key)) is not None:
+            return
+        run = PipelineRun(series=series, run_key=key, state=RunState.QUEUED)
+        session.add(run)
+        session.flush()
+        run_ids.append(run.id)
+        log.info("series %d complete (%d instances)", series.id, series.instance_count)
+
+    @staticmethod
+    def _late(session: Session, cutoff: datetime) -> list[Series]:
+        """Series that received instances after they were completed and are quiet again,
+        with no run in progress."""
+        return list(
+            session.scalars(
+                select(Series)
+                .where(Series.state.in_([SeriesState.DONE, SeriesState.FAILED]))
+                .where(Series.completed_at.is_not(None))
+                .where(Series.last_received_at > Series.completed_at)
+                .where(Series.last_received_at <= cutoff)
+                .with_for_update(skip_locked=True)
+            )
+        )
+
+    def _late_instances(
+        self,
+        session: Session,
+        series: Series,
+        now: datetime,
+        run_ids: list[int],
+        forward_ids: list[int],
+    ) -> None:
+        policy = self.policy.late_instances
+        notes = list((series.routing or {}).get("late", []))
+        notes.append({"at": now.isoformat(), "instances": series.instance_count, "then": policy})
+        series.routing = {**(series.routing or {}), "late": notes}
+        series.completed_at = now
+        if policy == "append" or (series.routing or {}).get("attributes", {}).get("discard"):
+            log.info("series %d: late instances stored (%s)", series.id, policy)
+            return
+        runs = sorted(series.runs, key=lambda r: r.id)
+        series.state = SeriesState.COMPLETE
+        if self.router is not None:
+            decision = self.router.decide(session, series)
+            for delivery in session.scalars(
+                select(Delivery).where(Delivery.series_id == series.id)
+            ):
+                delivery.state, delivery.attempts = DeliveryState.PENDING, 0
+            forward_ids += forward_deliveries(session, series, decision)
+        base = runs[0].run_key if runs else self.run_key(series)
+        run = PipelineRun(
+            series=series,
+            run_key=f"{base}#late{len(runs)}",
+            rerun_of=runs[-1].id if runs else None,
+            requested_by="late-instances",
+            state=RunState.QUEUED,
+        )
+        session.add(run)
+        session.flush()
+        run_ids.append(run.id)
+        log.info("series %d: late instances, re-run %d queued", series.id, run.id)
+
+    def _resend_runs(self) -> list[int]:
+        """Send runs committed but never handed to the broker (a crash, or the broker was
+        down when they completed: they go as soon as it is back)."""
+        with self.catalogue.session() as session:
+            run_ids = list(
+                session.scalars(
+                    select(PipelineRun.id)
+                    .where(PipelineRun.state == RunState.QUEUED)
+                    .where(PipelineRun.enqueued_at.is_(None))
+                )
+            )
+        self._send(run_ids)
+        return run_ids
+
+    def resend_unsent(self) -> list[int]:
+        """At start: send unsent runs, and deliveries recorded but never tried."""
+        run_ids = self._resend_runs()
+        if self.enqueue_delivery is not None:
+            # Deliveries recorded but never tried (a crash between commit and send). One may
+            # also still be in the broker: dispatch skips a delivery that is already sent.
+            with self.catalogue.session() as session:
+                pending = list(
+                    session.scalars(
+                        select(Delivery.id)
+                        .where(Delivery.state == DeliveryState.PENDING)
+                        .where(Delivery.attempts == 0)
+                    )
+                )
+            for delivery_id in pending:
+                self.enqueue_delivery(delivery_id)
+        return run_ids
+
+    def _send(self, run_ids: list[int]) -> None:
+        for run_id in run_ids:
+            with self.catalogue.session() as session:
+                run = session.get(PipelineRun, run_id)
+                priority = run.series.priority if run is not None else 0
+            self.enqueue(run_id, priority or 0)
+            with self.catalogue.session() as session:
+                run = session.get(PipelineRun, run_id)
+                if run is not None:
+                    run.enqueued_at = datetime.now(UTC)
+
+    def _loop(self) -> None:
+        failing = False
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                if failing:
+                    self.resend_unsent()
+                self.complete_quiet_series()
+                if failing:
+                    log.info("completion checks work again; unsent runs were sent")
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.error(
+                        "completion check failed (%s); retrying", type(exc).__name__, exc_info=True
+                    )
+                failing = True
+
+    def start(self) -> None:
+        self.resend_unsent()
+        self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

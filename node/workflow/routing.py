@@ -1,0 +1,252 @@
+"""The router: applies the routing rules (:mod:`node.core.rules`) to series in the catalogue.
+
+It keeps the rule sets (versioned; the newest is in force), builds the facts a rule sees
+from a series' catalogue row and the header of one of its instances, and turns decisions
+into catalogue rows: the series' priority and routing record, and forward deliveries.
+Sending is the dispatch queue's job; the router only records what must be sent.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.catalogue.db import Catalogue
+from node.catalogue.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    RuleSet,
+    Series,
+)
+from node.core.rules import Decision, Finding, SeriesFacts, evaluate, parse_rules
+from node.core.rules import RuleSet as Rules
+
+
+@dataclass(frozen=True)
+class ActiveRules:
+    """The rule set in force: its catalogue id (``None`` before any was saved) and text."""
+
+    id: int | None
+    document: str
+    created_by: str | None
+    created_at: str | None
+    rules: Rules
+
+
+_EMPTY = ActiveRules(None, "", None, None, Rules())
+_cache_lock = threading.Lock()
+_cache: dict[str, ActiveRules] = {}
+
+
+def active_rules(catalogue: Catalogue) -> ActiveRules:
+    """The newest rule set; parsed once per version per process (a cheap id query each call,
+    so a change applies to the next series without a restart)."""
+    with catalogue.session() as session:
+        newest = session.scalar(select(func.max(RuleSet.id)))
+        if newest is None:
+            return _EMPTY
+        key = f"{catalogue.url}#{newest}"
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]
+        row = session.get(RuleSet, newest)
+        active = ActiveRules(
+            row.id,
+            row.document,
+            row.created_by,
+            row.created_at.isoformat(),
+            parse_rules(row.document),
+        )
+    with _cache_lock:
+        _cache[key] = active
+    return active
+
+
+def save_rules(
+    catalogue: Catalogue, document: str, actor: str, known_destinations: list[str]
+) -> ActiveRules:
+    """Validate and store a new rule-set version; audited with the text before and after."""
+    parse_rules(document, known_destinations)  # raises RulesError with the reason
+    before = active_rules(catalogue)
+    with catalogue.session() as session:
+        session.add(RuleSet(document=document, created_by=actor))
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="rules-changed",
+                target="routing-rules",
+                details={"before": before.document, "after": document},
+            )
+        )
+    return active_rules(catalogue)
+
+
+def _header(spool_dir: Path, session: Session, series: Series) -> Dataset | None:
+    row = session.scalars(
+        select(Instance).where(Instance.series_id == series.id).order_by(Instance.id).limit(1)
+    ).first()
+    if row is None:
+        return None
+    return _read_header(str(spool_dir / row.path))
+
+
+@lru_cache(maxsize=256)
+def _read_header(path: str) -> Dataset | None:
+    try:
+        return dcmread(path, stop_before_pixels=True)
+    except (OSError, ValueError):
+        return None
+
+
+def findings_for_rules(findings: dict[str, Any] | None) -> list[Finding]:
+    """The run's stored findings as rules see them (head, labels, probabilities)."""
+    out = []
+    for item in (findings or {}).get("findings", []):
+        labels = tuple(c["name"] for c in item["classes"])
+        out.append(
+            Finding(
+                head=item["head_name"],
+                labels=labels,
+                probabilities=tuple(item["probabilities"]),
+                predicted=labels[item["predicted_index"]],
+                regression=item.get("task") == "regression",
+            )
+        )
+    return out
+
+
+def facts_for(
+    session: Session, spool_dir: Path, series: Series, findings: list[Finding] | None = None
+) -> SeriesFacts:
+    header = _header(spool_dir, session, series)
+
+    def text(keyword: str) -> str | None:
+        if header is None:
+            return None
+        value = header.get(keyword)
+        return None if value is None or value == "" else str(value)
+
+    return SeriesFacts(
+        orientation=orientation(header),
+        modality=series.modality or text("Modality"),
+        body_part=series.body_part_examined or text("BodyPartExamined"),
+        series_description=series.series_description or text("SeriesDescription"),
+        study_description=text("StudyDescription"),
+        manufacturer=text("Manufacturer"),
+        calling_ae_title=series.calling_ae_title,
+        slices=series.instance_count,
+        tags=text,
+        findings=findings,
+    )
+
+
+def orientation(header: Dataset | None) -> str | None:
+    """axial, coronal or sagittal when the slice normal is within ~35 degrees of a patient
+    axis (ImageOrientationPatient), else oblique; None without the attribute."""
+    try:
+        row, col = (
+            [float(v) for v in header.ImageOrientationPatient[:3]],
+            [  # type: ignore[union-attr]
+                float(v)
+                for v in header.ImageOrientationPatient[3:6]  # type: ignore[union-attr]
+            ],
+        )
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    normal = [
+        row[1] * col[2] - row[2] * col[1],
+        row[2] * col[0] - row[0] * col[2],
+        row[0] * col[1] - row[1] * col[0],
+    ]
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    if abs(normal[axis]) < 0.82:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def forward_deliveries(session: Session, series: Series, decision: Decision) -> list[int]:
+    """Create (once) a delivery of the original series to each forward destination; return
+    the ids of those still pending."""
+    ids = []
+    for destination, rule in decision.forward.items():
+        delivery = session.scalar(
+            select(Delivery).where(
+                Delivery.series_id == series.id, Delivery.destination == destination
+            )
+        )
+        if delivery is None:
+            delivery = Delivery(series_id=series.id, destination=destination, rule=rule)
+            session.add(delivery)
+            session.flush()
+        if delivery.state in (None, DeliveryState.PENDING):
+            ids.append(delivery.id)
+    return ids
+
+
+def record(series: Series, decision: Decision) -> None:
+    """Keep the decision on the series: the dashboard and the rule tester show it."""
+    routing = dict(series.routing or {})
+    routing[decision.phase] = decision.to_dict()
+    series.routing = routing
+    if decision.phase == "attributes":
+        series.priority = decision.priority
+
+
+class Router:
+    """Routes series at the two decision points: completion and findings."""
+
+    def __init__(self, catalogue: Catalogue, spool_dir: Path) -> None:
+        self.catalogue = catalogue
+        self.spool_dir = spool_dir
+
+    def decide(
+        self, session: Session, series: Series, findings: dict[str, Any] | None = None
+    ) -> Decision:
+        """Evaluate the rules in force on ``series`` and record the decision on it."""
+        facts = facts_for(
+            session,
+            self.spool_dir,
+            series,
+            None if findings is None else findings_for_rules(findings),
+        )
+        decision = evaluate(active_rules(self.catalogue).rules, facts)
+        record(series, decision)
+        return decision
+
+
+def dry_run(
+    catalogue: Catalogue, spool_dir: Path, study_uid: str, rules: Rules | None = None
+) -> list[dict[str, Any]]:
+    """Evaluate ``rules`` (default: those in force) on every series of a stored study, with
+    the findings of its latest run when there is one; records nothing. The rule tester."""
+    from node.catalogue.models import Study
+
+    rules = rules if rules is not None else active_rules(catalogue).rules
+    out = []
+    with catalogue.session() as session:
+        study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+        if study is None:
+            raise LookupError(f"no study {study_uid} in the catalogue")
+        for series in sorted(study.series, key=lambda s: s.id):
+            runs = sorted((r for r in series.runs if r.findings is not None), key=lambda r: r.id)
+            findings = findings_for_rules(runs[-1].findings) if runs else None
+            decision = evaluate(rules, facts_for(session, spool_dir, series, findings))
+            out.append(
+                {
+                    "series_instance_uid": series.series_instance_uid,
+                    "modality": series.modality,
+                    "instances": series.instance_count,
+                    "decision": decision.to_dict(),
+                }
+            )
+    return out

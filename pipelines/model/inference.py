@@ -1,0 +1,498 @@
+"""Series -> findings: stream slices through Curia, pool per series, apply the heads.
+
+Slices are decoded, preprocessed and embedded a batch at a time; only the running sum of CLS
+features and the per-slice head scores (a few floats per slice) are kept, so memory does not
+grow with the series. Heads that need different preprocessing (``clip_below_air``) get their
+own features from the same decoded batch rather than sharing the first head's setting.
+
+Window heads (``attentive``, ``mean_patch``) read the tokens of a few slices: their window
+is known from the headers before any pixel is decoded, so only those slices' reduced tokens
+are kept, and when no head needs the whole series only the window slices are decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.findings import HeadFinding, SeriesFindings
+from pipelines.model.backbone import Backbone
+from pipelines.model.heads import Head
+from pipelines.model.key_region import grid_region
+from pipelines.model.preprocess import (
+    PreparedSeries,
+    SeriesPlan,
+    iter_series_chunks,
+    plan_of,
+    preprocess_slices,
+    series_source,
+    subset,
+)
+from pipelines.model.segmentation import MaskAccumulator, MaskHead, SeriesMask
+
+log = logging.getLogger(__name__)
+
+#: Above this many bytes of kept window tokens, say so: the head's window is the whole series.
+WINDOW_MEMORY_WARNING = 1 << 30
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """Resolve a device setting: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda[:N]``.
+
+    An explicit CUDA request on a machine without one is an error rather than a silent CPU
+    fallback, since it would make a GPU node quietly 100x slower.
+    """
+    choice = preference.strip().lower()
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(choice)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {preference!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"unsupported device {preference!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {preference!r} requested but CUDA is not available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {preference!r} requested but only {torch.cuda.device_count()} CUDA "
+            "device(s) are present"
+        )
+    return device
+
+
+# --- the backbone, with tokens when a window head needs them -----------------------------
+
+
+def _autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """The backbone's precision policy: bf16 on CUDA, exact fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass(frozen=True)
+class BackboneTokens:
+    """One forward pass: tokens after the final norm, and the last block's before it.
+
+    Both (N, 1 + patches, hidden), float32, on the backbone's device. ``final[:, 0]`` is
+    exactly :meth:`Backbone.features`.
+    """
+
+    final: torch.Tensor
+    last_block: torch.Tensor
+
+
+def backbone_tokens(backbone: Backbone, batch: torch.Tensor) -> BackboneTokens:
+    """Run the backbone once and keep every token, normed and not.
+
+    Raidium's 3D heads read ``hidden_states[-1]`` (the last block, before the final
+    LayerNorm); the CLS features every other head uses come from the same pass.
+    """
+    expected = (backbone.spec.num_channels, backbone.spec.image_size, backbone.spec.image_size)
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+        raise ValueError(
+            f"backbone input must be (N, {', '.join(map(str, expected))}), got {tuple(batch.shape)}"
+        )
+    device = backbone.device
+    with torch.inference_mode(), _autocast(device):
+        out = backbone.model.forward_intermediates(
+            batch.to(device, torch.float32),
+            indices=1,
+            return_prefix_tokens=True,
+            output_fmt="NLC",
+            output_dict=True,
+        )
+    last = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    return BackboneTokens(final=out["image_features"].float(), last_block=last.float())
+
+
+def embed_chunks(
+    chunks: Iterable[np.ndarray],
+    backbone: Backbone,
+    *,
+    clip_below_air: bool = False,
+) -> torch.Tensor:
+    """Per-slice CLS features (S, hidden), float32 on the CPU, for chunks of PL slices.
+
+    The same preprocessing and backbone call as :func:`analyse_series`, so features cached
+    for training are exactly what a ``mean_cls`` head sees in production.
+    """
+    out = []
+    for pixels in chunks:
+        batch = preprocess_slices(
+            pixels,
+            size=backbone.spec.image_size,
+            clip_below_air=clip_below_air,
+            device=backbone.device,
+        )
+        out.append(backbone.features(batch).float().cpu())
+    if not out:
+        return torch.zeros(0, backbone.spec.hidden_size)
+    return torch.cat(out)
+
+
+def slice_features(
+    paths: Sequence[Path] | SeriesPlan,
+    backbone: Backbone,
+    *,
+    clip_below_air: bool = False,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Per-slice CLS features (S, hidden) of a DICOM series, in spatial order."""
+    chunks = (pixels for _, pixels in iter_series_chunks(paths, batch_size))
+    return embed_chunks(chunks, backbone, clip_below_air=clip_below_air)
+
+
+# --- what is accumulated per head --------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """A window head's slices and the reduced tokens kept for them so far."""
+
+    head_index: int
+    indices: list[int]
+    position: dict[int, int]
+    kept: list[torch.Tensor | None]
+
+    @classmethod
+    def for_head(cls, head_index: int, head: Head, slice_count: int) -> _Window:
+        indices = head.window_indices(slice_count)
+        return cls(
+            head_index=head_index,
+            indices=indices,
+            position={index: k for k, index in enumerate(indices)},
+            kept=[None] * len(indices),
+        )
+
+
+@dataclass
+class _Group:
+    """Heads that share one preprocessing setting, and what has been accumulated for them."""
+
+    clip_below_air: bool
+    head_indices: list[int]
+    feature_sum: torch.Tensor
+    slice_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, C) per head
+    windows: list[_Window] = field(default_factory=list)
+    masks: list[MaskAccumulator] = field(default_factory=list)
+
+    @property
+    def needs_every_slice(self) -> bool:
+        return bool(self.head_indices) or bool(self.masks)
+
+    def wants(self, index: int) -> bool:
+        return self.needs_every_slice or any(index in w.position for w in self.windows)
+
+
+def _group_heads(
+    heads: Sequence[Head],
+    hidden_size: int,
+    slice_count: int,
+    masks: Sequence[MaskAccumulator] = (),
+) -> list[_Group]:
+    """One group per distinct ``clip_below_air`` setting, in the order heads first use it."""
+    groups: dict[bool, _Group] = {}
+
+    def group(clip: bool) -> _Group:
+        if clip not in groups:
+            zeros = torch.zeros(hidden_size, dtype=torch.float64)
+            groups[clip] = _Group(clip_below_air=clip, head_indices=[], feature_sum=zeros)
+        return groups[clip]
+
+    for mask in masks:
+        group(mask.head.card.clip_below_air).masks.append(mask)
+    for i, head in enumerate(heads):
+        clip = head.card.clip_below_air
+        group(clip)
+        if head.uses_window:
+            groups[clip].windows.append(_Window.for_head(i, head, slice_count))
+        else:
+            groups[clip].head_indices.append(i)
+            # allocated once: per-chunk small tensors kept alive would fragment the heap
+            groups[clip].slice_scores[i] = torch.zeros(slice_count, head.card.num_outputs)
+    return list(groups.values())
+
+
+def _check_heads(heads: Sequence[Head], backbone: Backbone) -> None:
+    """Refuse width mismatches up front, before any slice is decoded."""
+    for head in heads:
+        head.check_hidden_size(backbone.spec.hidden_size)
+        if head.card.backbone != backbone.identity.name:
+            log.info(
+                "head %s was trained on %s, running on %s",
+                head.name,
+                head.card.backbone,
+                backbone.identity.name,
+            )
+
+
+def _warn_window_memory(heads: Sequence[Head], groups: list[_Group], backbone: Backbone) -> None:
+    """Say when a window head keeps a lot (all patch tokens of a whole series)."""
+    spec = backbone.spec
+    for group in groups:
+        for window in group.windows:
+            head = heads[window.head_index]
+            per_slice = head.tokens_per_slice(spec.num_patches)
+            size = len(window.indices) * per_slice * spec.hidden_size * 4
+            if size > WINDOW_MEMORY_WARNING:
+                log.warning(
+                    "head %s keeps %.1f GB of slice tokens for a %d-slice window",
+                    head.name,
+                    size / 1e9,
+                    len(window.indices),
+                )
+
+
+# --- findings ----------------------------------------------------------------------------
+
+
+def _mean_finding(
+    head: Head, scores: torch.Tensor, group: _Group, slice_count: int, backbone: Backbone
+) -> HeadFinding:
+    """Mean-pooled series prediction, with the slice that scored highest for it.
+
+    A regression head has no class to score slices for, so it names no key slice.
+    """
+    mean = (group.feature_sum / slice_count).float().unsqueeze(0)
+    outputs = head.predict(mean)[0].cpu()
+    predicted = int(torch.argmax(outputs))
+    key_slice = None
+    if head.card.task == "classification":
+        key_slice = int(torch.argmax(scores[:, predicted]))
+    return _finding(head, outputs, key_slice, backbone)
+
+
+def _window_finding(
+    head: Head, window: _Window, backbone: Backbone, plan: SeriesPlan
+) -> HeadFinding:
+    missing = [window.indices[k] for k, t in enumerate(window.kept) if t is None]
+    if missing:  # defensive: every window slice is decoded and embedded above
+        raise RuntimeError(f"head {head.name}: no tokens for slices {missing}")
+    prediction = head.predict_window(torch.stack([t for t in window.kept if t is not None]))
+    key = prediction.key_position
+    finding = _finding(
+        head, prediction.outputs, None if key is None else window.indices[key], backbone
+    )
+    if prediction.key_scores is None or finding.key_slice is None:
+        return finding
+    # pooled patches may leave a remainder of the full grid uncovered
+    full_side = math.isqrt(backbone.spec.num_patches)
+    kernel = (head.card.window.kernel_size if head.card.window else None) or 1
+    extent = math.isqrt(prediction.key_scores.numel()) * kernel / full_side
+    region = grid_region(
+        prediction.key_scores, plan.reorientation, (plan.rows, plan.columns), extent=extent
+    )
+    return dataclasses.replace(finding, key_region=region)
+
+
+def _locate_mean_findings(
+    source: SeriesPlan | PreparedSeries,
+    heads: Sequence[Head],
+    groups: list[_Group],
+    findings: dict[int, HeadFinding],
+    backbone: Backbone,
+) -> None:
+    """Give each mean-CLS classification finding the region of its key slice.
+
+    The key slice is only known once every slice has been scored, so its patch tokens are
+    computed again here: one extra backbone pass over at most one slice per head.
+    """
+    for group in groups:
+        wanted = {
+            i: findings[i].key_slice
+            for i in group.head_indices
+            if findings[i].key_slice is not None
+        }
+        if not wanted:
+            continue
+        slices = sorted(set(wanted.values()))
+        _, pixels = next(iter_series_chunks(subset(source, slices), len(slices), workers=1))
+        batch = preprocess_slices(
+            pixels,
+            size=backbone.spec.image_size,
+            clip_below_air=group.clip_below_air,
+            device=backbone.device,
+        )
+        patches = backbone_tokens(backbone, batch).final[:, 1:]
+        for i, key in wanted.items():
+            head = heads[i]
+            weight = head.linear.weight
+            with torch.inference_mode():
+                logits = head.linear(patches[slices.index(key)].to(weight.device, weight.dtype))
+            scores = logits[:, findings[i].predicted_index]
+            plan = plan_of(source)
+            region = grid_region(scores, plan.reorientation, (plan.rows, plan.columns))
+            findings[i] = dataclasses.replace(findings[i], key_region=region)
+
+
+def _finding(
+    head: Head, outputs: torch.Tensor, key_slice: int | None, backbone: Backbone
+) -> HeadFinding:
+    """For regression, ``probabilities`` holds the raw value and ``predicted_index`` is 0."""
+    return HeadFinding(
+        head_name=head.card.name,
+        head_version=head.card.version,
+        task=head.card.task,
+        classes=head.card.head_classes,
+        probabilities=tuple(float(p) for p in outputs),
+        predicted_index=int(torch.argmax(outputs)),
+        key_slice=key_slice,
+        demo=head.card.demo or backbone.identity.demo,
+    )
+
+
+# --- the series --------------------------------------------------------------------------
+
+
+def _slices_to_decode(plan: SeriesPlan, groups: list[_Group]) -> list[int]:
+    """Every slice if a head pools the whole series, else only the window heads' slices."""
+    if any(g.needs_every_slice for g in groups):
+        return list(range(len(plan)))
+    return sorted({i for g in groups for w in g.windows for i in w.indices})
+
+
+def _run_group(
+    group: _Group,
+    heads: Sequence[Head],
+    indices: list[int],
+    pixels: np.ndarray,
+    backbone: Backbone,
+) -> None:
+    """Embed the chunk's slices this group needs and accumulate them for its heads."""
+    rows = [r for r, index in enumerate(indices) if group.wants(index)]
+    if not rows:
+        return
+    batch = preprocess_slices(
+        pixels if len(rows) == len(indices) else pixels[rows],
+        size=backbone.spec.image_size,
+        clip_below_air=group.clip_below_air,
+        device=backbone.device,
+    )
+    chunk_indices = [indices[r] for r in rows]
+    in_window = [
+        (w, [(k, w.position[i]) for k, i in enumerate(chunk_indices) if i in w.position])
+        for w in group.windows
+    ]
+    in_window = [(w, hits) for w, hits in in_window if hits]
+    if not in_window and not group.masks:  # CLS only: the plain forward pass
+        _accumulate_mean(group, heads, chunk_indices, backbone.features(batch))
+        return
+    tokens = backbone_tokens(backbone, batch)
+    _accumulate_mean(group, heads, chunk_indices, tokens.final[:, 0])
+    for mask in group.masks:  # every slice is in this chunk's rows: masks need them all
+        mask.add(chunk_indices, tokens.final)
+    for window, hits in in_window:
+        head = heads[window.head_index]
+        final_norm = head.card.window is not None and head.card.window.final_norm
+        source = tokens.final if final_norm else tokens.last_block
+        reduced = head.slice_tokens(source[[k for k, _ in hits]]).float().cpu()
+        for row, (_, position) in enumerate(hits):
+            window.kept[position] = reduced[row].clone()
+
+
+def _accumulate_mean(
+    group: _Group, heads: Sequence[Head], indices: list[int], cls: torch.Tensor
+) -> None:
+    """Add CLS features to the series sum and score each slice for the key slice."""
+    if not group.head_indices:
+        return
+    features = cls.float().cpu()
+    group.feature_sum += features.double().sum(dim=0)
+    for i in group.head_indices:
+        group.slice_scores[i][indices] = heads[i].predict(features)
+
+
+def analyse_series(
+    paths: Sequence[Path] | PreparedSeries,
+    backbone: Backbone,
+    heads: Sequence[Head],
+    *,
+    series_instance_uid: str,
+    batch_size: int = 16,
+) -> SeriesFindings:
+    """The findings of ``heads`` on one series (see :func:`analyse_series_and_masks`)."""
+    findings, _ = analyse_series_and_masks(
+        paths, backbone, heads, series_instance_uid=series_instance_uid, batch_size=batch_size
+    )
+    return findings
+
+
+def analyse_series_and_masks(
+    paths: Sequence[Path] | PreparedSeries,
+    backbone: Backbone,
+    heads: Sequence[Head],
+    *,
+    series_instance_uid: str,
+    batch_size: int = 16,
+    mask_heads: Sequence[MaskHead] = (),
+) -> tuple[SeriesFindings, list[SeriesMask]]:
+    """Run every head on one series and report what they concluded.
+
+    The series is sorted from headers, then streamed ``batch_size`` slices at a time:
+    decode -> preprocess (once per ``clip_below_air`` group) -> backbone. A ``mean_cls``
+    head is applied to the mean CLS feature of the series; for a classifier, its per-slice
+    scores only pick the key slice a report points at (a regression head names none). A
+    window head gets its window's reduced tokens; its key slice is the one its learned
+    queries attended to most (the window's centre when it has no cross-attention block).
+
+    For a regression head, the finding's ``probabilities`` is the one raw predicted value.
+    ``paths`` may also be a series a CPU worker decoded ahead (:func:`prepare_series`).
+
+    ``mask_heads`` read the same backbone pass (their tokens are the final ones of every
+    slice) and give one mask each, in order; their findings are in the masks, not in the
+    returned findings.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_heads(heads, backbone)
+    source = series_source(paths)
+    plan = plan_of(source)
+    if plan.series_instance_uid and plan.series_instance_uid != series_instance_uid:
+        log.warning(
+            "series %s: files carry SeriesInstanceUID %s",
+            series_instance_uid,
+            plan.series_instance_uid,
+        )
+    result = SeriesFindings(
+        series_instance_uid=series_instance_uid,
+        model=backbone.identity,
+        slice_count=len(plan),
+        sop_instance_uids_sorted=list(plan.sop_instance_uids),
+    )
+    if not heads and not mask_heads:
+        return result, []
+    masks = [MaskAccumulator(head, plan, backbone) for head in mask_heads]
+    groups = _group_heads(heads, backbone.spec.hidden_size, len(plan), masks)
+    _warn_window_memory(heads, groups, backbone)
+    for head in heads:
+        if head.probe is not None:  # attention over thousands of tokens: next to the backbone
+            head.to(backbone.device)
+    decode = _slices_to_decode(plan, groups)
+    for local, pixels in iter_series_chunks(subset(source, decode), batch_size):
+        indices = [decode[i] for i in local]
+        for group in groups:
+            _run_group(group, heads, indices, pixels, backbone)
+    findings: dict[int, HeadFinding] = {}
+    for group in groups:
+        for i in group.head_indices:
+            findings[i] = _mean_finding(heads[i], group.slice_scores[i], group, len(plan), backbone)
+        for window in group.windows:
+            findings[window.head_index] = _window_finding(
+                heads[window.head_index], window, backbone, plan
+            )
+    _locate_mean_findings(source, heads, groups, findings, backbone)
+    result.findings.extend(findings[i] for i in range(len(heads)))
+    return result, [mask.result() for mask in masks]
