@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from node import __version__
 from node.catalogue.db import Catalogue
 from node.catalogue.models import DeliveryState, PipelineRun, Series, Study
-from node.core.metrics import CatalogueCollector, GpuCollector
+from node.web.metrics import CatalogueCollector, GpuCollector
 from node.core.settings import Settings
 from node.dicomweb import create_dicomweb_router
 from node.store.ingest import Ingestor
