@@ -23,13 +23,13 @@ from sqlalchemy.orm import Session
 from node import __version__
 from node.catalogue.db import Catalogue
 from node.catalogue.models import DeliveryState, PipelineRun, Series, Study
-from node.web.metrics import CatalogueCollector, GpuCollector
 from node.core.settings import Settings
 from node.dicomweb import create_dicomweb_router
 from node.store.ingest import Ingestor
 from node.store.spool import write_durably
 from node.web.admin import actor, create_admin_router
 from node.web.dashboard import create_dashboard_router
+from node.web.metrics import CatalogueCollector, GpuCollector
 from node.web.results import (
     SR_SOP_CLASSES,
     ResultsError,
