@@ -32,6 +32,7 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from node.core.settings import packaged_templates_dir
 from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
 from pipelines.model.preprocess import plan_series
 from pipelines.model.segmentation import (
@@ -47,7 +48,7 @@ from pipelines.reporting.templates import load_templates
 SR_GOAL_S = 1.0
 SEG_GOAL_S = 5.0
 SIZE = 512
-TEMPLATES = Path(__file__).resolve().parent.parent / "sr_templates"
+TEMPLATES = packaged_templates_dir()
 REGIONS = ("Head", "Neck", "Chest", "Abdomen", "Pelvis")
 
 

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, generate_uid
 
+from node.core.settings import packaged_templates_dir
 from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
 from pipelines.reporting.sr import (
     DEMO_STATEMENT,
@@ -41,7 +42,7 @@ from tests.validators import (
     assert_pixelmed_sr_clean,
 )
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "sr_templates"
+TEMPLATES_DIR = packaged_templates_dir()
 REGIONS = ("Head", "Neck", "Chest", "Abdomen", "Pelvis")
 PROBABILITIES = (0.05, 0.05, 0.7, 0.15, 0.05)
 PREDICTED = 2  # chest

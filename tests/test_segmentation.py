@@ -26,6 +26,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage, generate_uid
 from torch import nn
 
+from node.core.settings import packaged_templates_dir
 from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
 from pipelines.model.backbone import CURIA_TINY, Backbone, demo_backbone
 from pipelines.model.preprocess import Reorientation, plan_series
@@ -61,7 +62,7 @@ from tests.validators import (
     assert_pixelmed_sr_clean,
 )
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "sr_templates"
+TEMPLATES_DIR = packaged_templates_dir()
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 # Stored layouts that Curia's PL orientation flips and/or transposes.
 REORIENTED = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from node.core.settings import PROJECT_ROOT
-
-MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+# The Alembic scripts ship as package data beside ``node``, so an installed node upgrades
+# its catalogue without the source tree.
+MIGRATIONS_PACKAGE = "migrations"
 
 
 def make_engine(url: str) -> Engine:
@@ -41,9 +42,16 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def alembic_config(url: str) -> Config:
+@contextmanager
+def migrations_dir() -> Iterator[Path]:
+    """The migration scripts as a folder on disk, wherever the node is installed."""
+    with resources.as_file(resources.files(MIGRATIONS_PACKAGE)) as folder:
+        yield folder
+
+
+def alembic_config(url: str, script_location: Path) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(script_location))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
@@ -52,7 +60,8 @@ def upgrade(url: str) -> None:
     """Bring the schema to the newest revision; the node calls this on every start."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), "head")
+    with migrations_dir() as scripts:
+        command.upgrade(alembic_config(url, scripts), "head")
 
 
 class Catalogue:

@@ -13,6 +13,7 @@ import os
 import re
 from contextvars import ContextVar
 from functools import cached_property
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +27,20 @@ from pydantic_settings import (
 
 from node.core.uids import validate_ae_title
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("curia_config_file", default=None)
+
+
+def packaged_templates_dir() -> Path:
+    """The SR templates that ship with the node, the default ``templates_dir``.
+
+    They are package data (``sr_templates``), so a wheel or image install finds them just as
+    the source tree and the editable install do. Wheels install unzipped: the package is a
+    folder on disk, which the template loader and a site's own folder have in common.
+    """
+    folder = resources.files("sr_templates")
+    if not isinstance(folder, Path):
+        raise RuntimeError(f"the packaged SR templates are not a folder on disk: {folder}")
+    return folder
 
 
 class TlsSettings(BaseModel):
@@ -235,7 +248,7 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = PipelineSettings()
     api: ApiSettings = ApiSettings()
     identity: NodeIdentitySettings = NodeIdentitySettings()
-    templates_dir: Path = PROJECT_ROOT / "sr_templates"
+    templates_dir: Path = Field(default_factory=packaged_templates_dir)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,1 @@
+"""The catalogue's Alembic migrations, shipped as package data so an installed node can upgrade."""

@@ -1,0 +1,1 @@
+"""Alembic revisions of the catalogue schema, shipped as package data."""

@@ -1,0 +1,1 @@
+"""The SR templates shipped with the node: the default ``templates_dir``, found as package data."""
