@@ -10,10 +10,12 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from node.delivery.dimse import DispatchError, send
-from node.delivery.http import OrthancRestDestination, StowRsDestination
+from node.delivery.orthanc import OrthancRestDestination
+from node.delivery.stow import StowRsDestination
+from node.delivery.transport import DispatchError
+from tests.support.api_server import RunningNode, running_node
 from tests.peers import Orthanc, free_port
-from tests.test_dicomweb import RunningNode, make_sr, running_node
+from tests.support.testdata import make_sr
 
 
 def fresh_ct_small(folder: Path) -> Path:
@@ -41,7 +43,7 @@ def test_stow_rs_destination_stores_in_orthanc(orthanc: Orthanc, tmp_path: Path)
     ct = fresh_ct_small(tmp_path)
     sr = tmp_path / "sr.dcm"
     report = make_sr(dcmread(ct).StudyInstanceUID, sr)
-    send(StowRsDestination("orthanc-web", f"{orthanc.url}/dicom-web"), [ct, sr])
+    StowRsDestination("orthanc-web", f"{orthanc.url}/dicom-web").send([ct, sr])
     assert in_orthanc(orthanc, dcmread(ct).SOPInstanceUID)
     assert in_orthanc(orthanc, report.SOPInstanceUID)
 
@@ -49,15 +51,15 @@ def test_stow_rs_destination_stores_in_orthanc(orthanc: Orthanc, tmp_path: Path)
 def test_orthanc_rest_destination_stores_in_orthanc(orthanc: Orthanc, tmp_path: Path) -> None:
     sr = tmp_path / "sr.dcm"
     report = make_sr(generate_uid(), sr)
-    send(OrthancRestDestination("orthanc-rest", orthanc.url), [sr, sr])
+    OrthancRestDestination("orthanc-rest", orthanc.url).send([sr, sr])
     assert in_orthanc(orthanc, report.SOPInstanceUID)
 
 
 def test_stow_rs_destination_sends_its_token(node: RunningNode, tmp_path: Path) -> None:
     ct = fresh_ct_small(tmp_path)
     with pytest.raises(DispatchError, match="HTTP 401"):
-        send(StowRsDestination("peer", node.dicomweb, token="wrong"), [ct])
-    send(StowRsDestination("peer", node.dicomweb, token=node.token), [ct])
+        StowRsDestination("peer", node.dicomweb, token="wrong").send([ct])
+    StowRsDestination("peer", node.dicomweb, token=node.token).send([ct])
     assert node.catalogued([dcmread(ct).SOPInstanceUID])
 
 
@@ -69,7 +71,7 @@ def test_stow_rs_refusal_names_the_failure(node: RunningNode, tmp_path: Path) ->
     bad = tmp_path / "bad-uid.dcm"
     ds.save_as(bad, enforce_file_format=True)
     with pytest.raises(DispatchError, match=r"HTTP 409 \(failure reasons 0xA900\)"):
-        send(StowRsDestination("peer", node.dicomweb, node.token), [bad])
+        StowRsDestination("peer", node.dicomweb, node.token).send([bad])
 
 
 @pytest.mark.parametrize(
@@ -82,14 +84,14 @@ def test_stow_rs_refusal_names_the_failure(node: RunningNode, tmp_path: Path) ->
 )
 def test_a_down_destination_raises(destination, tmp_path: Path) -> None:
     with pytest.raises(DispatchError, match=r"down .* unreachable"):
-        send(destination(free_port()), [fresh_ct_small(tmp_path)])
+        destination(free_port()).send([fresh_ct_small(tmp_path)])
 
 
 def test_orthanc_refusing_a_file_raises(orthanc: Orthanc, tmp_path: Path) -> None:
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not a DICOM file")
     with pytest.raises(DispatchError, match="refused an instance with HTTP 400"):
-        send(OrthancRestDestination("orthanc-rest", orthanc.url), [junk])
+        OrthancRestDestination("orthanc-rest", orthanc.url).send([junk])
 
 
 def test_invalid_destinations_are_refused_and_secrets_not_shown() -> None:

@@ -4,7 +4,8 @@ A destination is a DIMSE peer (AE title, host, port, optional TLS), a DICOMweb s
 (STOW-RS URL and bearer token) or an Orthanc server (REST URL and credentials). Admins
 create, edit, remove and check them from the CLI, the API or the dashboard; every change is
 audited with the values before and after (secrets masked). Workers read the catalogue on
-each delivery, so a change applies without a restart.
+each delivery, so a change applies without a restart. Each protocol has its transport class
+(a :class:`~node.delivery.transport.Destination`), built from the spec by :data:`TRANSPORTS`.
 
 The ``[archive]`` section of the configuration is a destination too, named ``archive``; it
 is read-only here (edit the configuration to change it).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -25,11 +27,14 @@ from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Peer
 from node.core.settings import Settings
 from node.core.uids import validate_ae_title
-from node.delivery.dimse import DimseDestination, DispatchError, check
+from node.delivery.dimse import DimseDestination
+from node.delivery.orthanc import OrthancRestDestination
+from node.delivery.stow import StowRsDestination
+from node.delivery.transport import Destination, DispatchError
 
 DESTINATION = "destination"
 CONFIG_ARCHIVE = "archive"
-Protocol = Literal["dimse", "stow-rs", "orthanc-rest"]
+ProtocolName = Literal["dimse", "stow-rs", "orthanc-rest"]
 _SECRETS = ("token", "password")
 _OPTION_KEYS = (
     "calling_ae_title",
@@ -56,7 +61,7 @@ class DestinationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    protocol: Protocol = "dimse"
+    protocol: ProtocolName = "dimse"
     ae_title: str | None = None
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
@@ -105,30 +110,45 @@ class DestinationSpec(BaseModel):
                 data[key] = "**********"
         return data
 
-    def dispatcher(self, default_calling_ae: str) -> object:
-        """The object :func:`node.delivery.dimse.send` takes for this destination."""
-        if self.protocol == "dimse":
-            return DimseDestination(
-                name=self.name,
-                ae_title=self.ae_title or "",
-                host=self.host or "",
-                port=self.port or 104,
-                calling_ae_title=self.calling_ae_title or default_calling_ae,
-                timeout=self.timeout,
-                tls=self.tls,
-                ca_file=self.ca_file,
-                cert_file=self.cert_file,
-                key_file=self.key_file,
-            )
-        from node.delivery.http import OrthancRestDestination, StowRsDestination
+    def transport(self, default_calling_ae: str) -> Destination:
+        """The transport that sends to this destination (:data:`TRANSPORTS`)."""
+        return TRANSPORTS[self.protocol](self, default_calling_ae)
 
-        if self.protocol == "stow-rs":
-            token = self.token.get_secret_value() if self.token else None
-            return StowRsDestination(self.name, self.url or "", token, timeout=self.timeout)
-        password = self.password.get_secret_value() if self.password else None
-        return OrthancRestDestination(
-            self.name, self.url or "", self.username, password, timeout=self.timeout
-        )
+
+def _dimse(spec: DestinationSpec, default_calling_ae: str) -> DimseDestination:
+    return DimseDestination(
+        name=spec.name,
+        ae_title=spec.ae_title or "",
+        host=spec.host or "",
+        port=spec.port or 104,
+        calling_ae_title=spec.calling_ae_title or default_calling_ae,
+        timeout=spec.timeout,
+        tls=spec.tls,
+        ca_file=spec.ca_file,
+        cert_file=spec.cert_file,
+        key_file=spec.key_file,
+    )
+
+
+def _stow_rs(spec: DestinationSpec, default_calling_ae: str) -> StowRsDestination:
+    token = spec.token.get_secret_value() if spec.token else None
+    return StowRsDestination(spec.name, spec.url or "", token, timeout=spec.timeout)
+
+
+def _orthanc_rest(spec: DestinationSpec, default_calling_ae: str) -> OrthancRestDestination:
+    password = spec.password.get_secret_value() if spec.password else None
+    return OrthancRestDestination(
+        spec.name, spec.url or "", spec.username, password, timeout=spec.timeout
+    )
+
+
+# Each protocol a destination can name, and how its transport class is built from the spec
+# (every protocol listed: a new transport is one class and one line here).
+TRANSPORTS: dict[ProtocolName, Callable[[DestinationSpec, str], Destination]] = {
+    "dimse": _dimse,
+    "stow-rs": _stow_rs,
+    "orthanc-rest": _orthanc_rest,
+}
 
 
 def parse_spec(data: dict[str, Any]) -> DestinationSpec:
@@ -167,7 +187,7 @@ def _from_row(row: Peer) -> DestinationSpec:
     options = dict(row.options or {})
     return DestinationSpec(
         name=row.name,
-        protocol=row.protocol,  # type: ignore[arg-type]
+        protocol=row.protocol,
         ae_title=row.ae_title,
         host=row.host,
         port=row.port,
@@ -281,17 +301,17 @@ def check_destination(spec: DestinationSpec, default_calling_ae: str) -> CheckOu
     """C-ECHO a DIMSE destination, or make a harmless HTTP request to a web one."""
     started = time.perf_counter()
     try:
-        detail = check(spec.dispatcher(default_calling_ae))
+        detail = spec.transport(default_calling_ae).check()
         ok = True
     except (DispatchError, ValueError) as exc:
         detail, ok = str(exc), False
     return CheckOutcome(spec.name, ok, detail, round((time.perf_counter() - started) * 1000, 1))
 
 
-def dispatchers(catalogue: Catalogue, settings: Settings) -> dict[str, object]:
-    """Enabled destinations by name, ready for :func:`node.delivery.dimse.send`."""
+def dispatchers(catalogue: Catalogue, settings: Settings) -> dict[str, Destination]:
+    """Enabled destinations by name, each ready to ``send``."""
     return {
-        spec.name: spec.dispatcher(settings.dicom.ae_title)
+        spec.name: spec.transport(settings.dicom.ae_title)
         for spec in list_destinations(catalogue, settings)
         if spec.enabled
     }

@@ -21,6 +21,7 @@ from node.catalogue.db import Catalogue
 from node.catalogue.models import PipelineRun, Series
 from node.core.settings import Settings
 from node.delivery.destinations import dispatchers, result_destinations
+from node.delivery.transport import Destination
 from node.store.spool import Spool, write_durably
 from node.workflow.routing import Router
 
@@ -168,7 +169,7 @@ class Runtime:
             institution_name=identity.institution_name,
         )
 
-    def destinations(self) -> dict[str, object]:
+    def destinations(self) -> dict[str, Destination]:
         """Enabled destinations by name, read from the catalogue on every call so an admin's
         change applies to the next delivery without a restart."""
         return dispatchers(self.catalogue, self.settings)

@@ -31,7 +31,7 @@ from node.catalogue.models import (
     SeriesState,
 )
 from node.core.metrics import DELIVERY_FAILURES
-from node.delivery.dimse import DispatchError, send
+from node.delivery.transport import DispatchError
 from node.workflow.routing import forward_deliveries
 from pipelines.findings import SeriesFindings, findings_from_dict, findings_to_dict
 from pipelines.jobs.runtime import Runtime
@@ -324,7 +324,7 @@ def dispatch(runtime: Runtime, delivery_id: int) -> None:
         delivery.attempts += 1
     if destination is None:
         raise DispatchError(f"destination {delivery.destination!r} is no longer configured")
-    send(destination, paths)
+    destination.send(paths)
     with runtime.catalogue.session() as session:
         delivery = session.get(Delivery, delivery_id)
         delivery.state = DeliveryState.SENT

@@ -15,7 +15,7 @@ from celery.signals import worker_ready
 
 from node.core.metrics import STAGE_SECONDS
 from node.core.settings import Settings
-from node.delivery.dimse import DispatchError
+from node.delivery.transport import DispatchError
 from pipelines.jobs.runtime import Runtime
 from pipelines.jobs.stages import (
     analyse,
