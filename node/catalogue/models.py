@@ -140,19 +140,38 @@ class PipelineRun(Base):
     started_at: Mapped[datetime | None]
     inferred_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    claim_stage: Mapped[str | None] = mapped_column(
+        String(16), doc="the stage that holds the run now (prepare, analyse, report)"
+    )
+    claim_token: Mapped[str | None] = mapped_column(
+        String(32), doc="who holds it: one execution of that stage, nobody else may finish it"
+    )
+    claimed_at: Mapped[datetime | None] = mapped_column(
+        doc="renewed while the holder works; a claim older than the lease may be taken over"
+    )
 
     series: Mapped[Series] = relationship(back_populates="runs")
     results: Mapped[list[Result]] = relationship(back_populates="run")
 
 
 class Result(Base):
-    """A DICOM object the node wrote (an SR, later SEG), kept under the results folder."""
+    """A DICOM object the node wrote (an SR or a SEG), kept under the results folder.
+
+    Unique per (run, kind, part): a run's report or segmentation is recorded once, however
+    often its stage is executed.
+    """
 
     __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("run_id", "kind", "part", name="uq_results_run_kind_part"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("pipeline_runs.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
+    part: Mapped[str] = mapped_column(
+        String(64),
+        default="0",
+        doc="which of the run's objects of this kind: SR part index, SEG head name",
+    )
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text, doc="relative to the results folder")
@@ -211,6 +230,12 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
+    claim_token: Mapped[str | None] = mapped_column(
+        String(32), doc="the one send in progress; nobody else sends while it holds the claim"
+    )
+    claimed_at: Mapped[datetime | None] = mapped_column(
+        doc="renewed while sending; a claim older than the lease may be taken over"
+    )
 
     result: Mapped[Result | None] = relationship(back_populates="deliveries")
     series: Mapped[Series | None] = relationship()
