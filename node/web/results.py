@@ -1,6 +1,8 @@
 """Results and their deliveries: listing, dead-letter re-queue, and a readable rendering.
 
-Shared by the CLI and the HTTP API so both say and do exactly the same thing.
+Shared by the CLI and the HTTP API so both say and do exactly the same thing. Runs and
+deliveries change state only through :mod:`node.workflow.runs` and
+:mod:`node.delivery.deliveries`.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from pydicom import dcmread
@@ -23,11 +25,12 @@ from node.catalogue.models import (
     DeliveryState,
     PipelineRun,
     Result,
-    RunState,
     Series,
     Study,
 )
 from node.core.uids import validate_uid
+from node.delivery import deliveries
+from node.workflow import runs
 
 SR_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
@@ -82,21 +85,11 @@ def requeue(
 ) -> None:
     """Put a dead-lettered delivery back in the queue (only a failed one: never a sent one)."""
     with catalogue.session() as session:
-        delivery = session.get(Delivery, delivery_id)
-        if delivery is None:
-            raise ResultsError(f"no delivery {delivery_id}")
-        if delivery.state != DeliveryState.FAILED:
-            raise ResultsError(f"delivery {delivery_id} is {delivery.state.value}, not failed")
-        before = {
-            "state": "failed",
-            "attempts": delivery.attempts,
-            "last_error": delivery.last_error,
-        }
-        delivery.state = DeliveryState.PENDING
-        delivery.attempts = 0  # a re-queue gets the full retry budget again
-        if delivery.result is not None:
-            delivery.result.run.state = RunState.REPORTED
-            delivery.result.run.error = None
+        try:
+            before, run_id = deliveries.requeue_failed(session, delivery_id)
+        except (LookupError, ValueError) as exc:
+            raise ResultsError(str(exc)) from exc
+        runs.reopen(session, run_id)
         session.add(
             AuditEvent(
                 actor=actor,
@@ -120,32 +113,19 @@ def request_rerun(
         series = session.scalar(select(Series).where(Series.series_instance_uid == series_uid))
         if series is None:
             raise ResultsError(f"no series {series_uid}")
-        runs = sorted(series.runs, key=lambda r: r.id)
-        if not runs:
+        if not series.runs:
             raise ResultsError("this series has not been analysed yet; nothing to re-run")
-        latest = runs[-1]
-        base = runs[0].run_key
-        run = PipelineRun(
-            series=series,
-            run_key=f"{base}#rerun{len(runs)}",
-            rerun_of=latest.id,
-            requested_by=actor[:64],
-            state=RunState.QUEUED,
-        )
-        session.add(run)
+        latest = max(run.id for run in series.runs)
+        run_id = runs.create_rerun(session, series, "rerun", actor).id
         session.add(
             AuditEvent(
                 actor=actor,
                 action="rerun-requested",
                 target=series_uid,
-                details={"supersedes_run": latest.id},
+                details={"supersedes_run": latest},
             )
         )
-        session.flush()
-        run_id = run.id
-    enqueue(run_id)
-    with catalogue.session() as session:
-        session.get(PipelineRun, run_id).enqueued_at = datetime.now(UTC)
+    runs.send(catalogue, [run_id], lambda run, _priority: enqueue(run))
     return run_id
 
 

@@ -11,8 +11,12 @@ queues one new run once the series is quiet again and its current run has ended,
 supersedes the previous one; ``append`` only stores them. Either way the decision is
 recorded on the series and ``completed_at`` moves to it, so it is taken once.
 
-The run row is committed before the task is sent and marked sent afterwards, so a crash
-between the two is repaired at start by re-sending every run that was never sent.
+Runs and deliveries are created and queued through :mod:`node.workflow.runs` and
+:mod:`node.delivery.deliveries`, the only code that changes their state. The run row is
+committed before the task is sent and marked sent afterwards, so a crash between the two is
+repaired at start by re-sending every run that was never sent.
+
+Each series' first header (what routing rules read) is read once per pass and handed on.
 """
 
 from __future__ import annotations
@@ -24,25 +28,21 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
-from node.catalogue.models import (
-    Delivery,
-    DeliveryState,
-    PipelineRun,
-    RunState,
-    Series,
-    SeriesState,
-)
+from node.catalogue.models import Series, SeriesState
 from node.core.rules import Condition, matches
 from node.core.settings import CompletionSettings
-from node.workflow.routing import Router, facts_for, forward_deliveries
+from node.delivery import deliveries
+from node.workflow import runs
+from node.workflow.routing import Router, facts_for, first_header
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[[int, int], object]  # (run id, priority 0-9)
+Enqueue = runs.Enqueue  # (run id, priority 0-9)
 EnqueueDelivery = Callable[[int], object]
 Verdict = Literal["ready", "wait", "forced", "discard"]
 
@@ -82,6 +82,14 @@ class CompletionWatcher:
         self.poll_seconds = policy.poll_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._headers: dict[int, Dataset | None] = {}
+
+    def _header(self, session: Session, series: Series) -> Dataset | None:
+        """The series' first header, read once per completion pass (rules read it)."""
+        if series.id not in self._headers:
+            assert self.router is not None
+            self._headers[series.id] = first_header(session, self.router.spool_dir, series)
+        return self._headers[series.id]
 
     def complete_quiet_series(self, now: datetime | None = None) -> list[int]:
         """Complete what is ready, handle late instances, send the runs; return run ids."""
@@ -89,6 +97,7 @@ class CompletionWatcher:
         cutoff = now - self.quiet
         run_ids: list[int] = []
         forward_ids: list[int] = []
+        self._headers = {}
         with self.catalogue.session() as session:
             quiet = session.scalars(
                 select(Series)
@@ -107,6 +116,7 @@ class CompletionWatcher:
                     self._complete(session, series, verdict, now, run_ids, forward_ids)
             for series in self._late(session, cutoff):
                 self._late_instances(session, series, now, run_ids, forward_ids)
+        self._headers = {}
         self._send(run_ids)
         if self.enqueue_delivery is not None:
             for delivery_id in forward_ids:
@@ -121,7 +131,10 @@ class CompletionWatcher:
         if not self.required:
             return "ready"
         assert self.router is not None
-        facts = [facts_for(session, self.router.spool_dir, s) for s in siblings]
+        facts = [
+            facts_for(session, self.router.spool_dir, s, header=self._header(session, s))
+            for s in siblings
+        ]
         if all(any(matches(c, f) for f in facts) for c in self.required):
             return "ready"
         first = min(_aware(s.first_received_at) for s in siblings)
@@ -152,18 +165,15 @@ class CompletionWatcher:
             log.info("series %d discarded: required series never arrived", series.id)
             return
         if self.router is not None:
-            decision = self.router.decide(session, series)
+            decision = self.router.decide(session, series, header=self._header(session, series))
             if decision.discard:
                 series.state = SeriesState.DONE
                 log.info("series %d discarded by rule(s) %s", series.id, decision.fired)
                 return
-            forward_ids += forward_deliveries(session, series, decision)
-        key = self.run_key(series)
-        if session.scalar(select(PipelineRun).where(PipelineRun.run_key == key)) is not None:
+            forward_ids += deliveries.create_forwards(session, series.id, decision.forward)
+        run = runs.create(session, series, self.run_key(series))
+        if run is None:
             return
-        run = PipelineRun(series=series, run_key=key, state=RunState.QUEUED)
-        session.add(run)
-        session.flush()
         run_ids.append(run.id)
         log.info("series %d complete (%d instances)", series.id, series.instance_count)
 
@@ -198,25 +208,14 @@ class CompletionWatcher:
         if policy == "append" or (series.routing or {}).get("attributes", {}).get("discard"):
             log.info("series %d: late instances stored (%s)", series.id, policy)
             return
-        runs = sorted(series.runs, key=lambda r: r.id)
         series.state = SeriesState.COMPLETE
         if self.router is not None:
-            decision = self.router.decide(session, series)
-            for delivery in session.scalars(
-                select(Delivery).where(Delivery.series_id == series.id)
-            ):
-                delivery.state, delivery.attempts = DeliveryState.PENDING, 0
-            forward_ids += forward_deliveries(session, series, decision)
-        base = runs[0].run_key if runs else self.run_key(series)
-        run = PipelineRun(
-            series=series,
-            run_key=f"{base}#late{len(runs)}",
-            rerun_of=runs[-1].id if runs else None,
-            requested_by="late-instances",
-            state=RunState.QUEUED,
+            decision = self.router.decide(session, series, header=self._header(session, series))
+            deliveries.reset_forwards(session, series.id)
+            forward_ids += deliveries.create_forwards(session, series.id, decision.forward)
+        run = runs.create_rerun(
+            session, series, "late", "late-instances", first_key=self.run_key(series)
         )
-        session.add(run)
-        session.flush()
         run_ids.append(run.id)
         log.info("series %d: late instances, re-run %d queued", series.id, run.id)
 
@@ -224,13 +223,7 @@ class CompletionWatcher:
         """Send runs committed but never handed to the broker (a crash, or the broker was
         down when they completed: they go as soon as it is back)."""
         with self.catalogue.session() as session:
-            run_ids = list(
-                session.scalars(
-                    select(PipelineRun.id)
-                    .where(PipelineRun.state == RunState.QUEUED)
-                    .where(PipelineRun.enqueued_at.is_(None))
-                )
-            )
+            run_ids = runs.unsent(session)
         self._send(run_ids)
         return run_ids
 
@@ -241,27 +234,13 @@ class CompletionWatcher:
             # Deliveries recorded but never tried (a crash between commit and send). One may
             # also still be in the broker: dispatch skips a delivery that is already sent.
             with self.catalogue.session() as session:
-                pending = list(
-                    session.scalars(
-                        select(Delivery.id)
-                        .where(Delivery.state == DeliveryState.PENDING)
-                        .where(Delivery.attempts == 0)
-                    )
-                )
+                pending = deliveries.never_tried(session)
             for delivery_id in pending:
                 self.enqueue_delivery(delivery_id)
         return run_ids
 
     def _send(self, run_ids: list[int]) -> None:
-        for run_id in run_ids:
-            with self.catalogue.session() as session:
-                run = session.get(PipelineRun, run_id)
-                priority = run.series.priority if run is not None else 0
-            self.enqueue(run_id, priority or 0)
-            with self.catalogue.session() as session:
-                run = session.get(PipelineRun, run_id)
-                if run is not None:
-                    run.enqueued_at = datetime.now(UTC)
+        runs.send(self.catalogue, run_ids, self.enqueue)
 
     def _loop(self) -> None:
         failing = False

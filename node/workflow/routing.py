@@ -1,16 +1,19 @@
 """The router: applies the routing rules (:mod:`node.core.rules`) to series in the catalogue.
 
 It keeps the rule sets (versioned; the newest is in force), builds the facts a rule sees
-from a series' catalogue row and the header of one of its instances, and turns decisions
-into catalogue rows: the series' priority and routing record, and forward deliveries.
-Sending is the dispatch queue's job; the router only records what must be sent.
+from a series' catalogue row and the header of one of its instances, and records decisions
+on the series (its priority and routing record). The forward deliveries a decision asks for
+are created by :mod:`node.delivery.deliveries`; sending them is the dispatch queue's job.
+
+A header is read by whoever holds the series' work (the completion pass, the report stage)
+and handed in, never cached here: a cache keyed by path would go stale when a duplicate
+replaces the file, and would be shared mutable state between threads.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
-from node.catalogue.models import (
-    AuditEvent,
-    Delivery,
-    DeliveryState,
-    Instance,
-    RuleSet,
-    Series,
-)
+from node.catalogue.models import AuditEvent, Instance, RuleSet, Series
 from node.core.rules import Decision, Finding, SeriesFacts, evaluate, parse_rules
 from node.core.rules import RuleSet as Rules
 
@@ -91,19 +87,16 @@ def save_rules(
     return active_rules(catalogue)
 
 
-def _header(spool_dir: Path, session: Session, series: Series) -> Dataset | None:
+def first_header(session: Session, spool_dir: Path, series: Series) -> Dataset | None:
+    """The header of the series' first catalogued instance (the one rules read), or None
+    when it has none or it cannot be read."""
     row = session.scalars(
         select(Instance).where(Instance.series_id == series.id).order_by(Instance.id).limit(1)
     ).first()
     if row is None:
         return None
-    return _read_header(str(spool_dir / row.path))
-
-
-@lru_cache(maxsize=256)
-def _read_header(path: str) -> Dataset | None:
     try:
-        return dcmread(path, stop_before_pixels=True)
+        return dcmread(spool_dir / row.path, stop_before_pixels=True)
     except (OSError, ValueError):
         return None
 
@@ -125,10 +118,20 @@ def findings_for_rules(findings: dict[str, Any] | None) -> list[Finding]:
     return out
 
 
+_UNREAD: Any = object()
+
+
 def facts_for(
-    session: Session, spool_dir: Path, series: Series, findings: list[Finding] | None = None
+    session: Session,
+    spool_dir: Path,
+    series: Series,
+    findings: list[Finding] | None = None,
+    header: Dataset | None = _UNREAD,
 ) -> SeriesFacts:
-    header = _header(spool_dir, session, series)
+    """What a rule sees of ``series``; ``header`` is its first instance's, read here when
+    the caller has not read it already."""
+    if header is _UNREAD:
+        header = first_header(session, spool_dir, series)
 
     def text(keyword: str) -> str | None:
         if header is None:
@@ -174,25 +177,6 @@ def orientation(header: Dataset | None) -> str | None:
     return ("sagittal", "coronal", "axial")[axis]
 
 
-def forward_deliveries(session: Session, series: Series, decision: Decision) -> list[int]:
-    """Create (once) a delivery of the original series to each forward destination; return
-    the ids of those still pending."""
-    ids = []
-    for destination, rule in decision.forward.items():
-        delivery = session.scalar(
-            select(Delivery).where(
-                Delivery.series_id == series.id, Delivery.destination == destination
-            )
-        )
-        if delivery is None:
-            delivery = Delivery(series_id=series.id, destination=destination, rule=rule)
-            session.add(delivery)
-            session.flush()
-        if delivery.state in (None, DeliveryState.PENDING):
-            ids.append(delivery.id)
-    return ids
-
-
 def record(series: Series, decision: Decision) -> None:
     """Keep the decision on the series: the dashboard and the rule tester show it."""
     routing = dict(series.routing or {})
@@ -210,14 +194,20 @@ class Router:
         self.spool_dir = spool_dir
 
     def decide(
-        self, session: Session, series: Series, findings: dict[str, Any] | None = None
+        self,
+        session: Session,
+        series: Series,
+        findings: dict[str, Any] | None = None,
+        header: Dataset | None = _UNREAD,
     ) -> Decision:
-        """Evaluate the rules in force on ``series`` and record the decision on it."""
+        """Evaluate the rules in force on ``series`` and record the decision on it;
+        ``header`` is the series' first header when the caller has read it already."""
         facts = facts_for(
             session,
             self.spool_dir,
             series,
             None if findings is None else findings_for_rules(findings),
+            header,
         )
         decision = evaluate(active_rules(self.catalogue).rules, facts)
         record(series, decision)

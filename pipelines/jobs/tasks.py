@@ -2,6 +2,9 @@
 
 Each task runs one stage and queues the next; tasks are acknowledged late, so a task whose
 worker was killed is redelivered and the stage finishes what was recorded as unfinished.
+Stages claim their work, so a task executed twice works once: the second execution finds
+the work held (and looks again a little later) or done (and queues the next stage, whose
+own claim keeps it from running twice).
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ from celery.signals import worker_ready
 
 from node.core.metrics import STAGE_SECONDS
 from node.core.settings import Settings
-from node.delivery.transport import DispatchError
 from pipelines.jobs.runtime import Runtime
 from pipelines.jobs.stages import (
+    StageBusy,
+    StageFailed,
     analyse,
     dispatch,
     fail_run,
     prepare,
-    record_delivery_failure,
     report,
 )
 
@@ -47,11 +50,23 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         if getattr(sender, "app", None) is app and app.conf.get("curia_load_model", True):
             log.info("model loaded: %s", runtime().backbone.identity.name)
 
-    def run_stage(stage: str, work: Callable[[Runtime, int], T], run_id: int) -> T | None:
-        """One stage of a run, timed; a failure fails the run (recorded, logged): None."""
+    def run_stage(
+        task: Task, stage: str, work: Callable[[Runtime, int], T], run_id: int
+    ) -> T | None:
+        """One stage of a run, timed; a failure fails the run (recorded, logged): None.
+        Held by another execution, the task is sent again to look later: None."""
         try:
             with STAGE_SECONDS.labels(stage).time():
                 return work(runtime(), run_id)
+        except StageBusy as busy:
+            log.info("run %d: %s; looking again in %.0f s", run_id, busy, busy.retry_in)
+            task.apply_async(
+                (run_id,), countdown=busy.retry_in, priority=runtime().priority_of_run(run_id)
+            )
+            return None
+        except StageFailed:
+            log.exception("run %d: %s failed", run_id, stage)
+            return None
         except Exception as exc:
             log.exception("run %d: %s failed", run_id, stage)
             fail_run(runtime(), run_id, f"{type(exc).__name__}: {exc}")
@@ -60,18 +75,18 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     @app.task(name="curia.prepare_series", bind=True, shared=False)
     def prepare_series_task(self: Task, run_id: int) -> None:
         """Decode on a CPU worker, then hand over to inference (a GPU worker, elsewhere)."""
-        if run_stage("prepare", prepare, run_id):
+        if run_stage(self, "prepare", prepare, run_id):
             analyse_series_task.apply_async((run_id,), priority=runtime().priority_of_run(run_id))
 
     @app.task(name="curia.analyse_series", bind=True, shared=False)
     def analyse_series_task(self: Task, run_id: int) -> None:
-        if run_stage("analyse", analyse, run_id):
+        if run_stage(self, "analyse", analyse, run_id):
             write_report_task.apply_async((run_id,), priority=runtime().priority_of_run(run_id))
 
     @app.task(name="curia.write_report", bind=True, shared=False)
     def write_report_task(self: Task, run_id: int) -> None:
-        delivery_ids = run_stage("report", report, run_id)
-        if delivery_ids is None:
+        delivery_ids = run_stage(self, "report", report, run_id)
+        if not delivery_ids:
             return
         priority = runtime().priority_of_run(run_id)
         for delivery_id in delivery_ids:
@@ -87,16 +102,23 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         """
         try:
             with STAGE_SECONDS.labels("dispatch").time():
-                dispatch(runtime(), delivery_id)
-        except (DispatchError, OSError) as exc:
-            attempts, final = record_delivery_failure(
-                runtime(), delivery_id, str(exc), delivery.max_attempts
+                failure = dispatch(runtime(), delivery_id, delivery.max_attempts)
+        except StageBusy as busy:
+            log.info("%s; looking again in %.0f s", busy, busy.retry_in)
+            dispatch_task.apply_async((delivery_id,), countdown=busy.retry_in)
+            return
+        if failure is None:
+            return
+        if failure.final:
+            log.error(
+                "delivery %d dead-lettered after %d attempts: %s",
+                delivery_id,
+                failure.attempts,
+                failure.error,
             )
-            if final:
-                log.error(
-                    "delivery %d dead-lettered after %d attempts: %s", delivery_id, attempts, exc
-                )
-                return
-            delay = delivery.delay(attempts)
-            log.warning("delivery %d failed (%s); retrying in %.1f s", delivery_id, exc, delay)
-            dispatch_task.apply_async((delivery_id,), countdown=delay)
+            return
+        delay = delivery.delay(failure.attempts)
+        log.warning(
+            "delivery %d failed (%s); retrying in %.1f s", delivery_id, failure.error, delay
+        )
+        dispatch_task.apply_async((delivery_id,), countdown=delay)
