@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pipelines.model.backbone import demo_backbone
 from pipelines.model.heads import demo_head
 from pipelines.model.inference import analyse_series
-from pipelines.model.preprocess import prepare_series
+from pipelines.model.prepared import prepare_series
 from tests.testdata import repaired_ct_series
 
 

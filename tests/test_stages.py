@@ -20,7 +20,8 @@ from pipelines.jobs.runtime import Runtime, run_key_for
 from pipelines.jobs.stages import analyse, prepare, prepared_folder, report
 from pipelines.model import preprocess
 from pipelines.model.inference import analyse_series
-from pipelines.model.preprocess import load_prepared, load_series, prepare_series
+from pipelines.model.prepared import load_prepared, prepare_series
+from pipelines.model.preprocess import load_series
 
 
 def _completed_run(tmp_path: Path, *, frame_of_reference: bool = True) -> tuple[Runtime, int]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipelines.findings import Box
-from pipelines.model.preprocess import Reorientation
+from pipelines.model.orientation import Reorientation
 
 #: Share of a slice's patches that may belong to the drawn region.
 TOP_FRACTION = 0.1
@@ -37,9 +37,9 @@ def _strongest_component(scores: np.ndarray) -> np.ndarray:
     """The 4-connected set of top-scoring cells that contains the best cell, as a mask."""
     flat = scores.ravel()
     keep = max(1, math.ceil(TOP_FRACTION * flat.size))
-    strong = np.zeros(flat.size, dtype=bool)
-    strong[np.argsort(-flat, kind="stable")[:keep]] = True  # exactly `keep` cells, ties too
-    strong = strong.reshape(scores.shape)
+    top = np.zeros(flat.size, dtype=bool)
+    top[np.argsort(-flat, kind="stable")[:keep]] = True  # exactly `keep` cells, ties too
+    strong = top.reshape(scores.shape)
     best = np.unravel_index(int(np.argmax(scores)), scores.shape)
     region = np.zeros_like(strong)
     region[best] = True
@@ -82,7 +82,9 @@ def grid_region(
     if side * side != values.size or side == 0:
         raise ValueError(f"{values.size} patch scores do not form a square grid")
     region = _strongest_component(values.reshape(side, side))
-    r0, c0, r1, c1 = mask_box(region)  # never empty: the best cell is in it
+    cells = mask_box(region)
+    assert cells is not None  # never empty: the best cell is in it
+    r0, c0, r1, c1 = cells
     height, width = reorientation.output_shape(*stored_shape)
     cell_h, cell_w = extent * height / side, extent * width / side
     pl = np.zeros((height, width), dtype=bool)
