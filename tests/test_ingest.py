@@ -21,14 +21,16 @@ from sqlalchemy import func, select
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import AuditEvent, Instance, Series, Study
+from node.core.status import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
 from node.core.uids import InvalidUID, is_valid_uid, validate_uid
 from node.store.disk import DiskGuard
 from node.store.ingest import (
-    CANNOT_UNDERSTAND,
-    DATASET_DOES_NOT_MATCH_SOP_CLASS,
     MAX_NESTING,
-    OUT_OF_RESOURCES,
-    SUCCESS,
     Ingestor,
     IngestOutcome,
     InstanceHeader,

@@ -34,11 +34,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from node.core.status import CANNOT_UNDERSTAND
 from node.store.ingest import (
     _ASCII_CHARSETS,
     _HEADER_TAG_SET,
     _HEADER_TAGS,
-    CANNOT_UNDERSTAND,
     InstanceHeader,
     RejectedInstance,
     _quick_header,

@@ -11,6 +11,7 @@ from starlette.requests import ClientDisconnect
 
 from node.catalogue.db import Catalogue
 from node.core.settings import Settings
+from node.core.status import SUCCESS
 from node.dicomweb.common import DICOM_JSON, DICOM_XML, Level, bad_request, checked_uid
 from node.dicomweb.finder import Finder
 from node.dicomweb.multipart import MediaType, MultipartError
@@ -20,7 +21,7 @@ from node.dicomweb.rendering import dicom_json, json_response, json_to_xml, nego
 from node.dicomweb.stow import StowService, StowUpload, stow_answer, stow_status
 from node.dicomweb.wado import StoredObject, locate, metadata, retrieve_response
 from node.store.disk import DiskGuard
-from node.store.ingest import SUCCESS, Ingestor
+from node.store.ingest import Ingestor
 from node.store.spool import Spool
 
 log = logging.getLogger(__name__)

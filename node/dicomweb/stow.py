@@ -23,13 +23,16 @@ from typing import Any
 from fastapi import status
 from pydicom.dataset import Dataset
 
-from node.core.uids import is_valid_uid
-from node.dicomweb.multipart import MediaType, MultipartParser
-from node.store.ingest import (
+from node.core.status import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
     SUCCESS,
+)
+from node.core.uids import is_valid_uid
+from node.dicomweb.multipart import MediaType, MultipartParser
+from node.store.ingest import (
     Ingestor,
     IngestOutcome,
     InstanceHeader,
@@ -42,7 +45,6 @@ from node.store.spool import Spool, StagedFile
 log = logging.getLogger(__name__)
 
 STOW_CALLING_AE = "STOW-RS"
-PROCESSING_FAILURE = 0x0110
 WRITE_CHUNK = 1024 * 1024  # part bytes handed to the writer thread at a time
 SETTLE_WORKERS = 8  # parts written, parsed and fsynced at once as the body streams in
 _ID_NAMES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")

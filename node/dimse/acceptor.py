@@ -42,6 +42,12 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 import node
+from node.core.status import (
+    PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    UNRECOGNISED_OPERATION,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +67,9 @@ ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 
-# DIMSE command fields and statuses (PS3.7 E.1, C)
+# DIMSE command fields, and the Command Data Set Type of a message without one (PS3.7 E.1)
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 NO_DATA_SET = 0x0101
-UNRECOGNISED_OPERATION = 0x0211
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-PROCESSING_FAILURE = 0x0110
 
 SLOW_STORE_SECONDS = 5.0  # a C-STORE handler slower than this is worth a line in the log
 
@@ -114,7 +117,7 @@ class Association:
 
     def count(self, status: int, size: int) -> None:
         self.bytes_received += size
-        if status == 0:
+        if status == SUCCESS:
             self.stored += 1
         else:
             self.failed += 1
@@ -198,7 +201,7 @@ def response(request: dict[int, bytes], status: int, comment: str = "") -> bytes
     for tag in (0x0002, 0x1000):  # Affected SOP Class / Instance UID
         if tag in request:
             elements.append((tag, request[tag]))
-    if comment and status != 0x0000:
+    if comment and status != SUCCESS:
         text = comment.encode("ascii", "replace")[:64]
         elements.append((0x0902, text if len(text) % 2 == 0 else text + b" "))
     return command_set(elements)
@@ -551,7 +554,7 @@ class AssociationAcceptor:
         context = association.contexts[message.context_id]
         status, comment = UNRECOGNISED_OPERATION, ""
         if command == C_ECHO_RQ:
-            status = 0x0000
+            status = SUCCESS
         elif command == C_STORE_RQ:
             status, comment = self._store(association, context, fields, message.fragments)
         self.connection.send_command(

@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.catalogue.models import AssociationRecord
 from node.core.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_FAILURES
 from node.core.settings import DicomSettings, TlsSettings
+from node.core.status import SUCCESS
 from node.dimse.acceptor import Association, Limits, Listener, Refusal, Requestor, StoreRequest
 from node.dimse.allow_list import SourcePolicy
 from node.store.ingest import Ingestor, brief
@@ -106,7 +107,7 @@ class AssociationHandlers:
             association.requestor.calling_ae_title,
             expected_sop_uid=request.sop_instance_uid,
         )
-        if outcome.status == 0:
+        if outcome.status == SUCCESS:
             INSTANCES_RECEIVED.labels("dimse").inc()
             BYTES_RECEIVED.labels("dimse").inc(len(request.data))
         else:

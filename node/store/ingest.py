@@ -38,6 +38,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Instance, Series, Study
+from node.core.status import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
 from node.core.uids import InvalidUID, validate_uid
 from node.store.disk import DiskGuard
 from node.store.spool import Spool, StagedFile, StoredFile
@@ -48,12 +54,6 @@ from node.store.structure import Malformed, Scan, scan
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # instances placed and catalogued in one transaction
-
-# C-STORE statuses (PS3.4 Annex B.2.3 and GG.4)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 
 @dataclass(frozen=True)
