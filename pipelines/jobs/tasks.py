@@ -59,7 +59,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             with STAGE_SECONDS.labels(stage).time():
                 return work(runtime(), run_id)
         except StageBusy as busy:
-            log.info("run %d: %s; looking again in %.0f s", run_id, busy, busy.retry_in)
+            log.info("%s; looking again in %.0f s", busy, busy.retry_in)
             task.apply_async(
                 (run_id,), countdown=busy.retry_in, priority=runtime().priority_of_run(run_id)
             )
