@@ -19,8 +19,8 @@ from benchmarks.prepare import parse_args, sample_series
 from pipelines.model.backbone import demo_backbone
 from pipelines.model.heads import demo_head
 from pipelines.model.inference import analyse_series, analyse_series_and_masks
+from pipelines.model.masks import demo_mask_head, segment_series
 from pipelines.model.prepared import prepare_series
-from pipelines.model.segmentation import demo_mask_head, segment_series
 
 
 def main() -> None:

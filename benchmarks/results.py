@@ -33,16 +33,20 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from node.core.settings import packaged_templates_dir
-from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
-from pipelines.model.preprocess import plan_series
-from pipelines.model.segmentation import (
-    MaskHead,
+from pipelines.findings import (
+    CodeRef,
+    HeadClass,
+    HeadFinding,
+    ModelIdentity,
+    SeriesFindings,
     SeriesMask,
-    build_seg,
-    demo_mask_head,
-    make_series_mask,
 )
-from pipelines.reporting.sr import DeviceIdentity, build_sr, write_sr
+from pipelines.model.masks import MaskHead, demo_mask_head, make_series_mask
+from pipelines.model.preprocess import plan_series
+from pipelines.reporting.document import build_sr
+from pipelines.reporting.files import write_dataset
+from pipelines.reporting.provenance import DeviceIdentity
+from pipelines.reporting.seg import build_seg
 from pipelines.reporting.templates import load_templates
 
 SR_GOAL_S = 1.0
@@ -213,8 +217,8 @@ def main() -> None:
         if args.validate:
             out = root / "out"
             out.mkdir()
-            validate(write_sr(sr_seg, out / "sr.dcm"), sr=True)
-            validate(write_sr(seg, out / "seg.dcm"), sr=False)
+            validate(write_dataset(sr_seg, out / "sr.dcm"), sr=True)
+            validate(write_dataset(seg, out / "seg.dcm"), sr=False)
 
 
 if __name__ == "__main__":

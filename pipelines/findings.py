@@ -7,6 +7,16 @@ They are the contract between the model side (backbone, heads) and the report si
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+#: ``HeadFinding.task`` of a head that produced a mask: its SR group references the
+#: segment of the Segmentation made from that mask instead of standing alone.
+SEGMENTATION_TASK = "segmentation"
+CLASSIFICATION_TASK = "classification"
+#: A regression head's one output is a raw value (in its unit), not a probability.
+REGRESSION_TASK = "regression"
 
 #: A rectangle of a stored image, in pixel indices: (first row, first column, end row, end
 #: column), ends exclusive.
@@ -76,6 +86,61 @@ class SeriesFindings:
     findings: list[HeadFinding] = field(default_factory=list)
     slice_count: int = 0
     sop_instance_uids_sorted: list[str] = field(default_factory=list)
+
+
+class SegmentationError(ValueError):
+    """A mask head package, mask or source set that cannot make a correct Segmentation.
+
+    Raised on both sides (loading a mask head, building its Segmentation), so that one
+    ``except`` covers every reason a mask cannot become a SEG.
+    """
+
+
+@dataclass(frozen=True)
+class SegmentDefinition:
+    """What a mask head's segment is and how it was drawn, as its Segmentation states it.
+
+    A plain copy of the mask head card's fields, so that the report side needs no model
+    code: category and type are CID 7150 / 7151 codes (checked when the card loads),
+    ``threshold`` is the probability the mask was cut at.
+    """
+
+    head_name: str
+    head_version: str
+    label: str
+    category: CodeRef
+    type: CodeRef
+    threshold: float
+    description: str = ""
+
+
+class SegmentSource(Protocol):
+    """The head that made a mask, as the Segmentation needs it (a mask head is one)."""
+
+    @property
+    def segment_definition(self) -> SegmentDefinition: ...
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesMask:
+    """A mask head's result on one series.
+
+    ``mask[i]`` is the mask of the slice ``sop_instance_uids[i]`` (spatial order, as the
+    preprocessing sorts a series), in that slice's stored rows x columns, so it can be a
+    Segmentation frame as it is. ``finding`` is the series-level result for the SR
+    (task :data:`SEGMENTATION_TASK`): present / absent, and the highest pixel probability
+    as the probability that the segment is present.
+    """
+
+    mask: np.ndarray  # bool (slices, rows, columns)
+    sop_instance_uids: tuple[str, ...]
+    series_instance_uid: str
+    model: ModelIdentity
+    finding: HeadFinding
+
+    @property
+    def voxel_count(self) -> int:
+        return int(np.count_nonzero(self.mask))
 
 
 def findings_to_dict(value: SeriesFindings) -> dict:

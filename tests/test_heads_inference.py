@@ -329,7 +329,7 @@ def test_mask_heads_share_the_backbone_pass_of_the_other_heads(
     """One pass over the series feeds the classifier and the mask: same mask as alone."""
     from pipelines.model import inference
     from pipelines.model.inference import analyse_series_and_masks
-    from pipelines.model.segmentation import demo_mask_head, segment_series
+    from pipelines.model.masks import demo_mask_head, segment_series
 
     paths = ct_series(tmp_path, [0.0, 1.0, 2.0, 3.0, 4.0])
     head = big_demo_head(64, seed=5)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 from pydicom import dcmread
 
-from pipelines.reporting.sr import LABEL_SCHEME
+from pipelines.reporting.measurement_groups import LABEL_SCHEME
 from tests.conftest import node_env
 from tests.ohif import OhifServer, fetch_ohif
 from tests.peers import Orthanc, wait_for

@@ -21,20 +21,18 @@ from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, genera
 
 from node.core.settings import packaged_templates_dir
 from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
-from pipelines.reporting.sr import (
-    DEMO_STATEMENT,
-    LABEL_SCHEME,
-    DeviceIdentity,
-    ReportError,
-    build_sr,
-    write_sr,
-)
+from pipelines.reporting.content import DEMO_STATEMENT, ReportError
+from pipelines.reporting.document import build_sr
+from pipelines.reporting.files import write_dataset
+from pipelines.reporting.measurement_groups import LABEL_SCHEME
+from pipelines.reporting.provenance import DeviceIdentity
 from pipelines.reporting.templates import (
     ReportTemplate,
     TemplateError,
     load_template,
     load_templates,
 )
+from pipelines.reporting.uids import derived_uid
 from tests.validators import (
     assert_dcentvfy_clean,
     assert_dciodvfy_clean,
@@ -145,7 +143,7 @@ def written_sr(
     """The demo SR written once for the whole module (validators are slow)."""
     srcs = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct_paths]
     sr = build_sr(srcs, _findings(srcs), templates, device)
-    return write_sr(sr, tmp_path_factory.mktemp("sr") / "sr.dcm")
+    return write_dataset(sr, tmp_path_factory.mktemp("sr") / "sr.dcm")
 
 
 @pytest.fixture(scope="module")
@@ -534,6 +532,64 @@ def test_supersedes_by_uid_is_noted_and_by_dataset_is_a_predecessor(
     assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
+# --- deterministic UIDs --------------------------------------------------------------------
+
+
+def _uids(ds: Dataset) -> tuple[str, str]:
+    return str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def _tracking_uids(sr: Dataset) -> list[str]:
+    tracking = _key(codes.DCM.TrackingUniqueIdentifier)
+    return [str(item.UID) for item in _walk(sr.ContentSequence) if _name(item) == tracking]
+
+
+def test_derived_uids_are_valid_stable_and_keep_key_and_purpose_apart() -> None:
+    uid = derived_uid("run-7:sr:0", "SR series")
+    assert uid == derived_uid("run-7:sr:0", "SR series")
+    assert pydicom.uid.UID(uid).is_valid
+    assert uid != derived_uid("run-7:sr:0", "SR instance")
+    assert derived_uid("ab", "c") != derived_uid("a", "bc")
+
+
+def test_same_uid_key_gives_the_same_sr_uids(
+    sources: list[Dataset], templates: dict[str, ReportTemplate], device: DeviceIdentity
+) -> None:
+    first = build_sr(sources, _findings(sources), templates, device, uid_key="run-7:sr:0")
+    again = build_sr(sources, _findings(sources), templates, device, uid_key="run-7:sr:0")
+    assert _uids(first) == _uids(again)
+    assert len(set(_uids(first))) == 2
+    assert _tracking_uids(first) and _tracking_uids(first) == _tracking_uids(again)
+
+
+def test_different_uid_keys_give_different_sr_uids(
+    sources: list[Dataset], templates: dict[str, ReportTemplate], device: DeviceIdentity
+) -> None:
+    first = build_sr(sources, _findings(sources), templates, device, uid_key="run-7:sr:0")
+    other = build_sr(sources, _findings(sources), templates, device, uid_key="run-7:sr:1")
+    assert set(_uids(first)).isdisjoint(_uids(other))
+    assert set(_tracking_uids(first)).isdisjoint(_tracking_uids(other))
+
+
+def test_without_uid_key_every_sr_gets_random_uids(
+    sources: list[Dataset], templates: dict[str, ReportTemplate], device: DeviceIdentity
+) -> None:
+    first = build_sr(sources, _findings(sources), templates, device)
+    other = build_sr(sources, _findings(sources), templates, device)
+    assert set(_uids(first)).isdisjoint(_uids(other))
+    assert set(_tracking_uids(first)).isdisjoint(_tracking_uids(other))
+
+
+def test_a_given_series_uid_wins_over_the_uid_key(
+    sources: list[Dataset], templates: dict[str, ReportTemplate], device: DeviceIdentity
+) -> None:
+    series = generate_uid()
+    sr = build_sr(
+        sources, _findings(sources), templates, device, series_instance_uid=series, uid_key="k"
+    )
+    assert _uids(sr) == (series, derived_uid("k", "SR instance"))
+
+
 def test_device_identity_is_validated() -> None:
     with pytest.raises(ValueError, match="device_uid"):
         DeviceIdentity(
@@ -589,7 +645,7 @@ def test_binary_head_reports_presence(
     # drawn for viewers: the positive class's probability, whatever the prediction
     assert label.ConceptNameCodeSequence[0].CodeMeaning == "nodule probability"
     assert float(label.MeasuredValueSequence[0].NumericValue) == pytest.approx(70.0)
-    out = write_sr(sr, tmp_path / "nodule-sr.dcm")
+    out = write_dataset(sr, tmp_path / "nodule-sr.dcm")
     assert_dciodvfy_clean(out)
     assert_dsrdump_clean(out)
 
@@ -741,7 +797,7 @@ def test_regression_head_is_reported_as_a_numeric_value(
         slice_count=len(sources),
         sop_instance_uids_sorted=[str(ds.SOPInstanceUID) for ds in sources],
     )
-    path = write_sr(
+    path = write_dataset(
         build_sr(sources, findings, {"brain-age": template}, device), tmp_path / "r.dcm"
     )
     nums = [i for i in _walk(list(pydicom.dcmread(path).ContentSequence)) if i.ValueType == "NUM"]

@@ -27,15 +27,20 @@ from pydicom.uid import SegmentationStorage, generate_uid
 from torch import nn
 
 from node.core.settings import packaged_templates_dir
-from pipelines.findings import CodeRef, HeadClass, HeadFinding, ModelIdentity, SeriesFindings
+from pipelines.findings import (
+    SEGMENTATION_TASK,
+    CodeRef,
+    HeadClass,
+    HeadFinding,
+    ModelIdentity,
+    SegmentationError,
+    SeriesFindings,
+    SeriesMask,
+)
 from pipelines.model.backbone import CURIA_TINY, Backbone, demo_backbone
-from pipelines.model.preprocess import Reorientation, plan_series
-from pipelines.model.segmentation import (
+from pipelines.model.masks import (
     PRESENT_CLASS,
     MaskHead,
-    SegmentationError,
-    SeriesMask,
-    build_seg,
     demo_mask_head,
     load_mask_head,
     make_series_mask,
@@ -43,18 +48,15 @@ from pipelines.model.segmentation import (
     segment_series,
     to_stored_orientation,
 )
-from pipelines.reporting.sr import (
-    DEMO_STATEMENT,
-    LABEL_SCHEME,
-    SEGMENTATION_TASK,
-    DeviceIdentity,
-    ReportError,
-    algorithm_name,
-    build_sr,
-    split_findings,
-    write_sr,
-)
+from pipelines.model.preprocess import Reorientation, plan_series
+from pipelines.reporting.content import DEMO_STATEMENT, ReportError
+from pipelines.reporting.document import build_sr, split_findings
+from pipelines.reporting.files import write_dataset
+from pipelines.reporting.measurement_groups import LABEL_SCHEME
+from pipelines.reporting.provenance import DeviceIdentity, algorithm_name
+from pipelines.reporting.seg import build_seg
 from pipelines.reporting.templates import ReportTemplate, load_templates
+from pipelines.reporting.uids import derived_uid
 from tests.validators import (
     assert_dcentvfy_clean,
     assert_dciodvfy_clean,
@@ -376,7 +378,7 @@ def seg(series: list[Path], series_mask: SeriesMask, device: DeviceIdentity) -> 
 
 @pytest.fixture(scope="module")
 def seg_path(seg: hd.seg.Segmentation, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_sr(seg, tmp_path_factory.mktemp("seg-out") / "seg.dcm")
+    return write_dataset(seg, tmp_path_factory.mktemp("seg-out") / "seg.dcm")
 
 
 def test_seg_frames_are_the_non_empty_slices_on_their_sources(
@@ -445,6 +447,31 @@ def test_seg_refuses_sources_that_are_not_the_masked_series(
         build_seg(_headers(series), series_mask, other, device)
 
 
+def test_seg_uids_follow_the_uid_key(
+    series: list[Path], series_mask: SeriesMask, device: DeviceIdentity
+) -> None:
+    head = _bright_patch_head()
+
+    def built(key: str | None) -> tuple[str, str, str]:
+        seg = build_seg(_headers(series), series_mask, head, device, uid_key=key)
+        tracking = str(seg.SegmentSequence[0].TrackingUID)
+        return str(seg.SeriesInstanceUID), str(seg.SOPInstanceUID), tracking
+
+    first = built("run-7:seg:demo-region-mask")
+    assert built("run-7:seg:demo-region-mask") == first
+    assert len(set(first)) == 3
+    assert set(first).isdisjoint(built("run-7:seg:other"))
+    assert set(built(None)).isdisjoint(built(None))
+
+
+def test_an_sr_and_a_seg_of_one_key_do_not_share_uids(
+    series: list[Path], series_mask: SeriesMask, device: DeviceIdentity
+) -> None:
+    seg = build_seg(_headers(series), series_mask, _bright_patch_head(), device, uid_key="k")
+    assert str(seg.SOPInstanceUID) != derived_uid("k", "SR instance")
+    assert str(seg.SeriesInstanceUID) != derived_uid("k", "SR series")
+
+
 def test_dciodvfy_accepts_the_seg(seg_path: Path) -> None:
     assert_dciodvfy_clean(seg_path)
 
@@ -480,7 +507,7 @@ def sr_path(
     sr = build_sr(
         _headers(series), _findings(series_mask), templates, device, segmentations=[seg_header]
     )
-    return write_sr(sr, tmp_path_factory.mktemp("sr") / "sr.dcm")
+    return write_dataset(sr, tmp_path_factory.mktemp("sr") / "sr.dcm")
 
 
 def test_sr_group_references_the_segment(sr_path: Path, seg: hd.seg.Segmentation) -> None:
@@ -622,10 +649,10 @@ def test_real_ct_seg_and_sr_pass_the_validators(
     result = segment_series(ct_series, backbone, head, batch_size=10)
     assert result.mask.shape == (20, 512, 512)
     sources = _headers(ct_series)
-    seg_file = write_sr(build_seg(sources, result, head, device), tmp_path / "seg.dcm")
+    seg_file = write_dataset(build_seg(sources, result, head, device), tmp_path / "seg.dcm")
     seg_header = pydicom.dcmread(seg_file, stop_before_pixels=True)
     sr = build_sr(sources, _findings(result), templates, device, segmentations=[seg_header])
-    sr_file = write_sr(sr, tmp_path / "sr.dcm")
+    sr_file = write_dataset(sr, tmp_path / "sr.dcm")
     assert_dciodvfy_clean(seg_file)
     assert_dciodvfy_clean(sr_file)
     assert_dsrdump_clean(sr_file)
@@ -658,4 +685,4 @@ def test_empty_mask_reports_absent_and_still_makes_a_valid_seg(
         if i.ConceptNameCodeSequence[0].CodeValue == "85756007"
     ]
     assert evaluation[0].ConceptCodeSequence[0].CodeValue == codes.SCT.Absent.value
-    assert_dciodvfy_clean(write_sr(seg, tmp_path / "seg.dcm"))
+    assert_dciodvfy_clean(write_dataset(seg, tmp_path / "seg.dcm"))

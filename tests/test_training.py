@@ -383,7 +383,7 @@ def test_divergence_is_reported() -> None:
 
 def test_list_shows_mask_heads_and_broken_packages(tmp_path: Path) -> None:
     from pipelines.model.heads import demo_head, save_head
-    from pipelines.model.segmentation import demo_mask_head, save_mask_head
+    from pipelines.model.masks import demo_mask_head, save_mask_head
 
     save_head(demo_head(64), tmp_path / "region")
     save_mask_head(demo_mask_head(64), tmp_path / "mask")

@@ -322,7 +322,7 @@ def _head_row(head: Head) -> list[str]:
 
 def _mask_row(package: Path) -> list[str]:
     """A mask head (task segmentation) shares the package layout; show it alongside."""
-    from pipelines.model.segmentation import load_mask_head
+    from pipelines.model.masks import load_mask_head
 
     card = load_mask_head(package).card
     return [
@@ -356,8 +356,8 @@ def list_heads(
     ] = None,
 ) -> None:
     """Show the installed heads: name, version, task, classes, backbone, demo flag."""
+    from pipelines.findings import SegmentationError
     from pipelines.model.heads import CARD_FILE, HeadError, demo_head
-    from pipelines.model.segmentation import SegmentationError
 
     table = Table(title="heads", box=box.SIMPLE_HEAD)
     for column in ("name", "version", "task / pooling", "classes", "backbone", "demo"):

@@ -28,8 +28,8 @@ from node.workflow.routing import Router
 if TYPE_CHECKING:
     from pipelines.model.backbone import Backbone
     from pipelines.model.heads import Head
-    from pipelines.model.segmentation import MaskHead
-    from pipelines.reporting.sr import DeviceIdentity
+    from pipelines.model.masks import MaskHead
+    from pipelines.reporting.provenance import DeviceIdentity
     from pipelines.reporting.templates import ReportTemplate
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class Runtime:
     @cached_property
     def mask_heads(self) -> list[MaskHead]:
         """Heads that produce masks (and so a SEG); the demo one goes with the demo heads."""
-        from pipelines.model.segmentation import demo_mask_head, load_mask_head
+        from pipelines.model.masks import demo_mask_head, load_mask_head
 
         model = self.settings.model
         if model.mask_heads_dir is not None:
@@ -157,7 +157,7 @@ class Runtime:
 
     @cached_property
     def device_identity(self) -> DeviceIdentity:
-        from pipelines.reporting.sr import DeviceIdentity
+        from pipelines.reporting.provenance import DeviceIdentity
 
         identity = self.settings.identity
         return DeviceIdentity(

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.findings import HeadFinding, SeriesFindings
+from pipelines.findings import HeadFinding, SeriesFindings, SeriesMask
 from pipelines.model.backbone import Backbone
 from pipelines.model.heads import Head
 from pipelines.model.key_region import grid_region
+from pipelines.model.masks import MaskAccumulator, MaskHead
 from pipelines.model.preprocess import (
     PreparedSeries,
     SeriesPlan,
@@ -37,7 +38,6 @@ from pipelines.model.preprocess import (
     series_source,
     subset,
 )
-from pipelines.model.segmentation import MaskAccumulator, MaskHead, SeriesMask
 
 log = logging.getLogger(__name__)
 

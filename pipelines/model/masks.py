@@ -1,10 +1,9 @@
-"""Mask heads on Curia's patch tokens, and the DICOM Segmentation their masks become.
+"""Mask heads on Curia's patch tokens, and the series masks they infer.
 
 A mask head is a linear layer applied to every patch token (32 x 32 per 512 x 512 slice),
 giving a probability per patch. Upsampled to the slice and thresholded, that is a mask a
-viewer can overlay, so it goes back to the archive as a BINARY DICOM Segmentation (the
-most widely displayed type), and the SR references its segment (see
-``pipelines.reporting.sr.build_sr``).
+viewer can overlay: the report side turns it into a BINARY DICOM Segmentation
+(:func:`pipelines.reporting.seg.build_seg`) that the SR references.
 
 Curia sees every slice in its PL layout, but a Segmentation frame must match the stored
 source pixels, so each mask is turned back to the stored orientation before anything
@@ -15,30 +14,33 @@ cards are validated on load, as heads.py does, so a bad package fails at start-u
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import math
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import highdicom as hd
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from pipelines.findings import HeadClass, HeadFinding, ModelIdentity
+from pipelines.findings import (
+    SEGMENTATION_TASK,
+    HeadClass,
+    HeadFinding,
+    ModelIdentity,
+    SegmentationError,
+    SegmentDefinition,
+    SeriesMask,
+)
 from pipelines.model.backbone import Backbone
 from pipelines.model.heads import BIAS_KEY, CARD_FILE, WEIGHT_KEY, WEIGHTS_FILE, CodeCard
 from pipelines.model.key_region import mask_box
@@ -51,26 +53,14 @@ from pipelines.model.preprocess import (
     preprocess_slices,
     series_source,
 )
-from pipelines.reporting.sr import (
-    DEMO_STATEMENT,
-    SEGMENTATION_TASK,
-    DeviceIdentity,
-    algorithm_name,
-    algorithm_version,
-    ihe_air_equipment,
-    prepare_sources,
-    result_series_description,
-)
 
 __all__ = [
     "ABSENT_CLASS",
     "PRESENT_CLASS",
+    "MaskAccumulator",
     "MaskHead",
     "MaskHeadCard",
     "SegmentCard",
-    "SegmentationError",
-    "SeriesMask",
-    "build_seg",
     "demo_mask_head",
     "load_mask_head",
     "make_series_mask",
@@ -86,11 +76,6 @@ PRESENT_CLASS = "present"
 
 _LO_MAX = 64
 _ST_MAX = 1024
-_DEMO_LABEL_SUFFIX = " (DEMO)"
-
-
-class SegmentationError(ValueError):
-    """A mask head package, mask or source set that cannot make a correct Segmentation."""
 
 
 @functools.cache
@@ -183,6 +168,20 @@ class MaskHead:
     @property
     def name(self) -> str:
         return self.card.name
+
+    @property
+    def segment_definition(self) -> SegmentDefinition:
+        """The card's segment as the Segmentation states it (plain values, no model code)."""
+        card = self.card
+        return SegmentDefinition(
+            head_name=card.name,
+            head_version=card.version,
+            label=card.segment.label,
+            category=card.segment.category.to_ref(),
+            type=card.segment.type.to_ref(),
+            threshold=card.threshold,
+            description=card.segment.description,
+        )
 
     def check_hidden_size(self, hidden_size: int) -> None:
         """Refuse a backbone of another width: its tokens would be meaningless here."""
@@ -334,28 +333,6 @@ def to_stored_orientation(reorientation: Reorientation, pixels: np.ndarray) -> n
     return reorientation.undo(pixels)
 
 
-@dataclass(frozen=True, eq=False)
-class SeriesMask:
-    """A mask head's result on one series.
-
-    ``mask[i]`` is the mask of the slice ``sop_instance_uids[i]`` (spatial order, as the
-    preprocessing sorts a series), in that slice's stored rows x columns, so it can be a
-    Segmentation frame as it is. ``finding`` is the series-level result for the SR
-    (task :data:`~pipelines.reporting.sr.SEGMENTATION_TASK`): present / absent, and the highest
-    pixel probability as the probability that the segment is present.
-    """
-
-    mask: np.ndarray  # bool (slices, rows, columns)
-    sop_instance_uids: tuple[str, ...]
-    series_instance_uid: str
-    model: ModelIdentity
-    finding: HeadFinding
-
-    @property
-    def voxel_count(self) -> int:
-        return int(np.count_nonzero(self.mask))
-
-
 def _present_absent() -> tuple[HeadClass, HeadClass]:
     return (
         HeadClass(name=ABSENT_CLASS, code=_code_card(codes.SCT.Absent).to_ref()),
@@ -477,145 +454,3 @@ def segment_series(
         )
         accumulator.add(indices, backbone.tokens(batch))
     return accumulator.result()
-
-
-# --- DICOM Segmentation --------------------------------------------------------------------
-
-
-def _in_mask_order(sources: Sequence[Dataset], mask: SeriesMask) -> list[Dataset]:
-    """The sources in the mask's slice order: frame i of the SEG must be slice i."""
-    by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in sources}
-    missing = [uid for uid in mask.sop_instance_uids if uid not in by_uid]
-    if missing:
-        raise SegmentationError(
-            f"{len(missing)} slice(s) of the mask have no source instance, e.g. {missing[0]}"
-        )
-    extra = set(by_uid) - set(mask.sop_instance_uids)
-    if extra or len(sources) != len(mask.sop_instance_uids):
-        raise SegmentationError(
-            f"{len(sources)} sources for a mask of {len(mask.sop_instance_uids)} slices: "
-            "pass exactly the series the mask was made from"
-        )
-    return [by_uid[uid] for uid in mask.sop_instance_uids]
-
-
-def _check_geometry(ordered: Sequence[Dataset], mask: SeriesMask) -> None:
-    if mask.mask.ndim != 3 or mask.mask.shape[0] != len(ordered):
-        raise SegmentationError(
-            f"mask shape {mask.mask.shape} does not match {len(ordered)} source slices"
-        )
-    for ds in ordered:
-        if (int(ds.Rows), int(ds.Columns)) != mask.mask.shape[1:]:
-            raise SegmentationError(
-                f"source {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns} but the mask is "
-                f"{mask.mask.shape[1]}x{mask.mask.shape[2]}"
-            )
-
-
-def _demo_label(label: str) -> str:
-    """The segment label with a demo marker, unless it already says demo."""
-    if "demo" in label.lower():
-        return label
-    return label[: _LO_MAX - len(_DEMO_LABEL_SUFFIX)] + _DEMO_LABEL_SUFFIX
-
-
-def _segment_description(
-    mask: SeriesMask, mask_head: MaskHead, device: DeviceIdentity
-) -> hd.seg.SegmentDescription:
-    """The one segment: coded category/type, AUTOMATIC, the algorithm as the SR names it."""
-    card = mask_head.card
-    demo = mask.finding.demo
-    parameters = {"threshold": f"{card.threshold:g}"}
-    if mask.model.weights_digest:
-        parameters["backbone weights digest"] = mask.model.weights_digest
-    if demo:
-        parameters["weights"] = "demo (random, untrained); not for diagnosis"
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label=_demo_label(card.segment.label) if demo else card.segment.label,
-        segmented_property_category=hd.sr.CodedConcept(
-            value=card.segment.category.value,
-            scheme_designator=card.segment.category.scheme,
-            meaning=card.segment.category.meaning,
-        ),
-        segmented_property_type=hd.sr.CodedConcept(
-            value=card.segment.type.value,
-            scheme_designator=card.segment.type.scheme,
-            meaning=card.segment.type.meaning,
-        ),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=algorithm_name(mask.model, card.name),
-            family=codes.cid7162.ArtificialIntelligence,
-            version=algorithm_version(mask.model, card.version),
-            source=device.manufacturer,
-            parameters=parameters,
-        ),
-        tracking_uid=generate_uid(),
-        tracking_id=card.segment.label,
-    )
-    text = card.segment.description
-    if demo and DEMO_STATEMENT not in text:
-        text = f"{DEMO_STATEMENT} {text}".strip()
-    if text:
-        segment.SegmentDescription = text[:_ST_MAX]
-    return segment
-
-
-def build_seg(
-    sources: Sequence[Dataset],
-    mask: SeriesMask,
-    mask_head: MaskHead,
-    device: DeviceIdentity,
-    *,
-    series_number: int = 9902,
-    instance_number: int = 1,
-    series_description: str = "Curia AI segmentation",
-    workers: int | Executor = 0,
-) -> hd.seg.Segmentation:
-    """A BINARY Segmentation of ``mask`` over its series, in the source study.
-
-    ``sources`` are the series' instances; headers (``stop_before_pixels``) are enough and
-    they are never changed. They are put in the mask's spatial order so that mask slice i
-    is paired with source i (highdicom then orders the frames along its own axis, each
-    frame referencing its source slice). Empty frames are left out; when every frame is
-    empty highdicom keeps them all, as a Segmentation needs frames. ``workers`` goes to
-    highdicom, which uses it to compress frames (a number of processes, or a reused
-    executor); BINARY frames are bit-packed and stored uncompressed here, so the default
-    of none is the fast choice.
-    """
-    if mask.finding.head_name != mask_head.name:
-        raise SegmentationError(
-            f"mask was made by head {mask.finding.head_name!r}, not {mask_head.name!r}"
-        )
-    ordered = _in_mask_order(sources, mask)
-    _check_geometry(ordered, mask)
-    prepared = prepare_sources(ordered)
-    demo = mask.finding.demo
-    content = f"{mask_head.name} mask" + (" - DEMO, NOT FOR DIAGNOSIS" if demo else "")
-    seg = hd.seg.Segmentation(
-        source_images=prepared,
-        pixel_array=mask.mask,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(mask, mask_head, device)],
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=instance_number,
-        manufacturer=device.manufacturer,
-        manufacturer_model_name=device.model_name,
-        software_versions=device.software_version,
-        # The node has no hardware serial number; its device UID identifies it uniquely.
-        device_serial_number=device.device_uid,
-        institution_name=device.institution_name,
-        content_label="CURIA_MASK",
-        content_description=content[:_LO_MAX],
-        series_description=result_series_description(series_description, demo),
-        omit_empty_frames=True,
-        workers=workers,
-    )
-    seg.DeviceUID = device.device_uid
-    equipment = list(seg.get("ContributingEquipmentSequence") or [])
-    equipment.append(ihe_air_equipment(device, datetime.datetime.now(), "AI segmentation results"))
-    seg.ContributingEquipmentSequence = equipment
-    return seg
