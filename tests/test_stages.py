@@ -57,6 +57,23 @@ def test_series_without_frame_of_reference_gets_an_sr_but_no_seg(tmp_path: Path)
         assert [f["head_name"] for f in run.findings["findings"]] == ["body-region"]
 
 
+def test_stages_executed_again_record_nothing_new(tmp_path: Path) -> None:
+    """A redelivered task finds its stage done: no second analysis, SR or result row."""
+    runtime, run_id = _completed_run(tmp_path)
+    assert prepare(runtime, run_id) and analyse(runtime, run_id)
+    with runtime.catalogue.session() as session:
+        inferred = session.get(PipelineRun, run_id).inferred_at
+    assert prepare(runtime, run_id), "past the prepare stage: go on"
+    assert analyse(runtime, run_id), "analysed already: go on to the report"
+    assert report(runtime, run_id) == [] and report(runtime, run_id) == []
+    with runtime.catalogue.session() as session:
+        run = session.get(PipelineRun, run_id)
+        parts = sorted((r.kind, r.part) for r in run.results)
+        assert run.inferred_at == inferred and run.state.value == "succeeded"
+    assert parts == [("seg", "demo-region-mask"), ("sr", "0"), ("sr", "1")]
+    assert len(list(runtime.settings.results_dir.rglob("*.dcm"))) == 3
+
+
 def test_inference_reads_what_the_prepare_stage_decoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

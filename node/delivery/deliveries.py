@@ -107,18 +107,6 @@ def create_for_results(
     return ids
 
 
-def pending_for_run(session: Session, run_id: int) -> list[int]:
-    """Ids of the run's result deliveries not sent yet (pending), oldest first."""
-    return list(
-        session.scalars(
-            select(Delivery.id)
-            .join(Result, Delivery.result_id == Result.id)
-            .where(Result.run_id == run_id, Delivery.state == DeliveryState.PENDING)
-            .order_by(Delivery.id)
-        )
-    )
-
-
 def all_sent(session: Session, run_id: int) -> bool:
     """Whether every delivery of the run's results has been sent (true when it has none)."""
     unsent = session.scalar(
