@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from tests.peers import NodeProcess, Orthanc, free_port, wait_for
-from tests.testdata import repaired_ct_series
+from tests.support.peers import NodeProcess, Orthanc, free_port, wait_for
+from tests.support.testdata import repaired_ct_series
 
 
 def main() -> None:

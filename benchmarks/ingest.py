@@ -30,7 +30,7 @@ from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
 from node.store.ingest import Ingestor
 from node.store.spool import Spool, write_durably
-from tests.peers import free_port, port_open, wait_for
+from tests.support.peers import free_port, port_open, wait_for
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from benchmarks.ingest import write_series
-from tests.peers import NodeProcess, Orthanc, free_port, wait_for
+from tests.support.peers import NodeProcess, Orthanc, free_port, wait_for
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

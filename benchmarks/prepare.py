@@ -23,7 +23,7 @@ from pipelines.model.backbone import demo_backbone
 from pipelines.model.heads import demo_head
 from pipelines.model.inference import analyse_series
 from pipelines.model.prepared import prepare_series
-from tests.testdata import repaired_ct_series
+from tests.support.testdata import repaired_ct_series
 
 
 def sample_series(folder: Path, copies: int) -> tuple[list[Path], str]:

@@ -26,7 +26,7 @@ import httpx
 from fastapi import FastAPI
 
 from benchmarks.ingest import write_series
-from tests.peers import Orthanc, free_port, port_open, wait_for
+from tests.support.peers import Orthanc, free_port, port_open, wait_for
 
 TOKEN = "benchmark-token"
 

@@ -35,7 +35,7 @@ from node.dimse.allow_list import SourcePolicy, add_source
 from node.dimse.listener import start_listener
 from node.store.ingest import Ingestor
 from node.store.spool import Spool
-from tests.peers import free_port, wait_for
+from tests.support.peers import free_port, wait_for
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 

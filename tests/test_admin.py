@@ -16,7 +16,7 @@ from node.core.settings import Settings
 from node.delivery.destinations import get_destination
 from node.web.app import api_token, create_api
 from node.web.tokens import create_token, revoke_token
-from tests.peers import Orthanc, free_port
+from tests.support.peers import Orthanc, free_port
 
 
 @pytest.fixture

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import production_env
-from tests.peers import Orthanc, port_open, wait_for
-from tests.test_delivery import _send
-from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
-from tests.test_worker_faults import _runs
+from tests.support.broker import delete_queues
+from tests.support.env import production_env
+from tests.support.node_api import runs_of
+from tests.support.peers import Orthanc, port_open, wait_for
+from tests.support.results import EXPECTED, download_results
+from tests.support.storescu import send_to_node
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -35,17 +36,17 @@ def test_studies_received_while_rabbitmq_is_down_are_processed_when_it_returns(
     _rabbitmqctl("stop_app")
     try:
         wait_for(lambda: not port_open(5672), 60, "RabbitMQ did not stop")
-        _send(node, ct_series)  # storescu fails unless every instance got Success
+        send_to_node(node, ct_series)  # storescu fails unless every instance got Success
         wait_for(lambda: "completion check failed" in node.log(), 60, "the node noticed the outage")
-        assert [r["state"] for r in _runs(node)] == ["queued"], "recorded, waiting to be sent"
+        assert [r["state"] for r in runs_of(node)] == ["queued"], "recorded, waiting to be sent"
     finally:
         _rabbitmqctl("start_app")
     wait_for(lambda: port_open(5672), 60, "RabbitMQ did not come back")
     try:
         study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
         download_results(orthanc, study_uid, tmp_path / "results", EXPECTED)
-        wait_for(lambda: _runs(node)[0]["state"] == "succeeded", 120, "the run did not finish")
-        assert len(_runs(node)) == 1
+        wait_for(lambda: runs_of(node)[0]["state"] == "succeeded", 120, "the run did not finish")
+        assert len(runs_of(node)) == 1
         assert "completion checks work again" in node.log()
     finally:
-        _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
+        delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])

@@ -29,9 +29,9 @@ from node.catalogue.models import (
 from node.core.settings import Settings
 from node.web.app import api_token, create_api
 from node.web.tokens import create_token
-from tests.conftest import node_env
-from tests.peers import VENV_BIN, Orthanc, free_port
-from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
+from tests.support.env import node_env
+from tests.support.peers import VENV_BIN, Orthanc, free_port
+from tests.support.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 ACCESSION = "ACC-4711"

@@ -15,11 +15,12 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
-from tests.conftest import production_env
-from tests.peers import NodeProcess, Orthanc, port_open, wait_for
-from tests.test_delivery import _send
-from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
-from tests.test_worker_faults import _runs
+from tests.support.broker import delete_queues
+from tests.support.env import production_env
+from tests.support.node_api import runs_of
+from tests.support.peers import NodeProcess, Orthanc, port_open, wait_for
+from tests.support.results import EXPECTED, download_results
+from tests.support.storescu import send_to_node
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -68,10 +69,10 @@ def test_no_success_while_the_catalogue_is_down_and_recovery_without_restart(
         _cluster("start")
     wait_for(lambda: port_open(5432), 60, "PostgreSQL did not come back")
     try:
-        _send(node, ct_series)  # the sender retries the whole study: every instance Success
+        send_to_node(node, ct_series)  # the sender retries the whole study: every instance Success
         study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
         download_results(orthanc, study_uid, tmp_path / "results", EXPECTED)
-        wait_for(lambda: _runs(node)[0]["state"] == "succeeded", 120, "the run did not finish")
-        assert len(_runs(node)) == 1
+        wait_for(lambda: runs_of(node)[0]["state"] == "succeeded", 120, "the run did not finish")
+        assert len(runs_of(node)) == 1
     finally:
-        _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
+        delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])

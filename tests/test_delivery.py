@@ -14,23 +14,15 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import node_env
-from tests.peers import VENV_BIN, NodeProcess, Orthanc, free_port, wait_for
+from tests.support.env import node_env
+from tests.support.peers import VENV_BIN, NodeProcess, Orthanc, free_port, wait_for
+from tests.support.storescu import send_to_node as _send
 
 
 def _sr_series(orthanc: Orthanc, study_uid: str) -> list[dict]:
     return [
         s for s in orthanc.series_of_study(study_uid) if s["MainDicomTags"].get("Modality") == "SR"
     ]
-
-
-def _send(node: NodeProcess, files: list[Path]) -> None:
-    subprocess.run(
-        ["storescu", "-aec", "CURIA", "-xv", "127.0.0.1", str(node.dicom_port), *map(str, files)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        check=True,
-        capture_output=True,
-    )
 
 
 def _deliveries(node: NodeProcess, state: str | None = None) -> list[dict]:

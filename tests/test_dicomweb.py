@@ -6,25 +6,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import threading
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from xml.etree.ElementTree import fromstring
 
 import httpx
 import pytest
-import uvicorn
-from dicomweb_client import DICOMwebClient
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.catalogue.db import Catalogue, upgrade
@@ -36,95 +31,15 @@ from node.dicomweb.rendering import json_to_xml
 from node.dicomweb.stow import WRITE_CHUNK, PartOutcome, StowUpload, stow_answer
 from node.store.ingest import RejectedInstance
 from node.store.spool import STAGING_DIR, Spool
-from node.web.app import api_token, create_api
-from tests.peers import Orthanc, free_port, wait_for
-from tests.testdata import TEST_PATIENT_ID
-
-STOW_TYPE = 'multipart/related; type="application/dicom"; boundary={}'
-BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-
-
-@dataclass
-class RunningNode:
-    """The node's HTTP API served by uvicorn on a free port, with its catalogue."""
-
-    url: str
-    token: str
-    settings: Settings
-    catalogue: Catalogue
-
-    @property
-    def dicomweb(self) -> str:
-        return f"{self.url}/dicom-web"
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def client(self) -> DICOMwebClient:
-        return DICOMwebClient(self.dicomweb, headers=self.auth)
-
-    def catalogued(self, sop_uids: list[str]) -> dict[str, Instance]:
-        with self.catalogue.session() as session:
-            rows = session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sop_uids)))
-            return {row.sop_instance_uid: row for row in rows}
-
-    def stow(self, parts: list[bytes], path: str = "/studies", **headers: str) -> httpx.Response:
-        boundary = uuid.uuid4().hex
-        return httpx.post(
-            self.dicomweb + path,
-            content=multipart_body(parts, boundary),
-            headers={"Content-Type": STOW_TYPE.format(boundary), **self.auth, **headers},
-            timeout=60,
-        )
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-api", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, 15, "uvicorn did not start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-@contextmanager
-def running_node(root: Path, database_url: str | None = None) -> Iterator[RunningNode]:
-    """The real API app (``create_api``) over a fresh data folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("CURIA_CONFIG", raising=False)
-        settings = Settings(data_dir=root, database_url=database_url)
-    settings.ensure_dirs()
-    upgrade(settings.effective_database_url)
-    catalogue = Catalogue(settings.effective_database_url)
-    try:
-        with serving(create_api(settings, catalogue)) as url:
-            if httpx.get(f"{url}/dicom-web/studies").status_code == 404:
-                pytest.fail("node/api.py does not include the DICOMweb router (node.dicomweb)")
-            yield RunningNode(url, api_token(settings), settings, catalogue)
-    finally:
-        catalogue.dispose()
+from tests.support.api_server import STOW_TYPE, RunningNode, multipart_body, running_node
+from tests.support.peers import Orthanc
+from tests.support.testdata import BASIC_TEXT_SR, TEST_PATIENT_ID, make_sr
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
     with running_node(tmp_path_factory.mktemp("node")) as running:
         yield running
-
-
-def multipart_body(parts: list[bytes], boundary: str, close: bool = True) -> bytes:
-    body = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
-        for part in parts
-    )
-    return body + (f"--{boundary}--\r\n".encode() if close else b"")
 
 
 def sop_uid(path: Path) -> str:
@@ -268,22 +183,6 @@ def test_includefield_and_fuzzymatching(node: RunningNode, ct_series: list[Path]
     assert "7FE00010" not in everything[0], "never the pixel data"
     fuzzy = httpx.get(studies, params={**query, "fuzzymatching": "true"}, headers=node.auth)
     assert fuzzy.status_code == 200 and "fuzzy" in fuzzy.headers["warning"]
-
-
-def make_sr(study_uid: str, path: Path) -> Dataset:
-    """A small text SR such as the node writes for a study."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = BASIC_TEXT_SR
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
-    ds.Modality, ds.SeriesDescription, ds.SeriesNumber = "SR", "Curia AI results", 99
-    ds.PatientID, ds.InstanceNumber = TEST_PATIENT_ID, 1
-    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return ds
 
 
 def test_results_are_listed_with_their_study(node: RunningNode, ct_series: list[Path]) -> None:

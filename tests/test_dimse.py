@@ -27,9 +27,9 @@ from node.dimse.listener import start_listener
 from node.store.disk import DiskGuard
 from node.store.ingest import Ingestor
 from node.store.spool import Spool
-from tests.conftest import require_tool
-from tests.peers import free_port, wait_for
-from tests.testdata import repaired_ct_series, totalseg_ct_dir
+from tests.support.env import require_tool
+from tests.support.peers import free_port, wait_for
+from tests.support.testdata import repaired_ct_series, totalseg_ct_dir
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -221,7 +221,7 @@ def test_every_association_is_recorded_without_patient_data(
 
 def _tls_listener(tmp_path: Path, require_client_cert: bool):
     from node.core.settings import TlsSettings
-    from tests.tls import make_pki
+    from tests.support.tls import make_pki
 
     pki = make_pki(tmp_path / "pki")
     url = f"sqlite:///{tmp_path / 'c.sqlite'}"
@@ -314,7 +314,7 @@ def test_bytes_that_are_no_data_set_get_cannot_understand(
     monkeypatch: pytest.MonkeyPatch,
     defect: str,
 ) -> None:
-    from tests.fuzzing import dataset_offset, file_meta
+    from tests.support.fuzzing import dataset_offset, file_meta
 
     port, ingestor = listener
     [source] = repaired_ct_series(tmp_path / "ct", "dimse-bad-bytes")[:1]

@@ -7,7 +7,7 @@ import socket
 from pynetdicom import AE
 
 from node.delivery.dimse import DimseDestination
-from tests.peers import Orthanc
+from tests.support.peers import Orthanc
 
 
 def test_sends_with_nagle_off(orthanc: Orthanc) -> None:

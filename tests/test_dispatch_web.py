@@ -14,7 +14,7 @@ from node.delivery.orthanc import OrthancRestDestination
 from node.delivery.stow import StowRsDestination
 from node.delivery.transport import DispatchError
 from tests.support.api_server import RunningNode, running_node
-from tests.peers import Orthanc, free_port
+from tests.support.peers import Orthanc, free_port
 from tests.support.testdata import make_sr
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.ingest import write_series
-from tests.conftest import node_env
-from tests.peers import NodeProcess, Orthanc, free_port, wait_for
+from tests.support.env import node_env
+from tests.support.peers import NodeProcess, Orthanc, free_port, wait_for
 
 SLICES = 300
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from pipelines.jobs.celery_app import STAGES
-from tests.conftest import RABBITMQ_URL
-from tests.peers import VENV_BIN, free_port, wait_for
+from tests.support.env import RABBITMQ_URL
+from tests.support.peers import VENV_BIN, free_port, wait_for
 
 
 @pytest.mark.production

@@ -1,5 +1,5 @@
 """Bad input over DIMSE and STOW-RS: a real node process takes thousands of mutated
-instances (:mod:`tests.fuzzing`) and must stay up, answer each with the status it deserves,
+instances (:mod:`tests.support.fuzzing`) and must stay up, answer each with the status it deserves,
 and store nothing under a name that is not a valid UID.
 
 ``CURIA_FUZZ_COUNT`` (default 10,000) is the number of instances of a run, split between
@@ -36,9 +36,9 @@ from pynetdicom.sop_class import Verification
 
 from node.core.uids import is_valid_uid
 from node.store.spool import STAGING_DIR
-from tests.conftest import node_env
-from tests.fuzzing import SUCCESS, Base, Mutant, Mutator, make_bases
-from tests.peers import NodeProcess, Orthanc, free_port
+from tests.support.env import node_env
+from tests.support.fuzzing import SUCCESS, Base, Mutant, Mutator, make_bases
+from tests.support.peers import NodeProcess, Orthanc, free_port
 
 pytestmark = [
     pytest.mark.slow,

@@ -36,7 +36,7 @@ from pipelines.model.heads import (
 )
 from pipelines.model.inference import analyse_series
 from pipelines.model.preprocess import load_series, preprocess_slices
-from tests.testdata import repaired_ct_series
+from tests.support.testdata import repaired_ct_series
 
 HIDDEN = 64
 CLASSES = [("benign", None), ("malignant", CodeRef("86049000", "SCT", "Malignant neoplasm"))]

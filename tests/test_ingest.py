@@ -39,8 +39,8 @@ from node.store.ingest import (
     parse_header,
 )
 from node.store.spool import STAGING_DIR, Spool, StagedFile, StoredFile
-from tests.fuzzing import Element, dataset_offset, element_map, file_meta
-from tests.peers import free_port
+from tests.support.fuzzing import Element, dataset_offset, element_map, file_meta
+from tests.support.peers import free_port
 
 
 def make_ingestor(root: Path, duplicate_policy: str = "keep_first") -> Ingestor:

@@ -1,7 +1,7 @@
 """A radiologist's view: the node's results of a real CT, opened in OHIF v3.
 
 The node processes the sample CT with the demo heads and delivers its SRs and SEG to a
-test Orthanc; the published OHIF viewer (tests/ohif.py) reads them from that Orthanc over
+test Orthanc; the published OHIF viewer (tests/support/ohif.py) reads them from that Orthanc over
 DICOMweb in headless Chromium. The test asserts what a radiologist would look for: the
 finding's label drawn over the key slice, and the segmentation shown as an overlay.
 Screenshots are kept in test-artifacts/ (and, with CURIA_SCREENSHOT=1, the README's).
@@ -21,11 +21,11 @@ from PIL import Image
 from pydicom import dcmread
 
 from pipelines.reporting.measurement_groups import LABEL_SCHEME
-from tests.conftest import node_env
-from tests.ohif import OhifServer, fetch_ohif
-from tests.peers import Orthanc, wait_for
-from tests.test_end_to_end import EXPECTED, download_results, push_and_wait_for_sr
-from tests.validators import assert_pixelmed_sr_clean
+from tests.support.env import node_env
+from tests.support.ohif import OhifServer, fetch_ohif
+from tests.support.peers import Orthanc, wait_for
+from tests.support.results import EXPECTED, download_results, push_and_wait_for_sr
+from tests.support.validators import assert_pixelmed_sr_clean
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"

@@ -10,7 +10,7 @@ import pytest
 
 from node.core.settings import Settings
 from pipelines.jobs.celery_app import create_app, queue_name
-from tests.conftest import RABBITMQ_URL
+from tests.support.env import RABBITMQ_URL
 
 
 def _order_consumed(settings: Settings, priorities: list[int]) -> list[int]:

@@ -33,7 +33,7 @@ from pipelines.reporting.templates import (
     load_templates,
 )
 from pipelines.reporting.uids import derived_uid
-from tests.validators import (
+from tests.support.validators import (
     assert_dcentvfy_clean,
     assert_dciodvfy_clean,
     assert_dsrdump_clean,

@@ -16,10 +16,10 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import node_env
-from tests.peers import NodeProcess, Orthanc, free_port, wait_for
-from tests.test_delivery import _send
-from tests.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME, repaired_ct_series
+from tests.support.env import node_env
+from tests.support.peers import NodeProcess, Orthanc, free_port, wait_for
+from tests.support.storescu import send_to_node
+from tests.support.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME, repaired_ct_series
 
 RULES = """
 rules:
@@ -87,9 +87,9 @@ def test_rules_forward_the_original_and_route_results_by_findings(
     assert saved.status_code == 200, saved.text
 
     study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
-    _send(node, ct_series)
+    send_to_node(node, ct_series)
     localiser = repaired_ct_series(tmp_path / "scout", f"scout-{uuid.uuid4()}")[:2]
-    _send(node, localiser)
+    send_to_node(node, localiser)
 
     # The original series reaches the neuro room whole, and the results follow it there.
     wait_for(

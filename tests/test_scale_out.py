@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import production_env
-from tests.peers import VENV_BIN, Orthanc, wait_for
-from tests.test_delivery import _send
-from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
-from tests.test_worker_faults import _runs
+from tests.support.broker import delete_queues
+from tests.support.env import production_env
+from tests.support.node_api import runs_of
+from tests.support.peers import VENV_BIN, Orthanc, wait_for
+from tests.support.results import EXPECTED, download_results
+from tests.support.storescu import send_to_node
 
 
 @pytest.mark.e2e
@@ -34,10 +35,10 @@ def test_inference_and_cpu_workers_on_separate_queues(
     try:
         for name in ("gpu-worker.log", "cpu-worker.log"):
             wait_for(lambda n=name: " ready." in node.log(n), 120, f"{name}: not ready")
-        _send(node, ct_series)
+        send_to_node(node, ct_series)
         study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
         download_results(orthanc, study_uid, tmp_path / "results", EXPECTED)
-        wait_for(lambda: _runs(node)[0]["state"] == "succeeded", 60, "the run did not finish")
+        wait_for(lambda: runs_of(node)[0]["state"] == "succeeded", 60, "the run did not finish")
 
         gpu_log, cpu_log = node.log("gpu-worker.log"), node.log("cpu-worker.log")
 
@@ -60,7 +61,7 @@ def test_inference_and_cpu_workers_on_separate_queues(
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
+        delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
 
 
 def test_a_worker_refuses_an_unknown_stage() -> None:

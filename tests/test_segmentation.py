@@ -57,7 +57,7 @@ from pipelines.reporting.provenance import DeviceIdentity, algorithm_name
 from pipelines.reporting.seg import build_seg
 from pipelines.reporting.templates import ReportTemplate, load_templates
 from pipelines.reporting.uids import derived_uid
-from tests.validators import (
+from tests.support.validators import (
     assert_dcentvfy_clean,
     assert_dciodvfy_clean,
     assert_dsrdump_clean,

@@ -47,7 +47,7 @@ from node.store.ingest import (
     read_header,
 )
 from node.store.structure import MAX_NESTING, Malformed, scan
-from tests.fuzzing import element_map, file_meta
+from tests.support.fuzzing import element_map, file_meta
 
 SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.1"
 UNDEFINED = 0xFFFFFFFF

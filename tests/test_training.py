@@ -39,7 +39,7 @@ from pipelines.model.training import (
     stratified_folds,
     train_head,
 )
-from tests.testdata import repaired_ct_series
+from tests.support.testdata import repaired_ct_series
 
 #: (first slice, label) of each 3-slice series, slices sorted feet to head.
 SERIES = [(s, "lower") for s in (0, 2, 4, 6, 7)] + [(s, "upper") for s in (10, 12, 13, 15, 17)]

@@ -28,7 +28,7 @@ from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
 from node.store.ingest import Ingestor
 from node.store.spool import Spool
-from tests.peers import free_port
+from tests.support.peers import free_port
 
 FROM_PYDICOM = {
     "1.2.840.10008.1.2": "MR_small_implicit.dcm",

@@ -12,7 +12,7 @@ import pytest
 from node.core.settings import Settings
 from pipelines.jobs.runtime import Runtime
 from pipelines.model.backbone import demo_backbone, save_hf_folder
-from tests.peers import VENV_BIN, free_port
+from tests.support.peers import VENV_BIN, free_port
 
 
 def node_run(tmp_path: Path, weights: Path) -> subprocess.CompletedProcess[str]:

@@ -11,23 +11,15 @@ import os
 import signal
 from pathlib import Path
 
-import httpx
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import production_env
-from tests.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
-from tests.test_delivery import _send
-from tests.test_end_to_end import EXPECTED, _delete_queues, download_results
-
-
-def _runs(node: NodeProcess) -> list[dict]:
-    token = (Path(node.env["CURIA_DATA_DIR"]) / "api-token").read_text()
-    response = httpx.get(
-        f"{node.api_url}/api/v1/runs", headers={"Authorization": f"Bearer {token}"}, timeout=10
-    )
-    response.raise_for_status()
-    return response.json()
+from tests.support.broker import delete_queues
+from tests.support.env import production_env
+from tests.support.node_api import runs_of
+from tests.support.peers import VENV_BIN, NodeProcess, Orthanc, wait_for
+from tests.support.results import EXPECTED, download_results
+from tests.support.storescu import send_to_node
 
 
 def _worker_args(node: NodeProcess) -> list[str]:
@@ -58,9 +50,9 @@ def test_worker_killed_mid_analysis_is_finished_by_the_next_worker_once(
     node = node_factory(env, separate_worker=True)
     wait_for(lambda: "ready" in node.log("worker.log"), 120, "the worker did not start")
     try:
-        _send(node, ct_series)
+        send_to_node(node, ct_series)
         running = wait_for(
-            lambda: next((r for r in _runs(node) if r["state"] == "running"), None),
+            lambda: next((r for r in runs_of(node) if r["state"] == "running"), None),
             60,
             "the analysis never showed as running",
             interval=0.05,
@@ -68,17 +60,17 @@ def test_worker_killed_mid_analysis_is_finished_by_the_next_worker_once(
         assert node.worker is not None
         os.killpg(node.worker.pid, signal.SIGKILL)
         node.worker.wait(10)
-        assert _runs(node)[0]["state"] == "running", "killed while the analysis ran"
+        assert runs_of(node)[0]["state"] == "running", "killed while the analysis ran"
 
         node.worker = node._spawn(_worker_args(node), "worker2.log")
         study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
         download_results(orthanc, study_uid, tmp_path / "results", EXPECTED)
-        wait_for(lambda: _runs(node)[0]["state"] == "succeeded", 60, "the run did not finish")
-        runs = _runs(node)
+        wait_for(lambda: runs_of(node)[0]["state"] == "succeeded", 60, "the run did not finish")
+        runs = runs_of(node)
         assert [r["id"] for r in runs] == [running["id"]], "one run, not a second one"
         deliveries = [d for r in runs[0]["results"] for d in r["deliveries"]]
         assert len(deliveries) == 3 and {d["state"] for d in deliveries} == {"sent"}
         assert all(d["attempts"] == 1 for d in deliveries), "each result sent once"
         assert "curia.analyse_series" in node.log("worker2.log"), "the new worker finished it"
     finally:
-        _delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
+        delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])

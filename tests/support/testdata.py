@@ -14,13 +14,15 @@ import tarfile
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-CACHE = Path(os.environ.get("CURIA_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache"))
+CACHE = Path(os.environ.get("CURIA_TEST_CACHE", Path(__file__).resolve().parents[2] / ".cache"))
 TOTALSEG = "totalsegmentator==2.18.0"
 TOTALSEG_DICOM = "totalsegmentator-2.18.0/tests/reference_files/example_ct_dicom"
 TEST_PATIENT_NAME = "CURIATEST^PATIENT"
 TEST_PATIENT_ID = "CURIA-TEST-4711"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
 def totalseg_ct_dir() -> Path:
@@ -79,3 +81,19 @@ def repaired_ct_series(dest: Path, label: str) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def make_sr(study_uid: str, path: Path) -> Dataset:
+    """A small text SR such as the node writes for a study."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = BASIC_TEXT_SR
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.Modality, ds.SeriesDescription, ds.SeriesNumber = "SR", "Curia AI results", 99
+    ds.PatientID, ds.InstanceNumber = TEST_PATIENT_ID, 1
+    ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "UNVERIFIED"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return ds

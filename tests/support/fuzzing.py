@@ -57,7 +57,7 @@ from pydicom.uid import (
 )
 
 from node.store.ingest import MAX_NESTING
-from tests.testdata import repaired_ct_series
+from tests.support.testdata import repaired_ct_series
 
 SUCCESS = 0x0000
 DATASET_DOES_NOT_MATCH = 0xA900

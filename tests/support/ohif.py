@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 OHIF_PACKAGE = "@ohif/app"
 OHIF_VERSION = "3.13.2"
 OHIF_CACHE = REPO / ".cache" / "ohif"
