@@ -1,0 +1,252 @@
+"""Head cards: what a head predicts and how it must be fed, validated when loaded.
+
+A card (``head.json``) names the head's task and classes (with the codes a report states for
+them), how it pools a series, which backbone and preprocessing it was trained on, and how it
+was trained or imported. Cards refuse to exist in an invalid state, so a malformed package
+fails at start-up with the field named, not halfway through a study.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+
+from pipelines.findings import CodeRef, HeadClass
+
+CARD_FILE = "head.json"
+WEIGHTS_FILE = "head.safetensors"
+WEIGHT_KEY = "classifier.weight"
+BIAS_KEY = "classifier.bias"
+#: Prefix of the attention probe's tensors in ``head.safetensors``.
+ATTENTION_PREFIX = "attention."
+
+Task = Literal["classification", "regression"]
+Pooling = Literal["mean_cls", "attentive", "mean_patch"]
+WINDOW_POOLINGS = ("attentive", "mean_patch")
+#: An attention probe's block kinds, in the order they run.
+Block = Literal["self", "cross"]
+
+
+class HeadError(ValueError):
+    """A head package the node cannot use; the message names the file and the problem."""
+
+
+class CodeCard(BaseModel):
+    """A coded concept in a card (value, coding scheme designator, code meaning)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    value: str = Field(min_length=1)
+    scheme: str = Field(min_length=1)
+    meaning: str = Field(min_length=1)
+
+    def to_ref(self) -> CodeRef:
+        return CodeRef(value=self.value, scheme=self.scheme, meaning=self.meaning)
+
+    @classmethod
+    def from_ref(cls, ref: CodeRef) -> CodeCard:
+        return cls(value=ref.value, scheme=ref.scheme, meaning=ref.meaning)
+
+
+class ClassCard(BaseModel):
+    """One output class; the code is what the report states (None: text only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    code: CodeCard | None = None
+
+    def to_head_class(self) -> HeadClass:
+        return HeadClass(name=self.name, code=self.code.to_ref() if self.code else None)
+
+
+def _self_then_cross() -> list[Block]:
+    """The released probe's default: a self-attention block, then a cross-attention block."""
+    return ["self", "cross"]
+
+
+class AttentionCard(BaseModel):
+    """Raidium's ``attention_cfg``: heads per attention block, learned queries, block order.
+
+    A kind listed twice reuses the same block (same weights), as in the released code.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_heads: int = Field(default=1, ge=1)
+    num_queries: int = Field(default=1, ge=1)
+    blocks: list[Block] = Field(default_factory=_self_then_cross, min_length=1)
+
+
+class WindowCard(BaseModel):
+    """Which slices a window head sees and which of their tokens.
+
+    ``num_slices`` None means every slice of the series. ``selection`` ``centre`` takes
+    ``num_slices`` consecutive slices centred on slice ``n // 2`` (the released model's
+    forward); ``even`` spreads them evenly over the series, rounding to the nearest slice
+    (like the newer image processor's ``num_slices`` sampling, whose exact rounding is not
+    published). A series with no more slices than the window
+    is used whole. ``tokens`` ``patch`` keeps every patch token of a slice (average-pooled
+    over ``kernel_size`` x ``kernel_size`` patches when set, with the slice's CLS token in
+    front when ``class_token``); ``slice_mean`` keeps one mean patch token per slice.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_slices: int | None = Field(default=None, ge=1)
+    selection: Literal["centre", "even"] = "centre"
+    tokens: Literal["patch", "slice_mean"] = "patch"
+    kernel_size: int | None = Field(default=None, ge=1)
+    class_token: bool = False
+    final_norm: bool = False
+
+    @field_validator("kernel_size", "class_token")
+    @classmethod
+    def _patch_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and info.data.get("tokens") == "slice_mean":
+            raise ValueError(f"{info.field_name} applies to tokens 'patch' only")
+        return value
+
+
+class TrainingRecord(BaseModel):
+    """How a head was trained here and how well it did (cross-validated)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    series: int = Field(ge=1)
+    folds: int = Field(ge=0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0, description="base rate, scaled by batch size / 256")
+    seed: int = 0
+    class_counts: dict[str, int] = Field(default_factory=dict)
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    metrics_std: dict[str, float | None] = Field(default_factory=dict)
+    data: str = ""
+    trained_at: str = ""
+
+
+class ImportRecord(BaseModel):
+    """Where an imported head came from, and what the node made of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["raidium-dinov2-classifier"]
+    source: str
+    model_name: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    backbone_copy: bool = False
+    backbone_copy_digest: str = ""
+    backbone_match: bool | None = None
+    backbone_checked_against: str = ""
+    notes: list[str] = Field(default_factory=list)
+
+
+class HeadCard(BaseModel):
+    """What a head is: the contract between its weights and the reports it produces.
+
+    ``clip_below_air`` is per head because Curia's image processor exists in versions that
+    differ on it and a head must be fed the way it was trained.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1)
+    task: Task
+    description: str = ""
+    classes: list[ClassCard] = Field(min_length=1)
+    pooling: Pooling = "mean_cls"
+    hidden_size: int = Field(gt=0)
+    backbone: str = Field(min_length=1)
+    clip_below_air: bool = False
+    demo: bool = False
+    modalities: list[str] = Field(
+        default_factory=list, description="series modalities it applies to; empty = any"
+    )
+    attention: AttentionCard | None = Field(default=None, validate_default=True)
+    window: WindowCard | None = Field(default=None, validate_default=True)
+    unit: CodeCard | None = Field(
+        default=None, description="regression only: UCUM unit of the value"
+    )
+    backbone_digest: str = Field(
+        default="", description="weights digest of the backbone trained on"
+    )
+    training: TrainingRecord | None = None
+    imported: ImportRecord | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_fit_the_task(
+        cls, classes: list[ClassCard], info: ValidationInfo
+    ) -> list[ClassCard]:
+        names = [c.name for c in classes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"class names must be unique, repeated: {duplicates}")
+        task = info.data.get("task")
+        if task == "classification" and len(classes) < 2:
+            raise ValueError("a classification head needs at least 2 classes")
+        if task == "regression" and len(classes) != 1:
+            raise ValueError("a regression head has exactly 1 class: the quantity it estimates")
+        return classes
+
+    @field_validator("attention")
+    @classmethod
+    def _attention_fits_pooling(
+        cls, attention: AttentionCard | None, info: ValidationInfo
+    ) -> AttentionCard | None:
+        pooling = info.data.get("pooling")
+        if pooling == "attentive" and attention is None:
+            raise ValueError("pooling 'attentive' needs an attention section")
+        if pooling != "attentive" and attention is not None:
+            raise ValueError(f"pooling {pooling!r} has no attention probe: remove the section")
+        hidden = info.data.get("hidden_size")
+        if attention is not None and hidden and hidden % attention.num_heads:
+            raise ValueError(
+                f"num_heads {attention.num_heads} does not divide hidden_size {hidden}"
+            )
+        return attention
+
+    @field_validator("window")
+    @classmethod
+    def _window_fits_pooling(
+        cls, window: WindowCard | None, info: ValidationInfo
+    ) -> WindowCard | None:
+        pooling = info.data.get("pooling")
+        if pooling in WINDOW_POOLINGS and window is None:
+            raise ValueError(f"pooling {pooling!r} needs a window section")
+        if pooling == "mean_cls" and window is not None:
+            raise ValueError("pooling 'mean_cls' uses every slice: remove the window section")
+        plain = window is None or (
+            window.tokens == "patch" and not window.kernel_size and not window.class_token
+        )
+        if pooling == "mean_patch" and not plain:
+            raise ValueError(
+                "pooling 'mean_patch' averages plain patch tokens: tokens must be 'patch', "
+                "without kernel_size or class_token"
+            )
+        return window
+
+    @field_validator("unit")
+    @classmethod
+    def _unit_for_regression(cls, unit: CodeCard | None, info: ValidationInfo) -> CodeCard | None:
+        if unit is not None and info.data.get("task") != "regression":
+            raise ValueError("only a regression head has a unit")
+        return unit
+
+    @property
+    def head_classes(self) -> tuple[HeadClass, ...]:
+        return tuple(c.to_head_class() for c in self.classes)
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the linear layer: one logit per class, one value for regression."""
+        return len(self.classes)
