@@ -4,6 +4,19 @@
 # machine without a GPU (inference falls back to the CPU). For a smaller CPU-only image:
 #   docker build --build-arg BASE=python:3.11-slim-bookworm -t curia-node:cpu .
 ARG BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+# Stage 1: build the node's wheel (pure Python: any Python 3.11 builds it). The wheel carries
+# the migrations, SR templates and dashboard as package data, so the image needs no sources.
+FROM python:3.11-slim-bookworm AS wheel
+WORKDIR /src
+COPY setup.cfg pyproject.toml README.md ./
+COPY node ./node
+COPY pipelines ./pipelines
+COPY sr_templates ./sr_templates
+COPY migrations ./migrations
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+
+# Stage 2: the runtime, with the wheel installed (not an editable checkout).
 FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -23,15 +36,14 @@ RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv" 2>/dev
  && useradd --system --create-home --uid 10001 curia \
  && mkdir -p /data && chown curia /data
 
-WORKDIR /opt/curia-node
-COPY setup.cfg pyproject.toml README.md ./
-COPY node ./node
-COPY pipelines ./pipelines
-COPY sr_templates ./sr_templates
-COPY migrations ./migrations
-RUN pip install "torch==2.14.1" "torchvision==0.29.1" && pip install -e ".[gpu]" flower
+# PyTorch first, pinned, so that installing the node pulls no other (multi-GB) build.
+COPY --from=wheel /dist /tmp/dist
+RUN pip install "torch==2.14.1" "torchvision==0.29.1" \
+ && pip install "$(ls /tmp/dist/curia_node-*.whl)[gpu]" flower \
+ && rm -rf /tmp/dist
 
 USER curia
+WORKDIR /home/curia
 VOLUME ["/data"]
 EXPOSE 11112 8080
 HEALTHCHECK --interval=30s --timeout=5s CMD python3 -c "import urllib.request,os; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('CURIA_API__PORT', '8080') + '/readyz')" || exit 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 from pathlib import Path
@@ -50,3 +51,26 @@ def test_image_runs_as_a_non_root_user_on_a_cuda_runtime() -> None:
     assert re.search(r"^ARG BASE=nvidia/cuda:[\w.-]+-runtime-", dockerfile, re.M)
     assert re.search(r"^USER curia$", dockerfile, re.M)
     assert 'pip install "torch==2.14.1"' in dockerfile
+
+
+def test_image_installs_the_built_wheel_not_the_sources() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
+    assert len(stages) == 2, "a stage that builds the wheel, then the runtime"
+    build, runtime = stages
+    assert re.match(r"\S+ AS wheel$", build.splitlines()[0])
+    assert re.search(r"^RUN pip wheel .*--no-deps", build, re.M)
+    assert "COPY --from=wheel" in runtime
+    assert re.search(r"pip install [^\n]*/curia_node-\*\.whl", runtime)
+    assert not re.search(r"pip install[^\n]* -e\b", dockerfile)
+    assert not re.search(r"^COPY (?!--from)", runtime, re.M), "the runtime needs no sources"
+
+
+def test_image_builds_the_wheel_from_every_packaged_folder() -> None:
+    """A folder the wheel packages but the image does not copy would be missing from it."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    packages = config["options.packages.find"]["include"].split()
+    top_level = {name.split(".")[0] for name in packages}
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert top_level == copied
