@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from node.cli.heads import heads_app
-from pipelines.model import training
+from pipelines.model import feature_cache, labelled_data, training
 from pipelines.model.backbone import Backbone, demo_backbone
 from pipelines.model.heads import load_head
 from pipelines.model.inference import analyse_series
@@ -278,7 +278,7 @@ def test_cached_features_skip_the_backbone(
     def no_backbone(*args: object, **kwargs: object) -> torch.Tensor:
         raise AssertionError("the backbone ran although every feature is cached")
 
-    monkeypatch.setattr(training, "compute_slice_features", no_backbone)
+    monkeypatch.setattr(feature_cache, "compute_slice_features", no_backbone)
     result = train_head(
         dataset, labels_of(dataset), name="b", heads_dir=tmp_path, backbone=backbone, folds=2
     )
@@ -306,7 +306,7 @@ def test_series_discovery_and_nifti_without_nibabel(
     (tmp_path / ".curia-features").mkdir()
     (tmp_path / "vol.nii.gz").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("")
-    monkeypatch.setattr(training, "nibabel_available", lambda: False)
+    monkeypatch.setattr(labelled_data, "nibabel_available", lambda: False)
     sources, notes = discover_series(tmp_path)
     assert [(s.name, s.kind, [p.name for p in s.paths]) for s in sources] == [
         ("a", "dicom", ["1.dcm"])
