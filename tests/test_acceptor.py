@@ -23,16 +23,10 @@ from sqlalchemy import select
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import AssociationRecord, Instance
 from node.core.settings import DicomSettings
-from node.dimse.acceptor import (
-    APPLICATION_CONTEXT_NAME,
-    IMPLEMENTATION_CLASS_UID,
-    Listener,
-    command_set,
-    parse_command,
-    response,
-)
+from node.dimse.acceptor import APPLICATION_CONTEXT_NAME, Listener
 from node.dimse.allow_list import SourcePolicy, add_source
 from node.dimse.listener import start_listener
+from node.dimse.messages import IMPLEMENTATION_CLASS_UID, command_set, parse_command, response
 from node.store.ingest import Ingestor
 from node.store.spool import Spool
 from tests.support.peers import free_port, wait_for

@@ -12,6 +12,10 @@ data set reaches the handler as Part 10 bytes exactly as received, never decoded
 
 Protocol errors end the association with an A-ABORT (PS3.8 9.3.8): unexpected or unknown
 PDUs, PDVs for contexts that were not accepted, and malformed command sets.
+
+Layers below, each importing only downward: :mod:`node.dimse.pdu` (PDU framing),
+:mod:`node.dimse.messages` (command sets, Part 10 file meta), :mod:`node.dimse.association`
+(what an association is, and what the acceptor asks of the node).
 """
 
 from __future__ import annotations
@@ -23,11 +27,6 @@ import ssl
 import struct
 import threading
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Protocol
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -41,295 +40,62 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-import node
 from node.core.status import (
     PROCESSING_FAILURE,
     SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
     UNRECOGNISED_OPERATION,
 )
+from node.dimse.association import (
+    Association,
+    Limits,
+    Refusal,
+    Requestor,
+    Service,
+    StoreRequest,
+)
+from node.dimse.messages import (
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    NO_DATA_SET,
+    file_meta,
+    parse_command,
+    response,
+    uid,
+    us_value,
+)
+from node.dimse.pdu import (
+    ABORT,
+    ABORT_INVALID_PARAMETER,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNISED_PDU,
+    ASSOCIATE_RQ,
+    P_DATA,
+    PDU_HEADER,
+    RELEASE_RP,
+    RELEASE_RQ,
+    AssociationAborted,
+    Connection,
+    abort_pdu,
+    reject_pdu,
+)
 
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
-IMPLEMENTATION_CLASS_UID = "2.25.137921735641477805350619179463649102399"
-IMPLEMENTATION_VERSION_NAME = f"CURIA_NODE_{node.__version__.replace('.', '')}"[:16]
-
-# PDU types, PS3.8 9.3.1
-_ASSOCIATE_RQ, _P_DATA, _RELEASE_RQ, _ABORT = 0x01, 0x04, 0x05, 0x07
-_PDU_HEADER = struct.Struct(">BxL")
-_MAX_ASSOCIATE_RQ = 1 << 20  # bytes: ample for every presentation context a sender proposes
-
-# A-ABORT provider reasons, PS3.8 9.3.8
-ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
+MAX_ASSOCIATE_RQ = 1 << 20  # bytes: ample for every presentation context a sender proposes
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 
-# DIMSE command fields, and the Command Data Set Type of a message without one (PS3.7 E.1)
-C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
-NO_DATA_SET = 0x0101
-
 SLOW_STORE_SECONDS = 5.0  # a C-STORE handler slower than this is worth a line in the log
 
 
-class AssociationAborted(Exception):
-    """The association ends here: the peer went away, timed out or broke the protocol."""
-
-    def __init__(self, why: str, reason: int | None = None) -> None:
-        super().__init__(why)
-        self.reason = reason  # an A-ABORT to send, or None when the peer is gone
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why an association is rejected: the A-ASSOCIATE-RJ fields and a line for the log."""
-
-    result: int
-    source: int
-    diagnostic: int
-    why: str
-    hint: str = ""  # for the log line only
-
-
-@dataclass(frozen=True)
-class Requestor:
-    calling_ae_title: str
-    called_ae_title: str
-    address: str
-    port: int
-
-
-@dataclass
-class Association:
-    """One association: who asked, what was agreed, and what happened on it."""
-
-    requestor: Requestor
-    contexts: dict[int, PresentationContext] = field(default_factory=dict)
-    peer_max_pdu: int = 0
-    started: datetime = field(default_factory=lambda: datetime.now(UTC))
-    clock: float = field(default_factory=time.monotonic)
-    stored: int = 0
-    failed: int = 0
-    bytes_received: int = 0
-    statuses: Counter[str] = field(default_factory=Counter)
-
-    def count(self, status: int, size: int) -> None:
-        self.bytes_received += size
-        if status == SUCCESS:
-            self.stored += 1
-        else:
-            self.failed += 1
-        self.statuses[f"0x{status:04X}"] += 1
-
-
-@dataclass(frozen=True)
-class StoreRequest:
-    """A received C-STORE: its command's UIDs and the data set as a Part 10 file."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-    data: bytes
-
-
-class Service(Protocol):
-    """What the acceptor asks of the node (see :class:`node.dimse.listener.AssociationHandlers`)."""
-
-    def admit(self, requestor: Requestor) -> Refusal | None: ...
-
-    def accepted(self, association: Association) -> None: ...
-
-    def store(self, association: Association, request: StoreRequest) -> tuple[int, str]: ...
-
-    def closed(self, association: Association, outcome: str, reason: str | None) -> None: ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_associations: int = 16
-    max_pdu: int = 0  # 0: unlimited
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
-
-
-# --- encoding -------------------------------------------------------------------------------
-
-
-def _pdu(pdu_type: int, body: bytes) -> bytes:
-    return _PDU_HEADER.pack(pdu_type, len(body)) + body
-
-
-def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
-    return _pdu(0x03, bytes((0, result, source, diagnostic)))
-
-
-def abort_pdu(reason: int, source: int = 0x02) -> bytes:
-    return _pdu(_ABORT, bytes((0, 0, source, reason)))
-
-
-RELEASE_RP = _pdu(0x06, b"\x00" * 4)
-
-
-def _element(element: int, value: bytes) -> bytes:
-    """A command element, implicit VR little endian, padded to even length."""
-    if len(value) % 2:
-        value += b"\x00"
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def _us(value: int) -> bytes:
-    return struct.pack("<H", value)
-
-
-def command_set(elements: Sequence[tuple[int, bytes]]) -> bytes:
-    """A command set: its elements behind the (0000,0000) group length."""
-    body = b"".join(_element(tag, value) for tag, value in sorted(elements))
-    return _element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def response(request: dict[int, bytes], status: int, comment: str = "") -> bytes:
-    """The response to a request command: same SOP class, instance and message ID."""
-    elements = [
-        (0x0100, _us(_us_value(request, 0x0100) | 0x8000)),
-        (0x0120, request.get(0x0110, _us(0))),
-        (0x0800, _us(NO_DATA_SET)),
-        (0x0900, _us(status)),
-    ]
-    for tag in (0x0002, 0x1000):  # Affected SOP Class / Instance UID
-        if tag in request:
-            elements.append((tag, request[tag]))
-    if comment and status != SUCCESS:
-        text = comment.encode("ascii", "replace")[:64]
-        elements.append((0x0902, text if len(text) % 2 == 0 else text + b" "))
-    return command_set(elements)
-
-
-def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
-    """The elements of a command set (group 0000, implicit VR little endian)."""
-    elements: dict[int, bytes] = {}
-    offset, size = 0, len(data)
-    while offset < size:
-        if offset + 8 > size:
-            raise AssociationAborted("a command element is cut short", ABORT_INVALID_PARAMETER)
-        group, element, length = struct.unpack_from("<HHL", data, offset)
-        offset += 8
-        if group != 0x0000 or offset + length > size:
-            raise AssociationAborted("a malformed command set", ABORT_INVALID_PARAMETER)
-        elements[element] = bytes(data[offset : offset + length])
-        offset += length
-    if 0x0100 not in elements:
-        raise AssociationAborted("a command set without a command field", ABORT_INVALID_PARAMETER)
-    return elements
-
-
-def _us_value(elements: dict[int, bytes], tag: int) -> int:
-    value = elements.get(tag, b"")
-    if len(value) < 2:
-        raise AssociationAborted(
-            f"command element (0000,{tag:04X}) is not a US", ABORT_INVALID_PARAMETER
-        )
-    return int(struct.unpack_from("<H", value)[0])
-
-
-def _uid(value: bytes) -> str:
-    return value.rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """One file meta element, explicit VR little endian (UI padded with NUL, text with a
-    space)."""
-    if len(value) % 2:
-        value += b"\x00" if vr == b"UI" else b" "
-    if vr == b"OB":
-        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-_IMPLEMENTATION = _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()) + (
-    _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode())
-)
-
-
-def file_meta(sop_class: bytes, sop_instance: bytes, syntax: str, source_ae: str) -> bytes:
-    """The preamble and file meta (PS3.10 7.1) for a data set received over the network.
-
-    The UIDs are written as the command carried them: whether they are valid is for the
-    ingest checks to say, with their own status codes.
-    """
-    elements = b"".join(
-        (
-            _meta_element(0x0001, b"OB", b"\x00\x01"),
-            _meta_element(0x0002, b"UI", sop_class.rstrip(b"\x00 ")),
-            _meta_element(0x0003, b"UI", sop_instance.rstrip(b"\x00 ")),
-            _meta_element(0x0010, b"UI", syntax.encode()),
-            _IMPLEMENTATION,
-            _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16]),
-        )
-    )
-    group = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(elements))
-    return _PREAMBLE + group + elements
-
-
 # --- one association --------------------------------------------------------------------------
-
-
-class _Connection:
-    """Reads whole PDUs from a socket and writes P-DATA-TF within the peer's maximum."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.reader = sock.makefile("rb", buffering=1 << 18)
-
-    def read_exact(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
-        try:
-            while got < size:
-                count = self.reader.readinto(view[got:])
-                if not count:
-                    raise AssociationAborted("the peer closed the connection")
-                got += count
-        except TimeoutError:
-            raise AssociationAborted("timed out waiting for the peer", 0x00) from None
-        except (OSError, ValueError) as exc:
-            raise AssociationAborted(f"the connection failed: {exc}") from None
-        return buffer
-
-    def read_pdu(self, limit: int = 0) -> tuple[int, bytearray]:
-        pdu_type, length = _PDU_HEADER.unpack(self.read_exact(6))
-        if limit and length > limit:
-            raise AssociationAborted(f"a PDU of {length} bytes", ABORT_INVALID_PARAMETER)
-        return pdu_type, self.read_exact(length)
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise AssociationAborted(f"cannot send to the peer: {exc}") from None
-
-    def send_command(self, context_id: int, command: bytes, peer_max_pdu: int) -> None:
-        """A command set in as many P-DATA-TF as the peer's maximum PDU length needs."""
-        room = peer_max_pdu - 6 if peer_max_pdu > 6 else len(command)
-        pdus = []
-        for start in range(0, len(command), room):
-            chunk = command[start : start + room]
-            last = start + room >= len(command)
-            pdv = struct.pack(">LBB", len(chunk) + 2, context_id, 0x03 if last else 0x01)
-            pdus.append(_pdu(_P_DATA, pdv + chunk))
-        self.send(b"".join(pdus))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.reader.close()
-        with contextlib.suppress(OSError):
-            self.sock.close()
 
 
 class _Message:
@@ -347,7 +113,7 @@ class AssociationAcceptor:
 
     def __init__(
         self,
-        connection: _Connection,
+        connection: Connection,
         requestor_address: tuple[str, int],
         server: Listener,
     ) -> None:
@@ -383,13 +149,13 @@ class AssociationAcceptor:
     # -- association establishment
 
     def _negotiate(self) -> Association | None:
-        pdu_type, body = self.connection.read_pdu(_MAX_ASSOCIATE_RQ)
-        if pdu_type != _ASSOCIATE_RQ:
-            reason = ABORT_UNEXPECTED_PDU if pdu_type <= _ABORT else ABORT_UNRECOGNISED_PDU
+        pdu_type, body = self.connection.read_pdu(MAX_ASSOCIATE_RQ)
+        if pdu_type != ASSOCIATE_RQ:
+            reason = ABORT_UNEXPECTED_PDU if pdu_type <= ABORT else ABORT_UNRECOGNISED_PDU
             raise AssociationAborted(f"PDU type 0x{pdu_type:02X} before association", reason)
         rq = A_ASSOCIATE_RQ()
         try:
-            rq.decode(bytes(_PDU_HEADER.pack(pdu_type, len(body)) + body))
+            rq.decode(bytes(PDU_HEADER.pack(pdu_type, len(body)) + body))
             primitive = rq.to_primitive()
         except Exception as exc:  # whatever the decoder trips on, the request is invalid
             raise AssociationAborted(
@@ -430,7 +196,7 @@ class AssociationAcceptor:
         roles = {
             item.sop_class_uid: (item.scu_role, item.scp_role)
             for item in items
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
         }
         contexts, role_items = negotiate_as_acceptor(
             primitive.presentation_context_definition_list,
@@ -477,17 +243,17 @@ class AssociationAcceptor:
                 (limits.dimse_timeout if waiting else limits.network_timeout) or None
             )
             pdu_type, body = connection.read_pdu()
-            if pdu_type == _P_DATA:
+            if pdu_type == P_DATA:
                 message = self._pdvs(association, body, message)
-            elif pdu_type == _RELEASE_RQ:
+            elif pdu_type == RELEASE_RQ:
                 if waiting:
                     raise AssociationAborted("release requested mid-message", ABORT_UNEXPECTED_PDU)
                 connection.send(RELEASE_RP)
                 self._await_close()
                 return
-            elif pdu_type == _ABORT:
+            elif pdu_type == ABORT:
                 raise AssociationAborted("the peer aborted the association")
-            elif pdu_type in (0x02, 0x03, 0x06, _ASSOCIATE_RQ):
+            elif pdu_type in (0x02, 0x03, 0x06, ASSOCIATE_RQ):
                 raise AssociationAborted(f"unexpected PDU 0x{pdu_type:02X}", ABORT_UNEXPECTED_PDU)
             else:
                 raise AssociationAborted(f"unknown PDU 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
@@ -531,7 +297,7 @@ class AssociationAcceptor:
                 if not last:
                     continue
                 message.fields = parse_command(message.command)
-                if _us_value(message.fields, 0x0800) != NO_DATA_SET:
+                if us_value(message.fields, 0x0800) != NO_DATA_SET:
                     continue
             else:
                 if message.fields is None:
@@ -546,7 +312,7 @@ class AssociationAcceptor:
     def _dispatch(self, association: Association, message: _Message) -> None:
         fields = message.fields
         assert fields is not None and message.context_id is not None
-        command = _us_value(fields, 0x0100)
+        command = us_value(fields, 0x0100)
         if command & 0x8000:
             raise AssociationAborted("a response to a request never sent", ABORT_UNEXPECTED_PDU)
         if command == C_CANCEL_RQ:
@@ -570,14 +336,14 @@ class AssociationAcceptor:
     ) -> tuple[int, str]:
         sop_class, sop_instance = fields.get(0x0002, b""), fields.get(0x1000, b"")
         size = sum(len(fragment) for fragment in fragments)
-        if _uid(sop_class) != str(context.abstract_syntax):
+        if uid(sop_class) != str(context.abstract_syntax):
             association.count(SOP_CLASS_NOT_SUPPORTED, size)
             return SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context"
         syntax = str(context.transfer_syntax[0])
         calling = association.requestor.calling_ae_title
         data = b"".join((file_meta(sop_class, sop_instance, syntax, calling), *fragments))
         fragments.clear()
-        request = StoreRequest(_uid(sop_class), _uid(sop_instance), syntax, data)
+        request = StoreRequest(uid(sop_class), uid(sop_instance), syntax, data)
         started = time.monotonic()
         try:
             status, comment = self.server.service.store(association, request)
@@ -663,7 +429,7 @@ class Listener:
                     return
                 with self._lock:
                     self._active[threading.current_thread()] = sock
-            connection = _Connection(sock)
+            connection = Connection(sock)
             try:
                 AssociationAcceptor(connection, (address[0], address[1]), self).run()
             finally:

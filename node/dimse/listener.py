@@ -12,9 +12,8 @@ import ssl
 import time
 from datetime import UTC, datetime
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES
-from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import (
+from pydicom.uid import (
+    UID,
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     CTImageStorage,
@@ -26,20 +25,23 @@ from pynetdicom.sop_class import (
     MRImageStorage,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
-    Verification,
 )
+from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.catalogue.models import AssociationRecord
 from node.core.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_FAILURES
 from node.core.settings import DicomSettings, TlsSettings
 from node.core.status import SUCCESS
-from node.dimse.acceptor import Association, Limits, Listener, Refusal, Requestor, StoreRequest
+from node.dimse.acceptor import Listener
 from node.dimse.allow_list import SourcePolicy
+from node.dimse.association import Association, Limits, Refusal, Requestor, StoreRequest
 from node.store.ingest import Ingestor, brief
 
 log = logging.getLogger(__name__)
 
+VERIFICATION = UID("1.2.840.10008.1.1")  # the Verification SOP Class, PS3.4 A.4
 STORAGE_SOP_CLASSES = [
     CTImageStorage,
     MRImageStorage,
@@ -153,7 +155,7 @@ class AssociationHandlers:
 
 def supported_contexts() -> list[PresentationContext]:
     """Verification, and every storage SOP class in every transfer syntax pynetdicom knows."""
-    contexts = [build_context(Verification)]
+    contexts = [build_context(VERIFICATION)]
     contexts += [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES]
     return contexts
 

@@ -1,0 +1,87 @@
+"""What an association is to the node: who asked, what was agreed, what happened on it,
+and what the acceptor asks of the node (:class:`Service`) on each event."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from pynetdicom.presentation import PresentationContext
+
+from node.core.status import SUCCESS
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an association is rejected: the A-ASSOCIATE-RJ fields and a line for the log."""
+
+    result: int
+    source: int
+    diagnostic: int
+    why: str
+    hint: str = ""  # for the log line only
+
+
+@dataclass(frozen=True)
+class Requestor:
+    calling_ae_title: str
+    called_ae_title: str
+    address: str
+    port: int
+
+
+@dataclass
+class Association:
+    """One association: who asked, what was agreed, and what happened on it."""
+
+    requestor: Requestor
+    contexts: dict[int, PresentationContext] = field(default_factory=dict)
+    peer_max_pdu: int = 0
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    clock: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    bytes_received: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+
+    def count(self, status: int, size: int) -> None:
+        self.bytes_received += size
+        if status == SUCCESS:
+            self.stored += 1
+        else:
+            self.failed += 1
+        self.statuses[f"0x{status:04X}"] += 1
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A received C-STORE: its command's UIDs and the data set as a Part 10 file."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    data: bytes
+
+
+class Service(Protocol):
+    """What the acceptor asks of the node (see :class:`node.dimse.listener.AssociationHandlers`)."""
+
+    def admit(self, requestor: Requestor) -> Refusal | None: ...
+
+    def accepted(self, association: Association) -> None: ...
+
+    def store(self, association: Association, request: StoreRequest) -> tuple[int, str]: ...
+
+    def closed(self, association: Association, outcome: str, reason: str | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_associations: int = 16
+    max_pdu: int = 0  # 0: unlimited
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0

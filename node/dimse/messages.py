@@ -1,0 +1,123 @@
+"""DIMSE messages as bytes: command sets (group 0000, implicit VR little endian, PS3.7 E)
+encoded and parsed with ``struct``, and the file meta that makes a received data set a Part
+10 file (PS3.10 7.1) without decoding it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import node
+from node.core.status import SUCCESS
+from node.dimse.pdu import ABORT_INVALID_PARAMETER, AssociationAborted
+
+IMPLEMENTATION_CLASS_UID = "2.25.137921735641477805350619179463649102399"
+IMPLEMENTATION_VERSION_NAME = f"CURIA_NODE_{node.__version__.replace('.', '')}"[:16]
+
+# DIMSE command fields, and the Command Data Set Type of a message without one (PS3.7 E.1)
+C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
+NO_DATA_SET = 0x0101
+
+
+def _element(element: int, value: bytes) -> bytes:
+    """A command element, implicit VR little endian, padded to even length."""
+    if len(value) % 2:
+        value += b"\x00"
+    return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def command_set(elements: Sequence[tuple[int, bytes]]) -> bytes:
+    """A command set: its elements behind the (0000,0000) group length."""
+    body = b"".join(_element(tag, value) for tag, value in sorted(elements))
+    return _element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def response(request: dict[int, bytes], status: int, comment: str = "") -> bytes:
+    """The response to a request command: same SOP class, instance and message ID."""
+    elements = [
+        (0x0100, _us(us_value(request, 0x0100) | 0x8000)),
+        (0x0120, request.get(0x0110, _us(0))),
+        (0x0800, _us(NO_DATA_SET)),
+        (0x0900, _us(status)),
+    ]
+    for tag in (0x0002, 0x1000):  # Affected SOP Class / Instance UID
+        if tag in request:
+            elements.append((tag, request[tag]))
+    if comment and status != SUCCESS:
+        text = comment.encode("ascii", "replace")[:64]
+        elements.append((0x0902, text if len(text) % 2 == 0 else text + b" "))
+    return command_set(elements)
+
+
+def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
+    """The elements of a command set (group 0000, implicit VR little endian)."""
+    elements: dict[int, bytes] = {}
+    offset, size = 0, len(data)
+    while offset < size:
+        if offset + 8 > size:
+            raise AssociationAborted("a command element is cut short", ABORT_INVALID_PARAMETER)
+        group, element, length = struct.unpack_from("<HHL", data, offset)
+        offset += 8
+        if group != 0x0000 or offset + length > size:
+            raise AssociationAborted("a malformed command set", ABORT_INVALID_PARAMETER)
+        elements[element] = bytes(data[offset : offset + length])
+        offset += length
+    if 0x0100 not in elements:
+        raise AssociationAborted("a command set without a command field", ABORT_INVALID_PARAMETER)
+    return elements
+
+
+def us_value(elements: dict[int, bytes], tag: int) -> int:
+    value = elements.get(tag, b"")
+    if len(value) < 2:
+        raise AssociationAborted(
+            f"command element (0000,{tag:04X}) is not a US", ABORT_INVALID_PARAMETER
+        )
+    return int(struct.unpack_from("<H", value)[0])
+
+
+def uid(value: bytes) -> str:
+    return value.rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One file meta element, explicit VR little endian (UI padded with NUL, text with a
+    space)."""
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+_IMPLEMENTATION = _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode()) + (
+    _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode())
+)
+
+
+def file_meta(sop_class: bytes, sop_instance: bytes, syntax: str, source_ae: str) -> bytes:
+    """The preamble and file meta (PS3.10 7.1) for a data set received over the network.
+
+    The UIDs are written as the command carried them: whether they are valid is for the
+    ingest checks to say, with their own status codes.
+    """
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", sop_class.rstrip(b"\x00 ")),
+            _meta_element(0x0003, b"UI", sop_instance.rstrip(b"\x00 ")),
+            _meta_element(0x0010, b"UI", syntax.encode()),
+            _IMPLEMENTATION,
+            _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16]),
+        )
+    )
+    group = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(elements))
+    return _PREAMBLE + group + elements

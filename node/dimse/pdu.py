@@ -1,0 +1,97 @@
+"""PDU framing for the upper layer (PS3.8 9.3): whole PDUs read from a socket, and the
+few PDUs the acceptor writes itself (A-ASSOCIATE-RJ, A-RELEASE-RP, A-ABORT, P-DATA-TF).
+
+Any failure here ends the association: :class:`AssociationAborted` carries why, and the
+A-ABORT reason to send, if the peer is still there to hear it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import struct
+from typing import cast
+
+# PDU types, PS3.8 9.3.1
+ASSOCIATE_RQ, P_DATA, RELEASE_RQ, ABORT = 0x01, 0x04, 0x05, 0x07
+PDU_HEADER = struct.Struct(">BxL")
+
+# A-ABORT provider reasons, PS3.8 9.3.8
+ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
+
+
+class AssociationAborted(Exception):
+    """The association ends here: the peer went away, timed out or broke the protocol."""
+
+    def __init__(self, why: str, reason: int | None = None) -> None:
+        super().__init__(why)
+        self.reason = reason  # an A-ABORT to send, or None when the peer is gone
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return PDU_HEADER.pack(pdu_type, len(body)) + body
+
+
+def reject_pdu(result: int, source: int, diagnostic: int) -> bytes:
+    return _pdu(0x03, bytes((0, result, source, diagnostic)))
+
+
+def abort_pdu(reason: int, source: int = 0x02) -> bytes:
+    return _pdu(ABORT, bytes((0, 0, source, reason)))
+
+
+RELEASE_RP = _pdu(0x06, b"\x00" * 4)
+
+
+class Connection:
+    """Reads whole PDUs from a socket and writes P-DATA-TF within the peer's maximum."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=1 << 18))
+
+    def read_exact(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        try:
+            while got < size:
+                count = self.reader.readinto(view[got:])
+                if not count:
+                    raise AssociationAborted("the peer closed the connection")
+                got += count
+        except TimeoutError:
+            raise AssociationAborted("timed out waiting for the peer", 0x00) from None
+        except (OSError, ValueError) as exc:
+            raise AssociationAborted(f"the connection failed: {exc}") from None
+        return buffer
+
+    def read_pdu(self, limit: int = 0) -> tuple[int, bytearray]:
+        pdu_type, length = PDU_HEADER.unpack(self.read_exact(6))
+        if limit and length > limit:
+            raise AssociationAborted(f"a PDU of {length} bytes", ABORT_INVALID_PARAMETER)
+        return pdu_type, self.read_exact(length)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise AssociationAborted(f"cannot send to the peer: {exc}") from None
+
+    def send_command(self, context_id: int, command: bytes, peer_max_pdu: int) -> None:
+        """A command set in as many P-DATA-TF as the peer's maximum PDU length needs."""
+        room = peer_max_pdu - 6 if peer_max_pdu > 6 else len(command)
+        pdus = []
+        for start in range(0, len(command), room):
+            chunk = command[start : start + room]
+            last = start + room >= len(command)
+            pdv = struct.pack(">LBB", len(chunk) + 2, context_id, 0x03 if last else 0x01)
+            pdus.append(_pdu(P_DATA, pdv + chunk))
+        self.send(b"".join(pdus))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.reader.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
