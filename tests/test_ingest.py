@@ -29,15 +29,8 @@ from node.core.status import (
 )
 from node.core.uids import InvalidUID, is_valid_uid, validate_uid
 from node.store.disk import DiskGuard
-from node.store.ingest import (
-    MAX_NESTING,
-    Ingestor,
-    IngestOutcome,
-    InstanceHeader,
-    RejectedInstance,
-    header_from,
-    parse_header,
-)
+from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
+from node.store.ingest import MAX_NESTING, Ingestor, IngestOutcome
 from node.store.spool import STAGING_DIR, Spool, StagedFile, StoredFile
 from tests.support.fuzzing import Element, dataset_offset, element_map, file_meta
 from tests.support.peers import free_port

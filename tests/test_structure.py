@@ -1,6 +1,6 @@
 """The one-pass structure check (:mod:`node.store.structure`) and the header read from it.
 
-The header :func:`node.store.ingest.read_header` builds from the scan must be the one pydicom's
+The header :func:`node.store.header.read_header` builds from the scan must be the one pydicom's
 reader gives (:func:`parse_header` then :func:`header_from`), refusals included: the tests
 compare the two over pydicom's test files and over values and bytes changed on purpose.
 """
@@ -35,7 +35,7 @@ from pydicom.uid import (
 )
 
 from node.core.status import CANNOT_UNDERSTAND
-from node.store.ingest import (
+from node.store.header import (
     _ASCII_CHARSETS,
     _HEADER_TAG_SET,
     _HEADER_TAGS,

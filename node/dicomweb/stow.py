@@ -32,14 +32,8 @@ from node.core.status import (
 )
 from node.core.uids import is_valid_uid
 from node.dicomweb.multipart import MediaType, MultipartParser
-from node.store.ingest import (
-    Ingestor,
-    IngestOutcome,
-    InstanceHeader,
-    RejectedInstance,
-    header_from,
-    parse_header,
-)
+from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
+from node.store.ingest import Ingestor, IngestOutcome
 from node.store.spool import Spool, StagedFile
 
 log = logging.getLogger(__name__)
