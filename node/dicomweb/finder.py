@@ -184,7 +184,7 @@ class Finder:
         paths = {i: inside(self.settings.spool_dir, path) for i, path in self.session.execute(stmt)}
         return {i: path for i, path in paths.items() if path is not None}
 
-    def _series_stmt(self, query: Query) -> Select[Any]:
+    def _series_stmt(self, query: Query) -> Select[*tuple[Any, ...]]:
         columns = {
             "SeriesInstanceUID": Series.series_instance_uid,
             "Modality": Series.modality,
@@ -271,7 +271,7 @@ class Finder:
 
     def _page(
         self,
-        stmt: Select[Any],
+        stmt: Select[*tuple[Any, ...]],
         catalogued: Callable[[int, int], list[Row]],
         made: Callable[[], list[Row]],
         query: Query,

@@ -64,7 +64,9 @@ def parse_accept(value: str | None) -> list[MediaType]:
 
 
 def _split_outside_quotes(value: str, separator: str) -> list[str]:
-    items, current, quoted = [], [], False
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in value:
         if char == '"':
             quoted = not quoted

@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, SQLColumnExpression
 
 from node.dicomweb.common import MAX_QIDO_RESULTS, Level, bad_request, checked_uid
 
@@ -112,7 +112,9 @@ def _date_range(value: str) -> tuple[str, str] | None:
     return low, high
 
 
-def pattern_condition(column: Any, pattern: str, dialect: str) -> ColumnElement[bool] | None:
+def pattern_condition(
+    column: SQLColumnExpression[Any], pattern: str, dialect: str
+) -> ColumnElement[bool] | None:
     """Single-value matching with DICOM wildcards (* and ?), case-sensitive; None = any."""
     if pattern in ("", "*"):
         return None

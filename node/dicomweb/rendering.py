@@ -26,7 +26,8 @@ def json_to_xml(model: dict[str, Any]) -> bytes:
     """A DICOM JSON object as a PS3.19 Native DICOM Model document."""
     root = Element("NativeDicomModel", xmlns=_NATIVE_DICOM)
     _xml_attributes(root, model)
-    return tostring(root, encoding="utf-8", xml_declaration=True)
+    document: bytes = tostring(root, encoding="utf-8", xml_declaration=True)
+    return document
 
 
 def _xml_attributes(parent: Element, model: dict[str, Any]) -> None:
