@@ -285,6 +285,7 @@ class _Evaluator:
         """(True, False, or None when it needs findings not known yet), and why."""
         reasons: list[str] = []
         results: list[bool | None] = []
+        ok: bool | None
         facts = self.facts
         text_fields = (
             ("modality", "Modality", facts.modality),

@@ -122,7 +122,7 @@ class DeliverySettings(BaseModel):
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        return min(self.backoff_seconds * 2 ** (attempt - 1), self.backoff_max_seconds)
+        return min(self.backoff_seconds * 2.0 ** (attempt - 1), self.backoff_max_seconds)
 
 
 class CompletionSettings(BaseModel):
