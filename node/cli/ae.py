@@ -53,7 +53,8 @@ def _catalogue(ctx: typer.Context) -> Catalogue:
 
 
 def _settings(ctx: typer.Context) -> Settings:
-    return ctx.obj["settings"]
+    settings: Settings = ctx.obj["settings"]
+    return settings
 
 
 @source_app.command("add")

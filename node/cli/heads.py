@@ -80,7 +80,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 def _settings(ctx: typer.Context) -> Settings:
     if "settings" not in ctx.obj:
         ctx.obj["settings"] = settings_or_exit(ctx.obj.get("config"))
-    return ctx.obj["settings"]
+    settings: Settings = ctx.obj["settings"]
+    return settings
 
 
 def _backbone(ctx: typer.Context, weights: str | None, device: str | None) -> Backbone:
