@@ -144,7 +144,7 @@ def overview(catalogue: Catalogue) -> dict[str, Any]:
             )
         ).all()
         series_ids = [series.id for study in studies for series in study.series]
-        forwards: dict[int, list[Delivery]] = {}
+        forwards: dict[int | None, list[Delivery]] = {}
         if series_ids:
             for delivery in session.scalars(
                 select(Delivery).where(Delivery.series_id.in_(series_ids)).order_by(Delivery.id)
