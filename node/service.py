@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import FrameType
 
 from node.catalogue.db import Catalogue, upgrade
 from node.core.settings import Settings
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class NodeService:
     settings: Settings
-    _stoppers: list[Any] = field(default_factory=list)
+    _stoppers: list[Callable[[], object]] = field(default_factory=list)
 
     def start(self) -> None:
         settings = self.settings
@@ -72,7 +73,9 @@ class NodeService:
         if settings.api.enabled:
             self._start_api(catalogue, app.tasks["curia.dispatch_result"].delay, ingestor)
 
-    def _start_api(self, catalogue: Catalogue, enqueue_dispatch: Any, ingestor: Ingestor) -> None:
+    def _start_api(
+        self, catalogue: Catalogue, enqueue_dispatch: Callable[[int], object], ingestor: Ingestor
+    ) -> None:
         import uvicorn
 
         from node.web.app import create_api
@@ -86,7 +89,6 @@ class NodeService:
             access_log=False,
         )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         thread = threading.Thread(target=server.run, name="api", daemon=True)
         thread.start()
 
@@ -108,7 +110,7 @@ class NodeService:
     def run_forever(self) -> None:
         done = threading.Event()
 
-        def on_signal(signum: int, _frame: Any) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %d: stopping", signum)
             done.set()
 
