@@ -23,6 +23,7 @@ from sqlalchemy import select
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import AssociationRecord, Instance
 from node.core.settings import DicomSettings
+from node.core.status import STATUSES, STORE_KEPT, Category, category
 from node.dimse.acceptor import APPLICATION_CONTEXT_NAME, Listener
 from node.dimse.allow_list import SourcePolicy, add_source
 from node.dimse.listener import start_listener
@@ -124,6 +125,20 @@ def test_commands_round_trip_and_responses_answer_their_request() -> None:
     assert answer[0x0900] == struct.pack("<H", 0xA700)
     assert answer[0x0902].rstrip() == b"free disk space below the watermark"
     assert struct.unpack("<L", answer[0x0000])[0] == len(encoded) - 12  # after the length
+
+
+def test_every_status_the_node_answers_has_its_category() -> None:
+    """The table agrees with PS3.7 C.1 on each code it lists, and the peer's answers a C-STORE
+    counts as kept are Success and the Storage warnings only."""
+    for code, row in STATUSES.items():
+        assert row.code == code
+        if code == 0x0000:
+            assert row.category == Category.SUCCESS
+        else:
+            warning = code >> 12 == 0xB
+            assert row.category == (Category.WARNING if warning else Category.FAILURE), str(row)
+    assert {category(code) for code in STORE_KEPT} == {Category.SUCCESS, Category.WARNING}
+    assert category(0xC211) == Category.FAILURE and category(0x0107) == Category.WARNING
 
 
 def test_a_store_is_answered_and_the_association_is_accepted_with_our_identity(
