@@ -92,6 +92,7 @@ def test_orthanc_pushes_a_study_with_its_dicomweb_client(
 # --- QIDO-RS and WADO-RS with dicomweb-client ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_search_and_retrieve_with_dicomweb_client(node: RunningNode, ct_series: list[Path]) -> None:
     client = node.client()
     answer = client.store_instances([dcmread(path) for path in ct_series])

@@ -243,6 +243,7 @@ def _tls_listener(tmp_path: Path, require_client_cert: bool):
     return pki, port, ingestor, server
 
 
+@pytest.mark.slow
 def test_tls_with_client_certificates(tmp_path: Path) -> None:
     """DCMTK's TLS-enabled storescu: a trusted client stores; one without a cert is refused."""
     pki, port, ingestor, server = _tls_listener(tmp_path, require_client_cert=True)
@@ -271,6 +272,7 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_tls_server_certificate_only(tmp_path: Path) -> None:
     pki, port, _, server = _tls_listener(tmp_path, require_client_cert=False)
     try:

@@ -209,6 +209,7 @@ def centre_window(count: int, size: int) -> list[int]:
 # --- imports that run ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fields",
     [
@@ -349,6 +350,7 @@ def test_slice_level_head_becomes_mean_cls(
     torch.testing.assert_close(head.predict(features.unsqueeze(0))[0], expected)
 
 
+@pytest.mark.slow
 def test_regression_head_reports_the_raw_value(
     tmp_path: Path, backbone: Backbone, ct: list[Path], last_block_tokens: torch.Tensor
 ) -> None:
@@ -492,6 +494,7 @@ def test_only_window_slices_are_decoded(
     assert result.slice_count == 20 and result.findings[0].key_slice in (9, 10, 11)
 
 
+@pytest.mark.slow
 def test_attentive_and_mean_heads_share_one_pass(backbone: Backbone, ct: list[Path]) -> None:
     from pipelines.model.heads import demo_head
 

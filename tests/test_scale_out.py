@@ -64,6 +64,7 @@ def test_inference_and_cpu_workers_on_separate_queues(
         delete_queues(env["CURIA_PIPELINE__QUEUE_PREFIX"])
 
 
+@pytest.mark.slow
 def test_a_worker_refuses_an_unknown_stage() -> None:
     result = subprocess.run(
         [str(VENV_BIN / "curia-node"), "worker", "--queues", "inference,gpu"],

@@ -91,6 +91,7 @@ def run(*args: str) -> tuple[int, str, float]:
 # --- end to end through the CLI -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_writes_a_head_and_caches_features(dataset: Path, tmp_path: Path) -> None:
     heads, cache = tmp_path / "heads", tmp_path / "cache"
     common = ["train", str(dataset), "--labels", str(labels_of(dataset)), "--name", "level"]
@@ -129,6 +130,7 @@ def test_train_writes_a_head_and_caches_features(dataset: Path, tmp_path: Path) 
     assert code == 2 and "already there" in output
 
 
+@pytest.mark.slow
 def test_evaluate_and_list(dataset: Path, tmp_path: Path) -> None:
     heads = tmp_path / "heads"
     code, output, _ = run(
@@ -162,6 +164,7 @@ def test_evaluate_and_list(dataset: Path, tmp_path: Path) -> None:
         assert text in output
 
 
+@pytest.mark.slow
 def test_regression_head(dataset: Path, tmp_path: Path) -> None:
     labels = tmp_path / "position.csv"
     labels.write_text(

@@ -58,6 +58,7 @@ uid_like = st.text(
 anything = st.one_of(uid_like, st.text(max_size=80), valid_uids)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(valid_uids)
 def test_the_grammar_is_accepted(uid: str) -> None:
@@ -88,6 +89,7 @@ def test_zero_padded_components_are_refused(uid: str, where: int, padded: str) -
         validate_uid(candidate)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(valid_uids.filter(lambda uid: len(uid) < 64), st.data())
 def test_one_foreign_character_spoils_a_uid(uid: str, data: st.DataObject) -> None:
@@ -113,6 +115,7 @@ def test_longer_than_64_characters_is_refused(uid: str) -> None:
         validate_uid(uid)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(st.one_of(st.none(), st.integers(), st.binary(max_size=20), st.lists(valid_uids)))
 def test_only_strings_are_uids(value: object) -> None:
@@ -134,6 +137,7 @@ def inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(valid_uids, valid_uids, valid_uids)
 def test_valid_uids_give_a_path_inside_the_spool(
@@ -146,6 +150,7 @@ def test_valid_uids_give_a_path_inside_the_spool(
     assert spool.absolute(relative).parent.parent.parent == spool.root
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(anything, anything, anything)
 def test_no_triple_escapes_the_spool(spool: Spool, study: str, series: str, sop: str) -> None:

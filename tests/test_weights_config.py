@@ -37,6 +37,7 @@ def test_configured_folder_is_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert runtime.heads[0].card.hidden_size == runtime.backbone.spec.hidden_size
 
 
+@pytest.mark.slow
 def test_node_refuses_a_folder_without_weights(tmp_path: Path) -> None:
     folder = tmp_path / "not-curia"
     folder.mkdir()
@@ -46,6 +47,7 @@ def test_node_refuses_a_folder_without_weights(tmp_path: Path) -> None:
     assert "config.json" in result.stderr
 
 
+@pytest.mark.slow
 def test_node_refuses_a_three_channel_model(tmp_path: Path) -> None:
     folder = tmp_path / "rgb"
     save_hf_folder(demo_backbone("tiny"), folder)
@@ -57,6 +59,7 @@ def test_node_refuses_a_three_channel_model(tmp_path: Path) -> None:
     assert "num_channels" in result.stderr
 
 
+@pytest.mark.slow
 def test_compile_option_wraps_the_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """model.compile hands the backbone to torch.compile (compiled lazily, on first use)."""
     import torch
