@@ -140,6 +140,8 @@ class _TokenModel(Protocol):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def forward_intermediates(self, x: torch.Tensor, **options: Any) -> Any: ...
+
 
 @dataclass
 class Backbone:
@@ -169,11 +171,15 @@ class Backbone:
                 f"got {tuple(batch.shape)}"
             )
 
+    @property
+    def network(self) -> _TokenModel:
+        """The network as the backbone calls it (timm's ViT, possibly torch.compile'd)."""
+        return cast(_TokenModel, self.model)
+
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         self._check_batch(batch)
         with torch.inference_mode(), self._autocast():
-            model = cast(_TokenModel, self.model)
-            return model.forward_features(batch.to(self.device, torch.float32))
+            return self.network.forward_features(batch.to(self.device, torch.float32))
 
     def tokens(self, batch: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, (N, 1 + patches, hidden), float32.

@@ -107,7 +107,7 @@ def backbone_tokens(backbone: Backbone, batch: torch.Tensor) -> BackboneTokens:
         )
     device = backbone.device
     with torch.inference_mode(), _autocast(device):
-        out = backbone.model.forward_intermediates(
+        out = backbone.network.forward_intermediates(
             batch.to(device, torch.float32),
             indices=1,
             return_prefix_tokens=True,
@@ -311,11 +311,11 @@ def _locate_mean_findings(
     computed again here: one extra backbone pass over at most one slice per head.
     """
     for group in groups:
-        wanted = {
-            i: findings[i].key_slice
-            for i in group.head_indices
-            if findings[i].key_slice is not None
-        }
+        wanted: dict[int, int] = {}
+        for i in group.head_indices:
+            key_slice = findings[i].key_slice
+            if key_slice is not None:
+                wanted[i] = key_slice
         if not wanted:
             continue
         slices = sorted(set(wanted.values()))

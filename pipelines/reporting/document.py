@@ -202,7 +202,8 @@ def build_sr(
     sr.ManufacturerModelName = device.model_name
     sr.SoftwareVersions = device.software_version
     sr.DeviceUID = device.device_uid
-    sr.ContributingEquipmentSequence.append(ihe_air_equipment(device, now))
+    # a plain item: highdicom's ContributingEquipment refuses the IHE AIR purpose code
+    sr["ContributingEquipmentSequence"].value.append(ihe_air_equipment(device, now))
     return sr
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -246,12 +247,12 @@ def _library_group(
         )
         own = [item for item in items if id(item) not in shared_ids]
         if own:
-            image.ContentSequence = own
+            image.ContentSequence = DicomSequence(own)
         content.append(image)
     group = hd.sr.ContainerContentItem(
         name=codes.DCM.ImageLibraryGroup, relationship_type=_CONTAINS
     )
-    group.ContentSequence = content
+    group.ContentSequence = DicomSequence(content)
     return group
 
 
@@ -263,7 +264,9 @@ def image_library(sources: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
         key = (str(ds.get("Modality", "") or ""), str(ds.get("FrameOfReferenceUID", "") or ""))
         groups.setdefault(key, []).append((ds, descriptors.for_source(i, ds)))
     library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=_CONTAINS)
-    library.ContentSequence = [_library_group(entries) for entries in groups.values()]
+    library.ContentSequence = DicomSequence(
+        [_library_group(entries) for entries in groups.values()]
+    )
     return library
 
 
