@@ -19,8 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Update, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
@@ -148,14 +149,15 @@ def claim(catalogue: Catalogue, delivery_id: int, lease: timedelta = LEASE) -> D
     token = uuid.uuid4().hex
     now = _now()
     with catalogue.session() as session:
-        won = session.execute(
+        won = _changed(
+            session,
             update(Delivery)
             .where(Delivery.id == delivery_id)
             .where(Delivery.state == DeliveryState.PENDING)
             .where(_free(now, lease))
             .values(claim_token=token, claimed_at=now, attempts=Delivery.attempts + 1)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         delivery = session.get(Delivery, delivery_id)
         if delivery is None:
             return DeliveryClaim(delivery_id, Claimed.GONE)
@@ -188,12 +190,13 @@ def renew(catalogue: Catalogue, held: DeliveryClaim) -> bool:
     """Extend the claim while sending; False when it is no longer ours."""
     with catalogue.session() as session:
         return bool(
-            session.execute(
+            _changed(
+                session,
                 update(Delivery)
                 .where(Delivery.id == held.delivery_id, Delivery.claim_token == held.token)
                 .values(claimed_at=_now())
-                .execution_options(synchronize_session=False)
-            ).rowcount
+                .execution_options(synchronize_session=False),
+            )
         )
 
 
@@ -213,7 +216,8 @@ def mark_sent(session: Session, held: DeliveryClaim) -> int | None:
     """Record the send and release the claim; return the id of the run whose result it was
     (None for a forwarded series). A claim that was taken over meanwhile is logged: the
     destination got the object, and the holder records its own outcome."""
-    done = session.execute(
+    done = _changed(
+        session,
         update(Delivery)
         .where(Delivery.id == held.delivery_id, Delivery.claim_token == held.token)
         .values(
@@ -223,8 +227,8 @@ def mark_sent(session: Session, held: DeliveryClaim) -> int | None:
             claim_token=None,
             claimed_at=None,
         )
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if not done:
         log.warning("delivery %d: sent, but its claim had been taken over", held.delivery_id)
     return _run_of(session, held.delivery_id)
@@ -250,7 +254,8 @@ def record_failure(
     if delivery is None:
         return Failure(0, True, error)
     final = delivery.attempts >= max_attempts
-    done = session.execute(
+    done = _changed(
+        session,
         update(Delivery)
         .where(Delivery.id == held.delivery_id, Delivery.claim_token == held.token)
         .values(
@@ -259,8 +264,8 @@ def record_failure(
             claim_token=None,
             claimed_at=None,
         )
-        .execution_options(synchronize_session="fetch")
-    ).rowcount
+        .execution_options(synchronize_session="fetch"),
+    )
     if not done:
         return None
     DELIVERY_FAILURES.labels(delivery.destination).inc()
@@ -283,12 +288,13 @@ def requeue_failed(session: Session, delivery_id: int) -> tuple[dict[str, object
         "attempts": delivery.attempts,
         "last_error": delivery.last_error,
     }
-    changed = session.execute(
+    changed = _changed(
+        session,
         update(Delivery)
         .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.FAILED)
         .values(state=DeliveryState.PENDING, attempts=0, claim_token=None, claimed_at=None)
-        .execution_options(synchronize_session="fetch")
-    ).rowcount
+        .execution_options(synchronize_session="fetch"),
+    )
     if not changed:  # re-queued by someone else in between
         raise ValueError(f"delivery {delivery_id} is pending, not failed")
     return before, _run_of(session, delivery_id)
@@ -300,3 +306,8 @@ def _run_of(session: Session, delivery_id: int) -> int | None:
         .join(Delivery, Delivery.result_id == Result.id)
         .where(Delivery.id == delivery_id)
     )
+
+
+def _changed(session: Session, statement: Update) -> int:
+    """How many rows a conditional UPDATE changed: 0 when its condition no longer held."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount

@@ -61,23 +61,26 @@ def list_deliveries(catalogue: Catalogue, state: str | None = None) -> list[Deli
         query = select(Delivery).order_by(Delivery.id.desc()).limit(500)
         if state is not None:
             query = query.where(Delivery.state == DeliveryState(state))
-        return [
-            DeliveryView(
-                id=d.id,
-                destination=d.destination,
-                state=d.state.value,
-                attempts=d.attempts,
-                last_error=d.last_error,
-                sent_at=d.sent_at,
-                result_kind=d.result.kind if d.result else "series",
-                result_uid=(
-                    d.result.sop_instance_uid if d.result else d.series.series_instance_uid
-                ),
-                series_uid=(d.result.run.series if d.result else d.series).series_instance_uid,
-                rule=d.rule,
-            )
-            for d in session.scalars(query)
-        ]
+        return [_view(d) for d in session.scalars(query)]
+
+
+def _view(d: Delivery) -> DeliveryView:
+    # a delivery sends either a result of a run of a series, or the series itself
+    series = d.result.run.series if d.result is not None else d.series
+    if series is None:
+        raise ResultsError(f"delivery {d.id} has neither a result nor a series")
+    return DeliveryView(
+        id=d.id,
+        destination=d.destination,
+        state=d.state.value,
+        attempts=d.attempts,
+        last_error=d.last_error,
+        sent_at=d.sent_at,
+        result_kind=d.result.kind if d.result else "series",
+        result_uid=d.result.sop_instance_uid if d.result else series.series_instance_uid,
+        series_uid=series.series_instance_uid,
+        rule=d.rule,
+    )
 
 
 def requeue(

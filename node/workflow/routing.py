@@ -55,7 +55,7 @@ def active_rules(catalogue: Catalogue) -> ActiveRules:
         with _cache_lock:
             if key in _cache:
                 return _cache[key]
-        row = session.get(RuleSet, newest)
+        row = session.scalars(select(RuleSet).where(RuleSet.id == newest)).one()
         active = ActiveRules(
             row.id,
             row.document,
@@ -156,14 +156,11 @@ def facts_for(
 def orientation(header: Dataset | None) -> str | None:
     """axial, coronal or sagittal when the slice normal is within ~35 degrees of a patient
     axis (ImageOrientationPatient), else oblique; None without the attribute."""
+    if header is None:
+        return None
     try:
-        row, col = (
-            [float(v) for v in header.ImageOrientationPatient[:3]],
-            [  # type: ignore[union-attr]
-                float(v)
-                for v in header.ImageOrientationPatient[3:6]  # type: ignore[union-attr]
-            ],
-        )
+        row = [float(v) for v in header.ImageOrientationPatient[:3]]
+        col = [float(v) for v in header.ImageOrientationPatient[3:6]]
     except (AttributeError, TypeError, ValueError, IndexError):
         return None
     normal = [

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Update, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
@@ -194,14 +194,15 @@ def claim(catalogue: Catalogue, run_id: int, stage: Stage, lease: timedelta = LE
     if stage == "analyse":
         values |= {"state": RunState.RUNNING, "started_at": now}
     with catalogue.session() as session:
-        won = session.execute(
+        won = _changed(
+            session,
             update(PipelineRun)
             .where(PipelineRun.id == run_id)
             .where(_claimable(stage))
             .where(or_(PipelineRun.claim_token.is_(None), PipelineRun.claimed_at < now - lease))
             .values(**values)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         run = session.get(PipelineRun, run_id)
         if not won:
             return RunClaim(run_id, stage, _found(stage, run))
@@ -229,12 +230,13 @@ def _holding(session: Session, held: RunClaim, **values: Any) -> bool:
     """Change the run only while ``held`` is still its claim; the first statement of a
     transaction, so it also takes the row's write lock for the rest of it."""
     return bool(
-        session.execute(
+        _changed(
+            session,
             update(PipelineRun)
             .where(PipelineRun.id == held.run_id, PipelineRun.claim_token == held.token)
             .values(**values)
-            .execution_options(synchronize_session="fetch")
-        ).rowcount
+            .execution_options(synchronize_session="fetch"),
+        )
     )
 
 
@@ -314,12 +316,13 @@ def finish_if_delivered(session: Session, run_id: int | None) -> None:
 
 
 def _finish(session: Session, run_id: int, states: list[RunState]) -> None:
-    finished = session.execute(
+    finished = _changed(
+        session,
         update(PipelineRun)
         .where(PipelineRun.id == run_id, PipelineRun.state.in_(states))
         .values(state=RunState.SUCCEEDED, finished_at=_now())
-        .execution_options(synchronize_session="fetch")
-    ).rowcount
+        .execution_options(synchronize_session="fetch"),
+    )
     if finished:
         _series_state(session, run_id, SeriesState.DONE)
 
@@ -337,9 +340,9 @@ def fail(catalogue: Catalogue, run_id: int, error: str, held: RunClaim | None = 
         query = update(PipelineRun).where(PipelineRun.id == run_id)
         if held is not None and held.token is not None:
             query = query.where(PipelineRun.claim_token == held.token)
-        failed = session.execute(
-            query.values(**values).execution_options(synchronize_session=False)
-        ).rowcount
+        failed = _changed(
+            session, query.values(**values).execution_options(synchronize_session=False)
+        )
         if failed:
             _series_state(session, run_id, SeriesState.FAILED)
         return bool(failed)
@@ -393,3 +396,8 @@ def _series_state(session: Session, run_id: int, state: SeriesState) -> None:
         .values(state=state)
         .execution_options(synchronize_session="fetch")
     )
+
+
+def _changed(session: Session, statement: Update) -> int:
+    """How many rows a conditional UPDATE changed: 0 when its condition no longer held."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount

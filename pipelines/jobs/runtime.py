@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,8 @@ from node.store.spool import Spool, write_durably
 from node.workflow.routing import Router
 
 if TYPE_CHECKING:
+    import torch
+
     from pipelines.model.backbone import Backbone
     from pipelines.model.heads import Head
     from pipelines.model.masks import MaskHead
@@ -60,7 +63,7 @@ def model_key(settings: Settings) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def run_key_for(settings: Settings) -> callable:
+def run_key_for(settings: Settings) -> Callable[[Series], str]:
     key = model_key(settings)
 
     def run_key(series: Series) -> str:
@@ -102,7 +105,7 @@ class Runtime:
         return Spool(self.settings.spool_dir, self.settings.quarantine_dir)
 
     @cached_property
-    def device(self):
+    def device(self) -> torch.device:
         from pipelines.model.inference import select_device
 
         return select_device(self.settings.model.device)
@@ -122,7 +125,7 @@ class Runtime:
                 import torch
 
                 # Compiled on first use per input shape; worth it for long-running GPU workers.
-                backbone.model = torch.compile(backbone.model)
+                backbone.model = torch.compile(backbone.model)  # type: ignore[assignment]
             return backbone
 
     @cached_property

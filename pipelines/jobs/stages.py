@@ -92,6 +92,14 @@ def _claim(runtime: Runtime, run_id: int, stage: runs.Stage) -> runs.RunClaim:
     return held
 
 
+def _run(session: Session, run_id: int) -> PipelineRun:
+    """A run this stage holds a claim on (and so exists)."""
+    run = session.get(PipelineRun, run_id)
+    if run is None:
+        raise LookupError(f"no run {run_id}")
+    return run
+
+
 def prepared_folder(runtime: Runtime, run_id: int) -> Path:
     """Where a run's series is decoded ahead of inference (data folder, shared by workers)."""
     return runtime.settings.data_path / "prepared" / str(run_id)
@@ -118,7 +126,7 @@ def prepare(runtime: Runtime, run_id: int) -> bool:
         return held.outcome is runs.Claimed.DONE
     with _holding(runtime, held):
         with runtime.catalogue.session() as session:
-            series_id = session.get(PipelineRun, run_id).series_id
+            series_id = _run(session, run_id).series_id
             paths = _instance_paths(runtime, session, series_id)
         folder = prepared_folder(runtime, run_id)
         if load_prepared(folder) is None:
@@ -157,7 +165,7 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
         return False
     with _holding(runtime, held):
         with runtime.catalogue.session() as session:
-            run = session.get(PipelineRun, run_id)
+            run = _run(session, run_id)
             series = run.series
             paths = _instance_paths(runtime, session, series.id)
             run_key, series_uid, modality = run.run_key, series.series_instance_uid, series.modality
@@ -260,8 +268,8 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
         return []
     with _holding(runtime, held):
         with runtime.catalogue.session() as session:
-            run = session.get(PipelineRun, run_id)
-            findings = findings_from_dict(run.findings)
+            run = _run(session, run_id)
+            findings = findings_from_dict(run.findings or {})
             series_id = run.series_id
         if not findings.findings:  # no head applies to this series: nothing to report
             return _report_nothing(runtime, held, series_id)
@@ -270,7 +278,7 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
             if not runs.record_reported(session, held, sources.results):
                 log.warning("run %d: reported, but another execution had taken it over", run_id)
                 return []
-            run = session.get(PipelineRun, run_id)
+            run = _run(session, run_id)
             decision = runtime.router.decide(session, run.series, run.findings, sources.header)
             delivery_ids = deliveries.create_forwards(session, series_id, decision.forward)
             destinations = [*runtime.result_destinations(), *decision.results_to]
@@ -285,12 +293,12 @@ def report(runtime: Runtime, run_id: int) -> list[int]:
 def _report_nothing(runtime: Runtime, held: runs.RunClaim, series_id: int) -> list[int]:
     """A run whose series no head applies to: routed on its attributes, and finished."""
     with runtime.catalogue.session() as session:
-        series = session.get(PipelineRun, held.run_id).series
+        series = _run(session, held.run_id).series
         header = first_header(session, runtime.settings.spool_dir, series)
     with runtime.catalogue.session() as session:
         if not runs.finish_empty(session, held):
             return []
-        run = session.get(PipelineRun, held.run_id)
+        run = _run(session, held.run_id)
         decision = runtime.router.decide(session, run.series, run.findings, header)
         return deliveries.create_forwards(session, series_id, decision.forward)
 
@@ -311,7 +319,7 @@ def _write_srs(runtime: Runtime, held: runs.RunClaim, findings: SeriesFindings) 
     from pipelines.reporting.files import write_dataset
 
     with runtime.catalogue.session() as session:
-        run = session.get(PipelineRun, held.run_id)
+        run = _run(session, held.run_id)
         run_key = run.run_key
         paths = _instance_paths(runtime, session, run.series_id)
         seg_paths = session.scalars(

@@ -42,12 +42,13 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             holder["rt"] = Runtime(settings)
         return holder["rt"]
 
-    app.curia_runtime = runtime  # type: ignore[attr-defined]
+    app.curia_runtime = runtime
 
     @worker_ready.connect(weak=False)
     def load_model_when_ready(sender: Any = None, **_: Any) -> None:
         """Load the model as the worker starts, not on the first series it gets."""
-        if getattr(sender, "app", None) is app and app.conf.get("curia_load_model", True):
+        wanted = bool(app.conf.get("curia_load_model", True))
+        if wanted and getattr(sender, "app", None) is app:
             log.info("model loaded: %s", runtime().backbone.identity.name)
 
     def run_stage(
