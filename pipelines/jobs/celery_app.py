@@ -57,6 +57,10 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
+#: ``celery -A`` reads this name; built on first access by the module ``__getattr__``.
+app: Celery
+
+
 def __getattr__(name: str) -> Celery:
     """``celery -A pipelines.jobs.celery_app`` finds ``app``: built on first use from the
     environment and ``CURIA_CONFIG``, so importing this module has no side effects."""

@@ -11,6 +11,8 @@ in the same queue. Among equal priorities the order stays first-in first-out.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport.sqlalchemy import Channel as SqlAlchemyChannel
 from kombu.transport.sqlalchemy import Transport as SqlAlchemyTransport
@@ -26,7 +28,7 @@ PRIORITY_WINDOW = 500
 
 
 class Channel(SqlAlchemyChannel):
-    def _get(self, queue: str) -> dict:
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         obj = self._get_or_create(queue)
         if self.session.bind.name == "sqlite":
             self.session.execute(text("BEGIN IMMEDIATE TRANSACTION"))
@@ -49,7 +51,8 @@ class Channel(SqlAlchemyChannel):
                 key=lambda i: (self._get_message_priority(payloads[i]), -i),
             )
             waiting[best].visible = False
-            return payloads[best]
+            message: dict[str, Any] = payloads[best]
+            return message
         finally:
             self.session.commit()
 
