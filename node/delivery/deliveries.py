@@ -14,33 +14,19 @@ two workers, send once: the loser sees that someone else holds or has finished i
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Update, or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session
 
+from node.catalogue.claims import LEASE, Claimed, changed, new_token
 from node.catalogue.db import Catalogue
 from node.catalogue.models import Delivery, DeliveryState, Instance, PipelineRun, Result
 from node.core.metrics import DELIVERY_FAILURES
 
 log = logging.getLogger(__name__)
-
-#: How long a claim stands without being renewed; a sender renews it every third of that.
-LEASE = timedelta(seconds=30)
-
-
-class Claimed(StrEnum):
-    """What an attempt to claim a delivery found."""
-
-    CLAIMED = "claimed"  # ours to send
-    DONE = "done"  # already sent
-    BUSY = "busy"  # another sender holds it and is alive
-    GONE = "gone"  # unknown, or dead-lettered: nothing to send
 
 
 @dataclass(frozen=True)
@@ -146,10 +132,10 @@ def claim(catalogue: Catalogue, delivery_id: int, lease: timedelta = LEASE) -> D
     """Take the delivery for one send, counting the attempt; committed before returning,
     so every other sender sees it. Only a pending delivery that nobody holds (or whose
     holder's lease ran out) is claimed."""
-    token = uuid.uuid4().hex
+    token = new_token()
     now = _now()
     with catalogue.session() as session:
-        won = _changed(
+        won = changed(
             session,
             update(Delivery)
             .where(Delivery.id == delivery_id)
@@ -190,7 +176,7 @@ def renew(catalogue: Catalogue, held: DeliveryClaim) -> bool:
     """Extend the claim while sending; False when it is no longer ours."""
     with catalogue.session() as session:
         return bool(
-            _changed(
+            changed(
                 session,
                 update(Delivery)
                 .where(Delivery.id == held.delivery_id, Delivery.claim_token == held.token)
@@ -216,7 +202,7 @@ def mark_sent(session: Session, held: DeliveryClaim) -> int | None:
     """Record the send and release the claim; return the id of the run whose result it was
     (None for a forwarded series). A claim that was taken over meanwhile is logged: the
     destination got the object, and the holder records its own outcome."""
-    done = _changed(
+    done = changed(
         session,
         update(Delivery)
         .where(Delivery.id == held.delivery_id, Delivery.claim_token == held.token)
@@ -254,7 +240,7 @@ def record_failure(
     if delivery is None:
         return Failure(0, True, error)
     final = delivery.attempts >= max_attempts
-    done = _changed(
+    done = changed(
         session,
         update(Delivery)
         .where(Delivery.id == held.delivery_id, Delivery.claim_token == held.token)
@@ -288,14 +274,14 @@ def requeue_failed(session: Session, delivery_id: int) -> tuple[dict[str, object
         "attempts": delivery.attempts,
         "last_error": delivery.last_error,
     }
-    changed = _changed(
+    requeued = changed(
         session,
         update(Delivery)
         .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.FAILED)
         .values(state=DeliveryState.PENDING, attempts=0, claim_token=None, claimed_at=None)
         .execution_options(synchronize_session="fetch"),
     )
-    if not changed:  # re-queued by someone else in between
+    if not requeued:  # re-queued by someone else in between
         raise ValueError(f"delivery {delivery_id} is pending, not failed")
     return before, _run_of(session, delivery_id)
 
@@ -306,8 +292,3 @@ def _run_of(session: Session, delivery_id: int) -> int | None:
         .join(Delivery, Delivery.result_id == Result.id)
         .where(Delivery.id == delivery_id)
     )
-
-
-def _changed(session: Session, statement: Update) -> int:
-    """How many rows a conditional UPDATE changed: 0 when its condition no longer held."""
-    return cast(CursorResult[Any], session.execute(statement)).rowcount

@@ -10,44 +10,29 @@ or a holder whose lease ran out because its worker died), committed before the w
 so it is atomic on SQLite and PostgreSQL alike. A second execution of the same stage for the
 same run (a redelivered task, a time-out) finds the run held or done and does nothing: one
 analysis, one report, whatever the broker delivers twice. A holder renews its claim while it
-works (:func:`keep_alive`), so only a dead worker's claim is ever taken over.
+works (:func:`node.catalogue.claims.keep_alive`), so only a dead worker's claim is ever taken over.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import uuid
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, CursorResult, Update, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from node.catalogue.claims import LEASE, Claimed, changed, new_token
 from node.catalogue.db import Catalogue
 from node.catalogue.models import PipelineRun, Result, RunState, Series, SeriesState
 from node.delivery import deliveries
 
 log = logging.getLogger(__name__)
 
-#: How long a claim stands without being renewed; a holder renews it every third of that.
-LEASE = timedelta(seconds=30)
-
 Stage = Literal["prepare", "analyse", "report"]
 Enqueue = Callable[[int, int], object]  # (run id, priority 0-9)
-
-
-class Claimed(StrEnum):
-    """What an attempt to claim a run for a stage found."""
-
-    CLAIMED = "claimed"  # ours to work on
-    DONE = "done"  # this stage's work is recorded: go on to the next one
-    BUSY = "busy"  # another execution holds it and is alive: wait for its outcome
-    GONE = "gone"  # unknown, failed, or not ready for this stage: nothing to do
 
 
 @dataclass(frozen=True)
@@ -188,13 +173,13 @@ def _found(stage: Stage, run: PipelineRun | None) -> Claimed:
 def claim(catalogue: Catalogue, run_id: int, stage: Stage, lease: timedelta = LEASE) -> RunClaim:
     """Claim the run for ``stage``; committed before returning. Analysing marks the run
     running and its series processing."""
-    token = uuid.uuid4().hex
+    token = new_token()
     now = _now()
     values: dict[str, Any] = {"claim_stage": stage, "claim_token": token, "claimed_at": now}
     if stage == "analyse":
         values |= {"state": RunState.RUNNING, "started_at": now}
     with catalogue.session() as session:
-        won = _changed(
+        won = changed(
             session,
             update(PipelineRun)
             .where(PipelineRun.id == run_id)
@@ -230,7 +215,7 @@ def _holding(session: Session, held: RunClaim, **values: Any) -> bool:
     """Change the run only while ``held`` is still its claim; the first statement of a
     transaction, so it also takes the row's write lock for the rest of it."""
     return bool(
-        _changed(
+        changed(
             session,
             update(PipelineRun)
             .where(PipelineRun.id == held.run_id, PipelineRun.claim_token == held.token)
@@ -238,30 +223,6 @@ def _holding(session: Session, held: RunClaim, **values: Any) -> bool:
             .execution_options(synchronize_session="fetch"),
         )
     )
-
-
-@contextmanager
-def keep_alive(renew_claim: Callable[[], bool], every: float) -> Iterator[threading.Event]:
-    """Renew a claim every ``every`` seconds while the block runs, so that only a dead
-    holder's claim runs out. The event yielded is set once the claim was lost."""
-    stop, lost = threading.Event(), threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(every):
-            try:
-                if not renew_claim():
-                    lost.set()
-                    return
-            except Exception as exc:  # the catalogue unreachable for a moment: try again
-                log.warning("could not renew a claim: %s", exc)
-
-    thread = threading.Thread(target=beat, name="claim-renewal", daemon=True)
-    thread.start()
-    try:
-        yield lost
-    finally:
-        stop.set()
-        thread.join()
 
 
 # --- recording a stage's outcome ------------------------------------------------------------
@@ -316,7 +277,7 @@ def finish_if_delivered(session: Session, run_id: int | None) -> None:
 
 
 def _finish(session: Session, run_id: int, states: list[RunState]) -> None:
-    finished = _changed(
+    finished = changed(
         session,
         update(PipelineRun)
         .where(PipelineRun.id == run_id, PipelineRun.state.in_(states))
@@ -340,7 +301,7 @@ def fail(catalogue: Catalogue, run_id: int, error: str, held: RunClaim | None = 
         query = update(PipelineRun).where(PipelineRun.id == run_id)
         if held is not None and held.token is not None:
             query = query.where(PipelineRun.claim_token == held.token)
-        failed = _changed(
+        failed = changed(
             session, query.values(**values).execution_options(synchronize_session=False)
         )
         if failed:
@@ -396,8 +357,3 @@ def _series_state(session: Session, run_id: int, state: SeriesState) -> None:
         .values(state=state)
         .execution_options(synchronize_session="fetch")
     )
-
-
-def _changed(session: Session, statement: Update) -> int:
-    """How many rows a conditional UPDATE changed: 0 when its condition no longer held."""
-    return cast(CursorResult[Any], session.execute(statement)).rowcount

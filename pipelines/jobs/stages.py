@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from node.catalogue.claims import keep_alive
 from node.catalogue.models import Instance, PipelineRun, Result
 from node.delivery import deliveries
 from node.delivery.transport import DispatchError
@@ -75,9 +76,8 @@ def fail_run(runtime: Runtime, run_id: int, error: str) -> None:
 def _holding(runtime: Runtime, held: runs.RunClaim) -> Iterator[None]:
     """Keep the claim alive while the stage works; an error fails the run (only while the
     claim is still ours) and is raised again as :class:`StageFailed`."""
-    every = runs.LEASE.total_seconds() / 3
     try:
-        with runs.keep_alive(lambda: runs.renew(runtime.catalogue, held), every):
+        with keep_alive(lambda: runs.renew(runtime.catalogue, held)):
             yield
     except Exception as exc:
         runs.fail(runtime.catalogue, held.run_id, f"{type(exc).__name__}: {exc}", held)
@@ -403,12 +403,11 @@ def dispatch(runtime: Runtime, delivery_id: int, max_attempts: int) -> deliverie
         paths = [runtime.settings.results_dir / held.result_path]
     else:
         paths = [runtime.spool.absolute(path) for path in held.series_paths]
-    every = deliveries.LEASE.total_seconds() / 3
     try:
         destination = runtime.destinations().get(held.destination)
         if destination is None:
             raise DispatchError(f"destination {held.destination!r} is no longer configured")
-        with runs.keep_alive(lambda: deliveries.renew(catalogue, held), every):
+        with keep_alive(lambda: deliveries.renew(catalogue, held)):
             destination.send(paths)
     except (DispatchError, OSError) as exc:
         with catalogue.session() as session:
