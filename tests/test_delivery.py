@@ -16,7 +16,7 @@ from pydicom import dcmread
 
 from tests.support.env import node_env
 from tests.support.peers import VENV_BIN, NodeProcess, Orthanc, free_port, wait_for
-from tests.support.storescu import send_to_node as _send
+from tests.support.storescu import send_to_node
 
 
 def _sr_series(orthanc: Orthanc, study_uid: str) -> list[dict]:
@@ -55,7 +55,7 @@ def test_results_reach_an_archive_that_comes_back(
         CURIA_DELIVERY__BACKOFF_MAX_SECONDS="1",
     )
     node = node_factory(env)
-    _send(node, ct_series)
+    send_to_node(node, ct_series)
     wait_for(
         lambda: any(d["attempts"] >= 2 for d in _deliveries(node, "pending")),
         120,
@@ -85,7 +85,7 @@ def test_dead_lettered_delivery_is_requeued_and_sent_once(
         CURIA_DELIVERY__BACKOFF_SECONDS="0.2",
     )
     node = node_factory(env)
-    _send(node, ct_series)
+    send_to_node(node, ct_series)
     dead = wait_for(
         lambda: (f := _deliveries(node, "failed")) and len(f) == 3 and f,
         120,
@@ -146,7 +146,7 @@ def test_results_delivered_over_http_destinations(
     url = f"{orthanc.url}/dicom-web" if protocol == "stow-rs" else orthanc.url
     env = node_env(tmp_path, orthanc, CURIA_ARCHIVE__PROTOCOL=protocol, CURIA_ARCHIVE__URL=url)
     node = node_factory(env)
-    _send(node, ct_series)
+    send_to_node(node, ct_series)
     study_uid = dcmread(ct_series[0], stop_before_pixels=True).StudyInstanceUID
     wait_for(
         lambda: (d := _deliveries(node)) and len(d) == 3 and all(x["state"] == "sent" for x in d),
