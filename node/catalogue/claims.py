@@ -15,12 +15,12 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, CursorResult, Update, or_
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ class Claimed(StrEnum):
 def new_token() -> str:
     """A holder's token: the outcome is recorded only where the row still carries it."""
     return uuid.uuid4().hex
+
+
+def free(
+    token: InstrumentedAttribute[str | None],
+    claimed_at: InstrumentedAttribute[datetime | None],
+    now: datetime,
+    lease: timedelta,
+) -> ColumnElement[bool]:
+    """The condition of a claimable row: nobody holds it, or its holder's lease ran out."""
+    return or_(token.is_(None), claimed_at < now - lease)
 
 
 def changed(session: Session, statement: Update) -> int:

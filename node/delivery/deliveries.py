@@ -16,14 +16,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from node.catalogue.claims import LEASE, Claimed, changed, new_token
+from node.catalogue.claims import LEASE, Claimed, changed, free, new_token
 from node.catalogue.db import Catalogue
-from node.catalogue.models import Delivery, DeliveryState, Instance, PipelineRun, Result
+from node.catalogue.models import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    PipelineRun,
+    Result,
+    utcnow,
+)
 from node.core.metrics import DELIVERY_FAILURES
 
 log = logging.getLogger(__name__)
@@ -39,14 +46,6 @@ class DeliveryClaim:
     destination: str = ""
     result_path: str | None = None  # relative to the results folder
     series_paths: tuple[str, ...] = ()  # relative to the spool, in instance order
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _free(now: datetime, lease: timedelta) -> ColumnElement[bool]:
-    return or_(Delivery.claim_token.is_(None), Delivery.claimed_at < now - lease)
 
 
 def create_forwards(session: Session, series_id: int, forward: Mapping[str, str]) -> list[int]:
@@ -133,14 +132,14 @@ def claim(catalogue: Catalogue, delivery_id: int, lease: timedelta = LEASE) -> D
     so every other sender sees it. Only a pending delivery that nobody holds (or whose
     holder's lease ran out) is claimed."""
     token = new_token()
-    now = _now()
+    now = utcnow()
     with catalogue.session() as session:
         won = changed(
             session,
             update(Delivery)
             .where(Delivery.id == delivery_id)
             .where(Delivery.state == DeliveryState.PENDING)
-            .where(_free(now, lease))
+            .where(free(Delivery.claim_token, Delivery.claimed_at, now, lease))
             .values(claim_token=token, claimed_at=now, attempts=Delivery.attempts + 1)
             .execution_options(synchronize_session=False),
         )
@@ -180,7 +179,7 @@ def renew(catalogue: Catalogue, held: DeliveryClaim) -> bool:
                 session,
                 update(Delivery)
                 .where(Delivery.id == held.delivery_id, Delivery.claim_token == held.token)
-                .values(claimed_at=_now())
+                .values(claimed_at=utcnow())
                 .execution_options(synchronize_session=False),
             )
         )
@@ -208,7 +207,7 @@ def mark_sent(session: Session, held: DeliveryClaim) -> int | None:
         .where(Delivery.id == held.delivery_id, Delivery.claim_token == held.token)
         .values(
             state=DeliveryState.SENT,
-            sent_at=_now(),
+            sent_at=utcnow(),
             last_error=None,
             claim_token=None,
             claimed_at=None,

@@ -18,15 +18,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, or_, select, update
+from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session
 
-from node.catalogue.claims import LEASE, Claimed, changed, new_token
+from node.catalogue.claims import LEASE, Claimed, changed, free, new_token
 from node.catalogue.db import Catalogue
-from node.catalogue.models import PipelineRun, Result, RunState, Series, SeriesState
+from node.catalogue.models import PipelineRun, Result, RunState, Series, SeriesState, utcnow
 from node.delivery import deliveries
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,6 @@ class ResultFile:
     series_instance_uid: str
     path: str  # relative to the results folder
     summary: str | None = None
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 # --- creating and queueing ------------------------------------------------------------------
@@ -133,7 +129,7 @@ def send(catalogue: Catalogue, run_ids: Iterable[int], enqueue: Enqueue) -> None
             session.execute(
                 update(PipelineRun)
                 .where(PipelineRun.id == run_id)
-                .values(enqueued_at=_now())
+                .values(enqueued_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
 
@@ -174,7 +170,7 @@ def claim(catalogue: Catalogue, run_id: int, stage: Stage, lease: timedelta = LE
     """Claim the run for ``stage``; committed before returning. Analysing marks the run
     running and its series processing."""
     token = new_token()
-    now = _now()
+    now = utcnow()
     values: dict[str, Any] = {"claim_stage": stage, "claim_token": token, "claimed_at": now}
     if stage == "analyse":
         values |= {"state": RunState.RUNNING, "started_at": now}
@@ -184,7 +180,7 @@ def claim(catalogue: Catalogue, run_id: int, stage: Stage, lease: timedelta = LE
             update(PipelineRun)
             .where(PipelineRun.id == run_id)
             .where(_claimable(stage))
-            .where(or_(PipelineRun.claim_token.is_(None), PipelineRun.claimed_at < now - lease))
+            .where(free(PipelineRun.claim_token, PipelineRun.claimed_at, now, lease))
             .values(**values)
             .execution_options(synchronize_session=False),
         )
@@ -199,7 +195,7 @@ def claim(catalogue: Catalogue, run_id: int, stage: Stage, lease: timedelta = LE
 def renew(catalogue: Catalogue, held: RunClaim) -> bool:
     """Extend the claim while working; False when it is no longer ours."""
     with catalogue.session() as session:
-        return _holding(session, held, claimed_at=_now())
+        return _holding(session, held, claimed_at=utcnow())
 
 
 def release(catalogue: Catalogue, held: RunClaim) -> bool:
@@ -244,7 +240,7 @@ def record_inferred(
         findings=findings,
         backbone=backbone,
         heads=heads,
-        inferred_at=_now(),
+        inferred_at=utcnow(),
         **_RELEASED,
     ):
         return False
@@ -281,7 +277,7 @@ def _finish(session: Session, run_id: int, states: list[RunState]) -> None:
         session,
         update(PipelineRun)
         .where(PipelineRun.id == run_id, PipelineRun.state.in_(states))
-        .values(state=RunState.SUCCEEDED, finished_at=_now())
+        .values(state=RunState.SUCCEEDED, finished_at=utcnow())
         .execution_options(synchronize_session="fetch"),
     )
     if finished:
@@ -294,7 +290,7 @@ def fail(catalogue: Catalogue, run_id: int, error: str, held: RunClaim | None = 
     values: dict[str, Any] = {
         "state": RunState.FAILED,
         "error": error[:2000],
-        "finished_at": _now(),
+        "finished_at": utcnow(),
         **_RELEASED,
     }
     with catalogue.session() as session:
