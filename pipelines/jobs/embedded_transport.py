@@ -20,6 +20,7 @@ from kombu.transport.virtual import Empty
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 SCHEME = "curia-sqla"
 POLLING_INTERVAL = 0.1
@@ -28,6 +29,16 @@ PRIORITY_WINDOW = 500
 
 
 class Channel(SqlAlchemyChannel):
+    def _get_or_create(self, queue: str) -> Any:
+        """kombu checks, then inserts, guarded only by a lock of its own process: two
+        workers starting on one broker file can both miss the queue's row, and the second
+        insert fails on the unique name. The loser reads the winner's row instead of dying."""
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:
+            self.session.rollback()
+            return self.session.query(self.queue_cls).filter(self.queue_cls.name == queue).one()
+
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         obj = self._get_or_create(queue)
         if self.session.bind.name == "sqlite":
