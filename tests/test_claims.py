@@ -290,8 +290,12 @@ class Workers:
                     start_new_session=True,
                 )
             )
-        for name in ("w1", "w2"):
-            wait_for(lambda n=name: " ready." in self.log(n), 120, f"worker {name} not ready")
+        try:
+            for name in ("w1", "w2"):
+                wait_for(lambda n=name: " ready." in self.log(n), 120, f"worker {name} not ready")
+        except BaseException:
+            self.stop()  # a worker that never became ready must not outlive the test
+            raise
 
     def log(self, name: str) -> str:
         path = self.root / f"{name}.log"
