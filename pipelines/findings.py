@@ -88,6 +88,21 @@ class SeriesFindings:
     sop_instance_uids_sorted: list[str] = field(default_factory=list)
 
 
+class NotAnalysed(Exception):
+    """A series, stack or object that no head applies to: a terminal outcome, not a failure.
+
+    Raised by the model side while preparing or analysing a run (a localizer, a sagittal
+    stack when every head is axial-only, a 3-slice series when the heads need 20, an RT
+    Structure Set, which is not an image), so that the run is recorded as "not analysed"
+    with ``reason``, in words a radiologist or an administrator understands, instead of
+    failing with a traceback and being retried.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class SegmentationError(ValueError):
     """A mask head package, mask or source set that cannot make a correct Segmentation.
 
