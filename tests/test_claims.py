@@ -35,6 +35,7 @@ from node.catalogue.models import (
     Result,
     RunState,
     Series,
+    SeriesState,
     Study,
 )
 from node.core.settings import Settings
@@ -153,6 +154,35 @@ def test_a_dead_holders_claim_is_taken_over_and_its_outcome_refused(tmp_path: Pa
         failure = deliveries.record_failure(session, second, "refused", max_attempts=2)
         assert failure is not None and failure.final and failure.run_id == run_id
     assert deliveries.claim(catalogue, delivery_id).outcome is deliveries.Claimed.GONE
+    catalogue.dispose()
+
+
+def test_not_analysed_ends_run_and_series_without_failing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run no head applies to ends "not analysed" with its reason: nothing failed, no
+    error, one INFO line, and no stage claims it again; a lost claim changes nothing."""
+    url = _sqlite_url(tmp_path)
+    upgrade(url)
+    catalogue = Catalogue(url)
+    run_id, _ = _run_with_delivery(catalogue, 1)
+    held = runs.claim(catalogue, run_id, "analyse")
+    stale = runs.RunClaim(run_id, "analyse", runs.Claimed.CLAIMED, "not-the-holder")
+    with catalogue.session() as session:
+        assert not runs.not_analysed(session, stale, "ignored")
+    with caplog.at_level("INFO", logger="node.workflow.runs"), catalogue.session() as session:
+        assert runs.not_analysed(session, held, "localizer: 3 slices, heads need 20")
+    with catalogue.session() as session:
+        run = session.get(PipelineRun, run_id)
+        assert run.state == RunState.NOT_ANALYSED and run.error is None
+        assert run.finished_at is not None and run.claim_token is None
+        assert run.series.state == SeriesState.NOT_ANALYSED
+        assert run.series.state_reason == "localizer: 3 slices, heads need 20"
+    lines = [r for r in caplog.records if r.name == "node.workflow.runs"]
+    assert [r.levelname for r in lines] == ["INFO"] and not any(r.exc_info for r in lines)
+    assert runs.claim(catalogue, run_id, "prepare").outcome is runs.Claimed.DONE
+    assert runs.claim(catalogue, run_id, "analyse").outcome is runs.Claimed.DONE
+    assert runs.claim(catalogue, run_id, "report").outcome is runs.Claimed.GONE
     catalogue.dispose()
 
 
