@@ -31,6 +31,7 @@ from node.catalogue.db import Catalogue, alembic_config, migrations_dir, upgrade
 from node.catalogue.models import (
     Delivery,
     DeliveryState,
+    Instance,
     PipelineRun,
     Result,
     RunState,
@@ -183,6 +184,60 @@ def test_not_analysed_ends_run_and_series_without_failing(
     assert runs.claim(catalogue, run_id, "prepare").outcome is runs.Claimed.DONE
     assert runs.claim(catalogue, run_id, "analyse").outcome is runs.Claimed.DONE
     assert runs.claim(catalogue, run_id, "report").outcome is runs.Claimed.GONE
+    catalogue.dispose()
+
+
+def test_a_forwarded_series_sends_each_object_once_across_late_arrivals(tmp_path: Path) -> None:
+    """Objects of one series arriving in several associations, some after the forward went:
+    each send carries only what the destination has not had, and one with nothing new is
+    done without sending."""
+    url = _sqlite_url(tmp_path)
+    upgrade(url)
+    catalogue = Catalogue(url)
+
+    def arrive(series_id: int, *uids: str) -> None:
+        with catalogue.session() as session:
+            for uid in uids:
+                session.add(
+                    Instance(
+                        sop_instance_uid=uid,
+                        series_id=series_id,
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.67",
+                        transfer_syntax_uid="1.2.840.10008.1.2.1",
+                        path=f"{uid}.dcm",
+                        size=1,
+                        sha256="0" * 64,
+                    )
+                )
+
+    with catalogue.session() as session:
+        series = Series(series_instance_uid="1.2.3.9", study=Study(study_instance_uid="1.2.4.9"))
+        session.add(series)
+        session.flush()
+        series_id = series.id
+    arrive(series_id, "9.1", "9.2")
+    with catalogue.session() as session:
+        [delivery_id] = deliveries.create_forwards(session, series_id, {"registry": "dose"})
+
+    def send() -> tuple[str, ...]:
+        held = deliveries.claim(catalogue, delivery_id)
+        if held.outcome is not runs.Claimed.CLAIMED:
+            return ()
+        with catalogue.session() as session:
+            deliveries.mark_sent(session, held)
+        return held.series_paths
+
+    assert send() == ("9.1.dcm", "9.2.dcm")
+    arrive(series_id, "9.3")
+    with catalogue.session() as session:
+        deliveries.reset_forwards(session, series_id)
+    assert send() == ("9.3.dcm",)
+    with catalogue.session() as session:
+        deliveries.reset_forwards(session, series_id)
+    assert send() == ()
+    with catalogue.session() as session:
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery.state == DeliveryState.SENT and len(delivery.sent_instances) == 3
     catalogue.dispose()
 
 

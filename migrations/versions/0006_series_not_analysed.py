@@ -1,4 +1,7 @@
-"""series state reason: why a series was not analysed
+"""series state reason, forwarded instances
+
+A series' state reason says why it was not analysed; a forward records the instances it
+sent, so late instances go on their own and nothing goes twice.
 
 A series no head applies to (a dose report, a key object selection, an RT structure set, a
 localizer, a stack no head accepts) ends "not analysed", which is not a failure; the reason
@@ -25,8 +28,12 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("series", schema=None) as batch_op:
         batch_op.add_column(sa.Column("state_reason", sa.Text(), nullable=True))
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("sent_instances", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_column("sent_instances")
     with op.batch_alter_table("series", schema=None) as batch_op:
         batch_op.drop_column("state_reason")

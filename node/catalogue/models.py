@@ -244,6 +244,9 @@ class Delivery(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(
         doc="renewed while sending; a claim older than the lease may be taken over"
     )
+    sent_instances: Mapped[list[int] | None] = mapped_column(
+        JSON, doc="a forwarded series: the instances (ids) sent, each sent once"
+    )
 
     result: Mapped[Result | None] = relationship(back_populates="deliveries")
     series: Mapped[Series | None] = relationship()
