@@ -33,10 +33,9 @@ def _mislabelled(n: int) -> list[bytes]:
 def test_a_series_of_mislabelled_files_logs_one_summary(caplog: pytest.LogCaptureFixture) -> None:
     summarise_library_warnings()
     files = _mislabelled(5)
-    with caplog.at_level(logging.WARNING, logger="pydicom"):
-        with warnings_summarised("series 7"):
-            for data in files:
-                dcmread(BytesIO(data))
+    with caplog.at_level(logging.WARNING, logger="pydicom"), warnings_summarised("series 7"):
+        for data in files:
+            dcmread(BytesIO(data))
     lines = [r.getMessage() for r in caplog.records if r.name == "pydicom"]
     assert len(lines) == 1, lines
     assert lines[0].startswith("series 7: Expected") and "(5 file(s))" in lines[0]
