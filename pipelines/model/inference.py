@@ -431,7 +431,7 @@ def analyse_series(
 
 
 def analyse_series_and_masks(
-    paths: Sequence[Path] | PreparedSeries,
+    paths: Sequence[Path] | SeriesPlan | PreparedSeries,
     backbone: Backbone,
     heads: Sequence[Head],
     *,
@@ -471,6 +471,7 @@ def analyse_series_and_masks(
         model=backbone.identity,
         slice_count=len(plan),
         sop_instance_uids_sorted=list(plan.sop_instance_uids),
+        frames_sorted=list(plan.frames),
     )
     if not heads and not mask_heads:
         return result, []
