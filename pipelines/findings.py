@@ -49,7 +49,8 @@ class HeadFinding:
     ``key_slice`` is the index (in the spatially sorted series) of the slice that scored
     highest for the predicted class, so a report can point a viewer at it; ``key_region``
     is where on that slice (see :mod:`pipelines.model.key_region`), None when the head keeps no
-    spatial information.
+    spatial information. ``stack`` names the stack of the series the head read (a series
+    may hold several: see :mod:`pipelines.model.stacks`), empty when the series is one.
     """
 
     head_name: str
@@ -61,6 +62,7 @@ class HeadFinding:
     key_slice: int | None = None
     demo: bool = False
     key_region: Box | None = None
+    stack: str = ""
 
     @property
     def predicted(self) -> HeadClass:
@@ -79,13 +81,26 @@ class ModelIdentity:
 
 @dataclass
 class SeriesFindings:
-    """Everything the pipeline learned about one series."""
+    """Everything the pipeline learned about one series.
+
+    ``sop_instance_uids_sorted[i]`` holds slice i of the analysed stacks, one stack after
+    the other, each in spatial order; ``frames_sorted[i]`` is its 1-based frame number in
+    a multi-frame object (0: a single-frame file; empty: no multi-frame source), so a
+    report references exactly the frame a key slice was. ``not_analysed`` lists the
+    stacks and objects of the series that were set aside, each with its reason.
+    """
 
     series_instance_uid: str
     model: ModelIdentity
     findings: list[HeadFinding] = field(default_factory=list)
     slice_count: int = 0
     sop_instance_uids_sorted: list[str] = field(default_factory=list)
+    frames_sorted: list[int] = field(default_factory=list)
+    not_analysed: list[str] = field(default_factory=list)
+
+    def frame_of(self, index: int) -> int:
+        """Slice ``index``'s frame number in its object (0: a single-frame file)."""
+        return self.frames_sorted[index] if self.frames_sorted else 0
 
 
 class NotAnalysed(Exception):
@@ -141,7 +156,8 @@ class SeriesMask:
     """A mask head's result on one series.
 
     ``mask[i]`` is the mask of the slice ``sop_instance_uids[i]`` (spatial order, as the
-    preprocessing sorts a series), in that slice's stored rows x columns, so it can be a
+    preprocessing sorts a series; frame ``frames[i]`` of it when it is multi-frame, see
+    :class:`SeriesFindings`), in that slice's stored rows x columns, so it can be a
     Segmentation frame as it is. ``finding`` is the series-level result for the SR
     (task :data:`SEGMENTATION_TASK`): present / absent, and the highest pixel probability
     as the probability that the segment is present.
@@ -152,6 +168,7 @@ class SeriesMask:
     series_instance_uid: str
     model: ModelIdentity
     finding: HeadFinding
+    frames: tuple[int, ...] = ()
 
     @property
     def voxel_count(self) -> int:
@@ -185,4 +202,6 @@ def findings_from_dict(data: dict) -> SeriesFindings:
         ],
         slice_count=data.get("slice_count", 0),
         sop_instance_uids_sorted=list(data.get("sop_instance_uids_sorted", [])),
+        frames_sorted=list(data.get("frames_sorted", [])),
+        not_analysed=list(data.get("not_analysed", [])),
     )

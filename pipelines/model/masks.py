@@ -357,6 +357,7 @@ def make_series_mask(
     model: ModelIdentity,
     mask_head: MaskHead,
     highest_probability: float,
+    frames: Sequence[int] = (),
 ) -> SeriesMask:
     """Wrap a stored-orientation mask with the series-level finding the SR reports.
 
@@ -390,6 +391,7 @@ def make_series_mask(
         series_instance_uid=series_instance_uid,
         model=model,
         finding=finding,
+        frames=tuple(frames),
     )
 
 
@@ -435,6 +437,7 @@ class MaskAccumulator:
             model=self.model,
             mask_head=self.head,
             highest_probability=self.highest,
+            frames=self.plan.frames,
         )
 
 

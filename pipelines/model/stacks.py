@@ -165,8 +165,16 @@ def _split(slices: list[SliceHeader]) -> list[list[SliceHeader]]:
             by_occurrence[seen[position]].append(s)
             seen[position] += 1
         parts += [by_occurrence[k] for k in sorted(by_occurrence)]
-    # deterministic, whatever order the files arrived in
-    return sorted(parts, key=lambda part: min(_acquisition_order(s) for s in part))
+    # deterministic, whatever order the files arrived in: acquisition order, then the
+    # acquisition key (echoes of one acquisition share their InstanceNumbers)
+    return sorted(
+        parts,
+        key=lambda part: (
+            min(s.instance_number or 0 for s in part),
+            part[0].acquisition,
+            min(_acquisition_order(s) for s in part),
+        ),
+    )
 
 
 def _describe(part: list[SliceHeader], plane: str | None) -> str:
