@@ -197,6 +197,7 @@ def legacy_enhanced_ct(real_ct: list[Path], dest: Path, syntax: str) -> Path:
         instance_number=1,
         transfer_syntax_uid=syntax,
     )
+    dest.mkdir(parents=True, exist_ok=True)
     path = dest / f"lce-{syntax}.dcm"
     image.save_as(path)
     return path

@@ -268,20 +268,23 @@ def _write_segs(
 ) -> list[tuple[HeadFinding, str, Dataset]]:
     """One SEG per mask head and stack: (finding, result part, SEG).
 
-    A SEG must share its source images' frame of reference: for a stack without
-    FrameOfReferenceUID (non-conformant, but seen) there is no SEG, the SR is made. The
-    part is the head's name, with the stack's position when the series has several.
+    A stack whose sources cannot carry a SEG (no frame of reference, a multi-frame
+    object without plane positions: see :func:`pipelines.reporting.seg.why_no_seg`) has
+    none; the SR is made. The part is the head's name, with the stack's position when the
+    series has several.
     """
+    from pipelines.reporting.seg import why_no_seg
+
     several = len({m.unit.index for m in masks}) > 1
     written = []
     for stack_mask in masks:
         plan = stack_mask.unit.plan
         headers = [dcmread(path, stop_before_pixels=True) for path in dict.fromkeys(plan.paths)]
-        if any(not h.get("FrameOfReferenceUID") for h in headers):
-            log.warning("run %d: no SEG: the stack has no FrameOfReferenceUID", run_id)
-            continue
-        if plan.frames and len(headers) > 1:
-            log.warning("run %d: no SEG: the stack spans several multi-frame objects", run_id)
+        reason = why_no_seg(headers)
+        if reason is None and plan.frames and len(headers) > 1:
+            reason = "the stack spans several multi-frame objects"
+        if reason is not None:
+            log.warning("run %d: no SEG: %s", run_id, reason)
             continue
         name = stack_mask.head.name
         part = f"{name}@{stack_mask.unit.index}" if several else name

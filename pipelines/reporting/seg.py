@@ -39,7 +39,7 @@ from pipelines.reporting.provenance import (
 )
 from pipelines.reporting.uids import new_uid
 
-__all__ = ["build_seg"]
+__all__ = ["build_seg", "why_no_seg"]
 
 _ST_MAX = 1024
 _DEMO_LABEL_SUFFIX = " (DEMO)"
@@ -73,6 +73,29 @@ def _check_geometry(ordered: Sequence[Dataset], mask: SeriesMask) -> None:
                 f"source {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns} but the mask is "
                 f"{mask.mask.shape[1]}x{mask.mask.shape[2]}"
             )
+
+
+def why_no_seg(sources: Sequence[Dataset]) -> str | None:
+    """Why these source headers cannot carry a Segmentation; None when they can.
+
+    A Segmentation shares its sources' frame of reference, and is placed frame by frame
+    in the patient: a source without FrameOfReferenceUID (non-conformant, but seen), or
+    a multi-frame source whose functional groups give no plane positions, has none.
+    """
+    if any(not ds.get("FrameOfReferenceUID") for ds in sources):
+        return "a source has no FrameOfReferenceUID"
+    for ds in sources:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 and not _has_plane_positions(ds):
+            return "the multi-frame source gives no plane position for its frames"
+    return None
+
+
+def _has_plane_positions(ds: Dataset) -> bool:
+    groups = [*(ds.get("SharedFunctionalGroupsSequence") or [])]
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if any("PlanePositionSequence" in g for g in groups):
+        return True
+    return bool(per_frame) and all("PlanePositionSequence" in g for g in per_frame)
 
 
 def _on_source_frames(
