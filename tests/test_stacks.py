@@ -128,7 +128,8 @@ def test_three_plane_localizer_is_set_aside(real_ct: list[Path], tmp_path: Path)
     assert sorted(s.label.split(" (")[0] for s in planned.skipped) == ["localizer"] * 3
     alone = plan_stacks(localizer)
     assert alone.stacks == []
-    assert alone.not_analysed().reason.count("localizer") == 6  # label and reason, thrice
+    reason = alone.not_analysed().reason
+    assert reason.count("localizer (1 slice, 512x512") == 3, reason
 
 
 def test_objects_that_are_not_images_are_set_aside(tmp_path: Path) -> None:

@@ -57,6 +57,8 @@ class Skipped:
     reason: str
 
     def __str__(self) -> str:
+        if self.label.startswith(self.reason):  # "localizer (1 slice, ...)" says it already
+            return self.label
         return f"{self.label}: {self.reason}"
 
 
