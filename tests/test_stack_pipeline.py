@@ -67,7 +67,9 @@ def _renamed(source: Path, dest: Path, label: str) -> Path:
 
 def _results(runtime: Runtime, run_id: int) -> dict[str, list[Dataset]]:
     with runtime.catalogue.session() as session:
-        rows = session.scalars(sa.select(Result).where(Result.run_id == run_id)).all()
+        rows = session.scalars(
+            sa.select(Result).where(Result.run_id == run_id).order_by(Result.id)
+        ).all()
         out: dict[str, list[Dataset]] = {}
         for row in rows:
             out.setdefault(row.kind, []).append(
@@ -169,11 +171,14 @@ def test_legacy_converted_ct_is_analysed_on_its_frames(tmp_path: Path, syntax: s
     _check_frames_referenced(runtime, run_id, uid, 20)
 
 
-def test_coronal_stack_is_analysed_by_a_head_that_reads_coronal(tmp_path: Path) -> None:
-    ct = repaired_ct_series(tmp_path / "ct", "coronal-run")
-    runtime, run_id = _received(tmp_path, resliced(ct, tmp_path / "coronal", "coronal"))
+@pytest.mark.parametrize("plane", ["coronal", "sagittal"])
+def test_non_axial_stack_is_analysed_by_a_head_that_reads_its_plane(
+    tmp_path: Path, plane: str
+) -> None:
+    ct = repaired_ct_series(tmp_path / "ct", f"{plane}-run")
+    runtime, run_id = _received(tmp_path, resliced(ct, tmp_path / plane, plane))
     [demo] = runtime.heads
-    demo.card = demo.card.model_copy(update={"planes": ["axial", "coronal"]})
+    demo.card = demo.card.model_copy(update={"planes": ["axial", plane]})
     runtime.__dict__["mask_heads"] = []
     run = _analysed(runtime, run_id)
     assert run.state.value == "succeeded"
@@ -192,3 +197,43 @@ def test_coronal_stack_no_head_reads_is_not_analysed(tmp_path: Path) -> None:
         assert run.series.state.value == "not_analysed"
         assert "coronal stack, every head is axial-only" in str(run.series.state_reason)
     assert _results(runtime, run_id) == {}
+
+
+def test_an_object_holding_two_stacks_gets_results_per_stack(tmp_path: Path) -> None:
+    """One Legacy Converted Enhanced CT whose frames form two stacks (Stack ID 1 and 2)."""
+    ct = repaired_ct_series(tmp_path / "ct", "two-stacks")
+    path = legacy_enhanced_ct(ct, tmp_path / "lce", ExplicitVRLittleEndian)
+    ds = pydicom.dcmread(path)
+    for n, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        if "FrameContentSequence" not in group:
+            group.FrameContentSequence = [Dataset()]
+        content = group.FrameContentSequence[0]
+        content.StackID = str(1 + n % 2)
+        content.InStackPositionNumber = 1 + n // 2
+    ds.save_as(path)
+    uid = str(ds.SOPInstanceUID)
+    runtime, run_id = _received(tmp_path, [path])
+    run = _analysed(runtime, run_id)
+    assert run.state.value == "succeeded"
+    findings = findings_from_dict(run.findings or {})
+    stacks = sorted({f.stack for f in findings.findings})
+    assert len(stacks) == 2 and all("stack 1" in s or "stack 2" in s for s in stacks), stacks
+    assert sorted(f.head_name for f in findings.findings) == [
+        "body-region",
+        "body-region",
+        "demo-region-mask",
+        "demo-region-mask",
+    ]
+    assert sorted(findings.frames_sorted) == list(range(1, 21))
+    results = _results(runtime, run_id)
+    assert len(results["seg"]) == 2, "one SEG per stack"
+    for seg, parity in zip(results["seg"], (1, 0), strict=True):
+        frames = {
+            int(g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+            for g in seg.PerFrameFunctionalGroupsSequence
+        }
+        assert frames and {f % 2 for f in frames} == {parity}, "a SEG covers its stack only"
+        assert_dciodvfy_clean(seg.filename)
+    for sr in results["sr"]:
+        assert _frame_references(sr, uid) or "segmentation" in str(sr.SeriesDescription)
+        assert_dciodvfy_clean(sr.filename)

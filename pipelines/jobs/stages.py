@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from node.catalogue.claims import keep_alive
 from node.catalogue.models import Instance, PipelineRun, Result
+from node.core.logs import warnings_summarised
 from node.delivery import deliveries
 from node.delivery.transport import DispatchError
 from node.workflow import runs
@@ -143,7 +144,7 @@ def prepare(runtime: Runtime, run_id: int) -> bool:
     if held.outcome is not runs.Claimed.CLAIMED:
         return held.outcome is runs.Claimed.DONE
     try:
-        with _holding(runtime, held):
+        with _holding(runtime, held), warnings_summarised(f"series of run {run_id}"):
             with runtime.catalogue.session() as session:
                 series_id = _run(session, run_id).series_id
                 paths = _instance_paths(runtime, session, series_id)
@@ -194,7 +195,7 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
     if held.outcome is not runs.Claimed.CLAIMED:
         return False
     try:
-        with _holding(runtime, held):
+        with _holding(runtime, held), warnings_summarised(f"series of run {run_id}"):
             with runtime.catalogue.session() as session:
                 run = _run(session, run_id)
                 series = run.series
@@ -391,11 +392,12 @@ def _write_srs(runtime: Runtime, held: runs.RunClaim, findings: SeriesFindings) 
         superseded = _superseded_report(runtime, session, run)
     # the analysed instances only: a series may also hold objects that were set aside
     analysed = set(findings.sop_instance_uids_sorted)
-    sources = [
-        ds
-        for ds in (dcmread(path, stop_before_pixels=True) for path in paths)
-        if not analysed or str(ds.get("SOPInstanceUID", "")) in analysed
-    ]
+    with warnings_summarised(f"series of run {held.run_id}"):
+        sources = [
+            ds
+            for ds in (dcmread(path, stop_before_pixels=True) for path in paths)
+            if not analysed or str(ds.get("SOPInstanceUID", "")) in analysed
+        ]
     segs = [
         dcmread(runtime.settings.results_dir / path, stop_before_pixels=True) for path in seg_paths
     ]
