@@ -10,6 +10,7 @@ embedded (the SQLite broker + SQLite catalogue), each receiving one of two copie
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -467,7 +468,8 @@ def _assert_once(
     archive: CountingArchive,
     run_id: int,
 ) -> None:
-    analysed = sum(log.count("slices analysed in") for log in workers.logs())
+    # "run N: 20 slices analysed in ..." (of K stacks, when the series has several)
+    analysed = sum(len(re.findall(r"\d+ slices .*analysed in", log)) for log in workers.logs())
     assert analysed == 1, "one analysis"
     with catalogue.session() as session:
         results = session.scalars(sa.select(Result).where(Result.run_id == run_id)).all()
