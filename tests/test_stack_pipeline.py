@@ -9,6 +9,7 @@ accepts coronal stacks; a localizer series is not analysed, with its reason.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,11 +187,18 @@ def test_non_axial_stack_is_analysed_by_a_head_that_reads_its_plane(
     assert_dciodvfy_clean(sr.filename)
 
 
-def test_coronal_stack_no_head_reads_is_not_analysed(tmp_path: Path) -> None:
+def test_coronal_stack_no_head_reads_is_not_analysed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not analysed is an outcome, not a failure: no error logged, one INFO line."""
     ct = repaired_ct_series(tmp_path / "ct", "coronal-skip")
     runtime, run_id = _received(tmp_path, resliced(ct, tmp_path / "coronal", "coronal"))
     assert prepare(runtime, run_id)
-    assert not analyse(runtime, run_id)
+    with caplog.at_level(logging.INFO):
+        assert not analyse(runtime, run_id)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+    said = [r.getMessage() for r in caplog.records if "not analysed" in r.getMessage()]
+    assert len(said) == 1 and "every head is axial-only" in said[0], said
     with runtime.catalogue.session() as session:
         run = session.get(PipelineRun, run_id)
         assert run.state.value == "not_analysed"

@@ -8,6 +8,10 @@ task after a worker was killed, a time-out) finds the work held by a live worker
 so one run gets one analysis, one set of results and one send per delivery. A dead
 worker's claim runs out and is taken over, and the work finishes.
 
+A series none of whose stacks any head accepts (a localizer, a stack in a plane no head
+reads) ends its run "not analysed" in the prepare or analyse stage, with the reasons: an
+outcome, not a failure, so nothing is retried or logged as an error.
+
 SR and SEG UIDs derive from the run key, so whatever a taken-over stage writes again is
 the same object under the same name. The Celery bindings are in :mod:`pipelines.jobs.tasks`.
 """
