@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
+from pydicom.uid import generate_uid
 
 from tests.support.env import node_env
 from tests.support.peers import VENV_BIN, NodeProcess, Orthanc, free_port, wait_for
@@ -148,7 +150,6 @@ def test_orthanc_pushes_a_whole_study_every_object_is_kept_routed_and_accounted_
         120,
         "the study did not reach the second Orthanc whole",
     )
-    forwarded = _sop_instance_uids(second, study.study_instance_uid)
     deliveries = [d for d in api.get("/api/v1/deliveries").json() if d["result_kind"] == "series"]
     mine = {d["series_uid"] for d in deliveries} & set(study.series.values())
     assert mine == set(study.series.values())
@@ -161,6 +162,43 @@ def test_orthanc_pushes_a_whole_study_every_object_is_kept_routed_and_accounted_
         ("registry", "dose-to-registry", "sent"),
         ("second", "study-to-second", "sent"),
     ]
+
+    # A second dose report arrives later, in another association (and the first once more):
+    # it is stored and forwarded, nothing is analysed again, nothing is sent twice.
+    late = dcmread(study.files["dose"][0])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    late_path = tmp_path / "late-dose.dcm"
+    late.save_as(late_path, enforce_file_format=True)
+    orthanc.upload([late_path])
+    resources = [
+        orthanc.post("/tools/lookup", content=uid)[0]["ID"]
+        for uid in (str(late.SOPInstanceUID), str(dcmread(study.files["dose"][0]).SOPInstanceUID))
+    ]
+    late_job = orthanc.post(
+        "/modalities/node/store", json={"Resources": resources, "Synchronous": True}
+    )
+    assert late_job["FailedInstancesCount"] == 0 and late_job["InstancesCount"] == 2
+    all_uids = sent_uids | {str(late.SOPInstanceUID)}
+    wait_for(
+        lambda: _sop_instance_uids(second, study.study_instance_uid) == all_uids,
+        120,
+        "the late dose report did not reach the second Orthanc",
+    )
+    wait_for(
+        lambda: all(
+            d["state"] == "sent"
+            for d in api.get("/api/v1/deliveries").json()
+            if d["series_uid"] == study.series["dose"]
+        ),
+        60,
+        "the dose series' forwards did not settle",
+    )
+    states = _series_states(api, study.study_instance_uid)
+    assert [r["state"] for r in states[study.series["axial"]]["runs"]] == ["succeeded"]
+    assert states[study.series["dose"]]["state"] == "not_analysed"
+    sends = re.findall(r"sent (\d+) object\(s\) to second \(", node.log())
+    assert sum(int(n) for n in sends) == len(all_uids), sends
+    forwarded = _sop_instance_uids(second, study.study_instance_uid)
 
     # One INFO line per series not analysed, no traceback, no patient data in the log.
     log = node.log()
@@ -199,6 +237,8 @@ def test_orthanc_pushes_a_whole_study_every_object_is_kept_routed_and_accounted_
         "series": len(states),
         "series_analysed": analysed,
         "series_not_analysed": {kind: reasons[kind] for kind in sorted(reasons)},
+        "late_dose_reports_pushed": 2,
         "forwarded_to_second_orthanc": len(forwarded),
+        "objects_in_forward_sends": sum(int(n) for n in sends),
     }
     print("whole-study push:", json.dumps(measured, indent=1))
