@@ -86,8 +86,10 @@ class SeriesFindings:
     ``sop_instance_uids_sorted[i]`` holds slice i of the analysed stacks, one stack after
     the other, each in spatial order; ``frames_sorted[i]`` is its 1-based frame number in
     a multi-frame object (0: a single-frame file; empty: no multi-frame source), so a
-    report references exactly the frame a key slice was. ``not_analysed`` lists the
-    stacks and objects of the series that were set aside, each with its reason.
+    report references exactly the frame a key slice was. ``stacks`` gives each named
+    stack's slices as [start, end) in that order (empty when the series is one stack);
+    ``not_analysed`` lists the stacks and objects of the series that were set aside, each
+    with its reason.
     """
 
     series_instance_uid: str
@@ -97,10 +99,18 @@ class SeriesFindings:
     sop_instance_uids_sorted: list[str] = field(default_factory=list)
     frames_sorted: list[int] = field(default_factory=list)
     not_analysed: list[str] = field(default_factory=list)
+    stacks: dict[str, list[int]] = field(default_factory=dict)
 
     def frame_of(self, index: int) -> int:
         """Slice ``index``'s frame number in its object (0: a single-frame file)."""
         return self.frames_sorted[index] if self.frames_sorted else 0
+
+    def slices_of(self, stack: str) -> range:
+        """The slices (indices) of a named stack; every slice for the unnamed one."""
+        if stack in self.stacks:
+            start, end = self.stacks[stack]
+            return range(start, end)
+        return range(len(self.sop_instance_uids_sorted))
 
 
 class NotAnalysed(Exception):
@@ -204,4 +214,5 @@ def findings_from_dict(data: dict) -> SeriesFindings:
         sop_instance_uids_sorted=list(data.get("sop_instance_uids_sorted", [])),
         frames_sorted=list(data.get("frames_sorted", [])),
         not_analysed=list(data.get("not_analysed", [])),
+        stacks={k: list(v) for k, v in (data.get("stacks") or {}).items()},
     )

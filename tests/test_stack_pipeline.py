@@ -233,6 +233,9 @@ def test_an_object_holding_two_stacks_gets_results_per_stack(tmp_path: Path) -> 
         "demo-region-mask",
     ]
     assert sorted(findings.frames_sorted) == list(range(1, 21))
+    assert sorted(findings.stacks.values()) == [[0, 10], [10, 20]]
+    for f in findings.findings:  # each key slice lies in the stack its head read
+        assert f.key_slice is None or f.key_slice in findings.slices_of(f.stack)
     results = _results(runtime, run_id)
     assert len(results["seg"]) == 2, "one SEG per stack"
     for seg, parity in zip(results["seg"], (1, 0), strict=True):

@@ -116,6 +116,8 @@ def analyse_units(
         if multi_frame:
             combined.frames_sorted += list(unit.plan.frames) or [0] * len(unit.plan)
         combined.slice_count += findings.slice_count
+        if stack:
+            combined.stacks[stack] = [offset, len(combined.sop_instance_uids_sorted)]
         for head, mask in zip(unit.mask_heads, unit_masks, strict=True):
             finding = _moved(mask.finding, offset, stack)
             masks.append(StackMask(unit, head, dataclasses.replace(mask, finding=finding)))

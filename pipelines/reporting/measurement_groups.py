@@ -127,14 +127,15 @@ def _drawn_region(
     """The outline viewers draw for a finding: its key region on its key slice.
 
     A finding without a key slice (a regression value, an empty mask) is outlined on the
-    series' central slice as a whole, and so is one whose head keeps no spatial tokens:
+    central slice of its stack as a whole, and so is one whose head keeps no spatial tokens:
     viewers such as OHIF refuse a report whose groups are not all on an image.
     """
     ds = _key_dataset(findings, finding, by_uid)
     index = finding.key_slice
-    if ds is None:
+    if ds is None:  # the central slice of the stack the head read
         uids = findings.sop_instance_uids_sorted
-        index = len(uids) // 2
+        slices = findings.slices_of(finding.stack)
+        index = slices[len(slices) // 2] if slices else 0
         ds = by_uid.get(uids[index]) if uids else None
         if ds is None:
             raise ReportError(f'head "{finding.head_name}": no slice to draw the finding on')
