@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.uid import generate_uid
 
-from tests.support.env import node_env
+from tests.support.env import node_env, production_env
 from tests.support.peers import VENV_BIN, NodeProcess, Orthanc, free_port, wait_for
 from tests.support.testdata import TEST_PATIENT_ID, TEST_PATIENT_NAME
 from tests.support.whole_study import build_whole_study
@@ -68,10 +68,22 @@ def _series_states(api: httpx.Client, study_uid: str) -> dict[str, dict]:
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize(
+    "mode", ["embedded", pytest.param("production", marks=[pytest.mark.production])]
+)
 def test_orthanc_pushes_a_whole_study_every_object_is_kept_routed_and_accounted_for(
-    orthanc: Orthanc, second: Orthanc, node_factory, tmp_path: Path
+    orthanc: Orthanc,
+    second: Orthanc,
+    node_factory,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    mode: str,
 ) -> None:
-    node = node_factory(node_env(tmp_path, orthanc))
+    if mode == "production":  # PostgreSQL catalogue, RabbitMQ, a separate worker
+        env = production_env(tmp_path, orthanc, request.getfixturevalue("postgres_url"))
+        node = node_factory(env, separate_worker=True)
+    else:
+        node = node_factory(node_env(tmp_path, orthanc))
     api = _api(node)
     for name in ("second", "registry"):  # the dose registry is the second Orthanc too
         created = api.post(
@@ -196,14 +208,16 @@ def test_orthanc_pushes_a_whole_study_every_object_is_kept_routed_and_accounted_
     states = _series_states(api, study.study_instance_uid)
     assert [r["state"] for r in states[study.series["axial"]]["runs"]] == ["succeeded"]
     assert states[study.series["dose"]]["state"] == "not_analysed"
-    sends = re.findall(r"sent (\d+) object\(s\) to second \(", node.log())
+    sends = re.findall(r"sent (\d+) object\(s\) to second \(", node.log() + node.log("worker.log"))
     assert sum(int(n) for n in sends) == len(all_uids), sends
     forwarded = _sop_instance_uids(second, study.study_instance_uid)
 
     # One INFO line per series not analysed, no traceback, no patient data in the log.
-    log = node.log()
-    lines = [line for line in log.splitlines() if "INFO node.workflow" in line]
-    assert len([line for line in lines if "not analysed" in line]) == len(study.files) - 1
+    log = node.log() + node.log("worker.log")
+    lines = [
+        line for line in log.splitlines() if re.search(r"INFO.* series \d+ not analysed", line)
+    ]
+    assert len(lines) == len(study.files) - 1, lines
     assert "Traceback" not in log
     assert TEST_PATIENT_NAME not in log and TEST_PATIENT_ID not in log
 
@@ -241,4 +255,4 @@ def test_orthanc_pushes_a_whole_study_every_object_is_kept_routed_and_accounted_
         "forwarded_to_second_orthanc": len(forwarded),
         "objects_in_forward_sends": sum(int(n) for n in sends),
     }
-    print("whole-study push:", json.dumps(measured, indent=1))
+    print(f"whole-study push ({mode}):", json.dumps(measured, indent=1))
