@@ -12,6 +12,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydantic import ValidationError
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -22,6 +23,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from pipelines.model.head_card import HeadCard
+from pipelines.model.heads import demo_head
 from pipelines.model.preprocess import iter_series_chunks, load_series
 from pipelines.model.series_plan import SeriesPlan
 from pipelines.model.stack_match import heads_for_stack, why_not
@@ -290,3 +293,17 @@ def _z(path: Path) -> float:
 
 def _uids(paths: list[Path]) -> set[str]:
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
+def test_cards_read_axial_stacks_unless_they_say_otherwise() -> None:
+    """Existing cards keep their meaning; a card names only planes Curia lays out."""
+    card = demo_head(16).card
+    assert card.planes == ["axial"] and card.min_slices == 1 and card.modalities == []
+    sagittal = HeadCard.model_validate(
+        {**card.model_dump(), "planes": ["sagittal"], "min_slices": 20}
+    )
+    assert sagittal.planes == ["sagittal"] and sagittal.min_slices == 20
+    with pytest.raises(ValidationError, match="planes"):
+        HeadCard.model_validate({**card.model_dump(), "planes": ["oblique"]})
+    with pytest.raises(ValidationError, match="min_slices"):
+        HeadCard.model_validate({**card.model_dump(), "min_slices": 0})
