@@ -2,12 +2,19 @@
 
 Log records never carry patient data (names, IDs, dates of birth): modules log AE titles,
 addresses, counts and catalogue ids only, and the end-to-end tests check every line.
+
+What a sender puts on the wire (an AE title, a reason) can hold any byte: both formatters
+escape control and non-ASCII characters in the message, so one log line stays one line and a
+terminal never receives an escape sequence. Events a stranger can repeat at will (refused
+associations, closed connections) go through :class:`Throttle`, so they cannot flood the log.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -20,6 +27,38 @@ from typing import Any
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
+def escape(text: str) -> str:
+    """``text`` with every character outside printable ASCII written as a Python escape."""
+    return _UNSAFE.sub(_escaped, text)
+
+
+def _escaped_record(record: logging.LogRecord) -> logging.LogRecord:
+    clean = copy.copy(record)
+    clean.msg, clean.args = escape(record.getMessage()), None
+    return clean
+
+
+class TextFormatter(logging.Formatter):
+    """The standard text format with the message escaped (a traceback is left as it is)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(_escaped_record(record))
+
+
 class JsonFormatter(logging.Formatter):
     """``{"time", "level", "logger", "message", "thread"[, "exception"]}`` per line."""
 
@@ -28,7 +67,7 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escape(record.getMessage()),
             "thread": record.threadName,
         }
         if record.exc_info:
@@ -109,8 +148,43 @@ def summarise_library_warnings() -> None:
 
 def configure_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     summarise_library_warnings()
+
+
+class Throttle:
+    """At most ``burst`` lines per key in each ``interval`` seconds; the lines held back are
+    counted and the count is added to the key's next line that is written."""
+
+    def __init__(
+        self, logger: logging.Logger, interval: float = 60.0, burst: int = 3, keys: int = 4096
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.burst = burst
+        self.keys = keys
+        self._lock = threading.Lock()
+        self._windows: dict[str, list[float]] = {}  # key: [window start, lines, held back]
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> bool:
+        """Log the line unless its key is over the limit; True when it was written."""
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.get(key)
+            held = 0
+            if window is None or now - window[0] >= self.interval:
+                held = int(window[2]) if window else 0
+                if window is None and len(self._windows) >= self.keys:
+                    self._windows.pop(next(iter(self._windows)))  # the oldest key
+                window = self._windows[key] = [now, 0, 0]
+            window[1] += 1
+            if window[1] > self.burst:
+                window[2] += 1
+                return False
+        if held:
+            msg, args = msg + " (%d like it not logged in the last interval)", (*args, held)
+        self.logger.log(level, msg, *args)
+        return True

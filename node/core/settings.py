@@ -82,9 +82,25 @@ class DicomSettings(BaseModel):
         1024, ge=0, description="below this free space in the data folder, refuse to store"
     )
     tls: TlsSettings = TlsSettings()
-    max_associations: int = Field(16, ge=1)
-    max_pdu: int = Field(0, ge=0, description="0 = unlimited")
-    acse_timeout: float = 30.0
+    max_associations: int = Field(16, ge=1, description="associations served at once")
+    max_connections: int = Field(
+        64, ge=1, description="TCP connections open at once, associated or not (one thread each)"
+    )
+    max_connections_per_address: int = Field(
+        32, ge=1, description="TCP connections open at once from one IP address"
+    )
+    max_pdu: int = Field(
+        262144,
+        ge=4096,
+        le=1 << 24,
+        description="largest PDU accepted (advertised); a larger one ends the association",
+    )
+    max_instance_mb: int = Field(
+        1024, ge=1, description="largest C-STORE data set; a larger one gets 0xA700"
+    )
+    acse_timeout: float = Field(
+        30.0, gt=0.0, description="seconds from connect to a complete A-ASSOCIATE-RQ"
+    )
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
 

@@ -41,7 +41,9 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from node.core.logs import Throttle, escape
 from node.core.status import (
+    OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
@@ -55,6 +57,7 @@ from node.dimse.association import (
     Service,
     StoreRequest,
 )
+from node.dimse.connections import ConnectionGate, Ticket
 from node.dimse.messages import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
@@ -88,6 +91,7 @@ log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 MAX_ASSOCIATE_RQ = 1 << 20  # bytes: ample for every presentation context a sender proposes
+MAX_COMMAND = 1 << 16  # bytes: a command set is a few hundred bytes
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
@@ -99,6 +103,25 @@ SLOW_STORE_SECONDS = 5.0  # a C-STORE handler slower than this is worth a line i
 # --- one association --------------------------------------------------------------------------
 
 
+class _Fragments(list[memoryview]):
+    """A data set's fragments as received, and its size so far; past the instance size limit
+    the fragments are dropped as they come (the rest is read and discarded), so an oversized
+    instance costs no memory and gets its failure status at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+        self.over_limit = False
+
+    def add(self, value: memoryview, limit: int) -> None:
+        self.size += len(value)
+        if self.size > limit:
+            self.over_limit = True
+            self.clear()
+        else:
+            self.append(value)
+
+
 class _Message:
     """A DIMSE message being received: its command, then its data set's fragments."""
 
@@ -106,7 +129,7 @@ class _Message:
         self.context_id: int | None = None
         self.command = bytearray()
         self.fields: dict[int, bytes] | None = None
-        self.fragments: list[memoryview] = []
+        self.fragments = _Fragments()
 
 
 class AssociationAcceptor:
@@ -117,19 +140,26 @@ class AssociationAcceptor:
         connection: Connection,
         requestor_address: tuple[str, int],
         server: Listener,
+        ticket: Ticket | None = None,
     ) -> None:
         self.connection = connection
         self.address = requestor_address
         self.server = server
         self.limits = server.limits
+        self.ticket = ticket or Ticket(requestor_address[0], connection.sock)
 
     def run(self) -> None:
-        sock = self.connection.sock
-        sock.settimeout(self.limits.acse_timeout or None)
         try:
             association = self._negotiate()
         except AssociationAborted as exc:
-            log.info("association request from %s ended: %s", self.address[0], exc)
+            why = "closed to make room for another connection" if self.ticket.evicted else exc
+            self.server.throttle.log(
+                logging.INFO,
+                f"unassociated:{self.address[0]}",
+                "association request from %s ended: %s",
+                self.address[0],
+                why,
+            )
             if exc.reason is not None:
                 with contextlib.suppress(AssociationAborted):
                     self.connection.send(abort_pdu(exc.reason))
@@ -150,7 +180,10 @@ class AssociationAcceptor:
     # -- association establishment
 
     def _negotiate(self) -> Association | None:
-        pdu_type, body = self.connection.read_pdu(MAX_ASSOCIATE_RQ)
+        # The whole request must arrive within acse_timeout of the connection, however its
+        # bytes are paced: a trickle cannot hold the connection open.
+        deadline = self.ticket.opened + self.limits.acse_timeout
+        pdu_type, body = self.connection.read_pdu(MAX_ASSOCIATE_RQ, deadline)
         if pdu_type != ASSOCIATE_RQ:
             reason = ABORT_UNEXPECTED_PDU if pdu_type <= ABORT else ABORT_UNRECOGNISED_PDU
             raise AssociationAborted(f"PDU type 0x{pdu_type:02X} before association", reason)
@@ -171,9 +204,11 @@ class AssociationAcceptor:
         association = Association(requestor, peer_max_pdu=primitive.maximum_length_received or 0)
         refusal = self._refusal(primitive, requestor)
         if refusal is not None:
-            log.warning(
-                "refused association from AE %r at %s: %s%s",
-                requestor.calling_ae_title,
+            self.server.throttle.log(
+                logging.WARNING,
+                f"refused:{requestor.calling_ae_title}:{requestor.address}",
+                "refused association from AE '%s' at %s: %s%s",
+                escape(requestor.calling_ae_title),
                 requestor.address,
                 refusal.why,
                 refusal.hint,
@@ -188,9 +223,10 @@ class AssociationAcceptor:
     def _refusal(self, primitive: A_ASSOCIATE, requestor: Requestor) -> Refusal | None:
         if str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
             return Refusal(*REJECT_APPLICATION_CONTEXT, "application context not supported")
-        if self.server.active_count() > self.limits.max_associations:
+        refusal = self.server.service.admit(requestor)
+        if refusal is None and not self.server.gate.associate(self.ticket):
             return Refusal(*REJECT_LOCAL_LIMIT_EXCEEDED, "too many associations")
-        return self.server.service.admit(requestor)
+        return refusal
 
     def _accept(self, primitive: A_ASSOCIATE, association: Association) -> None:
         items = primitive.user_information
@@ -242,7 +278,7 @@ class AssociationAcceptor:
             connection.sock.settimeout(
                 (limits.dimse_timeout if waiting else limits.network_timeout) or None
             )
-            pdu_type, body = connection.read_pdu()
+            pdu_type, body = connection.read_pdu(limits.max_pdu)
             if pdu_type == P_DATA:
                 message = self._pdvs(association, body, message)
             elif pdu_type == RELEASE_RQ:
@@ -293,6 +329,8 @@ class AssociationAcceptor:
             if header & 0x01:  # a command fragment
                 if message.fields is not None:
                     raise AssociationAborted("a command after a command", ABORT_UNEXPECTED_PDU)
+                if len(message.command) + len(value) > MAX_COMMAND:
+                    raise AssociationAborted("a command set too long", ABORT_INVALID_PARAMETER)
                 message.command += value
                 if not last:
                     continue
@@ -302,7 +340,7 @@ class AssociationAcceptor:
             else:
                 if message.fields is None:
                     raise AssociationAborted("a data set before its command", ABORT_UNEXPECTED_PDU)
-                message.fragments.append(value)
+                message.fragments.add(value, self.limits.max_instance_bytes)
                 if not last:
                     continue
             self._dispatch(association, message)
@@ -332,10 +370,20 @@ class AssociationAcceptor:
         association: Association,
         context: PresentationContext,
         fields: dict[int, bytes],
-        fragments: list[memoryview],
+        fragments: _Fragments,
     ) -> tuple[int, str]:
         sop_class, sop_instance = fields.get(0x0002, b""), fields.get(0x1000, b"")
-        size = sum(len(fragment) for fragment in fragments)
+        size = fragments.size
+        if fragments.over_limit:
+            association.count(OUT_OF_RESOURCES, size)
+            limit = self.limits.max_instance_bytes
+            log.warning(
+                "an instance of %d bytes from %s refused: over the limit of %d",
+                size,
+                escape(association.requestor.calling_ae_title),
+                limit,
+            )
+            return OUT_OF_RESOURCES, f"instance larger than {limit} bytes"
         if uid(sop_class) != str(context.abstract_syntax):
             association.count(SOP_CLASS_NOT_SUPPORTED, size)
             return SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context"
@@ -388,6 +436,10 @@ class Listener:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._active: dict[threading.Thread, socket.socket] = {}
+        self.gate = ConnectionGate(
+            limits.max_connections, limits.max_connections_per_address, limits.max_associations
+        )
+        self.throttle = Throttle(log)
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-listener")
         self._thread.daemon = True
 
@@ -418,18 +470,41 @@ class Listener:
                 log.exception("cannot accept a connection")
                 time.sleep(0.1)
                 continue
+            admission = self.gate.admit(address[0], sock)
+            for evicted in admission.evicted:
+                self.throttle.log(
+                    logging.WARNING,
+                    f"evicted:{evicted.address}",
+                    "closed a connection from %s that had not associated after %.1f s:"
+                    " connections are at their limit",
+                    evicted.address,
+                    time.monotonic() - evicted.opened,
+                )
+            if admission.ticket is None:
+                self.throttle.log(
+                    logging.WARNING,
+                    f"closed:{address[0]}",
+                    "closed a new connection from %s at once: %s",
+                    address[0],
+                    admission.why,
+                )
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
             thread = threading.Thread(
-                target=self._serve, args=(sock, address), name=f"association-{address[0]}"
+                target=self._serve,
+                args=(sock, address, admission.ticket),
+                name=f"association-{address[0]}",
             )
             thread.daemon = True
             with self._lock:
                 self._active[thread] = sock
             thread.start()
 
-    def _serve(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def _serve(self, sock: socket.socket, address: tuple[str, int], ticket: Ticket) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(self.limits.acse_timeout or None)
+            sock.settimeout(self.limits.acse_timeout)
             if self.ssl_context is not None:
                 try:
                     sock = self.ssl_context.wrap_socket(sock, server_side=True)
@@ -440,7 +515,7 @@ class Listener:
                     self._active[threading.current_thread()] = sock
             connection = Connection(sock)
             try:
-                AssociationAcceptor(connection, (address[0], address[1]), self).run()
+                AssociationAcceptor(connection, (address[0], address[1]), self, ticket).run()
             finally:
                 connection.close()
         except Exception:
@@ -448,6 +523,7 @@ class Listener:
         finally:
             with contextlib.suppress(OSError):
                 sock.close()
+            self.gate.close(ticket)
             with self._lock:
                 self._active.pop(threading.current_thread(), None)
 

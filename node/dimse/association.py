@@ -81,7 +81,10 @@ class Service(Protocol):
 @dataclass(frozen=True)
 class Limits:
     max_associations: int = 16
-    max_pdu: int = 0  # 0: unlimited
+    max_connections: int = 64
+    max_connections_per_address: int = 32
+    max_pdu: int = 262144
+    max_instance_bytes: int = 1 << 30
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0

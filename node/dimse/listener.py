@@ -174,7 +174,10 @@ def start_listener(settings: DicomSettings, ingestor: Ingestor, policy: SourcePo
         policy.ae_title = settings.ae_title
     limits = Limits(
         max_associations=settings.max_associations,
+        max_connections=settings.max_connections,
+        max_connections_per_address=settings.max_connections_per_address,
         max_pdu=settings.max_pdu,
+        max_instance_bytes=settings.max_instance_mb << 20,
         acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,

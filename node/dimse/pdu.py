@@ -11,11 +11,13 @@ import contextlib
 import io
 import socket
 import struct
+import time
 from typing import cast
 
 # PDU types, PS3.8 9.3.1
 ASSOCIATE_RQ, P_DATA, RELEASE_RQ, ABORT = 0x01, 0x04, 0x05, 0x07
 PDU_HEADER = struct.Struct(">BxL")
+READ_STEP = 1 << 18  # bytes asked of the socket at once; also the read buffer's size
 
 # A-ABORT provider reasons, PS3.8 9.3.8
 ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
@@ -49,29 +51,39 @@ class Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=1 << 18))
+        self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=READ_STEP))
 
-    def read_exact(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
+    def read_exact(self, size: int, deadline: float | None = None) -> bytearray:
+        """``size`` bytes, in a buffer grown as they arrive: a length the peer claims costs
+        nothing until the bytes are really there. With ``deadline`` (a ``time.monotonic()``
+        value) the whole read must finish by then, however the peer paces its bytes."""
+        buffer = bytearray()
         try:
-            while got < size:
-                count = self.reader.readinto(view[got:])
-                if not count:
+            while len(buffer) < size:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    self.sock.settimeout(left)
+                chunk = self.reader.read1(min(size - len(buffer), READ_STEP))
+                if not chunk:
                     raise AssociationAborted("the peer closed the connection")
-                got += count
+                buffer += chunk
         except TimeoutError:
             raise AssociationAborted("timed out waiting for the peer", 0x00) from None
         except (OSError, ValueError) as exc:
             raise AssociationAborted(f"the connection failed: {exc}") from None
         return buffer
 
-    def read_pdu(self, limit: int = 0) -> tuple[int, bytearray]:
-        pdu_type, length = PDU_HEADER.unpack(self.read_exact(6))
-        if limit and length > limit:
-            raise AssociationAborted(f"a PDU of {length} bytes", ABORT_INVALID_PARAMETER)
-        return pdu_type, self.read_exact(length)
+    def read_pdu(self, limit: int, deadline: float | None = None) -> tuple[int, bytearray]:
+        """One whole PDU of at most ``limit`` bytes after its header; a longer one ends the
+        association before a byte of its body is read."""
+        pdu_type, length = PDU_HEADER.unpack(self.read_exact(6, deadline))
+        if length > limit:
+            raise AssociationAborted(
+                f"a PDU of {length} bytes, over the maximum of {limit}", ABORT_INVALID_PARAMETER
+            )
+        return pdu_type, self.read_exact(length, deadline)
 
     def send(self, data: bytes) -> None:
         try:

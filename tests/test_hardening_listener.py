@@ -1,0 +1,266 @@
+"""A stranger on the network cannot stall or exhaust the DICOM listener.
+
+Each test plays one attack against a real `curia-node run` process on loopback, the attacker
+connecting from 127.0.0.2 and the legitimate sender (DCMTK's echoscu / storescu, pynetdicom)
+from 127.0.0.1, and asserts what a hospital relies on: the sender is still served while the
+attack runs, the node's memory and threads stay bounded, and the attacker's connections end
+as the README's "Limits and hardening" section says. Limits are set small so that each attack
+is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from tests.support.env import require_tool
+from tests.support.peers import NodeProcess, free_port, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ATTACKER = "127.0.0.2"
+ACSE_TIMEOUT = 3.0
+MAX_CONNECTIONS = 24
+PER_ADDRESS = 16
+MAX_PDU = 16384
+MAX_INSTANCE_MB = 1
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    root = tmp_path_factory.mktemp("hardened")
+    env = {
+        "CURIA_DATA_DIR": str(root / "data"),
+        "CURIA_DICOM__PORT": str(free_port()),
+        "CURIA_API__PORT": str(free_port()),
+        "CURIA_DICOM__MIN_FREE_MB": "0",
+        "CURIA_DICOM__ACSE_TIMEOUT": str(ACSE_TIMEOUT),
+        "CURIA_DICOM__MAX_ASSOCIATIONS": "4",
+        "CURIA_DICOM__MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        "CURIA_DICOM__MAX_CONNECTIONS_PER_ADDRESS": str(PER_ADDRESS),
+        "CURIA_DICOM__MAX_PDU": str(MAX_PDU),
+        "CURIA_DICOM__MAX_INSTANCE_MB": str(MAX_INSTANCE_MB),
+        "CURIA_ARCHIVE__ENABLED": "false",
+        "CURIA_PIPELINE__EMBEDDED_WORKER": "false",
+        "CURIA_MODEL__DEMO_SIZE": "tiny",
+        "CURIA_PIPELINE__QUEUE_PREFIX": f"curia-test-{os.getpid()}-{free_port()}",
+    }
+    process = NodeProcess(env, root)
+    process.allow_source("storescu", "STORESCU")
+    process.start()
+    yield process
+    process.stop()
+
+
+def _status(node: NodeProcess) -> dict[str, int]:
+    """The node process's resident memory (KiB) and thread count, from /proc."""
+    assert node.node is not None
+    fields = {}
+    for line in Path(f"/proc/{node.node.pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "Threads"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def _echo(node: NodeProcess) -> subprocess.CompletedProcess[bytes]:
+    """A C-ECHO by DCMTK's echoscu from the allowed sender; its exit status is the verdict."""
+    echoscu = require_tool("echoscu")
+    return subprocess.run(
+        [
+            echoscu,
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "CURIA",
+            "-to",
+            "10",
+            "127.0.0.1",
+            str(node.dicom_port),
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def _connect(node: NodeProcess, source: str = ATTACKER) -> socket.socket:
+    sock = socket.create_connection(
+        ("127.0.0.1", node.dicom_port), timeout=10, source_address=(source, 0)
+    )
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the node closes ``sock`` within ``timeout`` (EOF or reset)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _associate(node: NodeProcess) -> socket.socket:
+    """An association by pynetdicom's encoder from the allowed sender, opened by hand."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "STORESCU"
+    primitive.called_ae_title = "CURIA"
+    primitive.presentation_context_definition_list = [build_context(CTImageStorage)]
+    primitive.presentation_context_definition_list[0].context_id = 1
+    maximum = MaximumLengthNotification()
+    maximum.maximum_length_received = 16384
+    primitive.user_information = [maximum]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    sock = _connect(node, "127.0.0.1")
+    sock.sendall(pdu.encode())
+    header = sock.recv(6)
+    assert header[:1] == b"\x02", f"not accepted: {header!r}"
+    (length,) = struct.unpack(">L", header[2:6])
+    while length:
+        length -= len(sock.recv(length))
+    return sock
+
+
+def _read_abort(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < 10:
+        chunk = sock.recv(10 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_idle_and_trickling_connections_hold_no_slot_and_end_at_the_deadline(
+    node: NodeProcess,
+) -> None:
+    """17 silent connections and 17 that send a PDU header and then one byte every 0.5 s:
+    echoscu is answered meanwhile, and every one of them is closed by the node within
+    acse_timeout of connecting (plus scheduling slack), though the trickle never stops."""
+    silent = [_connect(node) for _ in range(17)]
+    trickling = [_connect(node) for _ in range(17)]
+    started = time.monotonic()
+    try:
+        for sock in trickling:
+            sock.sendall(bytes.fromhex("01 00 00 0F FF FF"))
+        assert _echo(node).returncode == 0
+        closed: set[int] = set()
+        while time.monotonic() - started < ACSE_TIMEOUT + 5 and len(closed) < len(trickling):
+            for index, sock in enumerate(trickling):
+                if index in closed:
+                    continue
+                try:
+                    sock.sendall(b"\x00")
+                except OSError:
+                    closed.add(index)
+            time.sleep(0.5)
+        elapsed = time.monotonic() - started
+        assert len(closed) == len(trickling), f"{len(closed)} closed after {elapsed:.1f} s"
+        assert all(_closed_by_peer(sock, 5) for sock in silent)
+        assert _echo(node).returncode == 0
+    finally:
+        for sock in silent + trickling:
+            sock.close()
+
+
+def test_a_connection_flood_is_capped_and_costs_no_memory_for_claimed_lengths(
+    node: NodeProcess,
+) -> None:
+    """400 connections each announcing a 1 MiB A-ASSOCIATE-RQ: the node keeps at most
+    max_connections of them, its threads and memory stay bounded, and echoscu is answered."""
+    before = _status(node)
+    socks = []
+    try:
+        for _ in range(400):
+            try:
+                sock = _connect(node)
+                sock.sendall(struct.pack(">BxL", 0x01, 1 << 20))
+                socks.append(sock)
+            except OSError:
+                pass  # closed at once by the node: the cap at work
+        time.sleep(1.0)
+        during = _status(node)
+        assert _echo(node).returncode == 0
+    finally:
+        for sock in socks:
+            sock.close()
+    assert during["Threads"] - before["Threads"] <= MAX_CONNECTIONS + 2, (before, during)
+    # Claimed lengths are never allocated up front: far less than one MiB per connection.
+    assert during["VmRSS"] - before["VmRSS"] < 64 * 1024, (before, during)
+    assert "connections are at their limit" in node.log()
+
+
+def test_a_pdu_longer_than_the_advertised_maximum_ends_the_association(
+    node: NodeProcess,
+) -> None:
+    """An allowed sender's P-DATA claiming 0xFFFFFFFF bytes, and a real 4 MiB one, each end
+    in an A-ABORT (source 2, reason 6) before the body is read, with the reason in the log."""
+    before = _status(node)
+    sock = _associate(node)
+    with sock:
+        sock.sendall(struct.pack(">BxL", 0x04, 0xFFFFFFFF) + b"\x00" * 64)
+        abort = _read_abort(sock)
+    assert abort[:1] == b"\x07" and abort[8:10] == b"\x02\x06", abort
+    sock = _associate(node)
+    with sock, contextlib.suppress(OSError):
+        sock.sendall(struct.pack(">BxL", 0x04, 4 << 20))
+        sock.sendall(b"\x00" * (4 << 20))
+        abort = _read_abort(sock)
+    assert abort[:1] == b"\x07" and abort[8:10] == b"\x02\x06", abort
+    after = _status(node)
+    assert after["VmRSS"] - before["VmRSS"] < 32 * 1024, (before, after)
+    wait_for(
+        lambda: f"a PDU of 4294967295 bytes, over the maximum of {MAX_PDU}" in node.log(),
+        10,
+        "the abort's reason in the log",
+    )
+    assert _echo(node).returncode == 0
+
+
+def test_an_instance_over_the_size_limit_gets_out_of_resources(
+    node: NodeProcess, tmp_path: Path
+) -> None:
+    """A C-STORE of a data set larger than max_instance_mb gets 0xA700 with the reason, the
+    association goes on, and the next instance of normal size is stored."""
+    big = dcmread(get_testdata_file("CT_small.dcm"))
+    big.SOPInstanceUID = generate_uid()
+    big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
+    big.add_new(0x00091010, "OB", b"\x00" * ((MAX_INSTANCE_MB << 20) + 1024))
+    small = dcmread(get_testdata_file("CT_small.dcm"))
+    small.SOPInstanceUID = generate_uid()
+    small.file_meta.MediaStorageSOPInstanceUID = small.SOPInstanceUID
+    scu = AE(ae_title="STORESCU")
+    scu.add_requested_context(CTImageStorage, big.file_meta.TransferSyntaxUID)
+    assoc = scu.associate("127.0.0.1", node.dicom_port, ae_title="CURIA")
+    assert assoc.is_established
+    try:
+        refused = assoc.send_c_store(big)
+        stored = assoc.send_c_store(small)
+    finally:
+        assoc.release()
+    assert refused.Status == 0xA700
+    assert "larger than" in str(refused.get("ErrorComment", ""))
+    assert stored.Status == 0x0000
