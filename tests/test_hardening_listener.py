@@ -27,7 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from tests.support.env import require_tool
-from tests.support.peers import NodeProcess, free_port, wait_for
+from tests.support.peers import VENV_BIN, NodeProcess, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -54,13 +54,19 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         "CURIA_DICOM__MAX_PDU": str(MAX_PDU),
         "CURIA_DICOM__MAX_INSTANCE_MB": str(MAX_INSTANCE_MB),
         "CURIA_ARCHIVE__ENABLED": "false",
+        "CURIA_COMPLETION__SERIES_QUIET_SECONDS": "1",
+        "CURIA_COMPLETION__POLL_SECONDS": "0.2",
         "CURIA_PIPELINE__EMBEDDED_WORKER": "false",
         "CURIA_MODEL__DEMO_SIZE": "tiny",
         "CURIA_PIPELINE__QUEUE_PREFIX": f"curia-test-{os.getpid()}-{free_port()}",
     }
     process = NodeProcess(env, root)
-    process.allow_source("storescu", "STORESCU")
-    process.start()
+    umask = os.umask(0o022)  # the usual umask: the node must not rely on a stricter one
+    try:
+        process.allow_source("storescu", "STORESCU")
+        process.start()
+    finally:
+        os.umask(umask)
     yield process
     process.stop()
 
@@ -264,3 +270,46 @@ def test_an_instance_over_the_size_limit_gets_out_of_resources(
     assert refused.Status == 0xA700
     assert "larger than" in str(refused.get("ErrorComment", ""))
     assert stored.Status == 0x0000
+
+
+def _store_one(node: NodeProcess) -> None:
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    scu = AE(ae_title="STORESCU")
+    scu.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = scu.associate("127.0.0.1", node.dicom_port, ae_title="CURIA")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_files_the_node_creates_are_private_whatever_the_umask(node: NodeProcess) -> None:
+    """Started under umask 022, the node still creates its catalogue, WAL, broker, token,
+    spool and folders readable by its own user only; `config check` says so, and reports a
+    data folder opened to others (exit 1)."""
+    _store_one(node)
+    data = Path(node.env["CURIA_DATA_DIR"])
+    # The broker's file appears with the first message: the series' completion.
+    wait_for(lambda: (data / "broker.sqlite").exists(), 30, "the embedded broker's file")
+    files = [data / "catalogue.sqlite", data / "catalogue.sqlite-wal", data / "broker.sqlite"]
+    files += [data / "api-token", *(p for p in (data / "spool").rglob("*") if p.is_file())]
+    folders = [data, *(p for p in data.rglob("*") if p.is_dir())]
+    assert len(files) >= 5
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    for path in folders:
+        assert path.stat().st_mode & 0o777 == 0o700, path
+    check = [str(VENV_BIN / "curia-node")]
+    env = {**os.environ, **node.env}
+    ok = subprocess.run([*check, "config", "check"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    data.chmod(0o755)
+    try:
+        bad = subprocess.run([*check, "config", "check"], env=env, capture_output=True, text=True)
+    finally:
+        data.chmod(0o700)
+    assert bad.returncode == 1
+    assert f"folder {data} is 0755: other users can read it" in bad.stderr

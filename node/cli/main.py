@@ -103,6 +103,21 @@ def config_show(config: ConfigOption = None) -> None:
     typer.echo(json.dumps(settings_or_exit(config).masked(), indent=2))
 
 
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Check the configuration and the data folder: exit 1 when other users can read it."""
+    settings = settings_or_exit(config)
+    from node.core.permissions import exposed
+
+    problems = exposed(settings.data_path)
+    for problem in problems:
+        typer.echo(f"warning: {problem}", err=True)
+    if problems:
+        typer.echo(f"fix: chmod -R go-rwx {settings.data_path}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"configuration valid; data folder {settings.data_path} is private")
+
+
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Bring the catalogue schema to the newest revision."""

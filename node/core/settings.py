@@ -25,6 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from node.core.permissions import restrict
 from node.core.uids import validate_ae_title
 
 _CONFIG_FILE: ContextVar[str | None] = ContextVar("curia_config_file", default=None)
@@ -317,9 +318,13 @@ class Settings(BaseSettings):
         return self.pipeline.broker_url is None
 
     def ensure_dirs(self) -> None:
-        """Create the data folders; called once at start, never on a hot path."""
-        for path in (self.data_path, self.spool_dir, self.results_dir, self.quarantine_dir):
+        """Create the data folders, private to the node's user (0700, files 0600 whatever
+        the umask); called once at start, never on a hot path."""
+        folders = (self.spool_dir, self.results_dir, self.quarantine_dir)
+        restrict(self.data_path)
+        for path in (self.data_path, *folders):
             path.mkdir(parents=True, exist_ok=True)
+        restrict(self.data_path, folders)
 
     def masked(self) -> dict[str, Any]:
         """The configuration as a dict with every secret masked, for `config show`."""

@@ -57,7 +57,7 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
-def write_durably(path: Path, data: bytes, mode: int = 0o640) -> None:
+def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp + fsync + rename + dir fsync)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -80,7 +80,7 @@ class StagedFile:
     placed it is only a staging file, never catalogued; :meth:`discard` removes it.
     """
 
-    def __init__(self, path: Path, mode: int = 0o640) -> None:
+    def __init__(self, path: Path, mode: int = 0o600) -> None:
         self.path = path
         self.size = 0
         self.placed = False

@@ -27,7 +27,7 @@ def create_app(settings: Settings) -> Celery:
     app = Celery("curia", set_as_current=False)
     if settings.is_embedded_broker:
         embedded_transport.register()
-        settings.data_path.mkdir(parents=True, exist_ok=True)
+        settings.ensure_dirs()
     app.conf.update(
         broker_url=settings.effective_broker_url,
         broker_connection_retry_on_startup=True,
