@@ -15,7 +15,7 @@ from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
 from node.store.disk import DiskGuard
 from node.store.ingest import Ingestor
-from node.store.spool import Spool
+from node.store.spool import spool_for
 from node.workflow.completion import CompletionWatcher
 from node.workflow.routing import Router
 
@@ -62,7 +62,7 @@ class NodeService:
         self._stoppers.append(watcher.stop)
 
         guard = DiskGuard(settings.data_path, settings.dicom.min_free_mb * 1024 * 1024)
-        spool = Spool(settings.spool_dir, settings.quarantine_dir)
+        spool = spool_for(settings)
         ingestor = Ingestor(spool, catalogue, guard, settings.dicom.duplicate_policy)
         policy = SourcePolicy(catalogue, accept_any=settings.dicom.accept_any_source)
         if settings.dicom.accept_any_source:

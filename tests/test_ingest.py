@@ -66,7 +66,9 @@ def count(ingestor: Ingestor, model: type) -> int:
 
 
 def quarantined(root: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((root / "quarantine").rglob("*.json"))]
+    """The quarantine's records: one line each in its days' indexes."""
+    indexes = sorted((root / "quarantine").rglob("index.jsonl"))
+    return [json.loads(line) for p in indexes for line in p.read_text().splitlines()]
 
 
 def test_success_means_file_on_disk_and_row_committed(ingestor: Ingestor) -> None:
@@ -272,9 +274,13 @@ def test_a_staged_batch_quarantines_refusals_and_stores_the_rest(tmp_path: Path)
         SUCCESS,
     ]
     assert count(ingestor, Instance) == 1
-    reasons = [meta["reason"] for meta in quarantined(tmp_path)]
+    records = quarantined(tmp_path)
+    reasons = [meta["reason"] for meta in records]
     assert len(reasons) == 2 and any("StudyInstanceUID" in r for r in reasons)
-    assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 2
+    # Junk too short to be a file is kept in its record, not as a file of its own.
+    assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 1
+    assert [bytes.fromhex(r["head"]) for r in records if "head" in r] == [b"not DICOM at all"]
+    assert not list((tmp_path / "spool").rglob(".incoming/*")), "no staged file is left"
     assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 1
 
 

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from node.cli.main import app
+from node.core.masking import mask_url
 from node.core.settings import Settings, load_settings
 
 
@@ -50,8 +51,39 @@ def test_config_show_masks_secrets(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     for secret in ("s3cret-token", "pa55word", "brokerpw"):
         assert secret not in result.output
     shown = json.loads(result.output)
-    assert shown["database_url"] == "postgresql+psycopg://curia:*****@db/curia"
-    assert shown["pipeline"]["broker_url"] == "amqp://user:*****@mq:5672//"
+    assert shown["database_url"] == "postgresql+psycopg://curia:**********@db/curia"
+    assert shown["pipeline"]["broker_url"] == "amqp://user:**********@mq:5672//"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@cache:6379/0", "redis://:**********@cache:6379/0"),
+        ("amqp://user:p@ss@w0rd@mq:5672//", "amqp://user:**********@mq:5672//"),
+        ("https://alice:pw@pacs/dicom-web", "https://alice:**********@pacs/dicom-web"),
+        (
+            "https://pacs/wado?access_token=abc123&x=1",
+            "https://pacs/wado?access_token=**********&x=1",
+        ),
+        ("https://pacs/dicom-web", "https://pacs/dicom-web"),
+        ("sqlite:////data/catalogue.sqlite", "sqlite:////data/catalogue.sqlite"),
+    ],
+)
+def test_every_url_secret_is_masked_the_same_way(url: str, shown: str) -> None:
+    """An empty user, a password holding '@', and a token in the query are all hidden."""
+    assert mask_url(url) == shown
+
+
+def test_config_show_masks_a_redis_url_with_an_empty_user(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("CURIA_CONFIG", raising=False)
+    monkeypatch.setenv("CURIA_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CURIA_PIPELINE__BROKER_URL", "redis://:pass@word@cache:6379/0")
+    result = CliRunner().invoke(app, ["config", "show"])
+    assert result.exit_code == 0, result.output
+    assert "pass@word" not in result.output and "word@" not in result.output
+    assert json.loads(result.output)["pipeline"]["broker_url"] == "redis://:**********@cache:6379/0"
 
 
 def test_cli_reports_a_bad_config_clearly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -199,8 +199,8 @@ def test_quarantine_names_are_the_nodes_own(
 ) -> None:
     """What a sender says (its AE title, the reason quoting its bad UID) never names a
     quarantined file."""
-    kept = spool.quarantine(b"not DICOM", reason, calling_ae)
+    kept = spool.quarantine(b"not DICOM".ljust(200, b"!"), reason, calling_ae)
     assert inside(kept, spool.quarantine_root)
     assert kept.parent.parent == spool.quarantine_root
     assert kept.stem.isascii() and all(c in string.hexdigits for c in kept.stem)
-    assert kept.with_suffix(".json").is_file()
+    assert (kept.parent / "index.jsonl").is_file()

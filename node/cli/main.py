@@ -11,6 +11,7 @@ from node import __version__
 from node.cli.ae import ae_app
 from node.cli.heads import heads_app
 from node.cli.options import ConfigOption, settings_or_exit
+from node.cli.quarantine import quarantine_app
 from node.cli.results import results_app
 from node.cli.rules import rules_app
 from node.cli.status import status
@@ -28,6 +29,7 @@ app.add_typer(heads_app, name="heads")
 app.add_typer(token_app, name="token")
 app.add_typer(rules_app, name="rules")
 app.command()(status)
+app.add_typer(quarantine_app, name="quarantine")
 
 
 @app.command()

@@ -25,6 +25,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from node.core.masking import mask_url, mask_value
 from node.core.permissions import restrict
 from node.core.uids import validate_ae_title
 
@@ -231,9 +232,16 @@ class ApiSettings(BaseModel):
     token: SecretStr | None = Field(
         None, description="admin bearer token; none = generated once into the data folder"
     )
+    docs: bool = Field(True, description="serve /docs and /openapi.json (token required)")
     stow_max_part_mb: int = Field(512, ge=1, description="largest STOW-RS part accepted")
     stow_memory_mb: int = Field(
         64, ge=1, description="STOW-RS part data a request keeps in memory before spilling"
+    )
+    stow_max_body_mb: int = Field(
+        4096, ge=1, description="largest STOW-RS request body; a larger one gets 413"
+    )
+    stow_max_parts: int = Field(
+        10000, ge=1, description="most parts in one STOW-RS request; more get 413"
     )
 
 
@@ -262,6 +270,12 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="none = SQLite in the data folder")
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field("text", description="json: one object per line")
+    quarantine_max_age_days: float = Field(
+        30.0, gt=0.0, description="refused instances are kept this long"
+    )
+    quarantine_max_mb: int = Field(
+        1024, ge=1, description="past this size the oldest days of the quarantine go first"
+    )
     dicom: DicomSettings = DicomSettings()
     archive: ArchiveSettings = ArchiveSettings()
     completion: CompletionSettings = CompletionSettings()
@@ -332,18 +346,11 @@ class Settings(BaseSettings):
         data["database_url"] = mask_url(self.effective_database_url)
         data["pipeline"]["broker_url"] = mask_url(self.effective_broker_url)
         data["data_dir"] = str(self.data_path)
+        if data["archive"].get("url"):
+            data["archive"]["url"] = mask_url(data["archive"]["url"])
         for section, key in (("api", "token"), ("archive", "token"), ("archive", "password")):
-            if data[section].get(key) is not None:
-                data[section][key] = "**********"
+            data[section][key] = mask_value(data[section].get(key))
         return data
-
-
-_URL_PASSWORD = re.compile(r"(?P<head>://[^:/@]+:)(?P<password>[^@]+)(?P<tail>@)")
-
-
-def mask_url(url: str) -> str:
-    """Hide the password part of a database or broker URL."""
-    return _URL_PASSWORD.sub(r"\g<head>*****\g<tail>", url)
 
 
 def load_settings(config_file: Path | None = None) -> Settings:

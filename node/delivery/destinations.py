@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent, Peer
+from node.core.masking import MASK, mask_url
 from node.core.settings import Settings
 from node.core.uids import validate_ae_title
 from node.delivery.dimse import DimseDestination
@@ -107,7 +108,9 @@ class DestinationSpec(BaseModel):
         data = self.model_dump(mode="json", exclude_none=True)
         for key in _SECRETS:
             if getattr(self, key) is not None:
-                data[key] = "**********"
+                data[key] = MASK
+        if self.url:
+            data["url"] = mask_url(self.url)
         return data
 
     def transport(self, default_calling_ae: str) -> Destination:

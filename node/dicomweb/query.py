@@ -81,10 +81,17 @@ class Query:
         self.uids[keyword] = [uid] if given is None or uid in given else []
 
 
+MAX_QIDO_OFFSET = 10**9  # far past any catalogue; keeps the SQL OFFSET within 64 bits
+
+
 def _non_negative(name: str, value: str) -> int:
-    if not value.isdigit():
-        raise bad_request(f"{name} must be a non-negative integer")
-    return int(value)
+    """A paging parameter: ASCII digits only, at most :data:`MAX_QIDO_OFFSET`, else 400."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 10:
+        raise bad_request(f"{name} must be an integer from 0 to {MAX_QIDO_OFFSET}")
+    number = int(value)
+    if number > MAX_QIDO_OFFSET:
+        raise bad_request(f"{name} must be an integer from 0 to {MAX_QIDO_OFFSET}")
+    return number
 
 
 def _keyword(name: str) -> str:

@@ -18,16 +18,37 @@ from node.dicomweb.multipart import MediaType, MultipartError
 from node.dicomweb.qido import render
 from node.dicomweb.query import Query
 from node.dicomweb.rendering import dicom_json, json_response, json_to_xml, negotiate
-from node.dicomweb.stow import StowService, StowUpload, stow_answer, stow_status
+from node.dicomweb.stow import (
+    StowLimits,
+    StowRefused,
+    StowService,
+    StowUpload,
+    stow_answer,
+    stow_status,
+)
 from node.dicomweb.wado import StoredObject, locate, metadata, retrieve_response
 from node.store.disk import DiskGuard
 from node.store.ingest import Ingestor
-from node.store.spool import Spool
+from node.store.spool import spool_for
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PART_BYTES = 512 * 1024 * 1024  # one instance; larger parts fail with 0xA700
 DEFAULT_MEMORY_BUDGET = 64 * 1024 * 1024  # part bytes one request keeps in memory
+
+
+def declared_length(request: Request, limit: int) -> int:
+    """The body's Content-Length (0 when chunked); 413 at once when it is over ``limit``."""
+    try:
+        length = int(request.headers.get("content-length", "0"))
+    except ValueError:
+        raise bad_request("the Content-Length is not a number") from None
+    if length > limit:
+        raise HTTPException(
+            status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            f"request body of {length} bytes, over the limit of {limit}; nothing was stored",
+        )
+    return max(length, 0)
 
 
 def create_dicomweb_router(
@@ -45,12 +66,15 @@ def create_dicomweb_router(
     """
     if ingestor is None:
         ingestor = Ingestor(
-            Spool(settings.spool_dir, settings.quarantine_dir),
+            spool_for(settings),
             catalogue,
             DiskGuard(settings.data_path, settings.dicom.min_free_mb * 1024 * 1024),
             settings.dicom.duplicate_policy,
         )
     stow = StowService(ingestor)
+    limits = StowLimits(
+        settings.api.stow_max_body_mb << 20, settings.api.stow_max_parts, ingestor.guard
+    )
     router = APIRouter(prefix="/dicom-web", tags=["DICOMweb"])
 
     def studies_url(request: Request) -> str:
@@ -70,10 +94,14 @@ def create_dicomweb_router(
         boundary = media.params.get("boundary")
         if not boundary:
             raise bad_request("the Content-Type has no boundary parameter")
-        upload = StowUpload(ingestor.spool, max_part_bytes, memory_budget)
+        upload = StowUpload(ingestor.spool, max_part_bytes, memory_budget, limits)
         try:
             try:
+                upload.check_space(declared_length(request, limits.max_body_bytes))
                 parts = await upload.receive(request.stream(), boundary)
+            except StowRefused as exc:
+                log.warning("STOW-RS request refused: %s; nothing stored", exc.reason)
+                raise HTTPException(exc.code, f"{exc.reason}; nothing was stored") from None
             except MultipartError as exc:
                 raise bad_request(f"malformed multipart body: {exc}; nothing was stored") from exc
             except ClientDisconnect:

@@ -32,6 +32,7 @@ from node.core.status import (
 )
 from node.core.uids import is_valid_uid
 from node.dicomweb.multipart import MediaType, MultipartParser
+from node.store.disk import DiskGuard
 from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
 from node.store.ingest import Ingestor, IngestOutcome
 from node.store.spool import Spool, StagedFile
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STOW_CALLING_AE = "STOW-RS"
 WRITE_CHUNK = 1024 * 1024  # part bytes handed to the writer thread at a time
+FREE_SPACE_CHECK = 16 * 1024 * 1024  # body bytes between two free-space checks
 SETTLE_WORKERS = 8  # parts written, parsed and fsynced at once as the body streams in
 _ID_NAMES = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _ID_KEYS = ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid")  # of PartOutcome
@@ -55,6 +57,25 @@ class PartOutcome:
     sop_instance_uid: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
+
+
+class StowRefused(Exception):
+    """The whole request is refused while it streams in (nothing of it is stored): its HTTP
+    status and the reason for the answer."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StowLimits:
+    """What one request may cost: body bytes, parts, and the free space it must leave."""
+
+    max_body_bytes: int = 4096 << 20
+    max_parts: int = 10000
+    guard: DiskGuard | None = None
 
 
 class StowPart:
@@ -155,10 +176,18 @@ class StowUpload:
     gigabyte upload is never held in memory.
     """
 
-    def __init__(self, spool: Spool, max_part_bytes: int, memory_budget: int) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        max_part_bytes: int,
+        memory_budget: int,
+        limits: StowLimits | None = None,
+    ) -> None:
         self.spool = spool
         self.max_part_bytes = max_part_bytes
         self.memory_budget = memory_budget
+        self.limits = limits or StowLimits()
+        self.received = 0
         self.parts: list[StowPart] = []  # every part begun, for the clean-up
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="stow-write")
         self._settler = ThreadPoolExecutor(SETTLE_WORKERS, thread_name_prefix="stow-settle")
@@ -166,6 +195,11 @@ class StowUpload:
         self._queued = 0
 
     def new_part(self, headers: dict[str, str]) -> StowPart:
+        if len(self.parts) >= self.limits.max_parts:
+            raise StowRefused(
+                status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                f"more than {self.limits.max_parts} parts in one request",
+            )
         part = StowPart(self, headers)
         self.parts.append(part)
         return part
@@ -174,7 +208,17 @@ class StowUpload:
         """The parts of a whole body, each staged, parsed and synced; raises
         :class:`~node.dicomweb.multipart.MultipartError` for a malformed or truncated body."""
         parser = MultipartParser(boundary, self.new_part)
+        checked = 0
         async for chunk in stream:
+            self.received += len(chunk)
+            if self.received > self.limits.max_body_bytes:
+                raise StowRefused(
+                    status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                    f"request body larger than {self.limits.max_body_bytes} bytes",
+                )
+            if self.received - checked >= FREE_SPACE_CHECK:
+                checked = self.received
+                self.check_space(0)
             parser.feed(chunk)
             await self._drain()
         parts = parser.finish()
@@ -182,6 +226,16 @@ class StowUpload:
             if part.ready is not None:
                 await asyncio.wrap_future(part.ready)
         return parts
+
+    def check_space(self, incoming: int) -> None:
+        """Refuse the request (507) when ``incoming`` more bytes would take the data folder
+        below its free-space watermark; checked before the body and as it is staged."""
+        guard = self.limits.guard
+        if guard is not None and not guard.can_accept(incoming):
+            raise StowRefused(
+                status.HTTP_507_INSUFFICIENT_STORAGE,
+                "not enough free space in the data folder; try again later",
+            )
 
     def write_chunk(self, part: StowPart, data: bytearray) -> None:
         """Hand a chunk of a large part to the writer thread (in arrival order)."""

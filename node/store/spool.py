@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import itertools
-import json
 import logging
 import os
 import threading
@@ -22,10 +21,11 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
+from node.core.settings import Settings
 from node.core.uids import validate_uid
+from node.store.quarantine import SMALLEST_FILE, Quarantine
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +149,29 @@ class StagedFile:
             self.path.unlink(missing_ok=True)
 
 
+def spool_for(settings: Settings) -> Spool:
+    """The spool and quarantine of a node's data folder, with the configured retention."""
+    return Spool(
+        settings.spool_dir,
+        settings.quarantine_dir,
+        settings.quarantine_max_age_days,
+        settings.quarantine_max_mb << 20,
+    )
+
+
 class Spool:
     """Files under ``root/<study>/<series>/<sop>.dcm``."""
 
-    def __init__(self, root: Path, quarantine: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        quarantine: Path,
+        quarantine_max_age_days: float = 30.0,
+        quarantine_max_bytes: int = 1 << 30,
+    ) -> None:
         self.root = root
         self.quarantine_root = quarantine
+        self.quarantined = Quarantine(quarantine, quarantine_max_age_days, quarantine_max_bytes)
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
         self._swept = False
@@ -253,34 +270,26 @@ class Spool:
             fsync_dir(folder)
 
     def quarantine(self, data: bytes, reason: str, calling_ae: str | None) -> Path:
-        """Keep bytes the node refused, with why, under a name the node chose."""
-        folder, name = self._quarantine_slot()
-        write_durably(folder / f"{name}.dcm", data)
-        self._quarantine_meta(folder, name, reason, calling_ae, len(data))
-        return folder / f"{name}.dcm"
+        """Keep bytes the node refused, with why, under a name the node chose (one record:
+        see :mod:`node.store.quarantine`)."""
+        return self.quarantined.add(
+            reason, calling_ae, len(data), lambda path: write_durably(path, data), data
+        )
 
     def quarantine_staged(self, staged: StagedFile, reason: str, calling_ae: str | None) -> Path:
-        """:meth:`quarantine` for staged bytes: moved, not copied."""
-        folder, name = self._quarantine_slot()
-        staged.sync()
-        staged.move_to(folder / f"{name}.dcm")
-        fsync_dir(folder)
-        self._quarantine_meta(folder, name, reason, calling_ae, staged.size)
-        return folder / f"{name}.dcm"
+        """:meth:`quarantine` for staged bytes: moved, not copied (junk too short to be a
+        file is read into its record and the staged file removed)."""
 
-    def _quarantine_slot(self) -> tuple[Path, str]:
-        folder = self.quarantine_root / datetime.now(UTC).strftime("%Y%m%d")
-        self._ensure_dir(folder)
-        return folder, uuid.uuid4().hex
+        def keep(path: Path) -> None:
+            staged.sync()
+            staged.move_to(path)
+            fsync_dir(path.parent)
 
-    @staticmethod
-    def _quarantine_meta(
-        folder: Path, name: str, reason: str, calling_ae: str | None, size: int
-    ) -> None:
-        meta = {
-            "reason": reason,
-            "calling_ae_title": calling_ae,
-            "received_at": datetime.now(UTC).isoformat(),
-            "size": size,
-        }
-        write_durably(folder / f"{name}.json", json.dumps(meta, indent=1).encode())
+        head = b""
+        if staged.size < SMALLEST_FILE:
+            staged.close()
+            head = staged.path.read_bytes()
+        kept = self.quarantined.add(reason, calling_ae, staged.size, keep, head)
+        if head or staged.size < SMALLEST_FILE:
+            staged.discard()
+        return kept

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import AuditEvent
+from node.core.masking import is_masked
 from node.core.rules import RulesError, parse_rules
 from node.core.settings import Settings
 from node.core.uids import validate_uid
@@ -162,7 +163,7 @@ def create_admin_router(settings: Settings, catalogue: Catalogue) -> APIRouter:
     @router.patch("/destinations/{name}")
     def edit_destination(request: Request, name: str, body: JsonObject) -> dict[str, Any]:
         """Change the given fields; masked secrets sent back unchanged are ignored."""
-        changes = {k: v for k, v in body.items() if v != "**********"}
+        changes = {k: v for k, v in body.items() if not is_masked(v)}
         try:
             return update_destination(catalogue, settings, name, changes, actor(request)).public()
         except DestinationError as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from pydicom import dcmread
@@ -29,6 +30,7 @@ from node.store.ingest import Ingestor
 from node.store.spool import write_durably
 from node.web.admin import actor, create_admin_router
 from node.web.dashboard import create_dashboard_router
+from node.web.headers import DOCS_PATH, SecurityHeaders
 from node.web.metrics import CatalogueCollector, GpuCollector
 from node.web.results import (
     SR_SOP_CLASSES,
@@ -69,7 +71,9 @@ def create_api(
 ) -> FastAPI:
     """The API app; ``enqueue_dispatch`` sends a delivery to the dispatch queue."""
     verifier = TokenVerifier(catalogue, api_token(settings))
-    app = FastAPI(title="Curia Node", version=__version__)
+    app = FastAPI(title="Curia Node", version=__version__, docs_url=None, redoc_url=None)
+    app.openapi_url = None  # served below, behind the token (or not at all)
+    app.add_middleware(SecurityHeaders)
 
     def require_token(
         request: Request, authorization: Annotated[str | None, Header()] = None
@@ -114,6 +118,18 @@ def create_api(
     scrape_registry = CollectorRegistry()
     scrape_registry.register(CatalogueCollector(catalogue))
     scrape_registry.register(GpuCollector())
+
+    if settings.api.docs:
+
+        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+        def openapi() -> JSONResponse:
+            """The OpenAPI description, for a client that holds a token."""
+            return JSONResponse(app.openapi())
+
+        @app.get(DOCS_PATH, dependencies=auth, include_in_schema=False)
+        def docs() -> HTMLResponse:
+            """Swagger UI over the description above (a client sending the token)."""
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="Curia Node API")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -23,7 +23,7 @@ from node.catalogue.models import PipelineRun, Series
 from node.core.settings import Settings
 from node.delivery.destinations import dispatchers, result_destinations
 from node.delivery.transport import Destination
-from node.store.spool import Spool, write_durably
+from node.store.spool import Spool, spool_for, write_durably
 from node.workflow.routing import Router
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class Runtime:
 
     @cached_property
     def spool(self) -> Spool:
-        return Spool(self.settings.spool_dir, self.settings.quarantine_dir)
+        return spool_for(self.settings)
 
     @cached_property
     def device(self) -> torch.device:
