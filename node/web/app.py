@@ -71,8 +71,10 @@ def create_api(
 ) -> FastAPI:
     """The API app; ``enqueue_dispatch`` sends a delivery to the dispatch queue."""
     verifier = TokenVerifier(catalogue, api_token(settings))
-    app = FastAPI(title="Curia Node", version=__version__, docs_url=None, redoc_url=None)
-    app.openapi_url = None  # served below, behind the token (or not at all)
+    # The API description is served below, behind the token (or not at all).
+    app = FastAPI(
+        title="Curia Node", version=__version__, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.add_middleware(SecurityHeaders)
 
     def require_token(
