@@ -313,3 +313,45 @@ def test_files_the_node_creates_are_private_whatever_the_umask(node: NodeProcess
         data.chmod(0o700)
     assert bad.returncode == 1
     assert f"folder {data} is 0755: other users can read it" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("title", "shown"),
+    [
+        (b"EVIL\n2026 FAKE", r"EVIL\x0a2026 FAKE"),
+        (b"\x1b[31mRED\x00", r"\x1b[31mRED\x00"),
+        ("\u00e9t\u00e9".encode(), r"\xc3\xa9t\xc3\xa9"),
+    ],
+    ids=["newline", "escape-nul", "utf8"],
+)
+def test_wire_bytes_in_an_ae_title_are_escaped_in_the_log(
+    node: NodeProcess, title: bytes, shown: str
+) -> None:
+    """A calling AE title with a newline, an escape sequence, NUL or non-ASCII bytes: the
+    request is aborted (reason 6) and the log holds one escaped line, no raw byte and no
+    traceback."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "PLACEHOLDER_AE16"
+    primitive.called_ae_title = "CURIA"
+    primitive.presentation_context_definition_list = [build_context(CTImageStorage)]
+    primitive.presentation_context_definition_list[0].context_id = 1
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    raw = pdu.encode().replace(b"PLACEHOLDER_AE16", title.ljust(16))
+    offset = len(node.log())
+    # An address of its own: lines about one address are rate-limited, and the attacks
+    # above came from ATTACKER.
+    with _connect(node, f"127.0.0.{10 + len(shown)}") as sock:
+        sock.sendall(raw)
+        abort = _read_abort(sock)
+    assert abort[:1] == b"\x07" and abort[8:10] == b"\x02\x06", abort
+    line = f"a calling AE title that is not printable ASCII: '{shown}'"
+    wait_for(lambda: line in node.log()[offset:], 10, "the escaped line")
+    written = (Path(node.root) / "node.log").read_bytes()
+    assert title.rstrip() not in written
+    assert b"Traceback" not in written

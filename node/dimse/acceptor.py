@@ -84,6 +84,7 @@ from node.dimse.pdu import (
     AssociationAborted,
     Connection,
     abort_pdu,
+    bad_ae_titles,
     reject_pdu,
 )
 
@@ -187,6 +188,9 @@ class AssociationAcceptor:
         if pdu_type != ASSOCIATE_RQ:
             reason = ABORT_UNEXPECTED_PDU if pdu_type <= ABORT else ABORT_UNRECOGNISED_PDU
             raise AssociationAborted(f"PDU type 0x{pdu_type:02X} before association", reason)
+        invalid = bad_ae_titles(body)
+        if invalid is not None:
+            raise AssociationAborted(invalid, ABORT_INVALID_PARAMETER)
         rq = A_ASSOCIATE_RQ()
         try:
             rq.decode(bytes(PDU_HEADER.pack(pdu_type, len(body)) + body))

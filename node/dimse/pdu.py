@@ -31,6 +31,20 @@ class AssociationAborted(Exception):
         self.reason = reason  # an A-ABORT to send, or None when the peer is gone
 
 
+def bad_ae_titles(body: bytes | bytearray) -> str | None:
+    """Why the called or calling AE title of an A-ASSOCIATE-RQ body is not valid (PS3.5
+    6.2: printable ASCII without backslash), the bytes escaped for the log; None if both
+    are. Checked before the request is decoded, so such bytes never reach a decoder's own
+    error reporting."""
+    for name, start in (("called", 4), ("calling", 20)):
+        field = bytes(body[start : start + 16])
+        if any(byte < 0x20 or byte > 0x7E or byte == 0x5C for byte in field):
+            shown = field.decode("latin-1").rstrip()
+            escaped = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in shown)
+            return f"a {name} AE title that is not printable ASCII: '{escaped}'"
+    return None
+
+
 def _pdu(pdu_type: int, body: bytes) -> bytes:
     return PDU_HEADER.pack(pdu_type, len(body)) + body
 
