@@ -192,7 +192,7 @@ def test_below_the_disk_watermark_nothing_is_accepted(tmp_path: Path) -> None:
 def test_every_association_is_recorded_without_patient_data(
     listener: tuple[int, Ingestor], tmp_path: Path
 ) -> None:
-    from node.catalogue.models import AssociationRecord
+    from node.catalogue.models import AssociationRecord, RefusedAssociations
 
     port, ingestor = listener
     dcmtk(
@@ -206,17 +206,20 @@ def test_every_association_is_recorded_without_patient_data(
     )
     dcmtk("echoscu", "-aet", "STRANGER", "-aec", "CURIA", "127.0.0.1", str(port))
 
-    def records() -> dict[str, AssociationRecord] | None:
+    def records() -> tuple[dict[str, AssociationRecord], list[RefusedAssociations]] | None:
         with ingestor.catalogue.session() as session:
             rows = {r.calling_ae_title: r for r in session.scalars(select(AssociationRecord))}
-        return rows if len(rows) == 2 else None
+            tallies = list(session.scalars(select(RefusedAssociations)))
+        return (rows, tallies) if rows and tallies else None
 
-    rows = wait_for(records, 10, "both associations are recorded")
-    stored_row, refused_row = rows["STORESCU"], rows["STRANGER"]
+    rows, [refused] = wait_for(records, 10, "the association and the refusal are recorded")
+    stored_row = rows["STORESCU"]
+    assert "STRANGER" not in rows, "a refusal is counted, not recorded one by one"
     assert (stored_row.outcome, stored_row.stored, stored_row.failed) == ("released", 1, 0)
     assert stored_row.statuses == {"0x0000": 1} and stored_row.bytes_received > 0
     assert stored_row.address == "127.0.0.1" and stored_row.ended_at is not None
-    assert (refused_row.outcome, refused_row.reason) == ("rejected", "not in allow-list")
+    assert (refused.calling_ae_title, refused.address) == ("STRANGER", "127.0.0.1")
+    assert (refused.reason, refused.count) == ("not in allow-list", 1)
 
 
 def _tls_listener(tmp_path: Path, require_client_cert: bool):

@@ -355,3 +355,51 @@ def test_wire_bytes_in_an_ae_title_are_escaped_in_the_log(
     written = (Path(node.root) / "node.log").read_bytes()
     assert title.rstrip() not in written
     assert b"Traceback" not in written
+
+
+def test_a_flood_of_refused_associations_is_counted_not_recorded_one_by_one(
+    node: NodeProcess,
+) -> None:
+    """200 requests from an AE title that is not allowed: each is refused (1/1/3), the log
+    holds at most three lines about them, and the catalogue one tally row counting 200."""
+    import sqlalchemy as sa
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "FLOODER"
+    primitive.called_ae_title = "CURIA"
+    primitive.presentation_context_definition_list = [build_context(CTImageStorage)]
+    primitive.presentation_context_definition_list[0].context_id = 1
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    raw = pdu.encode()
+    for _ in range(200):
+        with _connect(node, "127.0.0.3") as sock:
+            sock.sendall(raw)
+            assert sock.recv(10)[:1] == b"\x03"
+    engine = sa.create_engine(f"sqlite:///{node.env['CURIA_DATA_DIR']}/catalogue.sqlite")
+
+    def tallied() -> list[tuple[str, int]] | None:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.text(
+                    "SELECT reason, count FROM refused_associations"
+                    " WHERE calling_ae_title = 'FLOODER'"
+                )
+            ).all()
+        total = sum(row[1] for row in rows)
+        return [(row[0], row[1]) for row in rows] if total >= 200 else None
+
+    rows = wait_for(tallied, 20, "200 refusals tallied")
+    with engine.connect() as connection:
+        recorded = connection.execute(
+            sa.text("SELECT count(*) FROM associations WHERE calling_ae_title = 'FLOODER'")
+        ).scalar()
+    engine.dispose()
+    assert {reason for reason, _ in rows} == {"not in allow-list"}
+    assert len(rows) <= 2  # one per 10-minute period; the flood may straddle two
+    assert recorded == 0
+    assert node.log().count("refused association from AE 'FLOODER'") <= 3

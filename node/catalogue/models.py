@@ -308,3 +308,23 @@ class AssociationRecord(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     ended_at: Mapped[datetime | None]
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RefusedAssociations(Base):
+    """Refused association requests, counted per calling AE title, address and reason in
+    each period: a stranger retrying thousands of times costs one row, not thousands."""
+
+    __tablename__ = "refused_associations"
+    __table_args__ = (
+        UniqueConstraint(
+            "period_start", "calling_ae_title", "address", "reason", name="uq_refused_period_key"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(index=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(200))
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    last_at: Mapped[datetime] = mapped_column(default=utcnow)

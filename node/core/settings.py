@@ -97,6 +97,9 @@ class DicomSettings(BaseModel):
         le=1 << 24,
         description="largest PDU accepted (advertised); a larger one ends the association",
     )
+    refusal_retention_days: float = Field(
+        90.0, gt=0.0, description="refused-association tallies are kept this long"
+    )
     max_instance_mb: int = Field(
         1024, ge=1, description="largest C-STORE data set; a larger one gets 0xA700"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from pydicom.uid import UID, UID_dictionary
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
@@ -24,6 +24,7 @@ from node.core.status import SUCCESS
 from node.dimse.acceptor import Listener
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.association import Association, Limits, Refusal, Requestor, StoreRequest
+from node.dimse.refusals import RefusalTally
 from node.store.ingest import Ingestor, brief
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,12 @@ REJECT_CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
 class AssociationHandlers:
     """What the node does on each association: admission, storage, and a record of it."""
 
-    def __init__(self, ingestor: Ingestor, policy: SourcePolicy) -> None:
+    def __init__(
+        self, ingestor: Ingestor, policy: SourcePolicy, refusal_retention: timedelta | None = None
+    ) -> None:
         self.ingestor = ingestor
         self.policy = policy
+        self.refusals = RefusalTally(ingestor.catalogue, refusal_retention or timedelta(days=90))
 
     def admit(self, requestor: Requestor) -> Refusal | None:
         """Refuse everyone while the disk is below its watermark, unknown senders always, and
@@ -109,6 +113,9 @@ class AssociationHandlers:
                 f" ({reason})" if reason else "",
             )
         ASSOCIATIONS.labels(outcome).inc()
+        if outcome == "rejected":  # counted, not recorded one by one (anyone can repeat it)
+            self.refusals.add(requestor.calling_ae_title, requestor.address, reason or "")
+            return
         try:
             with self.ingestor.catalogue.session() as session:
                 session.add(
@@ -186,7 +193,7 @@ def start_listener(settings: DicomSettings, ingestor: Ingestor, policy: SourcePo
     server = Listener(
         (settings.host, settings.port),
         supported_contexts(),
-        AssociationHandlers(ingestor, policy),
+        AssociationHandlers(ingestor, policy, timedelta(days=settings.refusal_retention_days)),
         limits,
         ssl_context=context,
         also_accept=unknown_storage_contexts if settings.accept_unknown_storage else None,
