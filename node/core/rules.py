@@ -204,11 +204,28 @@ class RuleSet(BaseModel):
         return {name for a in actions for name in a.forward + a.results_to}
 
 
+MAX_RULES_BYTES = 256 * 1024  # far beyond any real rule set
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: an alias (``*name``, or a ``<<`` merge of one) may expand to an
+    exponential amount of data from a few hundred bytes, and rules never need one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in rules", self.peek_event().start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def parse_rules(document: str, known_destinations: Iterable[str] | None = None) -> RuleSet:
     """Parse and validate a YAML rule set; unknown destinations are an error when the known
     ones are given (a typo must not silently drop a STAT study)."""
+    if len(document.encode()) > MAX_RULES_BYTES:
+        raise RulesError(f"a rule set is at most {MAX_RULES_BYTES} bytes")
     try:
-        raw = yaml.safe_load(document) if document.strip() else {}
+        raw = yaml.load(document, Loader=_NoAliasLoader) if document.strip() else {}
     except yaml.YAMLError as exc:
         raise RulesError(f"not valid YAML: {exc}") from None
     if raw is None:
