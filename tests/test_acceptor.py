@@ -262,6 +262,7 @@ def test_too_many_associations_are_refused_as_a_local_limit(
         sock, answer = _associate_raw(_port(server))
         sock.close()
         assert answer[0] == 0x03 and answer[7:10] == bytes((0x02, 0x03, 0x02))
+
         def tallies() -> list[tuple[str, int]] | None:
             with ingestor.catalogue.session() as session:
                 rows = session.scalars(select(RefusedAssociations)).all()
