@@ -403,3 +403,71 @@ def test_a_flood_of_refused_associations_is_counted_not_recorded_one_by_one(
     assert len(rows) <= 2  # one per 10-minute period; the flood may straddle two
     assert recorded == 0
     assert node.log().count("refused association from AE 'FLOODER'") <= 3
+
+
+def _store_begun(node: NodeProcess, size: int) -> socket.socket:
+    """An association from the allowed sender that has sent a C-STORE's command and
+    ``size`` bytes of its data set, in PDUs of the advertised maximum, and not the end."""
+    from node.dimse.messages import command_set
+
+    sock = _associate(node)
+    command = command_set(
+        [
+            (0x0002, str(CTImageStorage).encode() + b"\x00"),
+            (0x0100, struct.pack("<H", 0x0001)),
+            (0x0110, struct.pack("<H", 1)),
+            (0x0700, struct.pack("<H", 0)),
+            (0x0800, struct.pack("<H", 0x0000)),
+            (0x1000, generate_uid().encode()),
+        ]
+    )
+    pdv = struct.pack(">LBB", len(command) + 2, 1, 0x03) + command
+    sock.sendall(struct.pack(">BxL", 0x04, len(pdv)) + pdv)
+    chunk = MAX_PDU - 6
+    for start in range(0, size, chunk):
+        value = b"\x00" * min(chunk, size - start)
+        pdv = struct.pack(">LBB", len(value) + 2, 1, 0x00) + value
+        sock.sendall(struct.pack(">BxL", 0x04, len(pdv)) + pdv)
+    return sock
+
+
+def test_the_listener_stays_within_its_stated_memory_bound_in_the_worst_case(
+    node: NodeProcess,
+) -> None:
+    """Every association slot in the middle of an instance just under max_instance_mb, and
+    every other connection holding an A-ASSOCIATE-RQ one byte short of its 1 MiB maximum,
+    from two addresses: the node's RSS grows by no more than Limits.memory_bound() (the
+    README's formula), echoscu is answered once a slot is free, and the memory is used
+    (the worst case was really reached)."""
+    from node.dimse.association import Limits
+
+    associations = 4
+    limits = Limits(
+        max_associations=associations,
+        max_connections=MAX_CONNECTIONS,
+        max_connections_per_address=PER_ADDRESS,
+        max_pdu=MAX_PDU,
+        max_instance_bytes=MAX_INSTANCE_MB << 20,
+    )
+    before = _status(node)
+    held = [_store_begun(node, (MAX_INSTANCE_MB << 20) - 4096) for _ in range(associations)]
+    rq = struct.pack(">BxL", 0x01, 1 << 20) + b"\x00" * ((1 << 20) - 1)
+    for index in range(MAX_CONNECTIONS - associations):
+        sock = _connect(node, ATTACKER if index % 2 else "127.0.0.4")
+        sock.sendall(rq)
+        held.append(sock)
+    try:
+        time.sleep(1.0)
+        during = _status(node)
+        grown = (during["VmRSS"] - before["VmRSS"]) << 10
+        bound = limits.memory_bound()
+        assert grown <= bound, f"RSS grew {grown >> 20} MiB, bound {bound >> 20} MiB"
+        assert grown >= 10 << 20, f"RSS grew only {grown >> 20} MiB: the worst case not held"
+    finally:
+        for sock in held[:associations]:
+            sock.close()
+    try:
+        assert _echo(node).returncode == 0
+    finally:
+        for sock in held[associations:]:
+            sock.close()

@@ -50,6 +50,7 @@ from node.core.status import (
     UNRECOGNISED_OPERATION,
 )
 from node.dimse.association import (
+    ASSOCIATE_RQ_BYTES,
     Association,
     Limits,
     Refusal,
@@ -91,7 +92,7 @@ from node.dimse.pdu import (
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
-MAX_ASSOCIATE_RQ = 1 << 20  # bytes: ample for every presentation context a sender proposes
+MAX_ASSOCIATE_RQ = ASSOCIATE_RQ_BYTES  # ample for every presentation context a sender proposes
 MAX_COMMAND = 1 << 16  # bytes: a command set is a few hundred bytes
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4

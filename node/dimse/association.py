@@ -78,6 +78,14 @@ class Service(Protocol):
     def closed(self, association: Association, outcome: str, reason: str | None) -> None: ...
 
 
+#: What one open connection may hold before it associates: its A-ASSOCIATE-RQ (grown as the
+#: bytes arrive, never past this), the socket's read buffer, and its thread's stack and
+#: bookkeeping as far as they are touched.
+ASSOCIATE_RQ_BYTES = 1 << 20
+READ_BUFFER_BYTES = 1 << 18
+THREAD_BYTES = 1 << 18
+
+
 @dataclass(frozen=True)
 class Limits:
     max_associations: int = 16
@@ -88,3 +96,15 @@ class Limits:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+
+    def memory_bound(self) -> int:
+        """Bytes the listener may hold at worst, beyond the process it runs in: every
+        connection open with a request almost complete, and every association in the middle
+        of an instance of the largest size (held as received, then once more joined to its
+        file meta for ingest) with one more PDU being read."""
+        # A buffer grown as bytes arrive is over-allocated by up to an eighth, and the chunk
+        # just read from the socket is alive beside it.
+        request = ASSOCIATE_RQ_BYTES + ASSOCIATE_RQ_BYTES // 8 + READ_BUFFER_BYTES
+        per_connection = request + READ_BUFFER_BYTES + THREAD_BYTES
+        per_association = 2 * self.max_instance_bytes + self.max_pdu
+        return self.max_connections * per_connection + self.max_associations * per_association

@@ -14,10 +14,12 @@ import struct
 import time
 from typing import cast
 
+from node.dimse.association import READ_BUFFER_BYTES
+
 # PDU types, PS3.8 9.3.1
 ASSOCIATE_RQ, P_DATA, RELEASE_RQ, ABORT = 0x01, 0x04, 0x05, 0x07
 PDU_HEADER = struct.Struct(">BxL")
-READ_STEP = 1 << 18  # bytes asked of the socket at once; also the read buffer's size
+READ_STEP = READ_BUFFER_BYTES  # bytes asked of the socket at once; also the read buffer's size
 
 # A-ABORT provider reasons, PS3.8 9.3.8
 ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
