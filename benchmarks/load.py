@@ -7,17 +7,23 @@ Prints the aggregate instances/s, the C-STORE latency p50/p95/max, failures, the
 RSS, and, per study, the time from its last instance to its SR stored in the archive.
 
     .venv/bin/python -m benchmarks.load [--senders 20] [--slices 300] [--demo-size tiny]
+        [--ingest-only] [--runs 1]
+
+``--ingest-only`` stops once every instance is answered (no wait for the SRs); each run prints
+how many associations the node recorded as aborted, with their reasons.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import sqlalchemy as sa
 from pydicom import dcmread
 from pynetdicom import AE
 
@@ -66,8 +72,29 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--demo-size", default="tiny", choices=["base", "tiny"])
     parser.add_argument("--quiet", type=float, default=2.0, help="series quiet period, s")
+    parser.add_argument("--ingest-only", action="store_true", help="do not wait for the SRs")
+    parser.add_argument("--runs", type=int, default=1, help="runs, one after another")
     args = parser.parse_args()
+    aborted_runs = 0
+    for run in range(1, args.runs + 1):
+        print(f"--- run {run} of {args.runs}")
+        aborted_runs += run_once(args) > 0
+    print(f"runs with an aborted association: {aborted_runs} of {args.runs}")
 
+
+def aborted_associations(root: Path) -> list[tuple[str, str]]:
+    """(calling AE title, reason) of every association the node recorded as aborted."""
+    engine = sa.create_engine(f"sqlite:///{root / 'data' / 'catalogue.sqlite'}")
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT calling_ae_title, reason FROM associations WHERE outcome = 'aborted'")
+        ).all()
+    engine.dispose()
+    return [(str(row[0]), str(row[1])) for row in rows]
+
+
+def run_once(args: argparse.Namespace) -> int:
+    """One run; the number of aborted associations."""
     root = Path(tempfile.mkdtemp(prefix="curia-load-"))
     studies = [write_series(root / f"study-{i:02d}", args.slices) for i in range(args.senders)]
     study_uids = [dcmread(s[0], stop_before_pixels=True).StudyInstanceUID for s in studies]
@@ -107,11 +134,14 @@ def main() -> None:
                     arrived[uid] = time.time()
             return len(arrived) == len(study_uids)
 
-        wait_for(all_reports, 3600, "not every study got its SR", interval=0.5)
+        if not args.ingest_only:
+            wait_for(all_reports, 3600, "not every study got its SR", interval=0.5)
         total_rss = peak_rss_mib(node.node.pid)
+        aborted = aborted_associations(root)
     finally:
         node.stop()
         orthanc.stop()
+        shutil.rmtree(root, ignore_errors=True)  # 2 x 150 MB per sender
 
     latencies = sorted(x for lat, _, _ in outcomes for x in lat)
     failures = sum(f for _, f, _ in outcomes)
@@ -124,6 +154,11 @@ def main() -> None:
         f"p95 {p95:.1f} ms, max {latencies[-1] * 1000:.1f} ms; failures: {failures}"
     )
     print(f"node peak RSS: {ingest_rss:.0f} MiB after ingest, {total_rss:.0f} MiB overall")
+    print(f"aborted associations: {len(aborted)}")
+    for calling, reason in aborted:
+        print(f"  {calling}: {reason}")
+    if args.ingest_only:
+        return len(aborted)
     ends = {uid: end for uid, (_, _, end) in zip(study_uids, outcomes, strict=True)}
     delays = sorted(arrived[uid] - ends[uid] for uid in study_uids)
     print(
@@ -133,6 +168,7 @@ def main() -> None:
     )
     for uid in study_uids:
         print(f"  study ...{uid[-12:]}: {arrived[uid] - ends[uid]:.1f} s")
+    return len(aborted)
 
 
 if __name__ == "__main__":
