@@ -36,7 +36,8 @@ ACSE_TIMEOUT = 3.0
 MAX_CONNECTIONS = 24
 PER_ADDRESS = 16
 MAX_PDU = 16384
-MAX_INSTANCE_MB = 1
+MAX_INSTANCE_MB = 3
+INSTANCE_MEMORY_MB = 1
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         "CURIA_DICOM__MAX_CONNECTIONS_PER_ADDRESS": str(PER_ADDRESS),
         "CURIA_DICOM__MAX_PDU": str(MAX_PDU),
         "CURIA_DICOM__MAX_INSTANCE_MB": str(MAX_INSTANCE_MB),
+        "CURIA_DICOM__INSTANCE_MEMORY_MB": str(INSTANCE_MEMORY_MB),
         "CURIA_ARCHIVE__ENABLED": "false",
         "CURIA_COMPLETION__SERIES_QUIET_SECONDS": "1",
         "CURIA_COMPLETION__POLL_SECONDS": "0.2",
@@ -434,7 +436,7 @@ def _store_begun(node: NodeProcess, size: int) -> socket.socket:
 def test_the_listener_stays_within_its_stated_memory_bound_in_the_worst_case(
     node: NodeProcess,
 ) -> None:
-    """Every association slot in the middle of an instance just under max_instance_mb, and
+    """Every association slot in the middle of an instance just under instance_memory_mb, and
     every other connection holding an A-ASSOCIATE-RQ one byte short of its 1 MiB maximum,
     from two addresses: the node's RSS grows by no more than Limits.memory_bound() (the
     README's formula), echoscu is answered once a slot is free, and the memory is used
@@ -448,9 +450,11 @@ def test_the_listener_stays_within_its_stated_memory_bound_in_the_worst_case(
         max_connections_per_address=PER_ADDRESS,
         max_pdu=MAX_PDU,
         max_instance_bytes=MAX_INSTANCE_MB << 20,
+        instance_memory_bytes=INSTANCE_MEMORY_MB << 20,
     )
     before = _status(node)
-    held = [_store_begun(node, (MAX_INSTANCE_MB << 20) - 4096) for _ in range(associations)]
+    # Just under the size that is spilled to disk: the most an association holds in memory.
+    held = [_store_begun(node, (INSTANCE_MEMORY_MB << 20) - 4096) for _ in range(associations)]
     rq = struct.pack(">BxL", 0x01, 1 << 20) + b"\x00" * ((1 << 20) - 1)
     for index in range(MAX_CONNECTIONS - associations):
         sock = _connect(node, ATTACKER if index % 2 else "127.0.0.4")
@@ -466,8 +470,37 @@ def test_the_listener_stays_within_its_stated_memory_bound_in_the_worst_case(
     finally:
         for sock in held[:associations]:
             sock.close()
-    try:
-        assert _echo(node).returncode == 0
+    try:  # once the node has seen those associations end, a sender is served again
+        wait_for(lambda: _echo(node).returncode == 0, 30, "echoscu answered", interval=1)
     finally:
         for sock in held[associations:]:
             sock.close()
+
+
+def test_an_instance_larger_than_memory_is_spilled_to_disk_and_stored_whole(
+    node: NodeProcess,
+) -> None:
+    """A 2 MiB data set with instance_memory_mb = 1 is written to the spool as it arrives,
+    answered Success and stored byte for byte; one cut short by an A-ABORT leaves no staged
+    file behind."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.add_new(0x00091010, "OB", bytes(range(256)) * (2 << 12))
+    scu = AE(ae_title="STORESCU")
+    scu.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
+    assoc = scu.associate("127.0.0.1", node.dicom_port, ae_title="CURIA")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    spool = Path(node.env["CURIA_DATA_DIR"]) / "spool"
+    [stored] = [p for p in spool.rglob(f"{ds.SOPInstanceUID}.dcm")]
+    kept = dcmread(stored)
+    assert kept.SOPInstanceUID == ds.SOPInstanceUID
+    assert kept[0x00091010].value == ds[0x00091010].value
+    sock = _store_begun(node, 2 << 20)  # spilled, never finished
+    with sock:
+        sock.sendall(bytes.fromhex("07 00 00 00 00 04 00 00 00 00"))  # A-ABORT
+    wait_for(lambda: not list((spool / ".incoming").glob("*")), 10, "the staged file removed")

@@ -103,6 +103,9 @@ class DicomSettings(BaseModel):
     max_instance_mb: int = Field(
         1024, ge=1, description="largest C-STORE data set; a larger one gets 0xA700"
     )
+    instance_memory_mb: int = Field(
+        32, ge=1, description="a C-STORE data set larger than this is written to disk as it comes"
+    )
     acse_timeout: float = Field(
         30.0, gt=0.0, description="seconds from connect to a complete A-ASSOCIATE-RQ"
     )

@@ -21,6 +21,7 @@ Layers below, each importing only downward: :mod:`node.dimse.pdu` (PDU framing),
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -59,6 +60,7 @@ from node.dimse.association import (
     StoreRequest,
 )
 from node.dimse.connections import ConnectionGate, Ticket
+from node.dimse.dataset import ReceivedDataSet
 from node.dimse.messages import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
@@ -88,6 +90,7 @@ from node.dimse.pdu import (
     bad_ae_titles,
     reject_pdu,
 )
+from node.store.spool import StagedFile
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +108,6 @@ SLOW_STORE_SECONDS = 5.0  # a C-STORE handler slower than this is worth a line i
 # --- one association --------------------------------------------------------------------------
 
 
-class _Fragments(list[memoryview]):
-    """A data set's fragments as received, and its size so far; past the instance size limit
-    the fragments are dropped as they come (the rest is read and discarded), so an oversized
-    instance costs no memory and gets its failure status at the end."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.size = 0
-        self.over_limit = False
-
-    def add(self, value: memoryview, limit: int) -> None:
-        self.size += len(value)
-        if self.size > limit:
-            self.over_limit = True
-            self.clear()
-        else:
-            self.append(value)
-
-
 class _Message:
     """A DIMSE message being received: its command, then its data set's fragments."""
 
@@ -131,7 +115,7 @@ class _Message:
         self.context_id: int | None = None
         self.command = bytearray()
         self.fields: dict[int, bytes] | None = None
-        self.fragments = _Fragments()
+        self.fragments = ReceivedDataSet()
 
 
 class AssociationAcceptor:
@@ -149,6 +133,7 @@ class AssociationAcceptor:
         self.server = server
         self.limits = server.limits
         self.ticket = ticket or Ticket(requestor_address[0], connection.sock)
+        self._receiving: ReceivedDataSet | None = None  # a data set that may be on disk
 
     def run(self) -> None:
         try:
@@ -177,6 +162,8 @@ class AssociationAcceptor:
                 with contextlib.suppress(AssociationAborted):
                     self.connection.send(abort_pdu(exc.reason))
         finally:
+            if self._receiving is not None:
+                self._receiving.discard()  # cut short: its spilled bytes are not kept
             self.server.service.closed(association, outcome, reason)
 
     # -- association establishment
@@ -345,7 +332,13 @@ class AssociationAcceptor:
             else:
                 if message.fields is None:
                     raise AssociationAborted("a data set before its command", ABORT_UNEXPECTED_PDU)
-                message.fragments.add(value, self.limits.max_instance_bytes)
+                self._receiving = message.fragments
+                message.fragments.add(
+                    value,
+                    self.limits.max_instance_bytes,
+                    self.limits.instance_memory_bytes,
+                    functools.partial(self._spill, association, message),
+                )
                 if not last:
                     continue
             self._dispatch(association, message)
@@ -370,12 +363,37 @@ class AssociationAcceptor:
             message.context_id, response(fields, status, comment), association.peer_max_pdu
         )
 
+    def _spill(self, association: Association, message: _Message) -> tuple[StagedFile, bytes]:
+        """A staged file for a data set too large for memory, and its file meta."""
+        assert message.fields is not None and message.context_id is not None
+        context = association.contexts[message.context_id]
+        prefix = file_meta(
+            message.fields.get(0x0002, b""),
+            message.fields.get(0x1000, b""),
+            str(context.transfer_syntax[0]),
+            association.requestor.calling_ae_title,
+        )
+        return self.server.service.stage(), prefix
+
     def _store(
         self,
         association: Association,
         context: PresentationContext,
         fields: dict[int, bytes],
-        fragments: _Fragments,
+        fragments: ReceivedDataSet,
+    ) -> tuple[int, str]:
+        try:
+            return self._store_received(association, context, fields, fragments)
+        finally:
+            fragments.discard()  # placed by ingest, moved to quarantine, or not kept
+            self._receiving = None
+
+    def _store_received(
+        self,
+        association: Association,
+        context: PresentationContext,
+        fields: dict[int, bytes],
+        fragments: ReceivedDataSet,
     ) -> tuple[int, str]:
         sop_class, sop_instance = fields.get(0x0002, b""), fields.get(0x1000, b"")
         size = fragments.size
@@ -394,9 +412,12 @@ class AssociationAcceptor:
             return SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context"
         syntax = str(context.transfer_syntax[0])
         calling = association.requestor.calling_ae_title
-        data = b"".join((file_meta(sop_class, sop_instance, syntax, calling), *fragments))
-        fragments.clear()
-        request = StoreRequest(uid(sop_class), uid(sop_instance), syntax, data)
+        if fragments.spill is not None:
+            request = StoreRequest(uid(sop_class), uid(sop_instance), syntax, b"", fragments.spill)
+        else:
+            data = b"".join((file_meta(sop_class, sop_instance, syntax, calling), *fragments))
+            fragments.clear()
+            request = StoreRequest(uid(sop_class), uid(sop_instance), syntax, data)
         started = time.monotonic()
         try:
             status, comment = self.server.service.store(association, request)

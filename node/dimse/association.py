@@ -12,6 +12,7 @@ from typing import Protocol
 from pynetdicom.presentation import PresentationContext
 
 from node.core.status import SUCCESS
+from node.store.spool import StagedFile
 
 
 @dataclass(frozen=True)
@@ -58,18 +59,22 @@ class Association:
 
 @dataclass(frozen=True)
 class StoreRequest:
-    """A received C-STORE: its command's UIDs and the data set as a Part 10 file."""
+    """A received C-STORE: its command's UIDs and the data set as a Part 10 file, in
+    ``data``, or, for one too large for memory, written to ``staged`` (not yet synced)."""
 
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
     data: bytes
+    staged: StagedFile | None = None
 
 
 class Service(Protocol):
     """What the acceptor asks of the node (see :class:`node.dimse.listener.AssociationHandlers`)."""
 
     def admit(self, requestor: Requestor) -> Refusal | None: ...
+
+    def stage(self) -> StagedFile: ...
 
     def accepted(self, association: Association) -> None: ...
 
@@ -93,6 +98,7 @@ class Limits:
     max_connections_per_address: int = 32
     max_pdu: int = 262144
     max_instance_bytes: int = 1 << 30
+    instance_memory_bytes: int = 32 << 20
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -100,11 +106,12 @@ class Limits:
     def memory_bound(self) -> int:
         """Bytes the listener may hold at worst, beyond the process it runs in: every
         connection open with a request almost complete, and every association in the middle
-        of an instance of the largest size (held as received, then once more joined to its
-        file meta for ingest) with one more PDU being read."""
+        of an instance just under the size that is spilled to disk (held as received, then
+        once more joined to its file meta for ingest) with one more PDU being read."""
         # A buffer grown as bytes arrive is over-allocated by up to an eighth, and the chunk
         # just read from the socket is alive beside it.
         request = ASSOCIATE_RQ_BYTES + ASSOCIATE_RQ_BYTES // 8 + READ_BUFFER_BYTES
         per_connection = request + READ_BUFFER_BYTES + THREAD_BYTES
-        per_association = 2 * self.max_instance_bytes + self.max_pdu
+        per_association = 2 * min(self.instance_memory_bytes, self.max_instance_bytes)
+        per_association += self.max_pdu
         return self.max_connections * per_connection + self.max_associations * per_association

@@ -20,12 +20,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.catalogue.models import AssociationRecord
 from node.core.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_FAILURES
 from node.core.settings import DicomSettings, TlsSettings
-from node.core.status import SUCCESS
+from node.core.status import DATASET_DOES_NOT_MATCH_SOP_CLASS, SUCCESS
 from node.dimse.acceptor import Listener
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.association import Association, Limits, Refusal, Requestor, StoreRequest
 from node.dimse.refusals import RefusalTally
-from node.store.ingest import Ingestor, brief
+from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
+from node.store.ingest import Ingestor, IngestOutcome, brief
+from node.store.spool import StagedFile
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +87,54 @@ class AssociationHandlers:
             requestor.port,
         )
 
+    def stage(self) -> StagedFile:
+        """A staged file in the spool for a data set too large to hold in memory."""
+        return self.ingestor.spool.stage()
+
     def store(self, association: Association, request: StoreRequest) -> tuple[int, str]:
-        outcome = self.ingestor.ingest(
-            request.data,
-            association.requestor.calling_ae_title,
-            expected_sop_uid=request.sop_instance_uid,
-            expected_sop_class=request.sop_class_uid,
-        )
+        calling = association.requestor.calling_ae_title
+        if request.staged is not None:
+            outcome = self._ingest_staged(
+                request.staged, calling, request.sop_instance_uid, request.sop_class_uid
+            )
+        else:
+            outcome = self.ingestor.ingest(
+                request.data,
+                calling,
+                expected_sop_uid=request.sop_instance_uid,
+                expected_sop_class=request.sop_class_uid,
+            )
         if outcome.status == SUCCESS:
             INSTANCES_RECEIVED.labels("dimse").inc()
-            BYTES_RECEIVED.labels("dimse").inc(len(request.data))
+            size = request.staged.size if request.staged is not None else len(request.data)
+            BYTES_RECEIVED.labels("dimse").inc(size)
         else:
             STORE_FAILURES.labels("dimse", f"0x{outcome.status:04X}").inc()
         return outcome.status, outcome.reason
+
+    def _ingest_staged(
+        self, staged: StagedFile, calling: str, expected_sop_uid: str, expected_sop_class: str
+    ) -> IngestOutcome:
+        """A spilled data set: synced, its header read from the file (the same checks as
+        in-memory bytes get), then placed and catalogued by ingest."""
+        header: InstanceHeader | RejectedInstance
+        try:
+            staged.sync()
+            header = header_from(parse_header(staged.path))
+            if header.sop_instance_uid != expected_sop_uid:
+                raise RejectedInstance(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    "SOPInstanceUID in the data set differs from the request's",
+                )
+            if header.sop_class_uid != expected_sop_class:
+                raise RejectedInstance(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    f"SOPClassUID {header.sop_class_uid} in the data set differs from the "
+                    f"request's {expected_sop_class}",
+                )
+        except RejectedInstance as exc:
+            header = exc
+        return self.ingestor.ingest_staged([(staged, header)], calling)[0]
 
     def closed(self, association: Association, outcome: str, reason: str | None) -> None:
         requestor = association.requestor
@@ -185,6 +222,7 @@ def start_listener(settings: DicomSettings, ingestor: Ingestor, policy: SourcePo
         max_connections_per_address=settings.max_connections_per_address,
         max_pdu=settings.max_pdu,
         max_instance_bytes=settings.max_instance_mb << 20,
+        instance_memory_bytes=settings.instance_memory_mb << 20,
         acse_timeout=settings.acse_timeout,
         dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout,

@@ -1,0 +1,58 @@
+"""A C-STORE's data set as it arrives: in memory while small, on disk once it is large.
+
+Most instances (a CT or MR slice) are well under a megabyte and go to ingest as bytes, held
+as the PDVs that carried them. One larger than ``memory_limit`` is spilled as it arrives to a
+staged file in the spool (its Part 10 file meta first), so a multi-gigabyte object costs the
+listener ``memory_limit`` at most, not its size twice over. Past ``size_limit`` the rest is
+read and dropped, and the instance is refused at its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from node.store.spool import StagedFile
+
+
+class ReceivedDataSet(list[memoryview]):
+    """The fragments held in memory (empty once spilled), the size so far, and the spill."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+        self.over_limit = False
+        self.spill: StagedFile | None = None
+
+    def add(
+        self,
+        value: memoryview,
+        size_limit: int,
+        memory_limit: int,
+        open_spill: Callable[[], tuple[StagedFile, bytes]],
+    ) -> None:
+        """Take the next fragment; ``open_spill`` gives a staged file and the file meta to
+        write first, called once when the data set outgrows ``memory_limit``."""
+        self.size += len(value)
+        if self.over_limit:
+            return
+        if self.size > size_limit:
+            self.over_limit = True
+            self.clear()
+            self.discard()
+            return
+        if self.spill is None and self.size > memory_limit:
+            staged, prefix = open_spill()
+            self.spill = staged
+            staged.write(prefix)
+            for fragment in self:
+                staged.write(fragment)
+            self.clear()
+        if self.spill is not None:
+            self.spill.write(value)
+        else:
+            self.append(value)
+
+    def discard(self) -> None:
+        """Remove the spilled file unless ingest placed it (safe to call more than once)."""
+        if self.spill is not None:
+            self.spill.discard()
