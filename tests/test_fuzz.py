@@ -320,6 +320,7 @@ def assert_spool_is_sound(fuzz: FuzzNode) -> None:
     assert len(catalogued) <= successes
 
     kept = [path for path in quarantine.rglob("*") if path.is_file()]
-    assert all(path.suffix in (".dcm", ".json") for path in kept)
+    assert all(path.suffix == ".dcm" or path.name == "index.jsonl" for path in kept)
     failures = sum(status != SUCCESS for _, status in answers)
-    assert sum(path.suffix == ".dcm" for path in kept) == failures, "one quarantined per refusal"
+    records = sum(len(path.read_text().splitlines()) for path in quarantine.rglob("index.jsonl"))
+    assert records == failures, "one quarantine record per refusal"
