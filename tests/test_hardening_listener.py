@@ -504,3 +504,44 @@ def test_an_instance_larger_than_memory_is_spilled_to_disk_and_stored_whole(
     with sock:
         sock.sendall(bytes.fromhex("07 00 00 00 00 04 00 00 00 00"))  # A-ABORT
     wait_for(lambda: not list((spool / ".incoming").glob("*")), 10, "the staged file removed")
+
+
+def test_a_tls_handshake_trickled_byte_by_byte_ends_at_the_deadline(tmp_path: Path) -> None:
+    """On a TLS listener, a client that sends a TLS record header and then one byte every
+    0.3 s never completes its handshake: the node closes it within acse_timeout (plus a
+    second's grace), though every read sees a byte in time (the handshake's timeout is a
+    deadline for the whole handshake, and the gate expires unassociated connections too)."""
+    from tests.support.tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    env = {
+        "CURIA_DATA_DIR": str(tmp_path / "data"),
+        "CURIA_DICOM__PORT": str(free_port()),
+        "CURIA_API__PORT": str(free_port()),
+        "CURIA_DICOM__MIN_FREE_MB": "0",
+        "CURIA_DICOM__ACSE_TIMEOUT": "2",
+        "CURIA_DICOM__TLS__ENABLED": "true",
+        "CURIA_DICOM__TLS__CERT_FILE": str(pki.server_cert),
+        "CURIA_DICOM__TLS__KEY_FILE": str(pki.server_key),
+        "CURIA_ARCHIVE__ENABLED": "false",
+        "CURIA_PIPELINE__EMBEDDED_WORKER": "false",
+        "CURIA_MODEL__DEMO_SIZE": "tiny",
+        "CURIA_PIPELINE__QUEUE_PREFIX": f"curia-test-{os.getpid()}-{free_port()}",
+    }
+    tls_node = NodeProcess(env, tmp_path)
+    tls_node.start()
+    try:
+        with _connect(tls_node) as sock:
+            started = time.monotonic()
+            sock.sendall(bytes.fromhex("16 03 01 02 00"))  # a 512-byte handshake record
+            closed = False
+            while time.monotonic() - started < 10 and not closed:
+                time.sleep(0.3)
+                try:
+                    sock.sendall(b"\x00")
+                except OSError:
+                    closed = True
+            elapsed = time.monotonic() - started
+        assert closed and elapsed < 2 + 1 + 3, f"closed: {closed} after {elapsed:.1f} s"
+    finally:
+        tls_node.stop()

@@ -139,7 +139,7 @@ class AssociationAcceptor:
         try:
             association = self._negotiate()
         except AssociationAborted as exc:
-            why = "closed to make room for another connection" if self.ticket.evicted else exc
+            why = self.ticket.closed_why or exc
             self.server.throttle.log(
                 logging.INFO,
                 f"unassociated:{self.address[0]}",
@@ -486,6 +486,9 @@ class Listener:
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
+            # A second's grace past acse_timeout: the reader's own deadline normally ends
+            # them first; this catches a connection stuck elsewhere (a TLS handshake).
+            self.gate.expire(self.limits.acse_timeout + 1.0)
             try:
                 sock, address = self._socket.accept()
             except TimeoutError:

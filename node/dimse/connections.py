@@ -23,6 +23,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+ROOM = "closed to make room for another connection"
+
 
 @dataclass(eq=False)
 class Ticket:
@@ -33,6 +35,7 @@ class Ticket:
     opened: float = field(default_factory=time.monotonic)
     associated: bool = False
     evicted: bool = False
+    closed_why: str = ""  # why the gate closed it, for the log
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,12 @@ class ConnectionGate:
                 victim = self._oldest_pending(address)
                 if victim is None:
                     return Admission(None, why="too many connections from this address")
-                evicted.append(self._evict(victim))
+                evicted.append(self._evict(victim, ROOM))
             if len(self._open) >= self.max_connections:
                 victim = self._oldest_pending(None)
                 if victim is None:
                     return Admission(None, tuple(evicted), why="too many connections")
-                evicted.append(self._evict(victim))
+                evicted.append(self._evict(victim, ROOM))
             ticket = Ticket(address, sock)
             self._open.append(ticket)
             self._per_address[address] += 1
@@ -97,6 +100,20 @@ class ConnectionGate:
             if not ticket.evicted and ticket in self._open:
                 self._remove(ticket)
 
+    def expire(self, max_age: float) -> list[Ticket]:
+        """Shut down connections that have not associated within ``max_age`` seconds of
+        connecting, whatever they are doing (a TLS handshake or a request trickling in):
+        the hard deadline behind the reader's own."""
+        now = time.monotonic()
+        with self._lock:
+            late = [t for t in self._open if not t.associated and now - t.opened > max_age]
+            for ticket in late:
+                self._evict(ticket, f"no A-ASSOCIATE-RQ within {max_age:.0f} s of connecting")
+        for ticket in late:
+            with contextlib.suppress(OSError):
+                ticket.sock.shutdown(socket.SHUT_RDWR)
+        return late
+
     def counts(self) -> tuple[int, int]:
         """(open connections, associations)."""
         with self._lock:
@@ -108,8 +125,8 @@ class ConnectionGate:
                 return ticket
         return None
 
-    def _evict(self, ticket: Ticket) -> Ticket:
-        ticket.evicted = True
+    def _evict(self, ticket: Ticket, why: str) -> Ticket:
+        ticket.evicted, ticket.closed_why = True, why
         self._remove(ticket)
         return ticket
 
