@@ -44,16 +44,22 @@ def send_study(args: tuple[int, int, list[str]]) -> tuple[list[float], int, floa
     if not assoc.is_established:
         return [], len(paths), time.time()
     latencies, failures = [], 0
+    last_answer = time.time()
     try:
-        for path in paths:
+        for done, path in enumerate(paths):
+            if not assoc.is_established:  # aborted: the node's log and catalogue say why
+                print(f"LOAD{index:02d}: association lost after {done} instances", flush=True)
+                failures += len(paths) - done
+                break
             started = time.perf_counter()
             status = assoc.send_c_store(Path(path))  # sent from the file, not re-encoded
             latencies.append(time.perf_counter() - started)
             if getattr(status, "Status", None) != 0x0000:
                 failures += 1
-        last_answer = time.time()  # the study's last instance is stored
+            last_answer = time.time()  # the study's last instance is stored
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     return latencies, failures, last_answer
 
 
@@ -137,10 +143,13 @@ def run_once(args: argparse.Namespace) -> int:
         if not args.ingest_only:
             wait_for(all_reports, 3600, "not every study got its SR", interval=0.5)
         total_rss = peak_rss_mib(node.node.pid)
-        aborted = aborted_associations(root)
     finally:
         node.stop()
         orthanc.stop()
+        aborted = aborted_associations(root)
+        for line in node.log().splitlines():  # why the node ended any association early
+            if " aborted: " in line or "ended:" in line or "closed a" in line:
+                print(f"node log: {line}")
         shutil.rmtree(root, ignore_errors=True)  # 2 x 150 MB per sender
 
     latencies = sorted(x for lat, _, _ in outcomes for x in lat)
