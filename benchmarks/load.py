@@ -47,12 +47,13 @@ def send_study(args: tuple[int, int, list[str]]) -> tuple[list[float], int, floa
     last_answer = time.time()
     try:
         for done, path in enumerate(paths):
-            if not assoc.is_established:  # aborted: the node's log and catalogue say why
+            started = time.perf_counter()
+            try:
+                status = assoc.send_c_store(Path(path))  # sent from the file, not re-encoded
+            except RuntimeError:  # aborted: the node's log and catalogue say why
                 print(f"LOAD{index:02d}: association lost after {done} instances", flush=True)
                 failures += len(paths) - done
                 break
-            started = time.perf_counter()
-            status = assoc.send_c_store(Path(path))  # sent from the file, not re-encoded
             latencies.append(time.perf_counter() - started)
             if getattr(status, "Status", None) != 0x0000:
                 failures += 1
