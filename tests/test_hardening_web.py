@@ -185,3 +185,36 @@ def test_stow_is_refused_before_and_while_staging_below_the_free_space_watermark
         assert _staged(node) == []
     finally:
         node.stop()
+
+
+def test_a_destination_url_password_is_masked_in_the_api_and_audit(node: NodeProcess) -> None:
+    """A destination URL with ``user:password@`` is shown masked by the API and in the audit
+    trail; sent back masked (as the dashboard does), it keeps the real password."""
+    body = {
+        "name": "masked-pacs",
+        "protocol": "orthanc-rest",
+        "url": "http://alice:p@ss@pacs.example:8042",
+        "results": False,
+    }
+    api = f"{node.api_url}/api/v1"
+    created = httpx.post(f"{api}/destinations", json=body, headers=_token(node))
+    assert created.status_code == 201, created.text
+    assert created.json()["url"] == "http://alice:**********@pacs.example:8042"
+    edited = httpx.patch(
+        f"{api}/destinations/masked-pacs",
+        json={**created.json(), "results": True},
+        headers=_token(node),
+    )
+    assert edited.status_code == 200, edited.text
+    audit = httpx.get(f"{api}/audit", headers=_token(node)).text
+    listed = httpx.get(f"{api}/destinations", headers=_token(node)).text
+    assert "p@ss" not in audit and "p@ss" not in listed
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{node.env['CURIA_DATA_DIR']}/catalogue.sqlite")
+    with engine.connect() as connection:
+        kept = connection.execute(
+            sa.text("SELECT url FROM peers WHERE name = 'masked-pacs'")
+        ).scalar()
+    engine.dispose()
+    assert "alice:p@ss@pacs.example" in str(kept), "the real URL is kept"
