@@ -270,7 +270,18 @@ class AssociationAcceptor:
             connection.sock.settimeout(
                 (limits.dimse_timeout if waiting else limits.network_timeout) or None
             )
-            pdu_type, body = connection.read_pdu(limits.max_pdu)
+            try:
+                pdu_type, body = connection.read_pdu(limits.max_pdu)
+            except AssociationAborted as exc:
+                if not waiting:
+                    raise
+                # Where in the message the peer stopped tells a stalled sender from a
+                # node that missed the end of a message.
+                raise AssociationAborted(
+                    f"{exc} in the middle of a message (command received: "
+                    f"{message.fields is not None}, data set bytes: {message.fragments.size})",
+                    exc.reason,
+                ) from None
             if pdu_type == P_DATA:
                 message = self._pdvs(association, body, message)
             elif pdu_type == RELEASE_RQ:
