@@ -86,10 +86,19 @@ class Connection:
                     raise AssociationAborted("the peer closed the connection")
                 buffer += chunk
         except TimeoutError:
-            raise AssociationAborted("timed out waiting for the peer", 0x00) from None
+            why = f"timed out waiting for the peer ({self._unread()} bytes unread)"
+            raise AssociationAborted(why, 0x00) from None
         except (OSError, ValueError) as exc:
             raise AssociationAborted(f"the connection failed: {exc}") from None
         return buffer
+
+    def _unread(self) -> int:
+        """Bytes that have arrived and wait in the socket (0 when the peer sent nothing):
+        a timeout with bytes waiting would be the node's fault, not the peer's."""
+        try:
+            return len(self.sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (OSError, ValueError):  # nothing there, or a TLS socket (no flags allowed)
+            return 0
 
     def read_pdu(self, limit: int, deadline: float | None = None) -> tuple[int, bytearray]:
         """One whole PDU of at most ``limit`` bytes after its header; a longer one ends the
