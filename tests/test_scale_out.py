@@ -50,7 +50,8 @@ def test_inference_and_cpu_workers_on_separate_queues(
             assert ran(task, cpu_log) and not ran(task, gpu_log), task
         assert not ran("curia.analyse_series", cpu_log)
         # the series was decoded on the CPU worker: the GPU worker read the prepared pixels
-        assert "slices decoded in" in cpu_log and "slices decoded in" not in gpu_log
+        decoded = "stack(s) decoded in"  # the prepare stage's line: "N slices of K stack(s) ..."
+        assert decoded in cpu_log and decoded not in gpu_log
         prepared = Path(env["CURIA_DATA_DIR"]) / "prepared"
         assert not list(prepared.glob("*")), "prepared pixels are removed after inference"
         assert "model loaded" not in cpu_log, "a report/dispatch worker does not load the model"
