@@ -11,13 +11,17 @@ from types import FrameType
 
 from node.catalogue.db import Catalogue, upgrade
 from node.core.settings import Settings
+from node.delivery.commitment_reports import CommitmentReporter
 from node.dimse.allow_list import SourcePolicy
-from node.dimse.listener import start_listener
+from node.dimse.commitment import STORAGE_COMMITMENT_SOP_CLASS, CommitmentRequests
+from node.dimse.listener import NormalisedService, start_listener
+from node.dimse.mpps import MPPS_SOP_CLASS, PerformedSteps
 from node.store.disk import DiskGuard
 from node.store.ingest import Ingestor
 from node.store.spool import spool_for
 from node.workflow.completion import CompletionWatcher
 from node.workflow.routing import Router
+from node.workflow.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ class NodeService:
             router=Router(catalogue, settings.spool_dir),
             policy=settings.completion,
             enqueue_delivery=dispatch_task.delay,
+            signals=Signals(settings.spool_dir, settings.completion.sources),
         )
         watcher.start()
         self._stoppers.append(watcher.stop)
@@ -67,7 +72,23 @@ class NodeService:
         policy = SourcePolicy(catalogue, accept_any=settings.dicom.accept_any_source)
         if settings.dicom.accept_any_source:
             log.warning("dicom.accept_any_source is on: any sender may store into this node")
-        server = start_listener(settings.dicom, ingestor, policy)
+        reporter = CommitmentReporter(
+            catalogue,
+            settings.dicom.commitment,
+            settings.spool_dir,
+            calling_ae_title=settings.dicom.ae_title,
+        )
+        reporter.start()  # pending requests from before a restart are answered now
+        self._stoppers.append(reporter.stop)
+        services: dict[str, NormalisedService] = {
+            MPPS_SOP_CLASS: PerformedSteps(catalogue),
+            STORAGE_COMMITMENT_SOP_CLASS: CommitmentRequests(
+                catalogue, settings.dicom.commitment, on_request=[reporter.wake]
+            ),
+        }
+        server = start_listener(
+            settings.dicom, ingestor, policy, services, settings.completion.sources
+        )
         self._stoppers.append(server.shutdown)
 
         if settings.api.enabled:

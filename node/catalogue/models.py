@@ -99,6 +99,9 @@ class Series(Base):
     routing: Mapped[dict[str, Any] | None] = mapped_column(
         doc="what the routing rules decided for this series, and why"
     )
+    completed_by: Mapped[str | None] = mapped_column(
+        String(32), doc="the signal that completed it: quiet, mpps, association-end, ..."
+    )
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -328,3 +331,90 @@ class RefusedAssociations(Base):
     reason: Mapped[str] = mapped_column(String(200))
     count: Mapped[int] = mapped_column(Integer, default=0)
     last_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StepStatus(enum.StrEnum):
+    """Performed Procedure Step Status (0040,0252), PS3.3 C.4.14."""
+
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+
+
+class PerformedStep(Base):
+    """One Modality Performed Procedure Step a modality reported (N-CREATE, then N-SET).
+
+    ``performed_series`` maps each Series Instance UID the step lists to the SOP Instance
+    UIDs it lists for it: once the step has ended and every one is stored, that series is
+    complete without waiting for its quiet period. No patient data is kept.
+    """
+
+    __tablename__ = "performed_steps"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    status: Mapped[StepStatus] = mapped_column(_enum(StepStatus))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    performed_series: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(
+        index=True, doc="when it became COMPLETED or DISCONTINUED"
+    )
+
+
+class CommitmentState(enum.StrEnum):
+    PENDING = "pending"  # persisted, N-ACTION answered, report not yet delivered
+    ANSWERED = "answered"  # the N-EVENT-REPORT was accepted by the requester
+
+
+class CommitmentRequest(Base):
+    """A Storage Commitment Push Model request (N-ACTION), kept until it is answered.
+
+    Written before the N-ACTION is answered with Success, so a restart never loses one: the
+    reporter picks up every pending request and sends its N-EVENT-REPORT.
+    """
+
+    __tablename__ = "commitment_requests"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(64), doc="where the request came from")
+    instances: Mapped[dict[str, Any]] = mapped_column(
+        doc="{'items': [[SOP Class UID, SOP Instance UID], ...]} as requested"
+    )
+    state: Mapped[CommitmentState] = mapped_column(
+        _enum(CommitmentState), default=CommitmentState.PENDING, index=True
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(
+        doc="what was reported: committed count, and each failed UID with its reason"
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    answered_at: Mapped[datetime | None]
+    claim_token: Mapped[str | None] = mapped_column(String(32))
+    claimed_at: Mapped[datetime | None]
+
+
+class CompletionSignal(Base):
+    """A sender's word that a series is whole, recorded by the receiver and read by the
+    completion watcher: the end of its association (counts only if no instance of the
+    series arrived after it), or an ended MPPS step (counts once every instance in
+    ``expected`` is stored)."""
+
+    __tablename__ = "completion_signals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    signal: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    expected: Mapped[dict[str, Any] | None] = mapped_column(
+        doc="{'sop_instance_uids': [...]} the sender listed for the series (MPPS)"
+    )
+    source: Mapped[str | None] = mapped_column(
+        String(64), doc="what gave it: the MPPS SOP Instance UID, or the calling AE title"
+    )

@@ -63,8 +63,38 @@ class TlsSettings(BaseModel):
         return self
 
 
+class ReportAddress(BaseModel):
+    """Where a storage commitment requester listens for its N-EVENT-REPORT."""
+
+    host: str | None = Field(None, description="none = the address the request came from")
+    port: int = Field(..., ge=1, le=65535)
+    ae_title: str | None = Field(None, description="none = the requester's calling AE title")
+
+
+class CommitmentSettings(BaseModel):
+    """Storage Commitment Push Model SCP (PS3.4 J): what the node commits, and whom it tells.
+
+    The node commits an instance only when it is durably stored and catalogued; with
+    ``after_archived`` only once its series has also been forwarded to a destination. The
+    answer (N-EVENT-REPORT) goes on a new association to ``report_to[<calling AE>]``; a
+    request from an AE without an entry is refused, because its answer could never arrive.
+    """
+
+    after_archived: bool = Field(
+        False, description="commit an instance only once its series is forwarded to the archive"
+    )
+    report_to: dict[str, ReportAddress] = Field(
+        default_factory=dict, description="calling AE title -> where its reports go"
+    )
+    retry_seconds: float = Field(5.0, gt=0.0, description="wait before retrying a report")
+    archive_wait_seconds: float = Field(
+        600.0, ge=0.0, description="with after_archived: longest wait before reporting failure"
+    )
+    poll_seconds: float = Field(1.0, gt=0.0)
+
+
 class DicomSettings(BaseModel):
-    """The DIMSE listener (C-ECHO / C-STORE SCP)."""
+    """The DIMSE listener (C-ECHO / C-STORE SCP, MPPS SCP, Storage Commitment SCP)."""
 
     ae_title: str = "CURIA"
     host: str = "0.0.0.0"
@@ -111,6 +141,7 @@ class DicomSettings(BaseModel):
     )
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    commitment: CommitmentSettings = CommitmentSettings()
 
     @field_validator("ae_title")
     @classmethod
@@ -154,6 +185,24 @@ class DeliverySettings(BaseModel):
         return min(self.backoff_seconds * 2.0 ** (attempt - 1), self.backoff_max_seconds)
 
 
+class SourceSignals(BaseModel):
+    """Completion signals the node trusts from one sender (keyed by its calling AE title).
+
+    MPPS is always used when a modality sends it. The others are only as reliable as the
+    sender, so each is off until turned on for a source known to behave that way.
+    """
+
+    association_end: bool = Field(
+        False, description="the sender sends each series whole on one association"
+    )
+    instance_count: bool = Field(
+        False, description="the sender fills ImagesInAcquisition with the series' size"
+    )
+    multiframe: bool = Field(
+        False, description="a multi-frame object whose dimension index is full is the series"
+    )
+
+
 class CompletionSettings(BaseModel):
     """When a series counts as complete, and what happens to instances that come later.
 
@@ -178,6 +227,9 @@ class CompletionSettings(BaseModel):
     force_action: Literal["process", "discard"] = "process"
     late_instances: Literal["rerun", "append"] = "rerun"
     poll_seconds: float = Field(1.0, gt=0.0)
+    sources: dict[str, SourceSignals] = Field(
+        default_factory=dict, description="calling AE title -> completion signals trusted"
+    )
 
     @field_validator("required_series")
     @classmethod

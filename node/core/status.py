@@ -39,6 +39,16 @@ SUCCESS: Final = 0x0000
 PROCESSING_FAILURE: Final = 0x0110
 SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
 UNRECOGNISED_OPERATION: Final = 0x0211
+# DIMSE-N statuses (PS3.7 C.4): MPPS and Storage Commitment answers
+INVALID_ATTRIBUTE_VALUE: Final = 0x0106
+DUPLICATE_SOP_INSTANCE: Final = 0x0111
+NO_SUCH_SOP_INSTANCE: Final = 0x0112
+MISSING_ATTRIBUTE: Final = 0x0120
+NO_SUCH_ACTION_TYPE: Final = 0x0123
+# Storage Commitment Failure Reasons (0008,1197), PS3.3 C.14.1.1
+REASON_PROCESSING_FAILURE: Final = 0x0110
+REASON_NO_SUCH_OBJECT: Final = 0x0112
+REASON_CLASS_INSTANCE_CONFLICT: Final = 0x0119
 # Storage Service statuses (PS3.4 B.2.3)
 OUT_OF_RESOURCES: Final = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS: Final = 0xA900
@@ -54,6 +64,11 @@ STATUSES: Final[dict[int, Status]] = {
         Status(PROCESSING_FAILURE, Category.FAILURE, "Processing failure", "PS3.7 C.4.2"),
         Status(SOP_CLASS_NOT_SUPPORTED, Category.FAILURE, "SOP class not supported", "PS3.7 C.5.9"),
         Status(UNRECOGNISED_OPERATION, Category.FAILURE, "Unrecognised operation", "PS3.7 C.5.22"),
+        Status(INVALID_ATTRIBUTE_VALUE, Category.FAILURE, "Invalid attribute value", "PS3.7 C.4.8"),
+        Status(DUPLICATE_SOP_INSTANCE, Category.FAILURE, "Duplicate SOP instance", "PS3.7 C.4.4"),
+        Status(NO_SUCH_SOP_INSTANCE, Category.FAILURE, "No such SOP instance", "PS3.7 C.4.18"),
+        Status(MISSING_ATTRIBUTE, Category.FAILURE, "Missing attribute", "PS3.7 C.4.14"),
+        Status(NO_SUCH_ACTION_TYPE, Category.FAILURE, "No such action type", "PS3.7 C.4.16"),
         Status(OUT_OF_RESOURCES, Category.FAILURE, "Refused: out of resources", "PS3.4 B.2.3"),
         Status(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,

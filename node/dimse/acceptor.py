@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import astuple
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -54,6 +55,8 @@ from node.dimse.association import (
     ASSOCIATE_RQ_BYTES,
     Association,
     Limits,
+    NormalisedAnswer,
+    NormalisedRequest,
     Refusal,
     Requestor,
     Service,
@@ -68,7 +71,9 @@ from node.dimse.messages import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     NO_DATA_SET,
+    NORMALISED_REQUESTS,
     file_meta,
+    normalised_response,
     parse_command,
     response,
     uid,
@@ -365,6 +370,14 @@ class AssociationAcceptor:
         if command == C_CANCEL_RQ:
             return
         context = association.contexts[message.context_id]
+        if command in NORMALISED_REQUESTS:
+            answer = self._normalised(association, context, fields, message.fragments)
+            self.connection.send_command(
+                message.context_id,
+                normalised_response(fields, *astuple(answer)),
+                association.peer_max_pdu,
+            )
+            return
         status, comment = UNRECOGNISED_OPERATION, ""
         if command == C_ECHO_RQ:
             status = SUCCESS
@@ -385,6 +398,39 @@ class AssociationAcceptor:
             association.requestor.calling_ae_title,
         )
         return self.server.service.stage(), prefix
+
+    def _normalised(
+        self,
+        association: Association,
+        context: PresentationContext,
+        fields: dict[int, bytes],
+        fragments: ReceivedDataSet,
+    ) -> NormalisedAnswer:
+        """An N-CREATE / N-SET / N-ACTION (MPPS, Storage Commitment), handed to the node
+        with its data set as received; the node decodes it. These data sets are small: one
+        that outgrew memory is refused, never read from disk."""
+        if fragments.spill is not None or fragments.over_limit:
+            fragments.discard()
+            return NormalisedAnswer(PROCESSING_FAILURE, "data set too large for an N-service")
+        sop_class = uid(fields.get(0x0002) or fields.get(0x0003, b""))
+        if sop_class != str(context.abstract_syntax):
+            return NormalisedAnswer(SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the context")
+        request = NormalisedRequest(
+            command=us_value(fields, 0x0100),
+            sop_class_uid=sop_class,
+            sop_instance_uid=uid(fields.get(0x1000) or fields.get(0x1001, b"")),
+            action_type=us_value(fields, 0x1008) if 0x1008 in fields else None,
+            transfer_syntax_uid=str(context.transfer_syntax[0]),
+            data=b"".join(fragments),
+        )
+        try:
+            return self.server.service.normalised(association, request)
+        except Exception:
+            log.exception(
+                "the N-service handler failed for a request from %s",
+                association.requestor.calling_ae_title,
+            )
+            return NormalisedAnswer(PROCESSING_FAILURE, "processing failure")
 
     def _store(
         self,

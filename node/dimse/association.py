@@ -47,6 +47,7 @@ class Association:
     failed: int = 0
     bytes_received: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
+    series_uids: set[str] = field(default_factory=set)  # series stored on it
 
     def count(self, status: int, size: int) -> None:
         self.bytes_received += size
@@ -69,6 +70,31 @@ class StoreRequest:
     staged: StagedFile | None = None
 
 
+@dataclass(frozen=True)
+class NormalisedRequest:
+    """A received N-CREATE, N-SET or N-ACTION: its command field, UIDs and data set.
+
+    The data set is bytes in ``transfer_syntax_uid`` (no file meta); the handler decodes it.
+    ``sop_instance_uid`` is empty for an N-CREATE that leaves it to the SCP.
+    """
+
+    command: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    action_type: int | None
+    transfer_syntax_uid: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class NormalisedAnswer:
+    """Status, comment, and the SOP Instance UID to name in the response."""
+
+    status: int
+    comment: str = ""
+    sop_instance_uid: str = ""
+
+
 class Service(Protocol):
     """What the acceptor asks of the node (see :class:`node.dimse.listener.AssociationHandlers`)."""
 
@@ -79,6 +105,10 @@ class Service(Protocol):
     def accepted(self, association: Association) -> None: ...
 
     def store(self, association: Association, request: StoreRequest) -> tuple[int, str]: ...
+
+    def normalised(
+        self, association: Association, request: NormalisedRequest
+    ) -> NormalisedAnswer: ...
 
     def closed(self, association: Association, outcome: str, reason: str | None) -> None: ...
 

@@ -1,4 +1,5 @@
-"""The DIMSE listener: C-ECHO and C-STORE SCP bound to the ingest path.
+"""The DIMSE listener: C-ECHO and C-STORE SCP bound to the ingest path, and the MPPS and
+Storage Commitment SCPs (:mod:`node.dimse.mpps`, :mod:`node.dimse.commitment`).
 
 The upper layer is :mod:`node.dimse.acceptor`; this module says what the node does on each
 association (who is admitted, where a C-STORE goes, what is recorded). Storage and
@@ -10,7 +11,9 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from pydicom.uid import UID, UID_dictionary
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
@@ -19,11 +22,20 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.catalogue.models import AssociationRecord
 from node.core.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_FAILURES
-from node.core.settings import DicomSettings, TlsSettings
-from node.core.status import DATASET_DOES_NOT_MATCH_SOP_CLASS, SUCCESS
+from node.core.settings import DicomSettings, SourceSignals, TlsSettings
+from node.core.status import DATASET_DOES_NOT_MATCH_SOP_CLASS, SOP_CLASS_NOT_SUPPORTED, SUCCESS
 from node.dimse.acceptor import Listener
 from node.dimse.allow_list import SourcePolicy
-from node.dimse.association import Association, Limits, Refusal, Requestor, StoreRequest
+from node.dimse.association import (
+    Association,
+    Limits,
+    NormalisedAnswer,
+    NormalisedRequest,
+    Refusal,
+    Requestor,
+    StoreRequest,
+)
+from node.dimse.association_end import record_association_end
 from node.dimse.refusals import RefusalTally
 from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
 from node.store.ingest import Ingestor, IngestOutcome, brief
@@ -38,6 +50,12 @@ VERIFICATION = UID("1.2.840.10008.1.1")  # the Verification SOP Class, PS3.4 A.4
 STORAGE_SOP_CLASSES = [UID(str(cx.abstract_syntax)) for cx in AllStoragePresentationContexts]
 
 
+class NormalisedService(Protocol):
+    """The SCP of one DIMSE-N SOP class (MPPS, Storage Commitment)."""
+
+    def handle(self, association: Association, request: NormalisedRequest) -> NormalisedAnswer: ...
+
+
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 REJECT_TEMPORARY_CONGESTION = (0x02, 0x03, 0x01)
@@ -48,11 +66,18 @@ class AssociationHandlers:
     """What the node does on each association: admission, storage, and a record of it."""
 
     def __init__(
-        self, ingestor: Ingestor, policy: SourcePolicy, refusal_retention: timedelta | None = None
+        self,
+        ingestor: Ingestor,
+        policy: SourcePolicy,
+        refusal_retention: timedelta | None = None,
+        services: Mapping[str, NormalisedService] | None = None,
+        sources: Mapping[str, SourceSignals] | None = None,
     ) -> None:
         self.ingestor = ingestor
         self.policy = policy
         self.refusals = RefusalTally(ingestor.catalogue, refusal_retention or timedelta(days=90))
+        self.services = dict(services or {})
+        self.sources = dict(sources or {})
 
     def admit(self, requestor: Requestor) -> Refusal | None:
         """Refuse everyone while the disk is below its watermark, unknown senders always, and
@@ -105,6 +130,8 @@ class AssociationHandlers:
                 expected_sop_class=request.sop_class_uid,
             )
         if outcome.status == SUCCESS:
+            if outcome.series_uid:
+                association.series_uids.add(outcome.series_uid)
             INSTANCES_RECEIVED.labels("dimse").inc()
             size = request.staged.size if request.staged is not None else len(request.data)
             BYTES_RECEIVED.labels("dimse").inc(size)
@@ -136,7 +163,18 @@ class AssociationHandlers:
             header = exc
         return self.ingestor.ingest_staged([(staged, header)], calling)[0]
 
+    def normalised(self, association: Association, request: NormalisedRequest) -> NormalisedAnswer:
+        """N-CREATE / N-SET / N-ACTION, to the SCP of the request's SOP class."""
+        service = self.services.get(request.sop_class_uid)
+        if service is None:
+            return NormalisedAnswer(SOP_CLASS_NOT_SUPPORTED, "SOP class not served")
+        return service.handle(association, request)
+
     def closed(self, association: Association, outcome: str, reason: str | None) -> None:
+        try:
+            record_association_end(self.ingestor.catalogue, association, outcome, self.sources)
+        except Exception as exc:  # the quiet period still completes the series
+            log.error("cannot record the end of an association: %s", brief(exc))
         requestor = association.requestor
         if outcome != "rejected":
             log.log(
@@ -199,6 +237,11 @@ def unknown_storage_contexts(requested: list[PresentationContext]) -> list[Prese
     return [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in sorted(unknown)]
 
 
+def normalised_contexts(sop_classes: list[str]) -> list[PresentationContext]:
+    """MPPS and Storage Commitment, in the uncompressed transfer syntaxes (PS3.5 10)."""
+    return [build_context(UID(uid)) for uid in sop_classes]
+
+
 def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     """A server context for DICOM TLS: TLS 1.2+, optional client-certificate verification."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -212,8 +255,18 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     return context
 
 
-def start_listener(settings: DicomSettings, ingestor: Ingestor, policy: SourcePolicy) -> Listener:
-    """Start the C-ECHO/C-STORE SCP in background threads and return it."""
+def start_listener(
+    settings: DicomSettings,
+    ingestor: Ingestor,
+    policy: SourcePolicy,
+    services: Mapping[str, NormalisedService] | None = None,
+    sources: Mapping[str, SourceSignals] | None = None,
+) -> Listener:
+    """Start the SCPs in background threads and return the listener.
+
+    ``services`` maps an MPPS / Storage Commitment SOP class to its SCP; ``sources`` says
+    which senders' association end completes their series.
+    """
     if policy.ae_title is None:
         policy.ae_title = settings.ae_title
     limits = Limits(
@@ -230,8 +283,14 @@ def start_listener(settings: DicomSettings, ingestor: Ingestor, policy: SourcePo
     context = tls_context(settings.tls) if settings.tls.enabled else None
     server = Listener(
         (settings.host, settings.port),
-        supported_contexts(),
-        AssociationHandlers(ingestor, policy, timedelta(days=settings.refusal_retention_days)),
+        supported_contexts() + normalised_contexts(sorted(services or {})),
+        AssociationHandlers(
+            ingestor,
+            policy,
+            timedelta(days=settings.refusal_retention_days),
+            services,
+            sources,
+        ),
         limits,
         ssl_context=context,
         also_accept=unknown_storage_contexts if settings.accept_unknown_storage else None,

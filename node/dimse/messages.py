@@ -19,6 +19,10 @@ IMPLEMENTATION_VERSION_NAME = f"CURIA_NODE_{node.__version__.replace('.', '')}"[
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 NO_DATA_SET = 0x0101
 
+# DIMSE-N requests the node serves as an SCP (PS3.7 10.3): MPPS and Storage Commitment
+N_SET_RQ, N_ACTION_RQ, N_CREATE_RQ = 0x0120, 0x0130, 0x0140
+NORMALISED_REQUESTS = frozenset((N_SET_RQ, N_ACTION_RQ, N_CREATE_RQ))
+
 
 def _element(element: int, value: bytes) -> bytes:
     """A command element, implicit VR little endian, padded to even length."""
@@ -48,6 +52,34 @@ def response(request: dict[int, bytes], status: int, comment: str = "") -> bytes
     for tag in (0x0002, 0x1000):  # Affected SOP Class / Instance UID
         if tag in request:
             elements.append((tag, request[tag]))
+    if comment and status != SUCCESS:
+        text = comment.encode("ascii", "replace")[:64]
+        elements.append((0x0902, text if len(text) % 2 == 0 else text + b" "))
+    return command_set(elements)
+
+
+def normalised_response(
+    request: dict[int, bytes], status: int, comment: str = "", instance_uid: str = ""
+) -> bytes:
+    """The response to an N-CREATE, N-SET or N-ACTION (PS3.7 10.3), without a data set.
+
+    Its Affected SOP Class / Instance UID are the request's Requested ones (N-SET,
+    N-ACTION) or Affected ones (N-CREATE), or ``instance_uid`` where the SCP created it.
+    """
+    command = us_value(request, 0x0100)
+    sop_class = request.get(0x0002) or request.get(0x0003, b"")
+    sop_instance = instance_uid.encode() or request.get(0x1000) or request.get(0x1001, b"")
+    elements = [
+        (0x0002, sop_class),
+        (0x0100, _us(command | 0x8000)),
+        (0x0120, request.get(0x0110, _us(0))),
+        (0x0800, _us(NO_DATA_SET)),
+        (0x0900, _us(status)),
+    ]
+    if sop_instance:
+        elements.append((0x1000, sop_instance))
+    if command == N_ACTION_RQ and 0x1008 in request:
+        elements.append((0x1008, request[0x1008]))  # Action Type ID
     if comment and status != SUCCESS:
         text = comment.encode("ascii", "replace")[:64]
         elements.append((0x0902, text if len(text) % 2 == 0 else text + b" "))

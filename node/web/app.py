@@ -40,6 +40,7 @@ from node.web.results import (
     requeue,
     result_files,
 )
+from node.web.signals import create_signals_router
 from node.web.tokens import Principal, TokenVerifier
 
 
@@ -113,6 +114,7 @@ def create_api(
     )
 
     app.include_router(create_admin_router(settings, catalogue), dependencies=auth)
+    app.include_router(create_signals_router(auth))
     dashboard_pages, dashboard_api = create_dashboard_router(settings, catalogue)
     app.include_router(dashboard_pages)  # static pages: no data, no token
     app.include_router(dashboard_api, dependencies=auth)
@@ -213,6 +215,8 @@ def _series(series: Series) -> dict[str, Any]:
         "instances": series.instance_count,
         "state": series.state.value,
         "state_reason": series.state_reason,
+        "completed_by": series.completed_by,
+        "waiting_for": (series.routing or {}).get("waiting_for"),
         "runs": [_run(run) for run in series.runs],
     }
 

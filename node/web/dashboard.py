@@ -125,6 +125,8 @@ def _series(series: Series, forwards: list[Delivery]) -> dict[str, Any]:
         "first_received_at": _iso(series.first_received_at),
         "last_received_at": _iso(series.last_received_at),
         "completed_at": _iso(series.completed_at),
+        "completed_by": series.completed_by,
+        "waiting_for": (series.routing or {}).get("waiting_for"),
         "runs": [_run(run) for run in sorted(series.runs, key=lambda r: r.id)],
         "forwards": [_delivery(d) for d in forwards],
     }

@@ -22,6 +22,10 @@ committed before the task is sent and marked sent afterwards, so a crash between
 repaired at start by re-sending every run that was never sent.
 
 Each series' first header (what routing rules read) is read once per pass and handed on.
+
+Before the quiet period, the senders' own completion signals (:mod:`node.workflow.signals`:
+MPPS, the end of an association, a stated instance count, a complete multi-frame stack)
+complete a series at once; ``completed_by`` records which one did.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from node.core.settings import CompletionSettings
 from node.delivery import deliveries
 from node.workflow import runs
 from node.workflow.routing import Router, facts_for, first_header, series_sop_classes
+from node.workflow.signals import FORCED, QUIET, Signals, lock, receiving
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,7 @@ class CompletionWatcher:
         router: Router | None = None,
         enqueue_delivery: EnqueueDelivery | None = None,
         policy: CompletionSettings | None = None,
+        signals: Signals | None = None,
     ) -> None:
         policy = policy or CompletionSettings()
         if quiet_seconds is not None:
@@ -111,6 +117,7 @@ class CompletionWatcher:
         self.required = [Condition.model_validate(c) for c in policy.required_series]
         self.router = router
         self.enqueue_delivery = enqueue_delivery
+        self.signals = signals
         self.quiet = timedelta(seconds=policy.series_quiet_seconds)
         self.poll_seconds = policy.poll_seconds
         self._stop = threading.Event()
@@ -132,6 +139,8 @@ class CompletionWatcher:
         forward_ids: list[int] = []
         self._headers = {}
         with self.catalogue.session() as session:
+            if self.signals is not None:
+                self._complete_signalled(session, now, run_ids, forward_ids)
             quiet = session.scalars(
                 select(Series)
                 .where(Series.state == SeriesState.RECEIVING)
@@ -155,6 +164,22 @@ class CompletionWatcher:
             for delivery_id in forward_ids:
                 self.enqueue_delivery(delivery_id)
         return run_ids
+
+    def _complete_signalled(
+        self, session: Session, now: datetime, run_ids: list[int], forward_ids: list[int]
+    ) -> None:
+        """Complete the receiving series a sender's signal completes, without a quiet
+        period (a study's required series are still waited for)."""
+        assert self.signals is not None
+        ready = self.signals.ready(session, receiving(session))
+        for series in lock(session, list(ready)):
+            signal = ready[series.id]
+            verdict = self._study_verdict(session, series, now) if self.required else "ready"
+            if verdict == "wait":
+                continue
+            series.completed_by = signal
+            self._complete(session, series, verdict, now, run_ids, forward_ids)
+        self.signals.forget(list(ready))
 
     def _study_verdict(self, session: Session, series: Series, now: datetime) -> Verdict:
         siblings = series.study.series
@@ -187,6 +212,8 @@ class CompletionWatcher:
     ) -> None:
         series.state = SeriesState.COMPLETE
         series.completed_at = now
+        if series.completed_by is None:
+            series.completed_by = FORCED if verdict in ("forced", "discard") else QUIET
         if verdict in ("forced", "discard"):
             series.routing = {
                 **(series.routing or {}),

@@ -35,9 +35,20 @@ export function stagesOf(series) {
     status: receiving ? "active" : "done",
     detail: `${series.instance_count} inst. in ${duration(series.first_received_at, series.last_received_at) || "0 s"}`,
   };
+  const waiting = series.waiting_for;
   stage.complete = series.completed_at
-    ? { status: "done", detail: time(series.completed_at) }
-    : { status: receiving ? "pending" : "done", detail: receiving ? "waiting for quiet" : "" };
+    ? {
+        status: "done",
+        detail: `${time(series.completed_at)}${series.completed_by ? ` · by ${series.completed_by}` : ""}`,
+      }
+    : {
+        status: receiving ? "pending" : "done",
+        detail: !receiving
+          ? ""
+          : waiting
+            ? `${waiting.signal}: ${waiting.missing} listed instance(s) missing`
+            : "waiting for quiet",
+      };
 
   if (!run || series.state === "not_analysed") {
     const skipped = ["done", "failed", "not_analysed"].includes(series.state);

@@ -1,0 +1,297 @@
+"""Storage Commitment Push Model SCP (PS3.4 J): the N-ACTION, and the requests' state.
+
+A modality asks the node to take responsibility for a list of instances so that it can
+free its own disk. The request is written to the catalogue before the N-ACTION is answered
+with Success: once answered, a restart cannot lose it, and the reporter
+(:mod:`node.delivery.commitment_reports`) sends its N-EVENT-REPORT on a new association.
+This module is the one owner of a request's state: created here, claimed by one reporter at
+a time (the shared conditional-UPDATE claim), then answered or postponed.
+
+What is committed is decided here too, when the report is built: an instance that is
+catalogued with its file in the spool (and, with ``after_archived``, whose series was
+forwarded), of the SOP class the requester named. Everything else is listed as failed
+with its reason; the node never commits what it could still lose.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from node.catalogue.claims import LEASE, changed, free, new_token
+from node.catalogue.db import Catalogue
+from node.catalogue.models import (
+    CommitmentRequest,
+    CommitmentState,
+    Delivery,
+    DeliveryState,
+    Instance,
+    utcnow,
+)
+from node.core.settings import CommitmentSettings
+from node.core.status import (
+    INVALID_ATTRIBUTE_VALUE,
+    MISSING_ATTRIBUTE,
+    NO_SUCH_ACTION_TYPE,
+    PROCESSING_FAILURE,
+    REASON_CLASS_INSTANCE_CONFLICT,
+    REASON_NO_SUCH_OBJECT,
+    REASON_PROCESSING_FAILURE,
+    SUCCESS,
+    UNRECOGNISED_OPERATION,
+)
+from node.core.uids import is_valid_uid
+from node.dimse.association import Association, NormalisedAnswer, NormalisedRequest
+from node.dimse.messages import N_ACTION_RQ
+from node.dimse.mpps import BadDataSet, decode_data_set
+
+log = logging.getLogger(__name__)
+
+STORAGE_COMMITMENT_SOP_CLASS = UID("1.2.840.10008.1.20.1")  # Push Model
+STORAGE_COMMITMENT_INSTANCE = UID("1.2.840.10008.1.20.1.1")  # its well-known instance
+REQUEST_COMMITMENT = 1  # the one Action Type ID (PS3.4 J.3.2)
+MAX_INSTANCES = 100_000  # per request: more is a broken or hostile requester
+
+
+@dataclass
+class CommitmentRequests:
+    """Serves N-ACTION (Request Storage Commitment) and persists each request."""
+
+    catalogue: Catalogue
+    settings: CommitmentSettings
+    on_request: list[Any] = field(default_factory=list)  # callables: wake the reporter
+
+    def handle(self, association: Association, request: NormalisedRequest) -> NormalisedAnswer:
+        calling = association.requestor.calling_ae_title
+        if request.command != N_ACTION_RQ:
+            return NormalisedAnswer(UNRECOGNISED_OPERATION, "storage commitment is N-ACTION")
+        if request.action_type != REQUEST_COMMITMENT:
+            return NormalisedAnswer(NO_SUCH_ACTION_TYPE, "the only action type is 1")
+        if request.sop_instance_uid != STORAGE_COMMITMENT_INSTANCE:
+            return NormalisedAnswer(INVALID_ATTRIBUTE_VALUE, "not the well-known SOP instance")
+        if calling not in self.settings.report_to:
+            # Accepting would promise an answer that could never be delivered.
+            log.warning(
+                "storage commitment from %s refused: no dicom.commitment.report_to entry",
+                calling,
+            )
+            return NormalisedAnswer(
+                PROCESSING_FAILURE, f"no report address configured for {calling}"
+            )
+        try:
+            transaction, items = _parse(decode_data_set(request))
+        except BadDataSet as exc:
+            log.warning("storage commitment from %s refused: %s", calling, exc)
+            return NormalisedAnswer(exc.status, str(exc))
+        with self.catalogue.session() as session:
+            known = session.scalar(
+                select(CommitmentRequest.id).where(CommitmentRequest.transaction_uid == transaction)
+            )
+            if known is None:  # a repeated N-ACTION of a known transaction is answered once
+                session.add(
+                    CommitmentRequest(
+                        transaction_uid=transaction,
+                        calling_ae_title=calling[:16],
+                        address=association.requestor.address[:64],
+                        instances={"items": items},
+                    )
+                )
+        log.info("storage commitment %s from %s: %d instance(s)", transaction, calling, len(items))
+        for wake in self.on_request:
+            wake()
+        return NormalisedAnswer(SUCCESS)
+
+
+def _parse(dataset: Dataset) -> tuple[str, list[list[str]]]:
+    transaction = str(dataset.get("TransactionUID", "")).strip()
+    if not transaction:
+        raise BadDataSet(MISSING_ATTRIBUTE, "Transaction UID missing")
+    if not is_valid_uid(transaction):
+        raise BadDataSet(INVALID_ATTRIBUTE_VALUE, "invalid Transaction UID")
+    if "ReferencedSOPSequence" not in dataset:
+        raise BadDataSet(MISSING_ATTRIBUTE, "Referenced SOP Sequence missing")
+    items: list[list[str]] = []
+    for item in dataset.ReferencedSOPSequence:
+        sop_class = str(item.get("ReferencedSOPClassUID", "")).strip()
+        sop_uid = str(item.get("ReferencedSOPInstanceUID", "")).strip()
+        if not (is_valid_uid(sop_class) and is_valid_uid(sop_uid)):
+            raise BadDataSet(INVALID_ATTRIBUTE_VALUE, "a referenced SOP UID is invalid")
+        items.append([sop_class, sop_uid])
+    if len(items) > MAX_INSTANCES:
+        raise BadDataSet(PROCESSING_FAILURE, f"more than {MAX_INSTANCES} instances")
+    return transaction, items
+
+
+# --- the state of a request: one owner ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldRequest:
+    """A pending request one reporter holds: what to answer, and to whom."""
+
+    id: int
+    token: str
+    transaction_uid: str
+    calling_ae_title: str
+    address: str
+    items: list[list[str]]
+    created_at: datetime
+
+
+def due(session: Session, now: datetime | None = None) -> list[int]:
+    """Pending requests whose next attempt is due, oldest first."""
+    now = now or utcnow()
+    return list(
+        session.scalars(
+            select(CommitmentRequest.id)
+            .where(CommitmentRequest.state == CommitmentState.PENDING)
+            .where(CommitmentRequest.next_attempt_at <= now)
+            .order_by(CommitmentRequest.id)
+        )
+    )
+
+
+def claim(catalogue: Catalogue, request_id: int, lease: timedelta = LEASE) -> HeldRequest | None:
+    """Take a pending request for one report attempt, or None if someone else holds it."""
+    token, now = new_token(), utcnow()
+    with catalogue.session() as session:
+        taken = changed(
+            session,
+            update(CommitmentRequest)
+            .where(CommitmentRequest.id == request_id)
+            .where(CommitmentRequest.state == CommitmentState.PENDING)
+            .where(free(CommitmentRequest.claim_token, CommitmentRequest.claimed_at, now, lease))
+            .values(claim_token=token, claimed_at=now),
+        )
+    if not taken:
+        return None
+    with catalogue.session() as session:
+        row = session.get(CommitmentRequest, request_id)
+        assert row is not None
+        return HeldRequest(
+            row.id,
+            token,
+            row.transaction_uid,
+            row.calling_ae_title,
+            row.address,
+            list(row.instances.get("items", [])),
+            row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC),
+        )
+
+
+def answered(catalogue: Catalogue, held: HeldRequest, outcome: dict[str, Any]) -> bool:
+    """Record that the requester accepted the report; False if the claim was lost."""
+    with catalogue.session() as session:
+        return bool(
+            changed(
+                session,
+                update(CommitmentRequest)
+                .where(CommitmentRequest.id == held.id)
+                .where(CommitmentRequest.claim_token == held.token)
+                .values(
+                    state=CommitmentState.ANSWERED,
+                    outcome=outcome,
+                    answered_at=utcnow(),
+                    attempts=CommitmentRequest.attempts + 1,
+                    last_error=None,
+                    claim_token=None,
+                    claimed_at=None,
+                ),
+            )
+        )
+
+
+def postpone(catalogue: Catalogue, held: HeldRequest, delay: float, error: str | None) -> None:
+    """Release the claim and try again after ``delay`` seconds (a failed send, or instances
+    still on their way to the archive)."""
+    with catalogue.session() as session:
+        values: dict[str, Any] = {
+            "next_attempt_at": utcnow() + timedelta(seconds=delay),
+            "claim_token": None,
+            "claimed_at": None,
+        }
+        if error is not None:
+            values["last_error"] = error[:500]
+            values["attempts"] = CommitmentRequest.attempts + 1
+        session.execute(
+            update(CommitmentRequest)
+            .where(CommitmentRequest.id == held.id)
+            .where(CommitmentRequest.claim_token == held.token)
+            .values(**values)
+        )
+
+
+# --- what is committed --------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """The report's content: committed instances, failed ones with a reason, and those
+    still waiting for the archive (only with ``after_archived``)."""
+
+    committed: list[list[str]] = field(default_factory=list)
+    failed: list[tuple[str, str, int, str]] = field(default_factory=list)
+    waiting: int = 0
+
+    def outcome(self) -> dict[str, Any]:
+        return {
+            "committed": len(self.committed),
+            "failed": [
+                {"sop_instance_uid": uid, "reason": f"0x{code:04X}", "why": why}
+                for _, uid, code, why in self.failed
+            ],
+        }
+
+
+def judge(
+    catalogue: Catalogue, spool_dir: Path, items: list[list[str]], after_archived: bool
+) -> Verdict:
+    """Which of ``items`` the node commits to, and why the others fail."""
+    verdict = Verdict()
+    uids = [uid for _, uid in items]
+    with catalogue.session() as session:
+        rows: dict[str, Instance] = {}
+        for start in range(0, len(uids), 500):
+            chunk = uids[start : start + 500]
+            for stored in session.scalars(
+                select(Instance).where(Instance.sop_instance_uid.in_(chunk))
+            ):
+                rows[stored.sop_instance_uid] = stored
+        archived: set[int] = set()
+        if after_archived:
+            series_ids = {row.series_id for row in rows.values()}
+            archived = set(
+                session.scalars(
+                    select(Delivery.series_id)
+                    .where(Delivery.series_id.in_(series_ids))
+                    .where(Delivery.state == DeliveryState.SENT)
+                )
+            )
+        for sop_class, uid in items:
+            row = rows.get(uid)
+            if row is None:
+                verdict.failed.append((sop_class, uid, REASON_NO_SUCH_OBJECT, "not received"))
+            elif row.sop_class_uid != sop_class:
+                verdict.failed.append(
+                    (sop_class, uid, REASON_CLASS_INSTANCE_CONFLICT, "stored with another class")
+                )
+            elif not (spool_dir / row.path).is_file():
+                verdict.failed.append(
+                    (sop_class, uid, REASON_PROCESSING_FAILURE, "file missing from the spool")
+                )
+            elif after_archived and row.series_id not in archived:
+                verdict.waiting += 1
+                verdict.failed.append(
+                    (sop_class, uid, REASON_PROCESSING_FAILURE, "not yet in the archive")
+                )
+            else:
+                verdict.committed.append([sop_class, uid])
+    return verdict
