@@ -135,7 +135,6 @@ def test_a_requester_without_a_report_address_is_refused(
     with pytest.raises(httpx.HTTPStatusError):  # Orthanc: the N-ACTION failed
         request_commitment(orthanc, items)
     assert (
-        "storage commitment from ORTHANC refused: no dicom.commitment.report_to entry"
-        in node.log()
+        "storage commitment from ORTHANC refused: no dicom.commitment.report_to entry" in node.log()
     )
     assert api_get(node, "/api/v1/commitments") == []

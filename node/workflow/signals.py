@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -56,9 +57,8 @@ def complete_grid(header: Dataset) -> bool:
         indexes = []
         for group in per_frame:
             values = group.FrameContentSequence[0].DimensionIndexValues
-            indexes.append(
-                tuple(int(v) for v in (values if isinstance(values, list) else [values]))
-            )
+            several = isinstance(values, list | MultiValue)
+            indexes.append(tuple(int(v) for v in (values if several else [values])))
     except (AttributeError, IndexError, TypeError, ValueError):
         return False
     width = len(indexes[0])
@@ -78,12 +78,18 @@ class Signals:
     spool_dir: Path
     sources: Mapping[str, SourceSignals] = field(default_factory=dict)
     _counts: dict[int, int | None] = field(default_factory=dict)  # series id -> stated size
-    _grids: dict[int, bool] = field(default_factory=dict)  # instance id -> complete grid
+    # series id -> instance id -> whether the instance is a complete grid
+    _grids: dict[int, dict[int, bool]] = field(default_factory=dict)
 
     def ready(self, session: Session, series: list[Series]) -> dict[int, str]:
         """Series id -> the signal that completes it, for those of ``series`` (receiving)
         a signal completes now."""
         done: dict[int, str] = {}
+        live = {s.id for s in series}
+        for key in [k for k in self._counts if k not in live]:
+            del self._counts[key]
+        for key in [k for k in self._grids if k not in live]:
+            del self._grids[key]
         if not series:
             return done
         by_uid = {s.series_instance_uid: s for s in series}
@@ -157,14 +163,15 @@ class Signals:
         rows = session.scalars(select(Instance).where(Instance.series_id == series.id)).all()
         if not rows:
             return False
+        known = self._grids.setdefault(series.id, {})
         for row in rows:
-            if row.id not in self._grids:
+            if row.id not in known:
                 try:
                     header = dcmread(self.spool_dir / row.path, stop_before_pixels=True)
-                    self._grids[row.id] = complete_grid(header)
+                    known[row.id] = complete_grid(header)
                 except (OSError, ValueError):
-                    self._grids[row.id] = False
-            if not self._grids[row.id]:
+                    known[row.id] = False
+            if not known[row.id]:
                 return False
         return True
 
@@ -183,6 +190,7 @@ class Signals:
         """Drop cached header facts of series that are no longer receiving."""
         for series_id in series_ids:
             self._counts.pop(series_id, None)
+            self._grids.pop(series_id, None)
 
 
 def receiving(session: Session) -> list[Series]:

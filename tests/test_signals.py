@@ -1,0 +1,219 @@
+"""Per-source completion signals in the completion watcher, each on and off, and the quiet
+period as the fallback; what storage commitment commits (stored, archived, class)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from node.catalogue.db import Catalogue, upgrade
+from node.catalogue.models import (
+    CompletionSignal,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Series,
+    Study,
+)
+from node.core.settings import CompletionSettings, SourceSignals
+from node.dimse.commitment import judge
+from node.workflow.completion import CompletionWatcher
+from node.workflow.signals import Signals, complete_grid
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+CT = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+@pytest.fixture
+def catalogue(tmp_path: Path) -> Catalogue:
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    return Catalogue(url)
+
+
+def header(sop_class: str = CT, **values: object) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    for name, value in values.items():
+        setattr(ds, name, value)
+    return ds
+
+
+def stack(frames: int, positions: list[tuple[int, ...]] | None = None) -> Dataset:
+    """An enhanced multi-frame header whose frames carry ``positions`` as their Dimension
+    Index Values (a full 1..frames stack unless given)."""
+    positions = positions or [(1, n) for n in range(1, frames + 1)]
+    groups = []
+    for index in positions:
+        content = Dataset()
+        content.DimensionIndexValues = list(index)
+        group = Dataset()
+        group.FrameContentSequence = [content]
+        groups.append(group)
+    dimensions = []
+    for pointer in (0x00209056, 0x00209057):  # Stack ID, In-Stack Position Number
+        item = Dataset()
+        item.DimensionIndexPointer = pointer
+        item.FunctionalGroupPointer = 0x00209111
+        dimensions.append(item)
+    return header(
+        ENHANCED_CT,
+        NumberOfFrames=frames,
+        PerFrameFunctionalGroupsSequence=groups,
+        DimensionIndexSequence=dimensions,
+    )
+
+
+def add_series(
+    catalogue: Catalogue,
+    spool: Path,
+    files: list[Dataset],
+    ae: str = "CT1",
+    ago: float = 1.0,
+    count: int | None = None,
+) -> str:
+    """A receiving series of ``files`` (written to the spool) last received ``ago`` s before
+    NOW; return its UID."""
+    uid = generate_uid()
+    when = NOW - timedelta(seconds=ago)
+    with catalogue.session() as session:
+        series = Series(
+            series_instance_uid=uid,
+            study=Study(study_instance_uid=generate_uid()),
+            modality="CT",
+            calling_ae_title=ae,
+            instance_count=len(files) if count is None else count,
+            first_received_at=when - timedelta(seconds=5),
+            last_received_at=when,
+        )
+        session.add(series)
+        for ds in files:
+            path = f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(spool / path, enforce_file_format=True)
+            session.add(
+                Instance(
+                    sop_instance_uid=ds.SOPInstanceUID,
+                    series=series,
+                    sop_class_uid=ds.SOPClassUID,
+                    transfer_syntax_uid=ExplicitVRLittleEndian,
+                    path=path,
+                    size=1,
+                    sha256="0" * 64,
+                    received_at=when,
+                )
+            )
+    return uid
+
+
+def run_watcher(
+    catalogue: Catalogue, spool: Path, sources: dict[str, SourceSignals], quiet: float = 10
+) -> dict[str, tuple[str, str | None]]:
+    """One completion pass at NOW; every series' (state, completed_by)."""
+    watcher = CompletionWatcher(
+        catalogue,
+        lambda _run, _priority: None,
+        lambda s: s.series_instance_uid,
+        policy=CompletionSettings(series_quiet_seconds=quiet),
+        signals=Signals(spool, sources),
+    )
+    watcher.complete_quiet_series(now=NOW)
+    with catalogue.session() as session:
+        return {
+            s.series_instance_uid: (s.state.value, s.completed_by)
+            for s in session.scalars(sa.select(Series))
+        }
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_stated_instance_count(catalogue: Catalogue, tmp_path: Path, on: bool) -> None:
+    full = add_series(catalogue, tmp_path, [header(ImagesInAcquisition=3) for _ in range(3)])
+    short = add_series(catalogue, tmp_path, [header(ImagesInAcquisition=3) for _ in range(2)])
+    unstated = add_series(catalogue, tmp_path, [header() for _ in range(2)])
+    states = run_watcher(catalogue, tmp_path, {"CT1": SourceSignals(instance_count=on)})
+    assert states[full] == (("complete", "instance-count") if on else ("receiving", None))
+    assert states[short] == ("receiving", None)
+    assert states[unstated] == ("receiving", None)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_complete_multiframe_stack(catalogue: Catalogue, tmp_path: Path, on: bool) -> None:
+    whole = add_series(catalogue, tmp_path, [stack(4)])
+    gap = add_series(catalogue, tmp_path, [stack(3, [(1, 1), (1, 2), (1, 4)])])
+    states = run_watcher(catalogue, tmp_path, {"CT1": SourceSignals(multiframe=on)})
+    assert states[whole] == (("complete", "multiframe") if on else ("receiving", None))
+    assert states[gap] == ("receiving", None)
+
+
+def test_signals_trusted_only_for_their_source(catalogue: Catalogue, tmp_path: Path) -> None:
+    other = add_series(catalogue, tmp_path, [stack(4)], ae="OTHER")
+    states = run_watcher(catalogue, tmp_path, {"CT1": SourceSignals(multiframe=True)})
+    assert states[other] == ("receiving", None)
+
+
+def test_complete_grid_needs_every_combination_once() -> None:
+    assert complete_grid(stack(4))
+    assert complete_grid(stack(4, [(1, 1), (1, 2), (2, 1), (2, 2)]))
+    assert not complete_grid(stack(4, [(1, 1), (1, 2), (2, 1), (1, 1)]))  # a repeat
+    assert not complete_grid(stack(3, [(1, 1), (1, 2), (2, 1)]))  # (2, 2) missing
+    assert not complete_grid(header())  # single frame
+
+
+def test_association_end_counts_unless_an_instance_came_later(
+    catalogue: Catalogue, tmp_path: Path
+) -> None:
+    signalled = add_series(catalogue, tmp_path, [header()], ago=2)
+    later = add_series(catalogue, tmp_path, [header()], ago=1)
+    with catalogue.session() as session:
+        for uid, at in (
+            (signalled, NOW - timedelta(seconds=1)),
+            (later, NOW - timedelta(seconds=2)),
+        ):
+            session.add(CompletionSignal(series_instance_uid=uid, signal="association-end", at=at))
+    states = run_watcher(catalogue, tmp_path, {})
+    assert states[signalled] == ("complete", "association-end")
+    assert states[later] == ("receiving", None), "an instance after the signal: wait"
+
+
+def test_quiet_period_is_the_fallback(catalogue: Catalogue, tmp_path: Path) -> None:
+    quiet = add_series(catalogue, tmp_path, [header()], ago=11)
+    recent = add_series(catalogue, tmp_path, [header()], ago=9)
+    states = run_watcher(catalogue, tmp_path, {"CT1": SourceSignals(instance_count=True)})
+    assert states[quiet] == ("complete", "quiet")
+    assert states[recent] == ("receiving", None)
+
+
+def test_commitment_covers_only_what_is_stored_and_archived(
+    catalogue: Catalogue, tmp_path: Path
+) -> None:
+    files = [header() for _ in range(3)]
+    uid = add_series(catalogue, tmp_path, files)
+    (tmp_path / f"{files[2].SOPInstanceUID}.dcm").unlink()  # lost from the spool
+    unknown = generate_uid()
+    items = [[CT, files[0].SOPInstanceUID], [ENHANCED_CT, files[1].SOPInstanceUID]]
+    items += [[CT, files[2].SOPInstanceUID], [CT, unknown]]
+
+    verdict = judge(catalogue, tmp_path, items, after_archived=False)
+    assert verdict.committed == [items[0]]
+    reasons = {uid: (code, why) for _, uid, code, why in verdict.failed}
+    assert reasons == {
+        files[1].SOPInstanceUID: (0x0119, "stored with another class"),
+        files[2].SOPInstanceUID: (0x0110, "file missing from the spool"),
+        unknown: (0x0112, "not received"),
+    }
+
+    archived = judge(catalogue, tmp_path, items[:1], after_archived=True)
+    assert archived.committed == [] and archived.waiting == 1
+    with catalogue.session() as session:
+        series = session.scalar(sa.select(Series).where(Series.series_instance_uid == uid))
+        session.add(Delivery(series_id=series.id, destination="pacs", state=DeliveryState.SENT))
+    assert judge(catalogue, tmp_path, items[:1], after_archived=True).committed == [items[0]]
