@@ -119,7 +119,8 @@ def measure(
 
         wait_for(sr_arrived, 900, f"{signal}: no SR reached Orthanc", interval=0.05)
         to_sr = time.monotonic() - last
-    return Timing(signal, view["completed_by"], to_complete, analysis_of(node, header), to_sr)
+    analysis = analysis_of(node, header) if expect_sr else None
+    return Timing(signal, view["completed_by"], to_complete, analysis, to_sr)
 
 
 def analysis_of(node: NodeProcess, header: object) -> float | None:
@@ -134,9 +135,9 @@ def analysis_of(node: NodeProcess, header: object) -> float | None:
                     .join(Series, Series.id == PipelineRun.series_id)
                     .where(Series.series_instance_uid == header.SeriesInstanceUID)  # type: ignore[attr-defined]
                 ).first()
+            if row is not None and row.state == "failed":
+                return None
             if row is not None and row.finished_at is not None and row.started_at is not None:
-                if row.state == "failed":
-                    return None
                 return (row.finished_at - row.started_at).total_seconds()
             time.sleep(0.2)
     finally:

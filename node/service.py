@@ -12,6 +12,7 @@ from types import FrameType
 from node.catalogue.db import Catalogue, upgrade
 from node.core.settings import Settings
 from node.delivery.commitment_reports import CommitmentReporter
+from node.delivery.mpps_forward import MppsForwarder
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.commitment import STORAGE_COMMITMENT_SOP_CLASS, CommitmentRequests
 from node.dimse.listener import NormalisedService, start_listener
@@ -80,8 +81,13 @@ class NodeService:
         )
         reporter.start()  # pending requests from before a restart are answered now
         self._stoppers.append(reporter.stop)
+        forward = settings.dicom.mpps_forward
+        if forward is not None:
+            forwarder = MppsForwarder(catalogue, forward, settings.dicom.ae_title)
+            forwarder.start()
+            self._stoppers.append(forwarder.stop)
         services: dict[str, NormalisedService] = {
-            MPPS_SOP_CLASS: PerformedSteps(catalogue),
+            MPPS_SOP_CLASS: PerformedSteps(catalogue, forward=forward is not None),
             STORAGE_COMMITMENT_SOP_CLASS: CommitmentRequests(
                 catalogue, settings.dicom.commitment, on_request=[reporter.wake]
             ),

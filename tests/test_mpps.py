@@ -3,12 +3,15 @@ as soon as the last listed instance is stored, without waiting for the quiet per
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
 
 from tests.support.env import node_env
 from tests.support.modality import (
@@ -20,7 +23,7 @@ from tests.support.modality import (
     step_in_progress,
     store,
 )
-from tests.support.peers import Orthanc, wait_for
+from tests.support.peers import Orthanc, free_port, wait_for
 
 
 @pytest.mark.e2e
@@ -113,3 +116,58 @@ def test_discontinued_step_listing_a_missing_instance_waits_for_the_quiet_period
     )
     assert view["completed_by"] == "quiet"
     assert api_get(node, "/api/v1/performed-steps")[0]["status"] == "DISCONTINUED"
+
+
+@pytest.mark.e2e
+def test_steps_are_forwarded_in_order_once_the_ris_answers(
+    orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path
+) -> None:
+    """The RIS is down while the modality reports; both requests reach it later, in order."""
+    port = free_port()
+    forward = {"ae_title": "RIS", "host": "127.0.0.1", "port": port, "retry_seconds": 1}
+    env = node_env(tmp_path, orthanc, CURIA_DICOM__MPPS_FORWARD=json.dumps(forward))
+    node = node_factory(env)
+    header = dcmread(ct_series[0], stop_before_pixels=True)
+    step_uid = generate_uid()
+    with association(node, ct_series) as assoc:
+        status, _ = assoc.send_n_create(step_in_progress(header.StudyInstanceUID), MPPS, step_uid)
+        assert status.Status == 0x0000
+        status, _ = assoc.send_n_set(step_ended("COMPLETED", ct_series), MPPS, step_uid)
+        assert status.Status == 0x0000
+    wait_for(lambda: "MPPS forwarding: association with RIS" in node.log(), 20, "a failed try")
+
+    received: list[tuple[str, str, str]] = []
+
+    def on_create(event: evt.Event) -> tuple[int, Dataset]:
+        attributes = event.attribute_list
+        received.append(
+            (
+                "create",
+                event.request.AffectedSOPInstanceUID,
+                attributes.PerformedProcedureStepStatus,
+            )
+        )
+        return 0x0000, attributes
+
+    def on_set(event: evt.Event) -> tuple[int, Dataset]:
+        changes = event.modification_list
+        received.append(
+            ("set", event.request.RequestedSOPInstanceUID, changes.PerformedProcedureStepStatus)
+        )
+        return 0x0000, changes
+
+    ris = AE(ae_title="RIS")
+    ris.add_supported_context(MPPS)
+    server = ris.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_N_CREATE, on_create), (evt.EVT_N_SET, on_set)],
+    )
+    try:
+        wait_for(lambda: len(received) == 2, 30, "both MPPS requests reach the RIS")
+    finally:
+        server.shutdown()
+    assert received == [
+        ("create", step_uid, "IN PROGRESS"),
+        ("set", step_uid, "COMPLETED"),
+    ]

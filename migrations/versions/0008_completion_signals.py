@@ -1,7 +1,7 @@
 """completion signals: MPPS steps, storage commitment requests, which signal completed a series
 
-Modalities report their performed procedure steps (MPPS) and ask for storage commitment;
-both are kept so that a restart loses neither. A series records the signal that completed
+Modalities report their performed procedure steps (MPPS, forwarded to a RIS/PACS when
+configured) and ask for storage commitment; all are kept so that a restart loses none. A series records the signal that completed
 it, and a sender's own signals (the end of its association) are kept until read.
 
 Revision ID: 0008
@@ -44,6 +44,22 @@ def upgrade() -> None:
     op.create_index("ix_performed_steps_ended_at", "performed_steps", ["ended_at"])
 
     op.create_table(
+        "mpps_forwards",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("step_uid", sa.String(length=64), nullable=False),
+        sa.Column("command", sa.String(length=16), nullable=False),
+        sa.Column("data", sa.JSON(), nullable=False),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_mpps_forwards_step_uid", "mpps_forwards", ["step_uid"])
+    op.create_index("ix_mpps_forwards_sent_at", "mpps_forwards", ["sent_at"])
+
+    op.create_table(
         "commitment_requests",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("transaction_uid", sa.String(length=64), nullable=False),
@@ -84,6 +100,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_completion_signals_series_instance_uid", table_name="completion_signals")
     op.drop_table("completion_signals")
+    op.drop_index("ix_mpps_forwards_sent_at", table_name="mpps_forwards")
+    op.drop_index("ix_mpps_forwards_step_uid", table_name="mpps_forwards")
+    op.drop_table("mpps_forwards")
     op.drop_index("ix_commitment_requests_state", table_name="commitment_requests")
     op.drop_table("commitment_requests")
     op.drop_index("ix_performed_steps_ended_at", table_name="performed_steps")

@@ -364,6 +364,26 @@ class PerformedStep(Base):
     )
 
 
+class MppsForward(Base):
+    """One accepted MPPS N-CREATE or N-SET, to be forwarded to the configured RIS/PACS.
+
+    Written in the transaction that accepts it, sent in id order (a step's N-SET never
+    overtakes its N-CREATE), kept once sent for the record.
+    """
+
+    __tablename__ = "mpps_forwards"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    step_uid: Mapped[str] = mapped_column(String(64), index=True)
+    command: Mapped[str] = mapped_column(String(16), doc="n-create | n-set")
+    data: Mapped[dict[str, Any]] = mapped_column(doc="the data set as DICOM JSON (PS3.18 F)")
+    sent_at: Mapped[datetime | None] = mapped_column(index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class CommitmentState(enum.StrEnum):
     PENDING = "pending"  # persisted, N-ACTION answered, report not yet delivered
     ANSWERED = "answered"  # the N-EVENT-REPORT was accepted by the requester

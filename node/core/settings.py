@@ -93,6 +93,21 @@ class CommitmentSettings(BaseModel):
     poll_seconds: float = Field(1.0, gt=0.0)
 
 
+class MppsForwardSettings(BaseModel):
+    """A RIS or PACS that also wants the modalities' MPPS: every N-CREATE and N-SET the node
+    accepts is forwarded to it, in order, retried until it is taken."""
+
+    ae_title: str
+    host: str
+    port: int = Field(..., ge=1, le=65535)
+    retry_seconds: float = Field(10.0, gt=0.0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+
 class DicomSettings(BaseModel):
     """The DIMSE listener (C-ECHO / C-STORE SCP, MPPS SCP, Storage Commitment SCP)."""
 
@@ -142,6 +157,9 @@ class DicomSettings(BaseModel):
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     commitment: CommitmentSettings = CommitmentSettings()
+    mpps_forward: MppsForwardSettings | None = Field(
+        None, description="forward every accepted MPPS N-CREATE / N-SET to this AE"
+    )
 
     @field_validator("ae_title")
     @classmethod

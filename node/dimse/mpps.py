@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom.dsutils import decode
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from node.catalogue.db import Catalogue
-from node.catalogue.models import CompletionSignal, PerformedStep, StepStatus
+from node.catalogue.models import (
+    CompletionSignal,
+    MppsForward,
+    PerformedStep,
+    StepStatus,
+    utcnow,
+)
 from node.core.status import (
     DUPLICATE_SOP_INSTANCE,
     INVALID_ATTRIBUTE_VALUE,
@@ -122,9 +128,12 @@ def _signals(step: PerformedStep, now: datetime) -> list[CompletionSignal]:
 
 @dataclass
 class PerformedSteps:
-    """Serves N-CREATE / N-SET on MPPS instances against the catalogue."""
+    """Serves N-CREATE / N-SET on MPPS instances against the catalogue; with ``forward``,
+    each accepted request is also queued for the configured RIS/PACS in the same
+    transaction."""
 
     catalogue: Catalogue
+    forward: bool = False
 
     def handle(self, association: Association, request: NormalisedRequest) -> NormalisedAnswer:
         try:
@@ -171,6 +180,8 @@ class PerformedSteps:
                     updated_at=now,
                 )
             )
+            if self.forward:
+                session.add(MppsForward(step_uid=uid, command="n-create", data=_json(dataset)))
         log.info("MPPS %s created by %s", uid, association.requestor.calling_ae_title)
         return NormalisedAnswer(SUCCESS, sop_instance_uid=uid)
 
@@ -199,6 +210,70 @@ class PerformedSteps:
             if step.status in FINAL:
                 step.ended_at = now
                 session.add_all(_signals(step, now))
+            if self.forward:
+                session.add(MppsForward(step_uid=uid, command="n-set", data=_json(dataset)))
             outcome = step.status
         log.info("MPPS %s set %s", uid, outcome)
         return NormalisedAnswer(SUCCESS)
+
+
+def _json(dataset: Dataset) -> dict[str, object]:
+    return dict(dataset.to_json_dict())
+
+
+# --- forwards to a RIS/PACS: the one owner of their state ---------------------------------
+
+
+@dataclass(frozen=True)
+class PendingForward:
+    id: int
+    step_uid: str
+    command: str
+    data: dict[str, object]
+
+
+def pending_forwards(catalogue: Catalogue, limit: int = 100) -> list[PendingForward]:
+    """Forwards not yet sent whose next attempt is due, in the order they were accepted.
+    A step with an earlier forward still pending is not skipped past: its later ones wait."""
+    now = utcnow()
+    with catalogue.session() as session:
+        rows = session.scalars(
+            select(MppsForward)
+            .where(MppsForward.sent_at.is_(None))
+            .order_by(MppsForward.id)
+            .limit(limit)
+        ).all()
+        due, blocked = [], set()
+        for row in rows:
+            ready = _aware(row.next_attempt_at) <= now
+            if row.step_uid not in blocked and ready:
+                due.append(PendingForward(row.id, row.step_uid, row.command, dict(row.data)))
+            else:
+                blocked.add(row.step_uid)
+        return due
+
+
+def forward_sent(catalogue: Catalogue, forward_id: int) -> None:
+    with catalogue.session() as session:
+        session.execute(
+            update(MppsForward)
+            .where(MppsForward.id == forward_id, MppsForward.sent_at.is_(None))
+            .values(sent_at=utcnow(), attempts=MppsForward.attempts + 1, last_error=None)
+        )
+
+
+def forward_failed(catalogue: Catalogue, forward_id: int, error: str, delay: float) -> None:
+    with catalogue.session() as session:
+        session.execute(
+            update(MppsForward)
+            .where(MppsForward.id == forward_id, MppsForward.sent_at.is_(None))
+            .values(
+                attempts=MppsForward.attempts + 1,
+                last_error=error[:500],
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+            )
+        )
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
