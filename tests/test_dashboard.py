@@ -19,11 +19,13 @@ from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import (
     Delivery,
     DeliveryState,
+    PerformedStep,
     PipelineRun,
     Result,
     RunState,
     Series,
     SeriesState,
+    StepStatus,
     Study,
 )
 from node.core.settings import Settings
@@ -134,6 +136,14 @@ def test_overview_shape_queues_and_counts(
             study=study, series_instance_uid="1.2.826.0.1.3680043.10.9.1", instance_count=3
         )
         session.add(PipelineRun(series=series, run_key="queued", state=RunState.QUEUED))
+        session.add(
+            PerformedStep(
+                sop_instance_uid="1.2.826.0.1.3680043.10.9.7",
+                calling_ae_title="CT1",
+                status=StepStatus.COMPLETED,
+                performed_series={"1.2.826.0.1.3680043.10.9.1": ["1.2.3.1", "1.2.3.2"]},
+            )
+        )
     reader = create_token(catalogue, "viewer", "read", "test")
     response = http.get("/api/v1/overview", headers=bearer(reader))
     assert response.status_code == 200
@@ -159,6 +169,10 @@ def test_overview_shape_queues_and_counts(
     }
     assert series["state"] == "done"
     assert series["completed_at"].startswith("2025-01-02T03:04:11")
+    assert series["completed_by"] is None and series["waiting_for"] is None
+    (step,) = body["performed_steps"]
+    assert (step["calling_ae_title"], step["status"]) == ("CT1", "COMPLETED")
+    assert step["series"] == {"1.2.826.0.1.3680043.10.9.1": 2}
     run = series["runs"][0]
     assert run["inferred_at"].startswith("2025-01-02T03:04:14")
     assert run["error"] == "delivery to dead failed: refused"

@@ -22,6 +22,7 @@ from node.catalogue.db import Catalogue
 from node.catalogue.models import (
     Delivery,
     DeliveryState,
+    PerformedStep,
     PipelineRun,
     Result,
     RunState,
@@ -29,6 +30,7 @@ from node.catalogue.models import (
     Study,
 )
 from node.core.settings import Settings
+from node.web.signals import step_view
 
 STATIC_DIR = resources.files("node.web") / "static" / "dashboard"
 MEDIA_TYPES = {
@@ -51,6 +53,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-cache",
 }
 STUDY_LIMIT = 100
+STEP_LIMIT = 20  # newest MPPS steps shown
 
 
 def _static_files() -> dict[str, Any]:
@@ -166,6 +169,10 @@ def overview(catalogue: Catalogue) -> dict[str, Any]:
         instances = session.scalar(select(func.coalesce(func.sum(Series.instance_count), 0)))
         series_total = session.scalar(select(func.count(Series.id)))
         studies_total = session.scalar(select(func.count(Study.id)))
+        steps = session.scalars(
+            select(PerformedStep).order_by(PerformedStep.id.desc()).limit(STEP_LIMIT)
+        )
+        performed_steps = [step_view(step) for step in steps]
         return {
             "version": __version__,
             "generated_at": _iso(datetime.now(UTC)),
@@ -183,6 +190,7 @@ def overview(catalogue: Catalogue) -> dict[str, Any]:
                 "runs": runs,
                 "deliveries": deliveries,
             },
+            "performed_steps": performed_steps,
             "studies": [
                 {
                     "study_instance_uid": study.study_instance_uid,

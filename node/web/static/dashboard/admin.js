@@ -500,4 +500,23 @@ export function renderQueues(overview, ready) {
   replace($("series-by-state"), rows(c.series_by_state));
   replace($("runs-by-state"), rows(c.runs));
   replace($("deliveries-by-state"), rows(c.deliveries));
+  const steps = overview.performed_steps || [];
+  replace(
+    $("performed-steps"),
+    ...(steps.length
+      ? steps.map((step) => {
+          const counts = Object.values(step.series);
+          return h(
+            "tr",
+            {},
+            h("td", {}, uid(step.sop_instance_uid)),
+            h("td", {}, step.calling_ae_title),
+            h("td", {}, badge(step.status.toLowerCase(), step.status === "DISCONTINUED" ? "failed" : step.status === "COMPLETED" ? "done" : "running")),
+            h("td", {}, String(counts.length)),
+            h("td", {}, String(counts.reduce((a, b) => a + b, 0))),
+            h("td", {}, time(step.updated_at)),
+          );
+        })
+      : [empty(6, "no step reported")]),
+  );
 }
