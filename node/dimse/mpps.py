@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
-from pynetdicom.dsutils import decode
 from sqlalchemy import select, update
 
 from node.catalogue.db import Catalogue
@@ -31,7 +29,6 @@ from node.catalogue.models import (
 from node.core.status import (
     DUPLICATE_SOP_INSTANCE,
     INVALID_ATTRIBUTE_VALUE,
-    MISSING_ATTRIBUTE,
     NO_SUCH_SOP_INSTANCE,
     PROCESSING_FAILURE,
     SUCCESS,
@@ -39,6 +36,7 @@ from node.core.status import (
 )
 from node.core.uids import is_valid_uid
 from node.dimse.association import Association, NormalisedAnswer, NormalisedRequest
+from node.dimse.datasets import BadDataSet, decode_data_set
 from node.dimse.messages import N_CREATE_RQ, N_SET_RQ
 
 log = logging.getLogger(__name__)
@@ -46,28 +44,6 @@ log = logging.getLogger(__name__)
 MPPS_SOP_CLASS = UID("1.2.840.10008.3.1.2.3.3")  # Modality Performed Procedure Step
 FINAL = (StepStatus.COMPLETED, StepStatus.DISCONTINUED)
 MPPS = "mpps"  # the completion signal's name
-
-
-class BadDataSet(ValueError):
-    """An N-service data set the node cannot use; carries the status to answer with."""
-
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-
-
-def decode_data_set(request: NormalisedRequest) -> Dataset:
-    """The request's data set, decoded in its presentation context's transfer syntax."""
-    if not request.data:
-        raise BadDataSet(MISSING_ATTRIBUTE, "the request carries no data set")
-    syntax = UID(request.transfer_syntax_uid)
-    try:
-        dataset = decode(BytesIO(request.data), syntax.is_implicit_VR, syntax.is_little_endian)
-        dataset.decode()  # character sets; also walks it once, so a broken one fails here
-    except Exception as exc:
-        reason = f"undecodable data set: {type(exc).__name__}"
-        raise BadDataSet(PROCESSING_FAILURE, reason) from None
-    return dataset
 
 
 def performed_series(dataset: Dataset) -> dict[str, list[str]]:
