@@ -92,3 +92,18 @@ def test_cli_reports_a_bad_config_clearly(monkeypatch: pytest.MonkeyPatch) -> No
     result = CliRunner().invoke(app, ["config", "show"])
     assert result.exit_code == 2
     assert "invalid configuration" in result.output and "port" in result.output
+
+
+def test_per_source_signals_and_report_addresses_from_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(
+        "[completion.sources.CT_SCANNER_1]\nassociation_end = true\n"
+        "[dicom.commitment.report_to.Modality_1]\nport = 104\n"
+    )
+    settings = load_settings(config)
+    assert settings.completion.sources["CT_SCANNER_1"].association_end
+    assert not settings.completion.sources["CT_SCANNER_1"].instance_count
+    assert settings.dicom.commitment.report_to["Modality_1"].port == 104, "AE titles keep case"
+    config.write_text('[completion.sources."WAY-TOO-LONG-AE-TITLE"]\nmultiframe = true\n')
+    with pytest.raises(ValidationError, match="AE title"):
+        load_settings(config)

@@ -92,6 +92,11 @@ class CommitmentSettings(BaseModel):
     )
     poll_seconds: float = Field(1.0, gt=0.0)
 
+    @field_validator("report_to")
+    @classmethod
+    def _titles(cls, value: dict[str, ReportAddress]) -> dict[str, ReportAddress]:
+        return {validate_ae_title(title): address for title, address in value.items()}
+
 
 class MppsForwardSettings(BaseModel):
     """A RIS or PACS that also wants the modalities' MPPS: every N-CREATE and N-SET the node
@@ -234,6 +239,9 @@ class CompletionSettings(BaseModel):
     ``late_instances``: instances arriving after a series was completed either trigger one
     re-run once the series is quiet again and its current run has ended (``rerun``: the new
     SR supersedes the previous one, forwards are re-sent), or are only stored (``append``).
+
+    ``sources``: the completion signals trusted from each sender (by calling AE title), which
+    complete a series without waiting for its quiet period; MPPS is always used.
     """
 
     series_quiet_seconds: float = Field(10.0, ge=0.0)
@@ -248,6 +256,11 @@ class CompletionSettings(BaseModel):
     sources: dict[str, SourceSignals] = Field(
         default_factory=dict, description="calling AE title -> completion signals trusted"
     )
+
+    @field_validator("sources")
+    @classmethod
+    def _titles(cls, value: dict[str, SourceSignals]) -> dict[str, SourceSignals]:
+        return {validate_ae_title(title): signals for title, signals in value.items()}
 
     @field_validator("required_series")
     @classmethod
