@@ -21,6 +21,10 @@ TABLES = {
     "peers",
     "deliveries",
     "audit_events",
+    "performed_steps",
+    "mpps_forwards",
+    "commitment_requests",
+    "completion_signals",
     "alembic_version",
 }
 
