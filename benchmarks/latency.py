@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--demo-size", default="tiny", choices=["base", "tiny"])
     parser.add_argument("--quiet", type=float, default=10.0, help="series quiet period, s")
     parser.add_argument("--runs", type=int, default=1, help="rounds of the four signals")
+    parser.add_argument("--poll", type=float, default=1.0, help="completion poll period, s")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="curia-latency-"))
@@ -164,7 +165,7 @@ def main() -> None:
         "CURIA_ARCHIVE__AE_TITLE": orthanc.aet,
         "CURIA_ARCHIVE__PORT": str(orthanc.dicom_port),
         "CURIA_COMPLETION__SERIES_QUIET_SECONDS": str(args.quiet),
-        "CURIA_COMPLETION__POLL_SECONDS": "0.2",
+        "CURIA_COMPLETION__POLL_SECONDS": str(args.poll),
         "CURIA_COMPLETION__SOURCES": json.dumps(sources),
         "CURIA_MODEL__DEMO_SIZE": args.demo_size,
         "CURIA_PIPELINE__QUEUE_PREFIX": f"curia-latency-{uuid.uuid4().hex[:8]}",
@@ -188,7 +189,7 @@ def main() -> None:
     def shown(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    print(f"model: demo {args.demo_size}; quiet period {args.quiet:.1f} s; poll 0.2 s")
+    print(f"model: demo {args.demo_size}; quiet period {args.quiet:.1f} s; poll {args.poll} s")
     print("| signal | completed by | last instance -> complete (s) | analysis (s) |", end="")
     print(" last instance -> SR in Orthanc (s) | SR - analysis (s) |")
     print("|---|---|---|---|---|---|")

@@ -93,7 +93,12 @@ class NodeService:
             ),
         }
         server = start_listener(
-            settings.dicom, ingestor, policy, services, settings.completion.sources
+            settings.dicom,
+            ingestor,
+            policy,
+            services,
+            settings.completion.sources,
+            on_signal=watcher.wake,
         )
         self._stoppers.append(server.shutdown)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -72,12 +72,14 @@ class AssociationHandlers:
         refusal_retention: timedelta | None = None,
         services: Mapping[str, NormalisedService] | None = None,
         sources: Mapping[str, SourceSignals] | None = None,
+        on_signal: Callable[[], object] | None = None,
     ) -> None:
         self.ingestor = ingestor
         self.policy = policy
         self.refusals = RefusalTally(ingestor.catalogue, refusal_retention or timedelta(days=90))
         self.services = dict(services or {})
         self.sources = dict(sources or {})
+        self.on_signal = on_signal  # wakes the completion watcher
 
     def admit(self, requestor: Requestor) -> Refusal | None:
         """Refuse everyone while the disk is below its watermark, unknown senders always, and
@@ -168,13 +170,18 @@ class AssociationHandlers:
         service = self.services.get(request.sop_class_uid)
         if service is None:
             return NormalisedAnswer(SOP_CLASS_NOT_SUPPORTED, "SOP class not served")
-        return service.handle(association, request)
+        answer = service.handle(association, request)
+        if answer.status == SUCCESS and self.on_signal is not None:
+            self.on_signal()  # an MPPS step may have ended
+        return answer
 
     def closed(self, association: Association, outcome: str, reason: str | None) -> None:
         try:
             record_association_end(self.ingestor.catalogue, association, outcome, self.sources)
         except Exception as exc:  # the quiet period still completes the series
             log.error("cannot record the end of an association: %s", brief(exc))
+        if association.series_uids and self.on_signal is not None:
+            self.on_signal()  # its end, or its last instance, may complete a series
         requestor = association.requestor
         if outcome != "rejected":
             log.log(
@@ -261,11 +268,13 @@ def start_listener(
     policy: SourcePolicy,
     services: Mapping[str, NormalisedService] | None = None,
     sources: Mapping[str, SourceSignals] | None = None,
+    on_signal: Callable[[], object] | None = None,
 ) -> Listener:
     """Start the SCPs in background threads and return the listener.
 
     ``services`` maps an MPPS / Storage Commitment SOP class to its SCP; ``sources`` says
-    which senders' association end completes their series.
+    which senders' association end completes their series; ``on_signal`` is called when a
+    sender may have signalled a series complete.
     """
     if policy.ae_title is None:
         policy.ae_title = settings.ae_title
@@ -290,6 +299,7 @@ def start_listener(
             timedelta(days=settings.refusal_retention_days),
             services,
             sources,
+            on_signal,
         ),
         limits,
         ssl_context=context,

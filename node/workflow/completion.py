@@ -121,6 +121,7 @@ class CompletionWatcher:
         self.quiet = timedelta(seconds=policy.series_quiet_seconds)
         self.poll_seconds = policy.poll_seconds
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._headers: dict[int, Dataset | None] = {}
 
@@ -315,7 +316,11 @@ class CompletionWatcher:
 
     def _loop(self) -> None:
         failing = False
-        while not self._stop.wait(self.poll_seconds):
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
                 if failing:
                     self.resend_unsent()
@@ -330,6 +335,11 @@ class CompletionWatcher:
                     )
                 failing = True
 
+    def wake(self) -> None:
+        """A sender signalled (an association ended, an MPPS step ended): look now rather
+        than at the next poll."""
+        self._wake.set()
+
     def start(self) -> None:
         self.resend_unsent()
         self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
@@ -337,5 +347,6 @@ class CompletionWatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
