@@ -16,6 +16,7 @@ from node.catalogue.models import (
     Delivery,
     DeliveryState,
     Series,
+    SeriesState,
 )
 from node.core.settings import CompletionSettings, SourceSignals
 from node.dimse.commitment import judge
@@ -133,3 +134,38 @@ def test_commitment_covers_only_what_is_stored_and_archived(
         series = session.scalar(sa.select(Series).where(Series.series_instance_uid == uid))
         session.add(Delivery(series_id=series.id, destination="pacs", state=DeliveryState.SENT))
     assert judge(catalogue, tmp_path, items[:1], after_archived=True).committed == [items[0]]
+
+
+def test_a_late_instance_after_an_early_completion_follows_the_late_instance_rule(
+    catalogue: Catalogue, tmp_path: Path
+) -> None:
+    uid = add_series(catalogue, tmp_path, [header()], ago=2)
+    with catalogue.session() as session:
+        session.add(
+            CompletionSignal(
+                series_instance_uid=uid, signal="association-end", at=NOW - timedelta(seconds=1)
+            )
+        )
+    watcher = CompletionWatcher(
+        catalogue,
+        lambda _run, _priority: None,
+        lambda s: s.series_instance_uid,
+        policy=CompletionSettings(series_quiet_seconds=10),
+        signals=Signals(tmp_path, {}),
+    )
+    assert len(watcher.complete_quiet_series(now=NOW)) == 1, "completed early, one run"
+    late = NOW + timedelta(seconds=5)
+    with catalogue.session() as session:  # its run ends; then one more instance arrives
+        series = session.scalar(sa.select(Series).where(Series.series_instance_uid == uid))
+        series.state = SeriesState.DONE
+        series.last_received_at = late
+        series.instance_count += 1
+    assert watcher.complete_quiet_series(now=late + timedelta(seconds=1)) == [], (
+        "the old signal does not complete it again: the late instance waits for quiet"
+    )
+    rerun = watcher.complete_quiet_series(now=late + timedelta(seconds=11))
+    assert len(rerun) == 1, "quiet again: one re-run (late_instances = rerun)"
+    with catalogue.session() as session:
+        series = session.scalar(sa.select(Series).where(Series.series_instance_uid == uid))
+        assert series.completed_by == "association-end"
+        assert [note["then"] for note in series.routing["late"]] == ["rerun"]
