@@ -23,7 +23,7 @@ from tests.support.modality import (
     step_in_progress,
     store,
 )
-from tests.support.peers import Orthanc, free_port, wait_for
+from tests.support.peers import NodeProcess, Orthanc, free_port, wait_for
 
 
 @pytest.mark.e2e
@@ -31,7 +31,25 @@ def test_completed_step_completes_its_series_at_the_last_listed_instance(
     orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path
 ) -> None:
     # A quiet period far longer than the test: only the MPPS signal can complete the series.
-    node = node_factory(node_env(tmp_path, orthanc, CURIA_COMPLETION__SERIES_QUIET_SECONDS="600"))
+    env = node_env(tmp_path, orthanc, CURIA_COMPLETION__SERIES_QUIET_SECONDS="600")
+    completed_step_completes_its_series(node_factory(env), ct_series)
+
+
+@pytest.mark.e2e
+@pytest.mark.production
+def test_completed_step_completes_its_series_with_a_postgresql_catalogue(
+    orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path, postgres_url: str
+) -> None:
+    env = node_env(
+        tmp_path,
+        orthanc,
+        CURIA_COMPLETION__SERIES_QUIET_SECONDS="600",
+        CURIA_DATABASE_URL=postgres_url,
+    )
+    completed_step_completes_its_series(node_factory(env), ct_series)
+
+
+def completed_step_completes_its_series(node: NodeProcess, ct_series: list[Path]) -> None:
     header = dcmread(ct_series[0], stop_before_pixels=True)
     step_uid = generate_uid()
     with association(node, ct_series) as assoc:
