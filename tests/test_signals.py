@@ -99,6 +99,9 @@ def test_association_end_counts_unless_an_instance_came_later(
     states = run_watcher(catalogue, tmp_path, {})
     assert states[signalled] == ("complete", "association-end")
     assert states[later] == ("receiving", None), "an instance after the signal: wait"
+    with catalogue.session() as session:
+        left = session.scalars(sa.select(CompletionSignal.series_instance_uid)).all()
+    assert left == [later], "a completed series' signals are dropped"
 
 
 def test_quiet_period_is_the_fallback(catalogue: Catalogue, tmp_path: Path) -> None:

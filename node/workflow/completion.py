@@ -49,7 +49,7 @@ from node.core.settings import CompletionSettings
 from node.delivery import deliveries
 from node.workflow import runs
 from node.workflow.routing import Router, facts_for, first_header, series_sop_classes
-from node.workflow.signals import FORCED, QUIET, Signals, lock, receiving
+from node.workflow.signals import FORCED, QUIET, Signals, consumed, lock, receiving
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,7 @@ class CompletionWatcher:
         series.completed_at = now
         if series.completed_by is None:
             series.completed_by = FORCED if verdict in ("forced", "discard") else QUIET
+        consumed(session, series)
         if verdict in ("forced", "discard"):
             series.routing = {
                 **(series.routing or {}),

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from node.catalogue.models import CompletionSignal, Instance, Series, SeriesState
@@ -191,6 +191,16 @@ class Signals:
         for series_id in series_ids:
             self._counts.pop(series_id, None)
             self._grids.pop(series_id, None)
+
+
+def consumed(session: Session, series: Series) -> None:
+    """A series is complete: its signals have done their work (instances that come later
+    follow the late-instance rule, never a signal), so they are dropped."""
+    session.execute(
+        delete(CompletionSignal).where(
+            CompletionSignal.series_instance_uid == series.series_instance_uid
+        )
+    )
 
 
 def receiving(session: Session) -> list[Series]:
