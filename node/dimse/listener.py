@@ -23,7 +23,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.catalogue.models import AssociationRecord
 from node.core.metrics import ASSOCIATIONS, BYTES_RECEIVED, INSTANCES_RECEIVED, STORE_FAILURES
 from node.core.settings import DicomSettings, SourceSignals, TlsSettings
-from node.core.status import DATASET_DOES_NOT_MATCH_SOP_CLASS, SOP_CLASS_NOT_SUPPORTED, SUCCESS
+from node.core.status import (
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+)
 from node.dimse.acceptor import Listener
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.association import (
@@ -170,7 +175,11 @@ class AssociationHandlers:
         service = self.services.get(request.sop_class_uid)
         if service is None:
             return NormalisedAnswer(SOP_CLASS_NOT_SUPPORTED, "SOP class not served")
-        answer = service.handle(association, request)
+        try:
+            answer = service.handle(association, request)
+        except SQLAlchemyError as exc:  # the catalogue is down: one line, the sender retries
+            log.error("cannot record an N-service request: %s", brief(exc))
+            return NormalisedAnswer(PROCESSING_FAILURE, "catalogue unavailable")
         if answer.status == SUCCESS and self.on_signal is not None:
             self.on_signal()  # an MPPS step may have ended
         return answer
