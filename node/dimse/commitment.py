@@ -16,6 +16,7 @@ with its reason; the node never commits what it could still lose.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,7 +68,7 @@ class CommitmentRequests:
 
     catalogue: Catalogue
     settings: CommitmentSettings
-    on_request: list[Any] = field(default_factory=list)  # callables: wake the reporter
+    on_request: list[Callable[[], object]] = field(default_factory=list)  # wake the reporter
 
     def handle(self, association: Association, request: NormalisedRequest) -> NormalisedAnswer:
         calling = association.requestor.calling_ae_title
