@@ -36,8 +36,8 @@ from node.core.status import (
 )
 from node.core.uids import is_valid_uid
 from node.dimse.association import Association, NormalisedAnswer, NormalisedRequest
-from node.dimse.datasets import BadDataSet, decode_data_set
 from node.dimse.messages import N_CREATE_RQ, N_SET_RQ
+from node.dimse.normalised_data import BadDataSet, decode_data_set
 
 log = logging.getLogger(__name__)
 
