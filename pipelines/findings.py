@@ -49,7 +49,8 @@ class HeadFinding:
     ``key_slice`` is the index (in the spatially sorted series) of the slice that scored
     highest for the predicted class, so a report can point a viewer at it; ``key_region``
     is where on that slice (see :mod:`pipelines.model.key_region`), None when the head keeps no
-    spatial information.
+    spatial information. ``aggregation`` says how a per-slice head's scores became the series
+    value (a report names it in the algorithm parameters); None for heads scored once.
     """
 
     head_name: str
@@ -61,6 +62,7 @@ class HeadFinding:
     key_slice: int | None = None
     demo: bool = False
     key_region: Box | None = None
+    aggregation: str | None = None
 
     @property
     def predicted(self) -> HeadClass:
@@ -79,13 +81,18 @@ class ModelIdentity:
 
 @dataclass
 class SeriesFindings:
-    """Everything the pipeline learned about one series."""
+    """Everything the pipeline learned about one series.
+
+    ``not_analysed`` names the heads that did not run on it and why (e.g. a mask-pooled head
+    without a mask), so that their absence is stated rather than silent.
+    """
 
     series_instance_uid: str
     model: ModelIdentity
     findings: list[HeadFinding] = field(default_factory=list)
     slice_count: int = 0
     sop_instance_uids_sorted: list[str] = field(default_factory=list)
+    not_analysed: dict[str, str] = field(default_factory=dict)
 
 
 class SegmentationError(ValueError):
@@ -170,4 +177,5 @@ def findings_from_dict(data: dict) -> SeriesFindings:
         ],
         slice_count=data.get("slice_count", 0),
         sop_instance_uids_sorted=list(data.get("sop_instance_uids_sorted", [])),
+        not_analysed=dict(data.get("not_analysed", {})),
     )

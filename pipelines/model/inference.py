@@ -16,10 +16,8 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +27,7 @@ from pipelines.model.backbone import Backbone
 from pipelines.model.heads import Head
 from pipelines.model.key_region import grid_region
 from pipelines.model.masks import MaskAccumulator, MaskHead
+from pipelines.model.pooling import aggregate_slices, describe
 from pipelines.model.preprocess import (
     PreparedSeries,
     SeriesPlan,
@@ -38,6 +37,7 @@ from pipelines.model.preprocess import (
     series_source,
     subset,
 )
+from pipelines.model.processor import ProcessorVariant, VolumeStatistics, volume_statistics
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,6 @@ def select_device(preference: str = "auto") -> torch.device:
 # --- the backbone, with tokens when a window head needs them -----------------------------
 
 
-def _autocast(device: torch.device) -> AbstractContextManager[Any]:
-    """The backbone's precision policy: bf16 on CUDA, exact fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @dataclass(frozen=True)
 class BackboneTokens:
     """One forward pass: tokens after the final norm, and the last block's before it.
@@ -106,7 +99,7 @@ def backbone_tokens(backbone: Backbone, batch: torch.Tensor) -> BackboneTokens:
             f"backbone input must be (N, {', '.join(map(str, expected))}), got {tuple(batch.shape)}"
         )
     device = backbone.device
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), backbone.autocast():
         out = backbone.network.forward_intermediates(
             batch.to(device, torch.float32),
             indices=1,
@@ -164,16 +157,19 @@ class _Window:
 
     head_index: int
     indices: list[int]
-    position: dict[int, int]
+    position: dict[int, list[int]]  # a slice repeated to pad the window has several
     kept: list[torch.Tensor | None]
 
     @classmethod
     def for_head(cls, head_index: int, head: Head, slice_count: int) -> _Window:
         indices = head.window_indices(slice_count)
+        position: dict[int, list[int]] = {}
+        for k, index in enumerate(indices):
+            position.setdefault(index, []).append(k)
         return cls(
             head_index=head_index,
             indices=indices,
-            position={index: k for k, index in enumerate(indices)},
+            position=position,
             kept=[None] * len(indices),
         )
 
@@ -183,11 +179,13 @@ class _Group:
     """Heads that share one preprocessing setting, and what has been accumulated for them."""
 
     clip_below_air: bool
+    variant: ProcessorVariant
     head_indices: list[int]
     feature_sum: torch.Tensor
     slice_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, C) per head
     windows: list[_Window] = field(default_factory=list)
     masks: list[MaskAccumulator] = field(default_factory=list)
+    volume: VolumeStatistics | None = None
 
     @property
     def needs_every_slice(self) -> bool:
@@ -197,33 +195,58 @@ class _Group:
         return self.needs_every_slice or any(index in w.position for w in self.windows)
 
 
+def head_preprocessing(head: Head, backbone: Backbone) -> tuple[bool, ProcessorVariant]:
+    """The head's clamp and processor variant: its card's, else the backbone folder's."""
+    folder = backbone.preprocessing
+    clip = head.card.clip_below_air
+    variant = head.card.processor
+    return (folder.clip_below_air if clip is None else clip), (variant or folder.variant)
+
+
 def _group_heads(
     heads: Sequence[Head],
-    hidden_size: int,
+    backbone: Backbone,
     slice_count: int,
     masks: Sequence[MaskAccumulator] = (),
 ) -> list[_Group]:
-    """One group per distinct ``clip_below_air`` setting, in the order heads first use it."""
-    groups: dict[bool, _Group] = {}
+    """One group per distinct preprocessing (clamp, variant), in the order heads first use it.
 
-    def group(clip: bool) -> _Group:
-        if clip not in groups:
-            zeros = torch.zeros(hidden_size, dtype=torch.float64)
-            groups[clip] = _Group(clip_below_air=clip, head_indices=[], feature_sum=zeros)
-        return groups[clip]
+    ``mask`` heads are not grouped: they run only with a mask (see :func:`not_analysed`).
+    """
+    groups: dict[tuple[bool, ProcessorVariant], _Group] = {}
+
+    def group(key: tuple[bool, ProcessorVariant]) -> _Group:
+        if key not in groups:
+            zeros = torch.zeros(backbone.spec.hidden_size, dtype=torch.float64)
+            groups[key] = _Group(
+                clip_below_air=key[0], variant=key[1], head_indices=[], feature_sum=zeros
+            )
+        return groups[key]
 
     for mask in masks:
-        group(mask.head.card.clip_below_air).masks.append(mask)
+        group((mask.head.card.clip_below_air, "slice")).masks.append(mask)
     for i, head in enumerate(heads):
-        clip = head.card.clip_below_air
-        group(clip)
+        if head.card.pooling == "mask":
+            continue
+        target = group(head_preprocessing(head, backbone))
         if head.uses_window:
-            groups[clip].windows.append(_Window.for_head(i, head, slice_count))
+            target.windows.append(_Window.for_head(i, head, slice_count))
         else:
-            groups[clip].head_indices.append(i)
+            target.head_indices.append(i)
             # allocated once: per-chunk small tensors kept alive would fragment the heap
-            groups[clip].slice_scores[i] = torch.zeros(slice_count, head.card.num_outputs)
+            target.slice_scores[i] = torch.zeros(slice_count, head.card.num_outputs)
     return list(groups.values())
+
+
+def not_analysed(heads: Sequence[Head]) -> dict[int, str]:
+    """Heads that cannot run on this series, by position, with the reason a report states.
+
+    A ``mask`` head pools patch tokens inside a region mask; the node runs none without a
+    mask rather than pool the whole slice, which would be a different model.
+    """
+    return {
+        i: "not analysed: no mask" for i, head in enumerate(heads) if head.card.pooling == "mask"
+    }
 
 
 def _check_heads(heads: Sequence[Head], backbone: Backbone) -> None:
@@ -264,8 +287,25 @@ def _mean_finding(
 ) -> HeadFinding:
     """Mean-pooled series prediction, with the slice that scored highest for it.
 
-    A regression head has no class to score slices for, so it names no key slice.
+    A regression head has no class to score slices for, so it names no key slice. A
+    ``slice`` head's prediction is its per-slice scores aggregated (see
+    :mod:`~pipelines.model.pooling`).
     """
+    card = head.card
+    if card.pooling == "slice" and card.aggregation is not None:
+        value = aggregate_slices(
+            scores,
+            card.aggregation,
+            top_k=card.top_k,
+            negative_class=card.negative_index,
+            regression=card.task == "regression",
+        )
+        finding = _finding(head, value.outputs, value.key_slice, backbone)
+        return dataclasses.replace(
+            finding,
+            predicted_index=value.predicted,
+            aggregation=describe(card.aggregation, card.top_k, slice_count),
+        )
     mean = (group.feature_sum / slice_count).float().unsqueeze(0)
     outputs = head.predict(mean)[0].cpu()
     predicted = int(torch.argmax(outputs))
@@ -324,6 +364,8 @@ def _locate_mean_findings(
             pixels,
             size=backbone.spec.image_size,
             clip_below_air=group.clip_below_air,
+            variant=group.variant,
+            volume=group.volume,
             device=backbone.device,
         )
         patches = backbone_tokens(backbone, batch).final[:, 1:]
@@ -357,6 +399,24 @@ def _finding(
 # --- the series --------------------------------------------------------------------------
 
 
+def _measure_volumes(
+    source: SeriesPlan | PreparedSeries, groups: list[_Group], backbone: Backbone, batch_size: int
+) -> None:
+    """The whole-series statistics the ``volume`` variant's groups normalise with.
+
+    One extra decoding pass (no backbone): the statistics must be known before the first
+    slice is normalised.
+    """
+    for group in groups:
+        if group.variant == "volume":
+            group.volume = volume_statistics(
+                (pixels for _, pixels in iter_series_chunks(source, batch_size)),
+                size=backbone.spec.image_size,
+                clip_below_air=group.clip_below_air,
+                device=backbone.device,
+            )
+
+
 def _slices_to_decode(plan: SeriesPlan, groups: list[_Group]) -> list[int]:
     """Every slice if a head pools the whole series, else only the window heads' slices."""
     if any(g.needs_every_slice for g in groups):
@@ -379,6 +439,8 @@ def _run_group(
         pixels if len(rows) == len(indices) else pixels[rows],
         size=backbone.spec.image_size,
         clip_below_air=group.clip_below_air,
+        variant=group.variant,
+        volume=group.volume,
         device=backbone.device,
     )
     chunk_indices = [indices[r] for r in rows]
@@ -399,8 +461,9 @@ def _run_group(
         final_norm = head.card.window is not None and head.card.window.final_norm
         source = tokens.final if final_norm else tokens.last_block
         reduced = head.slice_tokens(source[[k for k, _ in hits]]).float().cpu()
-        for row, (_, position) in enumerate(hits):
-            window.kept[position] = reduced[row].clone()
+        for row, (_, positions) in enumerate(hits):
+            for position in positions:
+                window.kept[position] = reduced[row].clone()
 
 
 def _accumulate_mean(
@@ -475,7 +538,8 @@ def analyse_series_and_masks(
     if not heads and not mask_heads:
         return result, []
     masks = [MaskAccumulator(head, plan, backbone) for head in mask_heads]
-    groups = _group_heads(heads, backbone.spec.hidden_size, len(plan), masks)
+    groups = _group_heads(heads, backbone, len(plan), masks)
+    _measure_volumes(source, groups, backbone, batch_size)
     _warn_window_memory(heads, groups, backbone)
     for head in heads:
         if head.probe is not None:  # attention over thousands of tokens: next to the backbone
@@ -494,5 +558,9 @@ def analyse_series_and_masks(
                 heads[window.head_index], window, backbone, plan
             )
     _locate_mean_findings(source, heads, groups, findings, backbone)
-    result.findings.extend(findings[i] for i in range(len(heads)))
+    skipped = not_analysed(heads)
+    for i, reason in skipped.items():
+        log.info("series %s: head %s %s", series_instance_uid, heads[i].name, reason)
+        result.not_analysed[heads[i].name] = reason
+    result.findings.extend(findings[i] for i in range(len(heads)) if i not in skipped)
     return result, [mask.result() for mask in masks]
