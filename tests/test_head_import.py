@@ -31,6 +31,7 @@ from pipelines.model.heads import (
     HeadError,
     WindowCard,
     demo_attentive_head,
+    demo_head,
     load_head,
     save_head,
 )
@@ -58,6 +59,15 @@ def backbone_folder(tmp_path_factory: pytest.TempPathFactory, backbone: Backbone
 def ct(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The real 20-slice sample CT (JPEG 2000), with repaired UIDs."""
     return repaired_ct_series(tmp_path_factory.mktemp("ct"), "head-import")
+
+
+@pytest.fixture(scope="module")
+def final_cls(ct: list[Path], backbone_folder: Path) -> torch.Tensor:
+    """transformers' last_hidden_state[:, 0] (final-norm CLS) for every slice: (S, D)."""
+    model = Dinov2Model.from_pretrained(backbone_folder).eval()
+    pixels = preprocess_slices(load_series(ct).pixels)
+    with torch.no_grad():
+        return model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +228,20 @@ def centre_window(count: int, size: int) -> list[int]:
         {"use_class_token": True},
         {"use_avgpool_per_slice": True, "num_slices": 7},
         {"attention_cfg": {"num_heads": 1, "num_queries": 1, "block": ["cross"]}},
+        {"attention_cfg": {"num_heads": 1, "num_queries": 1, "block": ["self", "cross"]}},
         {"attention_cfg": {"num_heads": 2, "num_queries": 2, "block": ["self", "self", "cross"]}},
         {"attention_cfg": None, "use_avgpool_on_the_volume": True},
     ],
-    ids=["patch", "kernel", "class-token", "slice-mean", "cross-only", "shared-self", "volume"],
+    ids=[
+        "patch",
+        "kernel",
+        "class-token",
+        "slice-mean",
+        "cross-only",
+        "one-head",
+        "shared-self",
+        "volume",
+    ],
 )
 def test_imported_window_head_matches_the_released_forward(
     tmp_path: Path,
@@ -331,23 +351,117 @@ def test_import_without_a_backbone_to_check(tmp_path: Path, backbone: Backbone) 
     assert record.backbone_copy and record.backbone_match is None
 
 
-def test_slice_level_head_becomes_mean_cls(
-    tmp_path: Path, backbone: Backbone, ct: list[Path]
+def reference_slice_outputs(
+    final_cls: torch.Tensor, tensors: dict, regression: bool
+) -> torch.Tensor:
+    """The released 2D forward on every slice: linear on that slice's final-norm CLS."""
+    logits = final_cls @ tensors["classifier.weight"].T + tensors["classifier.bias"]
+    return logits if regression else torch.softmax(logits, -1)
+
+
+def test_2d_head_scores_every_slice(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], final_cls: torch.Tensor
 ) -> None:
-    folder = raidium_folder(tmp_path, backbone, attention_cfg=None, num_classes=3, num_slices=None)
+    fields = {"attention_cfg": None, "num_classes": 3, "num_slices": None}
+    folder = raidium_folder(tmp_path, backbone, **fields)
     classes = [("a", None), ("b", None), ("c", None)]
     head = import_raidium_head(
         folder, tmp_path / "out", name="slices", classes=classes, version="1", backbone_name="x"
     )
-    assert head.card.pooling == "mean_cls" and head.card.window is None
-    assert any("slice-level" in note for note in head.card.imported.notes)  # type: ignore[union-attr]
-    features = backbone.features(preprocess_slices(load_series(ct[:4]).pixels)).mean(0)
-    expected = torch.softmax(
-        features @ load_file(folder / "model.safetensors")["classifier.weight"].T
-        + load_file(folder / "model.safetensors")["classifier.bias"],
-        -1,
+    assert (head.card.pooling, head.card.aggregation, head.card.window) == ("slice", "max", None)
+    assert head.card.token_source == "final_norm"
+    assert any("per-slice head" in note for note in head.card.imported.notes)  # type: ignore[union-attr]
+    (finding,) = analyse_series(ct, backbone, [head], series_instance_uid="1").findings
+    per_slice = reference_slice_outputs(final_cls, raidium_tensors(raidium_config(**fields)), False)
+    expected = per_slice.max(dim=0).values
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+    predicted = int(expected.argmax())
+    assert finding.predicted_index == predicted
+    assert finding.key_slice == int(per_slice[:, predicted].argmax())
+    assert finding.aggregation == "per-slice scores, max over 20 slices"
+
+
+def test_2d_regression_head_averages_the_slices(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], final_cls: torch.Tensor
+) -> None:
+    fields = {"attention_cfg": None, "num_classes": 1, "regression": True, "num_slices": None}
+    folder = raidium_folder(tmp_path, backbone, **fields)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="age",
+        classes=[("age", None)],
+        version="1",
+        backbone_name="x",
     )
-    torch.testing.assert_close(head.predict(features.unsqueeze(0))[0], expected)
+    assert (head.card.pooling, head.card.aggregation) == ("slice", "mean")
+    (finding,) = analyse_series(ct, backbone, [head], series_instance_uid="1").findings
+    values = reference_slice_outputs(final_cls, raidium_tensors(raidium_config(**fields)), True)
+    assert finding.probabilities[0] == pytest.approx(float(values.mean()), abs=1e-5)
+    assert finding.key_slice is None
+
+
+def test_2d_head_can_still_use_the_series_mean(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], final_cls: torch.Tensor
+) -> None:
+    fields = {"attention_cfg": None, "num_slices": None}
+    folder = raidium_folder(tmp_path, backbone, **fields)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="mean",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mean_cls",
+    )
+    assert head.card.pooling == "mean_cls" and head.card.aggregation is None
+    (finding,) = analyse_series(ct, backbone, [head], series_instance_uid="1").findings
+    tensors = raidium_tensors(raidium_config(**fields))
+    expected = reference_slice_outputs(final_cls.mean(0, keepdim=True), tensors, False)[0]
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+
+
+def mask_folder(tmp_path: Path, backbone: Backbone) -> Path:
+    folder = raidium_folder(tmp_path, backbone, attention_cfg=None, num_slices=None)
+    return folder.rename(tmp_path / "emidec-classification-mask")
+
+
+def test_mask_head_is_not_imported_as_a_cls_head(tmp_path: Path, backbone: Backbone) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    with pytest.raises(HeadImportError, match="pass --pooling mask"):
+        import_raidium_head(
+            folder, tmp_path / "out", name="mi", classes=CLASSES, version="1", backbone_name="x"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_mask_head_without_a_mask_is_not_analysed(
+    tmp_path: Path, backbone: Backbone, ct: list[Path]
+) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="mi",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mask",
+        mask_source="myocardium",
+    )
+    assert head.card.pooling == "mask" and head.card.mask_source == "myocardium"
+    patches = torch.randn(5, 16, HIDDEN)
+    mask = torch.zeros(5, 16, dtype=torch.bool)
+    mask[:, 3:7] = True
+    pooled = patches[mask].reshape(5, 4, HIDDEN).mean(1).mean(0, keepdim=True)
+    tensors = raidium_tensors(raidium_config(attention_cfg=None, num_slices=None))
+    torch.testing.assert_close(
+        head.predict(pooled), reference_slice_outputs(pooled, tensors, False)
+    )
+    result = analyse_series(ct, backbone, [head, demo_head(HIDDEN)], series_instance_uid="1")
+    assert [f.head_name for f in result.findings] == ["body-region"]
+    assert result.not_analysed == {"mi": "not analysed: no mask"}
 
 
 @pytest.mark.slow
@@ -472,7 +586,9 @@ def test_window_indices() -> None:
     even = Head(
         card=head.card.model_copy(update={"window": window}), linear=head.linear, probe=head.probe
     )
-    assert even.window_indices(20) == [0, 5, 10, 14, 19]
+    # the processor's sampling: truncated linspace, a short series padded with its last slice
+    assert even.window_indices(20) == [0, 4, 9, 14, 19]
+    assert even.window_indices(3) == [0, 1, 2, 2, 2]
     assert demo_attentive_head(HIDDEN, num_slices=None).window_indices(7) == list(range(7))
 
 
