@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,7 +36,8 @@ from pipelines.model.heads import (
     load_head,
     save_head,
 )
-from pipelines.model.inference import analyse_series
+from pipelines.model.inference import analyse_series, analyse_series_and_masks
+from pipelines.model.masks import demo_mask_head
 from pipelines.model.preprocess import load_series, preprocess_slices
 from tests.support.testdata import repaired_ct_series
 
@@ -462,6 +464,89 @@ def test_mask_head_without_a_mask_is_not_analysed(
     result = analyse_series(ct, backbone, [head, demo_head(HIDDEN)], series_instance_uid="1")
     assert [f.head_name for f in result.findings] == ["body-region"]
     assert result.not_analysed == {"mi": "not analysed: no mask"}
+
+
+def reference_crop(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """A square of max(128, the mask's extent) around the mask's box, kept in the slice."""
+    rows, cols = np.nonzero(mask)
+    side = max(128, rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min())
+    box = []
+    for first, last, length in (
+        (rows.min(), rows.max(), mask.shape[0]),
+        (cols.min(), cols.max(), mask.shape[1]),
+    ):
+        width = min(side, length)
+        start = int(np.clip((first + last + 1) // 2 - width // 2, 0, length - width))
+        box.append((start, start + width))
+    return box[0][0], box[1][0], box[0][1], box[1][1]
+
+
+@pytest.mark.slow
+def test_mask_head_pools_inside_the_mask_of_a_node_mask_head(
+    tmp_path: Path, backbone: Backbone, backbone_folder: Path, ct: list[Path]
+) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="mi",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mask",
+        mask_source="demo-region-mask",
+    )
+    mask_head = demo_mask_head(HIDDEN)
+    result, (series_mask,) = analyse_series_and_masks(
+        ct, backbone, [head], series_instance_uid="1", mask_heads=[mask_head]
+    )
+    assert result.not_analysed == {}
+    (finding,) = result.findings
+    plan = preprocess.plan_series(ct)
+    assert plan.reorientation.is_identity  # the sample CT is stored in PL already
+    masked = [i for i in range(len(plan)) if series_mask.mask[i].any()]
+    assert masked, "the demo mask head marks nothing on the sample CT"
+    model = Dinov2Model.from_pretrained(backbone_folder).eval()
+    pixels = load_series(ct).pixels
+    features = []
+    for i in masked:
+        r0, c0, r1, c1 = reference_crop(series_mask.mask[i])
+        crop = preprocess_slices(pixels[i : i + 1, r0:r1, c0:c1])
+        with torch.no_grad():
+            patches = model(pixel_values=crop).last_hidden_state[0, 1:]
+        region = torch.from_numpy(series_mask.mask[i, r0:r1, c0:c1].astype(np.float32))
+        region = torch.nn.functional.interpolate(region[None, None], size=(512, 512))
+        touched = torch.nn.functional.max_pool2d(region, 16).flatten() > 0
+        features.append(patches[touched].mean(0))
+    tensors = raidium_tensors(raidium_config(attention_cfg=None, num_slices=None))
+    pooled = torch.stack(features).mean(0, keepdim=True)
+    expected = reference_slice_outputs(pooled, tensors, False)[0]
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+    assert finding.key_slice in masked
+
+
+def test_mask_head_with_an_empty_mask_is_not_analysed(
+    tmp_path: Path, backbone: Backbone, ct: list[Path]
+) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="mi",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mask",
+        mask_source="demo-region-mask",
+    )
+    silent = demo_mask_head(HIDDEN)
+    with torch.no_grad():
+        silent.linear.bias.fill_(-1e4)
+    result, _ = analyse_series_and_masks(
+        ct, backbone, [head], series_instance_uid="1", mask_heads=[silent]
+    )
+    assert result.findings == []
+    assert result.not_analysed == {"mi": "not analysed: the mask is empty on this series"}
 
 
 @pytest.mark.slow

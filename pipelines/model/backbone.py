@@ -77,8 +77,10 @@ __all__ = [
     "WEIGHTS_FILE",
     "Backbone",
     "BackboneSpec",
+    "BackboneTokens",
     "Precision",
     "WeightsError",
+    "backbone_tokens",
     "build_backbone",
     "check_tensor_shapes",
     "demo_backbone",
@@ -282,6 +284,42 @@ def load_backbone(
         processor=processor,
         precision=precision,
     )
+
+
+@dataclass(frozen=True)
+class BackboneTokens:
+    """One forward pass: tokens after the final norm, and the last block's before it.
+
+    Both (N, 1 + patches, hidden), float32, on the backbone's device. ``final[:, 0]`` is
+    exactly :meth:`Backbone.features`.
+    """
+
+    final: torch.Tensor
+    last_block: torch.Tensor
+
+
+def backbone_tokens(backbone: Backbone, batch: torch.Tensor) -> BackboneTokens:
+    """Run the backbone once and keep every token, normed and not.
+
+    Raidium's 3D heads read ``hidden_states[-1]`` (the last block, before the final
+    LayerNorm); the CLS features every other head uses come from the same pass.
+    """
+    expected = (backbone.spec.num_channels, backbone.spec.image_size, backbone.spec.image_size)
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+        raise ValueError(
+            f"backbone input must be (N, {', '.join(map(str, expected))}), got {tuple(batch.shape)}"
+        )
+    device = backbone.device
+    with torch.inference_mode(), backbone.autocast():
+        out = backbone.network.forward_intermediates(
+            batch.to(device, torch.float32),
+            indices=1,
+            return_prefix_tokens=True,
+            output_fmt="NLC",
+            output_dict=True,
+        )
+    last = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    return BackboneTokens(final=out["image_features"].float(), last_block=last.float())
 
 
 # --- demo weights and writing folders ----------------------------------------------------

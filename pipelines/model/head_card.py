@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from pipelines.findings import CodeRef, HeadClass
-from pipelines.model.processor import ProcessorVariant
+from pipelines.model.processor import ProcessorSettings, ProcessorVariant
 
 CARD_FILE = "head.json"
 WEIGHTS_FILE = "head.safetensors"
@@ -315,6 +315,11 @@ class HeadCard(BaseModel):
         if self.window is not None and not self.window.final_norm:
             return "pre_norm"
         return "final_norm"
+
+    def preprocessing(self, folder: ProcessorSettings) -> tuple[bool, ProcessorVariant]:
+        """Clamp and processor variant: the card's own, else the backbone folder's."""
+        clip = folder.clip_below_air if self.clip_below_air is None else self.clip_below_air
+        return clip, self.processor or folder.variant
 
     @property
     def negative_index(self) -> int | None:

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from pipelines.findings import HeadFinding, SeriesFindings, SeriesMask
-from pipelines.model.backbone import Backbone
+from pipelines.model.backbone import Backbone, backbone_tokens
 from pipelines.model.heads import Head
 from pipelines.model.key_region import grid_region
+from pipelines.model.mask_pooling import mask_head_outputs
 from pipelines.model.masks import MaskAccumulator, MaskHead
 from pipelines.model.pooling import aggregate_slices, describe
 from pipelines.model.preprocess import (
@@ -73,42 +74,6 @@ def select_device(preference: str = "auto") -> torch.device:
 
 
 # --- the backbone, with tokens when a window head needs them -----------------------------
-
-
-@dataclass(frozen=True)
-class BackboneTokens:
-    """One forward pass: tokens after the final norm, and the last block's before it.
-
-    Both (N, 1 + patches, hidden), float32, on the backbone's device. ``final[:, 0]`` is
-    exactly :meth:`Backbone.features`.
-    """
-
-    final: torch.Tensor
-    last_block: torch.Tensor
-
-
-def backbone_tokens(backbone: Backbone, batch: torch.Tensor) -> BackboneTokens:
-    """Run the backbone once and keep every token, normed and not.
-
-    Raidium's 3D heads read ``hidden_states[-1]`` (the last block, before the final
-    LayerNorm); the CLS features every other head uses come from the same pass.
-    """
-    expected = (backbone.spec.num_channels, backbone.spec.image_size, backbone.spec.image_size)
-    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
-        raise ValueError(
-            f"backbone input must be (N, {', '.join(map(str, expected))}), got {tuple(batch.shape)}"
-        )
-    device = backbone.device
-    with torch.inference_mode(), backbone.autocast():
-        out = backbone.network.forward_intermediates(
-            batch.to(device, torch.float32),
-            indices=1,
-            return_prefix_tokens=True,
-            output_fmt="NLC",
-            output_dict=True,
-        )
-    last = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
-    return BackboneTokens(final=out["image_features"].float(), last_block=last.float())
 
 
 def embed_chunks(
@@ -197,10 +162,7 @@ class _Group:
 
 def head_preprocessing(head: Head, backbone: Backbone) -> tuple[bool, ProcessorVariant]:
     """The head's clamp and processor variant: its card's, else the backbone folder's."""
-    folder = backbone.preprocessing
-    clip = head.card.clip_below_air
-    variant = head.card.processor
-    return (folder.clip_below_air if clip is None else clip), (variant or folder.variant)
+    return head.card.preprocessing(backbone.preprocessing)
 
 
 def _group_heads(
@@ -211,7 +173,8 @@ def _group_heads(
 ) -> list[_Group]:
     """One group per distinct preprocessing (clamp, variant), in the order heads first use it.
 
-    ``mask`` heads are not grouped: they run only with a mask (see :func:`not_analysed`).
+    ``mask`` heads are not grouped: they run after the pass, on a mask (see
+    :func:`~pipelines.model.mask_pooling.mask_head_outputs`).
     """
     groups: dict[tuple[bool, ProcessorVariant], _Group] = {}
 
@@ -236,17 +199,6 @@ def _group_heads(
             # allocated once: per-chunk small tensors kept alive would fragment the heap
             target.slice_scores[i] = torch.zeros(slice_count, head.card.num_outputs)
     return list(groups.values())
-
-
-def not_analysed(heads: Sequence[Head]) -> dict[int, str]:
-    """Heads that cannot run on this series, by position, with the reason a report states.
-
-    A ``mask`` head pools patch tokens inside a region mask; the node runs none without a
-    mask rather than pool the whole slice, which would be a different model.
-    """
-    return {
-        i: "not analysed: no mask" for i, head in enumerate(heads) if head.card.pooling == "mask"
-    }
 
 
 def _check_heads(heads: Sequence[Head], backbone: Backbone) -> None:
@@ -558,9 +510,12 @@ def analyse_series_and_masks(
                 heads[window.head_index], window, backbone, plan
             )
     _locate_mean_findings(source, heads, groups, findings, backbone)
-    skipped = not_analysed(heads)
+    series_masks = [mask.result() for mask in masks]
+    pooled, skipped = mask_head_outputs(source, heads, series_masks, backbone, batch_size)
+    for i, value in pooled.items():
+        findings[i] = _finding(heads[i], value.outputs, value.key_slice, backbone)
     for i, reason in skipped.items():
         log.info("series %s: head %s %s", series_instance_uid, heads[i].name, reason)
         result.not_analysed[heads[i].name] = reason
     result.findings.extend(findings[i] for i in range(len(heads)) if i not in skipped)
-    return result, [mask.result() for mask in masks]
+    return result, series_masks
