@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,13 @@ import torch
 from pydantic import ValidationError
 from pydicom.uid import generate_uid
 
-from pipelines.findings import HeadFinding, ModelIdentity
+from pipelines.findings import (
+    HeadFinding,
+    ModelIdentity,
+    SeriesFindings,
+    findings_from_dict,
+    findings_to_dict,
+)
 from pipelines.model.backbone import Backbone, demo_backbone
 from pipelines.model.head_card import ClassCard, HeadCard
 from pipelines.model.heads import Head
@@ -192,3 +199,24 @@ def test_report_names_the_aggregation() -> None:
         if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"
     ]
     assert "series value: per-slice scores, max over 100 slices" in parameters
+
+
+def test_aggregation_and_not_analysed_survive_the_catalogue_round_trip() -> None:
+    finding = HeadFinding(
+        head_name="finder",
+        head_version="1",
+        task="classification",
+        classes=tuple(c.to_head_class() for c in CLASSES),
+        probabilities=(0.05, 0.95),
+        predicted_index=1,
+        key_slice=42,
+        aggregation="per-slice scores, max over 100 slices",
+    )
+    findings = SeriesFindings(
+        series_instance_uid="1.2.3",
+        model=ModelIdentity(name="Curia-B", version="1", demo=False),
+        findings=[finding],
+        not_analysed={"infarct": "not analysed: no mask"},
+    )
+    again = findings_from_dict(json.loads(json.dumps(findings_to_dict(findings))))
+    assert again == findings
