@@ -7,6 +7,7 @@ node's streaming window path is checked against an independent computation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from pipelines.model.heads import (
     save_head,
 )
 from pipelines.model.inference import analyse_series, analyse_series_and_masks
+from pipelines.model.mask_pooling import lesion_windows
 from pipelines.model.masks import demo_mask_head
 from pipelines.model.preprocess import load_series, preprocess_slices
 from tests.support.testdata import repaired_ct_series
@@ -793,3 +795,84 @@ def test_cli_import(tmp_path: Path, backbone: Backbone, backbone_folder: Path) -
     )
     assert refused.exit_code != 0
     assert "num_classes is 2 but 3 class names" in refused.output
+
+
+@pytest.mark.slow
+def test_lesion_centred_window_head_is_centred_on_the_mask(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], last_block_tokens: torch.Tensor
+) -> None:
+    folder = raidium_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="lesion",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        mask_source="demo-region-mask",
+    )
+    assert head.card.window is not None and head.card.window.selection == "mask"
+    mask_head = demo_mask_head(HIDDEN)
+    # a mask on the lower slices only, so the lesion's window is not the middle one
+    with torch.no_grad():
+        mask_head.linear.bias.fill_(-1e4)
+    marked = np.zeros((len(ct), 512, 512), dtype=bool)
+    marked[2:6, 200:260, 220:300] = True
+    masks = [
+        dataclasses.replace(found, mask=marked)
+        for found in analyse_series_and_masks(
+            ct, backbone, [], series_instance_uid="1", mask_heads=[mask_head]
+        )[1]
+    ]
+    plan = preprocess.plan_series(ct)
+    lesions, reasons = lesion_windows(plan, [head], masks, backbone)
+    assert reasons == {}
+    window = list(range(2, 7))  # 5 slices centred on slice 4, the median of 2..5
+    assert lesions[0].indices == window
+
+    result, _ = analyse_series_and_masks(
+        ct, backbone, [head], series_instance_uid="1", mask_heads=[mask_head]
+    )
+    assert result.not_analysed == {"lesion": "not analysed: the mask is empty on this series"}
+    no_mask = analyse_series(ct, backbone, [head], series_instance_uid="1")
+    assert no_mask.not_analysed == {"lesion": "not analysed: no mask"}
+
+    config, tensors = raidium_config(), raidium_tensors(raidium_config())
+    expected = torch.softmax(reference_logits(last_block_tokens, window, config, tensors), -1)[0]
+    got = head.predict_window(lesions[0].tokens).outputs
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_window_centred_on_a_slice_stays_in_the_series() -> None:
+    head = demo_attentive_head(HIDDEN, num_slices=5)
+    assert head.window_indices(20, centre=4) == [2, 3, 4, 5, 6]
+    assert head.window_indices(20, centre=0) == [0, 1, 2, 3, 4]
+    assert head.window_indices(20, centre=19) == [15, 16, 17, 18, 19]
+
+
+@pytest.mark.slow
+def test_lesion_centred_head_in_the_pipeline(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], last_block_tokens: torch.Tensor
+) -> None:
+    folder = raidium_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="lesion",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        mask_source="demo-region-mask",
+    )
+    result, (found,) = analyse_series_and_masks(
+        ct, backbone, [head], series_instance_uid="1", mask_heads=[demo_mask_head(HIDDEN)]
+    )
+    masked = [k for k in range(len(ct)) if found.mask[k].any()]
+    assert masked, "the demo mask head marks nothing on the sample CT"
+    start = min(max(masked[len(masked) // 2] - 2, 0), len(ct) - 5)
+    window = list(range(start, start + 5))
+    (finding,) = result.findings
+    config, tensors = raidium_config(), raidium_tensors(raidium_config())
+    expected = torch.softmax(reference_logits(last_block_tokens, window, config, tensors), -1)[0]
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+    assert finding.key_slice in window

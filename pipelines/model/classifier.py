@@ -82,6 +82,11 @@ class Head:
         return self.card.name
 
     @property
+    def centred_on_mask(self) -> bool:
+        """True for a window head whose window is centred on a mask (a lesion-centred head)."""
+        return self.card.window is not None and self.card.window.selection == "mask"
+
+    @property
     def uses_window(self) -> bool:
         """True when the head reads slice tokens in a window rather than the mean CLS."""
         return self.card.pooling in WINDOW_POOLINGS
@@ -125,8 +130,12 @@ class Head:
 
     # -- window heads: per-slice token reduction (streamed), then the pooled prediction --
 
-    def window_indices(self, slice_count: int) -> list[int]:
-        """Positions (in the sorted series) of the slices this window head reads, in order."""
+    def window_indices(self, slice_count: int, centre: int | None = None) -> list[int]:
+        """Positions (in the sorted series) of the slices this window head reads, in order.
+
+        ``centre`` is the slice a ``centre`` or ``mask`` window is centred on (default: the
+        middle slice; for ``mask``, the median masked slice).
+        """
         window = self._window()
         size = window.num_slices
         if size is None:
@@ -138,7 +147,8 @@ class Head:
             return [int(i) for i in np.linspace(0, slice_count - 1, size).astype(np.int64)]
         if slice_count <= size:
             return list(range(slice_count))
-        start = slice_count // 2 - size // 2
+        middle = slice_count // 2 if centre is None else centre
+        start = min(max(middle - size // 2, 0), slice_count - size)
         return list(range(start, start + size))
 
     def slice_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

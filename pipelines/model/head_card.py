@@ -103,9 +103,10 @@ class WindowCard(BaseModel):
     ``num_slices`` consecutive slices centred on slice ``n // 2`` (the released model's
     forward; a shorter series is used whole); ``even`` is the newer image processor's
     sampling: the truncated ``linspace(0, n - 1, num_slices)``, a shorter series padded by
-    repeating its last slice. ``final_norm`` is the token source: False (the released 3D
-    forward) reads the last block before the final LayerNorm. ``tokens`` ``patch`` keeps
-    every patch token of a slice (average-pooled
+    repeating its last slice; ``mask`` centres the window on the median masked slice of the
+    card's ``mask_source`` (a lesion-centred head). ``final_norm`` is the token source:
+    False (the released 3D forward) reads the last block before the final LayerNorm.
+    ``tokens`` ``patch`` keeps every patch token of a slice (average-pooled
     over ``kernel_size`` x ``kernel_size`` patches when set, with the slice's CLS token in
     front when ``class_token``); ``slice_mean`` keeps one mean patch token per slice.
     """
@@ -113,7 +114,7 @@ class WindowCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_slices: int | None = Field(default=None, ge=1)
-    selection: Literal["centre", "even"] = "centre"
+    selection: Literal["centre", "even", "mask"] = "centre"
     tokens: Literal["patch", "slice_mean"] = "patch"
     kernel_size: int | None = Field(default=None, ge=1)
     class_token: bool = False
@@ -245,8 +246,9 @@ class HeadCard(BaseModel):
     @field_validator("mask_source")
     @classmethod
     def _mask_source_for_mask_heads(cls, source: str | None, info: ValidationInfo) -> str | None:
-        if source is not None and info.data.get("pooling") != "mask":
-            raise ValueError("mask_source applies to pooling 'mask' only")
+        pooling = info.data.get("pooling")
+        if source is not None and pooling not in ("mask", *WINDOW_POOLINGS):
+            raise ValueError("mask_source applies to pooling 'mask' and window heads only")
         return source
 
     @field_validator("classes")
@@ -295,6 +297,11 @@ class HeadCard(BaseModel):
         plain = window is None or (
             window.tokens == "patch" and not window.kernel_size and not window.class_token
         )
+        centred_on_mask = window is not None and window.selection == "mask"
+        if centred_on_mask and not info.data.get("mask_source"):
+            raise ValueError("selection 'mask' needs the card's mask_source")
+        if window is not None and not centred_on_mask and info.data.get("mask_source"):
+            raise ValueError("a window head with a mask_source has selection 'mask'")
         if pooling == "mean_patch" and not plain:
             raise ValueError(
                 "pooling 'mean_patch' averages plain patch tokens: tokens must be 'patch', "

@@ -120,6 +120,8 @@ def import_raidium_head(
     classifier, mean for a regression head unless given), the processor ``variant`` and
     ``clip_below_air`` (None: the backbone folder's ``preprocessor_config.json``), and the
     token source of a 3D head (``final_norm``; default the released forward's pre-norm).
+    ``mask_source`` names the node mask head whose mask a ``mask`` head pools in, or that a
+    3D head's window is centred on (lesion-centred).
     Returns the package as :func:`load_head` reads it back.
     """
     folder = Path(folder)
@@ -135,10 +137,12 @@ def import_raidium_head(
             f"head is imported with pooling {plan.pooling!r}"
         )
     window = plan.window
+    if window is None and final_norm is not None:
+        raise HeadImportError(f"{source}: the token source is set for 3D (window) heads only")
     if window is not None and final_norm is not None:
         window = window.model_copy(update={"final_norm": final_norm})
-    elif final_norm is not None:
-        raise HeadImportError(f"{source}: the token source is set for 3D (window) heads only")
+    if window is not None and mask_source is not None:  # lesion-centred: on the mask
+        window = window.model_copy(update={"selection": "mask"})
     if config.regression and config.num_classes != 1:
         raise HeadImportError(
             f"{source}: config field regression is true but num_classes is "

@@ -26,7 +26,7 @@ from pipelines.findings import HeadFinding, SeriesFindings, SeriesMask
 from pipelines.model.backbone import Backbone, backbone_tokens
 from pipelines.model.heads import Head
 from pipelines.model.key_region import grid_region
-from pipelines.model.mask_pooling import mask_head_outputs
+from pipelines.model.mask_pooling import lesion_windows, mask_head_outputs
 from pipelines.model.masks import MaskAccumulator, MaskHead
 from pipelines.model.pooling import aggregate_slices, describe
 from pipelines.model.preprocess import (
@@ -127,7 +127,10 @@ class _Window:
 
     @classmethod
     def for_head(cls, head_index: int, head: Head, slice_count: int) -> _Window:
-        indices = head.window_indices(slice_count)
+        return cls.for_indices(head_index, head.window_indices(slice_count))
+
+    @classmethod
+    def for_indices(cls, head_index: int, indices: list[int]) -> _Window:
         position: dict[int, list[int]] = {}
         for k, index in enumerate(indices):
             position.setdefault(index, []).append(k)
@@ -189,7 +192,7 @@ def _group_heads(
     for mask in masks:
         group((mask.head.card.clip_below_air, "slice")).masks.append(mask)
     for i, head in enumerate(heads):
-        if head.card.pooling == "mask":
+        if head.card.pooling == "mask" or head.centred_on_mask:
             continue
         target = group(head_preprocessing(head, backbone))
         if head.uses_window:
@@ -514,6 +517,12 @@ def analyse_series_and_masks(
     pooled, skipped = mask_head_outputs(source, heads, series_masks, backbone, batch_size)
     for i, value in pooled.items():
         findings[i] = _finding(heads[i], value.outputs, value.key_slice, backbone)
+    lesions, unplaced = lesion_windows(source, heads, series_masks, backbone, batch_size)
+    skipped.update(unplaced)
+    for i, lesion in lesions.items():
+        window = _Window.for_indices(i, lesion.indices)
+        window.kept = list(lesion.tokens)
+        findings[i] = _window_finding(heads[i], window, backbone, plan)
     for i, reason in skipped.items():
         log.info("series %s: head %s %s", series_instance_uid, heads[i].name, reason)
         result.not_analysed[heads[i].name] = reason

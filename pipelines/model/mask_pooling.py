@@ -7,6 +7,9 @@ final-norm patch tokens whose patch the mask touches (the mask max-pooled to the
 then average over the masked slices. Run on the CLS token instead they would be a different
 model, so without a mask they do not run at all.
 
+Lesion-centred 3D heads (``window.selection: mask``) centre their window on the median masked
+slice instead of the middle one.
+
 The mask comes from one of the node's mask heads run on the same series (named by the head
 card's ``mask_source``), in the stored orientation of the series; it is reoriented to the PL
 layout the pixels are in before cropping.
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.findings import SeriesMask
-from pipelines.model.backbone import Backbone
+from pipelines.model.backbone import Backbone, backbone_tokens
 from pipelines.model.classifier import Head
 from pipelines.model.preprocess import (
     PreparedSeries,
@@ -153,6 +156,22 @@ NO_MASK = "not analysed: no mask"
 EMPTY_MASK = "not analysed: the mask is empty on this series"
 
 
+def _head_input(
+    head: Head, source: SeriesPlan | PreparedSeries, backbone: Backbone, batch_size: int
+) -> tuple[bool, ProcessorVariant, VolumeStatistics | None]:
+    """The head's clamp, processor variant and (volume variant) the series' statistics."""
+    clip, variant = head.card.preprocessing(backbone.preprocessing)
+    volume = None
+    if variant == "volume":
+        volume = volume_statistics(
+            (pixels for _, pixels in iter_series_chunks(source, batch_size)),
+            size=backbone.spec.image_size,
+            clip_below_air=clip,
+            device=backbone.device,
+        )
+    return clip, variant, volume
+
+
 def mask_head_outputs(
     source: SeriesPlan | PreparedSeries,
     heads: Sequence[Head],
@@ -175,15 +194,7 @@ def mask_head_outputs(
         if found is None:
             reasons[i] = NO_MASK
             continue
-        clip, variant = head.card.preprocessing(backbone.preprocessing)
-        volume = None
-        if variant == "volume":
-            volume = volume_statistics(
-                (pixels for _, pixels in iter_series_chunks(source, batch_size)),
-                size=backbone.spec.image_size,
-                clip_below_air=clip,
-                device=backbone.device,
-            )
+        clip, variant, volume = _head_input(head, source, backbone, batch_size)
         pooled = mask_pooled_prediction(
             head,
             source,
@@ -199,3 +210,56 @@ def mask_head_outputs(
         else:
             outputs[i] = pooled
     return outputs, reasons
+
+
+@dataclass(frozen=True)
+class LesionWindow:
+    """A lesion-centred window head's slices and their reduced tokens (W, t, hidden)."""
+
+    indices: list[int]
+    tokens: torch.Tensor
+
+
+def lesion_windows(
+    source: SeriesPlan | PreparedSeries,
+    heads: Sequence[Head],
+    masks: Sequence[SeriesMask],
+    backbone: Backbone,
+    batch_size: int = 16,
+) -> tuple[dict[int, LesionWindow], dict[int, str]]:
+    """Windows of the heads centred on a mask (``window.selection: mask``), by position.
+
+    The released 3D forward centres its window on the median masked slice when it has a
+    mask; the mask is known only after the series' pass, so the window's slices are decoded
+    and embedded again here. Without the mask (or with an empty one) the head does not run.
+    """
+    by_name = {mask.finding.head_name: mask for mask in masks}
+    windows: dict[int, LesionWindow] = {}
+    reasons: dict[int, str] = {}
+    plan = plan_of(source)
+    for i, head in enumerate(heads):
+        if not head.centred_on_mask:
+            continue
+        found = by_name.get(head.card.mask_source or "")
+        if found is None:
+            reasons[i] = NO_MASK
+            continue
+        masked = [k for k in range(len(plan)) if found.mask[k].any()]
+        if not masked:
+            reasons[i] = EMPTY_MASK
+            continue
+        indices = head.window_indices(len(plan), centre=masked[len(masked) // 2])
+        clip, variant, volume = _head_input(head, source, backbone, batch_size)
+        _, pixels = next(iter_series_chunks(subset(source, indices), len(indices), workers=1))
+        batch = preprocess_slices(
+            pixels,
+            size=backbone.spec.image_size,
+            clip_below_air=clip,
+            variant=variant,
+            volume=volume,
+            device=backbone.device,
+        )
+        tokens = backbone_tokens(backbone, batch)
+        chosen = tokens.final if head.card.token_source == "final_norm" else tokens.last_block
+        windows[i] = LesionWindow(indices, head.slice_tokens(chosen).float().cpu())
+    return windows, reasons
