@@ -876,3 +876,36 @@ def test_lesion_centred_head_in_the_pipeline(
     expected = torch.softmax(reference_logits(last_block_tokens, window, config, tensors), -1)[0]
     torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
     assert finding.key_slice in window
+
+
+def test_cli_import_asks_for_what_the_config_cannot_say(
+    tmp_path: Path, backbone: Backbone, backbone_folder: Path
+) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    base = ["import", str(folder), "--name", "mi", "--classes", "absent,present"]
+    base += ["--out", str(tmp_path / "heads"), "--backbone", str(backbone_folder)]
+    refused = CliRunner().invoke(heads_app, base)
+    assert refused.exit_code != 0 and "--pooling mask" in refused.output
+    done = CliRunner().invoke(
+        heads_app,
+        [*base, "--pooling", "mask", "--mask-source", "myocardium", "--processor", "volume"],
+    )
+    assert done.exit_code == 0, done.output
+    card = load_head(tmp_path / "heads" / "mi").card
+    assert (card.pooling, card.mask_source, card.processor) == ("mask", "myocardium", "volume")
+    assert card.clip_below_air is None  # follows the backbone folder
+
+    slices = raidium_folder(tmp_path / "2d", backbone, attention_cfg=None, num_slices=None)
+    args = ["import", str(slices), "--name", "ich", "--classes", "absent,present"]
+    args += ["--out", str(tmp_path / "heads"), "--backbone", str(backbone_folder)]
+    args += ["--aggregation", "top_k_mean", "--top-k", "3", "--negative-class", "absent"]
+    done = CliRunner().invoke(heads_app, args)
+    assert done.exit_code == 0, done.output
+    assert "aggregated by top_k_mean" in done.output
+    card = load_head(tmp_path / "heads" / "ich").card
+    assert (card.pooling, card.aggregation, card.top_k, card.negative_class) == (
+        "slice",
+        "top_k_mean",
+        3,
+        "absent",
+    )
