@@ -2,12 +2,16 @@
 
 Slices are decoded, preprocessed and embedded a batch at a time; only the running sum of CLS
 features and the per-slice head scores (a few floats per slice) are kept, so memory does not
-grow with the series. Heads that need different preprocessing (``clip_below_air``) get their
-own features from the same decoded batch rather than sharing the first head's setting.
+grow with the series. ``slice`` heads are aggregated from those per-slice scores,
+``mean_cls`` heads applied to the mean CLS. Heads that need different preprocessing (clamp,
+processor variant) get their own features from the same decoded batch rather than sharing
+the first head's setting; the ``volume`` variant's statistics take one decoding pass first.
 
 Window heads (``attentive``, ``mean_patch``) read the tokens of a few slices: their window
 is known from the headers before any pixel is decoded, so only those slices' reduced tokens
 are kept, and when no head needs the whole series only the window slices are decoded.
+Heads that need a mask (``mask`` pooling, lesion-centred windows) run after the pass, once
+the node's mask heads have produced it (:mod:`~pipelines.model.mask_pooling`).
 """
 
 from __future__ import annotations
