@@ -60,3 +60,13 @@ def test_cli_reports_a_bad_config_clearly(monkeypatch: pytest.MonkeyPatch) -> No
     result = CliRunner().invoke(app, ["config", "show"])
     assert result.exit_code == 2
     assert "invalid configuration" in result.output and "port" in result.output
+
+
+def test_model_precision_defaults_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CURIA_CONFIG", raising=False)
+    assert Settings().model.precision == "fp32"
+    monkeypatch.setenv("CURIA_MODEL__PRECISION", "bf16")
+    assert Settings().model.precision == "bf16"
+    monkeypatch.setenv("CURIA_MODEL__PRECISION", "fp8")
+    with pytest.raises(ValidationError, match="precision"):
+        Settings()
