@@ -71,11 +71,11 @@ def ref_zscore(x: np.ndarray) -> np.ndarray:
     return x - m if s < 1e-6 else (x - m) / s
 
 
-def ref_newer(slices: np.ndarray, clip: bool) -> np.ndarray:
+def ref_newer(slices: np.ndarray, clip: bool, size: int = SIZE) -> np.ndarray:
     """HU -> resize -> clamp below air -> z-score per slice (ddof 1)."""
     out = []
     for image in slices:
-        x = ref_resize(image)
+        x = ref_resize(image, size)
         if clip:
             x = np.maximum(x, -1000.0)
         out.append(ref_zscore(x))
@@ -159,6 +159,14 @@ def test_older_processor_truncates_fractional_mr() -> None:
     got = _node(mr, variant="volume", volume=stats)
     np.testing.assert_allclose(got, ref_older(mr), atol=2e-4)
     assert np.abs(got - ref_newer(mr, clip=False)).max() > 0.05  # the int16 cast shows
+
+
+def test_zscore_uses_the_unbiased_std() -> None:
+    """On a small output the unbiased and the population std differ by several percent."""
+    mr = fractional_mr()
+    got = normalise_slices(mr, size=8)[:, 0].double().numpy()
+    np.testing.assert_allclose(got, ref_newer(mr, clip=False, size=8), atol=2e-5)
+    assert abs(float(got.std(ddof=1)) - 1.0) < 1e-5
 
 
 def test_uniform_slice_is_only_centred() -> None:
