@@ -51,6 +51,8 @@ class HeadFinding:
     is where on that slice (see :mod:`pipelines.model.key_region`), None when the head keeps no
     spatial information. ``aggregation`` says how a per-slice head's scores became the series
     value (a report names it in the algorithm parameters); None for heads scored once.
+    ``stack`` names the stack of the series the head read (a series may hold several: see
+    :mod:`pipelines.model.stacks`), empty when the series is one.
     """
 
     head_name: str
@@ -63,6 +65,7 @@ class HeadFinding:
     demo: bool = False
     key_region: Box | None = None
     aggregation: str | None = None
+    stack: str = ""
 
     @property
     def predicted(self) -> HeadClass:
@@ -83,8 +86,17 @@ class ModelIdentity:
 class SeriesFindings:
     """Everything the pipeline learned about one series.
 
-    ``not_analysed`` names the heads that did not run on it and why (e.g. a mask-pooled head
-    without a mask), so that their absence is stated rather than silent.
+    ``sop_instance_uids_sorted[i]`` holds slice i of the analysed stacks, one stack after
+    the other, each in spatial order; ``frames_sorted[i]`` is its 1-based frame number in
+    a multi-frame object (0: a single-frame file; empty: no multi-frame source), so a
+    report references exactly the frame a key slice was. ``stacks`` gives each named
+    stack's slices as [start, end) in that order (empty when the series is one stack).
+
+    What was not done is stated rather than silent, at two levels: ``set_aside`` lists the
+    stacks and objects of the series that no head read, each with its reason (a localizer,
+    an RT Structure Set); ``heads_not_run`` maps a head that applied to an analysed stack
+    but could not run on it to why (a mask-pooled head without a mask), the stack named in
+    the reason when the series has several.
     """
 
     series_instance_uid: str
@@ -92,7 +104,36 @@ class SeriesFindings:
     findings: list[HeadFinding] = field(default_factory=list)
     slice_count: int = 0
     sop_instance_uids_sorted: list[str] = field(default_factory=list)
-    not_analysed: dict[str, str] = field(default_factory=dict)
+    frames_sorted: list[int] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)
+    heads_not_run: dict[str, str] = field(default_factory=dict)
+    stacks: dict[str, list[int]] = field(default_factory=dict)
+
+    def frame_of(self, index: int) -> int:
+        """Slice ``index``'s frame number in its object (0: a single-frame file)."""
+        return self.frames_sorted[index] if self.frames_sorted else 0
+
+    def slices_of(self, stack: str) -> range:
+        """The slices (indices) of a named stack; every slice for the unnamed one."""
+        if stack in self.stacks:
+            start, end = self.stacks[stack]
+            return range(start, end)
+        return range(len(self.sop_instance_uids_sorted))
+
+
+class NotAnalysed(Exception):
+    """A series, stack or object that no head applies to: a terminal outcome, not a failure.
+
+    Raised by the model side while preparing or analysing a run (a localizer, a sagittal
+    stack when every head is axial-only, a 3-slice series when the heads need 20, an RT
+    Structure Set, which is not an image), so that the run is recorded as "not analysed"
+    with ``reason``, in words a radiologist or an administrator understands, instead of
+    failing with a traceback and being retried.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class SegmentationError(ValueError):
@@ -133,7 +174,8 @@ class SeriesMask:
     """A mask head's result on one series.
 
     ``mask[i]`` is the mask of the slice ``sop_instance_uids[i]`` (spatial order, as the
-    preprocessing sorts a series), in that slice's stored rows x columns, so it can be a
+    preprocessing sorts a series; frame ``frames[i]`` of it when it is multi-frame, see
+    :class:`SeriesFindings`), in that slice's stored rows x columns, so it can be a
     Segmentation frame as it is. ``finding`` is the series-level result for the SR
     (task :data:`SEGMENTATION_TASK`): present / absent, and the highest pixel probability
     as the probability that the segment is present.
@@ -144,6 +186,7 @@ class SeriesMask:
     series_instance_uid: str
     model: ModelIdentity
     finding: HeadFinding
+    frames: tuple[int, ...] = ()
 
     @property
     def voxel_count(self) -> int:
@@ -177,5 +220,8 @@ def findings_from_dict(data: dict) -> SeriesFindings:
         ],
         slice_count=data.get("slice_count", 0),
         sop_instance_uids_sorted=list(data.get("sop_instance_uids_sorted", [])),
-        not_analysed=dict(data.get("not_analysed", {})),
+        frames_sorted=list(data.get("frames_sorted", [])),
+        set_aside=list(data.get("set_aside", [])),
+        heads_not_run=dict(data.get("heads_not_run", {})),
+        stacks={k: list(v) for k, v in (data.get("stacks") or {}).items()},
     )

@@ -10,6 +10,7 @@ embedded (the SQLite broker + SQLite catalogue), each receiving one of two copie
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -31,10 +32,12 @@ from node.catalogue.db import Catalogue, alembic_config, migrations_dir, upgrade
 from node.catalogue.models import (
     Delivery,
     DeliveryState,
+    Instance,
     PipelineRun,
     Result,
     RunState,
     Series,
+    SeriesState,
     Study,
 )
 from node.core.settings import Settings
@@ -153,6 +156,89 @@ def test_a_dead_holders_claim_is_taken_over_and_its_outcome_refused(tmp_path: Pa
         failure = deliveries.record_failure(session, second, "refused", max_attempts=2)
         assert failure is not None and failure.final and failure.run_id == run_id
     assert deliveries.claim(catalogue, delivery_id).outcome is deliveries.Claimed.GONE
+    catalogue.dispose()
+
+
+def test_not_analysed_ends_run_and_series_without_failing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run no head applies to ends "not analysed" with its reason: nothing failed, no
+    error, one INFO line, and no stage claims it again; a lost claim changes nothing."""
+    url = _sqlite_url(tmp_path)
+    upgrade(url)
+    catalogue = Catalogue(url)
+    run_id, _ = _run_with_delivery(catalogue, 1)
+    held = runs.claim(catalogue, run_id, "analyse")
+    stale = runs.RunClaim(run_id, "analyse", runs.Claimed.CLAIMED, "not-the-holder")
+    with catalogue.session() as session:
+        assert not runs.not_analysed(session, stale, "ignored")
+    with caplog.at_level("INFO", logger="node.workflow.runs"), catalogue.session() as session:
+        assert runs.not_analysed(session, held, "localizer: 3 slices, heads need 20")
+    with catalogue.session() as session:
+        run = session.get(PipelineRun, run_id)
+        assert run.state == RunState.NOT_ANALYSED and run.error is None
+        assert run.finished_at is not None and run.claim_token is None
+        assert run.series.state == SeriesState.NOT_ANALYSED
+        assert run.series.state_reason == "localizer: 3 slices, heads need 20"
+    lines = [r for r in caplog.records if r.name == "node.workflow.runs"]
+    assert [r.levelname for r in lines] == ["INFO"] and not any(r.exc_info for r in lines)
+    assert runs.claim(catalogue, run_id, "prepare").outcome is runs.Claimed.DONE
+    assert runs.claim(catalogue, run_id, "analyse").outcome is runs.Claimed.DONE
+    assert runs.claim(catalogue, run_id, "report").outcome is runs.Claimed.GONE
+    catalogue.dispose()
+
+
+def test_a_forwarded_series_sends_each_object_once_across_late_arrivals(tmp_path: Path) -> None:
+    """Objects of one series arriving in several associations, some after the forward went:
+    each send carries only what the destination has not had, and one with nothing new is
+    done without sending."""
+    url = _sqlite_url(tmp_path)
+    upgrade(url)
+    catalogue = Catalogue(url)
+
+    def arrive(series_id: int, *uids: str) -> None:
+        with catalogue.session() as session:
+            for uid in uids:
+                session.add(
+                    Instance(
+                        sop_instance_uid=uid,
+                        series_id=series_id,
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.67",
+                        transfer_syntax_uid="1.2.840.10008.1.2.1",
+                        path=f"{uid}.dcm",
+                        size=1,
+                        sha256="0" * 64,
+                    )
+                )
+
+    with catalogue.session() as session:
+        series = Series(series_instance_uid="1.2.3.9", study=Study(study_instance_uid="1.2.4.9"))
+        session.add(series)
+        session.flush()
+        series_id = series.id
+    arrive(series_id, "9.1", "9.2")
+    with catalogue.session() as session:
+        [delivery_id] = deliveries.create_forwards(session, series_id, {"registry": "dose"})
+
+    def send() -> tuple[str, ...]:
+        held = deliveries.claim(catalogue, delivery_id)
+        if held.outcome is not runs.Claimed.CLAIMED:
+            return ()
+        with catalogue.session() as session:
+            deliveries.mark_sent(session, held)
+        return held.series_paths
+
+    assert send() == ("9.1.dcm", "9.2.dcm")
+    arrive(series_id, "9.3")
+    with catalogue.session() as session:
+        deliveries.reset_forwards(session, series_id)
+    assert send() == ("9.3.dcm",)
+    with catalogue.session() as session:
+        deliveries.reset_forwards(session, series_id)
+    assert send() == ()
+    with catalogue.session() as session:
+        delivery = session.get(Delivery, delivery_id)
+        assert delivery.state == DeliveryState.SENT and len(delivery.sent_instances) == 3
     catalogue.dispose()
 
 
@@ -382,7 +468,8 @@ def _assert_once(
     archive: CountingArchive,
     run_id: int,
 ) -> None:
-    analysed = sum(log.count("slices analysed in") for log in workers.logs())
+    # "run N: 20 slices analysed in ..." (of K stacks, when the series has several)
+    analysed = sum(len(re.findall(r"\d+ slices .*analysed in", log)) for log in workers.logs())
     assert analysed == 1, "one analysis"
     with catalogue.session() as session:
         results = session.scalars(sa.select(Result).where(Result.run_id == run_id)).all()

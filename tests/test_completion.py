@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
 from node.catalogue.db import Catalogue, upgrade
-from node.catalogue.models import PipelineRun, RunState, Series, SeriesState, Study
+from node.catalogue.models import Instance, PipelineRun, RunState, Series, SeriesState, Study
 from node.core.settings import CompletionSettings
 from node.workflow.completion import CompletionWatcher
 from node.workflow.routing import Router, orientation
@@ -172,3 +172,97 @@ def test_orientation_from_image_orientation_patient(iop: list[float], expected: 
     ds.ImageOrientationPatient = iop
     assert orientation(ds) == expected
     assert orientation(Dataset()) is None
+
+
+# --- series of objects no head reads ----------------------------------------------------------
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def add_objects(
+    catalogue: Catalogue, series_uid: str, sop_class: str, count: int, at: datetime
+) -> None:
+    """Catalogue ``count`` objects of ``sop_class`` in the series, received at ``at``."""
+    with catalogue.session() as session:
+        series = session.scalar(sa.select(Series).where(Series.series_instance_uid == series_uid))
+        for n in range(count):
+            uid = f"{series_uid}.{sop_class.rsplit('.', 1)[-1]}.{at.timestamp():.0f}.{n}"
+            session.add(
+                Instance(
+                    sop_instance_uid=uid,
+                    series=series,
+                    sop_class_uid=sop_class,
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path=f"{uid}.dcm",
+                    size=1,
+                    sha256="0" * 64,
+                    received_at=at,
+                )
+            )
+        series.last_received_at = max(_aware(series.last_received_at), at)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def test_series_no_head_reads_are_not_analysed_at_completion_without_a_run(
+    catalogue: Catalogue, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_series(catalogue, "6.1", "6.1.1", ago=60, slices=3)
+    add_objects(catalogue, "6.1.1", CT, 3, NOW - timedelta(seconds=60))
+    add_series(catalogue, "6.1", "6.1.2", ago=60, slices=1, modality="SR")
+    add_objects(catalogue, "6.1.2", DOSE_SR, 1, NOW - timedelta(seconds=60))
+    add_series(catalogue, "6.1", "6.1.3", ago=60, slices=1, modality="KO")
+    add_objects(catalogue, "6.1.3", KOS, 1, NOW - timedelta(seconds=60))
+    w, sent = watcher(catalogue, tmp_path)
+    with caplog.at_level("INFO", logger="node.workflow.completion"):
+        [run_id] = w.complete_quiet_series(NOW)
+    assert sent == [run_id]
+    with catalogue.session() as session:
+        rows = {s.series_instance_uid: s for s in session.scalars(sa.select(Series))}
+        assert rows["6.1.1"].state == SeriesState.COMPLETE and len(rows["6.1.1"].runs) == 1
+        for uid, name in (("6.1.2", "X-Ray Radiation Dose SR"), ("6.1.3", "Key Object Selection")):
+            assert rows[uid].state == SeriesState.NOT_ANALYSED and rows[uid].runs == []
+            assert (
+                name in rows[uid].state_reason and "not a CT or MR image" in rows[uid].state_reason
+            )
+    not_analysed = [r for r in caplog.records if "not analysed" in r.getMessage()]
+    assert [r.levelname for r in not_analysed] == ["INFO", "INFO"], "one INFO line per series"
+
+
+def test_a_dose_report_arriving_last_starts_no_analysis(
+    catalogue: Catalogue, tmp_path: Path
+) -> None:
+    """The CT series is analysed; the scanner's dose report comes after, in the CT's own
+    series and in a series of its own: nothing is re-run, nothing new is analysed."""
+    add_series(catalogue, "7.1", "7.1.1", ago=60, slices=3)
+    add_objects(catalogue, "7.1.1", CT, 3, NOW - timedelta(seconds=60))
+    w, sent = watcher(catalogue, tmp_path, late_instances="rerun")
+    [first] = w.complete_quiet_series(NOW)
+    with catalogue.session() as session:
+        run = session.get(PipelineRun, first)
+        run.state, run.series.state = RunState.SUCCEEDED, SeriesState.DONE
+    add_objects(catalogue, "7.1.1", DOSE_SR, 1, NOW + timedelta(seconds=30))
+    add_series(catalogue, "7.1", "7.1.2", ago=-30, slices=1, modality="SR")
+    add_objects(catalogue, "7.1.2", DOSE_SR, 1, NOW + timedelta(seconds=30))
+    assert w.complete_quiet_series(NOW + timedelta(seconds=45)) == []
+    assert sent == [first]
+    assert states(catalogue) == {"7.1.1": "done", "7.1.2": "not_analysed"}
+    # CT images arriving late still re-run the analysis.
+    add_objects(catalogue, "7.1.1", CT, 1, NOW + timedelta(seconds=60))
+    [rerun] = w.complete_quiet_series(NOW + timedelta(seconds=75))
+    assert sent == [first, rerun]
+
+
+def test_required_series_can_name_a_dose_report(catalogue: Catalogue, tmp_path: Path) -> None:
+    add_series(catalogue, "8.1", "8.1.1", ago=60, slices=3)
+    add_objects(catalogue, "8.1.1", CT, 3, NOW - timedelta(seconds=60))
+    w, _ = watcher(catalogue, tmp_path, required_series=[{"sop_class": "*DoseSR*"}])
+    assert w.complete_quiet_series(NOW) == [], "held until the dose report is there"
+    add_series(catalogue, "8.1", "8.1.2", ago=20, slices=1, modality="SR")
+    add_objects(catalogue, "8.1.2", DOSE_SR, 1, NOW - timedelta(seconds=20))
+    assert len(w.complete_quiet_series(NOW)) == 1
+    assert states(catalogue) == {"8.1.1": "complete", "8.1.2": "not_analysed"}

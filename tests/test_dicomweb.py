@@ -596,3 +596,36 @@ def test_reader_refuses_malformed_bodies(tmp_path: Path, body: bytes) -> None:
     with pytest.raises(MultipartError):
         reader.feed(body)
         reader.finish()
+
+
+# --- every storage class over STOW-RS --------------------------------------------------------
+
+
+def test_stow_stores_every_object_of_a_whole_study(node: RunningNode, tmp_path: Path) -> None:
+    """STOW-RS restricts no storage class: the dose report, key objects, presentation state,
+    RT structure set, secondary capture and localizer of a study are stored with its images,
+    catalogued with their SOP classes and served back by QIDO-RS."""
+    from tests.support.whole_study import build_whole_study
+
+    study = build_whole_study(tmp_path / "study", f"stow-whole-{uuid.uuid4()}")
+    files = study.all_files
+    response = node.stow([path.read_bytes() for path in files])
+    assert response.status_code == 200, response.text
+    assert set(referenced(response.json())) == study.sop_instance_uids()
+    with node.catalogue.session() as session:
+        classes = dict(
+            session.execute(
+                select(Instance.sop_instance_uid, Instance.sop_class_uid).where(
+                    Instance.sop_instance_uid.in_(study.sop_instance_uids())
+                )
+            ).all()
+        )
+    for path in files:
+        sent = dcmread(path, stop_before_pixels=True)
+        assert classes[str(sent.SOPInstanceUID)] == sent.SOPClassUID
+    listed = httpx.get(
+        f"{node.dicomweb}/studies/{study.study_instance_uid}/instances",
+        headers={**node.auth, "Accept": "application/dicom+json"},
+        timeout=30,
+    )
+    assert {item["00080018"]["Value"][0] for item in listed.json()} == study.sop_instance_uids()

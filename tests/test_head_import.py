@@ -465,7 +465,7 @@ def test_mask_head_without_a_mask_is_not_analysed(
     )
     result = analyse_series(ct, backbone, [head, demo_head(HIDDEN)], series_instance_uid="1")
     assert [f.head_name for f in result.findings] == ["body-region"]
-    assert result.not_analysed == {"mi": "not analysed: no mask"}
+    assert result.heads_not_run == {"mi": "not analysed: no mask"}
 
 
 def reference_crop(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -502,7 +502,7 @@ def test_mask_head_pools_inside_the_mask_of_a_node_mask_head(
     result, (series_mask,) = analyse_series_and_masks(
         ct, backbone, [head], series_instance_uid="1", mask_heads=[mask_head]
     )
-    assert result.not_analysed == {}
+    assert result.heads_not_run == {}
     (finding,) = result.findings
     plan = preprocess.plan_series(ct)
     assert plan.reorientation.is_identity  # the sample CT is stored in PL already
@@ -548,7 +548,7 @@ def test_mask_head_with_an_empty_mask_is_not_analysed(
         ct, backbone, [head], series_instance_uid="1", mask_heads=[silent]
     )
     assert result.findings == []
-    assert result.not_analysed == {"mi": "not analysed: the mask is empty on this series"}
+    assert result.heads_not_run == {"mi": "not analysed: the mask is empty on this stack"}
 
 
 @pytest.mark.slow
@@ -833,9 +833,9 @@ def test_lesion_centred_window_head_is_centred_on_the_mask(
     result, _ = analyse_series_and_masks(
         ct, backbone, [head], series_instance_uid="1", mask_heads=[mask_head]
     )
-    assert result.not_analysed == {"lesion": "not analysed: the mask is empty on this series"}
+    assert result.heads_not_run == {"lesion": "not analysed: the mask is empty on this stack"}
     no_mask = analyse_series(ct, backbone, [head], series_instance_uid="1")
-    assert no_mask.not_analysed == {"lesion": "not analysed: no mask"}
+    assert no_mask.heads_not_run == {"lesion": "not analysed: no mask"}
 
     config, tensors = raidium_config(), raidium_tensors(raidium_config())
     expected = torch.softmax(reference_logits(last_block_tokens, window, config, tensors), -1)[0]

@@ -22,6 +22,7 @@ from pipelines.model.preprocess import (
     preprocess_slices,
     read_slice,
 )
+from pipelines.model.stacks import plan_stacks
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -181,19 +182,22 @@ def test_empty_series_is_refused() -> None:
         plan_series([])
 
 
-def test_mixed_sizes_are_refused(tmp_path: Path) -> None:
+def test_mixed_sizes_are_split_into_stacks(tmp_path: Path) -> None:
     paths = write_series(tmp_path, stored=lambda p, k: p if k else p[:100])
-    with pytest.raises(SeriesError, match="mixed slice sizes"):
+    planned = plan_stacks(paths)
+    assert sorted((len(s), s.rows) for s in planned.stacks) == [(1, 100), (4, 128)]
+    with pytest.raises(SeriesError, match="2 stacks"):
         plan_series(paths)
 
 
-def test_mixed_orientations_are_refused(tmp_path: Path) -> None:
+def test_mixed_orientations_are_split_into_stacks(tmp_path: Path) -> None:
     paths = write_series(tmp_path)
     ds = pydicom.dcmread(paths[0])
     ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
     ds.save_as(paths[0])
-    with pytest.raises(SeriesError, match="different orientations"):
-        plan_series(paths)
+    planned = plan_stacks(paths)
+    assert sorted(len(s) for s in planned.stacks) == [1, 4]
+    assert {s.plane for s in planned.stacks} == {"axial"}
 
 
 # --- orientation --------------------------------------------------------------------------
@@ -241,16 +245,21 @@ def test_gantry_tilt_is_still_axial() -> None:
 
 
 @pytest.mark.parametrize(
-    ("iop", "message"),
-    [
-        ((1, 0, 0, 0, 0, -1), "coronal"),
-        ((0, 1, 0, 0, 0, -1), "sagittal"),
-        ((1, 0, 0, 0, 0.7071068, 0.7071068), "oblique"),
-    ],
+    ("iop", "plane"), [((1, 0, 0, 0, 0, -1), "coronal"), ((0, 1, 0, 0, 0, -1), "sagittal")]
 )
-def test_non_axial_series_are_refused(tmp_path: Path, iop: tuple[float, ...], message: str) -> None:
-    with pytest.raises(SeriesError, match=message):
-        plan_series(write_series(tmp_path, z_positions=[0.0, 1.0], iop=iop))
+def test_coronal_and_sagittal_series_are_planned(
+    tmp_path: Path, iop: tuple[float, ...], plane: str
+) -> None:
+    plan = plan_series(write_series(tmp_path, z_positions=[0.0, 1.0], iop=iop))
+    assert plan.plane == plane
+    assert plan.reorientation.is_identity  # already IL / IP as stored
+
+
+def test_oblique_series_is_not_analysed(tmp_path: Path) -> None:
+    iop = (1, 0, 0, 0, 0.7071068, 0.7071068)
+    planned = plan_stacks(write_series(tmp_path, z_positions=[0.0, 1.0], iop=iop))
+    assert planned.stacks == []
+    assert "oblique" in planned.not_analysed().reason
 
 
 # --- model input --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from node.core.rules import Finding, RulesError, SeriesFacts, evaluate, parse_rules
 
 EXAMPLE = Path(__file__).parents[1] / "docs" / "examples" / "routing-rules.yaml"
-DESTINATIONS = ["archive", "neuro-stat", "abdominal-pacs"]
+DESTINATIONS = ["archive", "neuro-stat", "abdominal-pacs", "dose-registry"]
 
 
 def ct(**overrides: object) -> SeriesFacts:
@@ -139,6 +139,24 @@ def test_tag_conditions_read_any_attribute_by_keyword() -> None:
     tags = {"SliceThickness": "1.0"}
     assert evaluate(rules, ct(tags=tags.get)).fired == ["thin"]
     assert evaluate(rules, ct()).fired == []
+
+
+def test_sop_class_conditions_match_any_object_by_uid_keyword_or_name() -> None:
+    """Dose reports go to the dose registry whatever else their series holds; a CT series
+    does not, and a localiser rule on images leaves a one-object dose series alone."""
+    rules = parse_rules(EXAMPLE.read_text(), DESTINATIONS)
+    dose = ct(modality="SR", slices=1, sop_classes=("1.2.840.10008.5.1.4.1.1.88.67",))
+    decision = evaluate(rules, dose)
+    assert decision.fired == ["dose-to-registry"] and not decision.discard
+    assert decision.forward == {"dose-registry": "dose-to-registry"}
+    explained = {o.rule: o.reasons for o in decision.outcomes}
+    assert "SOP class X-Ray Radiation Dose SR matches" in explained["dose-to-registry"][0]
+    images = ct(sop_classes=("1.2.840.10008.5.1.4.1.1.2",))
+    assert "dose-to-registry" not in evaluate(rules, images).fired
+    for pattern in ("1.2.840.10008.5.1.4.1.1.88.67", "x-ray radiation dose sr storage", "*Dose*"):
+        one = parse_rules(f"rules: [{{name: d, when: {{sop_class: '{pattern}'}}, then: {{}}}}]")
+        assert evaluate(one, dose).fired == ["d"], pattern
+        assert evaluate(one, images).fired == [], pattern
 
 
 @pytest.mark.parametrize(

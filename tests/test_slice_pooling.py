@@ -201,7 +201,7 @@ def test_report_names_the_aggregation() -> None:
     assert "series value: per-slice scores, max over 100 slices" in parameters
 
 
-def test_aggregation_and_not_analysed_survive_the_catalogue_round_trip() -> None:
+def test_aggregation_stack_and_not_analysed_survive_the_catalogue_round_trip() -> None:
     finding = HeadFinding(
         head_name="finder",
         head_version="1",
@@ -211,12 +211,16 @@ def test_aggregation_and_not_analysed_survive_the_catalogue_round_trip() -> None
         predicted_index=1,
         key_slice=42,
         aggregation="per-slice scores, max over 100 slices",
+        stack="axial 2",
     )
     findings = SeriesFindings(
         series_instance_uid="1.2.3",
         model=ModelIdentity(name="Curia-B", version="1", demo=False),
         findings=[finding],
-        not_analysed={"infarct": "not analysed: no mask"},
+        sop_instance_uids_sorted=[f"1.2.3.{i}" for i in range(103)],
+        stacks={"localizer": [0, 3], "axial 2": [3, 103]},
+        heads_not_run={"infarct": "axial 2: not analysed: no mask"},
+        set_aside=["localizer (1 slice, 512x512): localizer"],
     )
     again = findings_from_dict(json.loads(json.dumps(findings_to_dict(findings))))
     assert again == findings

@@ -81,7 +81,7 @@ def test_inference_reads_what_the_prepare_stage_decoded(
     runtime, run_id = _completed_run(tmp_path)
     assert prepare(runtime, run_id)
     folder = prepared_folder(runtime, run_id)
-    assert (folder / "pixels.npy").is_file()
+    assert (folder / "0" / "pixels.npy").is_file(), "one folder per stack"
 
     def no_decoding(*_: object) -> None:
         raise AssertionError("the inference stage decoded a prepared series")

@@ -39,6 +39,9 @@ class SeriesState(enum.StrEnum):
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    #: Nothing a head applies to (not an image, a localizer, a stack no head accepts):
+    #: terminal and not a failure; ``Series.state_reason`` says why.
+    NOT_ANALYSED = "not_analysed"
 
 
 class RunState(enum.StrEnum):
@@ -47,6 +50,8 @@ class RunState(enum.StrEnum):
     REPORTED = "reported"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    #: Ended without analysis because no head applies to the series (not a failure).
+    NOT_ANALYSED = "not_analysed"
 
 
 class DeliveryState(enum.StrEnum):
@@ -84,6 +89,9 @@ class Series(Base):
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[SeriesState] = mapped_column(_enum(SeriesState), default=SeriesState.RECEIVING)
+    state_reason: Mapped[str | None] = mapped_column(
+        Text, doc="why the series is in its state, e.g. why it was not analysed"
+    )
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     completed_at: Mapped[datetime | None]
@@ -235,6 +243,9 @@ class Delivery(Base):
     )
     claimed_at: Mapped[datetime | None] = mapped_column(
         doc="renewed while sending; a claim older than the lease may be taken over"
+    )
+    sent_instances: Mapped[list[int] | None] = mapped_column(
+        JSON, doc="a forwarded series: the instances (ids) sent, each sent once"
     )
 
     result: Mapped[Result | None] = relationship(back_populates="deliveries")

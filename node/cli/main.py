@@ -13,8 +13,9 @@ from node.cli.heads import heads_app
 from node.cli.options import ConfigOption, settings_or_exit
 from node.cli.results import results_app
 from node.cli.rules import rules_app
+from node.cli.status import status
 from node.cli.tokens import token_app
-from node.core.logs import configure_logging
+from node.core.logs import configure_logging, summarise_library_warnings
 
 app = typer.Typer(help="Curia Node: a DICOM node that runs Curia on CT and MRI studies.")
 config_app = typer.Typer(help="Inspect the configuration.")
@@ -26,6 +27,7 @@ app.add_typer(results_app, name="results")
 app.add_typer(heads_app, name="heads")
 app.add_typer(token_app, name="token")
 app.add_typer(rules_app, name="rules")
+app.command()(status)
 
 
 @app.command()
@@ -63,6 +65,7 @@ def worker(
 ) -> None:
     """Run a separate pipeline worker (production mode); same as `celery ... worker`."""
     settings = settings_or_exit(config)
+    summarise_library_warnings()
     from pipelines.jobs.celery_app import STAGES, create_app, queue_name
 
     stages = [s.strip() for s in queues.split(",")] if queues else list(STAGES)

@@ -33,6 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import dictionary_VR, keyword_dict
 
+from node.core import sop_classes
+
 PRIORITIES = {"routine": 0, "urgent": 5, "stat": 9}
 Phase = Literal["attributes", "findings"]
 
@@ -84,6 +86,11 @@ class Condition(BaseModel):
     manufacturer: list[str] | None = None
     calling_ae_title: list[str] | None = None
     orientation: list[Literal["axial", "coronal", "sagittal", "oblique"]] | None = None
+    sop_class: list[str] | None = Field(
+        None,
+        description="SOP class of any object in the series: UID, keyword "
+        "(XRayRadiationDoseSRStorage) or name, with wildcards",
+    )
     min_slices: int | None = Field(None, ge=0)
     max_slices: int | None = Field(None, ge=0)
     tags: dict[str, list[str]] | None = None
@@ -100,6 +107,7 @@ class Condition(BaseModel):
         "manufacturer",
         "calling_ae_title",
         "orientation",
+        "sop_class",
         mode="before",
     )
     @classmethod
@@ -256,6 +264,7 @@ class SeriesFacts:
     calling_ae_title: str | None = None
     orientation: str | None = None
     slices: int = 0
+    sop_classes: tuple[str, ...] = ()  # of every object in the series
     tags: Callable[[str], str | None] = field(default=lambda _keyword: None, repr=False)
     findings: list[Finding] | None = None
 
@@ -303,6 +312,17 @@ class _Evaluator:
                 verb = "matches" if ok else "does not match"
                 reasons.append(f"{label} {_shown(value)} {verb} {patterns}")
                 results.append(ok)
+        if cond.sop_class is not None:
+            ok = any(
+                sop_classes.matches(uid, pattern)
+                for uid in facts.sop_classes
+                for pattern in cond.sop_class
+            )
+            shown = ", ".join(sop_classes.name(uid) for uid in facts.sop_classes) or "(none)"
+            reasons.append(
+                f"SOP class {shown} {'matches' if ok else 'does not match'} {cond.sop_class}"
+            )
+            results.append(ok)
         if cond.min_slices is not None:
             ok = facts.slices >= cond.min_slices
             reasons.append(f"{facts.slices} slices {'>=' if ok else '<'} {cond.min_slices}")

@@ -73,6 +73,11 @@ class DicomSettings(BaseModel):
     duplicate_policy: Literal["keep_first", "replace"] = Field(
         "keep_first", description="a known SOP Instance UID arriving with different bytes"
     )
+    accept_unknown_storage: bool = Field(
+        False,
+        description="also store objects of private or unknown storage SOP classes "
+        "(off: every storage class of PS3.4 is accepted, others are refused)",
+    )
     min_free_mb: int = Field(
         1024, ge=0, description="below this free space in the data folder, refuse to store"
     )

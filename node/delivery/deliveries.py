@@ -46,6 +46,7 @@ class DeliveryClaim:
     destination: str = ""
     result_path: str | None = None  # relative to the results folder
     series_paths: tuple[str, ...] = ()  # relative to the spool, in instance order
+    series_instances: tuple[int, ...] = ()  # their catalogue ids, recorded as sent
 
 
 def create_forwards(session: Session, series_id: int, forward: Mapping[str, str]) -> list[int]:
@@ -118,7 +119,7 @@ def never_tried(session: Session, run_id: int | None = None) -> list[int]:
 
 
 def reset_forwards(session: Session, series_id: int) -> None:
-    """Send the series' forwards again (its late instances make a new whole series)."""
+    """Send the series' forwards again: its late instances go, what was sent stays sent."""
     session.execute(
         update(Delivery)
         .where(Delivery.series_id == series_id)
@@ -161,13 +162,27 @@ def claim(catalogue: Catalogue, delivery_id: int, lease: timedelta = LEASE) -> D
                 delivery.destination,
                 result_path=delivery.result.path,
             )
-        rows = session.scalars(
-            select(Instance.path)
-            .where(Instance.series_id == delivery.series_id)
-            .order_by(Instance.instance_number, Instance.id)
-        ).all()
+        sent = set(delivery.sent_instances or [])
+        rows = [
+            (instance_id, path)
+            for instance_id, path in session.execute(
+                select(Instance.id, Instance.path)
+                .where(Instance.series_id == delivery.series_id)
+                .order_by(Instance.instance_number, Instance.id)
+            )
+            if instance_id not in sent
+        ]
+        if not rows:  # every object went already (an earlier send, other associations)
+            delivery.state, delivery.sent_at = DeliveryState.SENT, utcnow()
+            delivery.claim_token = delivery.claimed_at = None
+            return DeliveryClaim(delivery_id, Claimed.DONE)
         return DeliveryClaim(
-            delivery_id, Claimed.CLAIMED, token, delivery.destination, series_paths=tuple(rows)
+            delivery_id,
+            Claimed.CLAIMED,
+            token,
+            delivery.destination,
+            series_paths=tuple(path for _, path in rows),
+            series_instances=tuple(instance_id for instance_id, _ in rows),
         )
 
 
@@ -199,8 +214,16 @@ def release(catalogue: Catalogue, held: DeliveryClaim) -> None:
 
 def mark_sent(session: Session, held: DeliveryClaim) -> int | None:
     """Record the send and release the claim; return the id of the run whose result it was
-    (None for a forwarded series). A claim that was taken over meanwhile is logged: the
-    destination got the object, and the holder records its own outcome."""
+    (None for a forwarded series, whose objects sent are recorded: each goes once, however
+    many times late objects send the series' forwards again). A claim that was taken over
+    meanwhile is logged: the destination got the object, and the holder records its own
+    outcome."""
+    values: dict[str, object] = {}
+    if held.series_instances:
+        before = session.scalar(
+            select(Delivery.sent_instances).where(Delivery.id == held.delivery_id)
+        )
+        values["sent_instances"] = sorted(set(before or []) | set(held.series_instances))
     done = changed(
         session,
         update(Delivery)
@@ -211,6 +234,7 @@ def mark_sent(session: Session, held: DeliveryClaim) -> int | None:
             last_error=None,
             claim_token=None,
             claimed_at=None,
+            **values,
         )
         .execution_options(synchronize_session=False),
     )

@@ -27,6 +27,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -198,10 +199,9 @@ class AssociationAcceptor:
             for item in items
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid
         }
+        requested = primitive.presentation_context_definition_list
         contexts, role_items = negotiate_as_acceptor(
-            primitive.presentation_context_definition_list,
-            self.server.supported_contexts,
-            roles or None,
+            requested, self.server.contexts_for(requested), roles or None
         )
         association.contexts = {
             int(cx.context_id): cx
@@ -374,8 +374,10 @@ class Listener:
         service: Service,
         limits: Limits,
         ssl_context: ssl.SSLContext | None = None,
+        also_accept: Callable[[list[PresentationContext]], list[PresentationContext]] | None = None,
     ) -> None:
         self.supported_contexts = supported_contexts
+        self.also_accept = also_accept
         self.service = service
         self.limits = limits
         self.ssl_context = ssl_context
@@ -392,6 +394,13 @@ class Listener:
     def start(self) -> Listener:
         self._thread.start()
         return self
+
+    def contexts_for(self, requested: list[PresentationContext]) -> list[PresentationContext]:
+        """What the node accepts of ``requested``: its supported contexts, and those
+        ``also_accept`` adds for this request (unknown storage classes, when allowed)."""
+        if self.also_accept is None:
+            return self.supported_contexts
+        return self.supported_contexts + self.also_accept(requested)
 
     def active_count(self) -> int:
         with self._lock:

@@ -12,21 +12,8 @@ import ssl
 import time
 from datetime import UTC, datetime
 
-from pydicom.uid import (
-    UID,
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedMRImageStorage,
-    EnhancedSRStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    LegacyConvertedEnhancedMRImageStorage,
-    MRImageStorage,
-    SecondaryCaptureImageStorage,
-    SegmentationStorage,
-)
-from pynetdicom import ALL_TRANSFER_SYNTAXES
+from pydicom.uid import UID, UID_dictionary
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext, build_context
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -42,19 +29,10 @@ from node.store.ingest import Ingestor, brief
 log = logging.getLogger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")  # the Verification SOP Class, PS3.4 A.4
-STORAGE_SOP_CLASSES = [
-    CTImageStorage,
-    MRImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedMRImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    LegacyConvertedEnhancedMRImageStorage,
-    Comprehensive3DSRStorage,
-    ComprehensiveSRStorage,
-    EnhancedSRStorage,
-    SegmentationStorage,
-    SecondaryCaptureImageStorage,
-]
+#: Every storage SOP class of PS3.4 (pynetdicom's full list): a PACS pushes a study whole,
+#: dose reports, key objects, presentation states and RT objects with the images, and a
+#: study whose objects are refused fails whole at the sender.
+STORAGE_SOP_CLASSES = [UID(str(cx.abstract_syntax)) for cx in AllStoragePresentationContexts]
 
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
@@ -108,6 +86,7 @@ class AssociationHandlers:
             request.data,
             association.requestor.calling_ae_title,
             expected_sop_uid=request.sop_instance_uid,
+            expected_sop_class=request.sop_class_uid,
         )
         if outcome.status == SUCCESS:
             INSTANCES_RECEIVED.labels("dimse").inc()
@@ -160,6 +139,22 @@ def supported_contexts() -> list[PresentationContext]:
     return contexts
 
 
+def unknown_storage_contexts(requested: list[PresentationContext]) -> list[PresentationContext]:
+    """Contexts for the proposed abstract syntaxes that no DICOM dictionary knows: a vendor's
+    private storage class. Known UIDs are left to :func:`supported_contexts` (a known
+    service the node does not offer, query or retrieve, stays refused)."""
+    known = set(STORAGE_SOP_CLASSES) | {VERIFICATION}
+    unknown = {
+        str(cx.abstract_syntax)
+        for cx in requested
+        if cx.abstract_syntax is not None
+        and cx.abstract_syntax not in known
+        and cx.abstract_syntax not in UID_dictionary
+        and cx.abstract_syntax.is_valid
+    }
+    return [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in sorted(unknown)]
+
+
 def tls_context(tls: TlsSettings) -> ssl.SSLContext:
     """A server context for DICOM TLS: TLS 1.2+, optional client-certificate verification."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -191,6 +186,7 @@ def start_listener(settings: DicomSettings, ingestor: Ingestor, policy: SourcePo
         AssociationHandlers(ingestor, policy),
         limits,
         ssl_context=context,
+        also_accept=unknown_storage_contexts if settings.accept_unknown_storage else None,
     ).start()
     log.info(
         "DICOM listener %s on %s:%d%s",

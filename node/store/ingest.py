@@ -128,9 +128,16 @@ class Ingestor:
         self._catalogue_lock = threading.Lock()
 
     def ingest(
-        self, data: bytes, calling_ae: str | None, expected_sop_uid: str | None = None
+        self,
+        data: bytes,
+        calling_ae: str | None,
+        expected_sop_uid: str | None = None,
+        expected_sop_class: str | None = None,
     ) -> IngestOutcome:
-        """Store and catalogue one instance received as Part 10 bytes."""
+        """Store and catalogue one instance received as Part 10 bytes; ``expected_*`` are
+        the UIDs the C-STORE command named, which the data set must carry too (else it is
+        refused 0xA900: stored under the command's class, it would be catalogued as what
+        it is not)."""
         if not self._room_for(len(data), calling_ae):
             return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
@@ -139,6 +146,12 @@ class Ingestor:
                 raise RejectedInstance(
                     DATASET_DOES_NOT_MATCH_SOP_CLASS,
                     "SOPInstanceUID in the data set differs from the request's",
+                )
+            if expected_sop_class is not None and header.sop_class_uid != expected_sop_class:
+                raise RejectedInstance(
+                    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                    f"SOPClassUID {header.sop_class_uid} in the data set differs from the "
+                    f"request's {expected_sop_class}",
                 )
         except RejectedInstance as exc:
             try:

@@ -194,6 +194,7 @@ def _series(series: Series) -> dict[str, Any]:
         "modality": series.modality,
         "instances": series.instance_count,
         "state": series.state.value,
+        "state_reason": series.state_reason,
         "runs": [_run(run) for run in series.runs],
     }
 

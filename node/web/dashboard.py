@@ -120,6 +120,7 @@ def _series(series: Series, forwards: list[Delivery]) -> dict[str, Any]:
         "calling_ae_title": series.calling_ae_title,
         "instance_count": series.instance_count,
         "state": series.state.value,
+        "state_reason": series.state_reason,
         "priority": series.priority,
         "first_received_at": _iso(series.first_received_at),
         "last_received_at": _iso(series.last_received_at),
@@ -159,6 +160,7 @@ def overview(catalogue: Catalogue) -> dict[str, Any]:
 
         runs = count_by(PipelineRun.state)
         deliveries = count_by(Delivery.state)
+        series_states = count_by(Series.state)
         instances = session.scalar(select(func.coalesce(func.sum(Series.instance_count), 0)))
         series_total = session.scalar(select(func.count(Series.id)))
         studies_total = session.scalar(select(func.count(Study.id)))
@@ -175,6 +177,7 @@ def overview(catalogue: Catalogue) -> dict[str, Any]:
                 "studies": studies_total or 0,
                 "series": series_total or 0,
                 "instances_received": int(instances or 0),
+                "series_by_state": series_states,
                 "runs": runs,
                 "deliveries": deliveries,
             },

@@ -6,9 +6,14 @@ routing rules on DICOM attributes then decide its priority, whether it is discar
 where the original is forwarded (forwards go at once, not after inference), and a pipeline
 run is queued.
 
+A series holding nothing a head reads (a dose report, key objects, a presentation state,
+an RT structure set: :mod:`node.core.sop_classes`) is routed and forwarded like any other,
+then marked "not analysed" with its reason; no run is created for it.
+
 Late instances (arriving after completion) follow ``completion.late_instances``: ``rerun``
 queues one new run once the series is quiet again and its current run has ended, whose SR
-supersedes the previous one; ``append`` only stores them. Either way the decision is
+supersedes the previous one (unless only objects no head reads came late); ``append`` only
+stores them. Either way the series' forwards send the late objects on, the decision is
 recorded on the series and ``completed_at`` moves to it, so it is taken once.
 
 Runs and deliveries are created and queued through :mod:`node.workflow.runs` and
@@ -33,12 +38,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.catalogue.db import Catalogue
-from node.catalogue.models import Series, SeriesState
+from node.catalogue.models import Instance, Series, SeriesState
+from node.core import sop_classes
 from node.core.rules import Condition, matches
 from node.core.settings import CompletionSettings
 from node.delivery import deliveries
 from node.workflow import runs
-from node.workflow.routing import Router, facts_for, first_header
+from node.workflow.routing import Router, facts_for, first_header, series_sop_classes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,33 @@ Verdict = Literal["ready", "wait", "forced", "discard"]
 def _aware(value: datetime) -> datetime:
     """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+#: Series states after which instances arriving are late.
+_ENDED = [SeriesState.DONE, SeriesState.FAILED, SeriesState.NOT_ANALYSED]
+
+
+def _not_analysed(session: Session, series: Series) -> bool:
+    """Mark a series with nothing a head reads (a dose report, key objects, an RT
+    structure set...) "not analysed" with the reason, at once: no run is created."""
+    reason = sop_classes.not_analysed_reason(series_sop_classes(session, series))
+    if reason is None:
+        return False
+    if series.state != SeriesState.NOT_ANALYSED:
+        log.info("series %d not analysed: %s", series.id, reason)
+    series.state, series.state_reason = SeriesState.NOT_ANALYSED, reason
+    return True
+
+
+def _late_images(session: Session, series: Series, since: datetime | None) -> bool:
+    """Whether what arrived in the series after ``since`` may change its analysis: False
+    only when every late object is one no head reads (a dose report, a presentation
+    state arriving late does not re-run the analysis)."""
+    query = select(Instance.sop_class_uid).where(Instance.series_id == series.id)
+    if since is not None:
+        query = query.where(Instance.received_at > since)
+    late = set(session.scalars(query.distinct()))
+    return not late or not late.isdisjoint(sop_classes.ANALYSABLE)
 
 
 class CompletionWatcher:
@@ -171,6 +204,8 @@ class CompletionWatcher:
                 log.info("series %d discarded by rule(s) %s", series.id, decision.fired)
                 return
             forward_ids += deliveries.create_forwards(session, series.id, decision.forward)
+        if _not_analysed(session, series):
+            return
         run = runs.create(session, series, self.run_key(series))
         if run is None:
             return
@@ -184,7 +219,7 @@ class CompletionWatcher:
         return list(
             session.scalars(
                 select(Series)
-                .where(Series.state.in_([SeriesState.DONE, SeriesState.FAILED]))
+                .where(Series.state.in_(_ENDED))
                 .where(Series.completed_at.is_not(None))
                 .where(Series.last_received_at > Series.completed_at)
                 .where(Series.last_received_at <= cutoff)
@@ -201,18 +236,27 @@ class CompletionWatcher:
         forward_ids: list[int],
     ) -> None:
         policy = self.policy.late_instances
+        previous = series.completed_at
         notes = list((series.routing or {}).get("late", []))
         notes.append({"at": now.isoformat(), "instances": series.instance_count, "then": policy})
         series.routing = {**(series.routing or {}), "late": notes}
         series.completed_at = now
-        if policy == "append" or (series.routing or {}).get("attributes", {}).get("discard"):
-            log.info("series %d: late instances stored (%s)", series.id, policy)
+        if (series.routing or {}).get("attributes", {}).get("discard"):
+            log.info("series %d: late instances stored (discarded series)", series.id)
             return
-        series.state = SeriesState.COMPLETE
-        if self.router is not None:
+        if self.router is not None:  # the forwards send what the destination lacks
             decision = self.router.decide(session, series, header=self._header(session, series))
             deliveries.reset_forwards(session, series.id)
             forward_ids += deliveries.create_forwards(session, series.id, decision.forward)
+        if policy == "append":
+            log.info("series %d: late instances stored (%s)", series.id, policy)
+            return
+        if _not_analysed(session, series):
+            return
+        if not _late_images(session, series, previous):
+            log.info("series %d: late objects no head reads stored", series.id)
+            return
+        series.state = SeriesState.COMPLETE
         run = runs.create_rerun(
             session, series, "late", "late-instances", first_key=self.run_key(series)
         )

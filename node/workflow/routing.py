@@ -148,8 +148,21 @@ def facts_for(
         manufacturer=text("Manufacturer"),
         calling_ae_title=series.calling_ae_title,
         slices=series.instance_count,
+        sop_classes=series_sop_classes(session, series),
         tags=text,
         findings=findings,
+    )
+
+
+def series_sop_classes(session: Session, series: Series) -> tuple[str, ...]:
+    """The SOP classes of the series' objects, each once (what ``sop_class`` rules match)."""
+    return tuple(
+        session.scalars(
+            select(Instance.sop_class_uid)
+            .where(Instance.series_id == series.id)
+            .distinct()
+            .order_by(Instance.sop_class_uid)
+        )
     )
 
 

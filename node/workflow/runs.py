@@ -151,6 +151,10 @@ def _claimable(stage: Stage) -> ColumnElement[bool]:
     )
 
 
+#: Run states after which analysing has nothing left to do.
+_ENDED = (RunState.REPORTED, RunState.SUCCEEDED, RunState.NOT_ANALYSED)
+
+
 def _found(stage: Stage, run: PipelineRun | None) -> Claimed:
     """Why a claim was not won: done, held by a live holder, or nothing to do."""
     if run is None or run.state == RunState.FAILED:
@@ -158,7 +162,7 @@ def _found(stage: Stage, run: PipelineRun | None) -> Claimed:
     if stage == "prepare":
         done = run.state != RunState.QUEUED or run.inferred_at is not None
     elif stage == "analyse":
-        done = run.inferred_at is not None or run.state in (RunState.REPORTED, RunState.SUCCEEDED)
+        done = run.inferred_at is not None or run.state in _ENDED
     else:
         if run.inferred_at is None:
             return Claimed.GONE  # not analysed: there is nothing to report
@@ -266,6 +270,23 @@ def finish_empty(session: Session, held: RunClaim) -> bool:
     return True
 
 
+def not_analysed(session: Session, held: RunClaim, reason: str) -> bool:
+    """No head applies to the run's series (not an image, a localizer, a stack no head
+    accepts): the run ends ``not_analysed`` and its series too, with ``reason``.
+
+    Terminal and not a failure: no error, no retry, nothing counted as failed, one INFO
+    line. False, and nothing changed, when the claim was taken over (its holder decides).
+    """
+    if not _holding(
+        session, held, state=RunState.NOT_ANALYSED, finished_at=utcnow(), error=None, **_RELEASED
+    ):
+        return False
+    _series_state(session, held.run_id, SeriesState.NOT_ANALYSED, reason)
+    series_id = session.scalar(select(PipelineRun.series_id).where(PipelineRun.id == held.run_id))
+    log.info("series %s not analysed (run %d): %s", series_id, held.run_id, reason)
+    return True
+
+
 def finish_if_delivered(session: Session, run_id: int | None) -> None:
     """Mark a reported run succeeded (and its series done) once all its results are sent."""
     if run_id is not None and deliveries.all_sent(session, run_id):
@@ -345,11 +366,14 @@ def _add_results(session: Session, run_id: int, results: Iterable[ResultFile]) -
     session.flush()
 
 
-def _series_state(session: Session, run_id: int, state: SeriesState) -> None:
+def _series_state(
+    session: Session, run_id: int, state: SeriesState, reason: str | None = None
+) -> None:
+    """Set the run's series' state; the reason of an earlier state goes with it."""
     series_id = select(PipelineRun.series_id).where(PipelineRun.id == run_id).scalar_subquery()
     session.execute(
         update(Series)
         .where(Series.id == series_id)
-        .values(state=state)
+        .values(state=state, state_reason=reason[:2000] if reason else None)
         .execution_options(synchronize_session="fetch")
     )

@@ -8,6 +8,10 @@ task after a worker was killed, a time-out) finds the work held by a live worker
 so one run gets one analysis, one set of results and one send per delivery. A dead
 worker's claim runs out and is taken over, and the work finishes.
 
+A series none of whose stacks any head accepts (a localizer, a stack in a plane no head
+reads) ends its run "not analysed" in the prepare or analyse stage, with the reasons: an
+outcome, not a failure, so nothing is retried or logged as an error.
+
 SR and SEG UIDs derive from the run key, so whatever a taken-over stage writes again is
 the same object under the same name. The Celery bindings are in :mod:`pipelines.jobs.tasks`.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +34,15 @@ from sqlalchemy.orm import Session
 
 from node.catalogue.claims import keep_alive
 from node.catalogue.models import Instance, PipelineRun, Result
+from node.core.logs import warnings_summarised
 from node.delivery import deliveries
 from node.delivery.transport import DispatchError
 from node.workflow import runs
 from node.workflow.routing import first_header
 from pipelines.findings import (
     SEGMENTATION_TASK,
+    HeadFinding,
+    NotAnalysed,
     SeriesFindings,
     SeriesMask,
     findings_from_dict,
@@ -45,6 +52,8 @@ from pipelines.jobs.runtime import Runtime
 
 if TYPE_CHECKING:
     from pipelines.model.masks import MaskHead
+    from pipelines.model.series_plan import PreparedSeries
+    from pipelines.model.stack_analysis import StackMask
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +84,25 @@ def fail_run(runtime: Runtime, run_id: int, error: str) -> None:
 @contextmanager
 def _holding(runtime: Runtime, held: runs.RunClaim) -> Iterator[None]:
     """Keep the claim alive while the stage works; an error fails the run (only while the
-    claim is still ours) and is raised again as :class:`StageFailed`."""
+    claim is still ours) and is raised again as :class:`StageFailed`. :class:`NotAnalysed`
+    is no error: it passes through, for the stage to record."""
     try:
         with keep_alive(lambda: runs.renew(runtime.catalogue, held)):
             yield
+    except NotAnalysed:
+        raise
     except Exception as exc:
         runs.fail(runtime.catalogue, held.run_id, f"{type(exc).__name__}: {exc}", held)
         discard_prepared(runtime, held.run_id)
         raise StageFailed(f"run {held.run_id}: {held.stage} failed: {exc}") from exc
+
+
+def _not_analysed(runtime: Runtime, held: runs.RunClaim, outcome: NotAnalysed) -> None:
+    """End the run as not analysed: no head applies to any stack of its series. Its
+    forwards were decided when the series completed; nothing is reported."""
+    discard_prepared(runtime, held.run_id)
+    with runtime.catalogue.session() as session:
+        runs.not_analysed(session, held, outcome.reason)
 
 
 def _claim(runtime: Runtime, run_id: int, stage: runs.Stage) -> runs.RunClaim:
@@ -114,30 +134,42 @@ def _instance_paths(runtime: Runtime, session: Session, series_id: int) -> list[
 
 
 def prepare(runtime: Runtime, run_id: int) -> bool:
-    """Decode the run's series on a CPU worker, so the inference worker only embeds it.
+    """Decode the run's stacks on a CPU worker, so the inference worker only embeds them.
 
-    False when there is nothing to do (unknown or failed run); True when the run is ready
-    for analysis (decoded here, or already past this stage).
+    False when there is nothing to do (unknown or failed run, or a series with no stack
+    Curia can read: the run is then not analysed); True when the run is ready for analysis
+    (decoded here, or already past this stage). Every stack is decoded, one folder each;
+    which heads accept which stack is the analysis' choice.
     """
-    from pipelines.model.prepared import load_prepared, prepare_series
+    from pipelines.model.prepared import load_prepared, prepare_plan
+    from pipelines.model.stacks import plan_stacks
 
     held = _claim(runtime, run_id, "prepare")
     if held.outcome is not runs.Claimed.CLAIMED:
         return held.outcome is runs.Claimed.DONE
-    with _holding(runtime, held):
-        with runtime.catalogue.session() as session:
-            series_id = _run(session, run_id).series_id
-            paths = _instance_paths(runtime, session, series_id)
-        folder = prepared_folder(runtime, run_id)
-        if load_prepared(folder) is None:
+    try:
+        with _holding(runtime, held), warnings_summarised(f"series of run {run_id}"):
+            with runtime.catalogue.session() as session:
+                series_id = _run(session, run_id).series_id
+                paths = _instance_paths(runtime, session, series_id)
+            planned = plan_stacks(paths)
+            if not planned.stacks:
+                raise planned.not_analysed()
             started = time.perf_counter()
-            prepare_series(paths, folder)
+            for index, plan in enumerate(planned.stacks):
+                folder = prepared_folder(runtime, run_id) / str(index)
+                if load_prepared(folder, expected=plan) is None:
+                    prepare_plan(plan, folder)
             log.info(
-                "run %d: %d slices decoded in %.2f s",
+                "run %d: %d slices of %d stack(s) decoded in %.2f s",
                 run_id,
-                len(paths),
+                sum(len(plan) for plan in planned.stacks),
+                len(planned.stacks),
                 time.perf_counter() - started,
             )
+    except NotAnalysed as outcome:
+        _not_analysed(runtime, held, outcome)
+        return False
     runs.release(runtime.catalogue, held)
     return True
 
@@ -147,15 +179,18 @@ def discard_prepared(runtime: Runtime, run_id: int) -> None:
 
 
 def analyse(runtime: Runtime, run_id: int) -> bool:
-    """Run the backbone and heads on the run's series; False if there is nothing (more)
+    """Run the backbone and heads on the run's stacks; False if there is nothing (more)
     for this execution to do, True when the report is next.
 
-    Mask heads also produce a SEG here, while the mask is in memory; the SEG's result row is
-    recorded with the findings, so a crash leaves either both or neither.
+    Each stack of the series gets the heads whose cards accept it (plane, modality, slice
+    count); a series none of whose stacks any head accepts is not analysed, with the
+    reasons. Mask heads also produce a SEG per stack here, while the mask is in memory; the
+    SEG's result row is recorded with the findings, so a crash leaves either both or
+    neither.
     """
     from pipelines.model.heads import heads_for
-    from pipelines.model.inference import analyse_series_and_masks
     from pipelines.model.prepared import load_prepared
+    from pipelines.model.stack_analysis import StackUnit, analyse_units, plan_units
 
     held = _claim(runtime, run_id, "analyse")
     if held.outcome is runs.Claimed.DONE:
@@ -163,68 +198,69 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
         return True  # inferred before: go on to the report
     if held.outcome is not runs.Claimed.CLAIMED:
         return False
-    with _holding(runtime, held):
-        with runtime.catalogue.session() as session:
-            run = _run(session, run_id)
-            series = run.series
-            paths = _instance_paths(runtime, session, series.id)
-            run_key, series_uid, modality = run.run_key, series.series_instance_uid, series.modality
-            chosen = ((series.routing or {}).get("attributes") or {}).get("heads")
-        started = time.perf_counter()
-        heads = heads_for(runtime.heads, modality)
-        mask_heads = runtime.mask_heads
-        if chosen is not None:  # a routing rule named the heads to run
-            heads = [head for head in heads if head.name in chosen]
-            mask_heads = [head for head in mask_heads if head.name in chosen]
-        headers: list[Dataset] = []
-        if mask_heads:
-            # A SEG must share its source images' frame of reference: for a series without
-            # FrameOfReferenceUID (non-conformant, but seen) there is no SEG, the SR is made.
-            headers = [dcmread(path, stop_before_pixels=True) for path in paths]
-            if any(not h.get("FrameOfReferenceUID") for h in headers):
-                log.warning("run %d: no SEG: the series has no FrameOfReferenceUID", run_id)
-                mask_heads = []
-        # decoded by a CPU worker when the prepare stage ran; decoded here otherwise
-        source = load_prepared(prepared_folder(runtime, run_id)) or paths
-        findings, masks = analyse_series_and_masks(
-            source,
-            runtime.backbone,
-            heads,
-            series_instance_uid=series_uid,
-            batch_size=runtime.settings.model.batch_size,
-            mask_heads=mask_heads,
-        )
-        segs = [
-            (mask.finding, head, _write_seg(runtime, headers, mask, head, run_key))
-            for head, mask in zip(mask_heads, masks, strict=True)
-        ]
-        findings.findings.extend(finding for finding, _, _ in segs)
-        log.info(
-            "run %d: %d slices analysed in %.2f s",
-            run_id,
-            len(paths),
-            time.perf_counter() - started,
-        )
-        with runtime.catalogue.session() as session:
-            recorded = runs.record_inferred(
-                session,
-                held,
-                findings_to_dict(findings),
-                backbone=f"{findings.model.name} {findings.model.version}",
-                heads=", ".join(f"{f.head_name} {f.head_version}" for f in findings.findings),
-                results=[
-                    runs.ResultFile(
-                        kind="seg",
-                        part=head.name,
-                        sop_instance_uid=seg.SOPInstanceUID,
-                        series_instance_uid=seg.SeriesInstanceUID,
-                        path=_relative(seg),
-                        summary=f"{finding.head_name}: segmentation",
-                    )
-                    for finding, head, seg in segs
-                ],
+    try:
+        with _holding(runtime, held), warnings_summarised(f"series of run {run_id}"):
+            with runtime.catalogue.session() as session:
+                run = _run(session, run_id)
+                series = run.series
+                paths = _instance_paths(runtime, session, series.id)
+                run_key, series_uid = run.run_key, series.series_instance_uid
+                modality = series.modality
+                chosen = ((series.routing or {}).get("attributes") or {}).get("heads")
+            started = time.perf_counter()
+            heads = heads_for(runtime.heads, modality)
+            mask_heads = runtime.mask_heads
+            if chosen is not None:  # a routing rule named the heads to run
+                heads = [head for head in heads if head.name in chosen]
+                mask_heads = [head for head in mask_heads if head.name in chosen]
+                if not heads and not mask_heads:
+                    raise NotAnalysed(f"the routing rules chose no installed head ({chosen})")
+            units, skipped = plan_units(paths, heads, mask_heads)
+            folder = prepared_folder(runtime, run_id)
+
+            def decoded(unit: StackUnit) -> PreparedSeries | None:
+                # decoded by a CPU worker when the prepare stage ran; decoded here otherwise
+                return load_prepared(folder / str(unit.index), expected=unit.plan)
+
+            findings, masks = analyse_units(
+                units,
+                skipped,
+                runtime.backbone,
+                series_instance_uid=series_uid,
+                batch_size=runtime.settings.model.batch_size,
+                prepared=decoded,
             )
-        del source  # the memory map, before its file goes
+            segs = _write_segs(runtime, run_id, masks, run_key)
+            findings.findings.extend(finding for finding, _, _ in segs)
+            log.info(
+                "run %d: %d slices of %d stack(s) analysed in %.2f s",
+                run_id,
+                findings.slice_count,
+                len(units),
+                time.perf_counter() - started,
+            )
+            with runtime.catalogue.session() as session:
+                recorded = runs.record_inferred(
+                    session,
+                    held,
+                    findings_to_dict(findings),
+                    backbone=f"{findings.model.name} {findings.model.version}",
+                    heads=", ".join(f"{f.head_name} {f.head_version}" for f in findings.findings),
+                    results=[
+                        runs.ResultFile(
+                            kind="seg",
+                            part=part,
+                            sop_instance_uid=seg.SOPInstanceUID,
+                            series_instance_uid=seg.SeriesInstanceUID,
+                            path=_relative(seg),
+                            summary=f"{finding.head_name}: segmentation",
+                        )
+                        for finding, part, seg in segs
+                    ],
+                )
+    except NotAnalysed as outcome:
+        _not_analysed(runtime, held, outcome)
+        return False
     if not recorded:
         log.warning("run %d: analysed, but another execution had taken the run over", run_id)
         return False
@@ -232,20 +268,50 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
     return True
 
 
+def _write_segs(
+    runtime: Runtime, run_id: int, masks: list[StackMask], run_key: str
+) -> list[tuple[HeadFinding, str, Dataset]]:
+    """One SEG per mask head and stack: (finding, result part, SEG).
+
+    A stack whose sources cannot carry a SEG (no frame of reference, a multi-frame
+    object without plane positions: see :func:`pipelines.reporting.seg.why_no_seg`) has
+    none; the SR is made. The part is the head's name, with the stack's position when the
+    series has several.
+    """
+    from pipelines.reporting.seg import why_no_seg
+
+    several = len({m.unit.index for m in masks}) > 1
+    written = []
+    for stack_mask in masks:
+        plan = stack_mask.unit.plan
+        headers = [dcmread(path, stop_before_pixels=True) for path in dict.fromkeys(plan.paths)]
+        reason = why_no_seg(headers)
+        if reason is None and plan.frames and len(headers) > 1:
+            reason = "the stack spans several multi-frame objects"
+        if reason is not None:
+            log.warning("run %d: no SEG: %s", run_id, reason)
+            continue
+        name = stack_mask.head.name
+        part = f"{name}@{stack_mask.unit.index}" if several else name
+        seg = _write_seg(
+            runtime, headers, stack_mask.mask, stack_mask.head, f"{run_key}:seg:{part}"
+        )
+        written.append((stack_mask.mask.finding, part, seg))
+    return written
+
+
 def _relative(ds: Dataset) -> str:
     return f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
 
 
 def _write_seg(
-    runtime: Runtime, headers: list[Dataset], mask: SeriesMask, head: MaskHead, run_key: str
+    runtime: Runtime, headers: Sequence[Dataset], mask: SeriesMask, head: MaskHead, uid_key: str
 ) -> Dataset:
     """Write one mask head's SEG into the results folder; return it."""
     from pipelines.reporting.files import write_dataset
     from pipelines.reporting.seg import build_seg
 
-    seg = build_seg(
-        headers, mask, head, runtime.device_identity, uid_key=f"{run_key}:seg:{head.name}"
-    )
+    seg = build_seg(headers, mask, head, runtime.device_identity, uid_key=uid_key)
     path = runtime.settings.results_dir / _relative(seg)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_dataset(seg, path)
@@ -328,7 +394,14 @@ def _write_srs(runtime: Runtime, held: runs.RunClaim, findings: SeriesFindings) 
             .order_by(Result.id)
         ).all()
         superseded = _superseded_report(runtime, session, run)
-    sources = [dcmread(path, stop_before_pixels=True) for path in paths]
+    # the analysed instances only: a series may also hold objects that were set aside
+    analysed = set(findings.sop_instance_uids_sorted)
+    with warnings_summarised(f"series of run {held.run_id}"):
+        sources = [
+            ds
+            for ds in (dcmread(path, stop_before_pixels=True) for path in paths)
+            if not analysed or str(ds.get("SOPInstanceUID", "")) in analysed
+        ]
     segs = [
         dcmread(runtime.settings.results_dir / path, stop_before_pixels=True) for path in seg_paths
     ]

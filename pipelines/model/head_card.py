@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from pipelines.findings import CodeRef, HeadClass
+from pipelines.model.orientation import Plane
 from pipelines.model.processor import ProcessorSettings, ProcessorVariant
 
 CARD_FILE = "head.json"
@@ -76,6 +77,11 @@ class ClassCard(BaseModel):
 
     def to_head_class(self) -> HeadClass:
         return HeadClass(name=self.name, code=self.code.to_ref() if self.code else None)
+
+
+def axial_only() -> list[Plane]:
+    """The planes a card accepts unless it says otherwise: Curia's released heads are axial."""
+    return ["axial"]
 
 
 def _self_then_cross() -> list[Block]:
@@ -193,6 +199,10 @@ class HeadCard(BaseModel):
     modalities: list[str] = Field(
         default_factory=list, description="series modalities it applies to; empty = any"
     )
+    planes: list[Plane] = Field(
+        default_factory=axial_only, min_length=1, description="patient planes of its stacks"
+    )
+    min_slices: int = Field(default=1, ge=1, description="fewest slices a stack must have")
     attention: AttentionCard | None = Field(default=None, validate_default=True)
     window: WindowCard | None = Field(default=None, validate_default=True)
     unit: CodeCard | None = Field(

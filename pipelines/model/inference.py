@@ -453,7 +453,7 @@ def analyse_series(
 
 
 def analyse_series_and_masks(
-    paths: Sequence[Path] | PreparedSeries,
+    paths: Sequence[Path] | SeriesPlan | PreparedSeries,
     backbone: Backbone,
     heads: Sequence[Head],
     *,
@@ -493,6 +493,7 @@ def analyse_series_and_masks(
         model=backbone.identity,
         slice_count=len(plan),
         sop_instance_uids_sorted=list(plan.sop_instance_uids),
+        frames_sorted=list(plan.frames),
     )
     if not heads and not mask_heads:
         return result, []
@@ -529,6 +530,6 @@ def analyse_series_and_masks(
         findings[i] = _window_finding(heads[i], window, backbone, plan)
     for i, reason in skipped.items():
         log.info("series %s: head %s %s", series_instance_uid, heads[i].name, reason)
-        result.not_analysed[heads[i].name] = reason
+        result.heads_not_run[heads[i].name] = reason
     result.findings.extend(findings[i] for i in range(len(heads)) if i not in skipped)
     return result, series_masks

@@ -10,9 +10,10 @@ model, so without a mask they do not run at all.
 Lesion-centred 3D heads (``window.selection: mask``) centre their window on the median masked
 slice instead of the middle one.
 
-The mask comes from one of the node's mask heads run on the same series (named by the head
-card's ``mask_source``), in the stored orientation of the series; it is reoriented to the PL
-layout the pixels are in before cropping.
+The mask comes from one of the node's mask heads run on the same stack (named by the head
+card's ``mask_source``; see :mod:`~pipelines.model.stack_analysis`), in the stored
+orientation of the stack; it is reoriented to the layout the pixels are in (PL, IL or IP)
+before cropping.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def mask_pooled_prediction(
 
 
 NO_MASK = "not analysed: no mask"
-EMPTY_MASK = "not analysed: the mask is empty on this series"
+EMPTY_MASK = "not analysed: the mask is empty on this stack"
 
 
 def _head_input(
@@ -182,7 +183,7 @@ def mask_head_outputs(
     """Outputs of the ``mask`` heads by position, and the reason for each that did not run.
 
     Each pools inside the mask of the node's mask head its card names (``mask_source``),
-    run on the same series.
+    run on the same stack.
     """
     by_name = {mask.finding.head_name: mask for mask in masks}
     outputs: dict[int, MaskPooled] = {}

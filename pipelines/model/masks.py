@@ -42,8 +42,10 @@ from pipelines.findings import (
     SeriesMask,
 )
 from pipelines.model.backbone import Backbone
+from pipelines.model.head_card import axial_only
 from pipelines.model.heads import BIAS_KEY, CARD_FILE, WEIGHT_KEY, WEIGHTS_FILE, CodeCard
 from pipelines.model.key_region import mask_box
+from pipelines.model.orientation import Plane
 from pipelines.model.preprocess import (
     PreparedSeries,
     Reorientation,
@@ -147,6 +149,13 @@ class MaskHeadCard(BaseModel):
     backbone: str = Field(min_length=1)
     clip_below_air: bool = False
     demo: bool = False
+    modalities: list[str] = Field(
+        default_factory=list, description="stack modalities it applies to; empty = any"
+    )
+    planes: list[Plane] = Field(
+        default_factory=axial_only, min_length=1, description="patient planes of its stacks"
+    )
+    min_slices: int = Field(default=1, ge=1, description="fewest slices a stack must have")
 
 
 @dataclass
@@ -348,6 +357,7 @@ def make_series_mask(
     model: ModelIdentity,
     mask_head: MaskHead,
     highest_probability: float,
+    frames: Sequence[int] = (),
 ) -> SeriesMask:
     """Wrap a stored-orientation mask with the series-level finding the SR reports.
 
@@ -381,6 +391,7 @@ def make_series_mask(
         series_instance_uid=series_instance_uid,
         model=model,
         finding=finding,
+        frames=tuple(frames),
     )
 
 
@@ -426,6 +437,7 @@ class MaskAccumulator:
             model=self.model,
             mask_head=self.head,
             highest_probability=self.highest,
+            frames=self.plan.frames,
         )
 
 

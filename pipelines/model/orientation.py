@@ -1,9 +1,11 @@
-"""Slice orientation: how a stored axial slice maps onto Curia's "PL" layout.
+"""Slice orientation: how a stored slice maps onto Curia's layout of its plane.
 
-Curia was trained on axial slices with array axis 0 towards the patient's Posterior and axis
-1 towards the Left (ImageOrientationPatient [1,0,0,0,1,0]). This module turns a series'
-ImageOrientationPatient into the transpose and flips that reach that layout, and refuses
-planes Curia's heads were not trained on. It is pure geometry (numpy only), so key regions and
+Curia's image processor lays out axial slices "PL" (array axis 0 towards the patient's
+Posterior, axis 1 towards the Left: ImageOrientationPatient [1,0,0,0,1,0]), coronal slices
+"IL" (Inferior, Left) and sagittal slices "IP" (Inferior, Posterior). This module finds a
+stack's plane from its ImageOrientationPatient and the transpose and flips that reach that
+layout; slices within :data:`MAX_OBLIQUITY_DEG` of a plane are snapped to it, true obliques
+are refused. It is pure geometry (numpy only), so key regions and
 masks can map PL grids back to stored pixels without reading any file.
 
 :class:`SeriesError` lives here, at the bottom of series reading, so every step from
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -21,7 +24,8 @@ import numpy as np
 #: axis for the series to count as axial; covers gantry tilt, refuses true obliques.
 MAX_OBLIQUITY_DEG = 25.0
 
-_AXES = ("x (patient Left)", "y (patient Posterior)", "z (patient Superior)")
+#: The patient planes Curia lays out; a head card names those it accepts.
+Plane = Literal["axial", "coronal", "sagittal"]
 
 
 class SeriesError(ValueError):
@@ -79,42 +83,85 @@ def _nearest_axis(direction: np.ndarray) -> tuple[int, float, float]:
     return axis, float(np.sign(direction[axis])), float(np.degrees(np.arccos(cosine)))
 
 
+#: Curia's layout of each plane: (patient axis, sign) that array axis 0 (down the rows) and
+#: axis 1 (along a row) must point to, in LPS axes (x Left, y Posterior, z Superior).
+#: Axial "PL" (Posterior, Left), coronal "IL" (Inferior, Left), sagittal "IP" (Inferior,
+#: Posterior), as Curia's image processor lays them out.
+LAYOUTS: dict[Plane, tuple[tuple[int, float], tuple[int, float]]] = {
+    "axial": ((1, 1.0), (0, 1.0)),
+    "coronal": ((2, -1.0), (0, 1.0)),
+    "sagittal": ((2, -1.0), (1, 1.0)),
+}
+
+#: The plane whose slices are perpendicular to each patient axis (the normal's axis).
+_PLANE_OF_NORMAL: dict[int, Plane] = {0: "sagittal", 1: "coronal", 2: "axial"}
+
+
+class ObliqueStack(SeriesError):
+    """Slices too far from every patient plane for any of Curia's layouts."""
+
+
+def plane_of(iop: Sequence[float], source: str = "series") -> Plane:
+    """The patient plane of slices with this ImageOrientationPatient (normal's nearest axis).
+
+    Refuses (:class:`ObliqueStack`) a normal more than :data:`MAX_OBLIQUITY_DEG` from every
+    patient axis: such slices are in none of the planes Curia was trained on.
+    """
+    row_dir, col_dir = _directions(iop, source)
+    normal_axis, _, normal_angle = _nearest_axis(np.cross(row_dir, col_dir))
+    if normal_angle > MAX_OBLIQUITY_DEG:
+        raise ObliqueStack(
+            f"{source}: oblique slices (normal {normal_angle:.0f} degrees from the nearest "
+            "patient axis); Curia reads axial, coronal and sagittal slices"
+        )
+    return _PLANE_OF_NORMAL[normal_axis]
+
+
+def reorientation_for(iop: Sequence[float], source: str = "series") -> tuple[Plane, Reorientation]:
+    """The plane of these slices and how to lay them out as Curia does (PL, IL or IP).
+
+    In DICOM the first IOP triplet is the direction along a row (array axis 1), the second
+    the direction down a column (array axis 0), in LPS patient axes. The layout is reached
+    by a transpose (when the stored rows run along the axis the layout wants down the
+    columns) and flips; an in-plane rotation beyond the obliquity tolerance is refused.
+    """
+    plane = plane_of(iop, source)
+    row_dir, col_dir = _directions(iop, source)
+    row_axis, row_sign, row_angle = _nearest_axis(row_dir)
+    col_axis, col_sign, col_angle = _nearest_axis(col_dir)
+    (want0, sign0), (want1, sign1) = LAYOUTS[plane]
+    if max(row_angle, col_angle) > MAX_OBLIQUITY_DEG or {row_axis, col_axis} != {want0, want1}:
+        raise ObliqueStack(
+            f"{source}: in-plane rotation of ImageOrientationPatient "
+            f"{[round(float(v), 4) for v in iop]} is too oblique to map onto the {plane} layout"
+        )
+    transpose = col_axis != want0  # stored rows run along the axis axis 0 must follow
+    axis0_sign, axis1_sign = (row_sign, col_sign) if transpose else (col_sign, row_sign)
+    return plane, Reorientation(
+        transpose=transpose, flip_rows=axis0_sign != sign0, flip_cols=axis1_sign != sign1
+    )
+
+
 def orientation_to_pl(iop: Sequence[float], source: str = "series") -> Reorientation:
     """The reorientation that maps an axial slice with this ImageOrientationPatient to PL.
 
-    In DICOM the first IOP triplet is the direction along a row (increasing column index),
-    the second the direction down a column (increasing row index), in LPS patient axes. PL
-    wants the row direction to be +x (Left) and the column direction +y (Posterior).
-    Coronal, sagittal and oblique stacks are refused: Curia's released heads are axial and
-    their other planes need a different layout ("IL", "IP").
+    Coronal and sagittal slices are refused here; :func:`reorientation_for` lays out every
+    plane.
     """
+    plane, reorientation = reorientation_for(iop, source)
+    if plane != "axial":
+        raise SeriesError(
+            f"{source}: {plane} slices (ImageOrientationPatient "
+            f"{[round(float(v), 4) for v in iop]}) are not axial"
+        )
+    return reorientation
+
+
+def _directions(iop: Sequence[float], source: str) -> tuple[np.ndarray, np.ndarray]:
     values = np.asarray([float(v) for v in iop], dtype=np.float64)
     if values.shape != (6,):
         raise SeriesError(f"{source}: ImageOrientationPatient must have 6 values, got {list(iop)}")
-    row_dir, col_dir = _unit(values[:3], source), _unit(values[3:], source)
-    normal_axis, _, normal_angle = _nearest_axis(np.cross(row_dir, col_dir))
-    if normal_angle > MAX_OBLIQUITY_DEG:
-        raise SeriesError(
-            f"{source}: oblique slices (normal {normal_angle:.0f} degrees from the nearest "
-            "patient axis) are not supported; only axial series are"
-        )
-    if normal_axis != 2:
-        plane = "sagittal" if normal_axis == 0 else "coronal"
-        raise SeriesError(
-            f"{source}: {plane} series (ImageOrientationPatient {list(np.round(values, 4))}) "
-            "are not supported yet; only axial series are"
-        )
-    row_axis, row_sign, row_angle = _nearest_axis(row_dir)
-    col_axis, col_sign, col_angle = _nearest_axis(col_dir)
-    if max(row_angle, col_angle) > MAX_OBLIQUITY_DEG or {row_axis, col_axis} != {0, 1}:
-        raise SeriesError(
-            f"{source}: in-plane rotation of ImageOrientationPatient {list(values)} is too "
-            "oblique to map onto the axial PL layout"
-        )
-    transpose = row_axis == 1  # rows run along y: swap so rows run along x
-    if transpose:
-        row_sign, col_sign = col_sign, row_sign
-    return Reorientation(transpose=transpose, flip_rows=col_sign < 0, flip_cols=row_sign < 0)
+    return _unit(values[:3], source), _unit(values[3:], source)
 
 
 def _unit(vector: np.ndarray, source: str) -> np.ndarray:

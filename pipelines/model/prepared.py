@@ -1,4 +1,4 @@
-"""Prepared series: a whole series decoded once into a folder, read back memory-mapped.
+"""Prepared stacks: a whole stack decoded once into a folder, read back memory-mapped.
 
 The prepare stage runs this on a CPU worker so the worker holding the GPU only resizes and
 embeds. A folder is written under a temporary name and renamed, so a reader sees a complete
@@ -25,12 +25,16 @@ PREPARED_PLAN = "plan.json"
 
 
 def prepare_series(paths: Sequence[Path], folder: Path, *, chunk: int = 16) -> PreparedSeries:
-    """Decode a whole series into ``folder`` (pixels + plan); return it, memory-mapped.
+    """Decode a series that is one stack into ``folder``; see :func:`prepare_plan`."""
+    return prepare_plan(plan_series(paths), folder, chunk=chunk)
+
+
+def prepare_plan(plan: SeriesPlan, folder: Path, *, chunk: int = 16) -> PreparedSeries:
+    """Decode a whole stack into ``folder`` (pixels + plan); return it, memory-mapped.
 
     Written under a temporary name and renamed, so a reader sees a complete folder or
     none. Only a chunk of slices is in memory at a time.
     """
-    plan = plan_series(paths)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -54,8 +58,9 @@ def prepare_series(paths: Sequence[Path], folder: Path, *, chunk: int = 16) -> P
     return prepared
 
 
-def load_prepared(folder: Path) -> PreparedSeries | None:
-    """The series :func:`prepare_series` wrote to ``folder``; None if it is not (all) there."""
+def load_prepared(folder: Path, expected: SeriesPlan | None = None) -> PreparedSeries | None:
+    """The stack :func:`prepare_plan` wrote to ``folder``; None if it is not (all) there,
+    or when it is not the ``expected`` stack (the same slices and frames, in order)."""
     try:
         record = json.loads((folder / PREPARED_PLAN).read_text())
         pixels = np.load(folder / PREPARED_PIXELS, mmap_mode="r")
@@ -67,8 +72,14 @@ def load_prepared(folder: Path) -> PreparedSeries | None:
             "paths": tuple(Path(p) for p in record["paths"]),
             "sop_instance_uids": tuple(record["sop_instance_uids"]),
             "reorientation": Reorientation(**record["reorientation"]),
+            "frames": tuple(record.get("frames", ())),
+            "rescales": tuple(tuple(r) for r in record.get("rescales", ())),
         }
     )
     if pixels.shape != (len(plan), *plan.shape):
+        return None
+    if expected is not None and (
+        plan.sop_instance_uids != expected.sop_instance_uids or plan.frames != expected.frames
+    ):
         return None
     return PreparedSeries(plan=plan, pixels=pixels)

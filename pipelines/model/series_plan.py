@@ -1,8 +1,9 @@
-"""Planning a series from its headers: sorted, checked and oriented before any pixel is read.
+"""A planned stack: sorted, checked and oriented from headers before any pixel is read.
 
-Headers are read with ``stop_before_pixels``, so a 2,000-slice CT is sorted and checked
-without decoding it. A planned series (or one already decoded into a prepared folder, see
-:mod:`pipelines.model.prepared`) is the *source* that decoding and inference take.
+Headers are read with ``stop_before_pixels`` (:mod:`pipelines.model.stacks` splits and
+sorts them), so a 2,000-slice CT is sorted and checked without decoding it. A planned
+stack (or one already decoded into a prepared folder, see :mod:`pipelines.model.prepared`)
+is the *source* that decoding and inference take.
 """
 
 from __future__ import annotations
@@ -11,42 +12,25 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from pipelines.model.orientation import Reorientation, SeriesError, orientation_to_pl
-
-#: Two slices whose ImageOrientationPatient differ by more than this are not one stack.
-ORIENTATION_TOLERANCE = 1e-3
-
-
-def _read_header(path: Path) -> Dataset:
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise SeriesError(f"{path}: not a readable DICOM file: {exc}") from exc
-
-
-def check_single_frame(ds: Dataset, path: Path) -> None:
-    """Refuse multi-frame and colour images: Curia reads one grey-level slice per file."""
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise SeriesError(f"{path}: multi-frame images ({frames} frames) are not supported yet")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        raise SeriesError(f"{path}: {samples} samples per pixel; Curia reads grey-level images")
-
-
-# --- planning a series from headers ------------------------------------------------------
+from pipelines.model.orientation import Plane, Reorientation
 
 
 @dataclass(frozen=True)
 class SeriesPlan:
-    """A series sorted and checked from headers only, ready to be decoded in chunks."""
+    """One stack sorted and checked from headers only, ready to be decoded in chunks.
+
+    A stack is a series, or the part of one that is a single stack of parallel slices of
+    one size (:mod:`pipelines.model.stacks` splits a series). Entries are per slice, in
+    spatial order: ``paths[i]`` / ``sop_instance_uids[i]`` is the file holding slice i and
+    ``frames[i]`` its 1-based frame number in a multi-frame object (0: a single-frame
+    file; empty: every slice is one). ``rescales[i]`` is a frame's (slope, intercept)
+    from its functional groups (empty for single-frame files, which carry their own).
+    ``plane`` is the patient plane the stack is laid out in (PL, IL or IP; see
+    :mod:`pipelines.model.orientation`); ``label`` says which stack this is, for people.
+    """
 
     paths: tuple[Path, ...]
     sop_instance_uids: tuple[str, ...]
@@ -56,6 +40,10 @@ class SeriesPlan:
     reorientation: Reorientation
     series_instance_uid: str
     sorted_by: str  # "position", "instance number" or "file order"
+    frames: tuple[int, ...] = ()
+    rescales: tuple[tuple[float, float], ...] = ()
+    plane: Plane = "axial"
+    label: str = ""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,128 +53,23 @@ class SeriesPlan:
         """(H, W) of every slice after reorientation."""
         return self.reorientation.output_shape(self.rows, self.columns)
 
+    def frame(self, index: int) -> int:
+        """Slice ``index``'s frame number in its file (0: a single-frame file)."""
+        return self.frames[index] if self.frames else 0
 
-@dataclass(frozen=True)
-class _Header:
-    path: Path
-    uid: str
-    series_uid: str
-    modality: str
-    rows: int
-    columns: int
-    iop: tuple[float, ...] | None
-    ipp: tuple[float, ...] | None
-    instance_number: int | None
-
-
-def _floats(value: Any, count: int) -> tuple[float, ...] | None:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == count else None
-
-
-def _header(path: Path) -> _Header:
-    ds = _read_header(path)
-    check_single_frame(ds, path)
-    uid = str(ds.get("SOPInstanceUID", "") or "")
-    if not uid:
-        raise SeriesError(f"{path}: no SOPInstanceUID")
-    if "Rows" not in ds or "Columns" not in ds:
-        raise SeriesError(f"{path}: no Rows/Columns: not an image")
-    number = ds.get("InstanceNumber")
-    return _Header(
-        path=path,
-        uid=uid,
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        modality=str(ds.get("Modality", "") or ""),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        iop=_floats(ds.get("ImageOrientationPatient"), 6),
-        ipp=_floats(ds.get("ImagePositionPatient"), 3),
-        instance_number=int(number) if number not in (None, "") else None,
-    )
-
-
-def _check_consistent(headers: list[_Header]) -> None:
-    first = headers[0]
-    for h in headers[1:]:
-        if (h.rows, h.columns) != (first.rows, first.columns):
-            raise SeriesError(
-                f"mixed slice sizes in one series: {first.path.name} is "
-                f"{first.rows}x{first.columns}, {h.path.name} is {h.rows}x{h.columns}"
-            )
-        if h.series_uid != first.series_uid:
-            raise SeriesError(
-                f"files from different series: {first.path.name} ({first.series_uid}) and "
-                f"{h.path.name} ({h.series_uid})"
-            )
-        if (h.iop is None) != (first.iop is None) or (
-            h.iop is not None
-            and first.iop is not None
-            and np.max(np.abs(np.subtract(h.iop, first.iop))) > ORIENTATION_TOLERANCE
-        ):
-            raise SeriesError(
-                f"slices with different orientations in one series: {first.path.name} "
-                f"{first.iop}, {h.path.name} {h.iop}"
-            )
-    uids = [h.uid for h in headers]
-    if len(set(uids)) != len(uids):
-        raise SeriesError("the same SOPInstanceUID appears twice in the series")
-
-
-def _sort(headers: list[_Header], normal: np.ndarray | None) -> tuple[list[_Header], str]:
-    """Spatial order, inferior to superior (as a LPS volume's z axis), with fallbacks.
-
-    Position along the normal needs ImagePositionPatient and ImageOrientationPatient on every
-    slice; without them InstanceNumber is the best available order, then the given order.
-    """
-    indexed = list(enumerate(headers))
-    positions = [h.ipp for h in headers if h.ipp is not None]
-    if normal is not None and len(positions) == len(headers):
-
-        def position(item: tuple[int, _Header]) -> tuple[float, int, int]:
-            i, h = item
-            return (float(np.dot(positions[i], normal)), h.instance_number or 0, i)
-
-        return [h for _, h in sorted(indexed, key=position)], "position"
-    if all(h.instance_number is not None for h in headers):
-        ordered = sorted(indexed, key=lambda item: (item[1].instance_number, item[0]))
-        return [h for _, h in ordered], "instance number"
-    return headers, "file order"
+    def rescale(self, index: int) -> tuple[float, float] | None:
+        return self.rescales[index] if self.rescales else None
 
 
 def plan_series(paths: Sequence[Path]) -> SeriesPlan:
-    """Sort and check a series from headers only: order, size, orientation, UIDs.
+    """Sort and check a series that is one stack, from headers only.
 
-    The slice normal is taken pointing to the patient's head, so the sorted series runs feet
-    to head whatever the acquisition direction. A series without ImageOrientationPatient is
-    taken as already axial PL (nothing to reorient by).
+    A series of several stacks, or with nothing Curia can read, is refused with the reason;
+    :func:`pipelines.model.stacks.plan_stacks` plans every stack of a series.
     """
-    if not paths:
-        raise SeriesError("empty series: no files")
-    headers = [_header(Path(p)) for p in paths]
-    _check_consistent(headers)
-    first = headers[0]
-    normal: np.ndarray | None = None
-    reorientation = Reorientation()
-    if first.iop is not None:
-        reorientation = orientation_to_pl(first.iop, source=str(first.path))
-        normal = np.cross(first.iop[:3], first.iop[3:])
-        if normal[2] < 0:
-            normal = -normal
-    ordered, sorted_by = _sort(headers, normal)
-    return SeriesPlan(
-        paths=tuple(h.path for h in ordered),
-        sop_instance_uids=tuple(h.uid for h in ordered),
-        modality=first.modality,
-        rows=first.rows,
-        columns=first.columns,
-        reorientation=reorientation,
-        series_instance_uid=first.series_uid,
-        sorted_by=sorted_by,
-    )
+    from pipelines.model.stacks import plan_single_stack
+
+    return plan_single_stack(paths)
 
 
 # --- series sources ----------------------------------------------------------------------
@@ -231,6 +114,8 @@ def subset(
         plan,
         paths=tuple(plan.paths[i] for i in indices),
         sop_instance_uids=tuple(plan.sop_instance_uids[i] for i in indices),
+        frames=tuple(plan.frames[i] for i in indices) if plan.frames else (),
+        rescales=tuple(plan.rescales[i] for i in indices) if plan.rescales else (),
     )
     if isinstance(source, PreparedSeries):
         return PreparedSeries(plan=narrowed, pixels=source.pixels[list(indices)])

@@ -138,7 +138,7 @@ def build_sr(
                 f"(templates for: {sorted(templates) or 'none'})"
             )
         check_finding(finding)
-        segment = segments.get(finding.head_name)
+        segment = segments.get((finding.head_name, finding.stack))
         groups.append(
             measurement_group(
                 findings, finding, template, device, by_uid, demo, segment, uid_key=uid_key

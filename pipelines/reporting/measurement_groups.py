@@ -86,14 +86,27 @@ def _key_dataset(
     return ds
 
 
+def _frames(findings: SeriesFindings, index: int | None) -> list[int] | None:
+    """The frame number to reference for slice ``index``: a multi-frame source's frame."""
+    if index is None:
+        return None
+    frame = findings.frame_of(index)
+    return [frame] if frame else None
+
+
 def _key_image(
     findings: SeriesFindings, finding: HeadFinding, by_uid: Mapping[str, Dataset]
 ) -> list[hd.sr.SourceImageForMeasurementGroup] | None:
-    """Reference the head's key slice so a viewer can jump to it."""
+    """Reference the head's key slice so a viewer can jump to it (its frame, when the
+    source is multi-frame)."""
     ds = _key_dataset(findings, finding, by_uid)
     if ds is None:
         return None
-    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)]
+    return [
+        hd.sr.SourceImageForMeasurementGroup.from_source_image(
+            ds, referenced_frame_numbers=_frames(findings, finding.key_slice)
+        )
+    ]
 
 
 def _label_concept(text: str) -> hd.sr.CodedConcept:
@@ -114,13 +127,16 @@ def _drawn_region(
     """The outline viewers draw for a finding: its key region on its key slice.
 
     A finding without a key slice (a regression value, an empty mask) is outlined on the
-    series' central slice as a whole, and so is one whose head keeps no spatial tokens:
+    central slice of its stack as a whole, and so is one whose head keeps no spatial tokens:
     viewers such as OHIF refuse a report whose groups are not all on an image.
     """
     ds = _key_dataset(findings, finding, by_uid)
-    if ds is None:
+    index = finding.key_slice
+    if ds is None:  # the central slice of the stack the head read
         uids = findings.sop_instance_uids_sorted
-        ds = by_uid.get(uids[len(uids) // 2]) if uids else None
+        slices = findings.slices_of(finding.stack)
+        index = slices[len(slices) // 2] if slices else 0
+        ds = by_uid.get(uids[index]) if uids else None
         if ds is None:
             raise ReportError(f'head "{finding.head_name}": no slice to draw the finding on')
     rows, columns = int(ds.Rows), int(ds.Columns)
@@ -136,7 +152,9 @@ def _drawn_region(
     return hd.sr.CoordinatesForMeasurement(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=outline,
-        source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(
+            ds, referenced_frame_numbers=_frames(findings, index)
+        ),
     )
 
 
@@ -276,12 +294,15 @@ def measurement_group(
     # A segment's tracking UID, where it has one, so that the SR group and the SEG segment
     # are recognisably the same finding; else one of its own (derived from the SR's key,
     # when it has one, so that a rewritten SR tracks the same finding).
+    # A head run on several stacks of the series has a group, and a tracking UID, per stack.
+    on_stack = f" {finding.stack}" if finding.stack else ""
     tracking_uid = (segment.tracking_uid if segment is not None else None) or new_uid(
-        uid_key, f"SR tracking {finding.head_name}"
+        uid_key, f"SR tracking {finding.head_name}{on_stack}"
     )
     common: dict[str, Any] = {
         "tracking_identifier": hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=template.tracking_identifier
+            uid=tracking_uid,
+            identifier=f"{template.tracking_identifier}{' -' + on_stack if on_stack else ''}",
         ),
         "finding_type": concept(template.finding_type),
         "algorithm_id": algorithm_identification(findings.model, finding, device),

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -38,7 +39,7 @@ from pipelines.reporting.provenance import (
 )
 from pipelines.reporting.uids import new_uid
 
-__all__ = ["build_seg"]
+__all__ = ["build_seg", "why_no_seg"]
 
 _ST_MAX = 1024
 _DEMO_LABEL_SUFFIX = " (DEMO)"
@@ -72,6 +73,62 @@ def _check_geometry(ordered: Sequence[Dataset], mask: SeriesMask) -> None:
                 f"source {ds.SOPInstanceUID} is {ds.Rows}x{ds.Columns} but the mask is "
                 f"{mask.mask.shape[1]}x{mask.mask.shape[2]}"
             )
+
+
+def why_no_seg(sources: Sequence[Dataset]) -> str | None:
+    """Why these source headers cannot carry a Segmentation; None when they can.
+
+    A Segmentation shares its sources' frame of reference, and is placed frame by frame
+    in the patient: a source without FrameOfReferenceUID (non-conformant, but seen), or
+    a multi-frame source whose functional groups give no plane positions, has none.
+    """
+    if any(not ds.get("FrameOfReferenceUID") for ds in sources):
+        return "a source has no FrameOfReferenceUID"
+    for ds in sources:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1 and not _has_plane_positions(ds):
+            return "the multi-frame source gives no plane position for its frames"
+    return None
+
+
+def _has_plane_positions(ds: Dataset) -> bool:
+    groups = [*(ds.get("SharedFunctionalGroupsSequence") or [])]
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if any("PlanePositionSequence" in g for g in groups):
+        return True
+    return bool(per_frame) and all("PlanePositionSequence" in g for g in per_frame)
+
+
+def _on_source_frames(
+    sources: Sequence[Dataset], mask: SeriesMask
+) -> tuple[list[Dataset], np.ndarray]:
+    """A mask of frames of one multi-frame object, as one mask frame per source frame.
+
+    highdicom builds a Segmentation of a multi-frame source on its frames, one mask frame
+    per source frame in frame order (each SEG frame then references its source frame).
+    The mask covers the stack that was analysed; the object's other frames (another
+    stack of the same object) stay empty, and empty frames are left out of the SEG.
+    """
+    uids = set(mask.sop_instance_uids)
+    if len(uids) != 1 or len(sources) != 1:
+        raise SegmentationError(
+            f"a mask of {len(uids)} multi-frame object(s) over {len(sources)} source(s): a "
+            "Segmentation is built on the frames of one multi-frame source"
+        )
+    source = sources[0]
+    if str(source.get("SOPInstanceUID", "")) not in uids:
+        raise SegmentationError("the source is not the multi-frame object the mask was made on")
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    rows, columns = int(source.Rows), int(source.Columns)
+    if mask.mask.shape[1:] != (rows, columns) or len(mask.frames) != mask.mask.shape[0]:
+        raise SegmentationError(
+            f"mask shape {mask.mask.shape} does not fit {len(mask.frames)} frames of "
+            f"{rows}x{columns}"
+        )
+    if not all(1 <= f <= frames for f in mask.frames):
+        raise SegmentationError(f"mask frames {mask.frames} outside the source's {frames}")
+    full = np.zeros((frames, rows, columns), dtype=bool)
+    full[[f - 1 for f in mask.frames]] = mask.mask
+    return [source], full
 
 
 def _demo_label(label: str) -> str:
@@ -149,14 +206,18 @@ def build_seg(
         raise SegmentationError(
             f"mask was made by head {mask.finding.head_name!r}, not {segment.head_name!r}"
         )
-    ordered = _in_mask_order(sources, mask)
-    _check_geometry(ordered, mask)
+    if any(mask.frames):
+        ordered, pixel_array = _on_source_frames(sources, mask)
+    else:
+        ordered = _in_mask_order(sources, mask)
+        _check_geometry(ordered, mask)
+        pixel_array = mask.mask
     prepared = prepare_sources(ordered)
     demo = mask.finding.demo
     content = f"{segment.head_name} mask" + (" - DEMO, NOT FOR DIAGNOSIS" if demo else "")
     seg = hd.seg.Segmentation(
         source_images=prepared,
-        pixel_array=mask.mask,
+        pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment_description(mask, segment, device, uid_key)],
         series_instance_uid=new_uid(uid_key, "SEG series"),

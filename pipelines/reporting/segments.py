@@ -43,24 +43,26 @@ def _segment_algorithm(segment: Dataset) -> tuple[str, str]:
 
 def referenced_segments(
     segmentations: Sequence[Dataset], findings: SeriesFindings, study_uid: str
-) -> dict[str, SegmentRef]:
-    """The segment each mask head produced, by head name, found by its algorithm identity.
+) -> dict[tuple[str, str], SegmentRef]:
+    """The segment each mask head produced, by (head name, stack), found by its algorithm.
 
     A segment is matched on the name and version of the algorithm that made it (backbone
     + head, exactly as the SR names it) within a Segmentation of this study that
-    references this series. Everything must pair up: a mask head without its segment, a
-    segment claimed twice, or a Segmentation no finding reports is refused, since any of
-    them means the SR and the SEG would disagree.
+    references this series. A mask head that read several stacks of the series made one
+    Segmentation per stack: they pair with its findings in order (the pipeline writes
+    both in the order of the stacks). Everything must pair up: a mask head without its
+    segment, a segment more than its findings, or a Segmentation no finding reports is
+    refused, since any of them means the SR and the SEG would disagree.
     """
-    wanted = {
-        (
-            algorithm_name(findings.model, f.head_name),
-            algorithm_version(findings.model, f.head_version),
-        ): f.head_name
-        for f in findings.findings
-        if f.task == SEGMENTATION_TASK
-    }
-    found: dict[str, SegmentRef] = {}
+    wanted: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for f in findings.findings:
+        if f.task == SEGMENTATION_TASK:
+            algorithm = (
+                algorithm_name(findings.model, f.head_name),
+                algorithm_version(findings.model, f.head_version),
+            )
+            wanted.setdefault(algorithm, []).append((f.head_name, f.stack))
+    found: dict[tuple[str, str], SegmentRef] = {}
     for i, seg in enumerate(segmentations):
         uid = str(seg.get("SOPInstanceUID", "") or "")
         if str(seg.get("SOPClassUID", "")) not in _SEGMENTATION_SOP_CLASSES or not uid:
@@ -79,11 +81,12 @@ def referenced_segments(
             )
         used = False
         for segment in seg.get("SegmentSequence") or []:
-            head = wanted.get(_segment_algorithm(segment))
-            if head is None:
+            keys = wanted.get(_segment_algorithm(segment))
+            if keys is None:
                 continue
-            if head in found:
-                raise ReportError(f'head "{head}" has more than one segment to reference')
+            head = next((key for key in keys if key not in found), None)
+            if head is None:
+                raise ReportError(f'head "{keys[0][0]}" has more segments than findings')
             tracking_uid = str(segment.get("TrackingUID", "") or "")
             found[head] = SegmentRef(
                 reference=hd.sr.ReferencedSegment(
@@ -100,7 +103,9 @@ def referenced_segments(
                 f"segmentation {uid} has no segment made by a reported mask head "
                 f"(looked for algorithms {sorted(name for name, _ in wanted)})"
             )
-    missing = sorted(set(wanted.values()) - set(found))
+    missing = sorted(
+        {head for keys in wanted.values() for head, _ in keys if (head, _) not in found}
+    )
     if missing:
         raise ReportError(
             f"mask head(s) {missing} have no segment among the given segmentations: pass "

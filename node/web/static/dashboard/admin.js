@@ -497,6 +497,7 @@ export function renderQueues(overview, ready) {
       ? entries.map(([state, n]) => h("tr", {}, h("td", {}, badge(state)), h("td", {}, String(n))))
       : [empty(2, "none")];
   };
+  replace($("series-by-state"), rows(c.series_by_state));
   replace($("runs-by-state"), rows(c.runs));
   replace($("deliveries-by-state"), rows(c.deliveries));
 }

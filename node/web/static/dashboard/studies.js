@@ -39,8 +39,8 @@ export function stagesOf(series) {
     ? { status: "done", detail: time(series.completed_at) }
     : { status: receiving ? "pending" : "done", detail: receiving ? "waiting for quiet" : "" };
 
-  if (!run) {
-    const skipped = ["done", "failed"].includes(series.state);
+  if (!run || series.state === "not_analysed") {
+    const skipped = ["done", "failed", "not_analysed"].includes(series.state);
     for (const name of ["inference", "report", "delivered"]) {
       stage[name] = skipped
         ? { status: "skipped", detail: "not analysed" }
@@ -169,7 +169,14 @@ function seriesRow(series) {
       h("span", { class: "sub" }, uid(series.uid), ` · ${series.instance_count} instances`),
       series.calling_ae_title ? h("span", { class: "sub" }, `from ${series.calling_ae_title}`) : null,
     ),
-    h("td", {}, badge(series.state, series.state, { dataset: { field: "series-state" } })),
+    h(
+      "td",
+      {},
+      badge(series.state.replace("_", " "), series.state, { dataset: { field: "series-state" } }),
+      series.state_reason
+        ? h("span", { class: "sub", dataset: { field: "series-state-reason" } }, series.state_reason)
+        : null,
+    ),
     h("td", {}, stagesCell(series)),
     h("td", {}, resultsCell(series)),
     h("td", {}, deliveriesCell(series)),

@@ -34,7 +34,7 @@ const TONES = {
   ok: ["sent", "done", "succeeded", "ready", "ok", "admin"],
   info: ["receiving", "complete", "processing", "running", "reported", "queued", "pending"],
   bad: ["failed", "not ready", "unreachable"],
-  warn: ["read", "store", "disabled"],
+  warn: ["read", "store", "disabled", "not_analysed"],
 };
 
 export function tone(state) {
