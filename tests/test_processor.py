@@ -23,8 +23,9 @@ from pipelines.model.backbone import (
     load_backbone,
     save_hf_folder,
 )
+from pipelines.model.head_groups import head_preprocessing
 from pipelines.model.heads import demo_head
-from pipelines.model.inference import analyse_series, head_preprocessing
+from pipelines.model.inference import analyse_series
 from pipelines.model.preprocess import PreparedSeries, load_series, plan_series, read_slice
 from pipelines.model.processor import (
     PROCESSOR_FILE,

@@ -12,6 +12,11 @@ is known from the headers before any pixel is decoded, so only those slices' red
 are kept, and when no head needs the whole series only the window slices are decoded.
 Heads that need a mask (``mask`` pooling, lesion-centred windows) run after the pass, once
 the node's mask heads have produced it (:mod:`~pipelines.model.mask_pooling`).
+
+What each head keeps during the pass, and how heads share it, is
+:mod:`~pipelines.model.head_groups`; this module runs the pass and turns what was kept into
+findings. A "series" here is one stack: :mod:`~pipelines.model.stack_analysis` calls it per
+stack of a series.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,15 @@ import torch
 
 from pipelines.findings import HeadFinding, SeriesFindings, SeriesMask
 from pipelines.model.backbone import Backbone, backbone_tokens
+from pipelines.model.head_groups import (
+    HeadGroup,
+    Window,
+    group_heads,
+    measure_volumes,
+    run_group,
+    slices_to_decode,
+    warn_window_memory,
+)
 from pipelines.model.heads import Head
 from pipelines.model.key_region import grid_region
 from pipelines.model.mask_pooling import lesion_windows, mask_head_outputs
@@ -42,12 +55,8 @@ from pipelines.model.preprocess import (
     series_source,
     subset,
 )
-from pipelines.model.processor import ProcessorVariant, VolumeStatistics, volume_statistics
 
 log = logging.getLogger(__name__)
-
-#: Above this many bytes of kept window tokens, say so: the head's window is the whole series.
-WINDOW_MEMORY_WARNING = 1 << 30
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -117,97 +126,6 @@ def slice_features(
     return embed_chunks(chunks, backbone, clip_below_air=clip_below_air)
 
 
-# --- what is accumulated per head --------------------------------------------------------
-
-
-@dataclass
-class _Window:
-    """A window head's slices and the reduced tokens kept for them so far."""
-
-    head_index: int
-    indices: list[int]
-    position: dict[int, list[int]]  # a slice repeated to pad the window has several
-    kept: list[torch.Tensor | None]
-
-    @classmethod
-    def for_head(cls, head_index: int, head: Head, slice_count: int) -> _Window:
-        return cls.for_indices(head_index, head.window_indices(slice_count))
-
-    @classmethod
-    def for_indices(cls, head_index: int, indices: list[int]) -> _Window:
-        position: dict[int, list[int]] = {}
-        for k, index in enumerate(indices):
-            position.setdefault(index, []).append(k)
-        return cls(
-            head_index=head_index,
-            indices=indices,
-            position=position,
-            kept=[None] * len(indices),
-        )
-
-
-@dataclass
-class _Group:
-    """Heads that share one preprocessing setting, and what has been accumulated for them."""
-
-    clip_below_air: bool
-    variant: ProcessorVariant
-    head_indices: list[int]
-    feature_sum: torch.Tensor
-    slice_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, C) per head
-    windows: list[_Window] = field(default_factory=list)
-    masks: list[MaskAccumulator] = field(default_factory=list)
-    volume: VolumeStatistics | None = None
-
-    @property
-    def needs_every_slice(self) -> bool:
-        return bool(self.head_indices) or bool(self.masks)
-
-    def wants(self, index: int) -> bool:
-        return self.needs_every_slice or any(index in w.position for w in self.windows)
-
-
-def head_preprocessing(head: Head, backbone: Backbone) -> tuple[bool, ProcessorVariant]:
-    """The head's clamp and processor variant: its card's, else the backbone folder's."""
-    return head.card.preprocessing(backbone.preprocessing)
-
-
-def _group_heads(
-    heads: Sequence[Head],
-    backbone: Backbone,
-    slice_count: int,
-    masks: Sequence[MaskAccumulator] = (),
-) -> list[_Group]:
-    """One group per distinct preprocessing (clamp, variant), in the order heads first use it.
-
-    ``mask`` heads are not grouped: they run after the pass, on a mask (see
-    :func:`~pipelines.model.mask_pooling.mask_head_outputs`).
-    """
-    groups: dict[tuple[bool, ProcessorVariant], _Group] = {}
-
-    def group(key: tuple[bool, ProcessorVariant]) -> _Group:
-        if key not in groups:
-            zeros = torch.zeros(backbone.spec.hidden_size, dtype=torch.float64)
-            groups[key] = _Group(
-                clip_below_air=key[0], variant=key[1], head_indices=[], feature_sum=zeros
-            )
-        return groups[key]
-
-    for mask in masks:
-        group((mask.head.card.clip_below_air, "slice")).masks.append(mask)
-    for i, head in enumerate(heads):
-        if head.card.pooling == "mask" or head.centred_on_mask:
-            continue
-        target = group(head_preprocessing(head, backbone))
-        if head.uses_window:
-            target.windows.append(_Window.for_head(i, head, slice_count))
-        else:
-            target.head_indices.append(i)
-            # allocated once: per-chunk small tensors kept alive would fragment the heap
-            target.slice_scores[i] = torch.zeros(slice_count, head.card.num_outputs)
-    return list(groups.values())
-
-
 def _check_heads(heads: Sequence[Head], backbone: Backbone) -> None:
     """Refuse width mismatches up front, before any slice is decoded."""
     for head in heads:
@@ -221,28 +139,11 @@ def _check_heads(heads: Sequence[Head], backbone: Backbone) -> None:
             )
 
 
-def _warn_window_memory(heads: Sequence[Head], groups: list[_Group], backbone: Backbone) -> None:
-    """Say when a window head keeps a lot (all patch tokens of a whole series)."""
-    spec = backbone.spec
-    for group in groups:
-        for window in group.windows:
-            head = heads[window.head_index]
-            per_slice = head.tokens_per_slice(spec.num_patches)
-            size = len(window.indices) * per_slice * spec.hidden_size * 4
-            if size > WINDOW_MEMORY_WARNING:
-                log.warning(
-                    "head %s keeps %.1f GB of slice tokens for a %d-slice window",
-                    head.name,
-                    size / 1e9,
-                    len(window.indices),
-                )
-
-
 # --- findings ----------------------------------------------------------------------------
 
 
 def _mean_finding(
-    head: Head, scores: torch.Tensor, group: _Group, slice_count: int, backbone: Backbone
+    head: Head, scores: torch.Tensor, group: HeadGroup, slice_count: int, backbone: Backbone
 ) -> HeadFinding:
     """Mean-pooled series prediction, with the slice that scored highest for it.
 
@@ -275,7 +176,7 @@ def _mean_finding(
 
 
 def _window_finding(
-    head: Head, window: _Window, backbone: Backbone, plan: SeriesPlan
+    head: Head, window: Window, backbone: Backbone, plan: SeriesPlan
 ) -> HeadFinding:
     missing = [window.indices[k] for k, t in enumerate(window.kept) if t is None]
     if missing:  # defensive: every window slice is decoded and embedded above
@@ -300,7 +201,7 @@ def _window_finding(
 def _locate_mean_findings(
     source: SeriesPlan | PreparedSeries,
     heads: Sequence[Head],
-    groups: list[_Group],
+    groups: list[HeadGroup],
     findings: dict[int, HeadFinding],
     backbone: Backbone,
 ) -> None:
@@ -356,85 +257,6 @@ def _finding(
 
 
 # --- the series --------------------------------------------------------------------------
-
-
-def _measure_volumes(
-    source: SeriesPlan | PreparedSeries, groups: list[_Group], backbone: Backbone, batch_size: int
-) -> None:
-    """The whole-series statistics the ``volume`` variant's groups normalise with.
-
-    One extra decoding pass (no backbone): the statistics must be known before the first
-    slice is normalised.
-    """
-    for group in groups:
-        if group.variant == "volume":
-            group.volume = volume_statistics(
-                (pixels for _, pixels in iter_series_chunks(source, batch_size)),
-                size=backbone.spec.image_size,
-                clip_below_air=group.clip_below_air,
-                device=backbone.device,
-            )
-
-
-def _slices_to_decode(plan: SeriesPlan, groups: list[_Group]) -> list[int]:
-    """Every slice if a head pools the whole series, else only the window heads' slices."""
-    if any(g.needs_every_slice for g in groups):
-        return list(range(len(plan)))
-    return sorted({i for g in groups for w in g.windows for i in w.indices})
-
-
-def _run_group(
-    group: _Group,
-    heads: Sequence[Head],
-    indices: list[int],
-    pixels: np.ndarray,
-    backbone: Backbone,
-) -> None:
-    """Embed the chunk's slices this group needs and accumulate them for its heads."""
-    rows = [r for r, index in enumerate(indices) if group.wants(index)]
-    if not rows:
-        return
-    batch = preprocess_slices(
-        pixels if len(rows) == len(indices) else pixels[rows],
-        size=backbone.spec.image_size,
-        clip_below_air=group.clip_below_air,
-        variant=group.variant,
-        volume=group.volume,
-        device=backbone.device,
-    )
-    chunk_indices = [indices[r] for r in rows]
-    in_window = [
-        (w, [(k, w.position[i]) for k, i in enumerate(chunk_indices) if i in w.position])
-        for w in group.windows
-    ]
-    in_window = [(w, hits) for w, hits in in_window if hits]
-    if not in_window and not group.masks:  # CLS only: the plain forward pass
-        _accumulate_mean(group, heads, chunk_indices, backbone.features(batch))
-        return
-    tokens = backbone_tokens(backbone, batch)
-    _accumulate_mean(group, heads, chunk_indices, tokens.final[:, 0])
-    for mask in group.masks:  # every slice is in this chunk's rows: masks need them all
-        mask.add(chunk_indices, tokens.final)
-    for window, hits in in_window:
-        head = heads[window.head_index]
-        final_norm = head.card.window is not None and head.card.window.final_norm
-        source = tokens.final if final_norm else tokens.last_block
-        reduced = head.slice_tokens(source[[k for k, _ in hits]]).float().cpu()
-        for row, (_, positions) in enumerate(hits):
-            for position in positions:
-                window.kept[position] = reduced[row].clone()
-
-
-def _accumulate_mean(
-    group: _Group, heads: Sequence[Head], indices: list[int], cls: torch.Tensor
-) -> None:
-    """Add CLS features to the series sum and score each slice for the key slice."""
-    if not group.head_indices:
-        return
-    features = cls.float().cpu()
-    group.feature_sum += features.double().sum(dim=0)
-    for i in group.head_indices:
-        group.slice_scores[i][indices] = heads[i].predict(features)
 
 
 def analyse_series(
@@ -498,17 +320,17 @@ def analyse_series_and_masks(
     if not heads and not mask_heads:
         return result, []
     masks = [MaskAccumulator(head, plan, backbone) for head in mask_heads]
-    groups = _group_heads(heads, backbone, len(plan), masks)
-    _measure_volumes(source, groups, backbone, batch_size)
-    _warn_window_memory(heads, groups, backbone)
+    groups = group_heads(heads, backbone, len(plan), masks)
+    measure_volumes(source, groups, backbone, batch_size)
+    warn_window_memory(heads, groups, backbone)
     for head in heads:
         if head.probe is not None:  # attention over thousands of tokens: next to the backbone
             head.to(backbone.device)
-    decode = _slices_to_decode(plan, groups)
+    decode = slices_to_decode(plan, groups)
     for local, pixels in iter_series_chunks(subset(source, decode), batch_size):
         indices = [decode[i] for i in local]
         for group in groups:
-            _run_group(group, heads, indices, pixels, backbone)
+            run_group(group, heads, indices, pixels, backbone)
     findings: dict[int, HeadFinding] = {}
     for group in groups:
         for i in group.head_indices:
@@ -525,7 +347,7 @@ def analyse_series_and_masks(
     lesions, unplaced = lesion_windows(source, heads, series_masks, backbone, batch_size)
     skipped.update(unplaced)
     for i, lesion in lesions.items():
-        window = _Window.for_indices(i, lesion.indices)
+        window = Window.for_indices(i, lesion.indices)
         window.kept = list(lesion.tokens)
         findings[i] = _window_finding(heads[i], window, backbone, plan)
     for i, reason in skipped.items():

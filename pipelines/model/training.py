@@ -27,8 +27,9 @@ from pipelines.model.feature_cache import (
     series_features,
 )
 from pipelines.model.head_card import CARD_FILE, ClassCard, CodeCard, HeadCard, TrainingRecord
+from pipelines.model.head_groups import head_preprocessing
 from pipelines.model.heads import Head, save_head
-from pipelines.model.inference import analyse_series, head_preprocessing
+from pipelines.model.inference import analyse_series
 from pipelines.model.labelled_data import (
     SeriesSource,
     TrainingError,
