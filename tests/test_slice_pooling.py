@@ -25,6 +25,8 @@ from pipelines.model.inference import analyse_series, embed_chunks
 from pipelines.model.orientation import Reorientation
 from pipelines.model.pooling import aggregate_slices
 from pipelines.model.series_plan import PreparedSeries, SeriesPlan
+from pipelines.model.stack_analysis import analyse_units, choose_units
+from pipelines.model.stacks import SeriesStacks, Skipped
 from pipelines.reporting.provenance import DeviceIdentity, algorithm_identification
 
 SLICES = 100
@@ -37,23 +39,26 @@ def backbone() -> Backbone:
     return demo_backbone("tiny", seed=0)
 
 
-def synthetic_series() -> PreparedSeries:
-    """100 noisy slices; three of them hold a bright disc (the "finding")."""
-    rng = np.random.default_rng(0)
-    pixels = rng.normal(40.0, 20.0, (SLICES, 64, 64)).astype(np.float32)
+def synthetic_series(
+    slices: int = SLICES, firing: tuple[int, ...] = FIRING, *, seed: int = 0, label: str = ""
+) -> PreparedSeries:
+    """``slices`` noisy slices; those in ``firing`` hold a bright disc (the "finding")."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.normal(40.0, 20.0, (slices, 64, 64)).astype(np.float32)
     rows, cols = np.indices((64, 64))
     disc = (rows - 30) ** 2 + (cols - 36) ** 2 < 9**2
-    for index in FIRING:
+    for index in firing:
         pixels[index][disc] += 900.0
     plan = SeriesPlan(
-        paths=tuple(Path(f"/nonexistent/{i}.dcm") for i in range(SLICES)),
-        sop_instance_uids=tuple(generate_uid() for _ in range(SLICES)),
+        paths=tuple(Path(f"/nonexistent/{label}{i}.dcm") for i in range(slices)),
+        sop_instance_uids=tuple(generate_uid() for _ in range(slices)),
         modality="CT",
         rows=64,
         columns=64,
         reorientation=Reorientation(),
         series_instance_uid="",
         sorted_by="position",
+        label=label,
     )
     return PreparedSeries(plan=plan, pixels=pixels)
 
@@ -117,6 +122,48 @@ def test_max_reports_the_finding_on_its_slice_and_the_series_mean_does_not(
     )
     (diluted,) = analyse_series(series, backbone, [mean], series_instance_uid="1").findings
     assert diluted.predicted.name == "absent"
+
+
+def test_per_slice_head_on_two_stacks_points_at_the_slice_of_the_stack_it_fired_on(
+    backbone: Backbone,
+) -> None:
+    """A series of two axial stacks (and a short one the card refuses): the finding is on
+    the second stack, and the report's key slice must be that stack's firing slice."""
+    first = synthetic_series(40, (), seed=1, label="axial stack 1 (40 slices)")
+    second = synthetic_series(label="axial stack 2 (100 slices)")
+    short = synthetic_series(10, (4,), seed=2, label="axial stack 3 (10 slices)")
+    head = firing_head(backbone, second, pooling="slice", negative_class="absent", min_slices=30)
+    prepared = {s.plan.label: s for s in (first, second, short)}
+    planned = SeriesStacks(
+        stacks=[first.plan, second.plan, short.plan],
+        skipped=[Skipped("localizer (1 slice, 512x512)", "localizer")],
+    )
+    units, skipped = choose_units(planned, [head], [])
+    assert [u.plan.label for u in units] == [first.plan.label, second.plan.label]
+
+    findings, masks = analyse_units(
+        units,
+        skipped,
+        backbone,
+        series_instance_uid="1",
+        prepared=lambda unit: prepared[unit.plan.label],
+    )
+    assert masks == []
+    quiet, fired = findings.findings
+    assert (quiet.stack, fired.stack) == (first.plan.label, second.plan.label)
+    assert quiet.predicted.name == "absent" and fired.predicted.name == "present"
+    assert fired.aggregation == "per-slice scores, max over 100 slices"
+    assert findings.stacks == {first.plan.label: [0, 40], second.plan.label: [40, 140]}
+    assert fired.key_slice in findings.slices_of(second.plan.label)
+    firing_uids = {second.plan.sop_instance_uids[i] for i in FIRING}
+    assert fired.key_slice is not None
+    assert findings.sop_instance_uids_sorted[fired.key_slice] in firing_uids
+    assert quiet.key_slice in findings.slices_of(first.plan.label)
+    assert findings.set_aside == [
+        "localizer (1 slice, 512x512)",
+        "axial stack 3 (10 slices): 10 slices, heads need 30",
+    ]
+    assert findings.heads_not_run == {}
 
 
 def test_aggregations() -> None:
