@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 import torch
+from pydicom.uid import generate_uid
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
 from typer.testing import CliRunner
@@ -41,6 +43,7 @@ from pipelines.model.inference import analyse_series, analyse_series_and_masks
 from pipelines.model.mask_pooling import lesion_windows
 from pipelines.model.masks import demo_mask_head
 from pipelines.model.preprocess import load_series, preprocess_slices
+from pipelines.model.stack_analysis import analyse_units, plan_units
 from tests.support.testdata import repaired_ct_series
 
 HIDDEN = 64
@@ -549,6 +552,46 @@ def test_mask_head_with_an_empty_mask_is_not_analysed(
     )
     assert result.findings == []
     assert result.heads_not_run == {"mi": "not analysed: the mask is empty on this stack"}
+
+
+@pytest.mark.slow
+def test_mask_head_pools_in_the_mask_of_its_own_stack(
+    tmp_path: Path, backbone: Backbone, ct: list[Path]
+) -> None:
+    """Two stacks in one series, the mask head reading only the long one: the mask-pooled
+    head runs on the long stack, and on the short one says it had no mask there rather
+    than pooling in the other stack's mask."""
+    head = import_raidium_head(
+        mask_folder(tmp_path, backbone),
+        tmp_path / "out",
+        name="mi",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mask",
+        mask_source="demo-region-mask",
+    )
+    demo = demo_mask_head(HIDDEN)
+    mask_head = dataclasses.replace(demo, card=demo.card.model_copy(update={"min_slices": 15}))
+    short = []
+    for n, path in enumerate(preprocess.plan_series(ct).paths[:8]):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["short", str(n)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = 100 + n  # a second reconstruction at the same positions
+        short.append(tmp_path / f"short-{n}.dcm")
+        ds.save_as(short[-1])
+    units, skipped = plan_units([*ct, *short], [head], [mask_head])
+    assert [len(u.plan) for u in units] == [20, 8] and skipped == []
+    assert [len(u.mask_heads) for u in units] == [1, 0]
+
+    findings, (stack_mask,) = analyse_units(units, skipped, backbone, series_instance_uid="1")
+    long_label, short_label = (u.plan.label for u in units)
+    (finding,) = findings.findings
+    assert finding.stack == long_label and stack_mask.unit is units[0]
+    assert finding.key_slice is not None and stack_mask.mask.mask[finding.key_slice].any()
+    assert finding.key_slice in findings.slices_of(long_label)
+    assert findings.heads_not_run == {"mi": f"{short_label}: not analysed: no mask"}
 
 
 @pytest.mark.slow
