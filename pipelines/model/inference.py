@@ -351,7 +351,13 @@ def analyse_series_and_masks(
         window.kept = list(lesion.tokens)
         findings[i] = _window_finding(heads[i], window, backbone, plan)
     for i, reason in skipped.items():
-        log.info("series %s: head %s %s", series_instance_uid, heads[i].name, reason)
+        log.info(
+            "series %s%s: head %s %s",
+            series_instance_uid,
+            f" ({plan.label})" if plan.label else "",
+            heads[i].name,
+            reason,
+        )
         result.heads_not_run[heads[i].name] = reason
     result.findings.extend(findings[i] for i in range(len(heads)) if i not in skipped)
     return result, series_masks
