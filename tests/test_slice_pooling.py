@@ -40,9 +40,17 @@ def backbone() -> Backbone:
 
 
 def synthetic_series(
-    slices: int = SLICES, firing: tuple[int, ...] = FIRING, *, seed: int = 0, label: str = ""
+    slices: int = SLICES,
+    firing: tuple[int, ...] = FIRING,
+    *,
+    seed: int = 0,
+    label: str = "",
+    frames: tuple[int, ...] = (),
 ) -> PreparedSeries:
-    """``slices`` noisy slices; those in ``firing`` hold a bright disc (the "finding")."""
+    """``slices`` noisy slices; those in ``firing`` hold a bright disc (the "finding").
+
+    ``frames``: the slices' frame numbers when they are frames of one multi-frame object.
+    """
     rng = np.random.default_rng(seed)
     pixels = rng.normal(40.0, 20.0, (slices, 64, 64)).astype(np.float32)
     rows, cols = np.indices((64, 64))
@@ -59,6 +67,7 @@ def synthetic_series(
         series_instance_uid="",
         sorted_by="position",
         label=label,
+        frames=frames,
     )
     return PreparedSeries(plan=plan, pixels=pixels)
 
@@ -127,10 +136,14 @@ def test_max_reports_the_finding_on_its_slice_and_the_series_mean_does_not(
 def test_per_slice_head_on_two_stacks_points_at_the_slice_of_the_stack_it_fired_on(
     backbone: Backbone,
 ) -> None:
-    """A series of two axial stacks (and a short one the card refuses): the finding is on
-    the second stack, and the report's key slice must be that stack's firing slice."""
-    first = synthetic_series(40, (), seed=1, label="axial stack 1 (40 slices)")
-    second = synthetic_series(label="axial stack 2 (100 slices)")
+    """One multi-frame object holding two axial stacks (and a short one the card refuses):
+    the finding is on the second stack, and the report's key slice must be that stack's
+    firing slice, with its frame number in the object."""
+    first = synthetic_series(
+        40, (), seed=1, label="axial stack 1 (40 slices)", frames=tuple(range(1, 41))
+    )
+    # the second stack's frames are stored in reverse order in the object
+    second = synthetic_series(label="axial stack 2 (100 slices)", frames=tuple(range(140, 40, -1)))
     short = synthetic_series(10, (4,), seed=2, label="axial stack 3 (10 slices)")
     head = firing_head(backbone, second, pooling="slice", negative_class="absent", min_slices=30)
     prepared = {s.plan.label: s for s in (first, second, short)}
@@ -158,6 +171,8 @@ def test_per_slice_head_on_two_stacks_points_at_the_slice_of_the_stack_it_fired_
     firing_uids = {second.plan.sop_instance_uids[i] for i in FIRING}
     assert fired.key_slice is not None
     assert findings.sop_instance_uids_sorted[fired.key_slice] in firing_uids
+    firing_frames = {second.plan.frames[i] for i in FIRING}
+    assert findings.frame_of(fired.key_slice) in firing_frames
     assert quiet.key_slice in findings.slices_of(first.plan.label)
     assert findings.set_aside == [
         "localizer (1 slice, 512x512)",
