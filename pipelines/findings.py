@@ -49,8 +49,10 @@ class HeadFinding:
     ``key_slice`` is the index (in the spatially sorted series) of the slice that scored
     highest for the predicted class, so a report can point a viewer at it; ``key_region``
     is where on that slice (see :mod:`pipelines.model.key_region`), None when the head keeps no
-    spatial information. ``stack`` names the stack of the series the head read (a series
-    may hold several: see :mod:`pipelines.model.stacks`), empty when the series is one.
+    spatial information. ``aggregation`` says how a per-slice head's scores became the series
+    value (a report names it in the algorithm parameters); None for heads scored once.
+    ``stack`` names the stack of the series the head read (a series may hold several: see
+    :mod:`pipelines.model.stacks`), empty when the series is one.
     """
 
     head_name: str
@@ -62,6 +64,7 @@ class HeadFinding:
     key_slice: int | None = None
     demo: bool = False
     key_region: Box | None = None
+    aggregation: str | None = None
     stack: str = ""
 
     @property
@@ -87,9 +90,13 @@ class SeriesFindings:
     the other, each in spatial order; ``frames_sorted[i]`` is its 1-based frame number in
     a multi-frame object (0: a single-frame file; empty: no multi-frame source), so a
     report references exactly the frame a key slice was. ``stacks`` gives each named
-    stack's slices as [start, end) in that order (empty when the series is one stack);
-    ``not_analysed`` lists the stacks and objects of the series that were set aside, each
-    with its reason.
+    stack's slices as [start, end) in that order (empty when the series is one stack).
+
+    What was not done is stated rather than silent, at two levels: ``set_aside`` lists the
+    stacks and objects of the series that no head read, each with its reason (a localizer,
+    an RT Structure Set); ``heads_not_run`` maps a head that applied to an analysed stack
+    but could not run on it to why (a mask-pooled head without a mask), the stack named in
+    the reason when the series has several.
     """
 
     series_instance_uid: str
@@ -98,7 +105,8 @@ class SeriesFindings:
     slice_count: int = 0
     sop_instance_uids_sorted: list[str] = field(default_factory=list)
     frames_sorted: list[int] = field(default_factory=list)
-    not_analysed: list[str] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)
+    heads_not_run: dict[str, str] = field(default_factory=dict)
     stacks: dict[str, list[int]] = field(default_factory=dict)
 
     def frame_of(self, index: int) -> int:
@@ -213,6 +221,7 @@ def findings_from_dict(data: dict) -> SeriesFindings:
         slice_count=data.get("slice_count", 0),
         sop_instance_uids_sorted=list(data.get("sop_instance_uids_sorted", [])),
         frames_sorted=list(data.get("frames_sorted", [])),
-        not_analysed=list(data.get("not_analysed", [])),
+        set_aside=list(data.get("set_aside", [])),
+        heads_not_run=dict(data.get("heads_not_run", {})),
         stacks={k: list(v) for k, v in (data.get("stacks") or {}).items()},
     )

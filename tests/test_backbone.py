@@ -331,3 +331,15 @@ def test_sharded_checkpoint_loads(tiny_folder: Path) -> None:
     (tiny_folder / "model.safetensors.index.json").write_text(json.dumps(index))
     x = images(1)
     assert torch.equal(load_backbone(tiny_folder).features(x), reference.features(x))
+
+
+def test_precision_changes_the_arithmetic_not_the_answer() -> None:
+    """fp32 is exact (what Raidium runs); bf16 autocast moves the CLS only slightly."""
+    exact = demo_backbone("tiny", seed=0)
+    lower = demo_backbone("tiny", seed=0, precision="bf16")
+    batch = torch.randn(2, 1, 512, 512, generator=torch.Generator().manual_seed(0))
+    a, b = exact.features(batch), lower.features(batch)
+    assert a.dtype == b.dtype == torch.float32
+    assert not torch.equal(a, b)  # bf16 really ran
+    assert float(torch.nn.functional.cosine_similarity(a, b).min()) > 0.99
+    assert torch.equal(a, demo_backbone("tiny", seed=0).features(batch))

@@ -7,14 +7,18 @@ node's streaming window path is checked against an independent computation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pydicom
 import pytest
 import torch
+from pydicom.uid import generate_uid
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
 from typer.testing import CliRunner
@@ -31,11 +35,15 @@ from pipelines.model.heads import (
     HeadError,
     WindowCard,
     demo_attentive_head,
+    demo_head,
     load_head,
     save_head,
 )
-from pipelines.model.inference import analyse_series
+from pipelines.model.inference import analyse_series, analyse_series_and_masks
+from pipelines.model.mask_pooling import lesion_windows
+from pipelines.model.masks import demo_mask_head
 from pipelines.model.preprocess import load_series, preprocess_slices
+from pipelines.model.stack_analysis import analyse_units, plan_units
 from tests.support.testdata import repaired_ct_series
 
 HIDDEN = 64
@@ -58,6 +66,15 @@ def backbone_folder(tmp_path_factory: pytest.TempPathFactory, backbone: Backbone
 def ct(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The real 20-slice sample CT (JPEG 2000), with repaired UIDs."""
     return repaired_ct_series(tmp_path_factory.mktemp("ct"), "head-import")
+
+
+@pytest.fixture(scope="module")
+def final_cls(ct: list[Path], backbone_folder: Path) -> torch.Tensor:
+    """transformers' last_hidden_state[:, 0] (final-norm CLS) for every slice: (S, D)."""
+    model = Dinov2Model.from_pretrained(backbone_folder).eval()
+    pixels = preprocess_slices(load_series(ct).pixels)
+    with torch.no_grad():
+        return model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
 @pytest.fixture(scope="module")
@@ -218,10 +235,20 @@ def centre_window(count: int, size: int) -> list[int]:
         {"use_class_token": True},
         {"use_avgpool_per_slice": True, "num_slices": 7},
         {"attention_cfg": {"num_heads": 1, "num_queries": 1, "block": ["cross"]}},
+        {"attention_cfg": {"num_heads": 1, "num_queries": 1, "block": ["self", "cross"]}},
         {"attention_cfg": {"num_heads": 2, "num_queries": 2, "block": ["self", "self", "cross"]}},
         {"attention_cfg": None, "use_avgpool_on_the_volume": True},
     ],
-    ids=["patch", "kernel", "class-token", "slice-mean", "cross-only", "shared-self", "volume"],
+    ids=[
+        "patch",
+        "kernel",
+        "class-token",
+        "slice-mean",
+        "cross-only",
+        "one-head",
+        "shared-self",
+        "volume",
+    ],
 )
 def test_imported_window_head_matches_the_released_forward(
     tmp_path: Path,
@@ -331,23 +358,240 @@ def test_import_without_a_backbone_to_check(tmp_path: Path, backbone: Backbone) 
     assert record.backbone_copy and record.backbone_match is None
 
 
-def test_slice_level_head_becomes_mean_cls(
-    tmp_path: Path, backbone: Backbone, ct: list[Path]
+def reference_slice_outputs(
+    final_cls: torch.Tensor, tensors: dict, regression: bool
+) -> torch.Tensor:
+    """The released 2D forward on every slice: linear on that slice's final-norm CLS."""
+    logits = final_cls @ tensors["classifier.weight"].T + tensors["classifier.bias"]
+    return logits if regression else torch.softmax(logits, -1)
+
+
+def test_2d_head_scores_every_slice(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], final_cls: torch.Tensor
 ) -> None:
-    folder = raidium_folder(tmp_path, backbone, attention_cfg=None, num_classes=3, num_slices=None)
+    fields = {"attention_cfg": None, "num_classes": 3, "num_slices": None}
+    folder = raidium_folder(tmp_path, backbone, **fields)
     classes = [("a", None), ("b", None), ("c", None)]
     head = import_raidium_head(
         folder, tmp_path / "out", name="slices", classes=classes, version="1", backbone_name="x"
     )
-    assert head.card.pooling == "mean_cls" and head.card.window is None
-    assert any("slice-level" in note for note in head.card.imported.notes)  # type: ignore[union-attr]
-    features = backbone.features(preprocess_slices(load_series(ct[:4]).pixels)).mean(0)
-    expected = torch.softmax(
-        features @ load_file(folder / "model.safetensors")["classifier.weight"].T
-        + load_file(folder / "model.safetensors")["classifier.bias"],
-        -1,
+    assert (head.card.pooling, head.card.aggregation, head.card.window) == ("slice", "max", None)
+    assert head.card.token_source == "final_norm"
+    assert any("per-slice head" in note for note in head.card.imported.notes)  # type: ignore[union-attr]
+    (finding,) = analyse_series(ct, backbone, [head], series_instance_uid="1").findings
+    per_slice = reference_slice_outputs(final_cls, raidium_tensors(raidium_config(**fields)), False)
+    expected = per_slice.max(dim=0).values
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+    predicted = int(expected.argmax())
+    assert finding.predicted_index == predicted
+    assert finding.key_slice == int(per_slice[:, predicted].argmax())
+    assert finding.aggregation == "per-slice scores, max over 20 slices"
+
+
+def test_2d_regression_head_averages_the_slices(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], final_cls: torch.Tensor
+) -> None:
+    fields = {"attention_cfg": None, "num_classes": 1, "regression": True, "num_slices": None}
+    folder = raidium_folder(tmp_path, backbone, **fields)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="age",
+        classes=[("age", None)],
+        version="1",
+        backbone_name="x",
     )
-    torch.testing.assert_close(head.predict(features.unsqueeze(0))[0], expected)
+    assert (head.card.pooling, head.card.aggregation) == ("slice", "mean")
+    (finding,) = analyse_series(ct, backbone, [head], series_instance_uid="1").findings
+    values = reference_slice_outputs(final_cls, raidium_tensors(raidium_config(**fields)), True)
+    assert finding.probabilities[0] == pytest.approx(float(values.mean()), abs=1e-5)
+    assert finding.key_slice is None
+
+
+def test_2d_head_can_still_use_the_series_mean(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], final_cls: torch.Tensor
+) -> None:
+    fields = {"attention_cfg": None, "num_slices": None}
+    folder = raidium_folder(tmp_path, backbone, **fields)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="mean",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mean_cls",
+    )
+    assert head.card.pooling == "mean_cls" and head.card.aggregation is None
+    (finding,) = analyse_series(ct, backbone, [head], series_instance_uid="1").findings
+    tensors = raidium_tensors(raidium_config(**fields))
+    expected = reference_slice_outputs(final_cls.mean(0, keepdim=True), tensors, False)[0]
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+
+
+def mask_folder(tmp_path: Path, backbone: Backbone) -> Path:
+    folder = raidium_folder(tmp_path, backbone, attention_cfg=None, num_slices=None)
+    return folder.rename(tmp_path / "emidec-classification-mask")
+
+
+def test_mask_head_is_not_imported_as_a_cls_head(tmp_path: Path, backbone: Backbone) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    with pytest.raises(HeadImportError, match="pass --pooling mask"):
+        import_raidium_head(
+            folder, tmp_path / "out", name="mi", classes=CLASSES, version="1", backbone_name="x"
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_mask_head_without_a_mask_is_not_analysed(
+    tmp_path: Path, backbone: Backbone, ct: list[Path]
+) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="mi",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mask",
+        mask_source="myocardium",
+    )
+    assert head.card.pooling == "mask" and head.card.mask_source == "myocardium"
+    patches = torch.randn(5, 16, HIDDEN)
+    mask = torch.zeros(5, 16, dtype=torch.bool)
+    mask[:, 3:7] = True
+    pooled = patches[mask].reshape(5, 4, HIDDEN).mean(1).mean(0, keepdim=True)
+    tensors = raidium_tensors(raidium_config(attention_cfg=None, num_slices=None))
+    torch.testing.assert_close(
+        head.predict(pooled), reference_slice_outputs(pooled, tensors, False)
+    )
+    result = analyse_series(ct, backbone, [head, demo_head(HIDDEN)], series_instance_uid="1")
+    assert [f.head_name for f in result.findings] == ["body-region"]
+    assert result.heads_not_run == {"mi": "not analysed: no mask"}
+
+
+def reference_crop(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """A square of max(128, the mask's extent) around the mask's box, kept in the slice."""
+    rows, cols = np.nonzero(mask)
+    side = max(128, rows.max() + 1 - rows.min(), cols.max() + 1 - cols.min())
+    box = []
+    for first, last, length in (
+        (rows.min(), rows.max(), mask.shape[0]),
+        (cols.min(), cols.max(), mask.shape[1]),
+    ):
+        width = min(side, length)
+        start = int(np.clip((first + last + 1) // 2 - width // 2, 0, length - width))
+        box.append((start, start + width))
+    return box[0][0], box[1][0], box[0][1], box[1][1]
+
+
+@pytest.mark.slow
+def test_mask_head_pools_inside_the_mask_of_a_node_mask_head(
+    tmp_path: Path, backbone: Backbone, backbone_folder: Path, ct: list[Path]
+) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="mi",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mask",
+        mask_source="demo-region-mask",
+    )
+    mask_head = demo_mask_head(HIDDEN)
+    result, (series_mask,) = analyse_series_and_masks(
+        ct, backbone, [head], series_instance_uid="1", mask_heads=[mask_head]
+    )
+    assert result.heads_not_run == {}
+    (finding,) = result.findings
+    plan = preprocess.plan_series(ct)
+    assert plan.reorientation.is_identity  # the sample CT is stored in PL already
+    masked = [i for i in range(len(plan)) if series_mask.mask[i].any()]
+    assert masked, "the demo mask head marks nothing on the sample CT"
+    model = Dinov2Model.from_pretrained(backbone_folder).eval()
+    pixels = load_series(ct).pixels
+    features = []
+    for i in masked:
+        r0, c0, r1, c1 = reference_crop(series_mask.mask[i])
+        crop = preprocess_slices(pixels[i : i + 1, r0:r1, c0:c1])
+        with torch.no_grad():
+            patches = model(pixel_values=crop).last_hidden_state[0, 1:]
+        region = torch.from_numpy(series_mask.mask[i, r0:r1, c0:c1].astype(np.float32))
+        region = torch.nn.functional.interpolate(region[None, None], size=(512, 512))
+        touched = torch.nn.functional.max_pool2d(region, 16).flatten() > 0
+        features.append(patches[touched].mean(0))
+    tensors = raidium_tensors(raidium_config(attention_cfg=None, num_slices=None))
+    pooled = torch.stack(features).mean(0, keepdim=True)
+    expected = reference_slice_outputs(pooled, tensors, False)[0]
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+    assert finding.key_slice in masked
+
+
+def test_mask_head_with_an_empty_mask_is_not_analysed(
+    tmp_path: Path, backbone: Backbone, ct: list[Path]
+) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="mi",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mask",
+        mask_source="demo-region-mask",
+    )
+    silent = demo_mask_head(HIDDEN)
+    with torch.no_grad():
+        silent.linear.bias.fill_(-1e4)
+    result, _ = analyse_series_and_masks(
+        ct, backbone, [head], series_instance_uid="1", mask_heads=[silent]
+    )
+    assert result.findings == []
+    assert result.heads_not_run == {"mi": "not analysed: the mask is empty on this stack"}
+
+
+@pytest.mark.slow
+def test_mask_head_pools_in_the_mask_of_its_own_stack(
+    tmp_path: Path, backbone: Backbone, ct: list[Path]
+) -> None:
+    """Two stacks in one series, the mask head reading only the long one: the mask-pooled
+    head runs on the long stack, and on the short one says it had no mask there rather
+    than pooling in the other stack's mask."""
+    head = import_raidium_head(
+        mask_folder(tmp_path, backbone),
+        tmp_path / "out",
+        name="mi",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        pooling="mask",
+        mask_source="demo-region-mask",
+    )
+    demo = demo_mask_head(HIDDEN)
+    mask_head = dataclasses.replace(demo, card=demo.card.model_copy(update={"min_slices": 15}))
+    short = []
+    for n, path in enumerate(preprocess.plan_series(ct).paths[:8]):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=["short", str(n)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = 100 + n  # a second reconstruction at the same positions
+        short.append(tmp_path / f"short-{n}.dcm")
+        ds.save_as(short[-1])
+    units, skipped = plan_units([*ct, *short], [head], [mask_head])
+    assert [len(u.plan) for u in units] == [20, 8] and skipped == []
+    assert [len(u.mask_heads) for u in units] == [1, 0]
+
+    findings, (stack_mask,) = analyse_units(units, skipped, backbone, series_instance_uid="1")
+    long_label, short_label = (u.plan.label for u in units)
+    (finding,) = findings.findings
+    assert finding.stack == long_label and stack_mask.unit is units[0]
+    assert finding.key_slice is not None and stack_mask.mask.mask[finding.key_slice].any()
+    assert finding.key_slice in findings.slices_of(long_label)
+    assert findings.heads_not_run == {"mi": f"{short_label}: not analysed: no mask"}
 
 
 @pytest.mark.slow
@@ -472,7 +716,9 @@ def test_window_indices() -> None:
     even = Head(
         card=head.card.model_copy(update={"window": window}), linear=head.linear, probe=head.probe
     )
-    assert even.window_indices(20) == [0, 5, 10, 14, 19]
+    # the processor's sampling: truncated linspace, a short series padded with its last slice
+    assert even.window_indices(20) == [0, 4, 9, 14, 19]
+    assert even.window_indices(3) == [0, 1, 2, 2, 2]
     assert demo_attentive_head(HIDDEN, num_slices=None).window_indices(7) == list(range(7))
 
 
@@ -592,3 +838,117 @@ def test_cli_import(tmp_path: Path, backbone: Backbone, backbone_folder: Path) -
     )
     assert refused.exit_code != 0
     assert "num_classes is 2 but 3 class names" in refused.output
+
+
+@pytest.mark.slow
+def test_lesion_centred_window_head_is_centred_on_the_mask(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], last_block_tokens: torch.Tensor
+) -> None:
+    folder = raidium_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="lesion",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        mask_source="demo-region-mask",
+    )
+    assert head.card.window is not None and head.card.window.selection == "mask"
+    mask_head = demo_mask_head(HIDDEN)
+    # a mask on the lower slices only, so the lesion's window is not the middle one
+    with torch.no_grad():
+        mask_head.linear.bias.fill_(-1e4)
+    marked = np.zeros((len(ct), 512, 512), dtype=bool)
+    marked[2:6, 200:260, 220:300] = True
+    masks = [
+        dataclasses.replace(found, mask=marked)
+        for found in analyse_series_and_masks(
+            ct, backbone, [], series_instance_uid="1", mask_heads=[mask_head]
+        )[1]
+    ]
+    plan = preprocess.plan_series(ct)
+    lesions, reasons = lesion_windows(plan, [head], masks, backbone)
+    assert reasons == {}
+    window = list(range(2, 7))  # 5 slices centred on slice 4, the median of 2..5
+    assert lesions[0].indices == window
+
+    result, _ = analyse_series_and_masks(
+        ct, backbone, [head], series_instance_uid="1", mask_heads=[mask_head]
+    )
+    assert result.heads_not_run == {"lesion": "not analysed: the mask is empty on this stack"}
+    no_mask = analyse_series(ct, backbone, [head], series_instance_uid="1")
+    assert no_mask.heads_not_run == {"lesion": "not analysed: no mask"}
+
+    config, tensors = raidium_config(), raidium_tensors(raidium_config())
+    expected = torch.softmax(reference_logits(last_block_tokens, window, config, tensors), -1)[0]
+    got = head.predict_window(lesions[0].tokens).outputs
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_window_centred_on_a_slice_stays_in_the_series() -> None:
+    head = demo_attentive_head(HIDDEN, num_slices=5)
+    assert head.window_indices(20, centre=4) == [2, 3, 4, 5, 6]
+    assert head.window_indices(20, centre=0) == [0, 1, 2, 3, 4]
+    assert head.window_indices(20, centre=19) == [15, 16, 17, 18, 19]
+
+
+@pytest.mark.slow
+def test_lesion_centred_head_in_the_pipeline(
+    tmp_path: Path, backbone: Backbone, ct: list[Path], last_block_tokens: torch.Tensor
+) -> None:
+    folder = raidium_folder(tmp_path, backbone)
+    head = import_raidium_head(
+        folder,
+        tmp_path / "out",
+        name="lesion",
+        classes=CLASSES,
+        version="1",
+        backbone_name="x",
+        mask_source="demo-region-mask",
+    )
+    result, (found,) = analyse_series_and_masks(
+        ct, backbone, [head], series_instance_uid="1", mask_heads=[demo_mask_head(HIDDEN)]
+    )
+    masked = [k for k in range(len(ct)) if found.mask[k].any()]
+    assert masked, "the demo mask head marks nothing on the sample CT"
+    start = min(max(masked[len(masked) // 2] - 2, 0), len(ct) - 5)
+    window = list(range(start, start + 5))
+    (finding,) = result.findings
+    config, tensors = raidium_config(), raidium_tensors(raidium_config())
+    expected = torch.softmax(reference_logits(last_block_tokens, window, config, tensors), -1)[0]
+    torch.testing.assert_close(torch.tensor(finding.probabilities), expected, atol=1e-5, rtol=0)
+    assert finding.key_slice in window
+
+
+def test_cli_import_asks_for_what_the_config_cannot_say(
+    tmp_path: Path, backbone: Backbone, backbone_folder: Path
+) -> None:
+    folder = mask_folder(tmp_path, backbone)
+    base = ["import", str(folder), "--name", "mi", "--classes", "absent,present"]
+    base += ["--out", str(tmp_path / "heads"), "--backbone", str(backbone_folder)]
+    refused = CliRunner().invoke(heads_app, base)
+    assert refused.exit_code != 0 and "--pooling mask" in refused.output
+    done = CliRunner().invoke(
+        heads_app,
+        [*base, "--pooling", "mask", "--mask-source", "myocardium", "--processor", "volume"],
+    )
+    assert done.exit_code == 0, done.output
+    card = load_head(tmp_path / "heads" / "mi").card
+    assert (card.pooling, card.mask_source, card.processor) == ("mask", "myocardium", "volume")
+    assert card.clip_below_air is None  # follows the backbone folder
+
+    slices = raidium_folder(tmp_path / "2d", backbone, attention_cfg=None, num_slices=None)
+    args = ["import", str(slices), "--name", "ich", "--classes", "absent,present"]
+    args += ["--out", str(tmp_path / "heads"), "--backbone", str(backbone_folder)]
+    args += ["--aggregation", "top_k_mean", "--top-k", "3", "--negative-class", "absent"]
+    done = CliRunner().invoke(heads_app, args)
+    assert done.exit_code == 0, done.output
+    assert "aggregated by top_k_mean" in done.output
+    card = load_head(tmp_path / "heads" / "ich").card
+    assert (card.pooling, card.aggregation, card.top_k, card.negative_class) == (
+        "slice",
+        "top_k_mean",
+        3,
+        "absent",
+    )

@@ -327,7 +327,7 @@ def test_mask_heads_share_the_backbone_pass_of_the_other_heads(
     tmp_path: Path, backbone: Backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One pass over the series feeds the classifier and the mask: same mask as alone."""
-    from pipelines.model import inference
+    from pipelines.model import head_groups, inference
     from pipelines.model.inference import analyse_series_and_masks
     from pipelines.model.masks import demo_mask_head, segment_series
 
@@ -342,6 +342,8 @@ def test_mask_heads_share_the_backbone_pass_of_the_other_heads(
         embedded.append(batch.shape[0])
         return real(model, batch)
 
+    # the pass (head_groups) and the key slice's second look (inference)
+    monkeypatch.setattr(head_groups, "backbone_tokens", counting)
     monkeypatch.setattr(inference, "backbone_tokens", counting)
     findings, [shared] = analyse_series_and_masks(
         paths, backbone, [head], series_instance_uid="1", batch_size=2, mask_heads=[mask_head]

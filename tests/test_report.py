@@ -827,3 +827,22 @@ def test_text_rendering_names_the_drawn_finding_and_its_outline(sr: Dataset) -> 
     assert "DEMO Chest probability: 70" in text and "%" in text
     assert "polyline (20, 10), (60, 10), (60, 40), (20, 40), (20, 10) (column, row) on" in text
     assert "NOT FOR DIAGNOSIS" in text.splitlines()[0]
+
+
+def test_per_slice_aggregation_heads_not_run_and_stacks_set_aside_are_stated(
+    sources: list[Dataset], templates: dict[str, ReportTemplate], device: DeviceIdentity
+) -> None:
+    findings = _findings(sources)
+    findings.findings[0] = dataclasses.replace(
+        findings.findings[0], aggregation="per-slice scores, max over 4 slices"
+    )
+    findings.heads_not_run["infarct"] = "not analysed: no mask"
+    findings.set_aside.append("localizer (1 slice, 512x512): localizer")
+    sr = build_sr(sources, findings, templates, device)
+    params = [i.TextValue for i in _items(sr, codes.DCM.AlgorithmParameters)]
+    assert "series value: per-slice scores, max over 4 slices" in params
+    comments = [i.TextValue for i in _items(sr, codes.DCM.Comment)]
+    assert "infarct: not analysed: no mask" in comments
+    assert "Not analysed: localizer (1 slice, 512x512): localizer" in comments
+    # the finding still points at its key slice
+    assert findings.findings[0].key_slice == 1

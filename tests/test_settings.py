@@ -107,3 +107,13 @@ def test_per_source_signals_and_report_addresses_from_the_file(tmp_path: Path) -
     config.write_text('[completion.sources."WAY-TOO-LONG-AE-TITLE"]\nmultiframe = true\n')
     with pytest.raises(ValidationError, match="AE title"):
         load_settings(config)
+
+
+def test_model_precision_defaults_to_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CURIA_CONFIG", raising=False)
+    assert Settings().model.precision == "fp32"
+    monkeypatch.setenv("CURIA_MODEL__PRECISION", "bf16")
+    assert Settings().model.precision == "bf16"
+    monkeypatch.setenv("CURIA_MODEL__PRECISION", "fp8")
+    with pytest.raises(ValidationError, match="precision"):
+        Settings()

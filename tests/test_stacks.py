@@ -97,6 +97,12 @@ def test_two_interleaved_reconstructions_are_two_stacks(
     assert [len(s) for s in planned.stacks] == [20, 20]
     uids = [set(s.sop_instance_uids) for s in planned.stacks]
     assert uids == [_uids(first), _uids(second)], "each stack is one reconstruction, whole"
+    labels = [s.label for s in planned.stacks]
+    assert [label.split(",")[0] for label in labels] == [
+        "axial stack 1 (20 slices",
+        "axial stack 2 (20 slices",
+    ]
+    assert labels[0][len("axial stack 1") :] == labels[1][len("axial stack 2") :]
     for stack in planned.stacks:
         z = [_z(p) for p in stack.paths]
         assert z == sorted(z), "each stack runs feet to head"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,25 +79,41 @@ def labels_of(data: Path) -> Path:
     return data.parent / "labels.csv"
 
 
-def run(*args: str) -> tuple[int, str, float]:
-    started = time.monotonic()
+def run(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(heads_app, list(args), env=TINY_ENV)
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
-    return result.exit_code, result.output, time.monotonic() - started
+    return result.exit_code, result.output
+
+
+def count_backbone_slices(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch sizes the backbone embeds from now on, whichever backbone the CLI loads."""
+    calls: list[int] = []
+    original = Backbone.features
+
+    def counted(self: Backbone, batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(Backbone, "features", counted)
+    return calls
 
 
 # --- end to end through the CLI -----------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_train_writes_a_head_and_caches_features(dataset: Path, tmp_path: Path) -> None:
+def test_train_writes_a_head_and_caches_features(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     heads, cache = tmp_path / "heads", tmp_path / "cache"
     common = ["train", str(dataset), "--labels", str(labels_of(dataset)), "--name", "level"]
     common += ["--out", str(heads), "--weights", "demo", "--cache-dir", str(cache)]
     common += ["--codes", str(dataset.parent / "codes.csv"), "--folds", "5", *FAST_RECIPE]
-    code, output, first = run(*common)
+    embedded = count_backbone_slices(monkeypatch)
+    code, output = run(*common)
     assert code == 0, output
+    assert sum(embedded) == 30, "the backbone embeds the 3 slices of each of the 10 series"
     assert "5-fold cross-validation" in output and "pooled" in output
     assert "10 series, 0 features from the cache, 10 computed" in output
     assert "1 series without a label ignored" in output
@@ -121,19 +136,23 @@ def test_train_writes_a_head_and_caches_features(dataset: Path, tmp_path: Path) 
         assert value is not None and 0.0 <= value <= 1.0
     assert record.metrics["auc"] > 0.5  # the body level is learnable from these features
 
-    code, output, second = run(*common, "--overwrite")
+    stored = {path: (path.stat().st_mtime_ns, path.read_bytes()) for path in files}
+    embedded.clear()
+    code, output = run(*common, "--overwrite")
     assert code == 0, output
     assert "10 series, 10 features from the cache, 0 computed" in output
-    assert second < first
+    assert embedded == [], "a second run reads every series' features from the cache"
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == stored
+    assert load_head(heads / "level").card.training is not None
 
-    code, output, _ = run(*common)
+    code, output = run(*common)
     assert code == 2 and "already there" in output
 
 
 @pytest.mark.slow
 def test_evaluate_and_list(dataset: Path, tmp_path: Path) -> None:
     heads = tmp_path / "heads"
-    code, output, _ = run(
+    code, output = run(
         "train",
         str(dataset),
         "--labels",
@@ -152,13 +171,13 @@ def test_evaluate_and_list(dataset: Path, tmp_path: Path) -> None:
     )
     assert code == 0, output
     assert "cross-validation" not in output
-    code, output, _ = run(
+    code, output = run(
         "evaluate", str(heads / "level"), str(dataset), "--labels", str(labels_of(dataset))
     )
     assert code == 0, output
     assert "accuracy" in output and "auc" in output
 
-    code, output, _ = run("list", str(heads))
+    code, output = run("list", str(heads))
     assert code == 0, output
     for text in ("level", "2.0", "classification", "mean_cls", "lower", "upper", "yes"):
         assert text in output
@@ -171,7 +190,7 @@ def test_regression_head(dataset: Path, tmp_path: Path) -> None:
         "series,label\n"
         + "".join(f"series-{k:02d},{2.0 * first}\n" for k, (first, _) in enumerate(SERIES))
     )
-    code, output, _ = run(
+    code, output = run(
         "train",
         str(dataset),
         "--labels",
@@ -208,7 +227,7 @@ def test_regression_head(dataset: Path, tmp_path: Path) -> None:
 def test_train_refuses_bad_settings(
     dataset: Path, tmp_path: Path, extra: list[str], message: str
 ) -> None:
-    code, output, _ = run(
+    code, output = run(
         "train",
         str(dataset),
         "--labels",
@@ -228,7 +247,7 @@ def test_train_refuses_bad_settings(
 def test_missing_labelled_series_is_an_error(dataset: Path, tmp_path: Path) -> None:
     labels = tmp_path / "labels.csv"
     labels.write_text("series,label\nseries-00,lower\nnowhere,upper\n")
-    code, output, _ = run(
+    code, output = run(
         "train",
         str(dataset),
         "--labels",
@@ -392,7 +411,7 @@ def test_list_shows_mask_heads_and_broken_packages(tmp_path: Path) -> None:
     save_mask_head(demo_mask_head(64), tmp_path / "mask")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "head.json").write_text('{"name": "broken"}')
-    code, output, _ = run("list", str(tmp_path))
+    code, output = run("list", str(tmp_path))
     assert code == 1
     for text in ("body-region", "demo-region-", "segmentation", "cannot load"):
         assert text in output

@@ -102,9 +102,14 @@ def _backbone(ctx: typer.Context, weights: str | None, device: str | None) -> Ba
                 "mean nothing (pass --weights FOLDER)[/yellow]",
                 markup=True,
             )
-        return demo_backbone(settings.model.demo_size, seed=settings.model.seed, device=resolved)
+        return demo_backbone(
+            settings.model.demo_size,
+            seed=settings.model.seed,
+            device=resolved,
+            precision=settings.model.precision,
+        )
     try:
-        return load_backbone(Path(folder), device=resolved)
+        return load_backbone(Path(folder), device=resolved, precision=settings.model.precision)
     except WeightsError as exc:
         raise _fail(f"cannot load the Curia weights: {exc}", code=3) from exc
 
@@ -415,7 +420,47 @@ def import_head(
     ] = None,
     version: Annotated[str, typer.Option("--version")] = "1.0.0",
     description: Annotated[str, typer.Option("--description")] = "",
-    clip_below_air: Annotated[bool, typer.Option("--clip-below-air")] = False,
+    clip_below_air: Annotated[
+        bool | None,
+        typer.Option(
+            "--clip-below-air/--no-clip-below-air",
+            help="clamp below -1000 (default: as the backbone's preprocessor_config.json)",
+        ),
+    ] = None,
+    pooling: Annotated[
+        Literal["slice", "mask", "mean_cls"] | None,
+        typer.Option(
+            "--pooling",
+            help="2D heads: slice (per-slice CLS, default), mask (patch tokens in a mask), "
+            "mean_cls (series-mean CLS)",
+        ),
+    ] = None,
+    aggregation: Annotated[
+        Literal["max", "mean", "top_k_mean"] | None,
+        typer.Option("--aggregation", help="per-slice heads: max (default) | mean | top_k_mean"),
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option("--top-k", min=1, help="slices averaged by top_k_mean")
+    ] = None,
+    negative_class: Annotated[
+        str | None,
+        typer.Option("--negative-class", help="per-slice heads: the 'nothing found' class"),
+    ] = None,
+    mask_source: Annotated[
+        str | None, typer.Option("--mask-source", help="mask heads: the mask head to pool in")
+    ] = None,
+    processor: Annotated[
+        Literal["slice", "volume"] | None,
+        typer.Option(
+            "--processor",
+            help="normalisation the head was trained with: slice (per-slice z-score) or "
+            "volume (older processor); default: the backbone's",
+        ),
+    ] = None,
+    token_source: Annotated[
+        Literal["pre_norm", "final_norm"] | None,
+        typer.Option("--token-source", help="3D heads: tokens before (default) or after norm"),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     """Import one of Raidium's released head folders (config.json + model.safetensors)."""
@@ -454,12 +499,21 @@ def import_head(
             backbone_folder=Path(reference) if reference is not None else None,
             description=description,
             clip_below_air=clip_below_air,
+            pooling=pooling,
+            aggregation=aggregation,
+            top_k=top_k,
+            negative_class=negative_class,
+            mask_source=mask_source,
+            processor=processor,
+            final_norm=None if token_source is None else token_source == "final_norm",
         )
     except failure as exc:
         raise _fail(str(exc)) from exc
     card = head.card
     record = card.imported
     console.print(f"imported {folder.name} as {card.name} ({card.task}, pooling {card.pooling})")
+    if card.aggregation is not None:
+        console.print(f"per-slice scores aggregated by {card.aggregation}")
     if card.window is not None:
         window = card.window
         console.print(

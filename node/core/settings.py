@@ -291,6 +291,11 @@ class ModelSettings(BaseModel):
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     compile: bool = Field(False, description="torch.compile the backbone (faster on a GPU)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="backbone arithmetic: fp32 as Raidium runs it, or autocast to bf16 / fp16 "
+        "(faster on a GPU; effect measured by benchmarks/precision.py)",
+    )
     batch_size: int = Field(16, ge=1)
     seed: int = 0
 

@@ -118,9 +118,13 @@ class Runtime:
             model = self.settings.model
             if model.weights_dir is None:
                 log.warning("no weights configured: using DEMO weights (random, not for diagnosis)")
-                backbone = demo_backbone(model.demo_size, seed=model.seed, device=self.device)
+                backbone = demo_backbone(
+                    model.demo_size, seed=model.seed, device=self.device, precision=model.precision
+                )
             else:
-                backbone = load_backbone(Path(model.weights_dir), device=self.device)
+                backbone = load_backbone(
+                    Path(model.weights_dir), device=self.device, precision=model.precision
+                )
             if model.compile:
                 import torch
 

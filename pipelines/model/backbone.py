@@ -46,12 +46,10 @@ from pipelines.model.backbone_spec import (
 from pipelines.model.hf_folder import (
     CONFIG_FILE,
     NODE_CONFIG_KEY,
-    PREPROCESSOR_FILE,
     WEIGHTS_FILE,
     file_digest,
     folder_identity,
     load_tensors,
-    preprocessor_config,
     read_config,
     read_shapes,
     weight_files,
@@ -63,16 +61,26 @@ from pipelines.model.hf_weights import (
     hf_to_timm,
     timm_to_hf,
 )
+from pipelines.model.processor import (
+    PROCESSOR_FILE,
+    ProcessorConfigError,
+    ProcessorSettings,
+    read_processor_config,
+)
 
 __all__ = [
     "CONFIG_FILE",
     "CURIA_B",
     "CURIA_TINY",
     "IGNORED_HF_KEYS",
+    "PRECISIONS",
     "WEIGHTS_FILE",
     "Backbone",
     "BackboneSpec",
+    "BackboneTokens",
+    "Precision",
     "WeightsError",
+    "backbone_tokens",
     "build_backbone",
     "check_tensor_shapes",
     "demo_backbone",
@@ -85,6 +93,12 @@ __all__ = [
     "timm_to_hf",
     "weight_files",
 ]
+
+
+#: Backbone arithmetic: exact fp32 (what Raidium runs), or autocast to bf16 / fp16.
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _packed_swiglu(packed_hidden: int) -> Callable[..., nn.Module]:
@@ -145,23 +159,39 @@ class _TokenModel(Protocol):
 
 @dataclass
 class Backbone:
-    """A loaded backbone in eval mode, with the identity that goes into reports."""
+    """A loaded backbone in eval mode, with the identity that goes into reports.
+
+    ``processor`` is what the folder's ``preprocessor_config.json`` says (None: the
+    processor's defaults at the backbone's input size); ``precision`` is the arithmetic of
+    its forward pass (``model.precision``), fp32 unless a site chose otherwise.
+    """
 
     model: nn.Module
     spec: BackboneSpec
     identity: ModelIdentity
     source: Path | None = field(default=None, compare=False)
+    processor: ProcessorSettings | None = field(default=None, compare=False)
+    precision: Precision = "fp32"
 
     @property
     def device(self) -> torch.device:
         """Where the weights live; inputs are moved here."""
         return next(self.model.parameters()).device
 
-    def _autocast(self) -> AbstractContextManager[Any]:
-        """bf16 on CUDA (tensor cores, half the memory traffic); exact fp32 on CPU."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+    @property
+    def preprocessing(self) -> ProcessorSettings:
+        """The image processor's settings this backbone's inputs are made with."""
+        return self.processor or ProcessorSettings(size=self.spec.image_size)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The forward pass's precision: exact fp32, or autocast to bf16 / fp16.
+
+        Raidium runs fp32; a lower precision is a speed choice whose effect on features and
+        probabilities ``benchmarks/precision.py`` measures.
+        """
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
 
     def _check_batch(self, batch: torch.Tensor) -> None:
         expected = (self.spec.num_channels, self.spec.image_size, self.spec.image_size)
@@ -178,7 +208,7 @@ class Backbone:
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         self._check_batch(batch)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             return self.network.forward_features(batch.to(self.device, torch.float32))
 
     def tokens(self, batch: torch.Tensor) -> torch.Tensor:
@@ -216,7 +246,9 @@ def _finish(model: nn.Module, device: torch.device | None) -> nn.Module:
     return model
 
 
-def load_backbone(folder: Path, device: torch.device | None = None) -> Backbone:
+def load_backbone(
+    folder: Path, device: torch.device | None = None, precision: Precision = "fp32"
+) -> Backbone:
     """Load an HF Dinov2 folder (Curia weights) into a timm ViT, checked strictly.
 
     Nothing is downloaded: the folder is what a site fetched once. The config is validated
@@ -228,6 +260,12 @@ def load_backbone(folder: Path, device: torch.device | None = None) -> Backbone:
         raise WeightsError(f"{folder}: weights folder does not exist")
     cfg = read_config(folder)
     spec = BackboneSpec.from_hf_config(cfg, str(folder))
+    try:
+        processor = read_processor_config(
+            folder, image_size=spec.image_size, num_channels=spec.num_channels
+        )
+    except ProcessorConfigError as exc:
+        raise WeightsError(str(exc)) from exc
     files = weight_files(folder)
     check_tensor_shapes(read_shapes(files, folder), spec, str(folder))
 
@@ -238,7 +276,50 @@ def load_backbone(folder: Path, device: torch.device | None = None) -> Backbone:
     except RuntimeError as exc:  # defensive: the shape check above should catch everything
         raise WeightsError(f"{folder}: weights do not fit the network: {exc}") from exc
     identity = folder_identity(folder, cfg, file_digest(files))
-    return Backbone(model=_finish(model, device), spec=spec, identity=identity, source=folder)
+    return Backbone(
+        model=_finish(model, device),
+        spec=spec,
+        identity=identity,
+        source=folder,
+        processor=processor,
+        precision=precision,
+    )
+
+
+@dataclass(frozen=True)
+class BackboneTokens:
+    """One forward pass: tokens after the final norm, and the last block's before it.
+
+    Both (N, 1 + patches, hidden), float32, on the backbone's device. ``final[:, 0]`` is
+    exactly :meth:`Backbone.features`.
+    """
+
+    final: torch.Tensor
+    last_block: torch.Tensor
+
+
+def backbone_tokens(backbone: Backbone, batch: torch.Tensor) -> BackboneTokens:
+    """Run the backbone once and keep every token, normed and not.
+
+    Raidium's 3D heads read ``hidden_states[-1]`` (the last block, before the final
+    LayerNorm); the CLS features every other head uses come from the same pass.
+    """
+    expected = (backbone.spec.num_channels, backbone.spec.image_size, backbone.spec.image_size)
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+        raise ValueError(
+            f"backbone input must be (N, {', '.join(map(str, expected))}), got {tuple(batch.shape)}"
+        )
+    device = backbone.device
+    with torch.inference_mode(), backbone.autocast():
+        out = backbone.network.forward_intermediates(
+            batch.to(device, torch.float32),
+            indices=1,
+            return_prefix_tokens=True,
+            output_fmt="NLC",
+            output_dict=True,
+        )
+    last = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+    return BackboneTokens(final=out["image_features"].float(), last_block=last.float())
 
 
 # --- demo weights and writing folders ----------------------------------------------------
@@ -265,7 +346,10 @@ def _randomise_layer_scales(model: nn.Module, generator: torch.Generator) -> Non
 
 
 def demo_backbone(
-    size: Literal["base", "tiny"] = "base", seed: int = 0, device: torch.device | None = None
+    size: Literal["base", "tiny"] = "base",
+    seed: int = 0,
+    device: torch.device | None = None,
+    precision: Precision = "fp32",
 ) -> Backbone:
     """A backbone with Curia's architecture and seeded random weights.
 
@@ -289,7 +373,7 @@ def demo_backbone(
         demo=True,
         weights_digest=_state_digest(model.state_dict()),
     )
-    return Backbone(model=_finish(model, device), spec=spec, identity=identity)
+    return Backbone(model=_finish(model, device), spec=spec, identity=identity, precision=precision)
 
 
 def save_hf_folder(backbone: Backbone, folder: Path) -> None:
@@ -303,9 +387,8 @@ def save_hf_folder(backbone: Backbone, folder: Path) -> None:
     tensors = timm_to_hf(backbone.model.state_dict(), spec)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (folder / PREPROCESSOR_FILE).write_text(
-        json.dumps(preprocessor_config(spec), indent=2) + "\n", encoding="utf-8"
-    )
+    processor = backbone.preprocessing.to_config(spec.num_channels)
+    (folder / PROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
 
 
 def parameter_count(backbone: Backbone) -> int:

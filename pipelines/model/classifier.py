@@ -1,9 +1,15 @@
 """The runnable head: a card's linear layer, and its attention probe when attentive.
 
-Three poolings turn a series into one prediction:
+The poolings that turn a series into one prediction:
 
-- ``mean_cls`` (default): the mean of the per-slice CLS tokens over the whole series, then
-  the linear layer. What slice-level probes (Raidium's 2D heads) are applied with.
+- ``slice``: the linear layer on every slice's final-norm CLS token (Raidium's 2D heads, which
+  are per-slice classifiers), the per-slice scores aggregated by the card's rule (max, mean,
+  top-k mean; see :mod:`~pipelines.model.pooling`); the key slice is the best-scoring slice.
+- ``mean_cls`` (``series_mean_cls``): the mean of the per-slice CLS tokens over the whole
+  series, then the linear layer: for heads trained on series-mean features (the node's
+  ``heads train`` probes), not for Raidium's per-slice heads.
+- ``mask``: the mean of the final-norm patch tokens inside a region mask; without a mask the
+  head does not run ("not analysed: no mask").
 - ``attentive``: Raidium's attention probe for 3D heads. A window of slices around the
   centre slice; per slice its patch tokens (or their mean, optionally with the CLS token),
   plus a sinusoidal slice-position embedding; self- and/or cross-attention blocks
@@ -27,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,6 +82,11 @@ class Head:
         return self.card.name
 
     @property
+    def centred_on_mask(self) -> bool:
+        """True for a window head whose window is centred on a mask (a lesion-centred head)."""
+        return self.card.window is not None and self.card.window.selection == "mask"
+
+    @property
     def uses_window(self) -> bool:
         """True when the head reads slice tokens in a window rather than the mean CLS."""
         return self.card.pooling in WINDOW_POOLINGS
@@ -118,16 +130,25 @@ class Head:
 
     # -- window heads: per-slice token reduction (streamed), then the pooled prediction --
 
-    def window_indices(self, slice_count: int) -> list[int]:
-        """Positions (in the sorted series) of the slices this window head reads, in order."""
+    def window_indices(self, slice_count: int, centre: int | None = None) -> list[int]:
+        """Positions (in the sorted series) of the slices this window head reads, in order.
+
+        ``centre`` is the slice a ``centre`` or ``mask`` window is centred on (default: the
+        middle slice; for ``mask``, the median masked slice).
+        """
         window = self._window()
         size = window.num_slices
-        if size is None or slice_count <= size:
+        if size is None:
             return list(range(slice_count))
         if window.selection == "even":
-            spaced = torch.linspace(0, slice_count - 1, size).round().long()
-            return [int(i) for i in spaced]
-        start = slice_count // 2 - size // 2
+            if slice_count < size:  # the processor pads by repeating the last slice
+                return list(range(slice_count)) + [slice_count - 1] * (size - slice_count)
+            # truncated, not rounded, as the processor's integer cast of its linspace
+            return [int(i) for i in np.linspace(0, slice_count - 1, size).astype(np.int64)]
+        if slice_count <= size:
+            return list(range(slice_count))
+        middle = slice_count // 2 if centre is None else centre
+        start = min(max(middle - size // 2, 0), slice_count - size)
         return list(range(start, start + size))
 
     def slice_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

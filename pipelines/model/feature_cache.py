@@ -25,6 +25,9 @@ from pipelines.model.orientation import SeriesError
 
 FEATURE_DIR = ".curia-features"
 CLS_KEY = "cls"
+#: Bumped whenever the image processor's output changes (v2: resize before the clamp,
+#: unbiased std).
+PROCESSOR_REVISION = "p2"
 
 
 # --- features and their cache ------------------------------------------------------------
@@ -39,7 +42,12 @@ class FeatureCache:
             identity.weights_digest
             or hashlib.sha256(f"{identity.name}\0{identity.version}".encode()).hexdigest()
         )
-        self.folder = Path(root) / f"{key[:16]}-{'clip' if clip_below_air else 'plain'}"
+        # the processor revision and the precision change the features too: features cached
+        # with an earlier normalisation order or another precision are never reused
+        setting = (
+            f"{PROCESSOR_REVISION}-{backbone.precision}-{'clip' if clip_below_air else 'plain'}"
+        )
+        self.folder = Path(root) / f"{key[:16]}-{setting}"
 
     def path(self, source: SeriesSource) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", source.name)

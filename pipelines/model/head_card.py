@@ -20,6 +20,7 @@ from pydantic import (
 
 from pipelines.findings import CodeRef, HeadClass
 from pipelines.model.orientation import Plane
+from pipelines.model.processor import ProcessorSettings, ProcessorVariant
 
 CARD_FILE = "head.json"
 WEIGHTS_FILE = "head.safetensors"
@@ -29,8 +30,18 @@ BIAS_KEY = "classifier.bias"
 ATTENTION_PREFIX = "attention."
 
 Task = Literal["classification", "regression"]
-Pooling = Literal["mean_cls", "attentive", "mean_patch"]
+#: How a head turns a series into its input (the README's heads section explains each):
+#: ``slice`` scores every slice and aggregates the scores; ``mean_cls`` (also written
+#: ``series_mean_cls``) applies the head once to the series-mean CLS; ``mask`` to patch tokens
+#: inside a region mask; ``attentive`` / ``mean_patch`` are the 3D window heads.
+Pooling = Literal["slice", "mean_cls", "mask", "attentive", "mean_patch"]
 WINDOW_POOLINGS = ("attentive", "mean_patch")
+#: How a ``slice`` head's per-slice scores become the series value.
+Aggregation = Literal["max", "mean", "top_k_mean"]
+#: Which tokens a head reads: after the backbone's final LayerNorm, or the last block's before it.
+TokenSource = Literal["final_norm", "pre_norm"]
+#: Spellings accepted for a pooling, and the one a card stores.
+_POOLING_ALIASES = {"series_mean_cls": "mean_cls"}
 #: An attention probe's block kinds, in the order they run.
 Block = Literal["self", "cross"]
 
@@ -96,10 +107,12 @@ class WindowCard(BaseModel):
 
     ``num_slices`` None means every slice of the series. ``selection`` ``centre`` takes
     ``num_slices`` consecutive slices centred on slice ``n // 2`` (the released model's
-    forward); ``even`` spreads them evenly over the series, rounding to the nearest slice
-    (like the newer image processor's ``num_slices`` sampling, whose exact rounding is not
-    published). A series with no more slices than the window
-    is used whole. ``tokens`` ``patch`` keeps every patch token of a slice (average-pooled
+    forward; a shorter series is used whole); ``even`` is the newer image processor's
+    sampling: the truncated ``linspace(0, n - 1, num_slices)``, a shorter series padded by
+    repeating its last slice; ``mask`` centres the window on the median masked slice of the
+    card's ``mask_source`` (a lesion-centred head). ``final_norm`` is the token source:
+    False (the released 3D forward) reads the last block before the final LayerNorm.
+    ``tokens`` ``patch`` keeps every patch token of a slice (average-pooled
     over ``kernel_size`` x ``kernel_size`` patches when set, with the slice's CLS token in
     front when ``class_token``); ``slice_mean`` keeps one mean patch token per slice.
     """
@@ -107,7 +120,7 @@ class WindowCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_slices: int | None = Field(default=None, ge=1)
-    selection: Literal["centre", "even"] = "centre"
+    selection: Literal["centre", "even", "mask"] = "centre"
     tokens: Literal["patch", "slice_mean"] = "patch"
     kernel_size: int | None = Field(default=None, ge=1)
     class_token: bool = False
@@ -158,8 +171,12 @@ class ImportRecord(BaseModel):
 class HeadCard(BaseModel):
     """What a head is: the contract between its weights and the reports it produces.
 
-    ``clip_below_air`` is per head because Curia's image processor exists in versions that
-    differ on it and a head must be fed the way it was trained.
+    The input contract is explicit: ``pooling`` (with ``aggregation`` / ``top_k`` for
+    per-slice heads), the token source (:attr:`token_source`), and the image processor
+    (``clip_below_air`` and ``processor`` variant; None follows the backbone folder's
+    ``preprocessor_config.json``). Both are per head because Curia's image processor exists
+    in versions that differ on them and a head must be fed the way it was trained.
+    ``mask_source`` names the node's mask head whose mask a ``mask`` head pools in.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -170,9 +187,14 @@ class HeadCard(BaseModel):
     description: str = ""
     classes: list[ClassCard] = Field(min_length=1)
     pooling: Pooling = "mean_cls"
+    aggregation: Aggregation | None = Field(default=None, validate_default=True)
+    top_k: int | None = Field(default=None, ge=1, validate_default=True)
+    negative_class: str | None = Field(default=None, validate_default=True)
+    mask_source: str | None = Field(default=None, validate_default=True)
     hidden_size: int = Field(gt=0)
     backbone: str = Field(min_length=1)
-    clip_below_air: bool = False
+    clip_below_air: bool | None = None
+    processor: ProcessorVariant | None = None
     demo: bool = False
     modalities: list[str] = Field(
         default_factory=list, description="series modalities it applies to; empty = any"
@@ -191,6 +213,53 @@ class HeadCard(BaseModel):
     )
     training: TrainingRecord | None = None
     imported: ImportRecord | None = None
+
+    @field_validator("pooling", mode="before")
+    @classmethod
+    def _pooling_alias(cls, value: Any) -> Any:
+        return _POOLING_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("aggregation")
+    @classmethod
+    def _aggregation_for_slice_heads(
+        cls, aggregation: Aggregation | None, info: ValidationInfo
+    ) -> Aggregation | None:
+        pooling = info.data.get("pooling")
+        if pooling == "slice":
+            return aggregation or "max"
+        if aggregation is not None:
+            raise ValueError(f"pooling {pooling!r} scores the series once: remove aggregation")
+        return None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_for_top_k_mean(cls, top_k: int | None, info: ValidationInfo) -> int | None:
+        aggregation = info.data.get("aggregation")
+        if aggregation == "top_k_mean" and top_k is None:
+            raise ValueError("aggregation 'top_k_mean' needs top_k (how many slices)")
+        if aggregation != "top_k_mean" and top_k is not None:
+            raise ValueError("top_k applies to aggregation 'top_k_mean' only")
+        return top_k
+
+    @field_validator("negative_class")
+    @classmethod
+    def _negative_class_is_a_class(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name is None:
+            return None
+        if info.data.get("pooling") != "slice" or info.data.get("task") != "classification":
+            raise ValueError("negative_class applies to pooling 'slice' classification heads")
+        names = [c.name for c in info.data.get("classes") or []]
+        if name not in names:
+            raise ValueError(f"negative_class {name!r} is not one of the classes {names}")
+        return name
+
+    @field_validator("mask_source")
+    @classmethod
+    def _mask_source_for_mask_heads(cls, source: str | None, info: ValidationInfo) -> str | None:
+        pooling = info.data.get("pooling")
+        if source is not None and pooling not in ("mask", *WINDOW_POOLINGS):
+            raise ValueError("mask_source applies to pooling 'mask' and window heads only")
+        return source
 
     @field_validator("classes")
     @classmethod
@@ -233,11 +302,16 @@ class HeadCard(BaseModel):
         pooling = info.data.get("pooling")
         if pooling in WINDOW_POOLINGS and window is None:
             raise ValueError(f"pooling {pooling!r} needs a window section")
-        if pooling == "mean_cls" and window is not None:
-            raise ValueError("pooling 'mean_cls' uses every slice: remove the window section")
+        if pooling not in WINDOW_POOLINGS and window is not None:
+            raise ValueError(f"pooling {pooling!r} uses every slice: remove the window section")
         plain = window is None or (
             window.tokens == "patch" and not window.kernel_size and not window.class_token
         )
+        centred_on_mask = window is not None and window.selection == "mask"
+        if centred_on_mask and not info.data.get("mask_source"):
+            raise ValueError("selection 'mask' needs the card's mask_source")
+        if window is not None and not centred_on_mask and info.data.get("mask_source"):
+            raise ValueError("a window head with a mask_source has selection 'mask'")
         if pooling == "mean_patch" and not plain:
             raise ValueError(
                 "pooling 'mean_patch' averages plain patch tokens: tokens must be 'patch', "
@@ -251,6 +325,24 @@ class HeadCard(BaseModel):
         if unit is not None and info.data.get("task") != "regression":
             raise ValueError("only a regression head has a unit")
         return unit
+
+    @property
+    def token_source(self) -> TokenSource:
+        """Which backbone tokens the head reads: 2D poolings the final-norm ones."""
+        if self.window is not None and not self.window.final_norm:
+            return "pre_norm"
+        return "final_norm"
+
+    def preprocessing(self, folder: ProcessorSettings) -> tuple[bool, ProcessorVariant]:
+        """Clamp and processor variant: the card's own, else the backbone folder's."""
+        clip = folder.clip_below_air if self.clip_below_air is None else self.clip_below_air
+        return clip, self.processor or folder.variant
+
+    @property
+    def negative_index(self) -> int | None:
+        """Position of :attr:`negative_class` among the classes (None: none is named)."""
+        names = [c.name for c in self.classes]
+        return names.index(self.negative_class) if self.negative_class else None
 
     @property
     def head_classes(self) -> tuple[HeadClass, ...]:

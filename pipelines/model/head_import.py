@@ -28,6 +28,7 @@ from pipelines.model.head_card import (
     ATTENTION_PREFIX,
     BIAS_KEY,
     WEIGHT_KEY,
+    Aggregation,
     ClassCard,
     CodeCard,
     HeadCard,
@@ -35,10 +36,13 @@ from pipelines.model.head_card import (
 )
 from pipelines.model.heads import Head, build_head_modules, load_head, save_head
 from pipelines.model.hf_folder import CONFIG_FILE
+from pipelines.model.processor import ProcessorVariant
 from pipelines.model.raidium_config import (
     CONFIG_FIELDS,
     HeadImportError,
     RaidiumConfig,
+    SlicePooling,
+    choose_2d_pooling,
     plan_pooling,
 )
 from pipelines.model.raidium_weights import (
@@ -93,8 +97,15 @@ def import_raidium_head(
     backbone_name: str,
     backbone_folder: Path | None = None,
     description: str = "",
-    clip_below_air: bool = False,
+    clip_below_air: bool | None = None,
     unit: CodeRef | CodeCard | None = None,
+    pooling: SlicePooling | None = None,
+    aggregation: Aggregation | None = None,
+    top_k: int | None = None,
+    negative_class: str | None = None,
+    mask_source: str | None = None,
+    processor: ProcessorVariant | None = None,
+    final_norm: bool | None = None,
 ) -> Head:
     """Convert one released head folder into a node head package under ``out_folder``.
 
@@ -103,13 +114,35 @@ def import_raidium_head(
     the quantity. ``backbone_folder``, when given, is compared tensor by tensor with the
     copy under ``dino.``; a mismatch is recorded (``imported.backbone_match`` false), not
     refused, since a site may deliberately run a head on a newer backbone.
+
+    What the config cannot say is asked for: ``pooling`` of a 2D head (``slice``, the released
+    per-slice forward, unless told ``mask`` or ``mean_cls``), its ``aggregation`` (max for a
+    classifier, mean for a regression head unless given), the processor ``variant`` and
+    ``clip_below_air`` (None: the backbone folder's ``preprocessor_config.json``), and the
+    token source of a 3D head (``final_norm``; default the released forward's pre-norm).
+    ``mask_source`` names the node mask head whose mask a ``mask`` head pools in, or that a
+    3D head's window is centred on (lesion-centred).
     Returns the package as :func:`load_head` reads it back.
     """
     folder = Path(folder)
     source = str(folder)
     raw_config = _read_json(folder / CONFIG_FILE)
     config = RaidiumConfig.from_dict(raw_config, source)
-    plan = plan_pooling(config, source)
+    plan = choose_2d_pooling(plan_pooling(config, source), pooling, folder.name, source)
+    if plan.pooling == "slice" and aggregation is None:
+        aggregation = "mean" if config.regression else "max"
+    if plan.pooling != "slice" and (aggregation or top_k or negative_class):
+        raise HeadImportError(
+            f"{source}: aggregation, top_k and negative_class are for per-slice heads; this "
+            f"head is imported with pooling {plan.pooling!r}"
+        )
+    window = plan.window
+    if window is None and final_norm is not None:
+        raise HeadImportError(f"{source}: the token source is set for 3D (window) heads only")
+    if window is not None and final_norm is not None:
+        window = window.model_copy(update={"final_norm": final_norm})
+    if window is not None and mask_source is not None:  # lesion-centred: on the mask
+        window = window.model_copy(update={"selection": "mask"})
     if config.regression and config.num_classes != 1:
         raise HeadImportError(
             f"{source}: config field regression is true but num_classes is "
@@ -145,11 +178,16 @@ def import_raidium_head(
             or f"Imported from Raidium's released head {folder.name} ({config.model_name}).",
             classes=_class_cards(classes),
             pooling=plan.pooling,
+            aggregation=aggregation,
+            top_k=top_k,
+            negative_class=negative_class,
+            mask_source=mask_source,
             hidden_size=hidden,
             backbone=backbone_name,
             clip_below_air=clip_below_air,
+            processor=processor,
             attention=plan.attention,
-            window=plan.window,
+            window=window,
             unit=CodeCard.from_ref(unit) if isinstance(unit, CodeRef) else unit,
             backbone_digest=folder_digest(Path(backbone_folder))
             if copy is not None and copy.match and backbone_folder is not None

@@ -18,13 +18,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from pipelines.findings import ModelIdentity
-from pipelines.model.backbone_spec import BackboneSpec, WeightsError
+from pipelines.model.backbone_spec import WeightsError
 from pipelines.model.hf_weights import IGNORED_HF_KEYS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-PREPROCESSOR_FILE = "preprocessor_config.json"
 #: config.json entry where ``save_hf_folder`` records the backbone's name and demo flag.
 NODE_CONFIG_KEY = "curia_node"
 
@@ -118,15 +117,3 @@ def folder_identity(folder: Path, cfg: Mapping[str, Any], digest: str) -> ModelI
         demo=bool(node.get("demo", False)),
         weights_digest=digest,
     )
-
-
-def preprocessor_config(spec: BackboneSpec) -> dict[str, Any]:
-    """Curia's image-processor settings (the node applies them itself, see preprocess.py)."""
-    return {
-        "crop_size": spec.image_size,
-        "clip_below_air": False,
-        "do_resize": True,
-        "resample": "bicubic (antialiased)",
-        "normalization": "per-slice z-score",
-        "num_channels": spec.num_channels,
-    }

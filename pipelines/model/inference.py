@@ -2,12 +2,21 @@
 
 Slices are decoded, preprocessed and embedded a batch at a time; only the running sum of CLS
 features and the per-slice head scores (a few floats per slice) are kept, so memory does not
-grow with the series. Heads that need different preprocessing (``clip_below_air``) get their
-own features from the same decoded batch rather than sharing the first head's setting.
+grow with the series. ``slice`` heads are aggregated from those per-slice scores,
+``mean_cls`` heads applied to the mean CLS. Heads that need different preprocessing (clamp,
+processor variant) get their own features from the same decoded batch rather than sharing
+the first head's setting; the ``volume`` variant's statistics take one decoding pass first.
 
 Window heads (``attentive``, ``mean_patch``) read the tokens of a few slices: their window
 is known from the headers before any pixel is decoded, so only those slices' reduced tokens
 are kept, and when no head needs the whole series only the window slices are decoded.
+Heads that need a mask (``mask`` pooling, lesion-centred windows) run after the pass, once
+the node's mask heads have produced it (:mod:`~pipelines.model.mask_pooling`).
+
+What each head keeps during the pass, and how heads share it, is
+:mod:`~pipelines.model.head_groups`; this module runs the pass and turns what was kept into
+findings. A "series" here is one stack: :mod:`~pipelines.model.stack_analysis` calls it per
+stack of a series.
 """
 
 from __future__ import annotations
@@ -16,19 +25,27 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipelines.findings import HeadFinding, SeriesFindings, SeriesMask
-from pipelines.model.backbone import Backbone
+from pipelines.model.backbone import Backbone, backbone_tokens
+from pipelines.model.head_groups import (
+    HeadGroup,
+    Window,
+    group_heads,
+    measure_volumes,
+    run_group,
+    slices_to_decode,
+    warn_window_memory,
+)
 from pipelines.model.heads import Head
 from pipelines.model.key_region import grid_region
+from pipelines.model.mask_pooling import lesion_windows, mask_head_outputs
 from pipelines.model.masks import MaskAccumulator, MaskHead
+from pipelines.model.pooling import aggregate_slices, describe
 from pipelines.model.preprocess import (
     PreparedSeries,
     SeriesPlan,
@@ -40,9 +57,6 @@ from pipelines.model.preprocess import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Above this many bytes of kept window tokens, say so: the head's window is the whole series.
-WINDOW_MEMORY_WARNING = 1 << 30
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -73,49 +87,6 @@ def select_device(preference: str = "auto") -> torch.device:
 
 
 # --- the backbone, with tokens when a window head needs them -----------------------------
-
-
-def _autocast(device: torch.device) -> AbstractContextManager[Any]:
-    """The backbone's precision policy: bf16 on CUDA, exact fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@dataclass(frozen=True)
-class BackboneTokens:
-    """One forward pass: tokens after the final norm, and the last block's before it.
-
-    Both (N, 1 + patches, hidden), float32, on the backbone's device. ``final[:, 0]`` is
-    exactly :meth:`Backbone.features`.
-    """
-
-    final: torch.Tensor
-    last_block: torch.Tensor
-
-
-def backbone_tokens(backbone: Backbone, batch: torch.Tensor) -> BackboneTokens:
-    """Run the backbone once and keep every token, normed and not.
-
-    Raidium's 3D heads read ``hidden_states[-1]`` (the last block, before the final
-    LayerNorm); the CLS features every other head uses come from the same pass.
-    """
-    expected = (backbone.spec.num_channels, backbone.spec.image_size, backbone.spec.image_size)
-    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
-        raise ValueError(
-            f"backbone input must be (N, {', '.join(map(str, expected))}), got {tuple(batch.shape)}"
-        )
-    device = backbone.device
-    with torch.inference_mode(), _autocast(device):
-        out = backbone.network.forward_intermediates(
-            batch.to(device, torch.float32),
-            indices=1,
-            return_prefix_tokens=True,
-            output_fmt="NLC",
-            output_dict=True,
-        )
-    last = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
-    return BackboneTokens(final=out["image_features"].float(), last_block=last.float())
 
 
 def embed_chunks(
@@ -155,77 +126,6 @@ def slice_features(
     return embed_chunks(chunks, backbone, clip_below_air=clip_below_air)
 
 
-# --- what is accumulated per head --------------------------------------------------------
-
-
-@dataclass
-class _Window:
-    """A window head's slices and the reduced tokens kept for them so far."""
-
-    head_index: int
-    indices: list[int]
-    position: dict[int, int]
-    kept: list[torch.Tensor | None]
-
-    @classmethod
-    def for_head(cls, head_index: int, head: Head, slice_count: int) -> _Window:
-        indices = head.window_indices(slice_count)
-        return cls(
-            head_index=head_index,
-            indices=indices,
-            position={index: k for k, index in enumerate(indices)},
-            kept=[None] * len(indices),
-        )
-
-
-@dataclass
-class _Group:
-    """Heads that share one preprocessing setting, and what has been accumulated for them."""
-
-    clip_below_air: bool
-    head_indices: list[int]
-    feature_sum: torch.Tensor
-    slice_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # (S, C) per head
-    windows: list[_Window] = field(default_factory=list)
-    masks: list[MaskAccumulator] = field(default_factory=list)
-
-    @property
-    def needs_every_slice(self) -> bool:
-        return bool(self.head_indices) or bool(self.masks)
-
-    def wants(self, index: int) -> bool:
-        return self.needs_every_slice or any(index in w.position for w in self.windows)
-
-
-def _group_heads(
-    heads: Sequence[Head],
-    hidden_size: int,
-    slice_count: int,
-    masks: Sequence[MaskAccumulator] = (),
-) -> list[_Group]:
-    """One group per distinct ``clip_below_air`` setting, in the order heads first use it."""
-    groups: dict[bool, _Group] = {}
-
-    def group(clip: bool) -> _Group:
-        if clip not in groups:
-            zeros = torch.zeros(hidden_size, dtype=torch.float64)
-            groups[clip] = _Group(clip_below_air=clip, head_indices=[], feature_sum=zeros)
-        return groups[clip]
-
-    for mask in masks:
-        group(mask.head.card.clip_below_air).masks.append(mask)
-    for i, head in enumerate(heads):
-        clip = head.card.clip_below_air
-        group(clip)
-        if head.uses_window:
-            groups[clip].windows.append(_Window.for_head(i, head, slice_count))
-        else:
-            groups[clip].head_indices.append(i)
-            # allocated once: per-chunk small tensors kept alive would fragment the heap
-            groups[clip].slice_scores[i] = torch.zeros(slice_count, head.card.num_outputs)
-    return list(groups.values())
-
-
 def _check_heads(heads: Sequence[Head], backbone: Backbone) -> None:
     """Refuse width mismatches up front, before any slice is decoded."""
     for head in heads:
@@ -239,33 +139,33 @@ def _check_heads(heads: Sequence[Head], backbone: Backbone) -> None:
             )
 
 
-def _warn_window_memory(heads: Sequence[Head], groups: list[_Group], backbone: Backbone) -> None:
-    """Say when a window head keeps a lot (all patch tokens of a whole series)."""
-    spec = backbone.spec
-    for group in groups:
-        for window in group.windows:
-            head = heads[window.head_index]
-            per_slice = head.tokens_per_slice(spec.num_patches)
-            size = len(window.indices) * per_slice * spec.hidden_size * 4
-            if size > WINDOW_MEMORY_WARNING:
-                log.warning(
-                    "head %s keeps %.1f GB of slice tokens for a %d-slice window",
-                    head.name,
-                    size / 1e9,
-                    len(window.indices),
-                )
-
-
 # --- findings ----------------------------------------------------------------------------
 
 
 def _mean_finding(
-    head: Head, scores: torch.Tensor, group: _Group, slice_count: int, backbone: Backbone
+    head: Head, scores: torch.Tensor, group: HeadGroup, slice_count: int, backbone: Backbone
 ) -> HeadFinding:
     """Mean-pooled series prediction, with the slice that scored highest for it.
 
-    A regression head has no class to score slices for, so it names no key slice.
+    A regression head has no class to score slices for, so it names no key slice. A
+    ``slice`` head's prediction is its per-slice scores aggregated (see
+    :mod:`~pipelines.model.pooling`).
     """
+    card = head.card
+    if card.pooling == "slice" and card.aggregation is not None:
+        value = aggregate_slices(
+            scores,
+            card.aggregation,
+            top_k=card.top_k,
+            negative_class=card.negative_index,
+            regression=card.task == "regression",
+        )
+        finding = _finding(head, value.outputs, value.key_slice, backbone)
+        return dataclasses.replace(
+            finding,
+            predicted_index=value.predicted,
+            aggregation=describe(card.aggregation, card.top_k, slice_count),
+        )
     mean = (group.feature_sum / slice_count).float().unsqueeze(0)
     outputs = head.predict(mean)[0].cpu()
     predicted = int(torch.argmax(outputs))
@@ -276,7 +176,7 @@ def _mean_finding(
 
 
 def _window_finding(
-    head: Head, window: _Window, backbone: Backbone, plan: SeriesPlan
+    head: Head, window: Window, backbone: Backbone, plan: SeriesPlan
 ) -> HeadFinding:
     missing = [window.indices[k] for k, t in enumerate(window.kept) if t is None]
     if missing:  # defensive: every window slice is decoded and embedded above
@@ -301,7 +201,7 @@ def _window_finding(
 def _locate_mean_findings(
     source: SeriesPlan | PreparedSeries,
     heads: Sequence[Head],
-    groups: list[_Group],
+    groups: list[HeadGroup],
     findings: dict[int, HeadFinding],
     backbone: Backbone,
 ) -> None:
@@ -324,6 +224,8 @@ def _locate_mean_findings(
             pixels,
             size=backbone.spec.image_size,
             clip_below_air=group.clip_below_air,
+            variant=group.variant,
+            volume=group.volume,
             device=backbone.device,
         )
         patches = backbone_tokens(backbone, batch).final[:, 1:]
@@ -355,64 +257,6 @@ def _finding(
 
 
 # --- the series --------------------------------------------------------------------------
-
-
-def _slices_to_decode(plan: SeriesPlan, groups: list[_Group]) -> list[int]:
-    """Every slice if a head pools the whole series, else only the window heads' slices."""
-    if any(g.needs_every_slice for g in groups):
-        return list(range(len(plan)))
-    return sorted({i for g in groups for w in g.windows for i in w.indices})
-
-
-def _run_group(
-    group: _Group,
-    heads: Sequence[Head],
-    indices: list[int],
-    pixels: np.ndarray,
-    backbone: Backbone,
-) -> None:
-    """Embed the chunk's slices this group needs and accumulate them for its heads."""
-    rows = [r for r, index in enumerate(indices) if group.wants(index)]
-    if not rows:
-        return
-    batch = preprocess_slices(
-        pixels if len(rows) == len(indices) else pixels[rows],
-        size=backbone.spec.image_size,
-        clip_below_air=group.clip_below_air,
-        device=backbone.device,
-    )
-    chunk_indices = [indices[r] for r in rows]
-    in_window = [
-        (w, [(k, w.position[i]) for k, i in enumerate(chunk_indices) if i in w.position])
-        for w in group.windows
-    ]
-    in_window = [(w, hits) for w, hits in in_window if hits]
-    if not in_window and not group.masks:  # CLS only: the plain forward pass
-        _accumulate_mean(group, heads, chunk_indices, backbone.features(batch))
-        return
-    tokens = backbone_tokens(backbone, batch)
-    _accumulate_mean(group, heads, chunk_indices, tokens.final[:, 0])
-    for mask in group.masks:  # every slice is in this chunk's rows: masks need them all
-        mask.add(chunk_indices, tokens.final)
-    for window, hits in in_window:
-        head = heads[window.head_index]
-        final_norm = head.card.window is not None and head.card.window.final_norm
-        source = tokens.final if final_norm else tokens.last_block
-        reduced = head.slice_tokens(source[[k for k, _ in hits]]).float().cpu()
-        for row, (_, position) in enumerate(hits):
-            window.kept[position] = reduced[row].clone()
-
-
-def _accumulate_mean(
-    group: _Group, heads: Sequence[Head], indices: list[int], cls: torch.Tensor
-) -> None:
-    """Add CLS features to the series sum and score each slice for the key slice."""
-    if not group.head_indices:
-        return
-    features = cls.float().cpu()
-    group.feature_sum += features.double().sum(dim=0)
-    for i in group.head_indices:
-        group.slice_scores[i][indices] = heads[i].predict(features)
 
 
 def analyse_series(
@@ -476,16 +320,17 @@ def analyse_series_and_masks(
     if not heads and not mask_heads:
         return result, []
     masks = [MaskAccumulator(head, plan, backbone) for head in mask_heads]
-    groups = _group_heads(heads, backbone.spec.hidden_size, len(plan), masks)
-    _warn_window_memory(heads, groups, backbone)
+    groups = group_heads(heads, backbone, len(plan), masks)
+    measure_volumes(source, groups, backbone, batch_size)
+    warn_window_memory(heads, groups, backbone)
     for head in heads:
         if head.probe is not None:  # attention over thousands of tokens: next to the backbone
             head.to(backbone.device)
-    decode = _slices_to_decode(plan, groups)
+    decode = slices_to_decode(plan, groups)
     for local, pixels in iter_series_chunks(subset(source, decode), batch_size):
         indices = [decode[i] for i in local]
         for group in groups:
-            _run_group(group, heads, indices, pixels, backbone)
+            run_group(group, heads, indices, pixels, backbone)
     findings: dict[int, HeadFinding] = {}
     for group in groups:
         for i in group.head_indices:
@@ -495,5 +340,24 @@ def analyse_series_and_masks(
                 heads[window.head_index], window, backbone, plan
             )
     _locate_mean_findings(source, heads, groups, findings, backbone)
-    result.findings.extend(findings[i] for i in range(len(heads)))
-    return result, [mask.result() for mask in masks]
+    series_masks = [mask.result() for mask in masks]
+    pooled, skipped = mask_head_outputs(source, heads, series_masks, backbone, batch_size)
+    for i, value in pooled.items():
+        findings[i] = _finding(heads[i], value.outputs, value.key_slice, backbone)
+    lesions, unplaced = lesion_windows(source, heads, series_masks, backbone, batch_size)
+    skipped.update(unplaced)
+    for i, lesion in lesions.items():
+        window = Window.for_indices(i, lesion.indices)
+        window.kept = list(lesion.tokens)
+        findings[i] = _window_finding(heads[i], window, backbone, plan)
+    for i, reason in skipped.items():
+        log.info(
+            "series %s%s: head %s %s",
+            series_instance_uid,
+            f" ({plan.label})" if plan.label else "",
+            heads[i].name,
+            reason,
+        )
+        result.heads_not_run[heads[i].name] = reason
+    result.findings.extend(findings[i] for i in range(len(heads)) if i not in skipped)
+    return result, series_masks

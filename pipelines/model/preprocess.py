@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import torch
-import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, iter_pixels
@@ -38,6 +37,13 @@ from pipelines.model.orientation import (
     Reorientation,
     SeriesError,
     orientation_to_pl,
+)
+from pipelines.model.processor import (
+    AIR_HU,
+    STD_FLOOR,
+    ProcessorVariant,
+    VolumeStatistics,
+    normalise_slices,
 )
 from pipelines.model.series_plan import (
     PreparedSeries,
@@ -57,6 +63,7 @@ __all__ = [
     "SeriesError",
     "SeriesPlan",
     "SeriesVolume",
+    "VolumeStatistics",
     "iter_series_chunks",
     "load_series",
     "orientation_to_pl",
@@ -69,11 +76,8 @@ __all__ = [
     "subset",
 ]
 
-#: Lowest meaningful CT value; ``clip_below_air`` raises padding (-2048, -3024) to it.
-AIR_HU = -1000.0
-
-#: Added to the per-slice standard deviation so a uniform slice maps to zeros, not NaN.
-ZSCORE_EPS = 1e-6
+#: Below this standard deviation a slice is only centred (a uniform slice maps to zeros).
+ZSCORE_EPS = STD_FLOOR
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -246,24 +250,22 @@ def preprocess_slices(
     *,
     size: int = 512,
     clip_below_air: bool = False,
+    variant: ProcessorVariant = "slice",
+    volume: VolumeStatistics | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Curia's image processor on a stack of slices: (N, H, W) -> (N, 1, size, size) float32.
 
-    Optional clamp below air (-1000), antialiased bicubic resize to ``size``, then a z-score
-    per slice with the population standard deviation. Runs on ``device`` (the GPU when there
-    is one, so resizing does not hold the model up). Values stay float32 throughout: an
-    int16 cast would destroy fractional MRI values.
+    In the processor's own order (see :mod:`~pipelines.model.processor`): antialiased bicubic
+    resize to ``size``, then the clamp below air when on, then the z-score (per slice, or with
+    the series' ``volume`` statistics for the older variant). Runs on ``device`` (the GPU when
+    there is one, so resizing does not hold the model up). Values stay float32 throughout.
     """
-    x = torch.as_tensor(pixels)
-    if x.ndim != 3:
-        raise ValueError(f"expected slices as (N, H, W), got shape {tuple(x.shape)}")
-    x = x.to(device=device or x.device, dtype=torch.float32)
-    if clip_below_air:
-        x = x.clamp_min(AIR_HU)
-    x = x.unsqueeze(1)
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    mean = x.mean(dim=(-2, -1), keepdim=True)
-    std = x.std(dim=(-2, -1), keepdim=True, correction=0)
-    return (x - mean) / (std + ZSCORE_EPS)
+    return normalise_slices(
+        pixels,
+        size=size,
+        clip_below_air=clip_below_air,
+        variant=variant,
+        volume=volume,
+        device=device,
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pipelines.model.head_card import AttentionCard, HeadError, Pooling, WindowCard
 
@@ -187,9 +187,48 @@ def plan_pooling(config: RaidiumConfig, source: str) -> _Pooling:
         )
         if value
     ]
+    if ignored:
+        notes.append(f"{', '.join(ignored)} only affect the 3D path and are ignored")
+    return _Pooling("slice", None, None, tuple(notes))
+
+
+#: The 2D poolings an import may be told to use (the config cannot say which was trained).
+SlicePooling = Literal["slice", "mask", "mean_cls"]
+
+
+def choose_2d_pooling(
+    planned: _Pooling, asked: SlicePooling | None, folder_name: str, source: str
+) -> _Pooling:
+    """The pooling of a 2D head: the released per-slice forward unless told otherwise.
+
+    Whether a 2D head was trained on the CLS token or on patch tokens inside a mask is not in
+    its config; a folder named for a mask (``emidec-classification-mask``) is refused until
+    ``--pooling`` says which, rather than imported as a CLS head that would run on the wrong
+    tokens.
+    """
+    if planned.pooling != "slice":
+        if asked is not None:
+            raise HeadImportError(
+                f"{source}: --pooling {asked} is for 2D heads; this config describes a "
+                f"{planned.pooling} (3D) head"
+            )
+        return planned
+    if asked is None and "mask" in folder_name.lower():
+        raise HeadImportError(
+            f"{source}: the folder name says this head pools inside a mask, which its config "
+            "cannot say: pass --pooling mask (patch tokens inside a mask) or --pooling slice "
+            "(the CLS token of each slice)"
+        )
+    chosen = asked or "slice"
+    notes = list(planned.notes)
     notes.append(
-        "slice-level head (classifier on the CLS token): the node applies it to the mean CLS "
-        "feature of the series"
-        + (f"; {', '.join(ignored)} only affect the 3D path and are ignored" if ignored else "")
+        {
+            "slice": "per-slice head (classifier on one slice's final-norm CLS token): scored "
+            "on every slice, the scores aggregated",
+            "mask": "mask-pooled head (classifier on the mean of final-norm patch tokens inside "
+            "a mask): runs only where a mask is available",
+            "mean_cls": "applied to the series-mean CLS feature (as asked at import), which "
+            "averages its per-slice logits",
+        }[chosen]
     )
-    return _Pooling("mean_cls", None, None, tuple(notes))
+    return _Pooling(chosen, None, None, tuple(notes))

@@ -8,6 +8,11 @@ findings record, so a run still has one SR per part (see
 and its key slice points into the slices of the analysed stacks laid end to end (with the
 frame number of a multi-frame source). A mask head gives one mask per stack it read.
 
+Each stack is one whole analysis: a per-slice head aggregates that stack's slices, the
+``volume`` processor measures that stack, and a mask-pooled or lesion-centred head pools
+in the mask its mask head drew on that same stack, never on another stack's slices. A
+head that applies to a stack but cannot run there (no mask on it) is stated per stack.
+
 When no stack is analysed the series is :class:`~pipelines.findings.NotAnalysed`, with the
 reason of each stack and object set aside.
 """
@@ -95,7 +100,7 @@ def analyse_units(
     combined = SeriesFindings(
         series_instance_uid=series_instance_uid,
         model=backbone.identity,
-        not_analysed=[str(s) for s in skipped],
+        set_aside=[str(s) for s in skipped],
     )
     masks: list[StackMask] = []
     multi_frame = any(unit.plan.frames for unit in units)
@@ -112,6 +117,8 @@ def analyse_units(
         offset = len(combined.sop_instance_uids_sorted)
         stack = unit.plan.label if labelled else ""
         combined.findings += [_moved(f, offset, stack) for f in findings.findings]
+        for head_name, reason in findings.heads_not_run.items():
+            _not_run(combined, head_name, f"{stack}: {reason}" if stack else reason)
         combined.sop_instance_uids_sorted += findings.sop_instance_uids_sorted
         if multi_frame:
             combined.frames_sorted += list(unit.plan.frames) or [0] * len(unit.plan)
@@ -130,3 +137,9 @@ def _moved(finding: HeadFinding, offset: int, stack: str) -> HeadFinding:
     return dataclasses.replace(
         finding, key_slice=None if key is None else key + offset, stack=stack
     )
+
+
+def _not_run(combined: SeriesFindings, head_name: str, reason: str) -> None:
+    """Record why a head did not run on a stack, after its reasons on earlier stacks."""
+    earlier = combined.heads_not_run.get(head_name)
+    combined.heads_not_run[head_name] = f"{earlier}; {reason}" if earlier else reason

@@ -23,6 +23,7 @@ Which heads then run on which stack (plane, modality, slice count) is decided by
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,7 +102,22 @@ def plan_stacks(paths: Sequence[Path]) -> SeriesStacks:
             stacks.append(_plan(part))
         except NotAnalysed as exc:
             skipped.append(Skipped(_describe(part, None), exc.reason))
-    return SeriesStacks(stacks, skipped)
+    return SeriesStacks(_numbered(stacks), skipped)
+
+
+def _numbered(stacks: list[SeriesPlan]) -> list[SeriesPlan]:
+    """Stacks that would read alike (two reconstructions) numbered: "axial stack 2 (...)".
+
+    A finding names its stack by label and the findings record indexes slices by it, so two
+    stacks of one series must not share one.
+    """
+    seen = Counter(stack.label for stack in stacks)
+    return [
+        dataclasses.replace(stack, label=stack.label.replace(" stack (", f" stack {n} (", 1))
+        if seen[stack.label] > 1
+        else stack
+        for n, stack in enumerate(stacks, start=1)
+    ]
 
 
 def plan_single_stack(paths: Sequence[Path]) -> SeriesPlan:

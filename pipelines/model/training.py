@@ -27,6 +27,7 @@ from pipelines.model.feature_cache import (
     series_features,
 )
 from pipelines.model.head_card import CARD_FILE, ClassCard, CodeCard, HeadCard, TrainingRecord
+from pipelines.model.head_groups import head_preprocessing
 from pipelines.model.heads import Head, save_head
 from pipelines.model.inference import analyse_series
 from pipelines.model.labelled_data import (
@@ -305,20 +306,24 @@ def evaluate_head(
 ) -> Evaluation:
     """Score ``head`` on labelled series, fed exactly as the node feeds it.
 
-    ``mean_cls`` heads use the cached mean CLS features; window heads run the node's full
-    series analysis (DICOM series only).
+    ``mean_cls`` heads on per-slice normalised input use the cached mean CLS features;
+    every other head (per-slice scores, volume-normalised input, windows) runs the node's
+    full series analysis (DICOM series only).
     """
     head.check_hidden_size(backbone.spec.hidden_size)
     task: TaskName = head.card.task
     classes = [c.name for c in head.card.classes]
-    if not head.uses_window:
+    if head.card.pooling == "mask":
+        raise TrainingError(f"head {head.name!r} pools inside a mask: evaluation needs masks")
+    clip, variant = head_preprocessing(head, backbone)
+    if head.card.pooling == "mean_cls" and variant == "slice":
         data = load_labelled_set(
             data_dir,
             labels,
             backbone,
             task=task,
             classes=classes if task == "classification" else None,
-            clip_below_air=head.card.clip_below_air,
+            clip_below_air=clip,
             cache_dir=cache_dir,
             batch_size=batch_size,
             progress=progress,
@@ -337,7 +342,7 @@ def evaluate_head(
     sources, more = _match_labels(found, label_map, str(labels))
     nifti = [s.name for s in sources if s.kind != "dicom"]
     if nifti:
-        raise TrainingError(f"window heads are evaluated on DICOM series only, not {nifti}")
+        raise TrainingError(f"head {head.name!r} is evaluated on DICOM series only, not {nifti}")
     targets = _targets(task, [label_map[s.name] for s in sources], classes, str(labels))
     if progress:
         progress.start(len(sources))

@@ -1,4 +1,5 @@
-"""The SR's document-level notes: the demo statement, per-head summaries, what it supersedes.
+"""The SR's document-level notes: the demo statement, per-head summaries, what was not
+analysed (heads that did not run, stacks set aside), what it supersedes.
 
 They are free text in one TID 1500 row 12 container directly under the report root, where
 text viewers show them first (see :func:`document_notes` for why exactly there).
@@ -65,6 +66,23 @@ def document_notes(
                     name=concept(template.summary.concept), value=text, relationship_type=contains
                 )
             )
+    for head_name, reason in sorted(findings.heads_not_run.items()):
+        # a head that could not run (e.g. no mask to pool in) is stated, not left out silently
+        items.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment, value=f"{head_name}: {reason}", relationship_type=contains
+            )
+        )
+    for set_aside in findings.set_aside:
+        # so is a stack or object of the series that no head read (a localizer, a sagittal
+        # stack when the heads are axial-only), next to the stacks that were analysed
+        items.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=f"Not analysed: {set_aside}",
+                relationship_type=contains,
+            )
+        )
     if supersedes_uid is not None:
         items.append(
             hd.sr.TextContentItem(

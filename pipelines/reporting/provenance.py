@@ -88,6 +88,8 @@ def algorithm_identification(
 ) -> hd.sr.AlgorithmIdentification:
     """TID 4019 naming backbone and head, so a result traces to the exact weights."""
     parameters = algorithm_parameters(model, finding.demo)
+    if finding.aggregation:  # a per-slice head: how its series value was made
+        parameters.append(f"series value: {finding.aggregation}")
     return hd.sr.AlgorithmIdentification(
         name=algorithm_name(model, finding.head_name),
         version=algorithm_version(model, finding.head_version),
