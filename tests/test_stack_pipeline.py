@@ -29,9 +29,9 @@ from node.workflow.completion import CompletionWatcher
 from pipelines.findings import findings_from_dict
 from pipelines.jobs.runtime import Runtime, run_key_for
 from pipelines.jobs.stages import analyse, prepare, report
+from tests.support.stacks import legacy_enhanced_ct, resliced, sample
 from tests.support.testdata import repaired_ct_series
 from tests.support.validators import assert_dciodvfy_clean, assert_pixelmed_sr_clean
-from tests.test_stacks import legacy_enhanced_ct, resliced, sample
 
 pytestmark = pytest.mark.slow
 

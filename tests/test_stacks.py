@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pydantic import ValidationError
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
@@ -29,6 +27,7 @@ from pipelines.model.preprocess import iter_series_chunks, load_series
 from pipelines.model.series_plan import SeriesPlan
 from pipelines.model.stack_match import heads_for_stack, why_not
 from pipelines.model.stacks import plan_stacks
+from tests.support.stacks import legacy_enhanced_ct, resliced, sample, z_of
 from tests.support.testdata import repaired_ct_series
 
 ENHANCED_MR = [
@@ -42,12 +41,6 @@ ENHANCED_MR = [
 AXIAL_IOP = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 CORONAL_IOP = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
 SAGITTAL_IOP = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
-
-
-def sample(name: str) -> Path:
-    path = get_testdata_file(name)
-    assert path is not None, f"{name} is missing: install pydicom-data"
-    return Path(path)
 
 
 def decoded(plan: SeriesPlan) -> np.ndarray:
@@ -86,7 +79,7 @@ def test_two_interleaved_reconstructions_are_two_stacks(
 ) -> None:
     """Two reconstructions under one Series UID, their InstanceNumbers interleaved."""
     series_uid = str(pydicom.dcmread(real_ct[0]).SeriesInstanceUID)
-    order = {p: k for k, p in enumerate(sorted(real_ct, key=lambda p: _z(p)))}
+    order = {p: k for k, p in enumerate(sorted(real_ct, key=lambda p: z_of(p)))}
     first = copies(real_ct, tmp_path / "a", series_uid, "a", InstanceNumber=lambda ds, n: 2 * n + 1)
     second = copies(
         real_ct, tmp_path / "b", series_uid, "b", InstanceNumber=lambda ds, n: 2 * n + 2
@@ -104,7 +97,7 @@ def test_two_interleaved_reconstructions_are_two_stacks(
     ]
     assert labels[0][len("axial stack 1") :] == labels[1][len("axial stack 2") :]
     for stack in planned.stacks:
-        z = [_z(p) for p in stack.paths]
+        z = [z_of(p) for p in stack.paths]
         assert z == sorted(z), "each stack runs feet to head"
 
 
@@ -194,25 +187,6 @@ def test_enhanced_mr_frames_decode_alike_in_every_transfer_syntax(name: str) -> 
     np.testing.assert_array_equal(decoded(plan), decoded(reference))
 
 
-def legacy_enhanced_ct(real_ct: list[Path], dest: Path, syntax: str) -> Path:
-    """The real CT as one Legacy Converted Enhanced CT object (highdicom)."""
-    sources = [pydicom.dcmread(p) for p in real_ct]
-    for ds in sources:  # highdicom wants them uncompressed
-        ds.decompress()
-    image = hd.legacy.LegacyConvertedEnhancedCTImage(
-        legacy_datasets=sources,
-        series_instance_uid=generate_uid(entropy_srcs=["lce", syntax]),
-        series_number=3,
-        sop_instance_uid=generate_uid(entropy_srcs=["lce-instance", syntax]),
-        instance_number=1,
-        transfer_syntax_uid=syntax,
-    )
-    dest.mkdir(parents=True, exist_ok=True)
-    path = dest / f"lce-{syntax}.dcm"
-    image.save_as(path)
-    return path
-
-
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless])
 def test_legacy_converted_ct_frames_equal_the_single_frame_series(
     real_ct: list[Path], tmp_path: Path, syntax: str
@@ -228,49 +202,10 @@ def test_legacy_converted_ct_frames_equal_the_single_frame_series(
     groups = multi.PerFrameFunctionalGroupsSequence
     for i, frame in enumerate(plan.frames):
         z = float(groups[frame - 1].PlanePositionSequence[0].ImagePositionPatient[2])
-        assert z == pytest.approx(_z(volume.paths[i]))
+        assert z == pytest.approx(z_of(volume.paths[i]))
 
 
 # --- coronal and sagittal ----------------------------------------------------------------
-
-
-def resliced(real_ct: list[Path], dest: Path, plane: str, step: int = 64) -> list[Path]:
-    """Coronal or sagittal slices resliced from the real CT's axial volume, stored in an
-    orientation that needs a transpose and a flip (coronal) or a flip (sagittal)."""
-    volume = load_series(real_ct)  # (z up, y posterior, x left): PL axial slices, feet first
-    first = pydicom.dcmread(volume.paths[0])
-    x0, y0, z0 = (float(v) for v in first.ImagePositionPatient)
-    dr, dc = (float(v) for v in first.PixelSpacing)
-    dz = _z(volume.paths[1]) - _z(volume.paths[0])
-    series_uid = generate_uid(entropy_srcs=["resliced", plane])
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = []
-    count = volume.pixels.shape[1 if plane == "coronal" else 2]
-    for n, j in enumerate(range(0, count, step)):
-        ds = pydicom.dcmread(volume.paths[0])
-        ds.decompress()
-        if plane == "coronal":  # rows run along +x (Left), columns along +z (Superior)
-            stored = volume.pixels[:, j, :].T
-            ds.ImageOrientationPatient = [0, 0, 1, 1, 0, 0]
-            ds.ImagePositionPatient = [x0, y0 + j * dr, z0]
-            ds.PixelSpacing = [dc, dz]
-        else:  # rows run along +z, columns along +y (Posterior)
-            stored = volume.pixels[:, :, j]
-            ds.ImageOrientationPatient = [0, 1, 0, 0, 0, 1]
-            ds.ImagePositionPatient = [x0 + j * dc, y0, z0]
-            ds.PixelSpacing = [dz, dr]
-        raw = np.round((stored - float(ds.RescaleIntercept)) / float(ds.RescaleSlope))
-        pixels = raw.astype(ds.pixel_array.dtype)
-        ds.Rows, ds.Columns = pixels.shape
-        ds.PixelData = pixels.tobytes()
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=["resliced", plane, str(j)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.SeriesInstanceUID = series_uid
-        ds.InstanceNumber = 100 - n  # acquisition order the reverse of the spatial one
-        path = dest / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path)
-        paths.append(path)
-    return paths
 
 
 def test_coronal_stack_is_laid_out_il(real_ct: list[Path], tmp_path: Path) -> None:
@@ -291,10 +226,6 @@ def test_sagittal_stack_is_laid_out_ip(real_ct: list[Path], tmp_path: Path) -> N
     # slices right to left
     expected = np.stack([volume[::-1, :, i] for i in range(0, volume.shape[2], 64)])
     np.testing.assert_array_equal(decoded(plan), expected)
-
-
-def _z(path: Path) -> float:
-    return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
 
 
 def _uids(paths: list[Path]) -> set[str]:
