@@ -12,7 +12,6 @@ a request answered just before a restart still gets its report.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pynetdicom import AE, build_role
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import utcnow
+from node.core.poller import Poller
 from node.core.settings import CommitmentSettings
 from node.core.status import SUCCESS
 from node.dimse import commitment
@@ -72,32 +72,26 @@ class CommitmentReporter:
     spool_dir: Path
     calling_ae_title: str
     timeout: float = 30.0
-    _wake: threading.Event = field(default_factory=threading.Event)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _poller: Poller = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._poller = Poller(
+            "commitment",
+            self.report_due,
+            lambda: self.settings.poll_seconds,
+            "storage commitment reports failed; retrying",
+            join_timeout=self.timeout + 5,
+        )
 
     def wake(self) -> None:
-        """A new request was persisted: look now rather than at the next poll."""
-        self._wake.set()
+        """Something was queued: look now rather than at the next poll."""
+        self._poller.wake()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="commitment", daemon=True)
-        self._thread.start()
+        self._poller.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout + 5)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.report_due()
-            except Exception:
-                log.exception("storage commitment reports failed; retrying")
-            self._wake.wait(self.settings.poll_seconds)
-            self._wake.clear()
+        self._poller.stop()
 
     def report_due(self) -> int:
         """Answer every due request once; return how many were answered."""
@@ -105,7 +99,7 @@ class CommitmentReporter:
             ids = commitment.due(session)
         done = 0
         for request_id in ids:
-            if self._stop.is_set():
+            if self._poller.stopping:
                 break
             held = commitment.claim(self.catalogue, request_id)
             if held is not None and self._answer(held):

@@ -11,7 +11,6 @@ sent.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -19,6 +18,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from node.catalogue.db import Catalogue
+from node.core.poller import Poller
 from node.core.settings import MppsForwardSettings
 from node.core.status import DUPLICATE_SOP_INSTANCE, SUCCESS
 from node.dimse import mpps
@@ -34,31 +34,26 @@ class MppsForwarder:
     calling_ae_title: str
     poll_seconds: float = 1.0
     timeout: float = 30.0
-    _wake: threading.Event = field(default_factory=threading.Event)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _poller: Poller = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._poller = Poller(
+            "mpps-forward",
+            self.forward_due,
+            lambda: self.poll_seconds,
+            "MPPS forwarding failed; retrying",
+            join_timeout=self.timeout + 5,
+        )
 
     def wake(self) -> None:
-        self._wake.set()
+        """Something was queued: look now rather than at the next poll."""
+        self._poller.wake()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="mpps-forward", daemon=True)
-        self._thread.start()
+        self._poller.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout + 5)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.forward_due()
-            except Exception:
-                log.exception("MPPS forwarding failed; retrying")
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
+        self._poller.stop()
 
     def forward_due(self) -> int:
         """Send what is due, in order; return how many the peer took."""
