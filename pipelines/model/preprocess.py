@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import torch
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, iter_pixels
@@ -41,7 +40,6 @@ from pipelines.model.orientation import (
 from pipelines.model.processor import (
     AIR_HU,
     STD_FLOOR,
-    ProcessorVariant,
     VolumeStatistics,
     normalise_slices,
 )
@@ -245,27 +243,7 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
 # --- model input -------------------------------------------------------------------------
 
 
-def preprocess_slices(
-    pixels: np.ndarray | torch.Tensor,
-    *,
-    size: int = 512,
-    clip_below_air: bool = False,
-    variant: ProcessorVariant = "slice",
-    volume: VolumeStatistics | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Curia's image processor on a stack of slices: (N, H, W) -> (N, 1, size, size) float32.
-
-    In the processor's own order (see :mod:`~pipelines.model.processor`): antialiased bicubic
-    resize to ``size``, then the clamp below air when on, then the z-score (per slice, or with
-    the series' ``volume`` statistics for the older variant). Runs on ``device`` (the GPU when
-    there is one, so resizing does not hold the model up). Values stay float32 throughout.
-    """
-    return normalise_slices(
-        pixels,
-        size=size,
-        clip_below_air=clip_below_air,
-        variant=variant,
-        volume=volume,
-        device=device,
-    )
+#: Curia's image processor on a stack of slices, (N, H, W) -> (N, 1, size, size) float32, in
+#: the processor's own order (see :mod:`~pipelines.model.processor`): the name decoding
+#: callers use, so every path into the model goes through the one implementation.
+preprocess_slices = normalise_slices
