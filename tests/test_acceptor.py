@@ -24,10 +24,11 @@ from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import AssociationRecord, Instance, RefusedAssociations
 from node.core.settings import DicomSettings
 from node.core.status import STATUSES, STORE_KEPT, Category, category
-from node.dimse.acceptor import APPLICATION_CONTEXT_NAME, Listener
+from node.dimse.acceptor import APPLICATION_CONTEXT_NAME
 from node.dimse.allow_list import SourcePolicy, add_source
 from node.dimse.listener import start_listener
 from node.dimse.messages import IMPLEMENTATION_CLASS_UID, command_set, parse_command, response
+from node.dimse.server import Listener
 from node.store.ingest import Ingestor
 from node.store.spool import Spool
 from tests.support.peers import free_port, wait_for

@@ -1,9 +1,10 @@
 """The DIMSE listener: C-ECHO and C-STORE SCP bound to the ingest path, and the MPPS and
 Storage Commitment SCPs (:mod:`node.dimse.mpps`, :mod:`node.dimse.commitment`).
 
-The upper layer is :mod:`node.dimse.acceptor`; this module says what the node does on each
-association (who is admitted, where a C-STORE goes, what is recorded). Storage and
-cataloguing live in :mod:`node.store.ingest` so they can be tested without a network.
+The upper layer is :mod:`node.dimse.server` (the socket) and :mod:`node.dimse.acceptor` (one
+association); this module says what the node does on each association (who is admitted,
+where a C-STORE goes, what is recorded). Storage and cataloguing live in
+:mod:`node.store.ingest` so they can be tested without a network.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from node.core.status import (
     SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
 )
-from node.dimse.acceptor import Listener
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.association import (
     Association,
@@ -42,6 +42,7 @@ from node.dimse.association import (
 )
 from node.dimse.association_end import record_association_end
 from node.dimse.refusals import RefusalTally
+from node.dimse.server import Listener
 from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
 from node.store.ingest import Ingestor, IngestOutcome, brief
 from node.store.spool import StagedFile
