@@ -188,6 +188,29 @@ def test_not_analysed_ends_run_and_series_without_failing(
     catalogue.dispose()
 
 
+def test_a_partly_analysed_series_says_what_was_set_aside(tmp_path: Path) -> None:
+    """A series whose axial stack was analysed and whose localizer was not ends done, and
+    says beside its state what no head read, where the API, dashboard and status show it."""
+    url = _sqlite_url(tmp_path)
+    upgrade(url)
+    catalogue = Catalogue(url)
+    aside = "localizer (1 slice, 512x512)"
+    for n, set_aside in ((1, [aside]), (2, [])):
+        run_id, delivery_id = _run_with_delivery(catalogue, n)
+        with catalogue.session() as session:
+            run = session.get(PipelineRun, run_id)
+            run.state, run.findings = RunState.REPORTED, {"set_aside": set_aside}
+            session.get(Delivery, delivery_id).state = DeliveryState.SENT
+        with catalogue.session() as session:
+            runs.finish_if_delivered(session, run_id)
+        with catalogue.session() as session:
+            run = session.get(PipelineRun, run_id)
+            assert run.state == RunState.SUCCEEDED and run.series.state == SeriesState.DONE
+            expected = f"not analysed: {aside}" if set_aside else None
+            assert run.series.state_reason == expected
+    catalogue.dispose()
+
+
 def test_a_forwarded_series_sends_each_object_once_across_late_arrivals(tmp_path: Path) -> None:
     """Objects of one series arriving in several associations, some after the forward went:
     each send carries only what the destination has not had, and one with nothing new is

@@ -302,7 +302,16 @@ def _finish(session: Session, run_id: int, states: list[RunState]) -> None:
         .execution_options(synchronize_session="fetch"),
     )
     if finished:
-        _series_state(session, run_id, SeriesState.DONE)
+        _series_state(session, run_id, SeriesState.DONE, _set_aside(session, run_id))
+
+
+def _set_aside(session: Session, run_id: int) -> str | None:
+    """What of a partly analysed series no head read (a localizer, a sagittal stack when
+    every head is axial-only), said on the series beside its done state, as a series
+    that nothing could be read of says it in its not-analysed reason."""
+    findings = session.scalar(select(PipelineRun.findings).where(PipelineRun.id == run_id))
+    aside = [str(item) for item in (findings or {}).get("set_aside", [])]
+    return "not analysed: " + "; ".join(aside) if aside else None
 
 
 def fail(catalogue: Catalogue, run_id: int, error: str, held: RunClaim | None = None) -> bool:
