@@ -8,8 +8,8 @@ modality four times, once per completion signal:
 - ``mpps``: N-CREATE, the C-STOREs, then N-SET COMPLETED listing every instance.
 - ``association-end``: a sender with ``association_end`` on; the series completes at release.
 - ``multiframe``: one Legacy Converted Enhanced CT (highdicom) from a sender with
-  ``multiframe`` on. The pipeline does not analyse multi-frame images yet, so this row shows
-  when the series was complete, and no SR.
+  ``multiframe`` on: the series is complete when the object's dimension grid is, and its
+  frames are analysed as one stack.
 
 For each it prints the time from the last instance's C-STORE response to the series being
 complete, the analysis (the run's start to its end, read from the catalogue), and to the SR
@@ -96,9 +96,7 @@ def send(node: NodeProcess, signal: str, files: list[Path]) -> float:
     return last
 
 
-def measure(
-    node: NodeProcess, orthanc: Orthanc, signal: str, files: list[Path], expect_sr: bool
-) -> Timing:
+def measure(node: NodeProcess, orthanc: Orthanc, signal: str, files: list[Path]) -> Timing:
     header = dcmread(files[0], stop_before_pixels=True)
     last = send(node, signal, files)
     view = wait_for(
@@ -108,18 +106,16 @@ def measure(
         interval=0.05,
     )
     to_complete = time.monotonic() - last
-    to_sr = None
-    if expect_sr:
 
-        def sr_arrived() -> bool:
-            return any(
-                s["MainDicomTags"].get("Modality") == "SR"
-                for s in orthanc.series_of_study(header.StudyInstanceUID)
-            )
+    def sr_arrived() -> bool:
+        return any(
+            s["MainDicomTags"].get("Modality") == "SR"
+            for s in orthanc.series_of_study(header.StudyInstanceUID)
+        )
 
-        wait_for(sr_arrived, 900, f"{signal}: no SR reached Orthanc", interval=0.05)
-        to_sr = time.monotonic() - last
-    analysis = analysis_of(node, header) if expect_sr else None
+    wait_for(sr_arrived, 900, f"{signal}: no SR reached Orthanc", interval=0.05)
+    to_sr = time.monotonic() - last
+    analysis = analysis_of(node, header)
     return Timing(signal, view["completed_by"], to_complete, analysis, to_sr)
 
 
@@ -181,7 +177,7 @@ def main() -> None:
                 files = repaired_ct_series(root / f"{signal}-{round_}", f"latency-{uuid.uuid4()}")
                 if signal == "multiframe":
                     files = multiframe(files, root / f"{signal}-{round_}")
-                timings.append(measure(node, orthanc, signal, files, signal != "multiframe"))
+                timings.append(measure(node, orthanc, signal, files))
     finally:
         node.stop()
         orthanc.stop()
