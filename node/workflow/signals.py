@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from node.catalogue.models import CompletionSignal, Instance, Series, SeriesState
 from node.core.settings import SourceSignals
+from node.workflow.routing import first_header
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class Signals:
 
     def _count_reached(self, session: Session, series: Series) -> bool:
         if series.id not in self._counts:
-            header = self._first_header(session, series)
+            header = first_header(session, self.spool_dir, series)
             value = header.get("ImagesInAcquisition") if header is not None else None
             try:
                 self._counts[series.id] = int(value) if value not in (None, "") else None
@@ -174,17 +175,6 @@ class Signals:
             if not known[row.id]:
                 return False
         return True
-
-    def _first_header(self, session: Session, series: Series) -> Dataset | None:
-        row = session.scalars(
-            select(Instance).where(Instance.series_id == series.id).order_by(Instance.id).limit(1)
-        ).first()
-        if row is None:
-            return None
-        try:
-            return dcmread(self.spool_dir / row.path, stop_before_pixels=True)
-        except (OSError, ValueError):
-            return None
 
     def forget(self, series_ids: list[int]) -> None:
         """Drop cached header facts of series that are no longer receiving."""
