@@ -17,6 +17,7 @@ from node.dimse.allow_list import SourcePolicy
 from node.dimse.commitment import STORAGE_COMMITMENT_SOP_CLASS, CommitmentRequests
 from node.dimse.listener import NormalisedService, start_listener
 from node.dimse.mpps import MPPS_SOP_CLASS, PerformedSteps
+from node.dimse.report_channels import ReturnPaths
 from node.store.disk import DiskGuard
 from node.store.ingest import Ingestor
 from node.store.spool import spool_for
@@ -73,12 +74,15 @@ class NodeService:
         policy = SourcePolicy(catalogue, accept_any=settings.dicom.accept_any_source)
         if settings.dicom.accept_any_source:
             log.warning("dicom.accept_any_source is on: any sender may store into this node")
+        paths = ReturnPaths(catalogue, settings.dicom.commitment, settings.spool_dir)
         reporter = CommitmentReporter(
             catalogue,
             settings.dicom.commitment,
             settings.spool_dir,
             calling_ae_title=settings.dicom.ae_title,
+            paths=paths,
         )
+        paths.on_change.append(reporter.wake)  # a requester's association ended
         reporter.start()  # pending requests from before a restart are answered now
         self._stoppers.append(reporter.stop)
         forward = settings.dicom.mpps_forward
@@ -99,6 +103,7 @@ class NodeService:
             services,
             settings.completion.sources,
             on_signal=watcher.wake,
+            return_paths=paths,
         )
         self._stoppers.append(server.shutdown)
 

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -63,12 +63,44 @@ class TlsSettings(BaseModel):
         return self
 
 
-class ReportAddress(BaseModel):
-    """Where a storage commitment requester listens for its N-EVENT-REPORT."""
+ReportAssociation = Literal["same_association", "new_association", "same_then_new"]
 
+
+class ReportAddress(BaseModel):
+    """How a storage commitment requester takes its N-EVENT-REPORT, and where it listens.
+
+    ``association`` (PS3.4 J.3.3): ``new_association`` (the default, the one way every
+    requester must accept, J.3.3.1.3) opens an association to ``host:port`` proposing the
+    SCP role; ``same_association`` sends it on an association the requester itself holds
+    open (the one that carried the N-ACTION, or a later one), and waits for one if none is;
+    ``same_then_new`` uses the requester's open association while there is one, else a new
+    association.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    association: ReportAssociation = Field(
+        "new_association", description="which association carries the report"
+    )
     host: str | None = Field(None, description="none = the address the request came from")
-    port: int = Field(..., ge=1, le=65535)
+    port: int | None = Field(None, ge=1, le=65535, description="needed unless same_association")
     ae_title: str | None = Field(None, description="none = the requester's calling AE title")
+
+    @model_validator(mode="after")
+    def _port(self) -> ReportAddress:
+        if self.port is None and self.association != "same_association":
+            raise ValueError(f"port is needed: {self.association} opens an association")
+        return self
+
+    @property
+    def on_requester_association(self) -> bool:
+        """Whether the report may go on an association the requester opened."""
+        return self.association != "new_association"
+
+    @property
+    def on_new_association(self) -> bool:
+        """Whether the report may go on an association the node opens."""
+        return self.association != "same_association"
 
 
 class CommitmentSettings(BaseModel):

@@ -1,11 +1,15 @@
-"""The storage commitment reporter: sends each pending request's N-EVENT-REPORT.
+"""The storage commitment reporter: sends pending requests' N-EVENT-REPORT on a new association.
 
 Requests are persisted by the SCP (:mod:`node.dimse.commitment`) before they are answered;
 this thread claims each one that is due, decides what is committed, and reports it on a new
 association to the requester (PS3.4 J.3.3: the node, as the SCP of the SOP class, proposes
-the SCP role). A report the requester does not take is retried; with ``after_archived`` a
-request whose instances are still on their way to the archive is looked at again until they
-are there or ``archive_wait_seconds`` has passed. At start every pending request is due, so
+the SCP role). Requesters that take reports on their own associations are served by
+:mod:`node.dimse.report_channels`: this thread leaves their requests alone
+(``same_association``), or leaves them while the requester holds an association that can
+carry them (``same_then_new``); the claim in the catalogue keeps the two from both sending.
+A report the requester does not take is retried; with ``after_archived`` a request whose
+instances are still on their way to the archive is looked at again until they are there or
+``archive_wait_seconds`` has passed. At start every pending request is due, so
 a request answered just before a restart still gets its report.
 """
 
@@ -15,11 +19,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role
+from sqlalchemy import select
 
 from node.catalogue.db import Catalogue
-from node.catalogue.models import utcnow
+from node.catalogue.models import CommitmentRequest
 from node.core.poller import Poller
 from node.core.settings import CommitmentSettings
 from node.core.status import SUCCESS
@@ -29,38 +33,16 @@ from node.dimse.commitment import (
     STORAGE_COMMITMENT_SOP_CLASS,
     HeldRequest,
     Verdict,
+    event_type,
+    report_data_set,
 )
+from node.dimse.report_channels import ReturnPaths
 
 log = logging.getLogger(__name__)
-
-ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type ID (PS3.4 J.3.3)
 
 
 class ReportError(RuntimeError):
     """The requester could not be reached or did not accept the report."""
-
-
-def report_data_set(transaction_uid: str, verdict: Verdict) -> Dataset:
-    """The N-EVENT-REPORT's Event Information (PS3.4 J.3.3.1)."""
-    ds = Dataset()
-    ds.TransactionUID = transaction_uid
-    if verdict.committed:
-        ds.ReferencedSOPSequence = [_reference(cls, uid) for cls, uid in verdict.committed]
-    if verdict.failed:
-        failed = []
-        for sop_class, uid, reason, _why in verdict.failed:
-            item = _reference(sop_class, uid)
-            item.FailureReason = reason
-            failed.append(item)
-        ds.FailedSOPSequence = failed
-    return ds
-
-
-def _reference(sop_class: str, uid: str) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = sop_class
-    item.ReferencedSOPInstanceUID = uid
-    return item
 
 
 @dataclass
@@ -72,6 +54,7 @@ class CommitmentReporter:
     spool_dir: Path
     calling_ae_title: str
     timeout: float = 30.0
+    paths: ReturnPaths | None = None  # requesters' own associations, where they take reports
     _poller: Poller = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,22 +80,38 @@ class CommitmentReporter:
         """Answer every due request once; return how many were answered."""
         with self.catalogue.session() as session:
             ids = commitment.due(session)
+            titles = dict(
+                session.execute(
+                    select(CommitmentRequest.id, CommitmentRequest.calling_ae_title).where(
+                        CommitmentRequest.id.in_(ids)
+                    )
+                ).all()
+            )
         done = 0
         for request_id in ids:
             if self._poller.stopping:
                 break
+            if not self._ours(titles.get(request_id, "")):
+                continue
             held = commitment.claim(self.catalogue, request_id)
             if held is not None and self._answer(held):
                 done += 1
         return done
 
+    def _ours(self, ae_title: str) -> bool:
+        """Whether this requester's report goes on a new association now."""
+        address = self.settings.report_to.get(ae_title)
+        if address is None:
+            return True  # its entry is gone: the attempt says so in last_error
+        if not address.on_new_association:
+            return False
+        if address.on_requester_association and self.paths is not None:
+            return not self.paths.usable(ae_title)
+        return True
+
     def _answer(self, held: HeldRequest) -> bool:
-        verdict = commitment.judge(
-            self.catalogue, self.spool_dir, held.items, self.settings.after_archived
-        )
-        waited = (utcnow() - held.created_at).total_seconds()
-        if verdict.waiting and waited < self.settings.archive_wait_seconds:
-            commitment.postpone(self.catalogue, held, self.settings.poll_seconds, None)
+        verdict = commitment.ready_verdict(self.catalogue, self.spool_dir, held, self.settings)
+        if verdict is None:
             return False
         try:
             self._send(held, verdict)
@@ -134,6 +133,8 @@ class CommitmentReporter:
         address = self.settings.report_to.get(held.calling_ae_title)
         if address is None:
             raise ReportError(f"no dicom.commitment.report_to entry for {held.calling_ae_title}")
+        if address.port is None:
+            raise ReportError(f"no port to report to {held.calling_ae_title} on")
         host = address.host or held.address
         called = address.ae_title or held.calling_ae_title
         ae = AE(ae_title=self.calling_ae_title)
@@ -150,7 +151,7 @@ class CommitmentReporter:
         try:
             status = assoc.send_n_event_report(
                 report_data_set(held.transaction_uid, verdict),
-                ALL_COMMITTED if not verdict.failed else SOME_FAILED,
+                event_type(verdict),
                 STORAGE_COMMITMENT_SOP_CLASS,
                 STORAGE_COMMITMENT_INSTANCE,
             )[0]

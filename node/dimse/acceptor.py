@@ -90,6 +90,7 @@ from node.dimse.pdu import (
     bad_ae_titles,
     reject_pdu,
 )
+from node.dimse.report_channels import ReportChannel
 from node.store.spool import StagedFile
 
 if TYPE_CHECKING:  # the listener creates acceptors; an acceptor only reads its settings
@@ -137,6 +138,7 @@ class AssociationAcceptor:
         self.limits = server.limits
         self.ticket = ticket or Ticket(requestor_address[0], connection.sock)
         self._receiving: ReceivedDataSet | None = None  # a data set that may be on disk
+        self._reports: ReportChannel | None = None  # storage commitment reports sent back here
 
     def run(self) -> None:
         try:
@@ -157,7 +159,10 @@ class AssociationAcceptor:
         if association is None:
             return
         outcome, reason = "released", None
+        paths = self.server.return_paths
         try:
+            if paths is not None:
+                self._reports = paths.open(association, self.connection)
             self._transfer(association)
         except AssociationAborted as exc:
             outcome, reason = "aborted", str(exc)
@@ -167,6 +172,8 @@ class AssociationAcceptor:
         finally:
             if self._receiving is not None:
                 self._receiving.discard()  # cut short: its spilled bytes are not kept
+            if self._reports is not None:
+                self._reports.close()  # unanswered reports go the other way, if allowed
             self.server.service.closed(association, outcome, reason)
 
     # -- association establishment
@@ -270,9 +277,11 @@ class AssociationAcceptor:
         message = _Message()
         while True:
             waiting = message.context_id is not None
-            connection.sock.settimeout(
-                (limits.dimse_timeout if waiting else limits.network_timeout) or None
-            )
+            idle = 0.0
+            if not waiting and self._reports is not None:
+                idle = self._reports.idle(limits.network_timeout)  # reports sent back here
+            timeout = limits.dimse_timeout if waiting else limits.network_timeout
+            connection.sock.settimeout(max(timeout - idle, 0.001) if timeout else None)
             try:
                 pdu_type, body = connection.read_pdu(limits.max_pdu)
             except AssociationAborted as exc:
@@ -364,6 +373,8 @@ class AssociationAcceptor:
         assert fields is not None and message.context_id is not None
         command = us_value(fields, 0x0100)
         if command & 0x8000:
+            if self._reports is not None and self._reports.response(fields):
+                return  # the requester's answer to a storage commitment report
             raise AssociationAborted("a response to a request never sent", ABORT_UNEXPECTED_PDU)
         if command == C_CANCEL_RQ:
             return
@@ -375,6 +386,8 @@ class AssociationAcceptor:
                 normalised_response(fields, *astuple(answer)),
                 association.peer_max_pdu,
             )
+            if self._reports is not None:
+                self._reports.answered_request()
             return
         status, comment = UNRECOGNISED_OPERATION, ""
         if command == C_ECHO_RQ:

@@ -2,10 +2,12 @@
 
 A modality asks the node to take responsibility for a list of instances so that it can
 free its own disk. The request is written to the catalogue before the N-ACTION is answered
-with Success: once answered, a restart cannot lose it, and the reporter
-(:mod:`node.delivery.commitment_reports`) sends its N-EVENT-REPORT on a new association.
-This module is the one owner of a request's state: created here, claimed by one reporter at
-a time (the shared conditional-UPDATE claim), then answered or postponed.
+with Success: once answered, a restart cannot lose it. Its N-EVENT-REPORT goes on the
+requester's own association (:mod:`node.dimse.report_channels`) or on a new one
+(:mod:`node.delivery.commitment_reports`), as ``dicom.commitment.report_to`` says for that
+requester. This module is the one owner of a request's state: created here, claimed by one
+sender at a time (the shared conditional-UPDATE claim), so the two ways never both send
+it, then answered or postponed.
 
 What is committed is decided here too, when the report is built: an instance that is
 catalogued with its file in the spool (and, with ``after_archived``, whose series was
@@ -60,6 +62,7 @@ STORAGE_COMMITMENT_SOP_CLASS = UID("1.2.840.10008.1.20.1")  # Push Model
 STORAGE_COMMITMENT_INSTANCE = UID("1.2.840.10008.1.20.1.1")  # its well-known instance
 REQUEST_COMMITMENT = 1  # the one Action Type ID (PS3.4 J.3.2)
 MAX_INSTANCES = 100_000  # per request: more is a broken or hostile requester
+ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type ID of the report (PS3.4 J.3.3)
 
 
 @dataclass
@@ -210,6 +213,12 @@ def answered(catalogue: Catalogue, held: HeldRequest, outcome: dict[str, Any]) -
         )
 
 
+def release(catalogue: Catalogue, held: HeldRequest, error: str) -> None:
+    """Give the claim back at once (the association that carried the report ended before
+    its answer): the request is due again, for whichever way may still send it."""
+    postpone(catalogue, held, 0.0, error)
+
+
 def postpone(catalogue: Catalogue, held: HeldRequest, delay: float, error: str | None) -> None:
     """Release the claim and try again after ``delay`` seconds (a failed send, or instances
     still on their way to the archive)."""
@@ -296,3 +305,44 @@ def judge(
             else:
                 verdict.committed.append([sop_class, uid])
     return verdict
+
+
+def ready_verdict(
+    catalogue: Catalogue, spool_dir: Path, held: HeldRequest, settings: CommitmentSettings
+) -> Verdict | None:
+    """The report to send for a held request, or None when, with ``after_archived``, its
+    instances are still on their way to the archive (the claim is then given back and the
+    request looked at again after ``poll_seconds``, until ``archive_wait_seconds``)."""
+    verdict = judge(catalogue, spool_dir, held.items, settings.after_archived)
+    waited = (utcnow() - held.created_at).total_seconds()
+    if verdict.waiting and waited < settings.archive_wait_seconds:
+        postpone(catalogue, held, settings.poll_seconds, None)
+        return None
+    return verdict
+
+
+def event_type(verdict: Verdict) -> int:
+    return ALL_COMMITTED if not verdict.failed else SOME_FAILED
+
+
+def report_data_set(transaction_uid: str, verdict: Verdict) -> Dataset:
+    """The N-EVENT-REPORT's Event Information (PS3.4 J.3.3.1)."""
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    if verdict.committed:
+        ds.ReferencedSOPSequence = [_reference(cls, uid) for cls, uid in verdict.committed]
+    if verdict.failed:
+        failed = []
+        for sop_class, uid, reason, _why in verdict.failed:
+            item = _reference(sop_class, uid)
+            item.FailureReason = reason
+            failed.append(item)
+        ds.FailedSOPSequence = failed
+    return ds
+
+
+def _reference(sop_class: str, uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = uid
+    return item

@@ -42,6 +42,7 @@ from node.dimse.association import (
 )
 from node.dimse.association_end import record_association_end
 from node.dimse.refusals import RefusalTally
+from node.dimse.report_channels import ReturnPaths
 from node.dimse.server import Listener
 from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
 from node.store.ingest import Ingestor, IngestOutcome, brief
@@ -279,12 +280,14 @@ def start_listener(
     services: Mapping[str, NormalisedService] | None = None,
     sources: Mapping[str, SourceSignals] | None = None,
     on_signal: Callable[[], object] | None = None,
+    return_paths: ReturnPaths | None = None,
 ) -> Listener:
     """Start the SCPs in background threads and return the listener.
 
     ``services`` maps an MPPS / Storage Commitment SOP class to its SCP; ``sources`` says
     which senders' association end completes their series; ``on_signal`` is called when a
-    sender may have signalled a series complete.
+    sender may have signalled a series complete; ``return_paths`` carries storage commitment
+    reports on the requesters' own associations.
     """
     if policy.ae_title is None:
         policy.ae_title = settings.ae_title
@@ -314,6 +317,7 @@ def start_listener(
         limits,
         ssl_context=context,
         also_accept=unknown_storage_contexts if settings.accept_unknown_storage else None,
+        return_paths=return_paths,
     ).start()
     log.info(
         "DICOM listener %s on %s:%d%s",

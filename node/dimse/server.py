@@ -21,6 +21,7 @@ from node.dimse.acceptor import AssociationAcceptor
 from node.dimse.association import Limits, Service
 from node.dimse.connections import ConnectionGate, Ticket
 from node.dimse.pdu import Connection
+from node.dimse.report_channels import ReturnPaths
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,14 @@ class Listener:
         limits: Limits,
         ssl_context: ssl.SSLContext | None = None,
         also_accept: Callable[[list[PresentationContext]], list[PresentationContext]] | None = None,
+        return_paths: ReturnPaths | None = None,
     ) -> None:
         self.supported_contexts = supported_contexts
         self.also_accept = also_accept
         self.service = service
         self.limits = limits
         self.ssl_context = ssl_context
+        self.return_paths = return_paths  # requesters' associations that carry their reports
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._socket = socket.create_server(address, family=family)
         self._socket.settimeout(0.5)
