@@ -17,9 +17,12 @@ from tests.support.modality import api_get
 from tests.support.peers import NodeProcess, Orthanc, free_port, wait_for
 
 
-def reports_to(orthanc: Orthanc, port: int | None = None) -> dict[str, str]:
+def reports_to(
+    orthanc: Orthanc, port: int | None = None, association: str = "new_association"
+) -> dict[str, str]:
     """The node's settings that send Orthanc's reports to its DICOM port (or ``port``)."""
     address = {"host": "127.0.0.1", "port": port or orthanc.dicom_port}
+    address["association"] = association
     return {"CURIA_DICOM__COMMITMENT__REPORT_TO": json.dumps({orthanc.aet: address})}
 
 
@@ -76,6 +79,22 @@ def test_stored_instances_are_committed_and_unknown_ones_fail(
     commitments = api_get(node, "/api/v1/commitments")
     assert [c["state"] for c in commitments] == ["answered", "answered"]
     assert commitments[0]["outcome"]["failed"][0]["sop_instance_uid"] == unknown
+
+
+@pytest.mark.e2e
+def test_same_then_new_still_reaches_a_requester_that_releases_at_once(
+    orthanc: Orthanc, ct_series: list[Path], node_factory, tmp_path: Path
+) -> None:
+    # Orthanc releases its association right after the N-ACTION-RSP: whatever it does with
+    # a report sent there, the answer reaches it, once.
+    env = node_env(tmp_path, orthanc, **reports_to(orthanc, association="same_then_new"))
+    node = node_factory(env)
+    items = push(orthanc, node, ct_series)
+    report = report_of(orthanc, request_commitment(orthanc, items))
+    assert report["Status"] == "Success"
+    assert sorted(i["SOPInstanceUID"] for i in report["Success"]) == sorted(u for _, u in items)
+    (commitment,) = api_get(node, "/api/v1/commitments")
+    assert commitment["state"] == "answered"
 
 
 @pytest.mark.e2e
