@@ -138,6 +138,9 @@ class MppsForwardSettings(BaseModel):
     host: str
     port: int = Field(..., ge=1, le=65535)
     retry_seconds: float = Field(10.0, gt=0.0)
+    retention_days: float = Field(
+        30.0, gt=0.0, description="forwarded records are kept this long, then removed"
+    )
 
     @field_validator("ae_title")
     @classmethod

@@ -5,13 +5,16 @@ Every N-CREATE and N-SET the node accepts is queued in the catalogue by the MPPS
 order, one association per batch, and retries what the peer does not take, so a peer that
 is down for a while still gets every step, and a step's N-SET never overtakes its N-CREATE.
 An N-CREATE the peer already has (0x0111: sent before a crash, not yet recorded) counts as
-sent.
+sent. Sent records are kept for ``retention_days``, then removed by the same thread (once an
+hour); records not yet sent are never removed.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -26,6 +29,8 @@ from node.dimse.mpps import MPPS_SOP_CLASS, PendingForward
 
 log = logging.getLogger(__name__)
 
+PRUNE_EVERY = 3600.0  # seconds between two removals of old sent records
+
 
 @dataclass
 class MppsForwarder:
@@ -35,6 +40,7 @@ class MppsForwarder:
     poll_seconds: float = 1.0
     timeout: float = 30.0
     _poller: Poller = field(init=False, repr=False)
+    _pruned_at: float | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._poller = Poller(
@@ -55,8 +61,22 @@ class MppsForwarder:
     def stop(self) -> None:
         self._poller.stop()
 
+    def prune(self, now: datetime | None = None) -> int:
+        """Remove sent records older than ``retention_days``; return how many."""
+        now = now or datetime.now(UTC)
+        removed = mpps.prune_forwards(
+            self.catalogue, now - timedelta(days=self.settings.retention_days)
+        )
+        self._pruned_at = time.monotonic()
+        if removed:
+            log.info("removed %d forwarded MPPS record(s) past their retention", removed)
+        return removed
+
     def forward_due(self) -> int:
-        """Send what is due, in order; return how many the peer took."""
+        """Send what is due, in order; return how many the peer took. Old sent records are
+        removed first, at most once per :data:`PRUNE_EVERY`."""
+        if self._pruned_at is None or time.monotonic() - self._pruned_at >= PRUNE_EVERY:
+            self.prune()
         due = mpps.pending_forwards(self.catalogue)
         if not due:
             return 0

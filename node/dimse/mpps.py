@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import (
@@ -253,3 +253,16 @@ def forward_failed(catalogue: Catalogue, forward_id: int, error: str, delay: flo
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def prune_forwards(catalogue: Catalogue, before: datetime) -> int:
+    """Remove the records of forwards sent before ``before``; those not yet sent stay,
+    however old. Returns how many were removed."""
+    with catalogue.session() as session:
+        result = session.execute(
+            delete(MppsForward)
+            .where(MppsForward.sent_at.is_not(None))
+            .where(MppsForward.sent_at < before)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
