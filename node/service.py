@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from node.catalogue.db import Catalogue, upgrade
+from node.catalogue.source_settings import SourceSettingsView
 from node.core.settings import Settings
 from node.delivery.commitment_reports import CommitmentReporter
 from node.delivery.mpps_forward import MppsForwarder
@@ -39,6 +40,7 @@ class NodeService:
         upgrade(settings.effective_database_url)
         catalogue = Catalogue(settings.effective_database_url)
         self._stoppers.append(catalogue.dispose)
+        sources = SourceSettingsView(catalogue, settings)  # per sender, changed without restart
 
         from pipelines.jobs.celery_app import STAGES, create_app, queue_name
         from pipelines.jobs.runtime import run_key_for
@@ -63,7 +65,7 @@ class NodeService:
             router=Router(catalogue, settings.spool_dir),
             policy=settings.completion,
             enqueue_delivery=dispatch_task.delay,
-            signals=Signals(settings.spool_dir, settings.completion.sources),
+            signals=Signals(settings.spool_dir, sources.signals),
         )
         watcher.start()
         self._stoppers.append(watcher.stop)
@@ -74,13 +76,16 @@ class NodeService:
         policy = SourcePolicy(catalogue, accept_any=settings.dicom.accept_any_source)
         if settings.dicom.accept_any_source:
             log.warning("dicom.accept_any_source is on: any sender may store into this node")
-        paths = ReturnPaths(catalogue, settings.dicom.commitment, settings.spool_dir)
+        paths = ReturnPaths(
+            catalogue, settings.dicom.commitment, settings.spool_dir, report_to=sources.reports
+        )
         reporter = CommitmentReporter(
             catalogue,
             settings.dicom.commitment,
             settings.spool_dir,
             calling_ae_title=settings.dicom.ae_title,
             paths=paths,
+            report_to=sources.reports,
         )
         paths.on_change.append(reporter.wake)  # a requester's association ended
         reporter.start()  # pending requests from before a restart are answered now
@@ -93,7 +98,10 @@ class NodeService:
         services: dict[str, NormalisedService] = {
             MPPS_SOP_CLASS: PerformedSteps(catalogue, forward=forward is not None),
             STORAGE_COMMITMENT_SOP_CLASS: CommitmentRequests(
-                catalogue, settings.dicom.commitment, on_request=[reporter.wake]
+                catalogue,
+                settings.dicom.commitment,
+                on_request=[reporter.wake],
+                report_to=sources.reports,
             ),
         }
         server = start_listener(
@@ -101,7 +109,7 @@ class NodeService:
             ingestor,
             policy,
             services,
-            settings.completion.sources,
+            sources.signals,
             on_signal=watcher.wake,
             return_paths=paths,
         )

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from node.catalogue.db import Catalogue
 from node.cli.options import ConfigOption, cli_actor, fail, open_catalogue, settings_or_exit
+from node.cli.source_settings import settings_app
 from node.core.settings import Settings
 from node.delivery.destinations import (
     DestinationError,
@@ -40,6 +41,7 @@ local_app = typer.Typer(help="The node's own AE titles (besides dicom.ae_title).
 ae_app.add_typer(source_app, name="source")
 ae_app.add_typer(destination_app, name="destination")
 ae_app.add_typer(local_app, name="local")
+ae_app.add_typer(settings_app, name="settings")
 
 
 @ae_app.callback()

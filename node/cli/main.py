@@ -17,6 +17,7 @@ from node.cli.rules import rules_app
 from node.cli.status import status
 from node.cli.tokens import token_app
 from node.core.logs import configure_logging, summarise_library_warnings
+from node.core.settings import Settings
 
 app = typer.Typer(help="Curia Node: a DICOM node that runs Curia on CT and MRI studies.")
 config_app = typer.Typer(help="Inspect the configuration.")
@@ -117,7 +118,31 @@ def config_check(config: ConfigOption = None) -> None:
     if problems:
         typer.echo(f"fix: chmod -R go-rwx {settings.data_path}", err=True)
         raise typer.Exit(1)
+    for warning in unknown_senders(settings):
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"configuration valid; data folder {settings.data_path} is private")
+
+
+def unknown_senders(settings: Settings) -> list[str]:
+    """Per-sender settings in the file for AE titles the allow-list does not admit: a typo,
+    or a sender still to add. Only said where the catalogue already exists."""
+    titles = set(settings.completion.sources) | set(settings.dicom.commitment.report_to)
+    if not titles or settings.dicom.accept_any_source:
+        return []
+    from node.catalogue.db import Catalogue
+    from node.dimse.allow_list import list_sources
+
+    try:
+        allowed = {
+            peer.ae_title for peer in list_sources(Catalogue(settings.effective_database_url))
+        }
+    except Exception:  # no catalogue yet (or not reachable): nothing to compare with
+        return []
+    return [
+        f"settings for {title!r} in the configuration, but no allowed sender has that AE "
+        f"title (add it with `curia-node ae source add`)"
+        for title in sorted(titles - allowed)
+    ]
 
 
 @db_app.command("upgrade")

@@ -250,6 +250,8 @@ class SourceSignals(BaseModel):
     sender, so each is off until turned on for a source known to behave that way.
     """
 
+    model_config = ConfigDict(extra="forbid")
+
     association_end: bool = Field(
         False, description="the sender sends each series whole on one association"
     )

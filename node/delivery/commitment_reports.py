@@ -16,6 +16,7 @@ a request answered just before a restart still gets its report.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from sqlalchemy import select
 from node.catalogue.db import Catalogue
 from node.catalogue.models import CommitmentRequest
 from node.core.poller import Poller
-from node.core.settings import CommitmentSettings
+from node.core.settings import CommitmentSettings, ReportAddress
 from node.core.status import SUCCESS
 from node.dimse import commitment
 from node.dimse.commitment import (
@@ -55,6 +56,7 @@ class CommitmentReporter:
     calling_ae_title: str
     timeout: float = 30.0
     paths: ReturnPaths | None = None  # requesters' own associations, where they take reports
+    report_to: Mapping[str, ReportAddress] | None = None  # live; else settings.report_to
     _poller: Poller = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -98,9 +100,12 @@ class CommitmentReporter:
                 done += 1
         return done
 
+    def _addresses(self) -> Mapping[str, ReportAddress]:
+        return self.settings.report_to if self.report_to is None else self.report_to
+
     def _ours(self, ae_title: str) -> bool:
         """Whether this requester's report goes on a new association now."""
-        address = self.settings.report_to.get(ae_title)
+        address = self._addresses().get(ae_title)
         if address is None:
             return True  # its entry is gone: the attempt says so in last_error
         if not address.on_new_association:
@@ -130,7 +135,7 @@ class CommitmentReporter:
         return True
 
     def _send(self, held: HeldRequest, verdict: Verdict) -> None:
-        address = self.settings.report_to.get(held.calling_ae_title)
+        address = self._addresses().get(held.calling_ae_title)
         if address is None:
             raise ReportError(f"no dicom.commitment.report_to entry for {held.calling_ae_title}")
         if address.port is None:

@@ -18,7 +18,7 @@ with its reason; the node never commits what it could still lose.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,7 +39,7 @@ from node.catalogue.models import (
     Instance,
     utcnow,
 )
-from node.core.settings import CommitmentSettings
+from node.core.settings import CommitmentSettings, ReportAddress
 from node.core.status import (
     INVALID_ATTRIBUTE_VALUE,
     MISSING_ATTRIBUTE,
@@ -72,6 +72,7 @@ class CommitmentRequests:
     catalogue: Catalogue
     settings: CommitmentSettings
     on_request: list[Callable[[], object]] = field(default_factory=list)  # wake the reporter
+    report_to: Mapping[str, ReportAddress] | None = None  # live; else settings.report_to
 
     def handle(self, association: Association, request: NormalisedRequest) -> NormalisedAnswer:
         calling = association.requestor.calling_ae_title
@@ -81,7 +82,8 @@ class CommitmentRequests:
             return NormalisedAnswer(NO_SUCH_ACTION_TYPE, "the only action type is 1")
         if request.sop_instance_uid != STORAGE_COMMITMENT_INSTANCE:
             return NormalisedAnswer(INVALID_ATTRIBUTE_VALUE, "not the well-known SOP instance")
-        if calling not in self.settings.report_to:
+        report_to = self.settings.report_to if self.report_to is None else self.report_to
+        if calling not in report_to:
             # Accepting would promise an answer that could never be delivered.
             log.warning(
                 "storage commitment from %s refused: no dicom.commitment.report_to entry",

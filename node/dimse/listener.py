@@ -85,7 +85,7 @@ class AssociationHandlers:
         self.policy = policy
         self.refusals = RefusalTally(ingestor.catalogue, refusal_retention or timedelta(days=90))
         self.services = dict(services or {})
-        self.sources = dict(sources or {})
+        self.sources: Mapping[str, SourceSignals] = sources if sources is not None else {}
         self.on_signal = on_signal  # wakes the completion watcher
 
     def admit(self, requestor: Requestor) -> Refusal | None:

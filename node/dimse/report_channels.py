@@ -26,7 +26,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import CommitmentRequest, CommitmentState, utcnow
-from node.core.settings import CommitmentSettings
+from node.core.settings import CommitmentSettings, ReportAddress
 from node.core.status import SUCCESS
 from node.dimse import commitment
 from node.dimse.association import Association
@@ -308,13 +308,15 @@ class ReturnPaths:
     settings: CommitmentSettings
     spool_dir: Path
     on_change: list[Callable[[], object]] = field(default_factory=list)  # wake the reporter
+    report_to: Mapping[str, ReportAddress] | None = None  # live; else settings.report_to
     _open: list[ReportChannel] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def open(self, association: Association, connection: Connection) -> ReportChannel | None:
         """A channel for this association if its requester takes reports on its own
         associations and the Storage Commitment context was agreed with the node as SCP."""
-        address = self.settings.report_to.get(association.requestor.calling_ae_title)
+        report_to = self.settings.report_to if self.report_to is None else self.report_to
+        address = report_to.get(association.requestor.calling_ae_title)
         if address is None or not address.on_requester_association:
             return None
         for context_id, context in association.contexts.items():

@@ -41,6 +41,7 @@ from node.web.results import (
     result_files,
 )
 from node.web.signals import create_signals_router
+from node.web.source_settings import create_source_settings_router
 from node.web.tokens import Principal, TokenVerifier
 
 
@@ -114,6 +115,7 @@ def create_api(
     )
 
     app.include_router(create_admin_router(settings, catalogue), dependencies=auth)
+    app.include_router(create_source_settings_router(settings, catalogue), dependencies=auth)
     app.include_router(create_signals_router(auth))
     dashboard_pages, dashboard_api = create_dashboard_router(settings, catalogue)
     app.include_router(dashboard_pages)  # static pages: no data, no token
