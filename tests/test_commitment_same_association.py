@@ -4,6 +4,7 @@ the fall-back to a new association when the requester refuses it there or leaves
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from node.catalogue.models import (
     Series,
     utcnow,
 )
-from node.core.settings import CommitmentSettings, DicomSettings, ReportAddress
+from node.core.settings import CommitmentSettings, DicomSettings, ReportAddress, TlsSettings
 from node.delivery.commitment_reports import CommitmentReporter
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.commitment import (
@@ -42,6 +43,7 @@ from node.store.ingest import Ingestor
 from node.store.spool import Spool
 from tests.support.peers import free_port, wait_for
 from tests.support.series_rows import CT, add_series, header
+from tests.support.tls import make_pki
 
 REQUESTER = "MODALITY"
 
@@ -73,7 +75,7 @@ class Node:
 def start_node(catalogue: Catalogue, tmp_path: Path) -> Iterator[Callable[..., Node]]:
     started: list[Node] = []
 
-    def start(address: ReportAddress, **options: object) -> Node:
+    def start(address: ReportAddress, tls: TlsSettings | None = None, **options: object) -> Node:
         settings = CommitmentSettings(report_to={REQUESTER: address}, **options)  # type: ignore[arg-type]
         spool = tmp_path / "spool"
         spool.mkdir(exist_ok=True)
@@ -83,7 +85,12 @@ def start_node(catalogue: Catalogue, tmp_path: Path) -> Iterator[Callable[..., N
         commitments = CommitmentRequests(catalogue, settings, on_request=[reporter.wake])
         ingestor = Ingestor(Spool(spool, tmp_path / "quarantine"), catalogue)
         listener = start_listener(
-            DicomSettings(host="127.0.0.1", port=free_port(), accept_any_source=True),
+            DicomSettings(
+                host="127.0.0.1",
+                port=free_port(),
+                accept_any_source=True,
+                tls=tls or TlsSettings(),
+            ),
             ingestor,
             SourcePolicy(catalogue, accept_any=True),
             {STORAGE_COMMITMENT_SOP_CLASS: commitments},
@@ -119,7 +126,7 @@ class Requester:
         self.arrived.set()
         return 0x0000, None
 
-    def associate(self, node: Node) -> Association:
+    def associate(self, node: Node, tls: ssl.SSLContext | None = None) -> Association:
         ae = AE(ae_title=REQUESTER)
         ae.add_requested_context(STORAGE_COMMITMENT_SOP_CLASS)
         assoc = ae.associate(
@@ -127,6 +134,7 @@ class Requester:
             node.port,
             ae_title="CURIA",
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, self.same)],
+            tls_args=None if tls is None else (tls, "localhost"),
         )
         assert assoc.is_established
         return assoc
@@ -318,3 +326,38 @@ def test_new_association_is_the_default() -> None:
     with pytest.raises(ValueError, match="port is needed"):
         ReportAddress(association="same_then_new")
     assert ReportAddress(association="same_association").port is None
+
+
+def test_over_tls_the_report_waits_and_comes_on_the_same_association(
+    start_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """The acceptor's wait for the requester's next bytes, between looks at the catalogue,
+    leaves a TLS connection intact."""
+    pki = make_pki(tmp_path / "pki")
+    tls = TlsSettings(enabled=True, cert_file=pki.server_cert, key_file=pki.server_key)
+    node = start_node(
+        ReportAddress(association="same_association"),
+        tls=tls,
+        after_archived=True,
+        poll_seconds=0.1,
+    )
+    uids = stored(node, 1)
+    requester = Requester()
+    client = ssl.create_default_context(cafile=str(pki.ca_cert))
+    assoc = requester.associate(node, client)
+    try:
+        transaction = ask(assoc, uids)
+        time.sleep(0.5)  # several waits on the socket while the series is not archived
+        assert not requester.arrived.is_set()
+        with node.catalogue.session() as session:
+            series_id = session.scalar(sa.select(Series.id))
+            session.add(Delivery(series_id=series_id, destination="pacs", state=DeliveryState.SENT))
+        assert requester.arrived.wait(10), "the report came on the TLS association"
+        answered(node.catalogue, transaction)
+        requester.arrived.clear()
+        second = ask(assoc, uids)  # the association still carries requests, and reports
+        assert requester.arrived.wait(10)
+        answered(node.catalogue, second)
+    finally:
+        assoc.release()
+    assert [r.TransactionUID for r in requester.on_association] == [transaction, second]
