@@ -126,8 +126,11 @@ class Requester:
         self.arrived.set()
         return 0x0000, None
 
-    def associate(self, node: Node, tls: ssl.SSLContext | None = None) -> Association:
+    def associate(
+        self, node: Node, tls: ssl.SSLContext | None = None, max_pdu: int = 16382
+    ) -> Association:
         ae = AE(ae_title=REQUESTER)
+        ae.maximum_pdu_size = max_pdu
         ae.add_requested_context(STORAGE_COMMITMENT_SOP_CLASS)
         assoc = ae.associate(
             "127.0.0.1",
@@ -211,6 +214,23 @@ def test_the_report_comes_on_the_open_association(start_node: Callable[..., Node
     ]
     assert row.outcome is not None and row.outcome["committed"] == 2
     assert requester.on_new == []
+
+
+def test_a_long_report_is_cut_to_the_requesters_maximum_pdu(
+    start_node: Callable[..., Node],
+) -> None:
+    node = start_node(ReportAddress(association="same_association"))
+    uids = stored(node, 150)  # about 20 KB of event information
+    requester = Requester()
+    assoc = requester.associate(node, max_pdu=4096)
+    try:
+        transaction = ask(assoc, uids)
+        assert requester.arrived.wait(10)
+        answered(node.catalogue, transaction)
+    finally:
+        assoc.release()
+    (report,) = requester.on_association
+    assert [r.ReferencedSOPInstanceUID for r in report.ReferencedSOPSequence] == uids
 
 
 def test_after_archived_the_report_follows_on_the_association_still_open(

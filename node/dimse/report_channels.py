@@ -97,7 +97,7 @@ def wait_readable(connection: Connection, timeout: float) -> bool:
     """Whether the peer's next bytes are there within ``timeout``, without reading any.
 
     Bytes already in the reader's buffer count. A timeout on the socket itself would make
-    its reader unusable, hence a non-blocking peek and ``select``.
+    its reader unusable, hence a non-blocking peek, then ``poll``.
     """
     sock, previous = connection.sock, connection.sock.gettimeout()
     try:
@@ -111,8 +111,9 @@ def wait_readable(connection: Connection, timeout: float) -> bool:
             return True  # the read that follows reports what went wrong
         if timeout <= 0:
             return False
-        readable, _, _ = select.select([sock], [], [], timeout)
-        return bool(readable)
+        poller = select.poll()  # not select(): a descriptor number may pass FD_SETSIZE
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
     finally:
         sock.settimeout(previous)
 
