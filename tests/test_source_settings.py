@@ -17,6 +17,7 @@ from node.catalogue.source_settings import (
     SourceSettingsError,
     SourceSettingsView,
     get_source_setting,
+    reset_source_setting,
     set_source_setting,
 )
 from node.cli.main import app as cli
@@ -222,3 +223,16 @@ def test_config_check_names_unknown_keys_and_senders(
     assert refused.exit_code == 2
     assert "completion.sources.CT1.association_ends" in refused.stderr
     assert "port is needed" in refused.stderr
+
+
+def test_a_sender_named_like_a_settings_row_is_left_alone(
+    settings: Settings, catalogue: Catalogue
+) -> None:
+    from node.dimse.allow_list import add_source, list_sources
+
+    add_source(catalogue, "settings:CT1", "CT1", None, "tester")
+    with pytest.raises(SourceSettingsError, match="rename it first"):
+        set_source_setting(catalogue, settings, "CT1", {"signals": {"multiframe": True}}, "t")
+    with pytest.raises(SourceSettingsError, match="no settings"):
+        reset_source_setting(catalogue, settings, "CT1", "t")
+    assert [p.name for p in list_sources(catalogue)] == ["settings:CT1"]

@@ -145,6 +145,8 @@ def set_source_setting(
         )
     with catalogue.session() as session:
         row = session.scalar(select(Peer).where(Peer.name == _name(ae_title)))
+        if row is not None and row.role != ROLE:
+            raise SourceSettingsError(f"a {row.role} is named {_name(ae_title)!r}: rename it first")
         before = dict(row.options or {}) if row is not None else {}
         after = {key: dict(value) for key, value in before.items()}
         for section, values in changes.items():
@@ -172,7 +174,7 @@ def reset_source_setting(
     """Forget what the catalogue says for a sender: the configuration file's values apply."""
     ae_title = _title(ae_title)
     with catalogue.session() as session:
-        row = session.scalar(select(Peer).where(Peer.name == _name(ae_title)))
+        row = session.scalar(select(Peer).where(Peer.name == _name(ae_title), Peer.role == ROLE))
         if row is None:
             raise SourceSettingsError(f"no settings for {ae_title!r} in the catalogue")
         previous = _merge(settings, ae_title, dict(row.options or {}))
