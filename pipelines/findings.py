@@ -97,6 +97,11 @@ class SeriesFindings:
     an RT Structure Set); ``heads_not_run`` maps a head that applied to an analysed stack
     but could not run on it to why (a mask-pooled head without a mask), the stack named in
     the reason when the series has several.
+
+    ``segment_heads`` are the heads that read their mask from a segmentation sent with the
+    study (a SEG or RTSTRUCT), and ``segmentations_read`` the SOP Instance UIDs of those
+    objects whose segment they read: a segmentation arriving later that is not among them
+    may change the result.
     """
 
     series_instance_uid: str
@@ -108,6 +113,8 @@ class SeriesFindings:
     set_aside: list[str] = field(default_factory=list)
     heads_not_run: dict[str, str] = field(default_factory=dict)
     stacks: dict[str, list[int]] = field(default_factory=dict)
+    segment_heads: list[str] = field(default_factory=list)
+    segmentations_read: list[str] = field(default_factory=list)
 
     def frame_of(self, index: int) -> int:
         """Slice ``index``'s frame number in its object (0: a single-frame file)."""
@@ -224,4 +231,6 @@ def findings_from_dict(data: dict) -> SeriesFindings:
         set_aside=list(data.get("set_aside", [])),
         heads_not_run=dict(data.get("heads_not_run", {})),
         stacks={k: list(v) for k, v in (data.get("stacks") or {}).items()},
+        segment_heads=list(data.get("segment_heads", [])),
+        segmentations_read=list(data.get("segmentations_read", [])),
     )

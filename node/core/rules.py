@@ -140,6 +140,11 @@ class Actions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     heads: list[str] | None = None
+    mask_segments: dict[str, str] = Field(
+        default_factory=dict,
+        description="head name -> label of the SEG segment or RTSTRUCT ROI of the study "
+        "that the head's mask comes from (a mask-pooled or lesion-centred head)",
+    )
     priority: Literal["routine", "urgent", "stat"] | None = None
     forward: list[str] = Field(default_factory=list)
     results_to: list[str] = Field(default_factory=list)
@@ -156,6 +161,7 @@ class Actions(BaseModel):
             name
             for name, given in (
                 ("heads", self.heads is not None),
+                ("mask_segments", bool(self.mask_segments)),
                 ("priority", self.priority is not None),
                 ("discard", self.discard),
             )
@@ -440,6 +446,7 @@ class Decision:
     phase: Phase
     outcomes: list[RuleOutcome] = field(default_factory=list)
     heads: list[str] | None = None
+    mask_segments: dict[str, str] = field(default_factory=dict)  # head -> segment label
     priority: int = 0
     discard: bool = False
     forward: dict[str, str] = field(default_factory=dict)  # destination -> rule
@@ -489,6 +496,8 @@ def evaluate(rules: RuleSet, facts: SeriesFacts) -> Decision:
         then = rule.then
         if then.heads is not None:
             heads = (heads or set()) | set(then.heads)
+        for head, label in then.mask_segments.items():
+            decision.mask_segments.setdefault(head, label)
         if then.priority is not None:
             decision.priority = max(decision.priority, PRIORITIES[then.priority])
         decision.discard = decision.discard or then.discard

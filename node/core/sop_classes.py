@@ -20,6 +20,8 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
+    RTStructureSetStorage,
+    SegmentationStorage,
 )
 
 #: The image classes Curia's heads read (single-frame and multi-frame CT and MR).
@@ -32,6 +34,12 @@ ANALYSABLE = frozenset(
         LegacyConvertedEnhancedCTImageStorage,
         LegacyConvertedEnhancedMRImageStorage,
     }
+)
+
+#: Objects whose segments or ROIs a mask-pooled head may read its mask from (SEG, Label Map
+#: SEG, RT Structure Set): never analysed themselves.
+SEGMENTATIONS = frozenset(
+    {SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7", RTStructureSetStorage}
 )
 
 

@@ -8,7 +8,9 @@ run is queued.
 
 A series holding nothing a head reads (a dose report, key objects, a presentation state,
 an RT structure set: :mod:`node.core.sop_classes`) is routed and forwarded like any other,
-then marked "not analysed" with its reason; no run is created for it.
+then marked "not analysed" with its reason; no run is created for it. A SEG or RTSTRUCT
+completing after the image series it lies on was analysed may re-run that series
+(:mod:`node.workflow.segmentations`).
 
 Late instances (arriving after completion) follow ``completion.late_instances``: ``rerun``
 queues one new run once the series is quiet again and its current run has ended, whose SR
@@ -49,6 +51,7 @@ from node.core.settings import CompletionSettings
 from node.delivery import deliveries
 from node.workflow import runs
 from node.workflow.routing import Router, facts_for, first_header, series_sop_classes
+from node.workflow.segmentations import rerun_for_late_segmentation
 from node.workflow.signals import FORCED, QUIET, Signals, consumed, lock, receiving
 
 log = logging.getLogger(__name__)
@@ -234,6 +237,14 @@ class CompletionWatcher:
                 return
             forward_ids += deliveries.create_forwards(session, series.id, decision.forward)
         if _not_analysed(session, series):
+            if self.router is not None:  # a segmentation of a series analysed without it
+                run_ids += rerun_for_late_segmentation(
+                    session,
+                    series,
+                    self.router.spool_dir,
+                    self.policy.late_instances,
+                    self.run_key,
+                )
             return
         run = runs.create(session, series, self.run_key(series))
         if run is None:

@@ -39,6 +39,7 @@ from node.delivery import deliveries
 from node.delivery.transport import DispatchError
 from node.workflow import runs
 from node.workflow.routing import first_header
+from node.workflow.segmentations import study_segmentations
 from pipelines.findings import (
     SEGMENTATION_TASK,
     HeadFinding,
@@ -49,6 +50,7 @@ from pipelines.findings import (
     findings_to_dict,
 )
 from pipelines.jobs.runtime import Runtime
+from pipelines.jobs.study_masks import StudyMasks
 
 if TYPE_CHECKING:
     from pipelines.model.masks import MaskHead
@@ -184,9 +186,10 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
 
     Each stack of the series gets the heads whose cards accept it (plane, modality, slice
     count); a series none of whose stacks any head accepts is not analysed, with the
-    reasons. Mask heads also produce a SEG per stack here, while the mask is in memory; the
-    SEG's result row is recorded with the findings, so a crash leaves either both or
-    neither.
+    reasons. Heads whose mask is a segment of the study's SEG or RTSTRUCT objects (named by
+    their card or a routing rule's ``mask_segments``) get it placed on each stack. Mask
+    heads also produce a SEG per stack here, while the mask is in memory; the SEG's result
+    row is recorded with the findings, so a crash leaves either both or neither.
     """
     from pipelines.model.heads import heads_for
     from pipelines.model.prepared import load_prepared
@@ -206,7 +209,12 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
                 paths = _instance_paths(runtime, session, series.id)
                 run_key, series_uid = run.run_key, series.series_instance_uid
                 modality = series.modality
-                chosen = ((series.routing or {}).get("attributes") or {}).get("heads")
+                attributes = (series.routing or {}).get("attributes") or {}
+                chosen = attributes.get("heads")
+                segmentations = [
+                    (sop_class, runtime.spool.absolute(path))
+                    for sop_class, path in study_segmentations(session, series)
+                ]
             started = time.perf_counter()
             heads = heads_for(runtime.heads, modality)
             mask_heads = runtime.mask_heads
@@ -217,6 +225,9 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
                     raise NotAnalysed(f"the routing rules chose no installed head ({chosen})")
             units, skipped = plan_units(paths, heads, mask_heads)
             folder = prepared_folder(runtime, run_id)
+            study_masks = StudyMasks.for_heads(
+                heads, attributes.get("mask_segments") or {}, segmentations
+            )
 
             def decoded(unit: StackUnit) -> PreparedSeries | None:
                 # decoded by a CPU worker when the prepare stage ran; decoded here otherwise
@@ -229,7 +240,10 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
                 series_instance_uid=series_uid,
                 batch_size=runtime.settings.model.batch_size,
                 prepared=decoded,
+                given_masks=study_masks.on_stack,
             )
+            findings.segment_heads = sorted(study_masks.wanted)
+            findings.segmentations_read = sorted(study_masks.read)
             segs = _write_segs(runtime, run_id, masks, run_key)
             findings.findings.extend(finding for finding, _, _ in segs)
             log.info(

@@ -134,6 +134,40 @@ class WindowCard(BaseModel):
         return value
 
 
+SegmentObject = Literal["SEG", "RTSTRUCT"]
+
+
+def _both_objects() -> list[SegmentObject]:
+    return ["SEG", "RTSTRUCT"]
+
+
+class SegmentRef(BaseModel):
+    """A mask that arrives with the study: a Segmentation's segment or a Structure Set's ROI.
+
+    ``segment`` is a label (a SEG's SegmentLabel, an RTSTRUCT's ROIName; compared without
+    regard to case or surrounding spaces) or a coded concept (the segment's Segmented
+    Property Type, the ROI's RT ROI Identification Code). ``objects`` restricts which kind
+    of object may supply it. The object must be in the same study as the analysed stack and
+    lie on it: same Frame of Reference, and each frame or contour on one of its slices.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    segment: str | CodeCard
+    objects: list[SegmentObject] = Field(default_factory=_both_objects, min_length=1)
+
+    @field_validator("segment")
+    @classmethod
+    def _label_not_blank(cls, segment: str | CodeCard) -> str | CodeCard:
+        if isinstance(segment, str) and not segment.strip():
+            raise ValueError("a segment label must not be blank")
+        return segment
+
+    def describe(self) -> str:
+        """The segment as a person names it: its label or its code meaning."""
+        return self.segment if isinstance(self.segment, str) else self.segment.meaning
+
+
 class TrainingRecord(BaseModel):
     """How a head was trained here and how well it did (cross-validated)."""
 
@@ -176,7 +210,9 @@ class HeadCard(BaseModel):
     (``clip_below_air`` and ``processor`` variant; None follows the backbone folder's
     ``preprocessor_config.json``). Both are per head because Curia's image processor exists
     in versions that differ on them and a head must be fed the way it was trained.
-    ``mask_source`` names the node's mask head whose mask a ``mask`` head pools in.
+    ``mask_source`` names where a ``mask`` head (or a lesion-centred window head) gets its
+    mask: the node's mask head of that name, run on the same stack, or a segment of a SEG
+    or RTSTRUCT that arrived in the same study (:class:`SegmentRef`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -190,7 +226,7 @@ class HeadCard(BaseModel):
     aggregation: Aggregation | None = Field(default=None, validate_default=True)
     top_k: int | None = Field(default=None, ge=1, validate_default=True)
     negative_class: str | None = Field(default=None, validate_default=True)
-    mask_source: str | None = Field(default=None, validate_default=True)
+    mask_source: str | SegmentRef | None = Field(default=None, validate_default=True)
     hidden_size: int = Field(gt=0)
     backbone: str = Field(min_length=1)
     clip_below_air: bool | None = None
@@ -255,7 +291,9 @@ class HeadCard(BaseModel):
 
     @field_validator("mask_source")
     @classmethod
-    def _mask_source_for_mask_heads(cls, source: str | None, info: ValidationInfo) -> str | None:
+    def _mask_source_for_mask_heads(
+        cls, source: str | SegmentRef | None, info: ValidationInfo
+    ) -> str | SegmentRef | None:
         pooling = info.data.get("pooling")
         if source is not None and pooling not in ("mask", *WINDOW_POOLINGS):
             raise ValueError("mask_source applies to pooling 'mask' and window heads only")
@@ -325,6 +363,16 @@ class HeadCard(BaseModel):
         if unit is not None and info.data.get("task") != "regression":
             raise ValueError("only a regression head has a unit")
         return unit
+
+    @property
+    def mask_head(self) -> str | None:
+        """The node mask head whose mask this head reads (None: none, or a segment)."""
+        return self.mask_source if isinstance(self.mask_source, str) else None
+
+    @property
+    def segment_source(self) -> SegmentRef | None:
+        """The study's segment this head reads its mask from (None: none, or a mask head)."""
+        return self.mask_source if isinstance(self.mask_source, SegmentRef) else None
 
     @property
     def token_source(self) -> TokenSource:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +282,7 @@ def analyse_series_and_masks(
     series_instance_uid: str,
     batch_size: int = 16,
     mask_heads: Sequence[MaskHead] = (),
+    given_masks: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[SeriesFindings, list[SeriesMask]]:
     """Run every head on one series and report what they concluded.
 
@@ -298,6 +299,9 @@ def analyse_series_and_masks(
     ``mask_heads`` read the same backbone pass (their tokens are the final ones of every
     slice) and give one mask each, in order; their findings are in the masks, not in the
     returned findings.
+
+    ``given_masks`` are masks from the study's segmentations placed on this series, by the
+    name of the head that reads them (:mod:`~pipelines.model.segment_masks`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -341,10 +345,14 @@ def analyse_series_and_masks(
             )
     _locate_mean_findings(source, heads, groups, findings, backbone)
     series_masks = [mask.result() for mask in masks]
-    pooled, skipped = mask_head_outputs(source, heads, series_masks, backbone, batch_size)
+    pooled, skipped = mask_head_outputs(
+        source, heads, series_masks, backbone, batch_size, given_masks
+    )
     for i, value in pooled.items():
         findings[i] = _finding(heads[i], value.outputs, value.key_slice, backbone)
-    lesions, unplaced = lesion_windows(source, heads, series_masks, backbone, batch_size)
+    lesions, unplaced = lesion_windows(
+        source, heads, series_masks, backbone, batch_size, given_masks
+    )
     skipped.update(unplaced)
     for i, lesion in lesions.items():
         window = Window.for_indices(i, lesion.indices)

@@ -11,15 +11,16 @@ Lesion-centred 3D heads (``window.selection: mask``) centre their window on the 
 slice instead of the middle one.
 
 The mask comes from one of the node's mask heads run on the same stack (named by the head
-card's ``mask_source``; see :mod:`~pipelines.model.stack_analysis`), in the stored
-orientation of the stack; it is reoriented to the layout the pixels are in (PL, IL or IP)
-before cropping.
+card's ``mask_source``; see :mod:`~pipelines.model.stack_analysis`), or from a segment of a
+SEG or RTSTRUCT that arrived in the study, placed on the stack
+(:mod:`~pipelines.model.segment_masks`); either is in the stored orientation of the stack
+and is reoriented to the layout the pixels are in (PL, IL or IP) before cropping.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,25 +174,39 @@ def _head_input(
     return clip, variant, volume
 
 
+def mask_for(
+    head: Head, masks: Sequence[SeriesMask], given: Mapping[str, np.ndarray]
+) -> np.ndarray | None:
+    """The mask a head reads on this stack: a study segment given for it (by its card or a
+    routing rule), else its card's mask head's; None when there is none."""
+    if head.name in given:
+        return given[head.name]
+    if head.card.segment_source is not None:
+        return None
+    wanted = head.card.mask_head
+    found = next((m for m in masks if m.finding.head_name == wanted), None)
+    return None if found is None else found.mask
+
+
 def mask_head_outputs(
     source: SeriesPlan | PreparedSeries,
     heads: Sequence[Head],
     masks: Sequence[SeriesMask],
     backbone: Backbone,
     batch_size: int = 16,
+    given: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[int, MaskPooled], dict[int, str]]:
     """Outputs of the ``mask`` heads by position, and the reason for each that did not run.
 
-    Each pools inside the mask of the node's mask head its card names (``mask_source``),
-    run on the same stack.
+    Each pools inside its mask (:func:`mask_for`): ``given`` holds the study segments
+    placed on this stack, by head name; ``masks`` the node's mask heads' on the same stack.
     """
-    by_name = {mask.finding.head_name: mask for mask in masks}
     outputs: dict[int, MaskPooled] = {}
     reasons: dict[int, str] = {}
     for i, head in enumerate(heads):
         if head.card.pooling != "mask":
             continue
-        found = by_name.get(head.card.mask_source or "")
+        found = mask_for(head, masks, given or {})
         if found is None:
             reasons[i] = NO_MASK
             continue
@@ -199,7 +214,7 @@ def mask_head_outputs(
         pooled = mask_pooled_prediction(
             head,
             source,
-            found.mask,
+            found,
             backbone,
             clip_below_air=clip,
             variant=variant,
@@ -227,6 +242,7 @@ def lesion_windows(
     masks: Sequence[SeriesMask],
     backbone: Backbone,
     batch_size: int = 16,
+    given: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[int, LesionWindow], dict[int, str]]:
     """Windows of the heads centred on a mask (``window.selection: mask``), by position.
 
@@ -234,18 +250,17 @@ def lesion_windows(
     mask; the mask is known only after the series' pass, so the window's slices are decoded
     and embedded again here. Without the mask (or with an empty one) the head does not run.
     """
-    by_name = {mask.finding.head_name: mask for mask in masks}
     windows: dict[int, LesionWindow] = {}
     reasons: dict[int, str] = {}
     plan = plan_of(source)
     for i, head in enumerate(heads):
         if not head.centred_on_mask:
             continue
-        found = by_name.get(head.card.mask_source or "")
+        found = mask_for(head, masks, given or {})
         if found is None:
             reasons[i] = NO_MASK
             continue
-        masked = [k for k in range(len(plan)) if found.mask[k].any()]
+        masked = [k for k in range(len(plan)) if found[k].any()]
         if not masked:
             reasons[i] = EMPTY_MASK
             continue

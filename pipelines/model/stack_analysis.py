@@ -20,9 +20,11 @@ reason of each stack and object set aside.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from pipelines.findings import HeadFinding, NotAnalysed, SeriesFindings, SeriesMask
 from pipelines.model.backbone import Backbone
@@ -89,11 +91,14 @@ def analyse_units(
     series_instance_uid: str,
     batch_size: int = 16,
     prepared: Callable[[StackUnit], PreparedSeries | None] = lambda unit: None,
+    given_masks: Callable[[StackUnit], Mapping[str, np.ndarray]] = lambda unit: {},
 ) -> tuple[SeriesFindings, list[StackMask]]:
     """Analyse each unit; one findings record for the series, and the masks per stack.
 
     ``prepared`` returns a unit's stack as a CPU worker decoded it ahead, or None to
-    decode it here. Heads' findings name their stack when the series has more than one
+    decode it here. ``given_masks`` returns, by head name, the masks of the study's
+    segmentations placed on a unit's stack (:mod:`~pipelines.model.segment_masks`).
+    Heads' findings name their stack when the series has more than one
     (analysed or set aside); key slices are offset to index the concatenated slices.
     """
     labelled = len(units) > 1 or bool(skipped)
@@ -113,6 +118,7 @@ def analyse_units(
             series_instance_uid=series_instance_uid,
             batch_size=batch_size,
             mask_heads=unit.mask_heads,
+            given_masks=given_masks(unit),
         )
         offset = len(combined.sop_instance_uids_sorted)
         stack = unit.plan.label if labelled else ""
