@@ -52,7 +52,10 @@ class HeadFinding:
     spatial information. ``aggregation`` says how a per-slice head's scores became the series
     value (a report names it in the algorithm parameters); None for heads scored once.
     ``stack`` names the stack of the series the head read (a series may hold several: see
-    :mod:`pipelines.model.stacks`), empty when the series is one.
+    :mod:`pipelines.model.stacks`), empty when the series is one. A per-slice head keeps
+    ``slice_scores``: each slice's score (in the order of its stack's slices) for the class
+    ``slice_class`` (the predicted class, or the best finding class when "nothing found"
+    is predicted), so a report can point at every slice where the finding was seen.
     """
 
     head_name: str
@@ -66,6 +69,8 @@ class HeadFinding:
     key_region: Box | None = None
     aggregation: str | None = None
     stack: str = ""
+    slice_scores: tuple[float, ...] = ()
+    slice_class: int | None = None
 
     @property
     def predicted(self) -> HeadClass:
@@ -221,6 +226,7 @@ def findings_from_dict(data: dict) -> SeriesFindings:
                     ),
                     "probabilities": tuple(f["probabilities"]),
                     "key_region": tuple(f["key_region"]) if f.get("key_region") else None,
+                    "slice_scores": tuple(f.get("slice_scores") or ()),
                 }
             )
             for f in data["findings"]

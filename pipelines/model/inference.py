@@ -161,10 +161,22 @@ def _mean_finding(
             regression=card.task == "regression",
         )
         finding = _finding(head, value.outputs, value.key_slice, backbone)
-        return dataclasses.replace(
+        finding = dataclasses.replace(
             finding,
             predicted_index=value.predicted,
             aggregation=describe(card.aggregation, card.top_k, slice_count),
+        )
+        if card.task != "classification":
+            return finding
+        shown = value.predicted
+        if shown == card.negative_index:  # "nothing found": the slices of the best finding
+            others = value.outputs.clone()
+            others[shown] = -1.0
+            shown = int(torch.argmax(others))
+        return dataclasses.replace(
+            finding,
+            slice_scores=tuple(round(float(s), 6) for s in scores[:, shown]),
+            slice_class=shown,
         )
     mean = (group.feature_sum / slice_count).float().unsqueeze(0)
     outputs = head.predict(mean)[0].cpu()

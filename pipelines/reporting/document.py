@@ -4,7 +4,8 @@ The SR is what a radiologist sees in the viewer, so it must be attached to the r
 patient and study, traceable to the exact model and node that made it, and honest
 about demo weights. Everything head-specific comes from the SR templates
 (:mod:`pipelines.reporting.templates`); this module only knows the document structure:
-the groups (:mod:`~pipelines.reporting.measurement_groups`), the notes
+the groups (:mod:`~pipelines.reporting.measurement_groups`; a per-slice head's slices in
+:mod:`~pipelines.reporting.slice_groups`), the notes
 (:mod:`~pipelines.reporting.notes`), the image library
 (:mod:`~pipelines.reporting.image_library`) and the segments a mask head's group
 references (:mod:`~pipelines.reporting.segments`).
@@ -38,6 +39,7 @@ from pipelines.reporting.measurement_groups import LABEL_SCHEME, check_finding, 
 from pipelines.reporting.notes import document_notes
 from pipelines.reporting.provenance import DeviceIdentity, ihe_air_equipment
 from pipelines.reporting.segments import referenced_segments
+from pipelines.reporting.slice_groups import slice_groups
 from pipelines.reporting.templates import ReportTemplate
 from pipelines.reporting.uids import new_uid
 
@@ -144,6 +146,7 @@ def build_sr(
                 findings, finding, template, device, by_uid, demo, segment, uid_key=uid_key
             )
         )
+        groups += slice_groups(findings, finding, template, device, by_uid, demo, uid_key)
 
     modality = str(prepared[0].get("Modality", "") or "")
     procedure = _PROCEDURE_BY_MODALITY.get(modality, codes.cid100.ImagingProcedure)
