@@ -27,6 +27,7 @@ from node.cli.heads import heads_app
 from pipelines.findings import CodeRef
 from pipelines.model import preprocess
 from pipelines.model.backbone import Backbone, demo_backbone, save_hf_folder, timm_to_hf
+from pipelines.model.head_card import SegmentRef
 from pipelines.model.head_import import HeadImportError, import_raidium_head
 from pipelines.model.heads import (
     AttentionBlock,
@@ -952,3 +953,50 @@ def test_cli_import_asks_for_what_the_config_cannot_say(
         3,
         "absent",
     )
+
+
+def test_cli_import_says_which_stacks_and_which_mask_the_head_reads(
+    tmp_path: Path, backbone: Backbone, backbone_folder: Path
+) -> None:
+    slices = raidium_folder(tmp_path / "2d", backbone, attention_cfg=None, num_slices=None)
+    base = ["import", str(slices), "--classes", "absent,present"]
+    base += ["--out", str(tmp_path / "heads"), "--backbone", str(backbone_folder)]
+    done = CliRunner().invoke(
+        heads_app,
+        [
+            *base,
+            "--name",
+            "knee",
+            "--planes",
+            "Sagittal, coronal",
+            "--modalities",
+            "mr",
+            "--min-slices",
+            "12",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "reads coronal, sagittal stacks of MR, at least 12 slice(s)" in done.output
+    card = load_head(tmp_path / "heads" / "knee").card
+    assert (card.planes, card.modalities, card.min_slices) == (["coronal", "sagittal"], ["MR"], 12)
+    plain = CliRunner().invoke(heads_app, [*base, "--name", "plain"])
+    assert plain.exit_code == 0, plain.output
+    card = load_head(tmp_path / "heads" / "plain").card
+    assert (card.planes, card.modalities, card.min_slices) == (["axial"], [], 1)
+
+    bad = CliRunner().invoke(heads_app, [*base, "--name", "x", "--planes", "axial,oblique"])
+    assert bad.exit_code != 0 and "--planes: oblique" in bad.output
+
+    masked = mask_folder(tmp_path / "mask", backbone)
+    args = ["import", str(masked), "--classes", "absent,present", "--pooling", "mask"]
+    args += ["--out", str(tmp_path / "heads"), "--backbone", str(backbone_folder)]
+    done = CliRunner().invoke(heads_app, [*args, "--name", "mi", "--mask-segment", "Myocardium"])
+    assert done.exit_code == 0, done.output
+    assert "mask: segment 'Myocardium' of the study's SEG or RTSTRUCT" in done.output
+    card = load_head(tmp_path / "heads" / "mi").card
+    assert card.segment_source == SegmentRef(segment="Myocardium")
+    both = CliRunner().invoke(
+        heads_app,
+        [*args, "--name", "m2", "--mask-segment", "Myocardium", "--mask-source", "heart"],
+    )
+    assert both.exit_code != 0 and "not both" in both.output

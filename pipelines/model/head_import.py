@@ -33,9 +33,11 @@ from pipelines.model.head_card import (
     CodeCard,
     HeadCard,
     ImportRecord,
+    SegmentRef,
 )
 from pipelines.model.heads import Head, build_head_modules, load_head, save_head
 from pipelines.model.hf_folder import CONFIG_FILE
+from pipelines.model.orientation import Plane
 from pipelines.model.processor import ProcessorVariant
 from pipelines.model.raidium_config import (
     CONFIG_FIELDS,
@@ -87,6 +89,20 @@ def _class_cards(classes: Sequence[ClassSpec]) -> list[ClassCard]:
     return cards
 
 
+def _stacks_it_reads(
+    planes: Sequence[Plane] | None, modalities: Sequence[str] | None, min_slices: int | None
+) -> dict[str, Any]:
+    """The card fields saying which stacks a head reads, for those that were given."""
+    fields: dict[str, Any] = {}
+    if planes is not None:
+        fields["planes"] = list(dict.fromkeys(planes))
+    if modalities is not None:
+        fields["modalities"] = list(dict.fromkeys(m.strip().upper() for m in modalities))
+    if min_slices is not None:
+        fields["min_slices"] = min_slices
+    return fields
+
+
 def import_raidium_head(
     folder: Path,
     out_folder: Path,
@@ -103,9 +119,12 @@ def import_raidium_head(
     aggregation: Aggregation | None = None,
     top_k: int | None = None,
     negative_class: str | None = None,
-    mask_source: str | None = None,
+    mask_source: str | SegmentRef | None = None,
     processor: ProcessorVariant | None = None,
     final_norm: bool | None = None,
+    planes: Sequence[Plane] | None = None,
+    modalities: Sequence[str] | None = None,
+    min_slices: int | None = None,
 ) -> Head:
     """Convert one released head folder into a node head package under ``out_folder``.
 
@@ -121,7 +140,10 @@ def import_raidium_head(
     ``clip_below_air`` (None: the backbone folder's ``preprocessor_config.json``), and the
     token source of a 3D head (``final_norm``; default the released forward's pre-norm).
     ``mask_source`` names the node mask head whose mask a ``mask`` head pools in, or that a
-    3D head's window is centred on (lesion-centred).
+    3D head's window is centred on (lesion-centred), or a segment of the study's SEG or
+    RTSTRUCT objects (:class:`~pipelines.model.head_card.SegmentRef`). ``planes``,
+    ``modalities`` and ``min_slices`` say which stacks the head reads (None: the card's
+    defaults, axial stacks of any modality).
     Returns the package as :func:`load_head` reads it back.
     """
     folder = Path(folder)
@@ -183,6 +205,7 @@ def import_raidium_head(
             negative_class=negative_class,
             mask_source=mask_source,
             hidden_size=hidden,
+            **_stacks_it_reads(planes, modalities, min_slices),
             backbone=backbone_name,
             clip_below_air=clip_below_air,
             processor=processor,
