@@ -56,6 +56,8 @@ class HeadFinding:
     ``slice_scores``: each slice's score (in the order of its stack's slices) for the class
     ``slice_class`` (the predicted class, or the best finding class when "nothing found"
     is predicted), so a report can point at every slice where the finding was seen.
+    ``mask_from`` says which segmentation sent with the study a mask-pooled head read its
+    mask from (empty otherwise), so the report traces the result to it.
     """
 
     head_name: str
@@ -71,6 +73,7 @@ class HeadFinding:
     stack: str = ""
     slice_scores: tuple[float, ...] = ()
     slice_class: int | None = None
+    mask_from: str = ""
 
     @property
     def predicted(self) -> HeadClass:

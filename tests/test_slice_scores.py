@@ -31,7 +31,7 @@ from pipelines.model.series_plan import plan_series
 from pipelines.reporting import slice_groups
 from pipelines.reporting.document import build_sr
 from pipelines.reporting.files import write_dataset
-from pipelines.reporting.provenance import DeviceIdentity
+from pipelines.reporting.provenance import DeviceIdentity, algorithm_identification
 from pipelines.reporting.slice_groups import reported_slices
 from pipelines.reporting.templates import load_templates
 from tests.support.testdata import repaired_ct_series
@@ -172,3 +172,25 @@ def test_at_most_the_best_slices_get_a_group(
     chosen = reported_slices(findings, findings.findings[0])
     assert [i for i, _ in chosen] == sorted(range(20), key=lambda i: -scores[i])[:5]
     assert torch.tensor([s for _, s in chosen]).diff().le(0).all()
+
+
+def test_the_segmentation_a_mask_pooled_head_read_is_named_in_its_parameters() -> None:
+    finding = HeadFinding(
+        head_name="infarct",
+        head_version="1",
+        task="classification",
+        classes=demo_head(64).card.head_classes[:2],
+        probabilities=(0.3, 0.7),
+        predicted_index=1,
+        mask_from="segment 'LV scar' of SEG 1.2.3",
+    )
+    device = DeviceIdentity(
+        model_name="node", software_version="1", device_uid=generate_uid(), device_name="n"
+    )
+    model = ModelIdentity(name="Curia-B", version="1", demo=False)
+    parameters = [
+        item.TextValue
+        for item in algorithm_identification(model, finding, device)
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"
+    ]
+    assert parameters == ["mask: segment 'LV scar' of SEG 1.2.3"]

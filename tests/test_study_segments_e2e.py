@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from node.catalogue.db import Catalogue
@@ -28,6 +29,7 @@ from tests.support.modality import association, store
 from tests.support.peers import Orthanc, wait_for
 from tests.support.segmentations import rectangle_contour, write_rtstruct, write_seg
 from tests.support.storescu import send_to_node
+from tests.support.validators import assert_dciodvfy_clean, assert_pixelmed_sr_clean
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "sr_templates" / "body-region.yaml"
 SOURCES = {
@@ -141,3 +143,25 @@ def test_segmentations_sent_after_the_images_feed_the_mask_pooled_heads(
             by_head[name]["probabilities"], reference.outputs.numpy(), atol=1e-5
         )
         assert by_head[name]["key_slice"] == reference.key_slice
+        kind, source = ("SEG", seg) if name == "liver-seg" else ("RTSTRUCT", rtstruct)
+        label = "Liver" if kind == "SEG" else "LIVER"
+        assert by_head[name]["mask_from"] == (
+            f"segment {label!r} of {kind} {dcmread(source).SOPInstanceUID}"
+        )
+    # the re-run's SR names the segmentation each head read, and is valid
+    reports = [dcmread(p) for p in (tmp_path / "data" / "results").rglob("*.dcm")]
+    assert reports, "no results written"
+    named = [r for r in reports if any("mask: segment" in t for t in _texts(r))]
+    assert len(named) == 1, [sorted(set(_texts(r))) for r in reports]
+    assert_dciodvfy_clean(named[0].filename)
+    assert_pixelmed_sr_clean(named[0].filename)
+
+
+def _texts(ds: Dataset) -> list[str]:
+    """Every TEXT value in an SR's content tree."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out += _texts(item)
+    return out

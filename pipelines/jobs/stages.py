@@ -242,8 +242,7 @@ def analyse(runtime: Runtime, run_id: int) -> bool:
                 prepared=decoded,
                 given_masks=study_masks.on_stack,
             )
-            findings.segment_heads = sorted(study_masks.wanted)
-            findings.segmentations_read = sorted(study_masks.read)
+            study_masks.mark(findings)
             segs = _write_segs(runtime, run_id, masks, run_key)
             findings.findings.extend(finding for finding, _, _ in segs)
             log.info(

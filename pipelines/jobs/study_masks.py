@@ -11,11 +11,14 @@ a segmentation arriving later can re-run the series.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pipelines.findings import SeriesFindings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,6 +38,8 @@ class StudyMasks:
     wanted: dict[str, SegmentRef]
     segments: list[StudySegment] = field(default_factory=list)
     read: set[str] = field(default_factory=set)
+    #: By head name, the segments it read ("segment 'Liver' of SEG <SOP Instance UID>").
+    used: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def for_heads(
@@ -71,5 +76,21 @@ class StudyMasks:
         if grid is None:
             log.info("stack %s: no slice geometry to place segmentations on", unit.plan.label)
         found = segment_masks(grid, {n: self.wanted[n] for n in names}, self.segments)
-        self.read |= {segment.sop_instance_uid for _, segment in found.values()}
+        for name, (_, segment) in found.items():
+            self.read.add(segment.sop_instance_uid)
+            said = f"segment {segment.label!r} of {segment.kind} {segment.sop_instance_uid}"
+            if said not in self.used.setdefault(name, []):
+                self.used[name].append(said)
         return {name: mask for name, (mask, _) in found.items()}
+
+    def mark(self, findings: SeriesFindings) -> None:
+        """Record on ``findings`` what was wanted and read, and on each head's finding the
+        segment it read its mask from."""
+        findings.segment_heads = sorted(self.wanted)
+        findings.segmentations_read = sorted(self.read)
+        findings.findings = [
+            dataclasses.replace(f, mask_from="; ".join(self.used[f.head_name]))
+            if f.head_name in self.used
+            else f
+            for f in findings.findings
+        ]

@@ -90,6 +90,8 @@ def algorithm_identification(
     parameters = algorithm_parameters(model, finding.demo)
     if finding.aggregation:  # a per-slice head: how its series value was made
         parameters.append(f"series value: {finding.aggregation}")
+    if finding.mask_from:  # a mask-pooled head fed by the study's own segmentation
+        parameters.append(f"mask: {finding.mask_from}")
     return hd.sr.AlgorithmIdentification(
         name=algorithm_name(model, finding.head_name),
         version=algorithm_version(model, finding.head_version),
