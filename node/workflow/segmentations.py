@@ -12,7 +12,8 @@ starts. To make a study wait for its segmentation, an administrator lists it in
 series it lies on was analysed follows ``completion.late_instances``: with ``rerun``, when
 that series' last run had heads reading a study segment and did not read this object, one
 new run analyses the series again (its SR supersedes the previous one); with ``append`` it
-is only stored.
+is only stored. A series whose run is still under way is left alone: its analysis reads the
+segmentation if it had not started yet (``required_series`` is the way to be sure).
 """
 
 from __future__ import annotations
