@@ -291,6 +291,24 @@ def test_a_silent_peer_is_aborted_after_the_network_timeout(tmp_path: Path) -> N
         server.shutdown()
 
 
+def test_a_timed_out_association_is_aborted_after_one_timeout_not_two(tmp_path: Path) -> None:
+    """The node looks, without waiting, for bytes left unread when it gives up: the A-ABORT
+    comes network_timeout after the last PDU, and the log says no bytes were unread."""
+    server, ingestor = _start(tmp_path, network_timeout=2.0)
+    try:
+        sock, answer = _associate_raw(_port(server))
+        with sock:
+            assert answer[0] == 0x02
+            started = time.monotonic()
+            assert _read_pdu(sock)[0] == 0x07
+            elapsed = time.monotonic() - started
+        assert 1.9 <= elapsed < 3.5, elapsed
+        [record] = _records(ingestor, 1)
+        assert record.reason == "timed out waiting for the peer (0 bytes unread)"
+    finally:
+        server.shutdown()
+
+
 def test_shutdown_ends_open_associations(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'c.sqlite'}"
     upgrade(url)

@@ -436,11 +436,11 @@ def _store_begun(node: NodeProcess, size: int) -> socket.socket:
 def test_the_listener_stays_within_its_stated_memory_bound_in_the_worst_case(
     node: NodeProcess,
 ) -> None:
-    """Every association slot in the middle of an instance just under instance_memory_mb, and
-    every other connection holding an A-ASSOCIATE-RQ one byte short of its 1 MiB maximum,
-    from two addresses: the node's RSS grows by no more than Limits.memory_bound() (the
-    README's formula), echoscu is answered once a slot is free, and the memory is used
-    (the worst case was really reached)."""
+    """Every association slot in the middle of an instance just under instance_memory_mb with
+    a PDU of max_pdu in flight, and every other connection holding an A-ASSOCIATE-RQ one byte
+    short of its 1 MiB maximum, from two addresses: the node's RSS grows by no more than
+    Limits.memory_bound() (the README's formula), echoscu is answered once a slot is free,
+    and the memory is used (the worst case was really reached)."""
     from node.dimse.association import Limits
 
     associations = 4
@@ -453,8 +453,11 @@ def test_the_listener_stays_within_its_stated_memory_bound_in_the_worst_case(
         instance_memory_bytes=INSTANCE_MEMORY_MB << 20,
     )
     before = _status(node)
-    # Just under the size that is spilled to disk: the most an association holds in memory.
+    # Just under the size that is spilled to disk: the most an association holds in memory,
+    # and one more PDU of the maximum length on its way, one byte short.
     held = [_store_begun(node, (INSTANCE_MEMORY_MB << 20) - 4096) for _ in range(associations)]
+    for sock in held:
+        sock.sendall(struct.pack(">BxL", 0x04, MAX_PDU) + b"\x00" * (MAX_PDU - 1))
     rq = struct.pack(">BxL", 0x01, 1 << 20) + b"\x00" * ((1 << 20) - 1)
     for index in range(MAX_CONNECTIONS - associations):
         sock = _connect(node, ATTACKER if index % 2 else "127.0.0.4")
@@ -467,6 +470,7 @@ def test_the_listener_stays_within_its_stated_memory_bound_in_the_worst_case(
         bound = limits.memory_bound()
         assert grown <= bound, f"RSS grew {grown >> 20} MiB, bound {bound >> 20} MiB"
         assert grown >= 10 << 20, f"RSS grew only {grown >> 20} MiB: the worst case not held"
+        print(f"worst case: RSS grew {grown >> 20} MiB, bound {bound >> 20} MiB")
     finally:
         for sock in held[:associations]:
             sock.close()
@@ -545,3 +549,57 @@ def test_a_tls_handshake_trickled_byte_by_byte_ends_at_the_deadline(tmp_path: Pa
         assert closed and elapsed < 2 + 1 + 3, f"closed: {closed} after {elapsed:.1f} s"
     finally:
         tls_node.stop()
+
+
+def test_a_pdu_trickled_byte_by_byte_after_association_ends_at_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """An allowed sender, associated, begins a P-DATA-TF and then sends one byte every 0.5 s,
+    well within network_timeout each: the node aborts the association network_timeout
+    after the PDU's first byte (a PDU once begun must arrive whole in that time), logs why,
+    and serves echoscu after it."""
+    network_timeout = 2.0
+    env = {
+        "CURIA_DATA_DIR": str(tmp_path / "data"),
+        "CURIA_DICOM__PORT": str(free_port()),
+        "CURIA_API__PORT": str(free_port()),
+        "CURIA_DICOM__MIN_FREE_MB": "0",
+        "CURIA_DICOM__NETWORK_TIMEOUT": str(network_timeout),
+        "CURIA_ARCHIVE__ENABLED": "false",
+        "CURIA_PIPELINE__EMBEDDED_WORKER": "false",
+        "CURIA_MODEL__DEMO_SIZE": "tiny",
+        "CURIA_PIPELINE__QUEUE_PREFIX": f"curia-test-{os.getpid()}-{free_port()}",
+    }
+    slow_node = NodeProcess(env, tmp_path)
+    slow_node.allow_source("storescu", "STORESCU")
+    slow_node.start()
+    try:
+        with _associate(slow_node) as sock:
+            pdv = struct.pack(">LBB", 66, 1, 0x03) + b"\x00" * 64  # a command PDV, never sent
+            pdu = struct.pack(">BxL", 0x04, len(pdv)) + pdv
+            started = time.monotonic()
+            answer = b""
+            for byte in pdu:
+                try:
+                    sock.sendall(bytes([byte]))
+                    sock.settimeout(0.5)
+                    answer = sock.recv(10)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    pass
+                break
+            elapsed = time.monotonic() - started
+            assert answer[:1] == b"\x07", f"no A-ABORT after {elapsed:.1f} s: {answer!r}"
+            assert elapsed < network_timeout + 2.0, f"aborted after {elapsed:.1f} s"
+            assert _echo(slow_node).returncode == 0
+        wait_for(
+            lambda: (
+                "aborted: 0 stored, 0 failed" in slow_node.log()
+                and "timed out waiting for the peer" in slow_node.log()
+            ),
+            10,
+            "the abort and its reason in the log",
+        )
+    finally:
+        slow_node.stop()

@@ -283,7 +283,11 @@ class AssociationAcceptor:
             timeout = limits.dimse_timeout if waiting else limits.network_timeout
             connection.sock.settimeout(max(timeout - idle, 0.001) if timeout else None)
             try:
-                pdu_type, body = connection.read_pdu(limits.max_pdu)
+                # Silence before a PDU is timed as above; a PDU once begun must arrive whole
+                # within network_timeout, however its bytes are paced.
+                pdu_type, body = connection.read_pdu(
+                    limits.max_pdu, within=limits.network_timeout or None
+                )
             except AssociationAborted as exc:
                 if not waiting:
                     raise

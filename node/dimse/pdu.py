@@ -94,16 +94,46 @@ class Connection:
 
     def _unread(self) -> int:
         """Bytes that have arrived and wait in the socket (0 when the peer sent nothing):
-        a timeout with bytes waiting would be the node's fault, not the peer's."""
+        a timeout with bytes waiting would be the node's fault, not the peer's.
+
+        The peek must not wait: on a socket with a timeout Python retries a recv that would
+        block until that timeout passes, whatever the flags, which made every timed-out
+        association wait a second full timeout here (and then count bytes that arrived
+        during it, such as the peer's own A-ABORT)."""
+        timeout = self.sock.gettimeout()
         try:
-            return len(self.sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            self.sock.settimeout(0.0)
+            return len(self.sock.recv(1 << 16, socket.MSG_PEEK))
         except (OSError, ValueError):  # nothing there, or a TLS socket (no flags allowed)
             return 0
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.settimeout(timeout)
 
-    def read_pdu(self, limit: int, deadline: float | None = None) -> tuple[int, bytearray]:
+    def read_pdu(
+        self, limit: int, deadline: float | None = None, within: float | None = None
+    ) -> tuple[int, bytearray]:
         """One whole PDU of at most ``limit`` bytes after its header; a longer one ends the
-        association before a byte of its body is read."""
-        pdu_type, length = PDU_HEADER.unpack(self.read_exact(6, deadline))
+        association before a byte of its body is read.
+
+        ``deadline`` bounds the whole read, waiting for the first byte included. ``within``
+        bounds it from the PDU's first byte on: the wait for a PDU to begin is the socket's
+        own timeout (silence between PDUs), but once it has begun it must arrive whole in
+        ``within`` seconds, so a peer that trickles a byte now and then cannot hold the
+        association open with one PDU that never ends."""
+        if within is None or deadline is not None:
+            return self._read_pdu(self.read_exact(6, deadline), limit, deadline)
+        idle = self.sock.gettimeout()
+        first = self.read_exact(1)
+        deadline = time.monotonic() + within
+        pdu = self._read_pdu(first + self.read_exact(5, deadline), limit, deadline)
+        self.sock.settimeout(idle)  # what the caller set, for its sends too
+        return pdu
+
+    def _read_pdu(
+        self, header: bytearray, limit: int, deadline: float | None
+    ) -> tuple[int, bytearray]:
+        pdu_type, length = PDU_HEADER.unpack(header)
         if length > limit:
             raise AssociationAborted(
                 f"a PDU of {length} bytes, over the maximum of {limit}", ABORT_INVALID_PARAMETER
