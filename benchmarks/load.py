@@ -10,7 +10,10 @@ RSS, and, per study, the time from its last instance to its SR stored in the arc
         [--ingest-only] [--runs 1]
 
 ``--ingest-only`` stops once every instance is answered (no wait for the SRs); each run prints
-how many associations the node recorded as aborted, with their reasons.
+how many associations the node recorded as aborted, with their reasons, and how many answers
+pynetdicom's reactor took from under ``send_c_store`` and the sender handed back
+(:mod:`node.delivery.responses`; without that, each is a C-STORE left waiting and an
+association the node aborts after ``network_timeout``).
 """
 
 from __future__ import annotations
@@ -28,21 +31,24 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from benchmarks.ingest import write_series
+from node.delivery.responses import keep_responses
 from tests.support.peers import NodeProcess, Orthanc, free_port, wait_for
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
-def send_study(args: tuple[int, int, list[str]]) -> tuple[list[float], int, float]:
-    """One sender: one association, every file; (latencies s, failures, end time)."""
+def send_study(args: tuple[int, int, list[str]]) -> tuple[list[float], int, float, int]:
+    """One sender: one association, every file; (latencies s, failures, end time, answers
+    handed back)."""
     index, port, paths = args
     ae = AE(ae_title=f"LOAD{index:02d}")
     ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_LE)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
     assoc = ae.associate("127.0.0.1", port, ae_title="CURIA")
     if not assoc.is_established:
-        return [], len(paths), time.time()
+        return [], len(paths), time.time(), 0
+    keeper = keep_responses(assoc)
     latencies, failures = [], 0
     last_answer = time.time()
     try:
@@ -61,7 +67,7 @@ def send_study(args: tuple[int, int, list[str]]) -> tuple[list[float], int, floa
     finally:
         if assoc.is_established:
             assoc.release()
-    return latencies, failures, last_answer
+    return latencies, failures, last_answer, keeper.handed_back
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -128,7 +134,7 @@ def run_once(args: argparse.Namespace) -> int:
         started = time.time()
         with multiprocessing.get_context("spawn").Pool(args.senders) as pool:
             outcomes = pool.map(send_study, jobs)
-        ended = max(end for _, _, end in outcomes)
+        ended = max(end for _, _, end, _ in outcomes)
         ingest_rss = peak_rss_mib(node.node.pid)
 
         arrived: dict[str, float] = {}
@@ -153,8 +159,9 @@ def run_once(args: argparse.Namespace) -> int:
                 print(f"node log: {line}")
         shutil.rmtree(root, ignore_errors=True)  # 2 x 150 MB per sender
 
-    latencies = sorted(x for lat, _, _ in outcomes for x in lat)
-    failures = sum(f for _, f, _ in outcomes)
+    latencies = sorted(x for lat, _, _, _ in outcomes for x in lat)
+    failures = sum(f for _, f, _, _ in outcomes)
+    handed_back = sum(h for _, _, _, h in outcomes)
     count = args.senders * args.slices
     p95 = latencies[int(0.95 * (len(latencies) - 1))] * 1000
     print(f"{args.senders} concurrent associations x {args.slices} slices (512x512, explicit LE)")
@@ -165,11 +172,12 @@ def run_once(args: argparse.Namespace) -> int:
     )
     print(f"node peak RSS: {ingest_rss:.0f} MiB after ingest, {total_rss:.0f} MiB overall")
     print(f"aborted associations: {len(aborted)}")
+    print(f"answers taken by the sender library's reactor and handed back: {handed_back}")
     for calling, reason in aborted:
         print(f"  {calling}: {reason}")
     if args.ingest_only:
         return len(aborted)
-    ends = {uid: end for uid, (_, _, end) in zip(study_uids, outcomes, strict=True)}
+    ends = {uid: end for uid, (_, _, end, _) in zip(study_uids, outcomes, strict=True)}
     delays = sorted(arrived[uid] - ends[uid] for uid in study_uids)
     print(
         f"last instance -> SR in archive (demo {args.demo_size}, {args.quiet:.0f} s quiet "

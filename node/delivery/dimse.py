@@ -14,6 +14,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 
 from node.core.status import STORE_KEPT, SUCCESS
+from node.delivery.responses import keep_responses
 from node.delivery.transport import DispatchError
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class DimseDestination:
         assoc = self._associate(ae, where)
         if not assoc.is_established:
             raise DispatchError(f"association with {where} was rejected or failed")
+        keep_responses(assoc)  # several C-STOREs in a row: none may lose its answer
         try:
             for ds in datasets:
                 status = assoc.send_c_store(ds)

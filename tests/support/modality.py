@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from node.delivery.responses import keep_responses
 from tests.support.peers import NodeProcess
 
 MPPS = "1.2.840.10008.3.1.2.3.3"
@@ -30,6 +31,7 @@ def association(
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="CURIA")
     assert assoc.is_established, "the node refused the modality's association"
+    keep_responses(assoc)
     try:
         yield assoc
     finally:
