@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.source_settings import SourceSettingsView
@@ -26,7 +27,27 @@ from node.workflow.completion import CompletionWatcher
 from node.workflow.routing import Router
 from node.workflow.signals import Signals
 
+if TYPE_CHECKING:  # imported when the API starts: the HTTP server is not always wanted
+    import uvicorn
+
 log = logging.getLogger(__name__)
+
+
+def api_server(app: Any, host: str, port: int, access_log: bool = False) -> uvicorn.Server:
+    """uvicorn serving ``app``. Its loggers are left without handlers of their own, so its
+    lines (a request line, an exception in the application) go through the node's handler
+    and are escaped like every other (:data:`node.core.logs.SERVER_LOGGERS`)."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=access_log,
+        log_config=None,
+    )
+    return uvicorn.Server(config)
 
 
 @dataclass
@@ -121,19 +142,10 @@ class NodeService:
     def _start_api(
         self, catalogue: Catalogue, enqueue_dispatch: Callable[[int], object], ingestor: Ingestor
     ) -> None:
-        import uvicorn
-
         from node.web.app import create_api
 
         api = create_api(self.settings, catalogue, enqueue_dispatch, ingestor)
-        config = uvicorn.Config(
-            api,
-            host=self.settings.api.host,
-            port=self.settings.api.port,
-            log_level="warning",
-            access_log=False,
-        )
-        server = uvicorn.Server(config)
+        server = api_server(api, self.settings.api.host, self.settings.api.port)
         thread = threading.Thread(target=server.run, name="api", daemon=True)
         thread.start()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.api_server import multipart_body
-from tests.support.peers import NodeProcess, free_port
+from tests.support.peers import NodeProcess, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -218,3 +219,21 @@ def test_a_destination_url_password_is_masked_in_the_api_and_audit(node: NodePro
         ).scalar()
     engine.dispose()
     assert "alice:p@ss@pacs.example" in str(kept), "the real URL is kept"
+
+
+def test_the_http_servers_own_log_lines_are_the_nodes_and_escaped(node: NodeProcess) -> None:
+    """A request line with an escape sequence and a non-ASCII byte: uvicorn refuses it (400)
+    and logs it through the node's formatter (level, logger name), not its own; no raw
+    control or non-ASCII byte reaches the log."""
+    host, port = node.api_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /\x1b[2J\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+    wait_for(
+        lambda: " WARNING uvicorn.error: Invalid HTTP request received." in node.log(),
+        10,
+        "uvicorn's line in the node's format",
+    )
+    raw = (node.root / "node.log").read_bytes()
+    assert b"\x1b" not in raw
+    assert not any(byte > 0x7E for byte in raw)

@@ -3,9 +3,11 @@
 Log records never carry patient data (names, IDs, dates of birth): modules log AE titles,
 addresses, counts and catalogue ids only, and the end-to-end tests check every line.
 
-What a sender puts on the wire (an AE title, a reason) can hold any byte: both formatters
-escape control and non-ASCII characters in the message, so one log line stays one line and a
-terminal never receives an escape sequence. Events a stranger can repeat at will (refused
+What a sender puts on the wire (an AE title, a reason, an HTTP path) can hold any byte: both
+formatters escape control and non-ASCII characters in the message (and in a traceback, each
+exception's message whole), so one log line stays one line and a terminal never receives an
+escape sequence. The HTTP server's own loggers write through the same handler
+(:data:`SERVER_LOGGERS`). Events a stranger can repeat at will (refused
 associations, closed connections) go through :class:`Throttle`, so they cannot flood the log.
 """
 
@@ -18,6 +20,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +49,45 @@ def escape(text: str) -> str:
     return _UNSAFE.sub(_escaped, text)
 
 
+def escape_lines(text: str) -> str:
+    """``text`` escaped line by line, its line breaks kept."""
+    return "\n".join(escape(line) for line in text.split("\n"))
+
+
+def format_traceback(ei: Any) -> str:
+    """A traceback as Python prints it, but each exception's message escaped whole, line
+    breaks included: a message can carry bytes from the wire (a path, a header), and a line
+    break in it must not start a line that reads like a record of its own. The frames, which
+    come from the code, keep their lines (escaped too)."""
+    exception = traceback.TracebackException(*ei[:3], compact=True)
+    if _has_groups(exception):  # exception groups: Python's layout, line by line
+        return escape_lines("".join(exception.format()).rstrip("\n"))
+    return "\n".join(_traceback_lines(exception))
+
+
+def _has_groups(exception: traceback.TracebackException) -> bool:
+    while exception is not None:
+        if exception.exceptions:
+            return True
+        exception = exception.__cause__ or exception.__context__  # type: ignore[assignment]
+    return False
+
+
+def _traceback_lines(exception: traceback.TracebackException) -> list[str]:
+    lines: list[str] = []
+    if exception.__cause__ is not None:
+        lines += _traceback_lines(exception.__cause__)
+        lines += ["", "The above exception was the direct cause of the following exception:", ""]
+    elif exception.__context__ is not None and not exception.__suppress_context__:
+        lines += _traceback_lines(exception.__context__)
+        lines += ["", "During handling of the above exception, another exception occurred:", ""]
+    if exception.stack:
+        lines.append("Traceback (most recent call last):")
+        lines += escape_lines("".join(exception.stack.format()).rstrip("\n")).split("\n")
+    lines += [escape(part.rstrip("\n")) for part in exception.format_exception_only()]
+    return lines
+
+
 def _escaped_record(record: logging.LogRecord) -> logging.LogRecord:
     clean = copy.copy(record)
     clean.msg, clean.args = escape(record.getMessage()), None
@@ -53,10 +95,16 @@ def _escaped_record(record: logging.LogRecord) -> logging.LogRecord:
 
 
 class TextFormatter(logging.Formatter):
-    """The standard text format with the message escaped (a traceback is left as it is)."""
+    """The standard text format with the message escaped, and tracebacks line by line."""
 
     def format(self, record: logging.LogRecord) -> str:
         return super().format(_escaped_record(record))
+
+    def formatException(self, ei: Any) -> str:
+        return format_traceback(ei)
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape_lines(super().formatStack(stack_info))
 
 
 class JsonFormatter(logging.Formatter):
@@ -71,7 +119,7 @@ class JsonFormatter(logging.Formatter):
             "thread": record.threadName,
         }
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = format_traceback(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -146,12 +194,23 @@ def summarise_library_warnings() -> None:
             library.addFilter(_REPEATED)
 
 
+#: The HTTP server's loggers. uvicorn gives them handlers and formatters of its own unless it
+#: is started with ``log_config=None`` (as the node does); they write through the root
+#: handler instead, so their lines (a request line, an exception in the application) are
+#: escaped like any other.
+SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
 def configure_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in SERVER_LOGGERS:
+        server = logging.getLogger(name)
+        server.handlers[:] = []
+        server.propagate = True
     summarise_library_warnings()
 
 
