@@ -28,6 +28,7 @@ from node.catalogue.models import CommitmentRequest
 from node.core.poller import Poller
 from node.core.settings import CommitmentSettings, ReportAddress
 from node.core.status import SUCCESS
+from node.delivery.responses import keep_responses
 from node.dimse import commitment
 from node.dimse.commitment import (
     STORAGE_COMMITMENT_INSTANCE,
@@ -153,6 +154,7 @@ class CommitmentReporter:
             raise ReportError(f"cannot associate with {where}: {exc}") from exc
         if not assoc.is_established:
             raise ReportError(f"association with {where} was rejected or failed")
+        keep_responses(assoc)
         try:
             status = assoc.send_n_event_report(
                 report_data_set(held.transaction_uid, verdict),

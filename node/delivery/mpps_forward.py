@@ -24,6 +24,7 @@ from node.catalogue.db import Catalogue
 from node.core.poller import Poller
 from node.core.settings import MppsForwardSettings
 from node.core.status import DUPLICATE_SOP_INSTANCE, SUCCESS
+from node.delivery.responses import keep_responses
 from node.dimse import mpps
 from node.dimse.mpps import MPPS_SOP_CLASS, PendingForward
 
@@ -94,6 +95,7 @@ class MppsForwarder:
         if not assoc.is_established:
             self._failed(due, f"association with {where} was rejected or failed")
             return 0
+        keep_responses(assoc)
         sent, failed_steps = 0, set()
         try:
             for item in due:
