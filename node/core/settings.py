@@ -194,8 +194,14 @@ class DicomSettings(BaseModel):
     acse_timeout: float = Field(
         30.0, gt=0.0, description="seconds from connect to a complete A-ASSOCIATE-RQ"
     )
-    dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
+    dimse_timeout: float = Field(
+        60.0, description="seconds of silence between the PDUs of one message (0: no limit)"
+    )
+    network_timeout: float = Field(
+        60.0,
+        description="seconds of silence before a PDU, and for a PDU begun to arrive whole"
+        " (0: no limit)",
+    )
     commitment: CommitmentSettings = CommitmentSettings()
     mpps_forward: MppsForwardSettings | None = Field(
         None, description="forward every accepted MPPS N-CREATE / N-SET to this AE"
