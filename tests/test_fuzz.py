@@ -35,6 +35,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
 from node.core.uids import is_valid_uid
+from node.delivery.responses import keep_responses
 from node.store.spool import STAGING_DIR
 from tests.support.env import node_env
 from tests.support.fuzzing import SUCCESS, Base, Mutant, Mutator, make_bases
@@ -111,6 +112,7 @@ def associate(port: int) -> object:
         ae.add_requested_context(CTImageStorage, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="CURIA")
     assert assoc.is_established, "the listener accepts a new association"
+    keep_responses(assoc)  # thousands of C-STOREs: none may lose its answer to the reactor
     # pynetdicom leaves Nagle on: each C-STORE would wait out a delayed ACK (~40 ms).
     assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     echo = assoc.send_c_echo()
