@@ -34,6 +34,7 @@ from pipelines.reporting.files import write_dataset
 from pipelines.reporting.provenance import DeviceIdentity, algorithm_identification
 from pipelines.reporting.slice_groups import reported_slices
 from pipelines.reporting.templates import load_templates
+from tests.support.slice_findings import FIRING, firing_head, synthetic_series
 from tests.support.testdata import repaired_ct_series
 from tests.support.validators import (
     assert_dcentvfy_clean,
@@ -41,7 +42,6 @@ from tests.support.validators import (
     assert_dsrdump_clean,
     assert_pixelmed_sr_clean,
 )
-from tests.test_slice_pooling import FIRING, firing_head, synthetic_series
 
 
 @pytest.fixture(scope="module")
