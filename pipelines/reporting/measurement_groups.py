@@ -147,6 +147,14 @@ def _drawn_region(
             f'head "{finding.head_name}": key region {finding.key_region} outside the '
             f"{rows} x {columns} key slice"
         )
+    return outlined_box(ds, findings, index, (r0, c0, r1, c1))
+
+
+def outlined_box(
+    ds: Dataset, findings: SeriesFindings, index: int | None, box: tuple[int, int, int, int]
+) -> hd.sr.CoordinatesForMeasurement:
+    """A rectangle (rows r0..r1, columns c0..c1) drawn on slice ``index`` of the series."""
+    r0, c0, r1, c1 = box
     # (column, row) pairs; (0, 0) is the top-left corner of the top-left pixel
     outline = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float64)
     return hd.sr.CoordinatesForMeasurement(

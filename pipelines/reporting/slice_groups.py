@@ -15,13 +15,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import highdicom as hd
-import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines.findings import CLASSIFICATION_TASK, HeadFinding, SeriesFindings
 from pipelines.reporting.content import LO_MAX, ReportError, concept
-from pipelines.reporting.measurement_groups import _frames, _label_concept, placeholders
+from pipelines.reporting.measurement_groups import (
+    _frames,
+    _label_concept,
+    outlined_box,
+    placeholders,
+)
 from pipelines.reporting.provenance import DeviceIdentity, algorithm_identification
 from pipelines.reporting.templates import ReportTemplate
 from pipelines.reporting.uids import new_uid
@@ -50,15 +54,7 @@ def reported_slices(findings: SeriesFindings, finding: HeadFinding) -> list[tupl
 def _whole_slice(
     ds: Dataset, findings: SeriesFindings, index: int
 ) -> hd.sr.CoordinatesForMeasurement:
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    outline = np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=np.float64)
-    return hd.sr.CoordinatesForMeasurement(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=outline,
-        source_image=hd.sr.SourceImageForRegion.from_source_image(
-            ds, referenced_frame_numbers=_frames(findings, index)
-        ),
-    )
+    return outlined_box(ds, findings, index, (0, 0, int(ds.Rows), int(ds.Columns)))
 
 
 def slice_groups(
