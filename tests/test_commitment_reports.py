@@ -24,6 +24,7 @@ from node.catalogue.models import (
 from node.core.settings import CommitmentSettings, ReportAddress
 from node.delivery.commitment_reports import CommitmentReporter
 from node.dimse.commitment import STORAGE_COMMITMENT_SOP_CLASS
+from tests.support.commitments import request_row
 from tests.support.peers import free_port
 from tests.support.series_rows import CT, add_series, header
 
@@ -47,16 +48,6 @@ def request(catalogue: Catalogue, items: list[list[str]]) -> str:
             )
         )
     return transaction
-
-
-def row(catalogue: Catalogue, transaction: str) -> CommitmentRequest:
-    with catalogue.session() as session:
-        found = session.scalar(
-            sa.select(CommitmentRequest).where(CommitmentRequest.transaction_uid == transaction)
-        )
-        assert found is not None
-        session.expunge(found)
-        return found
 
 
 def test_report_lists_committed_and_failed_instances(catalogue: Catalogue, tmp_path: Path) -> None:
@@ -93,7 +84,7 @@ def test_report_lists_committed_and_failed_instances(catalogue: Catalogue, tmp_p
     assert [(r.ReferencedSOPInstanceUID, r.FailureReason) for r in info.FailedSOPSequence] == [
         (unknown, 0x0112)
     ]
-    answered = row(catalogue, transaction)
+    answered = request_row(catalogue, transaction)
     assert answered.state == CommitmentState.ANSWERED
     assert answered.outcome["committed"] == 2
     assert reporter.report_due() == 0, "answered once"
@@ -112,7 +103,7 @@ def test_after_archived_waits_for_the_forward_then_gives_up(
     reporter = CommitmentReporter(catalogue, settings, tmp_path, calling_ae_title="CURIA")
 
     assert reporter.report_due() == 0
-    waiting = row(catalogue, transaction)
+    waiting = request_row(catalogue, transaction)
     assert (waiting.state, waiting.attempts) == (CommitmentState.PENDING, 0), "not sent yet"
 
     with catalogue.session() as session:  # the series reaches the archive
@@ -122,7 +113,7 @@ def test_after_archived_waits_for_the_forward_then_gives_up(
             sa.update(CommitmentRequest).values(next_attempt_at=utcnow() - timedelta(seconds=1))
         )
     assert reporter.report_due() == 0
-    tried = row(catalogue, transaction)
+    tried = request_row(catalogue, transaction)
     assert tried.attempts == 1 and "rejected or failed" in (tried.last_error or ""), (
         "archived: the report is due now (and fails here: the requester is not listening)"
     )

@@ -41,6 +41,7 @@ from node.dimse.report_channels import ReturnPaths
 from node.dimse.server import Listener
 from node.store.ingest import Ingestor
 from node.store.spool import Spool
+from tests.support.commitments import request_row
 from tests.support.peers import free_port, wait_for
 from tests.support.series_rows import CT, add_series, header
 from tests.support.tls import make_pki
@@ -174,16 +175,6 @@ def stored(node: Node, count: int = 2) -> list[str]:
     files = [header() for _ in range(count)]
     add_series(node.catalogue, node.spool, files)
     return [str(f.SOPInstanceUID) for f in files]
-
-
-def request_row(catalogue: Catalogue, transaction: str) -> CommitmentRequest:
-    with catalogue.session() as session:
-        row = session.scalar(
-            sa.select(CommitmentRequest).where(CommitmentRequest.transaction_uid == transaction)
-        )
-        assert row is not None
-        session.expunge(row)
-        return row
 
 
 def answered(catalogue: Catalogue, transaction: str) -> CommitmentRequest:
