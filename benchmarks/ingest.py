@@ -1,22 +1,30 @@
 """DIMSE ingest throughput: the node (durable, catalogued) vs DCMTK's storescp, one run.
 
 Sends the same 300-slice 512x512 CT series (synthetic pixels) with DCMTK storescu
-(TCP_NODELAY=1 on both ends) to storescp and to the node's listener, prints instances/s for
-each and the ratio node/DCMTK, and the disk's own floor (what the fsyncs that a Success
-requires cost, without network or catalogue); then 10 concurrent senders x 300 slices to the node
-(aggregate instances/s, peak RSS of this process, which hosts the listener).
+(TCP_NODELAY=1 on both ends) to storescp and to the node's listener, and prints instances/s
+for each beside two floors of the disk, the same bytes made durable without network,
+parsing or catalogue:
 
-    .venv/bin/python -m benchmarks.ingest [--slices 300] [--senders 10]
+- the file floor: each instance to a new file, fsynced, renamed, its folder fsynced;
+- the journal floor: each instance appended to a preallocated file, one fdatasync each.
+
+Disks differ between machines, so the ratios node/DCMTK, node/file floor and node/journal
+floor are printed from the same run. Then ``--senders`` concurrent storescu x ``--slices``
+(distinct series) into the node and into ``storescp --fork``, side by side: aggregate
+instances/s and peak RSS while they send, sampled every 20 ms (the node's: this process,
+which hosts the listener; DCMTK's: the sum over storescp and its forked children).
+
+    .venv/bin/python -m benchmarks.ingest [--slices 300] [--senders 10] [--runs 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +37,8 @@ from node.core.settings import DicomSettings
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
 from node.store.ingest import Ingestor
-from node.store.spool import Spool, write_durably
+from node.store.journal import JOURNAL_DIR, Journal
+from node.store.spool import Spool, fsync_dir, write_durably
 from tests.support.peers import free_port, port_open, wait_for
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -87,19 +96,75 @@ def timed_send(port: int, folders: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def dcmtk_rate(folder: Path, slices: int, work: Path) -> float:
+def _tree_rss(root: int, children: bool = True) -> int:
+    """Resident bytes of ``root`` and, with ``children``, its children (``storescp --fork``
+    forks one per association), read from /proc."""
+    if not children:
+        return _rss(Path(f"/proc/{root}"))
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(entry.name) == root or ppid == root:
+            total += _rss(entry)
+    return total
+
+
+def _rss(proc: Path) -> int:
+    try:
+        stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+    """The largest resident size of a process (and its children) while it is running."""
+
+    def __init__(self, pid: int, children: bool) -> None:
+        self.pid, self.children, self.peak = pid, children, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, _tree_rss(self.pid, self.children))
+            if self._stop.wait(0.02):
+                return
+
+    @property
+    def mib(self) -> float:
+        return self.peak / (1 << 20)
+
+
+def dcmtk_rate(folders: list[Path], slices: int, work: Path, fork: bool) -> tuple[float, float]:
+    """Instances/s of storescp (``--fork`` for several senders) and its peak RSS in MiB."""
     port = free_port()
-    out = work / "storescp"
+    out = work / f"storescp-{len(folders)}"
     out.mkdir()
-    proc = subprocess.Popen(
-        ["storescp", "-aet", "CURIA", "-od", str(out), str(port)], env=DCMTK_ENV
-    )
+    command = ["storescp", "-aet", "CURIA", "-od", str(out)] + (["--fork"] if fork else [])
+    proc = subprocess.Popen([*command, str(port)], env=DCMTK_ENV)
     try:
         wait_for(lambda: port_open(port), 10, "storescp did not start")
-        return slices / timed_send(port, [folder])
+        with PeakRss(proc.pid, children=True) as rss:
+            rate = slices * len(folders) / timed_send(port, folders)
     finally:
         proc.terminate()
         proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+    return rate, rss.mib
 
 
 def durable_floor(folder: Path, work: Path) -> float:
@@ -116,50 +181,100 @@ def durable_floor(folder: Path, work: Path) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
+JOURNAL_SEGMENT = 256 << 20
+
+
+def journal_floor(folder: Path, work: Path) -> float:
+    """Instances/s for the cheapest durable write of the same bytes: appended with
+    ``pwrite`` to a preallocated file (created, allocated and fsynced beforehand, as a
+    journal segment is), one ``fdatasync`` per instance."""
+    payloads = [path.read_bytes() for path in sorted(folder.iterdir())]
+    path = work / "journal.floor"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(JOURNAL_SEGMENT, sum(map(len, payloads)) + (1 << 20)))
+        os.fsync(fd)
+        fsync_dir(work)
+        offset = 0
+        started = time.perf_counter()
+        for data in payloads:
+            os.pwrite(fd, data, offset)
+            os.fdatasync(fd)
+            offset += len(data)
+        return len(payloads) / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def one_run(args: argparse.Namespace, work: Path) -> None:
+    folder = work / "series"
+    if not folder.exists():
+        write_series(folder, args.slices)
+    dcmtk, _ = dcmtk_rate([folder], args.slices, work, fork=False)
+    floor = durable_floor(folder, work)
+    shutil.rmtree(work / "floor")
+    journal = journal_floor(folder, work)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="node-", dir=work))
+    url = f"sqlite:///{run_dir / 'catalogue.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    spool = Spool(run_dir / "spool", run_dir / "quarantine")
+    ingestor = Ingestor(spool, catalogue, journal=Journal(spool.root / JOURNAL_DIR))
+    port = free_port()
+    server = start_listener(
+        DicomSettings(host="127.0.0.1", port=port, max_associations=args.senders + 2),
+        ingestor,
+        SourcePolicy(catalogue, accept_any=True),
+    )
+    try:
+        node = args.slices / timed_send(port, [folder])
+        print(f"DCMTK storescp : {dcmtk:7.1f} instances/s (no fsync, no catalogue)")
+        print(f"Curia Node     : {node:7.1f} instances/s (durable + catalogued before Success)")
+        print(f"file floor     : {floor:7.1f} instances/s (new file + fsync + rename + dir fsync)")
+        print(f"journal floor  : {journal:7.1f} instances/s (preallocated pwrite + fdatasync)")
+        print(
+            f"ratios node/DCMTK {node / dcmtk:.2f}, node/file floor {node / floor:.2f}, "
+            f"node/journal floor {node / journal:.2f}"
+        )
+        folders = [work / f"series-{i}" for i in range(args.senders)]
+        for extra in folders:
+            if not extra.exists():
+                write_series(extra, args.slices)
+        with PeakRss(os.getpid(), children=False) as peak:
+            elapsed = timed_send(port, folders)
+        total = args.slices * args.senders
+        rss = peak.mib
+    finally:
+        server.shutdown()
+        ingestor.close()
+        catalogue.dispose()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    forked, forked_rss = dcmtk_rate(folders, args.slices, work, fork=True)
+    print(
+        f"{args.senders} senders x {args.slices} (distinct series): "
+        f"node {total / elapsed:.1f} instances/s aggregate, peak RSS {rss:.0f} MiB | "
+        f"storescp --fork {forked:.1f} instances/s, peak RSS {forked_rss:.0f} MiB | "
+        f"ratio {total / elapsed / forked:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--senders", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison")
     args = parser.parse_args()
     if shutil.which("storescp") is None:
         raise SystemExit("DCMTK is not installed (apt-get install dcmtk)")
 
     work = Path(tempfile.mkdtemp(prefix="curia-ingest-"))
     try:
-        folder = work / "series"
-        write_series(folder, args.slices)
-        dcmtk = dcmtk_rate(folder, args.slices, work)
-        floor = durable_floor(folder, work)
-
-        url = f"sqlite:///{work / 'catalogue.sqlite'}"
-        upgrade(url)
-        catalogue = Catalogue(url)
-        ingestor = Ingestor(Spool(work / "spool", work / "quarantine"), catalogue)
-        port = free_port()
-        server = start_listener(
-            DicomSettings(host="127.0.0.1", port=port, max_associations=args.senders + 2),
-            ingestor,
-            SourcePolicy(catalogue, accept_any=True),
-        )
-        try:
-            node = args.slices / timed_send(port, [folder])
-            print(f"DCMTK storescp: {dcmtk:7.1f} instances/s (no fsync, no catalogue)")
-            print(f"Curia Node    : {node:7.1f} instances/s (fsync + rename + catalogued)")
-            print(f"disk floor    : {floor:7.1f} instances/s (write + fsync + rename, no network)")
-            print(f"ratio node/DCMTK: {node / dcmtk:.2f}")
-            print(f"ratio node/disk floor: {node / floor:.2f}")
-            folders = [work / f"series-{i}" for i in range(args.senders)]
-            for extra in folders:
-                write_series(extra, args.slices)
-            elapsed = timed_send(port, folders)
-            total = args.slices * args.senders
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(
-                f"{args.senders} concurrent senders x {args.slices}: {total / elapsed:.1f} "
-                f"instances/s aggregate (distinct series), peak RSS {rss:.0f} MiB"
-            )
-        finally:
-            server.shutdown()
+        for run in range(args.runs):
+            if args.runs > 1:
+                print(f"-- run {run + 1} of {args.runs}")
+            one_run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

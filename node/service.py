@@ -22,6 +22,7 @@ from node.dimse.mpps import MPPS_SOP_CLASS, PerformedSteps
 from node.dimse.report_channels import ReturnPaths
 from node.store.disk import DiskGuard
 from node.store.ingest import Ingestor
+from node.store.journal import JOURNAL_DIR, Journal
 from node.store.spool import spool_for
 from node.workflow.completion import CompletionWatcher
 from node.workflow.routing import Router
@@ -79,6 +80,17 @@ class NodeService:
 
         prepare_task = app.tasks["curia.prepare_series"]
         dispatch_task = app.tasks["curia.dispatch_result"]
+        # What an earlier run left in the ingest journal is filed before anything reads.
+        guard = DiskGuard(settings.data_path, settings.dicom.min_free_mb * 1024 * 1024)
+        spool = spool_for(settings)
+        ingestor = Ingestor(
+            spool,
+            catalogue,
+            guard,
+            settings.dicom.duplicate_policy,
+            journal=Journal(settings.spool_dir / JOURNAL_DIR),
+        )
+        self._stoppers.append(ingestor.close)
         watcher = CompletionWatcher(
             catalogue,
             enqueue=lambda run_id, priority: prepare_task.apply_async((run_id,), priority=priority),
@@ -91,9 +103,6 @@ class NodeService:
         watcher.start()
         self._stoppers.append(watcher.stop)
 
-        guard = DiskGuard(settings.data_path, settings.dicom.min_free_mb * 1024 * 1024)
-        spool = spool_for(settings)
-        ingestor = Ingestor(spool, catalogue, guard, settings.dicom.duplicate_policy)
         policy = SourcePolicy(catalogue, accept_any=settings.dicom.accept_any_source)
         if settings.dicom.accept_any_source:
             log.warning("dicom.accept_any_source is on: any sender may store into this node")

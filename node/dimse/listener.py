@@ -177,6 +177,9 @@ class AssociationHandlers:
         service = self.services.get(request.sop_class_uid)
         if service is None:
             return NormalisedAnswer(SOP_CLASS_NOT_SUPPORTED, "SOP class not served")
+        # An MPPS step's end or a commitment request speaks of instances already answered:
+        # they are in the catalogue before it is handled.
+        self.ingestor.settle()
         try:
             answer = service.handle(association, request)
         except SQLAlchemyError as exc:  # the catalogue is down: one line, the sender retries
@@ -187,6 +190,8 @@ class AssociationHandlers:
         return answer
 
     def closed(self, association: Association, outcome: str, reason: str | None) -> None:
+        if association.series_uids:
+            self.ingestor.settle()  # its instances are catalogued before its end is a signal
         try:
             record_association_end(self.ingestor.catalogue, association, outcome, self.sources)
         except Exception as exc:  # the quiet period still completes the series

@@ -34,9 +34,11 @@ from node.core.status import (
 )
 from node.store.disk import DiskGuard
 from node.store.header import InstanceHeader, RejectedInstance, read_header
+from node.store.journal import Journal
 from node.store.spool import Spool, StagedFile, StoredFile
 from node.store.structure import MAX_INFLATED as MAX_INFLATED  # re-exported
 from node.store.structure import MAX_NESTING as MAX_NESTING  # re-exported
+from node.store.write_ahead import WriteAhead
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,11 @@ class Ingestor:
         catalogue: Catalogue,
         guard: DiskGuard | None = None,
         duplicate_policy: str = "keep_first",
+        journal: Journal | None = None,
     ) -> None:
+        """With a ``journal``, new instances given to :meth:`ingest` are made durable in it
+        and filed behind it (:mod:`node.store.write_ahead`); what an earlier run left in it
+        is filed here, before this returns."""
         self.spool = spool
         self.catalogue = catalogue
         self.guard = guard
@@ -126,6 +132,18 @@ class Ingestor:
         self._uid_locks = [threading.Lock() for _ in range(64)]
         # One writer at a time: keeps study/series upserts free of races on any database.
         self._catalogue_lock = threading.Lock()
+        self.write_ahead = WriteAhead(self, journal) if journal is not None else None
+
+    def settle(self) -> None:
+        """Wait until every instance answered so far is in the catalogue (those still in
+        the journal are being filed): before a signal that may complete their series."""
+        if self.write_ahead is not None:
+            self.write_ahead.settle()
+
+    def close(self) -> None:
+        """File what is in the journal and stop its thread (no-op without one)."""
+        if self.write_ahead is not None:
+            self.write_ahead.close()
 
     def ingest(
         self,
@@ -159,6 +177,11 @@ class Ingestor:
             except OSError as error:  # the refusal stands; only its evidence is lost
                 log.error("cannot quarantine a refused instance: %s", error)
             return self._refused(exc, calling_ae)
+        if self.write_ahead is not None:
+            with self._uid_locks[hash(header.sop_instance_uid) % len(self._uid_locks)]:
+                outcome = self.write_ahead.accept(header, data, calling_ae)
+            if outcome is not None:
+                return outcome
         return self._store([_Entry(header, data)], calling_ae)[0]
 
     def ingest_staged(
@@ -219,9 +242,11 @@ class Ingestor:
         with ExitStack() as held:
             for stripe in stripes:
                 held.enter_context(self._uid_locks[stripe])
+            uids = [entry.header.sop_instance_uid for entry in batch]
+            if self.write_ahead is not None:  # met first in the journal: filed before this
+                self.write_ahead.settle(set(uids))
             try:
                 with self.catalogue.engine.connect() as connection:
-                    uids = [entry.header.sop_instance_uid for entry in batch]
                     rows = (
                         connection.execute(_KNOWN_ONE, {"uid": uids[0]})
                         if len(uids) == 1

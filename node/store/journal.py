@@ -1,0 +1,283 @@
+"""A write-ahead journal of received instances: one ``fdatasync`` makes an instance durable.
+
+A Success must not be sent before the instance's bytes and its catalogue record would
+survive a power cut. Writing its own file (temporary name, fsync, rename, folder fsync) and
+committing its catalogue row costs three or four flushes of the disk per instance; appending
+bytes and record together to a preallocated file costs one, and one flush covers every
+instance written before it (group commit: the threads of concurrent associations share it).
+
+A segment is a file allocated and fsynced when it is created, so that an append changes no
+metadata but the extents it fills. Each record starts on a 4 KiB boundary::
+
+    magic "CJR1" | segment number (u64) | meta length (u32) | payload length (u64)
+    | CRC-32 of meta and payload (u32) | CRC-32 of the fields before it (u32)
+    | meta (JSON: the instance's header and where it goes) | payload (Part 10 bytes)
+
+Recovery reads every 4 KiB boundary of every segment left behind and keeps the records
+whose checksums hold, so a record cut short by a crash (never answered with Success) costs
+nothing but itself. Records are materialised behind the journal (:mod:`node.store.ingest`):
+their spool file written and catalogue row committed; a segment is deleted once all its
+records are materialised and their files synced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.store.spool import fsync_dir
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CJR1"
+ALIGN = 4096
+SEGMENT_BYTES = 128 << 20
+JOURNAL_DIR = ".journal"  # under the spool root, beside its staging folder; no UID starts with a dot
+_HEAD = struct.Struct("<4sQIQI")
+_HEAD_CRC = struct.Struct("<I")
+HEAD_BYTES = _HEAD.size + _HEAD_CRC.size
+_IOV_MAX = 1024
+_SUFFIX = ".journal"
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _aligned(size: int) -> int:
+    return (size + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class Segment:
+    """One preallocated journal file, appended to until full."""
+
+    number: int
+    path: Path
+    fd: int
+    size: int
+    end: int = 0  # bytes reserved so far
+    full: bool = False
+    outstanding: int = 0  # records appended and not yet materialised
+    written: list[str] = field(default_factory=list)  # spool files materialised from it
+    # group commit: appends finished, and how many of them the last fdatasync covered
+    finished: int = 0
+    synced: int = 0
+    syncing: bool = False
+
+
+@dataclass(frozen=True)
+class Record:
+    """A record read back from a segment: its meta, payload, and the segment it is in."""
+
+    segment: int
+    meta: dict[str, Any]
+    payload: bytes
+
+
+class JournalError(OSError):
+    """The journal cannot take a record now (its disk refused a write or a flush)."""
+
+
+class Journal:
+    """Appends records durably; safe to call from many threads.
+
+    :meth:`recover` must be called once, before the first :meth:`append`: it returns the
+    records a previous run left behind, which the caller materialises, then :meth:`retire`
+    removes their segments.
+    """
+
+    def __init__(self, folder: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.folder = folder
+        self.segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        self._synced = threading.Condition(self._lock)
+        self._current: Segment | None = None
+        self._next_number = 1
+        self._old: list[Path] = []
+
+    # -- recovery
+
+    def recover(self) -> Iterator[Record]:
+        """The valid records of the segments a previous run left, oldest first."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.folder.parent)
+        found = sorted(
+            (int(path.stem), path) for path in self.folder.glob(f"*{_SUFFIX}") if path.stem.isdigit()
+        )
+        self._old = [path for _, path in found]
+        if found:
+            self._next_number = found[-1][0] + 1
+        for number, path in found:
+            yield from _read_segment(number, path)
+
+    def retire_recovered(self) -> None:
+        """Remove the segments :meth:`recover` read, once their records are materialised
+        and synced."""
+        for path in self._old:
+            path.unlink(missing_ok=True)
+        if self._old:
+            fsync_dir(self.folder)
+        self._old = []
+
+    # -- appending
+
+    def append(self, meta: dict[str, Any], payload: Sequence[Buffer]) -> Segment:
+        """Write one record and return once it is durable, with the segment that holds it
+        (its ``outstanding`` count already includes the record)."""
+        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        size = sum(len(part) for part in payload)
+        length = HEAD_BYTES + len(meta_bytes) + size
+        if length > self.segment_bytes:
+            raise ValueError(f"a record of {length} bytes does not fit a journal segment")
+        with self._lock:
+            segment = self._room(length)
+            offset = segment.end
+            segment.end += _aligned(length)
+            segment.outstanding += 1
+        try:
+            crc = zlib.crc32(meta_bytes)
+            for part in payload:
+                crc = zlib.crc32(part, crc)
+            head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, crc)
+            parts: list[Buffer] = [head, _HEAD_CRC.pack(zlib.crc32(head)), meta_bytes, *payload]
+            self._write(segment.fd, parts, offset, length)
+        except BaseException:
+            with self._lock:
+                segment.outstanding -= 1
+                segment.finished += 1  # nothing to wait for; the next flush covers the rest
+            raise
+        self._sync(segment)
+        return segment
+
+    def _room(self, length: int) -> Segment:
+        segment = self._current
+        if segment is not None and segment.end + length <= segment.size:
+            return segment
+        if segment is not None:
+            segment.full = True
+        self._current = self._create()
+        return self._current
+
+    def _create(self) -> Segment:
+        number = self._next_number
+        self._next_number += 1
+        path = self.folder / f"{number:012d}{_SUFFIX}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self.segment_bytes)
+            os.fsync(fd)
+            fsync_dir(self.folder)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise JournalError(exc.errno, f"cannot create a journal segment: {exc}") from exc
+        return Segment(number, path, fd, self.segment_bytes)
+
+    @staticmethod
+    def _write(fd: int, parts: list[Buffer], offset: int, length: int) -> None:
+        done = 0
+        views = [memoryview(part).cast("B") for part in parts]
+        while done < length:
+            try:
+                written = os.pwritev(fd, views[:_IOV_MAX], offset + done)
+            except OSError as exc:
+                raise JournalError(exc.errno, f"cannot write to the journal: {exc}") from exc
+            done += written
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
+
+    def _sync(self, segment: Segment) -> None:
+        """Group commit: whoever finds no flush running flushes for everyone whose append
+        had finished by then; the rest wait for that flush or the next."""
+        with self._lock:
+            segment.finished += 1
+            ticket = segment.finished
+            while segment.synced < ticket:
+                if segment.syncing:
+                    self._synced.wait()
+                    continue
+                segment.syncing = True
+                target = segment.finished
+                self._lock.release()
+                try:
+                    os.fdatasync(segment.fd)
+                except OSError as exc:
+                    raise JournalError(exc.errno, f"cannot flush the journal: {exc}") from exc
+                finally:
+                    self._lock.acquire()
+                    segment.syncing = False
+                    self._synced.notify_all()
+                segment.synced = max(segment.synced, target)
+
+    # -- retiring
+
+    def materialised(self, segment: Segment, paths: Sequence[str]) -> bool:
+        """Count records of ``segment`` as materialised (their files at ``paths``); True
+        when the segment is full and has none left, and may be retired."""
+        with self._lock:
+            segment.outstanding -= len(paths)
+            segment.written.extend(paths)
+            return segment.full and segment.outstanding == 0
+
+    def forget(self, segment: Segment) -> None:
+        """Remove a retired segment (its files already synced by the caller)."""
+        os.close(segment.fd)
+        segment.path.unlink(missing_ok=True)
+
+    def close(self) -> Segment | None:
+        """Stop appending; the current segment, for the caller to retire once drained."""
+        with self._lock:
+            segment, self._current = self._current, None
+            if segment is not None:
+                segment.full = True
+            return segment
+
+
+def _read_segment(number: int, path: Path) -> Iterator[Record]:
+    """Every record of a segment whose checksums hold, skipping what a crash cut short."""
+    try:
+        with path.open("rb") as fp:
+            data = fp.read()
+    except OSError as exc:
+        log.error("cannot read journal segment %s: %s", path.name, exc)
+        raise
+    offset, size = 0, len(data)
+    while offset + HEAD_BYTES <= size:
+        record = _record_at(data, offset, number)
+        if record is None:
+            offset += ALIGN
+            continue
+        meta, payload, length = record
+        yield Record(number, meta, payload)
+        offset += _aligned(length)
+
+
+def _record_at(data: bytes, offset: int, number: int) -> tuple[dict[str, Any], bytes, int] | None:
+    if data[offset : offset + 4] != MAGIC:
+        return None
+    head = data[offset : offset + _HEAD.size]
+    (crc_head,) = _HEAD_CRC.unpack_from(data, offset + _HEAD.size)
+    if zlib.crc32(head) != crc_head:
+        return None
+    _, segment, meta_length, size, crc = _HEAD.unpack(head)
+    start = offset + HEAD_BYTES
+    end = start + meta_length + size
+    if segment != number or end > len(data):
+        return None
+    if zlib.crc32(data[start:end]) != crc:
+        return None
+    try:
+        meta = json.loads(data[start : start + meta_length])
+    except ValueError:
+        return None
+    return meta, data[start + meta_length : end], end - offset

@@ -1,0 +1,300 @@
+"""Instances made durable in the journal first, filed into spool and catalogue behind it.
+
+The listener's answer waits for one thing only: the journal record holding the instance's
+bytes and its catalogue record is on disk (:mod:`node.store.journal`, one ``fdatasync``
+shared by every association waiting at that moment). A thread behind it then writes the
+spool file (renamed into place, not yet fsynced) and commits the catalogue rows of every
+record waiting, in one transaction; a journal segment is deleted only once all its files
+are fsynced. Until then, a crash at any point is repaired at start-up, before anything
+reads the spool or the catalogue: every record left in the journal is filed again, and one
+already filed is recognised by its SOP Instance UID and digest, so it is never catalogued
+twice.
+
+Readers (QIDO/WADO, completion, routing) see an instance once its row is committed, in
+milliseconds behind its Success while the catalogue answers; the end of an association,
+and every N-service request, wait until what was received before them is filed
+(:meth:`WriteAhead.settle`), so completion never counts a series short. Only new SOP
+Instance UIDs take this path: a duplicate, whatever the policy, goes the file-per-instance
+way of :mod:`node.store.ingest` (after anything of its UID still in the journal is filed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table, bindparam, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.catalogue.models import Instance
+from node.core.status import OUT_OF_RESOURCES, SUCCESS
+from node.store.header import InstanceHeader
+from node.store.journal import Journal, JournalError, Record, Segment
+from node.store.spool import StoredFile, fsync_dir, write_durably
+
+if TYPE_CHECKING:
+    from node.store.ingest import Ingestor, IngestOutcome
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_BYTES = 512 << 20  # received, in the journal, not yet filed: held in memory
+MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
+_RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+_KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256).where(
+    _INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
+)
+_KNOWN_ONE = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+
+
+@dataclass
+class _Pending:
+    """An instance in the journal, waiting to be filed."""
+
+    header: InstanceHeader
+    payload: bytes
+    relative_path: str
+    calling_ae: str | None
+    segment: Segment | None  # None: recovered from a segment of an earlier run
+
+
+def header_meta(header: InstanceHeader, relative_path: str, calling_ae: str | None) -> dict[str, Any]:
+    """What a journal record says of its instance, besides its bytes."""
+    return {
+        "sop_class": header.sop_class_uid,
+        "sop": header.sop_instance_uid,
+        "study": header.study_instance_uid,
+        "series": header.series_instance_uid,
+        "syntax": header.transfer_syntax_uid,
+        "texts": header.texts,
+        "number": header.instance_number,
+        "path": relative_path,
+        "ae": calling_ae,
+    }
+
+
+def _pending_from(record: Record) -> _Pending:
+    meta = record.meta
+    header = InstanceHeader(
+        meta["sop_class"],
+        meta["sop"],
+        meta["study"],
+        meta["series"],
+        transfer_syntax_uid=meta["syntax"],
+        texts=dict(meta["texts"]),
+        instance_number=meta["number"],
+    )
+    return _Pending(header, record.payload, meta["path"], meta["ae"], None)
+
+
+class WriteAhead:
+    """The journal, what is in it and not yet filed, and the thread that files it."""
+
+    def __init__(self, ingestor: Ingestor, journal: Journal) -> None:
+        self.ingestor = ingestor
+        self.journal = journal
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._pending: dict[str, _Pending] = {}
+        self._queue: list[str] = []
+        self._pending_bytes = 0
+        self._stopping = False
+        self._replay()
+        self._thread = threading.Thread(target=self._run, name="journal-filer", daemon=True)
+        self._thread.start()
+
+    # -- the listener's side
+
+    def accept(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> IngestOutcome | None:
+        """Journal a new instance and answer for it; None when it is not new (or still in
+        the journal), for the caller's own path. The caller holds its UID's lock."""
+        from node.store.ingest import IngestOutcome, brief
+
+        uid = header.sop_instance_uid
+        self.settle({uid})
+        try:
+            with self.ingestor.catalogue.engine.connect() as connection:
+                if connection.execute(_KNOWN_ONE, {"uid": uid}).first() is not None:
+                    return None
+        except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
+            log.error("cannot read the catalogue for an instance: %s", brief(exc))
+            return IngestOutcome(OUT_OF_RESOURCES, "cannot read the catalogue")
+        relative = self.ingestor.spool.relative_path(
+            header.study_instance_uid, header.series_instance_uid, uid
+        )
+        with self._lock:
+            while self._pending_bytes > MAX_PENDING_BYTES and not self._stopping:
+                self._changed.wait(1.0)
+        try:
+            segment = self.journal.append(header_meta(header, relative, calling_ae), [data])
+        except (JournalError, ValueError) as exc:
+            log.error("cannot journal an instance: %s", exc)
+            return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the journal")
+        with self._lock:
+            self._pending[uid] = _Pending(header, data, relative, calling_ae, segment)
+            self._queue.append(uid)
+            self._pending_bytes += len(data)
+            self._changed.notify_all()
+        return IngestOutcome(SUCCESS, series_uid=header.series_instance_uid)
+
+    def settle(self, uids: set[str] | None = None, timeout: float | None = None) -> bool:
+        """Wait until the journal's instances (those of ``uids``, or all received so far)
+        are filed; False if ``timeout`` passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            waiting = set(self._pending) if uids is None else uids
+            while any(uid in self._pending for uid in waiting):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def close(self) -> None:
+        """File everything in the journal, sync it, and remove the journal's segments."""
+        self.settle(timeout=60.0)
+        with self._lock:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join(60.0)
+        segment = self.journal.close()
+        if segment is not None and not self._pending:
+            self._retire(segment)
+
+    # -- filing
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                uids = self._queue[:MAX_FILED_AT_ONCE]
+                batch = [self._pending[uid] for uid in uids]
+            try:
+                paths = self._file(batch)
+            except Exception as exc:
+                delay = _RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)]
+                failures += 1
+                log.error(
+                    "cannot file %d journalled instance(s), retrying in %.1f s: %s",
+                    len(batch),
+                    delay,
+                    exc,
+                )
+                with self._lock:
+                    if self._stopping:
+                        return  # they stay in the journal, filed at the next start
+                    self._changed.wait(delay)
+                continue
+            failures = 0
+            with self._lock:
+                del self._queue[: len(uids)]
+                for uid in uids:
+                    self._pending_bytes -= len(self._pending.pop(uid).payload)
+                self._changed.notify_all()
+            by_segment: dict[int, tuple[Segment, list[str]]] = {}
+            for item, path in zip(batch, paths, strict=True):
+                if item.segment is not None:
+                    by_segment.setdefault(id(item.segment), (item.segment, []))[1].append(path)
+            for segment, written in by_segment.values():
+                if self.journal.materialised(segment, written):
+                    self._retire(segment)
+
+    def _file(self, batch: list[_Pending], durably: bool = False) -> list[str]:
+        """Write the spool files of ``batch`` and commit the catalogue rows of those not
+        catalogued yet; the relative paths, in order. A record already catalogued with the
+        same digest (filed before a crash) gets its file back if it lost it; one whose row
+        now holds other bytes (replaced since) is left as it is."""
+        ingestor = self.ingestor
+        digests = [hashlib.sha256(item.payload).hexdigest() for item in batch]
+        with ingestor.catalogue.engine.connect() as connection:
+            known = dict(
+                connection.execute(_KNOWN, {"uids": [i.header.sop_instance_uid for i in batch]}).all()
+            )
+        new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
+        for item, digest in zip(batch, digests, strict=True):
+            before = known.get(item.header.sop_instance_uid)
+            if before is not None and before != digest:
+                continue
+            path = ingestor.spool.absolute(item.relative_path)
+            if before is None or not _holds(path, digest):
+                self._write(path, item.payload, durably)
+            if before is None:
+                stored = StoredFile(item.relative_path, len(item.payload), digest)
+                new[item.calling_ae].append((item.header, stored))
+        if new:
+            with ingestor._catalogue_lock, ingestor.catalogue.engine.begin() as connection:
+                for ae, instances in new.items():
+                    ingestor._add_instances(connection, list(instances), ae)
+        return [item.relative_path for item in batch]
+
+    def _write(self, path: Any, payload: bytes, durably: bool) -> None:
+        self.ingestor.spool._ensure_dir(path.parent)
+        if durably:
+            write_durably(path, payload)
+            return
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    def _retire(self, segment: Segment) -> None:
+        """Sync the files filed from a full segment, then remove it."""
+        folders = set()
+        try:
+            for relative in segment.written:
+                path = self.ingestor.spool.absolute(relative)
+                folders.add(path.parent)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # removed since (retention, a replacement)
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for folder in folders:
+                fsync_dir(folder)
+        except OSError as exc:  # the segment stays; its records are filed again at start-up
+            log.error("cannot sync the files of journal segment %d: %s", segment.number, exc)
+            return
+        self.journal.forget(segment)
+
+    # -- start-up
+
+    def _replay(self) -> None:
+        """File what an earlier run left in the journal, durably, before anyone reads."""
+        records = {}
+        for record in self.journal.recover():
+            records.setdefault(record.meta["sop"], _pending_from(record))
+        batch = list(records.values())
+        for start in range(0, len(batch), MAX_FILED_AT_ONCE):
+            self._file(batch[start : start + MAX_FILED_AT_ONCE], durably=True)
+        if batch:
+            log.warning("filed %d instance(s) again from the journal after a restart", len(batch))
+        self.journal.retire_recovered()
+
+
+def _holds(path: Any, digest: str) -> bool:
+    """Whether the file at ``path`` holds bytes with this digest."""
+    try:
+        with open(path, "rb") as fp:
+            return hashlib.file_digest(fp, "sha256").hexdigest() == digest
+    except OSError:
+        return False
