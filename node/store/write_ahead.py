@@ -20,6 +20,9 @@ way of :mod:`node.store.ingest` (after anything of its UID still in the journal 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import logging
 import os
@@ -47,6 +50,12 @@ log = logging.getLogger(__name__)
 MAX_PENDING_BYTES = 512 << 20  # received, in the journal, not yet filed: held in memory
 MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
 _RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+# Commits behind the journal need not wait for the disk; _catalogue_barrier makes them
+# durable before the journal lets go of their records. (set, reset) for SQLite.
+_RELAXED = {
+    "sqlite": ("PRAGMA synchronous=NORMAL", "PRAGMA synchronous=FULL"),
+    "postgresql": ("", ""),
+}
 
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 _KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256).where(
@@ -234,10 +243,44 @@ class WriteAhead:
                 stored = StoredFile(item.relative_path, len(item.payload), digest)
                 new[item.calling_ae].append((item.header, stored))
         if new:
-            with ingestor._catalogue_lock, ingestor.catalogue.engine.begin() as connection:
-                for ae, instances in new.items():
-                    ingestor._add_instances(connection, list(instances), ae)
+            with ingestor._catalogue_lock, ingestor.catalogue.engine.connect() as connection:
+                relaxed = not durably and connection.dialect.name in _RELAXED
+                if relaxed and connection.dialect.name == "sqlite":
+                    # the journal holds these rows until a barrier makes them durable
+                    connection.exec_driver_sql(_RELAXED["sqlite"][0])
+                    connection.commit()
+                try:
+                    with connection.begin():
+                        if relaxed and connection.dialect.name == "postgresql":
+                            connection.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                        for ae, instances in new.items():
+                            ingestor._add_instances(connection, list(instances), ae)
+                finally:
+                    if relaxed and connection.dialect.name == "sqlite":
+                        connection.exec_driver_sql(_RELAXED["sqlite"][1])
+                        connection.commit()
         return [item.relative_path for item in batch]
+
+    def _catalogue_barrier(self) -> None:
+        """Make every catalogue row committed so far durable (those committed without
+        waiting for the disk): SQLite's files fsynced, a PostgreSQL commit that waits for
+        its WAL to be flushed (which flushes all WAL before it)."""
+        engine = self.ingestor.catalogue.engine
+        if engine.dialect.name == "sqlite":
+            database = engine.url.database
+            if database and database != ":memory:":
+                for name in (database + "-wal", database):
+                    try:
+                        fd = os.open(name, os.O_RDONLY)
+                    except FileNotFoundError:
+                        continue
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            return
+        with engine.begin() as connection:
+            connection.exec_driver_sql("SELECT txid_current()")
 
     def _write(self, path: Any, payload: bytes, durably: bool) -> None:
         self.ingestor.spool._ensure_dir(path.parent)
@@ -255,24 +298,26 @@ class WriteAhead:
         os.replace(tmp, path)
 
     def _retire(self, segment: Segment) -> None:
-        """Sync the files filed from a full segment, then remove it."""
-        folders = set()
+        """Sync the files and catalogue rows filed from a full segment, then remove it."""
         try:
-            for relative in segment.written:
-                path = self.ingestor.spool.absolute(relative)
-                folders.add(path.parent)
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:  # removed since (retention, a replacement)
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            for folder in folders:
-                fsync_dir(folder)
-        except OSError as exc:  # the segment stays; its records are filed again at start-up
-            log.error("cannot sync the files of journal segment %d: %s", segment.number, exc)
+            if not _syncfs(self.ingestor.spool.root):
+                folders = set()
+                for relative in segment.written:
+                    path = self.ingestor.spool.absolute(relative)
+                    folders.add(path.parent)
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except FileNotFoundError:  # removed since (retention, a replacement)
+                        continue
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                for folder in folders:
+                    fsync_dir(folder)
+            self._catalogue_barrier()
+        except (OSError, SQLAlchemyError) as exc:  # it stays; filed again at start-up
+            log.error("cannot sync what journal segment %d holds: %s", segment.number, exc)
             return
         self.journal.forget(segment)
 
@@ -289,6 +334,31 @@ class WriteAhead:
         if batch:
             log.warning("filed %d instance(s) again from the journal after a restart", len(batch))
         self.journal.retire_recovered()
+
+
+def _syncfs(folder: Any) -> bool:
+    """Flush the whole file system that holds ``folder`` (one flush for every file filed
+    from a segment, and their folders); False where ``syncfs`` is not available."""
+    libc = _libc()
+    if libc is None:
+        return False
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+    finally:
+        os.close(fd)
+    return True
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "syncfs") else None
 
 
 def _holds(path: Any, digest: str) -> bool:
