@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 MAGIC = b"CJR1"
 ALIGN = 4096
 SEGMENT_BYTES = 128 << 20
-JOURNAL_DIR = ".journal"  # under the spool root, beside its staging folder; no UID starts with a dot
+JOURNAL_DIR = (
+    ".journal"  # under the spool root, beside its staging folder; no UID starts with a dot
+)
 _HEAD = struct.Struct("<4sQIQI")
 _HEAD_CRC = struct.Struct("<I")
 HEAD_BYTES = _HEAD.size + _HEAD_CRC.size
@@ -109,7 +111,9 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         fsync_dir(self.folder.parent)
         found = sorted(
-            (int(path.stem), path) for path in self.folder.glob(f"*{_SUFFIX}") if path.stem.isdigit()
+            (int(path.stem), path)
+            for path in self.folder.glob(f"*{_SUFFIX}")
+            if path.stem.isdigit()
         )
         self._old = [path for _, path in found]
         if found:

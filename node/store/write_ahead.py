@@ -47,15 +47,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_BYTES = 512 << 20  # received, in the journal, not yet filed: held in memory
+MAX_PENDING_BYTES = 128 << 20  # received, in the journal, not yet filed: held in memory
 MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
 _RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # Commits behind the journal need not wait for the disk; _catalogue_barrier makes them
-# durable before the journal lets go of their records. (set, reset) for SQLite.
-_RELAXED = {
-    "sqlite": ("PRAGMA synchronous=NORMAL", "PRAGMA synchronous=FULL"),
-    "postgresql": ("", ""),
-}
+# durable before the journal lets go of their records.
+_RELAXED = ("sqlite", "postgresql")
 
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 _KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256).where(
@@ -75,7 +72,9 @@ class _Pending:
     segment: Segment | None  # None: recovered from a segment of an earlier run
 
 
-def header_meta(header: InstanceHeader, relative_path: str, calling_ae: str | None) -> dict[str, Any]:
+def header_meta(
+    header: InstanceHeader, relative_path: str, calling_ae: str | None
+) -> dict[str, Any]:
     """What a journal record says of its instance, besides its bytes."""
     return {
         "sop_class": header.sop_class_uid,
@@ -122,7 +121,9 @@ class WriteAhead:
 
     # -- the listener's side
 
-    def accept(self, header: InstanceHeader, data: bytes, calling_ae: str | None) -> IngestOutcome | None:
+    def accept(
+        self, header: InstanceHeader, data: bytes, calling_ae: str | None
+    ) -> IngestOutcome | None:
         """Journal a new instance and answer for it; None when it is not new (or still in
         the journal), for the caller's own path. The caller holds its UID's lock."""
         from node.store.ingest import IngestOutcome, brief
@@ -229,7 +230,9 @@ class WriteAhead:
         digests = [hashlib.sha256(item.payload).hexdigest() for item in batch]
         with ingestor.catalogue.engine.connect() as connection:
             known = dict(
-                connection.execute(_KNOWN, {"uids": [i.header.sop_instance_uid for i in batch]}).all()
+                connection.execute(
+                    _KNOWN, {"uids": [i.header.sop_instance_uid for i in batch]}
+                ).all()
             )
         new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
         for item, digest in zip(batch, digests, strict=True):
@@ -246,8 +249,7 @@ class WriteAhead:
             with ingestor._catalogue_lock, ingestor.catalogue.engine.connect() as connection:
                 relaxed = not durably and connection.dialect.name in _RELAXED
                 if relaxed and connection.dialect.name == "sqlite":
-                    # the journal holds these rows until a barrier makes them durable
-                    connection.exec_driver_sql(_RELAXED["sqlite"][0])
+                    connection.exec_driver_sql("PRAGMA synchronous=NORMAL")
                     connection.commit()
                 try:
                     with connection.begin():
@@ -257,7 +259,7 @@ class WriteAhead:
                             ingestor._add_instances(connection, list(instances), ae)
                 finally:
                     if relaxed and connection.dialect.name == "sqlite":
-                        connection.exec_driver_sql(_RELAXED["sqlite"][1])
+                        connection.exec_driver_sql("PRAGMA synchronous=FULL")
                         connection.commit()
         return [item.relative_path for item in batch]
 
@@ -325,7 +327,7 @@ class WriteAhead:
 
     def _replay(self) -> None:
         """File what an earlier run left in the journal, durably, before anyone reads."""
-        records = {}
+        records: dict[str, _Pending] = {}
         for record in self.journal.recover():
             records.setdefault(record.meta["sop"], _pending_from(record))
         batch = list(records.values())
