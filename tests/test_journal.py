@@ -81,7 +81,7 @@ CHILD = textwrap.dedent(
             calls["n"] += len(paths)
             if calls["n"] >= crash_at:
                 die()
-            return original_materialised(self, segment, paths)
+            original_materialised(self, segment, paths)
         journal_module.Journal.materialised = materialised
 
     spool = Spool(root / "spool", root / "quarantine")
@@ -176,11 +176,94 @@ def test_a_cut_short_record_costs_only_itself(series: Path, tmp_path: Path) -> N
     payloads = [p.read_bytes() for p in sorted(series.iterdir())[:3]]
     for index, data in enumerate(payloads):
         journal.append({"n": index}, [data])
-    segment = journal.close()
-    assert segment is not None
+    [segment] = journal.close()
     # Tear the first record's payload: its checksum no longer holds.
     os.pwrite(segment.fd, b"\xff" * 64, 8192)
     os.close(segment.fd)
     found = list(Journal(tmp_path / "j").recover())
     assert [r.meta["n"] for r in found] == [1, 2]
     assert [r.payload for r in found] == payloads[1:]
+
+
+def _journalled(root: Path, policy: str = "keep_first", segment: int = 1 << 22) -> Ingestor:
+    url = f"sqlite:///{root / 'catalogue.sqlite'}"
+    upgrade(url)
+    spool = Spool(root / "spool", root / "quarantine")
+    journal = Journal(spool.root / JOURNAL_DIR, segment)
+    return Ingestor(spool, Catalogue(url), duplicate_policy=policy, journal=journal)
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "replace"])
+def test_duplicates_behind_the_journal_follow_the_policy(
+    policy: str, series: Path, tmp_path: Path
+) -> None:
+    from pydicom.dataset import Dataset
+
+    from node.catalogue.models import AuditEvent
+
+    ingestor = _journalled(tmp_path, policy)
+    try:
+        first = sorted(series.iterdir())[0]
+        data = first.read_bytes()
+        assert ingestor.ingest(data, "A").status == SUCCESS
+        again = ingestor.ingest(data, "A")  # still in the journal or just filed
+        assert again.status == SUCCESS
+        ds: Dataset = dcmread(first)
+        ds.InstanceNumber = 999
+        changed_path = tmp_path / "changed.dcm"
+        ds.save_as(changed_path, enforce_file_format=True)
+        changed = changed_path.read_bytes()
+        assert ingestor.ingest(changed, "A").status == SUCCESS
+        assert ingestor.settle()
+        with ingestor.catalogue.session() as session:
+            [row] = session.scalars(select(Instance)).all()
+            stored = ingestor.spool.absolute(row.path).read_bytes()
+            assert stored == (changed if policy == "replace" else data)
+            assert session.scalars(select(Series)).one().instance_count == 1
+            actions = [e.action for e in session.scalars(select(AuditEvent))]
+            assert actions == [
+                "duplicate-differs-replaced"
+                if policy == "replace"
+                else "duplicate-differs-kept-first"
+            ]
+    finally:
+        ingestor.close()
+
+
+def test_concurrent_associations_share_a_flush_and_full_segments_go(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from node.store import journal as journal_module
+
+    flushes = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        flushes.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", counted)
+    ingestor = _journalled(tmp_path, segment=1 << 21)  # a few instances per segment
+    payloads = [p.read_bytes() for p in sorted(series.iterdir())]
+    outcomes: list[int] = []
+
+    def send(part: list[bytes]) -> None:
+        for data in part:
+            outcomes.append(ingestor.ingest(data, "A").status)
+
+    threads = [threading.Thread(target=send, args=(payloads[i::4],)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == [SUCCESS] * SLICES
+    assert len(flushes) < SLICES, "one flush covers several associations' instances"
+    assert ingestor.settle()
+    segments = list((ingestor.spool.root / JOURNAL_DIR).glob("*.journal"))
+    assert len(segments) <= 2, "segments filed and synced are removed while the node runs"
+    ingestor.close()
+    assert not list((ingestor.spool.root / JOURNAL_DIR).glob("*.journal"))
+    with ingestor.catalogue.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == SLICES

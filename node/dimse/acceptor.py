@@ -303,6 +303,7 @@ class AssociationAcceptor:
             elif pdu_type == RELEASE_RQ:
                 if waiting:
                     raise AssociationAborted("release requested mid-message", ABORT_UNEXPECTED_PDU)
+                self.server.service.releasing(association)
                 connection.send(RELEASE_RP)
                 self._await_close()
                 return

@@ -189,6 +189,12 @@ class AssociationHandlers:
             self.on_signal()  # an MPPS step may have ended
         return answer
 
+    def releasing(self, association: Association) -> None:
+        """Before the A-RELEASE-RP: a sender that has released finds every instance it got
+        Success for in the catalogue (those still in the ingest journal are filed first)."""
+        if association.series_uids:
+            self.ingestor.settle()
+
     def closed(self, association: Association, outcome: str, reason: str | None) -> None:
         if association.series_uids:
             self.ingestor.settle()  # its instances are catalogued before its end is a signal

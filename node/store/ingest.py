@@ -43,6 +43,7 @@ from node.store.write_ahead import WriteAhead
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # instances placed and catalogued in one transaction
+SETTLE_SECONDS = 30.0  # longest wait for the journal to be filed before a signal goes on
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,14 @@ class Ingestor:
         self._catalogue_lock = threading.Lock()
         self.write_ahead = WriteAhead(self, journal) if journal is not None else None
 
-    def settle(self) -> None:
+    def settle(self, timeout: float | None = SETTLE_SECONDS) -> bool:
         """Wait until every instance answered so far is in the catalogue (those still in
-        the journal are being filed): before a signal that may complete their series."""
-        if self.write_ahead is not None:
-            self.write_ahead.settle()
+        the journal are being filed): before a signal that may complete their series.
+        False if ``timeout`` passed first (the catalogue is not taking rows)."""
+        if self.write_ahead is None or self.write_ahead.settle(timeout=timeout):
+            return True
+        log.warning("instances in the ingest journal not yet filed after %.0f s", timeout)
+        return False
 
     def close(self) -> None:
         """File what is in the journal and stop its thread (no-op without one)."""

@@ -103,6 +103,7 @@ class Journal:
         self._current: Segment | None = None
         self._next_number = 1
         self._old: list[Path] = []
+        self._full: list[Segment] = []
 
     # -- recovery
 
@@ -166,6 +167,7 @@ class Journal:
             return segment
         if segment is not None:
             segment.full = True
+            self._full.append(segment)
         self._current = self._create()
         return self._current
 
@@ -225,26 +227,33 @@ class Journal:
 
     # -- retiring
 
-    def materialised(self, segment: Segment, paths: Sequence[str]) -> bool:
-        """Count records of ``segment`` as materialised (their files at ``paths``); True
-        when the segment is full and has none left, and may be retired."""
+    def materialised(self, segment: Segment, paths: Sequence[str]) -> None:
+        """Count records of ``segment`` as materialised (their files at ``paths``)."""
         with self._lock:
             segment.outstanding -= len(paths)
             segment.written.extend(paths)
-            return segment.full and segment.outstanding == 0
+
+    def retirable(self) -> list[Segment]:
+        """The full segments with no record left to materialise, handed over once."""
+        with self._lock:
+            done = [s for s in self._full if s.outstanding == 0]
+            self._full = [s for s in self._full if s.outstanding != 0]
+            return done
 
     def forget(self, segment: Segment) -> None:
         """Remove a retired segment (its files already synced by the caller)."""
         os.close(segment.fd)
         segment.path.unlink(missing_ok=True)
 
-    def close(self) -> Segment | None:
-        """Stop appending; the current segment, for the caller to retire once drained."""
+    def close(self) -> list[Segment]:
+        """Stop appending; the segments left, for the caller to retire once drained."""
         with self._lock:
             segment, self._current = self._current, None
             if segment is not None:
                 segment.full = True
-            return segment
+                self._full.append(segment)
+            left, self._full = self._full, []
+            return left
 
 
 def _read_segment(number: int, path: Path) -> Iterator[Record]:

@@ -175,9 +175,12 @@ class WriteAhead:
             self._stopping = True
             self._changed.notify_all()
         self._thread.join(60.0)
-        segment = self.journal.close()
-        if segment is not None and not self._pending:
-            self._retire(segment)
+        drained = not self._pending
+        for segment in self.journal.close():
+            if drained:
+                self._retire(segment)
+            else:  # filed at the next start
+                os.close(segment.fd)
 
     # -- filing
 
@@ -218,8 +221,9 @@ class WriteAhead:
                 if item.segment is not None:
                     by_segment.setdefault(id(item.segment), (item.segment, []))[1].append(path)
             for segment, written in by_segment.values():
-                if self.journal.materialised(segment, written):
-                    self._retire(segment)
+                self.journal.materialised(segment, written)
+            for segment in self.journal.retirable():
+                self._retire(segment)
 
     def _file(self, batch: list[_Pending], durably: bool = False) -> list[str]:
         """Write the spool files of ``batch`` and commit the catalogue rows of those not
