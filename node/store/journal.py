@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -233,10 +234,13 @@ class Journal:
             segment.outstanding -= len(paths)
             segment.written.extend(paths)
 
-    def retirable(self) -> list[Segment]:
-        """The full segments with no record left to materialise, handed over once."""
+    def retirable(self, least: int = 0) -> list[Segment]:
+        """The full segments with no record left to materialise, handed over once, when
+        together they hold ``least`` bytes or more."""
         with self._lock:
             done = [s for s in self._full if s.outstanding == 0]
+            if sum(s.size for s in done) < least:
+                return []
             self._full = [s for s in self._full if s.outstanding != 0]
             return done
 
@@ -258,24 +262,24 @@ class Journal:
 
 def _read_segment(number: int, path: Path) -> Iterator[Record]:
     """Every record of a segment whose checksums hold, skipping what a crash cut short."""
-    try:
-        with path.open("rb") as fp:
-            data = fp.read()
-    except OSError as exc:
-        log.error("cannot read journal segment %s: %s", path.name, exc)
-        raise
-    offset, size = 0, len(data)
-    while offset + HEAD_BYTES <= size:
-        record = _record_at(data, offset, number)
-        if record is None:
-            offset += ALIGN
-            continue
-        meta, payload, length = record
-        yield Record(number, meta, payload)
-        offset += _aligned(length)
+    with path.open("rb") as fp:
+        if fp.seek(0, 2) == 0:
+            return
+        with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            offset, size = 0, len(data)
+            while offset + HEAD_BYTES <= size:
+                record = _record_at(data, offset, number)
+                if record is None:
+                    offset += ALIGN
+                    continue
+                meta, payload, length = record
+                yield Record(number, meta, payload)
+                offset += _aligned(length)
 
 
-def _record_at(data: bytes, offset: int, number: int) -> tuple[dict[str, Any], bytes, int] | None:
+def _record_at(
+    data: mmap.mmap, offset: int, number: int
+) -> tuple[dict[str, Any], bytes, int] | None:
     if data[offset : offset + 4] != MAGIC:
         return None
     head = data[offset : offset + _HEAD.size]

@@ -30,7 +30,9 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, bindparam, select
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_BYTES = 128 << 20  # received, in the journal, not yet filed: held in memory
 MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
+RETIRE_BYTES = 1 << 30  # journal segments kept, while busy, before their files are synced
+IDLE_SECONDS = 1.0  # quiet this long, the filer syncs and removes drained segments
+FILING_THREADS = 4  # hash and write spool files in parallel (both release the GIL)
 _RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # Commits behind the journal need not wait for the disk; _catalogue_barrier makes them
 # durable before the journal lets go of their records.
@@ -115,6 +120,7 @@ class WriteAhead:
         self._queue: list[str] = []
         self._pending_bytes = 0
         self._stopping = False
+        self._pool = ThreadPoolExecutor(FILING_THREADS, thread_name_prefix="journal-filing")
         self._replay()
         self._thread = threading.Thread(target=self._run, name="journal-filer", daemon=True)
         self._thread.start()
@@ -175,6 +181,7 @@ class WriteAhead:
             self._stopping = True
             self._changed.notify_all()
         self._thread.join(60.0)
+        self._pool.shutdown()
         drained = not self._pending
         for segment in self.journal.close():
             if drained:
@@ -188,8 +195,16 @@ class WriteAhead:
         failures = 0
         while True:
             with self._lock:
-                while not self._queue and not self._stopping:
-                    self._changed.wait()
+                idle = False
+                while not self._queue and not self._stopping and not idle:
+                    idle = not self._changed.wait(IDLE_SECONDS)
+                if idle:  # a quiet moment: sync what full segments hold and let them go
+                    self._lock.release()
+                    try:
+                        self._retire_drained(0)
+                    finally:
+                        self._lock.acquire()
+                    continue
                 if not self._queue:
                     return
                 uids = self._queue[:MAX_FILED_AT_ONCE]
@@ -222,8 +237,14 @@ class WriteAhead:
                     by_segment.setdefault(id(item.segment), (item.segment, []))[1].append(path)
             for segment, written in by_segment.values():
                 self.journal.materialised(segment, written)
-            for segment in self.journal.retirable():
-                self._retire(segment)
+            self._retire_drained(RETIRE_BYTES)
+
+    def _retire_drained(self, least: int) -> None:
+        """Retire the full, drained segments once they hold ``least`` bytes or more: a
+        sync of the file system costs the journal's flushes while it runs, so under load
+        it is done once per ``RETIRE_BYTES``, and otherwise when the node is quiet."""
+        for segment in self.journal.retirable(least):
+            self._retire(segment)
 
     def _file(self, batch: list[_Pending], durably: bool = False) -> list[str]:
         """Write the spool files of ``batch`` and commit the catalogue rows of those not
@@ -231,7 +252,7 @@ class WriteAhead:
         same digest (filed before a crash) gets its file back if it lost it; one whose row
         now holds other bytes (replaced since) is left as it is."""
         ingestor = self.ingestor
-        digests = [hashlib.sha256(item.payload).hexdigest() for item in batch]
+        digests = list(self._pool.map(_sha256, (item.payload for item in batch)))
         with ingestor.catalogue.engine.connect() as connection:
             known = dict(
                 connection.execute(
@@ -239,13 +260,18 @@ class WriteAhead:
                 ).all()
             )
         new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
+        writes: list[tuple[Path, bytes]] = []
         for item, digest in zip(batch, digests, strict=True):
             before = known.get(item.header.sop_instance_uid)
             if before is not None and before != digest:
                 continue
             path = ingestor.spool.absolute(item.relative_path)
             if before is None or not _holds(path, digest):
-                self._write(path, item.payload, durably)
+                writes.append((path, item.payload))
+        for _ in self._pool.map(lambda job: self._write(job[0], job[1], durably), writes):
+            pass
+        for item, digest in zip(batch, digests, strict=True):
+            before = known.get(item.header.sop_instance_uid)
             if before is None:
                 stored = StoredFile(item.relative_path, len(item.payload), digest)
                 new[item.calling_ae].append((item.header, stored))
@@ -288,7 +314,7 @@ class WriteAhead:
         with engine.begin() as connection:
             connection.exec_driver_sql("SELECT txid_current()")
 
-    def _write(self, path: Any, payload: bytes, durably: bool) -> None:
+    def _write(self, path: Path, payload: bytes, durably: bool) -> None:
         self.ingestor.spool._ensure_dir(path.parent)
         if durably:
             write_durably(path, payload)
@@ -331,14 +357,22 @@ class WriteAhead:
 
     def _replay(self) -> None:
         """File what an earlier run left in the journal, durably, before anyone reads."""
-        records: dict[str, _Pending] = {}
+        records: dict[str, _Pending] = {}  # a batch: distinct UIDs, one segment at most
+        segment, total = None, 0
         for record in self.journal.recover():
-            records.setdefault(record.meta["sop"], _pending_from(record))
-        batch = list(records.values())
-        for start in range(0, len(batch), MAX_FILED_AT_ONCE):
-            self._file(batch[start : start + MAX_FILED_AT_ONCE], durably=True)
-        if batch:
-            log.warning("filed %d instance(s) again from the journal after a restart", len(batch))
+            uid = record.meta["sop"]
+            if records and (
+                record.segment != segment or uid in records or len(records) >= MAX_FILED_AT_ONCE
+            ):
+                self._file(list(records.values()), durably=True)
+                records = {}
+            segment = record.segment
+            records[uid] = _pending_from(record)
+            total += 1
+        if records:
+            self._file(list(records.values()), durably=True)
+        if total:
+            log.warning("filed %d instance(s) again from the journal after a restart", total)
         self.journal.retire_recovered()
 
 
@@ -365,6 +399,10 @@ def _libc() -> Any:
     except OSError:
         return None
     return libc if hasattr(libc, "syncfs") else None
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
 
 
 def _holds(path: Any, digest: str) -> bool:
