@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PENDING_BYTES = 128 << 20  # received, in the journal, not yet filed: held in memory
+BACKLOG_WAIT_SECONDS = 30.0  # longest wait for room in the backlog before refusing
 MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
 RETIRE_BYTES = 1 << 30  # journal segments kept, while busy, before their files are synced
 IDLE_SECONDS = 1.0  # quiet this long, the filer syncs and removes drained segments
@@ -146,9 +147,14 @@ class WriteAhead:
         relative = self.ingestor.spool.relative_path(
             header.study_instance_uid, header.series_instance_uid, uid
         )
+        deadline = time.monotonic() + BACKLOG_WAIT_SECONDS
         with self._lock:
             while self._pending_bytes > MAX_PENDING_BYTES and not self._stopping:
-                self._changed.wait(1.0)
+                left = deadline - time.monotonic()
+                if left <= 0:  # the filer is stuck (the catalogue refuses rows): refuse
+                    log.error("the ingest journal's backlog is full: refusing an instance")
+                    return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
+                self._changed.wait(left)
         try:
             segment = self.journal.append(header_meta(header, relative, calling_ae), [data])
         except (JournalError, ValueError) as exc:
