@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_BYTES = 128 << 20  # received, in the journal, not yet filed: held in memory
 BACKLOG_WAIT_SECONDS = 30.0  # longest wait for room in the backlog before refusing
+FILING_BATCH = 64  # records worth filing at once ...
+FILING_DELAY = 0.05  # ... or whatever came within this many seconds of the first
 MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
 RETIRE_BYTES = 1 << 30  # journal segments kept, while busy, before their files are synced
 IDLE_SECONDS = 1.0  # quiet this long, the filer syncs and removes drained segments
@@ -121,6 +123,7 @@ class WriteAhead:
         self._queue: list[str] = []
         self._pending_bytes = 0
         self._stopping = False
+        self._hurry = 0  # threads waiting in settle(): file at once
         self._pool = ThreadPoolExecutor(FILING_THREADS, thread_name_prefix="journal-filing")
         self._replay()
         self._thread = threading.Thread(target=self._run, name="journal-filer", daemon=True)
@@ -173,11 +176,16 @@ class WriteAhead:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             waiting = set(self._pending) if uids is None else uids
-            while any(uid in self._pending for uid in waiting):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self._changed.wait(left)
+            self._hurry += 1
+            self._changed.notify_all()
+            try:
+                while any(uid in self._pending for uid in waiting):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._changed.wait(left)
+            finally:
+                self._hurry -= 1
         return True
 
     def close(self) -> None:
@@ -213,6 +221,7 @@ class WriteAhead:
                     continue
                 if not self._queue:
                     return
+                self._gather()
                 uids = self._queue[:MAX_FILED_AT_ONCE]
                 batch = [self._pending[uid] for uid in uids]
             try:
@@ -244,6 +253,17 @@ class WriteAhead:
             for segment, written in by_segment.values():
                 self.journal.materialised(segment, written)
             self._retire_drained(RETIRE_BYTES)
+
+    def _gather(self) -> None:
+        """Let a few more records arrive before filing (the lock held): one transaction
+        for many costs the listener's threads less of the interpreter than one each.
+        Not while someone waits for them (:meth:`settle`), nor past ``FILING_DELAY``."""
+        deadline = time.monotonic() + FILING_DELAY
+        while len(self._queue) < FILING_BATCH and not self._stopping and not self._hurry:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._changed.wait(left)
 
     def _retire_drained(self, least: int) -> None:
         """Retire the full, drained segments once they hold ``least`` bytes or more: a
