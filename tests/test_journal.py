@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -241,8 +242,9 @@ def test_concurrent_associations_share_a_flush_and_full_segments_go(
     flushes = []
     real = os.fdatasync
 
-    def counted(fd: int) -> None:
+    def counted(fd: int) -> None:  # a slow disk: appends of other threads pile up
         flushes.append(fd)
+        time.sleep(0.02)
         real(fd)
 
     monkeypatch.setattr(journal_module.os, "fdatasync", counted)

@@ -10,8 +10,11 @@ A segment is a file allocated and fsynced when it is created, so that an append 
 metadata but the extents it fills. Each record starts on a 4 KiB boundary::
 
     magic "CJR1" | segment number (u64) | meta length (u32) | payload length (u64)
-    | CRC-32 of meta and payload (u32) | CRC-32 of the fields before it (u32)
+    | SHA-256 of the payload (32 bytes) | CRC-32 of the fields before it and the meta (u32)
     | meta (JSON: the instance's header and where it goes) | payload (Part 10 bytes)
+
+The payload's SHA-256 is both its checksum here and its digest in the catalogue, so the
+bytes are hashed once.
 
 Recovery reads every 4 KiB boundary of every segment left behind and keeps the records
 whose checksums hold, so a record cut short by a crash (never answered with Success) costs
@@ -22,6 +25,7 @@ records are materialised and their files synced.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -44,7 +48,7 @@ SEGMENT_BYTES = 128 << 20
 JOURNAL_DIR = (
     ".journal"  # under the spool root, beside its staging folder; no UID starts with a dot
 )
-_HEAD = struct.Struct("<4sQIQI")
+_HEAD = struct.Struct("<4sQIQ32s")
 _HEAD_CRC = struct.Struct("<I")
 HEAD_BYTES = _HEAD.size + _HEAD_CRC.size
 _IOV_MAX = 1024
@@ -82,6 +86,7 @@ class Record:
     segment: int
     meta: dict[str, Any]
     payload: bytes
+    sha256: str
 
 
 class JournalError(OSError):
@@ -134,9 +139,10 @@ class Journal:
 
     # -- appending
 
-    def append(self, meta: dict[str, Any], payload: Sequence[Buffer]) -> Segment:
-        """Write one record and return once it is durable, with the segment that holds it
-        (its ``outstanding`` count already includes the record)."""
+    def append(self, meta: dict[str, Any], payload: Sequence[Buffer]) -> tuple[Segment, str]:
+        """Write one record and return once it is durable: the segment that holds it (its
+        ``outstanding`` count already includes the record) and the payload's SHA-256, which
+        is the record's checksum and the catalogue's digest of the instance."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         size = sum(len(part) for part in payload)
         length = HEAD_BYTES + len(meta_bytes) + size
@@ -148,11 +154,12 @@ class Journal:
             segment.end += _aligned(length)
             segment.outstanding += 1
         try:
-            crc = zlib.crc32(meta_bytes)
+            digest = hashlib.sha256()
             for part in payload:
-                crc = zlib.crc32(part, crc)
-            head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, crc)
-            parts: list[Buffer] = [head, _HEAD_CRC.pack(zlib.crc32(head)), meta_bytes, *payload]
+                digest.update(part)
+            head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, digest.digest())
+            check = _HEAD_CRC.pack(zlib.crc32(meta_bytes, zlib.crc32(head)))
+            parts: list[Buffer] = [head, check, meta_bytes, *payload]
             self._write(segment.fd, parts, offset, length)
         except BaseException:
             with self._lock:
@@ -160,7 +167,7 @@ class Journal:
                 segment.finished += 1  # nothing to wait for; the next flush covers the rest
             raise
         self._sync(segment)
-        return segment
+        return segment, digest.hexdigest()
 
     def _room(self, length: int) -> Segment:
         segment = self._current
@@ -272,29 +279,31 @@ def _read_segment(number: int, path: Path) -> Iterator[Record]:
                 if record is None:
                     offset += ALIGN
                     continue
-                meta, payload, length = record
-                yield Record(number, meta, payload)
+                meta, payload, digest, length = record
+                yield Record(number, meta, payload, digest)
                 offset += _aligned(length)
 
 
 def _record_at(
     data: mmap.mmap, offset: int, number: int
-) -> tuple[dict[str, Any], bytes, int] | None:
+) -> tuple[dict[str, Any], bytes, str, int] | None:
     if data[offset : offset + 4] != MAGIC:
         return None
     head = data[offset : offset + _HEAD.size]
-    (crc_head,) = _HEAD_CRC.unpack_from(data, offset + _HEAD.size)
-    if zlib.crc32(head) != crc_head:
-        return None
-    _, segment, meta_length, size, crc = _HEAD.unpack(head)
+    (check,) = _HEAD_CRC.unpack_from(data, offset + _HEAD.size)
+    _, segment, meta_length, size, digest = _HEAD.unpack(head)
     start = offset + HEAD_BYTES
     end = start + meta_length + size
     if segment != number or end > len(data):
         return None
-    if zlib.crc32(data[start:end]) != crc:
+    meta_bytes = data[start : start + meta_length]
+    if zlib.crc32(meta_bytes, zlib.crc32(head)) != check:
         return None
+    payload = data[start + meta_length : end]
+    if hashlib.sha256(payload).digest() != digest:
+        return None  # cut short by a crash: it was never answered
     try:
-        meta = json.loads(data[start : start + meta_length])
+        meta = json.loads(meta_bytes)
     except ValueError:
         return None
-    return meta, data[start + meta_length : end], end - offset
+    return meta, payload, digest.hex(), end - offset

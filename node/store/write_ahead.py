@@ -56,7 +56,7 @@ FILING_DELAY = 0.05  # ... or whatever came within this many seconds of the firs
 MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
 RETIRE_BYTES = 1 << 30  # journal segments kept, while busy, before their files are synced
 IDLE_SECONDS = 1.0  # quiet this long, the filer syncs and removes drained segments
-FILING_THREADS = 4  # hash and write spool files in parallel (both release the GIL)
+FILING_THREADS = 4  # write spool files in parallel (a write releases the GIL)
 _RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # Commits behind the journal need not wait for the disk; _catalogue_barrier makes them
 # durable before the journal lets go of their records.
@@ -75,6 +75,7 @@ class _Pending:
 
     header: InstanceHeader
     payload: bytes
+    sha256: str
     relative_path: str
     calling_ae: str | None
     segment: Segment | None  # None: recovered from a segment of an earlier run
@@ -108,7 +109,7 @@ def _pending_from(record: Record) -> _Pending:
         texts=dict(meta["texts"]),
         instance_number=meta["number"],
     )
-    return _Pending(header, record.payload, meta["path"], meta["ae"], None)
+    return _Pending(header, record.payload, record.sha256, meta["path"], meta["ae"], None)
 
 
 class WriteAhead:
@@ -159,12 +160,12 @@ class WriteAhead:
                     return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
                 self._changed.wait(left)
         try:
-            segment = self.journal.append(header_meta(header, relative, calling_ae), [data])
+            segment, digest = self.journal.append(header_meta(header, relative, calling_ae), [data])
         except (JournalError, ValueError) as exc:
             log.error("cannot journal an instance: %s", exc)
             return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the journal")
         with self._lock:
-            self._pending[uid] = _Pending(header, data, relative, calling_ae, segment)
+            self._pending[uid] = _Pending(header, data, digest, relative, calling_ae, segment)
             self._queue.append(uid)
             self._pending_bytes += len(data)
             self._changed.notify_all()
@@ -278,7 +279,7 @@ class WriteAhead:
         same digest (filed before a crash) gets its file back if it lost it; one whose row
         now holds other bytes (replaced since) is left as it is."""
         ingestor = self.ingestor
-        digests = list(self._pool.map(_sha256, (item.payload for item in batch)))
+        digests = [item.sha256 for item in batch]
         with ingestor.catalogue.engine.connect() as connection:
             known = dict(
                 connection.execute(
@@ -425,10 +426,6 @@ def _libc() -> Any:
     except OSError:
         return None
     return libc if hasattr(libc, "syncfs") else None
-
-
-def _sha256(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
 
 
 def _holds(path: Any, digest: str) -> bool:
