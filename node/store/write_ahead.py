@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.catalogue.models import Instance
@@ -65,6 +65,12 @@ _RELAXED = ("sqlite", "postgresql")
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 _KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256).where(
     _INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
+)
+# A write that changes nothing, so that its commit is a WAL commit that is fsynced.
+_TOUCH_LAST = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.id == select(func.max(_INSTANCES.c.id)).scalar_subquery())
+    .values(id=_INSTANCES.c.id)
 )
 _KNOWN_ONE = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
 
@@ -322,21 +328,14 @@ class WriteAhead:
 
     def _catalogue_barrier(self) -> None:
         """Make every catalogue row committed so far durable (those committed without
-        waiting for the disk): SQLite's files fsynced, a PostgreSQL commit that waits for
-        its WAL to be flushed (which flushes all WAL before it)."""
+        waiting for the disk) with one commit that waits: SQLite fsyncs its whole WAL on a
+        commit at synchronous=FULL (the engine's setting), PostgreSQL flushes all WAL before
+        a synchronous commit. Never by opening SQLite's files here: closing a descriptor
+        would drop the process's locks on them."""
         engine = self.ingestor.catalogue.engine
         if engine.dialect.name == "sqlite":
-            database = engine.url.database
-            if database and database != ":memory:":
-                for name in (database + "-wal", database):
-                    try:
-                        fd = os.open(name, os.O_RDONLY)
-                    except FileNotFoundError:
-                        continue
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+            with self.ingestor._catalogue_lock, engine.begin() as connection:
+                connection.execute(_TOUCH_LAST)
             return
         with engine.begin() as connection:
             connection.exec_driver_sql("SELECT txid_current()")
