@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Verification
 
 from node.core.uids import is_valid_uid
 from node.delivery.responses import keep_responses
+from node.store.journal import JOURNAL_DIR
 from node.store.spool import STAGING_DIR
 from tests.support.env import node_env
 from tests.support.fuzzing import SUCCESS, Base, Mutant, Mutator, make_bases
@@ -288,6 +289,11 @@ def assert_spool_is_sound(fuzz: FuzzNode) -> None:
         relative = path.relative_to(spool)
         if relative.parts[0] == STAGING_DIR:
             assert path.is_dir() and len(relative.parts) == 1, f"left staged: {relative}"
+            continue
+        if relative.parts[0] == JOURNAL_DIR:  # the ingest journal: its folder and segments
+            assert len(relative.parts) == 1 or (
+                len(relative.parts) == 2 and path.is_file() and path.suffix == ".journal"
+            ), f"stray journal entry {relative}"
             continue
         names = list(relative.parts)
         if path.is_file():
