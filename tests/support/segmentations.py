@@ -18,6 +18,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
+from tests.support.whole_study import copy_patient_study
+
 LIVER = CodedConcept("10200004", "SCT", "Liver")
 
 
@@ -91,19 +93,7 @@ def write_rtstruct(
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "rtstruct"])
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    for keyword in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "StudyID",
-        "AccessionNumber",
-        "ReferringPhysicianName",
-    ):
-        setattr(ds, keyword, first.get(keyword, ""))
+    copy_patient_study(first, ds, blank_missing=True)
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, "rtstruct-series"])
     ds.SeriesNumber = 41

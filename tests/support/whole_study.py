@@ -155,7 +155,9 @@ def _localizer(slice_: Dataset, uid: Callable[[str], str]) -> Dataset:
     return ds
 
 
-def _patient_study(source: Dataset, ds: Dataset) -> None:
+def copy_patient_study(source: Dataset, ds: Dataset, *, blank_missing: bool = False) -> None:
+    """Give ``ds`` the patient and study of ``source``, as a modality's other objects carry
+    them; ``blank_missing`` writes empty values where the source has none (type 2)."""
     for keyword in (
         "PatientName",
         "PatientID",
@@ -170,6 +172,8 @@ def _patient_study(source: Dataset, ds: Dataset) -> None:
     ):
         if keyword in source:
             ds[keyword] = source[keyword]
+        elif blank_missing:
+            setattr(ds, keyword, "")
         else:
             setattr(ds, keyword, "")
 
@@ -181,7 +185,7 @@ def _new(sop_class: str, sop_instance: str, source: Dataset) -> Dataset:
     ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = sop_instance
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
-    _patient_study(source, ds)
+    copy_patient_study(source, ds)
     ds.Manufacturer = MANUFACTURER
     ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
