@@ -63,3 +63,20 @@ class Poller:
                 log.exception(self._failure)
             self._wake.wait(self._interval())
             self._wake.clear()
+
+
+class Polled:
+    """A sender driven by its own :class:`Poller` (``_poller``): started, stopped and woken
+    through it, so the commitment reporter and the MPPS forwarder share one way of doing so."""
+
+    _poller: Poller
+
+    def wake(self) -> None:
+        """Something was queued: look now rather than at the next poll."""
+        self._poller.wake()
+
+    def start(self) -> None:
+        self._poller.start()
+
+    def stop(self) -> None:
+        self._poller.stop()

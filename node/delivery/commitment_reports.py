@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from node.catalogue.db import Catalogue
 from node.catalogue.models import CommitmentRequest
-from node.core.poller import Poller
+from node.core.poller import Polled, Poller
 from node.core.settings import CommitmentSettings, ReportAddress
 from node.core.status import SUCCESS
 from node.delivery.responses import keep_responses
@@ -48,7 +48,7 @@ class ReportError(RuntimeError):
 
 
 @dataclass
-class CommitmentReporter:
+class CommitmentReporter(Polled):
     """One thread that answers pending storage commitment requests."""
 
     catalogue: Catalogue
@@ -68,16 +68,6 @@ class CommitmentReporter:
             "storage commitment reports failed; retrying",
             join_timeout=self.timeout + 5,
         )
-
-    def wake(self) -> None:
-        """Something was queued: look now rather than at the next poll."""
-        self._poller.wake()
-
-    def start(self) -> None:
-        self._poller.start()
-
-    def stop(self) -> None:
-        self._poller.stop()
 
     def report_due(self) -> int:
         """Answer every due request once; return how many were answered."""

@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from node.catalogue.db import Catalogue
-from node.core.poller import Poller
+from node.core.poller import Polled, Poller
 from node.core.settings import MppsForwardSettings
 from node.core.status import DUPLICATE_SOP_INSTANCE, SUCCESS
 from node.delivery.responses import keep_responses
@@ -34,7 +34,7 @@ PRUNE_EVERY = 3600.0  # seconds between two removals of old sent records
 
 
 @dataclass
-class MppsForwarder:
+class MppsForwarder(Polled):
     catalogue: Catalogue
     settings: MppsForwardSettings
     calling_ae_title: str
@@ -51,16 +51,6 @@ class MppsForwarder:
             "MPPS forwarding failed; retrying",
             join_timeout=self.timeout + 5,
         )
-
-    def wake(self) -> None:
-        """Something was queued: look now rather than at the next poll."""
-        self._poller.wake()
-
-    def start(self) -> None:
-        self._poller.start()
-
-    def stop(self) -> None:
-        self._poller.stop()
 
     def prune(self, now: datetime | None = None) -> int:
         """Remove sent records older than ``retention_days``; return how many."""
