@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -253,13 +254,9 @@ def test_an_instance_over_the_size_limit_gets_out_of_resources(
 ) -> None:
     """A C-STORE of a data set larger than max_instance_mb gets 0xA700 with the reason, the
     association goes on, and the next instance of normal size is stored."""
-    big = dcmread(get_testdata_file("CT_small.dcm"))
-    big.SOPInstanceUID = generate_uid()
-    big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
+    big = _new_ct()
     big.add_new(0x00091010, "OB", b"\x00" * ((MAX_INSTANCE_MB << 20) + 1024))
-    small = dcmread(get_testdata_file("CT_small.dcm"))
-    small.SOPInstanceUID = generate_uid()
-    small.file_meta.MediaStorageSOPInstanceUID = small.SOPInstanceUID
+    small = _new_ct()
     scu = AE(ae_title="STORESCU")
     scu.add_requested_context(CTImageStorage, big.file_meta.TransferSyntaxUID)
     assoc = scu.associate("127.0.0.1", node.dicom_port, ae_title="CURIA")
@@ -274,10 +271,16 @@ def test_an_instance_over_the_size_limit_gets_out_of_resources(
     assert stored.Status == 0x0000
 
 
-def _store_one(node: NodeProcess) -> None:
+def _new_ct() -> Dataset:
+    """pydicom's small CT under a new SOP Instance UID."""
     ds = dcmread(get_testdata_file("CT_small.dcm"))
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def _store_one(node: NodeProcess) -> None:
+    ds = _new_ct()
     scu = AE(ae_title="STORESCU")
     scu.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
     assoc = scu.associate("127.0.0.1", node.dicom_port, ae_title="CURIA")
@@ -487,9 +490,7 @@ def test_an_instance_larger_than_memory_is_spilled_to_disk_and_stored_whole(
     """A 2 MiB data set with instance_memory_mb = 1 is written to the spool as it arrives,
     answered Success and stored byte for byte; one cut short by an A-ABORT leaves no staged
     file behind."""
-    ds = dcmread(get_testdata_file("CT_small.dcm"))
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds = _new_ct()
     ds.add_new(0x00091010, "OB", bytes(range(256)) * (2 << 12))
     scu = AE(ae_title="STORESCU")
     scu.add_requested_context(CTImageStorage, ds.file_meta.TransferSyntaxUID)
