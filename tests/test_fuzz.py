@@ -290,9 +290,11 @@ def assert_spool_is_sound(fuzz: FuzzNode) -> None:
         if relative.parts[0] == STAGING_DIR:
             assert path.is_dir() and len(relative.parts) == 1, f"left staged: {relative}"
             continue
-        if relative.parts[0] == JOURNAL_DIR:  # the ingest journal: its folder and segments
+        if relative.parts[0] == JOURNAL_DIR:  # the ingest journal: its folder, segments, spares
             assert len(relative.parts) == 1 or (
-                len(relative.parts) == 2 and path.is_file() and path.suffix == ".journal"
+                len(relative.parts) == 2
+                and path.is_file()
+                and path.suffix in (".journal", ".spare")
             ), f"stray journal entry {relative}"
             continue
         names = list(relative.parts)

@@ -28,7 +28,7 @@ from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance, Series
 from node.core.status import SUCCESS
 from node.store.ingest import Ingestor
-from node.store.journal import JOURNAL_DIR, Journal
+from node.store.journal import JOURNAL_DIR, Journal, Segment
 from node.store.spool import Spool
 from tests.support.peers import wait_for
 
@@ -42,7 +42,7 @@ CHILD = textwrap.dedent(
     from node.catalogue.db import Catalogue
     from node.store import journal as journal_module, write_ahead
     from node.store.ingest import Ingestor
-    from node.store.journal import JOURNAL_DIR, Journal
+    from node.store.journal import JOURNAL_DIR, Journal, Segment
     from node.store.spool import Spool
 
     root, url, point, crash_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -77,6 +77,21 @@ CHILD = textwrap.dedent(
             if calls["n"] == crash_at:
                 die()
         write_ahead.WriteAhead._write = write
+    elif point == "zero-fill":  # a spare segment half zero-filled: never used, removed
+        original_write_out = journal_module.write_out
+        def write_out(fd, offset, length):
+            original_write_out(fd, offset, length)
+            if offset >= 1 << 20:
+                die()
+        journal_module.write_out = write_out
+    elif point == "reused":  # a spare renamed to the next number, before its first record
+        original_take = journal_module.Journal._take_spare
+        def take(self):
+            segment = original_take(self)
+            if segment is not None:
+                die()
+            return segment
+        journal_module.Journal._take_spare = take
     elif point == "filed":  # rows committed (relaxed), segment not yet retired
         original_materialised = journal_module.Journal.materialised
         def materialised(self, segment, paths):
@@ -96,6 +111,9 @@ CHILD = textwrap.dedent(
             print(path.name, flush=True)
         if point == "mid-filing" or point == "filed":
             ingestor.settle()
+        if point in ("zero-fill", "reused"):  # let the spare be made while the segment fills
+            import time
+            time.sleep(0.2)
     ingestor.close()
     """
 )
@@ -137,11 +155,14 @@ def _check(root: Path, url: str, series: Path, succeeded: list[str]) -> Ingestor
     for sop, row in rows.items():
         assert spool.absolute(row.path).is_file(), f"catalogued {sop} has no file"
     assert not list((spool.root / JOURNAL_DIR).glob("*.journal")), "replayed segments go"
+    assert not list((spool.root / JOURNAL_DIR).glob("*.tmp")), "a half-made spare goes"
     return ingestor
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-@pytest.mark.parametrize("point", ["mid-write", "synced", "mid-filing", "filed"])
+@pytest.mark.parametrize(
+    "point", ["mid-write", "synced", "mid-filing", "filed", "zero-fill", "reused"]
+)
 def test_kill_9_in_the_journal_path_loses_nothing_that_got_success(
     point: str, backend: str, series: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -273,3 +294,63 @@ def test_concurrent_associations_share_a_flush_and_full_segments_go(
     assert not list((ingestor.spool.root / JOURNAL_DIR).glob("*.journal"))
     with ingestor.catalogue.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == SLICES
+
+
+def _fill(journal: Journal, payloads: list[bytes], tag: str) -> list[Segment]:
+    """Append ``payloads`` (tagged), waiting between appends until a spare is ready once
+    the first segment is a quarter full; the segments they went to."""
+    segments = []
+    for index, data in enumerate(payloads):
+        segment = journal.append({"tag": tag, "n": index}, [data])
+        if segment not in segments:
+            segments.append(segment)
+        if index == 2:
+            wait_for(lambda: journal.spares > 0, 10, "a spare segment is zero-filled")
+    return segments
+
+
+def test_a_reused_segment_never_replays_its_earlier_records(series: Path, tmp_path: Path) -> None:
+    """A merely allocated segment is left for a zero-filled spare as soon as one is ready;
+    a prepared segment, once retired, is kept as a spare (across restarts too) and reused
+    under a higher number: after a crash only the records of its new life are read back,
+    never the instances it held before (filed long ago)."""
+    folder = tmp_path / "j"
+    payloads = [p.read_bytes() for p in sorted(series.iterdir())]
+    journal = Journal(folder, 1 << 22)
+    assert list(journal.recover()) == []
+    first, *_, last = _fill(journal, payloads[:6], "old")
+    assert not first.prepared and last.prepared, "left for the zero-filled spare"
+    for segment in journal.close():  # all filed and synced: retired
+        journal.forget(segment)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{last.number:012d}.spare"]
+
+    journal = Journal(folder, 1 << 22)
+    assert list(journal.recover()) == [] and journal.spares == 1
+    reused = journal.append({"tag": "new", "n": 0}, [payloads[6]])
+    assert reused.prepared and reused.number > last.number
+    os.close(reused.fd)  # a crash: nothing filed, nothing retired
+    found = list(Journal(folder, 1 << 22).recover())
+    assert [(r.meta["tag"], r.payload) for r in found] == [("new", payloads[6])]
+
+
+def test_records_of_the_earlier_format_are_still_read(tmp_path: Path) -> None:
+    """A journal left by the previous version (records checked by SHA-256) is filed at
+    the first start of this one."""
+    import json
+    import zlib
+
+    from node.store import journal as journal_module
+
+    folder = tmp_path / "j"
+    folder.mkdir()
+    payload = os.urandom(10_000)
+    meta = json.dumps({"n": 1}).encode()
+    head = journal_module._HEAD_V1.pack(
+        b"CJR1", 1, len(meta), len(payload), hashlib.sha256(payload).digest()
+    )
+    check = journal_module._HEAD_CRC.pack(zlib.crc32(meta, zlib.crc32(head)))
+    record = head + check + meta + payload
+    (folder / "000000000001.journal").write_bytes(record + bytes(8192 - len(record) % 4096))
+    [found] = list(Journal(folder).recover())
+    assert found.meta == {"n": 1} and found.payload == payload
+    assert found.sha256 == hashlib.sha256(payload).hexdigest()

@@ -32,6 +32,7 @@ import mmap
 import os
 import struct
 import threading
+import uuid
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,20 +40,27 @@ from pathlib import Path
 from typing import Any
 
 from node.store.spool import fsync_dir
+from node.store.syscalls import write_out
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"CJR1"
+MAGIC, MAGIC_V1 = b"CJR2", b"CJR1"
 ALIGN = 4096
 SEGMENT_BYTES = 128 << 20
+SPARE_SEGMENTS = 4  # retired segments kept for reuse (their blocks already written)
+PREPARE_AFTER = 8 << 20  # appended to a merely allocated segment (or a quarter) before a spare
+_ZEROS = bytes(1 << 20)
+_PADDING = bytes(4096)
 JOURNAL_DIR = (
     ".journal"  # under the spool root, beside its staging folder; no UID starts with a dot
 )
-_HEAD = struct.Struct("<4sQIQ32s")
+_HEAD = struct.Struct("<4sQIQI")
+_HEAD_V1 = struct.Struct("<4sQIQ32s")
 _HEAD_CRC = struct.Struct("<I")
 HEAD_BYTES = _HEAD.size + _HEAD_CRC.size
 _IOV_MAX = 1024
 _SUFFIX = ".journal"
+_SPARE = ".spare"  # a retired or zero-filled segment, ready to be renamed and reused
 
 Buffer = bytes | bytearray | memoryview
 
@@ -77,6 +85,7 @@ class Segment:
     finished: int = 0
     synced: int = 0
     syncing: bool = False
+    prepared: bool = False  # every block written beforehand: appends change no metadata
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,10 @@ class Record:
     segment: int
     meta: dict[str, Any]
     payload: bytes
-    sha256: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.payload).hexdigest()
 
 
 class JournalError(OSError):
@@ -110,6 +122,10 @@ class Journal:
         self._next_number = 1
         self._old: list[Path] = []
         self._full: list[Segment] = []
+        self._spares: list[Path] = []  # prepared segments, ready to be renamed and used
+        self._preparing: threading.Thread | None = None
+        self._closed = False
+        self._prepare_after = min(PREPARE_AFTER, segment_bytes // 4)
 
     # -- recovery
 
@@ -117,14 +133,25 @@ class Journal:
         """The valid records of the segments a previous run left, oldest first."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fsync_dir(self.folder.parent)
+        for path in self.folder.glob("*.tmp"):  # a spare cut short while it was zero-filled
+            path.unlink()
+        # A spare keeps the number it last had: numbers only grow, so records of a reused
+        # segment's earlier life can never carry the number it is given again.
+        numbers = [0]
+        for path in self.folder.glob(f"*{_SPARE}"):
+            if path.stem.isdigit():
+                numbers.append(int(path.stem))
+            if path.stat().st_size == self.segment_bytes:
+                self._spares.append(path)
+            else:  # made for another segment size
+                path.unlink()
         found = sorted(
             (int(path.stem), path)
             for path in self.folder.glob(f"*{_SUFFIX}")
             if path.stem.isdigit()
         )
         self._old = [path for _, path in found]
-        if found:
-            self._next_number = found[-1][0] + 1
+        self._next_number = max(numbers + [number for number, _ in found]) + 1
         for number, path in found:
             yield from _read_segment(number, path)
 
@@ -139,10 +166,9 @@ class Journal:
 
     # -- appending
 
-    def append(self, meta: dict[str, Any], payload: Sequence[Buffer]) -> tuple[Segment, str]:
+    def append(self, meta: dict[str, Any], payload: Sequence[Buffer]) -> Segment:
         """Write one record and return once it is durable: the segment that holds it (its
-        ``outstanding`` count already includes the record) and the payload's SHA-256, which
-        is the record's checksum and the catalogue's digest of the instance."""
+        ``outstanding`` count already includes the record)."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         size = sum(len(part) for part in payload)
         length = HEAD_BYTES + len(meta_bytes) + size
@@ -154,30 +180,62 @@ class Journal:
             segment.end += _aligned(length)
             segment.outstanding += 1
         try:
-            digest = hashlib.sha256()
+            crc = 0
             for part in payload:
-                digest.update(part)
-            head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, digest.digest())
+                crc = zlib.crc32(part, crc)
+            head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, crc)
             check = _HEAD_CRC.pack(zlib.crc32(meta_bytes, zlib.crc32(head)))
-            parts: list[Buffer] = [head, check, meta_bytes, *payload]
-            self._write(segment.fd, parts, offset, length)
+            # Padded to whole pages: a page written in part is read from disk first.
+            padding = _PADDING[: _aligned(length) - length]
+            parts: list[Buffer] = [head, check, meta_bytes, *payload, padding]
+            self._write(segment.fd, parts, offset, length + len(padding))
         except BaseException:
             with self._lock:
                 segment.outstanding -= 1
                 segment.finished += 1  # nothing to wait for; the next flush covers the rest
             raise
         self._sync(segment)
-        return segment, digest.hexdigest()
+        return segment
 
     def _room(self, length: int) -> Segment:
+        """The segment to append ``length`` bytes to (the lock held): the current one while
+        it has room, unless it was merely allocated and a prepared one is ready."""
         segment = self._current
-        if segment is not None and segment.end + length <= segment.size:
+        fits = segment is not None and segment.end + length <= segment.size
+        if fits and segment is not None and (segment.prepared or not self._spares):
+            if not segment.prepared and segment.end >= self._prepare_after:
+                self._prepare_spare()
             return segment
         if segment is not None:
             segment.full = True
             self._full.append(segment)
-        self._current = self._create()
+        spare = self._take_spare()
+        self._current = spare or self._create()
+        if spare is not None and not self._spares:
+            self._prepare_spare()  # busy enough to have filled one: the next, while this fills
         return self._current
+
+    def _take_spare(self) -> Segment | None:
+        """A prepared segment under the next number, or None when there is none."""
+        while self._spares:
+            spare = self._spares.pop()
+            number = self._next_number
+            path = self.folder / f"{number:012d}{_SUFFIX}"
+            try:
+                os.rename(spare, path)
+                fd = os.open(path, os.O_RDWR)
+            except OSError as exc:
+                log.warning("cannot reuse a spare journal segment: %s", exc)
+                spare.unlink(missing_ok=True)
+                continue
+            try:
+                fsync_dir(self.folder)  # its new name is durable before a record needs it
+            except OSError as exc:
+                os.close(fd)
+                raise JournalError(exc.errno, f"cannot rename a journal segment: {exc}") from exc
+            self._next_number += 1
+            return Segment(number, path, fd, self.segment_bytes, prepared=True)
+        return None
 
     def _create(self) -> Segment:
         number = self._next_number
@@ -193,6 +251,49 @@ class Journal:
             path.unlink(missing_ok=True)
             raise JournalError(exc.errno, f"cannot create a journal segment: {exc}") from exc
         return Segment(number, path, fd, self.segment_bytes)
+
+    def _prepare_spare(self) -> None:
+        """Zero-fill a spare segment in the background (the lock held), unless one is
+        being made."""
+        if self._closed or (self._preparing is not None and self._preparing.is_alive()):
+            return
+        self._preparing = threading.Thread(
+            target=self._zero_fill, name="journal-spare", daemon=True
+        )
+        self._preparing.start()
+
+    def _zero_fill(self) -> None:
+        path = self.folder / f"{uuid.uuid4().hex}.tmp"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                for offset in range(0, self.segment_bytes, len(_ZEROS)):
+                    os.pwrite(fd, _ZEROS[: self.segment_bytes - offset], offset)
+                    # Written out a chunk at a time: the disk's queue never holds more than
+                    # one of them in front of an append's flush (a single fsync of the whole
+                    # segment held each flush behind it for 70 ms).
+                    write_out(fd, offset, len(_ZEROS))
+                    if self._closed:
+                        raise InterruptedError("the journal closed")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            spare = path.with_name(f"{path.stem}{_SPARE}")
+            os.rename(path, spare)
+            fsync_dir(self.folder)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if not isinstance(exc, InterruptedError):
+                log.warning("cannot prepare a journal segment: %s", exc)
+            return
+        with self._lock:
+            self._spares.append(spare)
+
+    @property
+    def spares(self) -> int:
+        """Prepared segments ready for use."""
+        with self._lock:
+            return len(self._spares)
 
     @staticmethod
     def _write(fd: int, parts: list[Buffer], offset: int, length: int) -> None:
@@ -252,19 +353,37 @@ class Journal:
             return done
 
     def forget(self, segment: Segment) -> None:
-        """Remove a retired segment (its files already synced by the caller)."""
+        """Retire a segment whose files the caller has synced: kept as a spare when it was
+        prepared and fewer than ``SPARE_SEGMENTS`` are kept, else removed."""
         os.close(segment.fd)
+        with self._lock:  # kept at shutdown too: the next start needs no zero-filling
+            keep = segment.prepared and len(self._spares) < SPARE_SEGMENTS
+        if keep:
+            spare = segment.path.with_suffix(_SPARE)
+            try:
+                os.rename(segment.path, spare)
+                fsync_dir(self.folder)
+            except OSError as exc:
+                log.warning("cannot keep journal segment %d as a spare: %s", segment.number, exc)
+            else:
+                with self._lock:
+                    self._spares.append(spare)
+                return
         segment.path.unlink(missing_ok=True)
 
     def close(self) -> list[Segment]:
         """Stop appending; the segments left, for the caller to retire once drained."""
         with self._lock:
+            self._closed = True
+            preparing = self._preparing
             segment, self._current = self._current, None
             if segment is not None:
                 segment.full = True
                 self._full.append(segment)
             left, self._full = self._full, []
-            return left
+        if preparing is not None:
+            preparing.join()
+        return left
 
 
 def _read_segment(number: int, path: Path) -> Iterator[Record]:
@@ -279,20 +398,24 @@ def _read_segment(number: int, path: Path) -> Iterator[Record]:
                 if record is None:
                     offset += ALIGN
                     continue
-                meta, payload, digest, length = record
-                yield Record(number, meta, payload, digest)
+                meta, payload, length = record
+                yield Record(number, meta, payload)
                 offset += _aligned(length)
 
 
 def _record_at(
     data: mmap.mmap, offset: int, number: int
-) -> tuple[dict[str, Any], bytes, str, int] | None:
-    if data[offset : offset + 4] != MAGIC:
+) -> tuple[dict[str, Any], bytes, int] | None:
+    magic = data[offset : offset + 4]
+    if magic not in (MAGIC, MAGIC_V1):
         return None
-    head = data[offset : offset + _HEAD.size]
-    (check,) = _HEAD_CRC.unpack_from(data, offset + _HEAD.size)
-    _, segment, meta_length, size, digest = _HEAD.unpack(head)
-    start = offset + HEAD_BYTES
+    layout = _HEAD if magic == MAGIC else _HEAD_V1
+    if offset + layout.size + _HEAD_CRC.size > len(data):
+        return None
+    head = data[offset : offset + layout.size]
+    (check,) = _HEAD_CRC.unpack_from(data, offset + layout.size)
+    _, segment, meta_length, size, payload_check = layout.unpack(head)
+    start = offset + layout.size + _HEAD_CRC.size
     end = start + meta_length + size
     if segment != number or end > len(data):
         return None
@@ -300,10 +423,14 @@ def _record_at(
     if zlib.crc32(meta_bytes, zlib.crc32(head)) != check:
         return None
     payload = data[start + meta_length : end]
-    if hashlib.sha256(payload).digest() != digest:
+    if magic == MAGIC:
+        intact = zlib.crc32(payload) == payload_check
+    else:
+        intact = hashlib.sha256(payload).digest() == payload_check
+    if not intact:
         return None  # cut short by a crash: it was never answered
     try:
         meta = json.loads(meta_bytes)
     except ValueError:
         return None
-    return meta, payload, digest.hex(), end - offset
+    return meta, payload, end - offset

@@ -20,9 +20,6 @@ way of :mod:`node.store.ingest` (after anything of its UID still in the journal 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import logging
 import os
@@ -43,6 +40,7 @@ from node.core.status import OUT_OF_RESOURCES, SUCCESS
 from node.store.header import InstanceHeader
 from node.store.journal import Journal, JournalError, Record, Segment
 from node.store.spool import StoredFile, fsync_dir, write_durably
+from node.store.syscalls import syncfs
 
 if TYPE_CHECKING:
     from node.store.ingest import Ingestor, IngestOutcome
@@ -54,7 +52,7 @@ BACKLOG_WAIT_SECONDS = 30.0  # longest wait for room in the backlog before refus
 FILING_BATCH = 64  # records worth filing at once ...
 FILING_DELAY = 0.05  # ... or whatever came within this many seconds of the first
 MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
-RETIRE_BYTES = 1 << 30  # journal segments kept, while busy, before their files are synced
+RETIRE_BYTES = 512 << 20  # journal segments kept, while busy, before their files are synced
 IDLE_SECONDS = 1.0  # quiet this long, the filer syncs and removes drained segments
 FILING_THREADS = 4  # write spool files in parallel (a write releases the GIL)
 _RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
@@ -81,7 +79,7 @@ class _Pending:
 
     header: InstanceHeader
     payload: bytes
-    sha256: str
+    sha256: str | None  # computed by the filer, off the sender's path
     relative_path: str
     calling_ae: str | None
     segment: Segment | None  # None: recovered from a segment of an earlier run
@@ -115,7 +113,7 @@ def _pending_from(record: Record) -> _Pending:
         texts=dict(meta["texts"]),
         instance_number=meta["number"],
     )
-    return _Pending(header, record.payload, record.sha256, meta["path"], meta["ae"], None)
+    return _Pending(header, record.payload, None, meta["path"], meta["ae"], None)
 
 
 class WriteAhead:
@@ -166,12 +164,12 @@ class WriteAhead:
                     return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
                 self._changed.wait(left)
         try:
-            segment, digest = self.journal.append(header_meta(header, relative, calling_ae), [data])
+            segment = self.journal.append(header_meta(header, relative, calling_ae), [data])
         except (JournalError, ValueError) as exc:
             log.error("cannot journal an instance: %s", exc)
             return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the journal")
         with self._lock:
-            self._pending[uid] = _Pending(header, data, digest, relative, calling_ae, segment)
+            self._pending[uid] = _Pending(header, data, None, relative, calling_ae, segment)
             self._queue.append(uid)
             self._pending_bytes += len(data)
             self._changed.notify_all()
@@ -183,6 +181,8 @@ class WriteAhead:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             waiting = set(self._pending) if uids is None else uids
+            if not any(uid in self._pending for uid in waiting):
+                return True  # nothing to wait for: the filer keeps gathering its batch
             self._hurry += 1
             self._changed.notify_all()
             try:
@@ -285,7 +285,7 @@ class WriteAhead:
         same digest (filed before a crash) gets its file back if it lost it; one whose row
         now holds other bytes (replaced since) is left as it is."""
         ingestor = self.ingestor
-        digests = [item.sha256 for item in batch]
+        digests = list(self._pool.map(_digest, batch))  # hashing releases the interpreter
         with ingestor.catalogue.engine.connect() as connection:
             known = dict(
                 connection.execute(
@@ -358,7 +358,7 @@ class WriteAhead:
     def _retire(self, segment: Segment) -> None:
         """Sync the files and catalogue rows filed from a full segment, then remove it."""
         try:
-            if not _syncfs(self.ingestor.spool.root):
+            if not syncfs(self.ingestor.spool.root):
                 folders = set()
                 for relative in segment.written:
                     path = self.ingestor.spool.absolute(relative)
@@ -402,29 +402,11 @@ class WriteAhead:
         self.journal.retire_recovered()
 
 
-def _syncfs(folder: Any) -> bool:
-    """Flush the whole file system that holds ``folder`` (one flush for every file filed
-    from a segment, and their folders); False where ``syncfs`` is not available."""
-    libc = _libc()
-    if libc is None:
-        return False
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if libc.syncfs(fd) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, os.strerror(error))
-    finally:
-        os.close(fd)
-    return True
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "syncfs") else None
+def _digest(item: _Pending) -> str:
+    """The catalogue's SHA-256 of an instance in the journal, computed once."""
+    if item.sha256 is None:
+        item.sha256 = hashlib.sha256(item.payload).hexdigest()
+    return item.sha256
 
 
 def _holds(path: Any, digest: str) -> bool:
