@@ -6,7 +6,12 @@ for each beside two floors of the disk, the same bytes made durable without netw
 parsing or catalogue:
 
 - the file floor: each instance to a new file, fsynced, renamed, its folder fsynced;
-- the journal floor: each instance appended to a preallocated file, one fdatasync each.
+- the journal floor: each instance appended to a preallocated file, one fdatasync each
+  (and the same into blocks zero-filled beforehand, as the node's journal segments are);
+
+and, beside DCMTK storing, DCMTK receiving without storing (``storescp --ignore``): what the
+sender and the network allow at all. The node's CPU time per instance (all its threads,
+user and system) and the sender's are printed too.
 
 Disks differ between machines, so the ratios node/DCMTK, node/file floor and node/journal
 floor are printed from the same run. Then ``--senders`` concurrent storescu x ``--slices``
@@ -149,12 +154,16 @@ class PeakRss:
         return self.peak / (1 << 20)
 
 
-def dcmtk_rate(folders: list[Path], slices: int, work: Path, fork: bool) -> tuple[float, float]:
-    """Instances/s of storescp (``--fork`` for several senders) and its peak RSS in MiB."""
+def dcmtk_rate(
+    folders: list[Path], slices: int, work: Path, fork: bool, ignore: bool = False
+) -> tuple[float, float]:
+    """Instances/s of storescp (``--fork`` for several senders; ``--ignore`` to receive
+    without storing anything) and its peak RSS in MiB."""
     port = free_port()
     out = work / f"storescp-{len(folders)}"
     out.mkdir()
     command = ["storescp", "-aet", "CURIA", "-od", str(out)] + (["--fork"] if fork else [])
+    command += ["--ignore"] if ignore else []
     proc = subprocess.Popen([*command, str(port)], env=DCMTK_ENV)
     try:
         wait_for(lambda: port_open(port), 10, "storescp did not start")
@@ -184,15 +193,21 @@ def durable_floor(folder: Path, work: Path) -> float:
 JOURNAL_SEGMENT = 256 << 20
 
 
-def journal_floor(folder: Path, work: Path) -> float:
+def journal_floor(folder: Path, work: Path, written: bool = False) -> float:
     """Instances/s for the cheapest durable write of the same bytes: appended with
-    ``pwrite`` to a preallocated file (created, allocated and fsynced beforehand, as a
-    journal segment is), one ``fdatasync`` per instance."""
+    ``pwrite`` to a preallocated file (created, allocated and fsynced beforehand), one
+    ``fdatasync`` per instance. With ``written`` its blocks are zero-filled first, as the
+    node's journal segments are (a flush then changes no file system metadata)."""
     payloads = [path.read_bytes() for path in sorted(folder.iterdir())]
     path = work / "journal.floor"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.posix_fallocate(fd, 0, max(JOURNAL_SEGMENT, sum(map(len, payloads)) + (1 << 20)))
+        size = max(JOURNAL_SEGMENT, sum(map(len, payloads)) + (1 << 20))
+        os.posix_fallocate(fd, 0, size)
+        if written:
+            zeros = bytes(1 << 20)
+            for offset in range(0, size, len(zeros)):
+                os.pwrite(fd, zeros, offset)
         os.fsync(fd)
         fsync_dir(work)
         offset = 0
@@ -212,9 +227,11 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
     if not folder.exists():
         write_series(folder, args.slices)
     dcmtk, _ = dcmtk_rate([folder], args.slices, work, fork=False)
+    receive, _ = dcmtk_rate([folder], args.slices, work, fork=False, ignore=True)
     floor = durable_floor(folder, work)
     shutil.rmtree(work / "floor")
     journal = journal_floor(folder, work)
+    written = journal_floor(folder, work, written=True)
 
     run_dir = Path(tempfile.mkdtemp(prefix="node-", dir=work))
     url = f"sqlite:///{run_dir / 'catalogue.sqlite'}"
@@ -229,14 +246,25 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         SourcePolicy(catalogue, accept_any=True),
     )
     try:
+        before = os.times()
         node = args.slices / timed_send(port, [folder])
+        cpu = os.times()
         print(f"DCMTK storescp : {dcmtk:7.1f} instances/s (no fsync, no catalogue)")
         print(f"Curia Node     : {node:7.1f} instances/s (durable + catalogued before Success)")
+        print(f"receive floor  : {receive:7.1f} instances/s (storescp --ignore: stores nothing)")
         print(f"file floor     : {floor:7.1f} instances/s (new file + fsync + rename + dir fsync)")
         print(f"journal floor  : {journal:7.1f} instances/s (preallocated pwrite + fdatasync)")
+        print(f"  into written : {written:7.1f} instances/s (the same, blocks zero-filled first)")
         print(
             f"ratios node/DCMTK {node / dcmtk:.2f}, node/file floor {node / floor:.2f}, "
             f"node/journal floor {node / journal:.2f}"
+        )
+        per = 1000 / args.slices
+        print(
+            f"CPU per instance (ms): node {(cpu.user - before.user) * per:.2f} user + "
+            f"{(cpu.system - before.system) * per:.2f} system; storescu "
+            f"{(cpu.children_user - before.children_user) * per:.2f} user + "
+            f"{(cpu.children_system - before.children_system) * per:.2f} system"
         )
         folders = [work / f"series-{i}" for i in range(args.senders)]
         for extra in folders:

@@ -25,6 +25,7 @@ records are materialised and their files synced.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -263,16 +264,22 @@ class Journal:
         self._preparing.start()
 
     def _zero_fill(self) -> None:
+        """Write a spare segment's every block, bypassing the page cache where the file
+        system allows (``O_DIRECT``): copying 128 MiB of zeros through it costs as much
+        processor time as receiving 128 MiB of instances."""
         path = self.folder / f"{uuid.uuid4().hex}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        direct = getattr(os, "O_DIRECT", 0) and self.segment_bytes % len(_ZEROS) == 0
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
+                fd = os.open(path, flags | direct, 0o600)
+            except OSError:  # a file system without direct I/O (tmpfs)
+                path.unlink(missing_ok=True)
+                fd, direct = os.open(path, flags, 0o600), 0
+            try:
+                zeros = _aligned_zeros() if direct else memoryview(_ZEROS)
                 for offset in range(0, self.segment_bytes, len(_ZEROS)):
-                    os.pwrite(fd, _ZEROS[: self.segment_bytes - offset], offset)
-                    # Written out a chunk at a time: the disk's queue never holds more than
-                    # one of them in front of an append's flush (a single fsync of the whole
-                    # segment held each flush behind it for 70 ms).
-                    write_out(fd, offset, len(_ZEROS))
+                    self._zero_chunk(fd, zeros[: self.segment_bytes - offset], offset, direct)
                     if self._closed:
                         raise InterruptedError("the journal closed")
                 os.fsync(fd)
@@ -288,6 +295,15 @@ class Journal:
             return
         with self._lock:
             self._spares.append(spare)
+
+    @staticmethod
+    def _zero_chunk(fd: int, zeros: memoryview, offset: int, direct: int) -> None:
+        os.pwrite(fd, zeros, offset)
+        if not direct:
+            # Written out a chunk at a time: the disk's queue never holds more than one of
+            # them in front of an append's flush (one fsync of a whole segment written
+            # through the page cache held each flush behind it for 70 ms).
+            write_out(fd, offset, len(zeros))
 
     @property
     def spares(self) -> int:
@@ -384,6 +400,12 @@ class Journal:
         if preparing is not None:
             preparing.join()
         return left
+
+
+@functools.cache
+def _aligned_zeros() -> memoryview:
+    """Zeros in page-aligned memory, as direct I/O needs (an anonymous map is aligned)."""
+    return memoryview(mmap.mmap(-1, len(_ZEROS)))
 
 
 def _read_segment(number: int, path: Path) -> Iterator[Record]:
