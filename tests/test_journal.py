@@ -358,4 +358,3 @@ def test_records_of_the_earlier_format_are_still_read(tmp_path: Path) -> None:
     (folder / "000000000001.journal").write_bytes(record + bytes(8192 - len(record) % 4096))
     [found] = list(Journal(folder).recover())
     assert found.meta == {"n": 1} and found.payload == payload
-    assert found.sha256 == hashlib.sha256(payload).hexdigest()

@@ -50,8 +50,7 @@ ALIGN = 4096
 SEGMENT_BYTES = 128 << 20
 SPARE_SEGMENTS = 4  # retired segments kept for reuse (their blocks already written)
 PREPARE_AFTER = 8 << 20  # appended to a merely allocated segment (or a quarter) before a spare
-_ZEROS = bytes(1 << 20)
-_PADDING = bytes(4096)
+_ZERO_CHUNK = 1 << 20  # a spare is zero-filled this much at a time
 JOURNAL_DIR = (
     ".journal"  # under the spool root, beside its staging folder; no UID starts with a dot
 )
@@ -96,10 +95,6 @@ class Record:
     segment: int
     meta: dict[str, Any]
     payload: bytes
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.payload).hexdigest()
 
 
 class JournalError(OSError):
@@ -187,7 +182,7 @@ class Journal:
             head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, crc)
             check = _HEAD_CRC.pack(zlib.crc32(meta_bytes, zlib.crc32(head)))
             # Padded to whole pages: a page written in part is read from disk first.
-            padding = _PADDING[: _aligned(length) - length]
+            padding = _zeros()[: _aligned(length) - length]
             parts: list[Buffer] = [head, check, meta_bytes, *payload, padding]
             self._write(segment.fd, parts, offset, length + len(padding))
         except BaseException:
@@ -202,8 +197,11 @@ class Journal:
         """The segment to append ``length`` bytes to (the lock held): the current one while
         it has room, unless it was merely allocated and a prepared one is ready."""
         segment = self._current
-        fits = segment is not None and segment.end + length <= segment.size
-        if fits and segment is not None and (segment.prepared or not self._spares):
+        if (
+            segment is not None
+            and segment.end + length <= segment.size
+            and (segment.prepared or not self._spares)
+        ):
             if not segment.prepared and segment.end >= self._prepare_after:
                 self._prepare_spare()
             return segment
@@ -224,17 +222,20 @@ class Journal:
             path = self.folder / f"{number:012d}{_SUFFIX}"
             try:
                 os.rename(spare, path)
-                fd = os.open(path, os.O_RDWR)
             except OSError as exc:
                 log.warning("cannot reuse a spare journal segment: %s", exc)
                 spare.unlink(missing_ok=True)
                 continue
+            self._next_number += 1  # the name is taken, whatever happens next
+            fd = -1
             try:
+                fd = os.open(path, os.O_RDWR)
                 fsync_dir(self.folder)  # its new name is durable before a record needs it
             except OSError as exc:
-                os.close(fd)
-                raise JournalError(exc.errno, f"cannot rename a journal segment: {exc}") from exc
-            self._next_number += 1
+                if fd >= 0:
+                    os.close(fd)
+                path.unlink(missing_ok=True)
+                raise JournalError(exc.errno, f"cannot reuse a journal segment: {exc}") from exc
             return Segment(number, path, fd, self.segment_bytes, prepared=True)
         return None
 
@@ -269,17 +270,17 @@ class Journal:
         processor time as receiving 128 MiB of instances."""
         path = self.folder / f"{uuid.uuid4().hex}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        direct = getattr(os, "O_DIRECT", 0) and self.segment_bytes % len(_ZEROS) == 0
+        direct = hasattr(os, "O_DIRECT") and self.segment_bytes % _ZERO_CHUNK == 0
         try:
             try:
-                fd = os.open(path, flags | direct, 0o600)
+                fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
             except OSError:  # a file system without direct I/O (tmpfs)
                 path.unlink(missing_ok=True)
-                fd, direct = os.open(path, flags, 0o600), 0
+                fd, direct = os.open(path, flags, 0o600), False
             try:
-                zeros = _aligned_zeros() if direct else memoryview(_ZEROS)
-                for offset in range(0, self.segment_bytes, len(_ZEROS)):
-                    self._zero_chunk(fd, zeros[: self.segment_bytes - offset], offset, direct)
+                for offset in range(0, self.segment_bytes, _ZERO_CHUNK):
+                    zeros = _zeros()[: min(_ZERO_CHUNK, self.segment_bytes - offset)]
+                    self._zero_chunk(fd, zeros, offset, direct)
                     if self._closed:
                         raise InterruptedError("the journal closed")
                 os.fsync(fd)
@@ -297,7 +298,7 @@ class Journal:
             self._spares.append(spare)
 
     @staticmethod
-    def _zero_chunk(fd: int, zeros: memoryview, offset: int, direct: int) -> None:
+    def _zero_chunk(fd: int, zeros: memoryview, offset: int, direct: bool) -> None:
         os.pwrite(fd, zeros, offset)
         if not direct:
             # Written out a chunk at a time: the disk's queue never holds more than one of
@@ -403,9 +404,10 @@ class Journal:
 
 
 @functools.cache
-def _aligned_zeros() -> memoryview:
-    """Zeros in page-aligned memory, as direct I/O needs (an anonymous map is aligned)."""
-    return memoryview(mmap.mmap(-1, len(_ZEROS)))
+def _zeros() -> memoryview:
+    """Zeros for padding records and filling spares, made on first use, in page-aligned
+    memory as direct I/O needs (an anonymous map is aligned)."""
+    return memoryview(mmap.mmap(-1, _ZERO_CHUNK))
 
 
 def _read_segment(number: int, path: Path) -> Iterator[Record]:

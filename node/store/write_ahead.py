@@ -4,7 +4,7 @@ The listener's answer waits for one thing only: the journal record holding the i
 bytes and its catalogue record is on disk (:mod:`node.store.journal`, one ``fdatasync``
 shared by every association waiting at that moment). A thread behind it then writes the
 spool file (renamed into place, not yet fsynced) and commits the catalogue rows of every
-record waiting, in one transaction; a journal segment is deleted only once all its files
+record waiting, in one transaction; a journal segment is retired only once all its files
 are fsynced. Until then, a crash at any point is repaired at start-up, before anything
 reads the spool or the catalogue: every record left in the journal is filed again, and one
 already filed is recognised by its SOP Instance UID and digest, so it is never catalogued
@@ -79,10 +79,10 @@ class _Pending:
 
     header: InstanceHeader
     payload: bytes
-    sha256: str | None  # computed by the filer, off the sender's path
     relative_path: str
     calling_ae: str | None
     segment: Segment | None  # None: recovered from a segment of an earlier run
+    sha256: str | None = None  # computed by the filer (:func:`_digest`), off the sender's path
 
 
 def header_meta(
@@ -113,7 +113,7 @@ def _pending_from(record: Record) -> _Pending:
         texts=dict(meta["texts"]),
         instance_number=meta["number"],
     )
-    return _Pending(header, record.payload, None, meta["path"], meta["ae"], None)
+    return _Pending(header, record.payload, meta["path"], meta["ae"], None)
 
 
 class WriteAhead:
@@ -169,7 +169,7 @@ class WriteAhead:
             log.error("cannot journal an instance: %s", exc)
             return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the journal")
         with self._lock:
-            self._pending[uid] = _Pending(header, data, None, relative, calling_ae, segment)
+            self._pending[uid] = _Pending(header, data, relative, calling_ae, segment)
             self._queue.append(uid)
             self._pending_bytes += len(data)
             self._changed.notify_all()
@@ -356,7 +356,8 @@ class WriteAhead:
         os.replace(tmp, path)
 
     def _retire(self, segment: Segment) -> None:
-        """Sync the files and catalogue rows filed from a full segment, then remove it."""
+        """Sync the files and catalogue rows filed from a full segment, then retire it (kept
+        as a spare, or removed)."""
         try:
             if not syncfs(self.ingestor.spool.root):
                 folders = set()
