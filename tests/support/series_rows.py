@@ -8,9 +8,10 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
 
 from node.catalogue.db import Catalogue
-from node.catalogue.models import Instance, Series, Study
+from node.catalogue.models import Instance, Series, SeriesState, Study
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -58,26 +59,37 @@ def add_series(
     catalogue: Catalogue,
     spool: Path,
     files: list[Dataset],
-    ae: str = "CT1",
+    ae: str | None = "CT1",
     ago: float = 1.0,
     count: int | None = None,
+    *,
+    study: str | None = None,
+    state: SeriesState = SeriesState.RECEIVING,
+    modality: str = "CT",
 ) -> str:
-    """A receiving series of ``files`` (written to the spool) last received ``ago`` s before
-    NOW; return its UID."""
-    uid = generate_uid()
+    """A series of ``files`` (written to the spool, with its series and study UIDs) last
+    received ``ago`` s before NOW, in ``state`` (completed then, unless receiving); in
+    ``study`` when given (joined if catalogued already), else in a new study. Its UID is the
+    first file's Series Instance UID, if it has one."""
+    uid = str(files[0].get("SeriesInstanceUID") or generate_uid()) if files else generate_uid()
+    study = study or generate_uid()
     when = NOW - timedelta(seconds=ago)
     with catalogue.session() as session:
+        known = session.scalar(select(Study).where(Study.study_instance_uid == study))
         series = Series(
             series_instance_uid=uid,
-            study=Study(study_instance_uid=generate_uid()),
-            modality="CT",
+            study=known or Study(study_instance_uid=study),
+            modality=modality,
             calling_ae_title=ae,
             instance_count=len(files) if count is None else count,
+            state=state,
             first_received_at=when - timedelta(seconds=5),
             last_received_at=when,
+            completed_at=when if state != SeriesState.RECEIVING else None,
         )
         session.add(series)
         for ds in files:
+            ds.SeriesInstanceUID, ds.StudyInstanceUID = uid, study
             path = f"{ds.SOPInstanceUID}.dcm"
             ds.save_as(spool / path, enforce_file_format=True)
             session.add(
