@@ -26,7 +26,9 @@ from sqlalchemy import Connection, Table, bindparam, func, insert, select, updat
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.catalogue.db import Catalogue
-from node.catalogue.models import AuditEvent, Instance, Series, Study
+from node.catalogue.instance_lookups import INSTANCES as _INSTANCES
+from node.catalogue.instance_lookups import KNOWN_ANY, KNOWN_ONE
+from node.catalogue.models import AuditEvent, Series, Study
 from node.core.status import (
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
@@ -87,13 +89,9 @@ class _Known:
 
 # Core statements built once: an instance costs their execution, not their construction
 # (nor loading ORM objects it only reads one column of).
-_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 _SERIES: Table = Series.__table__  # type: ignore[assignment]
 _STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _AUDIT_EVENTS: Table = AuditEvent.__table__  # type: ignore[assignment]
-_KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.id, _INSTANCES.c.sha256)
-_KNOWN_ONE = _KNOWN.where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
-_KNOWN_ANY = _KNOWN.where(_INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
 _COUNT_IN_SERIES = (
     update(_SERIES)
     .where(_SERIES.c.series_instance_uid == bindparam("uid"))
@@ -252,9 +250,9 @@ class Ingestor:
             try:
                 with self.catalogue.engine.connect() as connection:
                     rows = (
-                        connection.execute(_KNOWN_ONE, {"uid": uids[0]})
+                        connection.execute(KNOWN_ONE, {"uid": uids[0]})
                         if len(uids) == 1
-                        else connection.execute(_KNOWN_ANY, {"uids": uids})
+                        else connection.execute(KNOWN_ANY, {"uids": uids})
                     )
                     existing = {uid: _Known(id_, sha256) for uid, id_, sha256 in rows}
             except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries

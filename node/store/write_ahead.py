@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.catalogue.models import Instance
+from node.catalogue.instance_lookups import INSTANCES as _INSTANCES
+from node.catalogue.instance_lookups import KNOWN_ANY, KNOWN_ONE
 from node.core.status import OUT_OF_RESOURCES, SUCCESS
 from node.store.header import InstanceHeader
 from node.store.journal import Journal, JournalError, Record, Segment
@@ -60,17 +61,12 @@ _RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # durable before the journal lets go of their records.
 _RELAXED = ("sqlite", "postgresql")
 
-_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
-_KNOWN = select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256).where(
-    _INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
-)
 # A write that changes nothing, so that its commit is a WAL commit that is fsynced.
 _TOUCH_LAST = (
     update(_INSTANCES)
     .where(_INSTANCES.c.id == select(func.max(_INSTANCES.c.id)).scalar_subquery())
     .values(id=_INSTANCES.c.id)
 )
-_KNOWN_ONE = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
 
 
 @dataclass
@@ -147,7 +143,7 @@ class WriteAhead:
         self.settle({uid})
         try:
             with self.ingestor.catalogue.engine.connect() as connection:
-                if connection.execute(_KNOWN_ONE, {"uid": uid}).first() is not None:
+                if connection.execute(KNOWN_ONE, {"uid": uid}).first() is not None:
                     return None
         except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
             log.error("cannot read the catalogue for an instance: %s", brief(exc))
@@ -287,11 +283,10 @@ class WriteAhead:
         ingestor = self.ingestor
         digests = list(self._pool.map(_digest, batch))  # hashing releases the interpreter
         with ingestor.catalogue.engine.connect() as connection:
-            known = dict(
-                connection.execute(
-                    _KNOWN, {"uids": [i.header.sop_instance_uid for i in batch]}
-                ).all()
+            rows = connection.execute(
+                KNOWN_ANY, {"uids": [i.header.sop_instance_uid for i in batch]}
             )
+            known = {uid: sha256 for uid, _, sha256 in rows}
         new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
         writes: list[tuple[Path, bytes]] = []
         for item, digest in zip(batch, digests, strict=True):

@@ -1,0 +1,16 @@
+"""Which SOP Instance UIDs the catalogue holds already, and with what bytes: the lookups
+ingest makes before storing (one instance, or a batch), built once so that an instance
+costs their execution, not their construction."""
+
+from __future__ import annotations
+
+from sqlalchemy import Table, bindparam, select
+
+from node.catalogue.models import Instance
+
+INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+
+#: (sop_instance_uid, id, sha256) of catalogued instances
+KNOWN = select(INSTANCES.c.sop_instance_uid, INSTANCES.c.id, INSTANCES.c.sha256)
+KNOWN_ONE = KNOWN.where(INSTANCES.c.sop_instance_uid == bindparam("uid"))
+KNOWN_ANY = KNOWN.where(INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
