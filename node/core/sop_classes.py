@@ -36,11 +36,14 @@ ANALYSABLE = frozenset(
     }
 )
 
-#: Objects whose segments or ROIs a mask-pooled head may read its mask from (SEG, Label Map
-#: SEG, RT Structure Set): never analysed themselves.
-SEGMENTATIONS = frozenset(
-    {SegmentationStorage, "1.2.840.10008.5.1.4.1.1.66.7", RTStructureSetStorage}
-)
+#: Objects whose segments or ROIs a mask-pooled head may read its mask from, with the kind
+#: of object each is read as (SEG, Label Map SEG, RT Structure Set): never analysed themselves.
+SEGMENTATION_KINDS = {
+    SegmentationStorage: "SEG",
+    "1.2.840.10008.5.1.4.1.1.66.7": "SEG",  # Label Map Segmentation
+    RTStructureSetStorage: "RTSTRUCT",
+}
+SEGMENTATIONS = frozenset(SEGMENTATION_KINDS)
 
 
 def name(uid: str) -> str:

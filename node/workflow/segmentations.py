@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from node.catalogue.models import Instance, PipelineRun, Series, SeriesState
 from node.core import sop_classes
+from node.core.segmentation_refs import referenced_series
 from node.workflow import runs
 from node.workflow.routing import first_header
 
@@ -60,15 +61,11 @@ def _what_it_lies_on(paths: list[Path]) -> tuple[set[str], set[str]]:
             ds = dcmread(path, stop_before_pixels=True)
         except (OSError, InvalidDicomError, ValueError):
             continue
-        series |= {str(i.SeriesInstanceUID) for i in ds.get("ReferencedSeriesSequence") or []}
+        series |= referenced_series(ds)
         if ds.get("FrameOfReferenceUID"):
             frames.add(str(ds.FrameOfReferenceUID))
         for ref in ds.get("ReferencedFrameOfReferenceSequence") or []:
             frames.add(str(ref.FrameOfReferenceUID))
-            for study in ref.get("RTReferencedStudySequence") or []:
-                series |= {
-                    str(s.SeriesInstanceUID) for s in study.get("RTReferencedSeriesSequence") or []
-                }
     return series, frames
 
 

@@ -11,7 +11,7 @@ import path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,14 @@ import highdicom as hd
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 
+from node.core.segmentation_refs import referenced_series
+from node.core.sop_classes import SEGMENTATION_KINDS
 from pipelines.findings import CodeRef
 from pipelines.model.segment_masks import Contour, SegmentFrame, StudySegment
+from pipelines.model.slices import first_in_groups
 
 log = logging.getLogger(__name__)
-
-#: The objects a head's mask may come from, by SOP class.
-SEGMENTATION_CLASSES = {
-    SegmentationStorage: "SEG",
-    "1.2.840.10008.5.1.4.1.1.66.7": "SEG",  # Label Map Segmentation
-    RTStructureSetStorage: "RTSTRUCT",
-}
 
 
 def _code(items: Any) -> CodeRef | None:
@@ -49,14 +44,6 @@ def _floats(value: Any) -> tuple[float, ...] | None:
     return tuple(float(v) for v in value) if value else None
 
 
-def _first(groups: Sequence[Dataset], sequence: str, keyword: str) -> Any:
-    for group in groups:
-        items = group.get(sequence)
-        if items and items[0].get(keyword) not in (None, ""):
-            return items[0].get(keyword)
-    return None
-
-
 def _source(group: Dataset) -> tuple[str, int]:
     for derivation in group.get("DerivationImageSequence") or []:
         for source in derivation.get("SourceImageSequence") or []:
@@ -66,18 +53,10 @@ def _source(group: Dataset) -> tuple[str, int]:
     return "", 0
 
 
-def _referenced_series(ds: Dataset) -> frozenset[str]:
-    uids = {str(item.SeriesInstanceUID) for item in ds.get("ReferencedSeriesSequence") or []}
-    for frame_ref in ds.get("ReferencedFrameOfReferenceSequence") or []:
-        for study in frame_ref.get("RTReferencedStudySequence") or []:
-            for series in study.get("RTReferencedSeriesSequence") or []:
-                uids.add(str(series.SeriesInstanceUID))
-    return frozenset(uids)
-
-
 def read_seg(path: Path) -> list[StudySegment]:
     """Every segment of a Segmentation, each with its frames (pixels and placement)."""
     seg = hd.seg.segread(path)
+    series = referenced_series(seg)
     labelmap = str(seg.get("SegmentationType", "")) == "LABELMAP"
     fractional = str(seg.get("SegmentationType", "")) == "FRACTIONAL"
     threshold = float(seg.get("MaximumFractionalValue", 1) or 1) / 2
@@ -88,15 +67,20 @@ def read_seg(path: Path) -> list[StudySegment]:
         groups = [group, *shared]
         stored = np.asarray(seg.get_stored_frame(index + 1))
         uid, source_frame = _source(group)
-        position = _floats(_first(groups, "PlanePositionSequence", "ImagePositionPatient"))
-        orientation = _floats(_first(groups, "PlaneOrientationSequence", "ImageOrientationPatient"))
+        position = _floats(first_in_groups(groups, "PlanePositionSequence", "ImagePositionPatient"))
+        orientation = _floats(
+            first_in_groups(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+        )
         place = (uid, source_frame, position, orientation)
         if labelmap:
             for number in frames:
-                if np.any(stored == number):
-                    frames[number].append(SegmentFrame(stored == number, *place))
+                pixels = stored == number
+                if pixels.any():
+                    frames[number].append(SegmentFrame(pixels, *place))
             continue
-        number = int(_first(groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber"))
+        number = int(
+            first_in_groups(groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
+        )
         pixels = stored > threshold if fractional else stored > 0
         frames.setdefault(number, []).append(SegmentFrame(pixels, *place))
     segments = []
@@ -109,7 +93,7 @@ def read_seg(path: Path) -> list[StudySegment]:
                 label=str(description.get("SegmentLabel", "") or ""),
                 code=_code(description.get("SegmentedPropertyTypeCodeSequence")),
                 frame_of_reference=str(seg.get("FrameOfReferenceUID", "") or ""),
-                referenced_series=_referenced_series(seg),
+                referenced_series=series,
                 frames=tuple(frames.get(number, [])),
             )
         )
@@ -119,6 +103,7 @@ def read_seg(path: Path) -> list[StudySegment]:
 def read_rtstruct(path: Path) -> list[StudySegment]:
     """Every ROI of an RT Structure Set, each with its closed planar contours."""
     ds = dcmread(path)
+    series = referenced_series(ds)
     frames_of_reference = {
         str(item.FrameOfReferenceUID) for item in ds.get("ReferencedFrameOfReferenceSequence") or []
     }
@@ -149,7 +134,7 @@ def read_rtstruct(path: Path) -> list[StudySegment]:
                 label=str(roi.get("ROIName", "") or ""),
                 code=codes.get(number),
                 frame_of_reference=frame_of_reference,
-                referenced_series=_referenced_series(ds),
+                referenced_series=series,
                 contours=tuple(contours.get(number, [])),
             )
         )
@@ -164,7 +149,7 @@ def read_segments(objects: Iterable[tuple[str, Path]]) -> list[StudySegment]:
     """
     segments: list[StudySegment] = []
     for sop_class, path in objects:
-        kind = SEGMENTATION_CLASSES.get(sop_class)
+        kind = SEGMENTATION_KINDS.get(sop_class)
         try:
             if kind == "SEG":
                 segments += read_seg(path)

@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pipelines.findings import CodeRef
 from pipelines.model.head_card import SegmentRef
 from pipelines.model.series_plan import SeriesPlan
-from pipelines.model.slices import floats, read_header
+from pipelines.model.slices import first_in_groups, floats, read_header
 
 #: How far (mm) a contour or frame may lie off a slice's plane on a single-slice stack.
 SINGLE_SLICE_TOLERANCE = 0.5
@@ -126,14 +126,6 @@ class StackGrid:
     index: Mapping[tuple[str, int], int] = field(default_factory=dict)
 
 
-def _first(groups: Sequence[Dataset], sequence: str, keyword: str) -> object:
-    for group in groups:
-        items = group.get(sequence)
-        if items and items[0].get(keyword) not in (None, ""):
-            return items[0].get(keyword)
-    return None
-
-
 def _plane(ds: Dataset, frame: int) -> SlicePlane | None:
     groups: list[Dataset] = []
     if frame:
@@ -143,17 +135,18 @@ def _plane(ds: Dataset, frame: int) -> SlicePlane | None:
         groups += list(ds.get("SharedFunctionalGroupsSequence") or [])
     groups.append(ds)
     ipp = floats(
-        _first(groups, "PlanePositionSequence", "ImagePositionPatient")
+        first_in_groups(groups, "PlanePositionSequence", "ImagePositionPatient")
         or ds.get("ImagePositionPatient"),
         3,
     )
     iop = floats(
-        _first(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
+        first_in_groups(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
         or ds.get("ImageOrientationPatient"),
         6,
     )
     spacing = floats(
-        _first(groups, "PixelMeasuresSequence", "PixelSpacing") or ds.get("PixelSpacing"), 2
+        first_in_groups(groups, "PixelMeasuresSequence", "PixelSpacing") or ds.get("PixelSpacing"),
+        2,
     )
     if ipp is None or iop is None or spacing is None:
         return None
@@ -299,11 +292,15 @@ def segment_masks(
     found: dict[str, tuple[np.ndarray, StudySegment]] = {}
     if grid is None:
         return found
+    placed: dict[int, np.ndarray | None] = {}  # by position in segments: heads share a mask
     for head_name, ref in wanted.items():
-        for segment in reversed(segments):
+        for at in reversed(range(len(segments))):
+            segment = segments[at]
             if not names(ref, segment):
                 continue
-            mask = mask_on_stack(segment, grid)
+            if at not in placed:
+                placed[at] = mask_on_stack(segment, grid)
+            mask = placed[at]
             if mask is not None:
                 found[head_name] = (mask, segment)
                 break

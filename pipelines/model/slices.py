@@ -14,7 +14,7 @@ flagged from its ImageType / FrameType.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +186,7 @@ def _frame_groups(ds: Dataset, frames: int) -> Iterator[list[Dataset]]:
         yield [*([per_frame[n]] if per_frame else []), *shared, ds]
 
 
-def _first(groups: list[Dataset], sequence: str, keyword: str) -> Any:
+def first_in_groups(groups: Sequence[Dataset], sequence: str, keyword: str) -> Any:
     """``keyword`` from the first group that has ``sequence`` (the top level last)."""
     for group in groups:
         items = group.get(sequence)
@@ -199,12 +199,12 @@ def _first(groups: list[Dataset], sequence: str, keyword: str) -> Any:
 
 def _frame_fields(ds: Dataset, groups: list[Dataset]) -> dict[str, Any]:
     """Geometry, rescale, acquisition key and localizer flag of one frame."""
-    iop = floats(_first(groups, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-    ipp = floats(_first(groups, "PlanePositionSequence", "ImagePositionPatient"), 3)
+    iop = floats(first_in_groups(groups, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+    ipp = floats(first_in_groups(groups, "PlanePositionSequence", "ImagePositionPatient"), 3)
     if iop is None:  # a multi-frame object without functional groups: its top level
         iop = floats(ds.get("ImageOrientationPatient"), 6)
-    slope = _first(groups, "PixelValueTransformationSequence", "RescaleSlope")
-    intercept = _first(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+    slope = first_in_groups(groups, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = first_in_groups(groups, "PixelValueTransformationSequence", "RescaleIntercept")
     if slope is None and intercept is None:
         slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     rescale = None
@@ -219,7 +219,7 @@ def _frame_fields(ds: Dataset, groups: list[Dataset]) -> dict[str, Any]:
         ("kernel", "CTReconstructionSequence", "ConvolutionKernel"),
         ("slice thickness", "PixelMeasuresSequence", "SliceThickness"),
     ):
-        value = _first(groups, sequence, keyword)
+        value = first_in_groups(groups, sequence, keyword)
         if value is not None:
             acquisition.append((name, _text(value)))
     frame_type = None
@@ -228,7 +228,7 @@ def _frame_fields(ds: Dataset, groups: list[Dataset]) -> dict[str, Any]:
         "MRImageFrameTypeSequence",
         "PETFrameTypeSequence",
     ):
-        frame_type = frame_type or _first(groups, sequence, "FrameType")
+        frame_type = frame_type or first_in_groups(groups, sequence, "FrameType")
     return {
         "iop": iop,
         "ipp": ipp,
