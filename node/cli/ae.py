@@ -10,8 +10,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from node.catalogue.db import Catalogue
-from node.cli.options import ConfigOption, cli_actor, fail, open_catalogue, settings_or_exit
+from node.cli.options import (
+    ConfigOption,
+    cli_actor,
+    context_catalogue,
+    context_settings,
+    fail,
+    given,
+    settings_or_exit,
+)
 from node.cli.source_settings import settings_app
 from node.core.settings import Settings
 from node.delivery.destinations import (
@@ -50,15 +57,6 @@ def ae_options(ctx: typer.Context, config: ConfigOption = None) -> None:
     ctx.obj = {"settings": settings_or_exit(config)}
 
 
-def _catalogue(ctx: typer.Context) -> Catalogue:
-    return open_catalogue(ctx.obj["settings"])
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings: Settings = ctx.obj["settings"]
-    return settings
-
-
 @source_app.command("add")
 def source_add(
     ctx: typer.Context,
@@ -71,7 +69,7 @@ def source_add(
 ) -> None:
     """Allow a sender (calling AE title, optionally bound to an address)."""
     try:
-        peer = add_source(_catalogue(ctx), name, ae_title, host, cli_actor())
+        peer = add_source(context_catalogue(ctx), name, ae_title, host, cli_actor())
     except PeerError as exc:
         raise fail(str(exc)) from exc
     where = peer.host or "any address"
@@ -89,7 +87,7 @@ def source_edit(
     if ae_title is None and host is None:
         raise fail("nothing to change: give --ae-title and/or --host")
     try:
-        peer = update_source(_catalogue(ctx), name, cli_actor(), ae_title, host)
+        peer = update_source(context_catalogue(ctx), name, cli_actor(), ae_title, host)
     except PeerError as exc:
         raise fail(str(exc)) from exc
     typer.echo(
@@ -101,7 +99,7 @@ def source_edit(
 def source_list(ctx: typer.Context) -> None:
     """Show the allow-list."""
     table = Table("name", "AE title", "host")
-    for peer in list_sources(_catalogue(ctx)):
+    for peer in list_sources(context_catalogue(ctx)):
         table.add_row(peer.name, peer.ae_title, peer.host or "(any)")
     Console().print(table)
 
@@ -110,7 +108,7 @@ def source_list(ctx: typer.Context) -> None:
 def source_remove(ctx: typer.Context, name: str) -> None:
     """Remove a sender from the allow-list."""
     try:
-        remove_source(_catalogue(ctx), name, cli_actor())
+        remove_source(context_catalogue(ctx), name, cli_actor())
     except PeerError as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"source {name!r} removed")
@@ -120,7 +118,7 @@ def source_remove(ctx: typer.Context, name: str) -> None:
 def local_add(ctx: typer.Context, ae_title: str) -> None:
     """Answer to one more called AE title too (applies to the next association)."""
     try:
-        title = add_local_title(_catalogue(ctx), ae_title, cli_actor())
+        title = add_local_title(context_catalogue(ctx), ae_title, cli_actor())
     except PeerError as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"the node now also answers to {title!r}")
@@ -131,7 +129,7 @@ def local_list(ctx: typer.Context) -> None:
     """The AE titles the node answers to; the first is the configured one."""
     settings: Settings = ctx.obj["settings"]
     typer.echo(f"{settings.dicom.ae_title} (configuration, port {settings.dicom.port})")
-    for title in list_local_titles(_catalogue(ctx)):
+    for title in list_local_titles(context_catalogue(ctx)):
         typer.echo(title)
 
 
@@ -139,18 +137,13 @@ def local_list(ctx: typer.Context) -> None:
 def local_remove(ctx: typer.Context, ae_title: str) -> None:
     """Stop answering to a local AE title added before."""
     try:
-        remove_local_title(_catalogue(ctx), ae_title, cli_actor())
+        remove_local_title(context_catalogue(ctx), ae_title, cli_actor())
     except PeerError as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"the node no longer answers to {ae_title!r}")
 
 
 Opt = typer.Option
-
-
-def _fields(**values: Any) -> dict[str, Any]:
-    """The options actually given on the command line (``None`` means 'not given')."""
-    return {key: value for key, value in values.items() if value is not None}
 
 
 @destination_app.command("add")
@@ -173,7 +166,7 @@ def destination_add(
     results: Annotated[bool, Opt("--results/--no-results", help="send every result here")] = True,
 ) -> None:
     """Add a destination (C-STORE, STOW-RS or Orthanc REST)."""
-    data = _fields(
+    data = given(
         name=name,
         protocol=protocol,
         ae_title=ae_title,
@@ -191,7 +184,7 @@ def destination_add(
         results=results,
     )
     try:
-        spec = add_destination(_catalogue(ctx), _settings(ctx), data, cli_actor())
+        spec = add_destination(context_catalogue(ctx), context_settings(ctx), data, cli_actor())
     except DestinationError as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"destination {spec.name!r} added: {_describe(spec.public())}")
@@ -214,7 +207,7 @@ def destination_edit(
     enabled: Annotated[bool | None, Opt("--enable/--disable")] = None,
 ) -> None:
     """Change some fields of a destination; the rest stay as they are."""
-    changes = _fields(
+    changes = given(
         ae_title=ae_title,
         host=host,
         port=port,
@@ -230,7 +223,9 @@ def destination_edit(
     if not changes:
         raise fail("nothing to change: give at least one option")
     try:
-        spec = update_destination(_catalogue(ctx), _settings(ctx), name, changes, cli_actor())
+        spec = update_destination(
+            context_catalogue(ctx), context_settings(ctx), name, changes, cli_actor()
+        )
     except DestinationError as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"destination {spec.name!r} changed: {_describe(spec.public())}")
@@ -241,7 +236,9 @@ def destination_list(
     ctx: typer.Context, as_json: Annotated[bool, Opt("--json", help="JSON output")] = False
 ) -> None:
     """Show every destination (secrets masked)."""
-    specs = [spec.public() for spec in list_destinations(_catalogue(ctx), _settings(ctx))]
+    specs = [
+        spec.public() for spec in list_destinations(context_catalogue(ctx), context_settings(ctx))
+    ]
     if as_json:
         typer.echo(json.dumps(specs, indent=2))
         return
@@ -262,7 +259,7 @@ def destination_list(
 def destination_remove(ctx: typer.Context, name: str) -> None:
     """Remove a destination (deliveries already made to it are kept in the history)."""
     try:
-        remove_destination(_catalogue(ctx), name, cli_actor())
+        remove_destination(context_catalogue(ctx), name, cli_actor())
     except DestinationError as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"destination {name!r} removed")
@@ -271,9 +268,9 @@ def destination_remove(ctx: typer.Context, name: str) -> None:
 @destination_app.command("test")
 def destination_test(ctx: typer.Context, name: str) -> None:
     """Check that a destination answers: C-ECHO, or an HTTP request; sends no data."""
-    settings = _settings(ctx)
+    settings = context_settings(ctx)
     try:
-        spec = get_destination(_catalogue(ctx), settings, name)
+        spec = get_destination(context_catalogue(ctx), settings, name)
     except DestinationError as exc:
         raise fail(str(exc)) from exc
     outcome = check_destination(spec, settings.dicom.ae_title)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import getpass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -32,6 +32,22 @@ def open_catalogue(settings: Settings) -> Catalogue:
     settings.ensure_dirs()
     upgrade(settings.effective_database_url)
     return Catalogue(settings.effective_database_url)
+
+
+def context_settings(ctx: typer.Context) -> Settings:
+    """The settings a command group's callback loaded into ``ctx.obj``."""
+    settings: Settings = ctx.obj["settings"]
+    return settings
+
+
+def context_catalogue(ctx: typer.Context) -> Catalogue:
+    """The catalogue of the settings a command group's callback loaded."""
+    return open_catalogue(context_settings(ctx))
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The options actually given on the command line (``None`` means 'not given')."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def cli_actor() -> str:

@@ -12,7 +12,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from node.catalogue.db import Catalogue
 from node.catalogue.source_settings import (
     DEFAULT,
     REPORT,
@@ -24,23 +23,13 @@ from node.catalogue.source_settings import (
     reset_source_setting,
     set_source_setting,
 )
-from node.cli.options import cli_actor, fail, open_catalogue
-from node.core.settings import Settings
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings: Settings = ctx.obj["settings"]
-    return settings
-
-
-def _catalogue(ctx: typer.Context) -> Catalogue:
-    return open_catalogue(_settings(ctx))
-
-
-def _fields(**values: Any) -> dict[str, Any]:
-    """The options actually given on the command line (``None`` means 'not given')."""
-    return {key: value for key, value in values.items() if value is not None}
-
+from node.cli.options import (
+    cli_actor,
+    context_catalogue,
+    context_settings,
+    fail,
+    given,
+)
 
 settings_app = typer.Typer(
     help="Per-sender settings by calling AE title: completion signals, commitment reports."
@@ -69,7 +58,7 @@ def settings_list(
     ctx: typer.Context, as_json: Annotated[bool, Opt("--json", help="JSON output")] = False
 ) -> None:
     """Every sender with a setting in the configuration file or the catalogue."""
-    found = list_source_settings(_catalogue(ctx), _settings(ctx))
+    found = list_source_settings(context_catalogue(ctx), context_settings(ctx))
     if as_json:
         typer.echo(json.dumps([s.public() for s in found], indent=2))
         return
@@ -100,7 +89,7 @@ def settings_show(
 ) -> None:
     """One sender's settings, and where each value comes from."""
     try:
-        setting = get_source_setting(_catalogue(ctx), _settings(ctx), ae_title)
+        setting = get_source_setting(context_catalogue(ctx), context_settings(ctx), ae_title)
     except SourceSettingsError as exc:
         raise fail(str(exc)) from exc
     if as_json:
@@ -134,12 +123,12 @@ def settings_set(
 ) -> None:
     """Change some of a sender's settings (applies within a second, no restart)."""
     changes: dict[str, dict[str, Any]] = {}
-    signals = _fields(
+    signals = given(
         association_end=association_end, instance_count=instance_count, multiframe=multiframe
     )
     if signals:
         changes[SIGNALS] = signals
-    address = _fields(
+    address = given(
         association=report, host=report_host, port=report_port, ae_title=report_ae_title
     )
     if address:
@@ -148,7 +137,7 @@ def settings_set(
         raise fail("nothing to change: give at least one option")
     try:
         setting = set_source_setting(
-            _catalogue(ctx), _settings(ctx), ae_title, changes, cli_actor()
+            context_catalogue(ctx), context_settings(ctx), ae_title, changes, cli_actor()
         )
     except SourceSettingsError as exc:
         raise fail(str(exc)) from exc
@@ -159,7 +148,9 @@ def settings_set(
 def settings_reset(ctx: typer.Context, ae_title: str) -> None:
     """Forget what was set here for a sender: the configuration file's values apply."""
     try:
-        setting = reset_source_setting(_catalogue(ctx), _settings(ctx), ae_title, cli_actor())
+        setting = reset_source_setting(
+            context_catalogue(ctx), context_settings(ctx), ae_title, cli_actor()
+        )
     except SourceSettingsError as exc:
         raise fail(str(exc)) from exc
     _print_setting(setting)
