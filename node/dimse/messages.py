@@ -31,7 +31,8 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
-def _us(value: int) -> bytes:
+def us(value: int) -> bytes:
+    """A US command element's value (unsigned 16-bit, little endian)."""
     return struct.pack("<H", value)
 
 
@@ -44,10 +45,10 @@ def command_set(elements: Sequence[tuple[int, bytes]]) -> bytes:
 def response(request: dict[int, bytes], status: int, comment: str = "") -> bytes:
     """The response to a request command: same SOP class, instance and message ID."""
     elements = [
-        (0x0100, _us(us_value(request, 0x0100) | 0x8000)),
-        (0x0120, request.get(0x0110, _us(0))),
-        (0x0800, _us(NO_DATA_SET)),
-        (0x0900, _us(status)),
+        (0x0100, us(us_value(request, 0x0100) | 0x8000)),
+        (0x0120, request.get(0x0110, us(0))),
+        (0x0800, us(NO_DATA_SET)),
+        (0x0900, us(status)),
     ]
     for tag in (0x0002, 0x1000):  # Affected SOP Class / Instance UID
         if tag in request:
@@ -71,10 +72,10 @@ def normalised_response(
     sop_instance = instance_uid.encode() or request.get(0x1000) or request.get(0x1001, b"")
     elements = [
         (0x0002, sop_class),
-        (0x0100, _us(command | 0x8000)),
-        (0x0120, request.get(0x0110, _us(0))),
-        (0x0800, _us(NO_DATA_SET)),
-        (0x0900, _us(status)),
+        (0x0100, us(command | 0x8000)),
+        (0x0120, request.get(0x0110, us(0))),
+        (0x0800, us(NO_DATA_SET)),
+        (0x0900, us(status)),
     ]
     if sop_instance:
         elements.append((0x1000, sop_instance))

@@ -62,6 +62,20 @@ def abort_pdu(reason: int, source: int = 0x02) -> bytes:
 RELEASE_RP = _pdu(0x06, b"\x00" * 4)
 
 
+def p_data(context_id: int, command: bytes, data: bytes, peer_max_pdu: int) -> bytes:
+    """A DIMSE message as P-DATA-TF PDUs: its command set, then its data set (if any), each
+    cut into PDVs that fit the peer's maximum PDU length (PS3.8 9.3.5)."""
+    room = peer_max_pdu - 6 if peer_max_pdu > 6 else max(len(command), len(data))
+    pdus = []
+    for value, kind in ((command, 0x01), (data, 0x00)):
+        for start in range(0, len(value), room):
+            chunk = value[start : start + room]
+            last = 0x02 if start + room >= len(value) else 0x00
+            pdv = struct.pack(">LBB", len(chunk) + 2, context_id, kind | last)
+            pdus.append(_pdu(P_DATA, pdv + chunk))
+    return b"".join(pdus)
+
+
 class Connection:
     """Reads whole PDUs from a socket and writes P-DATA-TF within the peer's maximum."""
 
@@ -148,14 +162,7 @@ class Connection:
 
     def send_command(self, context_id: int, command: bytes, peer_max_pdu: int) -> None:
         """A command set in as many P-DATA-TF as the peer's maximum PDU length needs."""
-        room = peer_max_pdu - 6 if peer_max_pdu > 6 else len(command)
-        pdus = []
-        for start in range(0, len(command), room):
-            chunk = command[start : start + room]
-            last = start + room >= len(command)
-            pdv = struct.pack(">LBB", len(chunk) + 2, context_id, 0x03 if last else 0x01)
-            pdus.append(_pdu(P_DATA, pdv + chunk))
-        self.send(b"".join(pdus))
+        self.send(p_data(context_id, command, b"", peer_max_pdu))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

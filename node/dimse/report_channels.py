@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import select
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -48,23 +47,14 @@ from node.dimse.commitment import (
     HeldRequest,
     Verdict,
 )
-from node.dimse.messages import command_set, us_value
-from node.dimse.pdu import P_DATA, PDU_HEADER, AssociationAborted, Connection
+from node.dimse.messages import command_set, us, us_value
+from node.dimse.pdu import AssociationAborted, Connection, p_data
 from node.store.ingest import brief
 
 log = logging.getLogger(__name__)
 
 N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP = 0x0100, 0x8100
 HAS_DATA_SET = 0x0000  # Command Data Set Type: anything but 0x0101 (PS3.7 E.1)
-
-
-def _us(value: int) -> bytes:
-    return struct.pack("<H", value)
-
-
-def _ui(value: str) -> bytes:
-    data = value.encode("ascii")
-    return data + b"\x00" if len(data) % 2 else data
 
 
 def report_message(
@@ -74,23 +64,15 @@ def report_message(
     P-DATA-TF PDUs: its command set, then its data set, each within the peer's maximum."""
     command = command_set(
         [
-            (0x0002, _ui(STORAGE_COMMITMENT_SOP_CLASS)),
-            (0x0100, _us(N_EVENT_REPORT_RQ)),
-            (0x0110, _us(message_id)),
-            (0x0800, _us(HAS_DATA_SET)),
-            (0x1000, _ui(STORAGE_COMMITMENT_INSTANCE)),
-            (0x1002, _us(event_type)),
+            (0x0002, STORAGE_COMMITMENT_SOP_CLASS.encode("ascii")),  # padded by command_set
+            (0x0100, us(N_EVENT_REPORT_RQ)),
+            (0x0110, us(message_id)),
+            (0x0800, us(HAS_DATA_SET)),
+            (0x1000, STORAGE_COMMITMENT_INSTANCE.encode("ascii")),
+            (0x1002, us(event_type)),
         ]
     )
-    room = peer_max_pdu - 6 if peer_max_pdu > 6 else max(len(command), len(data))
-    pdus = []
-    for value, kind in ((command, 0x01), (data, 0x00)):
-        for start in range(0, len(value), room):
-            chunk = value[start : start + room]
-            last = 0x02 if start + room >= len(value) else 0x00
-            pdv = struct.pack(">LBB", len(chunk) + 2, context_id, kind | last) + chunk
-            pdus.append(PDU_HEADER.pack(P_DATA, len(pdv)) + pdv)
-    return b"".join(pdus)
+    return p_data(context_id, command, data, peer_max_pdu)
 
 
 def wait_readable(connection: Connection, timeout: float) -> bool:
