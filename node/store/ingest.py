@@ -180,7 +180,7 @@ class Ingestor:
                 log.error("cannot quarantine a refused instance: %s", error)
             return self._refused(exc, calling_ae)
         if self.write_ahead is not None:
-            with self._uid_locks[hash(header.sop_instance_uid) % len(self._uid_locks)]:
+            with self._uid_locks[self._stripe(header.sop_instance_uid)]:
                 outcome = self.write_ahead.accept(header, data, calling_ae)
             if outcome is not None:
                 return outcome
@@ -240,7 +240,7 @@ class Ingestor:
     def _store_batch(self, batch: list[_Entry], calling_ae: str | None) -> list[IngestOutcome]:
         """Check, write and catalogue instances with distinct SOP Instance UIDs, holding
         their UID locks throughout (taken in one order, so batches cannot deadlock)."""
-        stripes = sorted({self._stripe(entry) for entry in batch})
+        stripes = sorted({self._stripe(entry.header.sop_instance_uid) for entry in batch})
         with ExitStack() as held:
             for stripe in stripes:
                 held.enter_context(self._uid_locks[stripe])
@@ -262,8 +262,8 @@ class Ingestor:
                 return [IngestOutcome(OUT_OF_RESOURCES, "cannot read the catalogue")] * len(batch)
             return self._write_and_catalogue(batch, existing, calling_ae)
 
-    def _stripe(self, entry: _Entry) -> int:
-        return hash(entry.header.sop_instance_uid) % len(self._uid_locks)
+    def _stripe(self, sop_instance_uid: str) -> int:
+        return hash(sop_instance_uid) % len(self._uid_locks)
 
     def _write_and_catalogue(
         self, batch: list[_Entry], existing: dict[str, _Known], ae: str | None
