@@ -193,10 +193,10 @@ class AssociationHandlers:
         """Before the A-RELEASE-RP: a sender that has released finds every instance it got
         Success for in the catalogue (those still in the ingest journal are filed first)."""
         if association.series_uids:
-            self.ingestor.settle()
+            association.settled = self.ingestor.settle()
 
     def closed(self, association: Association, outcome: str, reason: str | None) -> None:
-        if association.series_uids:
+        if association.series_uids and not association.settled:
             self.ingestor.settle()  # its instances are catalogued before its end is a signal
         try:
             record_association_end(self.ingestor.catalogue, association, outcome, self.sources)

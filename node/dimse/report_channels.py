@@ -298,17 +298,24 @@ class ReturnPaths:
     def open(self, association: Association, connection: Connection) -> ReportChannel | None:
         """A channel for this association if its requester takes reports on its own
         associations and the Storage Commitment context was agreed with the node as SCP."""
+        context_id = next(
+            (
+                context_id
+                for context_id, context in association.contexts.items()
+                if str(context.abstract_syntax) == STORAGE_COMMITMENT_SOP_CLASS and context.as_scp
+            ),
+            None,
+        )
+        if context_id is None:  # most associations: looked at before the live settings
+            return None
         report_to = self.settings.report_to if self.report_to is None else self.report_to
         address = report_to.get(association.requestor.calling_ae_title)
         if address is None or not address.on_requester_association:
             return None
-        for context_id, context in association.contexts.items():
-            if str(context.abstract_syntax) == STORAGE_COMMITMENT_SOP_CLASS and context.as_scp:
-                channel = ReportChannel(self, association, connection, context_id)
-                with self._lock:
-                    self._open.append(channel)
-                return channel
-        return None
+        channel = ReportChannel(self, association, connection, context_id)
+        with self._lock:
+            self._open.append(channel)
+        return channel
 
     def closed(self, channel: ReportChannel) -> None:
         with self._lock:

@@ -82,12 +82,14 @@ def rerun_for_late_segmentation(
     Nothing happens unless ``late_instances`` is ``rerun`` and the series holds a SEG or an
     RTSTRUCT.
     """
+    if late_instances != "rerun":
+        return []
     objects = session.execute(
         select(Instance.sop_instance_uid, Instance.path)
         .where(Instance.series_id == segmentation.id)
         .where(Instance.sop_class_uid.in_(sop_classes.SEGMENTATIONS))
     ).all()
-    if late_instances != "rerun" or not objects:
+    if not objects:
         return []
     uids = {str(uid) for uid, _ in objects}
     referenced, frames = _what_it_lies_on([spool_dir / path for _, path in objects])
