@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pynetdicom import AE, build_role
-from sqlalchemy import select
 
 from node.catalogue.db import Catalogue
-from node.catalogue.models import CommitmentRequest
 from node.core.poller import Polled, Poller
 from node.core.settings import CommitmentSettings, ReportAddress
 from node.core.status import SUCCESS
@@ -72,19 +70,12 @@ class CommitmentReporter(Polled):
     def report_due(self) -> int:
         """Answer every due request once; return how many were answered."""
         with self.catalogue.session() as session:
-            ids = commitment.due(session)
-            titles = dict(
-                session.execute(
-                    select(CommitmentRequest.id, CommitmentRequest.calling_ae_title).where(
-                        CommitmentRequest.id.in_(ids)
-                    )
-                ).all()
-            )
+            requests = commitment.due(session)
         done = 0
-        for request_id in ids:
+        for request_id, ae_title in requests:
             if self._poller.stopping:
                 break
-            if not self._ours(titles.get(request_id, "")):
+            if not self._ours(ae_title):
                 continue
             held = commitment.claim(self.catalogue, request_id)
             if held is not None and self._answer(held):

@@ -152,17 +152,25 @@ class HeldRequest:
     created_at: datetime
 
 
-def due(session: Session, now: datetime | None = None) -> list[int]:
-    """Pending requests whose next attempt is due, oldest first."""
-    now = now or utcnow()
-    return list(
-        session.scalars(
-            select(CommitmentRequest.id)
-            .where(CommitmentRequest.state == CommitmentState.PENDING)
-            .where(CommitmentRequest.next_attempt_at <= now)
-            .order_by(CommitmentRequest.id)
-        )
+def due(
+    session: Session,
+    now: datetime | None = None,
+    ae_title: str | None = None,
+    created_before: datetime | None = None,
+) -> list[tuple[int, str]]:
+    """(id, calling AE title) of the pending requests whose next attempt is due, oldest
+    first; only ``ae_title``'s, and only those made by ``created_before``, when given."""
+    query = (
+        select(CommitmentRequest.id, CommitmentRequest.calling_ae_title)
+        .where(CommitmentRequest.state == CommitmentState.PENDING)
+        .where(CommitmentRequest.next_attempt_at <= (now or utcnow()))
+        .order_by(CommitmentRequest.id)
     )
+    if ae_title is not None:
+        query = query.where(CommitmentRequest.calling_ae_title == ae_title)
+    if created_before is not None:
+        query = query.where(CommitmentRequest.created_at <= created_before)
+    return [(int(id_), str(title)) for id_, title in session.execute(query)]
 
 
 def claim(catalogue: Catalogue, request_id: int, lease: timedelta = LEASE) -> HeldRequest | None:

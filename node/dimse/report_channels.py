@@ -169,16 +169,7 @@ class ReportChannel:
         paths = self.paths
         horizon = max(self.opened_at, self._horizon or self.opened_at)
         with paths.catalogue.session() as session:
-            ids = list(
-                session.scalars(
-                    sql_select(CommitmentRequest.id)
-                    .where(CommitmentRequest.state == CommitmentState.PENDING)
-                    .where(CommitmentRequest.calling_ae_title == self.ae_title)
-                    .where(CommitmentRequest.next_attempt_at <= utcnow())
-                    .where(CommitmentRequest.created_at <= horizon)
-                    .order_by(CommitmentRequest.id)
-                )
-            )
+            requests = commitment.due(session, ae_title=self.ae_title, created_before=horizon)
             pending = session.scalar(
                 sql_select(CommitmentRequest.id)
                 .where(CommitmentRequest.state == CommitmentState.PENDING)
@@ -187,7 +178,7 @@ class ReportChannel:
                 .where(CommitmentRequest.claim_token.is_(None))
                 .limit(1)
             )
-        for request_id in ids:
+        for request_id, _ in requests:
             held = commitment.claim(paths.catalogue, request_id)
             if held is None:
                 continue  # another association or the reporter holds it
