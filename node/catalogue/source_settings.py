@@ -115,11 +115,16 @@ def _errors(exc: ValidationError) -> str:
     )
 
 
+def configured_titles(settings: Settings) -> set[str]:
+    """The senders the configuration file has per-sender settings for."""
+    return set(settings.completion.sources) | set(settings.dicom.commitment.report_to)
+
+
 def list_source_settings(catalogue: Catalogue, settings: Settings) -> list[SourceSetting]:
     """Every sender with a setting in the configuration file or the catalogue."""
     overrides = _overrides(catalogue)
-    titles = set(settings.completion.sources) | set(settings.dicom.commitment.report_to)
-    return [_merge(settings, t, overrides.get(t, {})) for t in sorted(titles | set(overrides))]
+    titles = configured_titles(settings) | set(overrides)
+    return [_merge(settings, t, overrides.get(t, {})) for t in sorted(titles)]
 
 
 def get_source_setting(catalogue: Catalogue, settings: Settings, ae_title: str) -> SourceSetting:
@@ -203,11 +208,7 @@ class SourceSettingsView:
         self._lock = threading.Lock()
         self._loaded_at = float("-inf")
         self._current: dict[str, SourceSetting] = {
-            s.ae_title: s
-            for s in (
-                _merge(settings, t, {})
-                for t in set(settings.completion.sources) | set(settings.dicom.commitment.report_to)
-            )
+            title: _merge(settings, title, {}) for title in configured_titles(settings)
         }
         self.signals: Mapping[str, SourceSignals] = _Live(self, lambda s: s.signals)
         self.reports: Mapping[str, ReportAddress] = _Live(self, lambda s: s.report)

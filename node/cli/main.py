@@ -126,7 +126,9 @@ def config_check(config: ConfigOption = None) -> None:
 def unknown_senders(settings: Settings) -> list[str]:
     """Per-sender settings in the file for AE titles the allow-list does not admit: a typo,
     or a sender still to add. Only said where the catalogue already exists."""
-    titles = set(settings.completion.sources) | set(settings.dicom.commitment.report_to)
+    from node.catalogue.source_settings import configured_titles
+
+    titles = configured_titles(settings)
     if not titles or settings.dicom.accept_any_source:
         return []
     from node.catalogue.db import Catalogue
