@@ -237,8 +237,11 @@ class _Live(Mapping[str, Any]):
         found = ((title, self._part(s)) for title, s in self._view.current().items())
         return {title: value for title, value in found if value is not None}
 
-    def __getitem__(self, key: str) -> Any:
-        return self._items()[key]
+    def __getitem__(self, key: str) -> Any:  # one sender's part, not every sender's
+        value = self._part(self._view.current()[key])
+        if value is None:
+            raise KeyError(key)
+        return value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items())
