@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
@@ -32,6 +33,8 @@ if TYPE_CHECKING:  # imported when the API starts: the HTTP server is not always
     import uvicorn
 
 log = logging.getLogger(__name__)
+
+API_START_SECONDS = 30.0  # binding a socket takes milliseconds; this only bounds a hang
 
 
 def api_server(app: Any, host: str, port: int, access_log: bool = False) -> uvicorn.Server:
@@ -157,6 +160,17 @@ class NodeService:
         server = api_server(api, self.settings.api.host, self.settings.api.port)
         thread = threading.Thread(target=server.run, name="api", daemon=True)
         thread.start()
+        # "ready" must mean the API answers: wait for uvicorn's socket, and fail the start
+        # if it could not listen (uvicorn ends its thread instead of raising).
+        deadline = time.monotonic() + API_START_SECONDS
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                server.should_exit = True
+                raise OSError(
+                    f"the HTTP API could not listen on {self.settings.api.host}:"
+                    f"{self.settings.api.port} (the reason is logged above)"
+                )
+            time.sleep(0.02)
 
         def stop_api() -> None:
             server.should_exit = True

@@ -188,6 +188,35 @@ def test_stow_is_refused_before_and_while_staging_below_the_free_space_watermark
         node.stop()
 
 
+def test_ready_means_the_api_answers_and_a_taken_api_port_stops_the_start(
+    tmp_path: Path,
+) -> None:
+    """The line "Curia Node ready" is logged only once the API accepts connections; an API
+    port that is already taken ends `curia-node run` with a message naming it, instead of a
+    node that says ready and refuses every request."""
+    for name in ("free", "taken"):
+        (tmp_path / name).mkdir()
+    node = _start(tmp_path / "free")
+    try:
+        ready_at = node.log().index("Curia Node ready")
+        connection = socket.create_connection(("127.0.0.1", int(node.env["CURIA_API__PORT"])))
+        connection.close()
+        assert ready_at > 0
+    finally:
+        node.stop()
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(AssertionError, match="exited early") as refused:
+            _start(tmp_path / "taken", CURIA_API__PORT=str(taken.getsockname()[1]))
+        assert f"could not listen on 127.0.0.1:{taken.getsockname()[1]}" in str(refused.value)
+        assert "Curia Node ready" not in str(refused.value)
+    finally:
+        taken.close()
+
+
 def test_a_destination_url_password_is_masked_in_the_api_and_audit(node: NodeProcess) -> None:
     """A destination URL with ``user:password@`` is shown masked by the API and in the audit
     trail; sent back masked (as the dashboard does), it keeps the real password."""

@@ -204,12 +204,12 @@ class NodeProcess:
                 "worker.log",
             )
 
-        def ready() -> bool:
-            if self.node.poll() is not None:
-                raise AssertionError(f"curia-node exited early:\n{self.log()}")
-            return "Curia Node ready" in self.log()[offset:]
+        def ready_or_ended() -> bool:
+            return self.node.poll() is not None or "Curia Node ready" in self.log()[offset:]
 
-        wait_for(ready, timeout, "curia-node did not become ready")
+        wait_for(ready_or_ended, timeout, "curia-node did not become ready")
+        if self.node.poll() is not None:  # outside wait_for, which would retry on it
+            raise AssertionError(f"curia-node exited early:\n{self.log()}")
 
     def log(self, name: str = "node.log") -> str:
         path = self.root / name
