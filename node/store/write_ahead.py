@@ -38,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.catalogue.instance_lookups import INSTANCES as _INSTANCES
 from node.catalogue.instance_lookups import KNOWN_ANY, KNOWN_ONE
 from node.core.status import OUT_OF_RESOURCES, SUCCESS
+from node.store.direct_write import write_new
 from node.store.header import InstanceHeader
 from node.store.journal import Journal, JournalError, Record, Segment
 from node.store.spool import StoredFile, fsync_dir, write_durably
@@ -341,13 +342,11 @@ class WriteAhead:
             write_durably(path, payload)
             return
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
+            write_new(tmp, payload)  # past the page cache: synced with the segment
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
 
     def _retire(self, segment: Segment) -> None:

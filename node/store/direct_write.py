@@ -1,0 +1,83 @@
+"""Writing a new file's bytes past the page cache (``O_DIRECT``), where the file system allows.
+
+The journal's filer writes every received instance a second time, into its spool file.
+Through the page cache that copy cost the node 0.8-1 ms of kernel time per 512 KiB slice,
+under load, more than the rest of the filing together: each write fills newly allocated
+cache pages. With direct I/O the bytes go from one reused, page-aligned buffer per thread
+straight to the disk; only the last part of a page is written through the cache (direct
+I/O moves whole blocks). Durability is unchanged: the filer syncs the file system before a
+journal segment is let go, which flushes the disk's own cache too.
+
+Where the file system refuses direct I/O (tmpfs), files are written through the page
+cache as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import threading
+
+BLOCK = 4096  # a multiple of every logical block size direct I/O asks offsets and lengths in
+_BUFFER_BYTES = 4 << 20
+_local = threading.local()
+_refused: set[int] = set()  # devices whose file system refused O_DIRECT
+
+
+def _buffer() -> mmap.mmap:
+    """This thread's page-aligned buffer (an anonymous map is aligned)."""
+    buffer: mmap.mmap | None = getattr(_local, "buffer", None)
+    if buffer is None:
+        buffer = _local.buffer = mmap.mmap(-1, _BUFFER_BYTES)
+    return buffer
+
+
+def write_new(path: str | os.PathLike[str], data: bytes | memoryview, mode: int = 0o600) -> None:
+    """Create ``path`` (it must not exist) holding ``data``; not synced."""
+    view = memoryview(data).cast("B")
+    whole = len(view) // BLOCK * BLOCK
+    fd = -1
+    direct = hasattr(os, "O_DIRECT") and whole > 0
+    if direct:
+        fd = _open_direct(path, mode)
+        direct = fd >= 0
+    if not direct:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        whole = 0
+    try:
+        if direct:
+            buffer = _buffer()
+            aligned = memoryview(buffer)
+            for start in range(0, whole, _BUFFER_BYTES):
+                size = min(_BUFFER_BYTES, whole - start)
+                buffer[:size] = view[start : start + size]
+                _pwrite_all(fd, aligned[:size], start)
+            os.close(fd)  # the tail, less than a block, through the cache
+            fd = os.open(path, os.O_WRONLY)
+        _pwrite_all(fd, view[whole:], whole)
+    finally:
+        os.close(fd)
+
+
+def _open_direct(path: str | os.PathLike[str], mode: int) -> int:
+    """A new file opened for direct I/O, or -1 where its file system refuses it."""
+    device = os.stat(os.path.dirname(os.fspath(path)) or ".").st_dev
+    if device in _refused:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, mode)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _refused.add(device)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # created before the flag was refused, on some kernels
+        return -1
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written

@@ -1,0 +1,54 @@
+"""Spool files written past the page cache: the same bytes, whatever their size, and the
+page cache where a file system refuses direct I/O."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from node.store import direct_write
+from node.store.direct_write import BLOCK, write_new
+
+SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 527_000, (4 << 20) + 3 * BLOCK + 7]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_new_file_holds_exactly_the_bytes(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "instance.dcm"
+    write_new(path, data)
+    assert path.read_bytes() == data
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(b"kept")
+    with pytest.raises(FileExistsError):
+        write_new(path, os.urandom(3 * BLOCK))
+    assert path.read_bytes() == b"kept"
+
+
+def test_a_file_system_without_direct_io_gets_the_bytes_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that refuses O_DIRECT (EINVAL at open, as some do) gets the file all
+    the same through the page cache, and is not asked again for the next file."""
+    real_open, direct_opens = os.open, []
+
+    def refusing_open(path: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            direct_opens.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(direct_write, "_refused", set())
+    monkeypatch.setattr(os, "open", refusing_open)
+    for name in ("first", "second"):
+        data = os.urandom(527_000)
+        write_new(tmp_path / name, data)
+        assert (tmp_path / name).read_bytes() == data
+    assert len(direct_opens) == 1
