@@ -17,20 +17,24 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
-from benchmarks.ingest import write_series
+from benchmarks.ingest import timed_send, write_series
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance, Series
+from node.core.settings import DicomSettings
 from node.core.status import SUCCESS
+from node.dimse.allow_list import SourcePolicy
+from node.dimse.listener import start_listener
 from node.store.ingest import Ingestor
 from node.store.journal import JOURNAL_DIR, Journal, Segment
 from node.store.spool import Spool
-from tests.support.peers import wait_for
+from tests.support.peers import free_port, wait_for
 
 SLICES = 12
 CRASH_AT = 7  # the instance during (or after) which the child dies
@@ -292,6 +296,40 @@ def test_concurrent_associations_share_a_flush_and_full_segments_go(
     )
     ingestor.close()
     assert not list((ingestor.spool.root / JOURNAL_DIR).glob("*.journal"))
+    with ingestor.catalogue.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == SLICES
+
+
+def test_a_c_store_is_journalled_with_the_checksum_of_its_bytes(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener keeps each C-STORE's CRC-32 as its PDVs arrive (file meta first); the
+    journal record carries that checksum, so it must be the checksum of exactly the bytes
+    recorded: recovery after a crash keeps only records whose checksum holds."""
+    appended: list[tuple[int | None, int]] = []
+    real = Journal.append
+
+    def spy(
+        self: Journal, meta: dict[str, object], payload: list[bytes], crc32: int | None = None
+    ) -> Segment:
+        appended.append((crc32, zlib.crc32(b"".join(payload))))
+        return real(self, meta, payload, crc32)
+
+    monkeypatch.setattr(Journal, "append", spy)
+    ingestor = _journalled(tmp_path)
+    port = free_port()
+    server = start_listener(
+        DicomSettings(host="127.0.0.1", port=port, max_pdu=16384),  # several PDVs each
+        ingestor,
+        SourcePolicy(ingestor.catalogue, accept_any=True),
+    )
+    try:
+        timed_send(port, [series])
+    finally:
+        server.shutdown()
+        ingestor.close()
+    assert len(appended) == SLICES
+    assert all(given == actual for given, actual in appended), appended
     with ingestor.catalogue.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == SLICES
 

@@ -21,7 +21,6 @@ Layers below, each importing only downward: :mod:`node.dimse.pdu` (PDU framing),
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import struct
 import time
@@ -91,7 +90,6 @@ from node.dimse.pdu import (
     reject_pdu,
 )
 from node.dimse.report_channels import ReportChannel
-from node.store.spool import StagedFile
 
 if TYPE_CHECKING:  # the listener creates acceptors; an acceptor only reads its settings
     from node.dimse.server import Listener
@@ -356,6 +354,8 @@ class AssociationAcceptor:
                     continue
                 message.fields = parse_command(message.command)
                 if us_value(message.fields, 0x0800) != NO_DATA_SET:
+                    if us_value(message.fields, 0x0100) == C_STORE_RQ:
+                        message.fragments.begin(self._file_meta(association, message))
                     continue
             else:
                 if message.fields is None:
@@ -365,7 +365,7 @@ class AssociationAcceptor:
                     value,
                     self.limits.max_instance_bytes,
                     self.limits.instance_memory_bytes,
-                    functools.partial(self._spill, association, message),
+                    self.server.service.stage,
                 )
                 if not last:
                     continue
@@ -403,17 +403,17 @@ class AssociationAcceptor:
             message.context_id, response(fields, status, comment), association.peer_max_pdu
         )
 
-    def _spill(self, association: Association, message: _Message) -> tuple[StagedFile, bytes]:
-        """A staged file for a data set too large for memory, and its file meta."""
+    @staticmethod
+    def _file_meta(association: Association, message: _Message) -> bytes:
+        """The Part 10 file meta of a C-STORE's data set, from its command and context."""
         assert message.fields is not None and message.context_id is not None
         context = association.contexts[message.context_id]
-        prefix = file_meta(
+        return file_meta(
             message.fields.get(0x0002, b""),
             message.fields.get(0x1000, b""),
             str(context.transfer_syntax[0]),
             association.requestor.calling_ae_title,
         )
-        return self.server.service.stage(), prefix
 
     def _normalised(
         self,
@@ -488,9 +488,11 @@ class AssociationAcceptor:
         if fragments.spill is not None:
             request = StoreRequest(uid(sop_class), uid(sop_instance), syntax, b"", fragments.spill)
         else:
-            data = b"".join((file_meta(sop_class, sop_instance, syntax, calling), *fragments))
+            data = fragments.part10()
+            request = StoreRequest(
+                uid(sop_class), uid(sop_instance), syntax, data, crc32=fragments.crc32
+            )
             fragments.clear()
-            request = StoreRequest(uid(sop_class), uid(sop_instance), syntax, data)
         started = time.monotonic()
         try:
             status, comment = self.server.service.store(association, request)

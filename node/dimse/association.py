@@ -69,6 +69,7 @@ class StoreRequest:
     transfer_syntax_uid: str
     data: bytes
     staged: StagedFile | None = None
+    crc32: int | None = None  # of ``data``, computed as it arrived (None: not computed)
 
 
 @dataclass(frozen=True)

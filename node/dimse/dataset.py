@@ -9,29 +9,45 @@ read and dropped, and the instance is refused at its end.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 
 from node.store.spool import StagedFile
 
 
 class ReceivedDataSet(list[memoryview]):
-    """The fragments held in memory (empty once spilled), the size so far, and the spill."""
+    """The fragments held in memory (empty once spilled), the size so far, and the spill.
+
+    A C-STORE's data set starts with its Part 10 file meta (:meth:`begin`), and its CRC-32
+    is kept as the fragments arrive: the journal's checksum of the instance is then ready
+    when its last byte is, instead of costing a pass over half a megabyte after it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.size = 0
         self.over_limit = False
         self.spill: StagedFile | None = None
+        self.prefix = b""
+        self.crc32 = 0  # of the prefix and the fragments held in memory
+
+    def begin(self, prefix: bytes) -> None:
+        """Set the file meta that goes before the fragments (before the first of them)."""
+        self.prefix, self.crc32 = prefix, zlib.crc32(prefix)
+
+    def part10(self) -> bytes:
+        """The prefix and the fragments held in memory, as one Part 10 file."""
+        return b"".join((self.prefix, *self))
 
     def add(
         self,
         value: memoryview,
         size_limit: int,
         memory_limit: int,
-        open_spill: Callable[[], tuple[StagedFile, bytes]],
+        open_spill: Callable[[], StagedFile],
     ) -> None:
-        """Take the next fragment; ``open_spill`` gives a staged file and the file meta to
-        write first, called once when the data set outgrows ``memory_limit``."""
+        """Take the next fragment; ``open_spill`` gives a staged file (the prefix is written
+        to it first), called once when the data set outgrows ``memory_limit``."""
         self.size += len(value)
         if self.over_limit:
             return
@@ -41,9 +57,9 @@ class ReceivedDataSet(list[memoryview]):
             self.discard()
             return
         if self.spill is None and self.size > memory_limit:
-            staged, prefix = open_spill()
+            staged = open_spill()
             self.spill = staged
-            staged.write(prefix)
+            staged.write(self.prefix)
             for fragment in self:
                 staged.write(fragment)
             self.clear()
@@ -51,6 +67,7 @@ class ReceivedDataSet(list[memoryview]):
             self.spill.write(value)
         else:
             self.append(value)
+            self.crc32 = zlib.crc32(value, self.crc32)
 
     def discard(self) -> None:
         """Remove the spilled file unless ingest placed it (safe to call more than once)."""

@@ -137,6 +137,7 @@ class AssociationHandlers:
                 calling,
                 expected_sop_uid=request.sop_instance_uid,
                 expected_sop_class=request.sop_class_uid,
+                crc32=request.crc32,
             )
         if outcome.status == SUCCESS:
             if outcome.series_uid:

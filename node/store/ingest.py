@@ -153,11 +153,12 @@ class Ingestor:
         calling_ae: str | None,
         expected_sop_uid: str | None = None,
         expected_sop_class: str | None = None,
+        crc32: int | None = None,
     ) -> IngestOutcome:
         """Store and catalogue one instance received as Part 10 bytes; ``expected_*`` are
         the UIDs the C-STORE command named, which the data set must carry too (else it is
         refused 0xA900: stored under the command's class, it would be catalogued as what
-        it is not)."""
+        it is not). ``crc32``: of ``data``, where the receiver computed it on the way."""
         if not self._room_for(len(data), calling_ae):
             return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
@@ -181,7 +182,7 @@ class Ingestor:
             return self._refused(exc, calling_ae)
         if self.write_ahead is not None:
             with self._uid_locks[self._stripe(header.sop_instance_uid)]:
-                outcome = self.write_ahead.accept(header, data, calling_ae)
+                outcome = self.write_ahead.accept(header, data, calling_ae, crc32)
             if outcome is not None:
                 return outcome
         return self._store([_Entry(header, data)], calling_ae)[0]

@@ -9,12 +9,13 @@ instance written before it (group commit: the threads of concurrent associations
 A segment is a file allocated and fsynced when it is created, so that an append changes no
 metadata but the extents it fills. Each record starts on a 4 KiB boundary::
 
-    magic "CJR1" | segment number (u64) | meta length (u32) | payload length (u64)
-    | SHA-256 of the payload (32 bytes) | CRC-32 of the fields before it and the meta (u32)
+    magic "CJR2" | segment number (u64) | meta length (u32) | payload length (u64)
+    | CRC-32 of the payload (u32) | CRC-32 of the fields before it and the meta (u32)
     | meta (JSON: the instance's header and where it goes) | payload (Part 10 bytes)
 
-The payload's SHA-256 is both its checksum here and its digest in the catalogue, so the
-bytes are hashed once.
+The listener computes the payload's CRC-32 as its PDVs arrive; the catalogue's SHA-256 is
+computed behind the journal, by the filer. Records of the first format ("CJR1", the
+payload's SHA-256 in place of its CRC-32) are still read.
 
 Recovery reads every 4 KiB boundary of every segment left behind and keeps the records
 whose checksums hold, so a record cut short by a crash (never answered with Success) costs
@@ -162,9 +163,12 @@ class Journal:
 
     # -- appending
 
-    def append(self, meta: dict[str, Any], payload: Sequence[Buffer]) -> Segment:
+    def append(
+        self, meta: dict[str, Any], payload: Sequence[Buffer], crc32: int | None = None
+    ) -> Segment:
         """Write one record and return once it is durable: the segment that holds it (its
-        ``outstanding`` count already includes the record)."""
+        ``outstanding`` count already includes the record). ``crc32``: the payload's, where
+        the caller has it already (computed as the bytes arrived)."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         size = sum(len(part) for part in payload)
         length = HEAD_BYTES + len(meta_bytes) + size
@@ -176,10 +180,11 @@ class Journal:
             segment.end += _aligned(length)
             segment.outstanding += 1
         try:
-            crc = 0
-            for part in payload:
-                crc = zlib.crc32(part, crc)
-            head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, crc)
+            if crc32 is None:
+                crc32 = 0
+                for part in payload:
+                    crc32 = zlib.crc32(part, crc32)
+            head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, crc32)
             check = _HEAD_CRC.pack(zlib.crc32(meta_bytes, zlib.crc32(head)))
             # Padded to whole pages: a page written in part is read from disk first.
             padding = _zeros()[: _aligned(length) - length]

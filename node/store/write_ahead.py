@@ -134,10 +134,11 @@ class WriteAhead:
     # -- the listener's side
 
     def accept(
-        self, header: InstanceHeader, data: bytes, calling_ae: str | None
+        self, header: InstanceHeader, data: bytes, calling_ae: str | None, crc32: int | None = None
     ) -> IngestOutcome | None:
         """Journal a new instance and answer for it; None when it is not new (or still in
-        the journal), for the caller's own path. The caller holds its UID's lock."""
+        the journal), for the caller's own path. The caller holds its UID's lock; ``crc32``
+        is that of ``data`` where the receiver computed it."""
         from node.store.ingest import IngestOutcome, brief
 
         uid = header.sop_instance_uid
@@ -161,7 +162,8 @@ class WriteAhead:
                     return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
                 self._changed.wait(left)
         try:
-            segment = self.journal.append(header_meta(header, relative, calling_ae), [data])
+            meta = header_meta(header, relative, calling_ae)
+            segment = self.journal.append(meta, [data], crc32)
         except (JournalError, ValueError) as exc:
             log.error("cannot journal an instance: %s", exc)
             return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the journal")
