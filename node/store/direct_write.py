@@ -63,18 +63,21 @@ def write_new(path: str | os.PathLike[str], data: bytes | memoryview, mode: int 
 
 def _open_direct(path: str | os.PathLike[str], mode: int) -> int:
     """A new file opened for direct I/O, or -1 where its file system refuses it."""
-    device = os.stat(os.path.dirname(os.fspath(path)) or ".").st_dev
-    if device in _refused:
+    if _refused and _device(path) in _refused:  # looked up only once one has refused
         return -1
     try:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, mode)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        _refused.add(device)
+        _refused.add(_device(path))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # created before the flag was refused, on some kernels
         return -1
+
+
+def _device(path: str | os.PathLike[str]) -> int:
+    return os.stat(os.path.dirname(os.fspath(path)) or ".").st_dev
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
