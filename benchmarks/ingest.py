@@ -16,23 +16,29 @@ sender and the network allow at all. The node's CPU time per instance (all its t
 user and system) and the sender's are printed too.
 
 Disks differ between machines, so the ratios node/DCMTK, node/file floor and node/journal
-floor are printed from the same run. Then ``--senders`` concurrent storescu x ``--slices``
+floor are printed from the same run. DCMTK, the receive floor and the node are sent to in
+turn ``--repeats`` times (storescp and the node kept running; a new series for the node each
+time), so that a slow moment of a shared machine falls on all of them: medians, with ranges.
+Then ``--senders`` concurrent storescu x ``--slices``
 (distinct series) into the node and into ``storescp --fork``, side by side: aggregate
 instances/s and peak RSS while they send, sampled every 20 ms (the node's: this process,
 which hosts the listener; DCMTK's: the sum over storescp and its forked children).
 
-    .venv/bin/python -m benchmarks.ingest [--slices 300] [--senders 10] [--runs 1]
+    .venv/bin/python -m benchmarks.ingest [--slices 300] [--senders 10] [--repeats 3] [--runs 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -156,26 +162,36 @@ class PeakRss:
         return self.peak / (1 << 20)
 
 
-def dcmtk_rate(
-    folders: list[Path], slices: int, work: Path, fork: bool, ignore: bool = False
-) -> tuple[float, float]:
-    """Instances/s of storescp (``--fork`` for several senders; ``--ignore`` to receive
-    without storing anything) and its peak RSS in MiB."""
+@contextlib.contextmanager
+def storescp(work: Path, fork: bool = False, ignore: bool = False) -> Iterator[tuple[int, int]]:
+    """A running storescp (``--fork`` for several senders; ``--ignore`` to receive without
+    storing anything): its port and process ID."""
     port = free_port()
-    out = work / f"storescp-{len(folders)}"
-    out.mkdir()
-    command = ["storescp", "-aet", "CURIA", "-od", str(out)] + (["--fork"] if fork else [])
+    out = Path(tempfile.mkdtemp(prefix="storescp-", dir=work))
+    # Unique file names: each repeat writes new files, as the first does.
+    command = ["storescp", "-aet", "CURIA", "+uf", "-od", str(out)] + (["--fork"] if fork else [])
     command += ["--ignore"] if ignore else []
     proc = subprocess.Popen([*command, str(port)], env=DCMTK_ENV)
     try:
         wait_for(lambda: port_open(port), 10, "storescp did not start")
-        with PeakRss(proc.pid, children=True) as rss:
-            rate = slices * len(folders) / timed_send(port, folders)
+        yield port, proc.pid
     finally:
         proc.terminate()
         proc.wait()
         shutil.rmtree(out, ignore_errors=True)
+
+
+def dcmtk_rate(folders: list[Path], slices: int, work: Path) -> tuple[float, float]:
+    """Instances/s of ``storescp --fork`` receiving from several senders at once, and its
+    peak RSS in MiB."""
+    with storescp(work, fork=True) as (port, pid), PeakRss(pid, children=True) as rss:
+        rate = slices * len(folders) / timed_send(port, folders)
     return rate, rss.mib
+
+
+def _spread(rates: list[float]) -> str:
+    """The median of ``rates`` and their range."""
+    return f"{statistics.median(rates):7.1f} instances/s ({min(rates):.0f}-{max(rates):.0f})"
 
 
 def durable_floor(folder: Path, work: Path) -> float:
@@ -228,8 +244,6 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
     folder = work / "series"
     if not folder.exists():
         write_series(folder, args.slices)
-    dcmtk, _ = dcmtk_rate([folder], args.slices, work, fork=False)
-    receive, _ = dcmtk_rate([folder], args.slices, work, fork=False, ignore=True)
     floor = durable_floor(folder, work)
     shutil.rmtree(work / "floor")
     journal = journal_floor(folder, work)
@@ -259,26 +273,42 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         cold = args.slices / timed_send(port, warm_up[:1])
         timed_send(port, warm_up[1:])
         wait_for(lambda: node_journal.spares >= 2, 30, "the journal kept no spare segments")
-        before = os.times()
-        node = args.slices / timed_send(port, [folder])
-        cpu = os.times()
-        print(f"DCMTK storescp : {dcmtk:7.1f} instances/s (no fsync, no catalogue)")
-        print(f"Curia Node     : {node:7.1f} instances/s (durable + catalogued before Success)")
+        # DCMTK, the receive floor and the node in turn, so that a slower moment of a
+        # shared machine falls on all three: medians, and each one's range.
+        dcmtk_rates, receive_rates, node_rates = [], [], []
+        cpu_user = cpu_system = sender_user = sender_system = 0.0
+        with storescp(work) as (dcmtk_port, _), storescp(work, ignore=True) as (ignore_port, _):
+            for repeat in range(args.repeats):
+                dcmtk_rates.append(args.slices / timed_send(dcmtk_port, [folder]))
+                receive_rates.append(args.slices / timed_send(ignore_port, [folder]))
+                fresh = work / f"series-node-{repeat}"  # new UIDs: each is new to the node
+                if not fresh.exists():
+                    write_series(fresh, args.slices)
+                before = os.times()
+                node_rates.append(args.slices / timed_send(port, [fresh]))
+                cpu = os.times()
+                cpu_user += cpu.user - before.user
+                cpu_system += cpu.system - before.system
+                sender_user += cpu.children_user - before.children_user
+                sender_system += cpu.children_system - before.children_system
+        dcmtk, node = statistics.median(dcmtk_rates), statistics.median(node_rates)
+        receive = statistics.median(receive_rates)
+        print(f"DCMTK storescp : {_spread(dcmtk_rates)} (no fsync, no catalogue)")
+        print(f"Curia Node     : {_spread(node_rates)} (durable + catalogued before Success)")
         print(f"  new journal  : {cold:7.1f} instances/s (a new node's first series)")
-        print(f"receive floor  : {receive:7.1f} instances/s (storescp --ignore: stores nothing)")
+        print(f"receive floor  : {_spread(receive_rates)} (storescp --ignore: stores nothing)")
         print(f"file floor     : {floor:7.1f} instances/s (new file + fsync + rename + dir fsync)")
         print(f"journal floor  : {journal:7.1f} instances/s (preallocated pwrite + fdatasync)")
         print(f"  into written : {written:7.1f} instances/s (the same, blocks zero-filled first)")
         print(
             f"ratios node/DCMTK {node / dcmtk:.2f}, node/file floor {node / floor:.2f}, "
-            f"node/journal floor {node / journal:.2f}"
+            f"node/journal floor {node / journal:.2f}, node/receive floor {node / receive:.2f}"
         )
-        per = 1000 / args.slices
+        per = 1000 / (args.slices * args.repeats)
         print(
-            f"CPU per instance (ms): node {(cpu.user - before.user) * per:.2f} user + "
-            f"{(cpu.system - before.system) * per:.2f} system; storescu "
-            f"{(cpu.children_user - before.children_user) * per:.2f} user + "
-            f"{(cpu.children_system - before.children_system) * per:.2f} system"
+            f"CPU per instance (ms): node {cpu_user * per:.2f} user + "
+            f"{cpu_system * per:.2f} system; storescu {sender_user * per:.2f} user + "
+            f"{sender_system * per:.2f} system"
         )
         folders = [work / f"series-{i}" for i in range(args.senders)]
         for extra in folders:
@@ -293,7 +323,7 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         ingestor.close()
         catalogue.dispose()
         shutil.rmtree(run_dir, ignore_errors=True)
-    forked, forked_rss = dcmtk_rate(folders, args.slices, work, fork=True)
+    forked, forked_rss = dcmtk_rate(folders, args.slices, work)
     print(
         f"{args.senders} senders x {args.slices} (distinct series): "
         f"node {total / elapsed:.1f} instances/s aggregate, peak RSS {rss:.0f} MiB | "
@@ -306,6 +336,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--senders", type=int, default=10)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="DCMTK and node sends in turn, one association"
+    )
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole comparison")
     args = parser.parse_args()
     if shutil.which("storescp") is None:
