@@ -4,6 +4,7 @@ page cache where a file system refuses direct I/O."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -52,3 +53,26 @@ def test_a_file_system_without_direct_io_gets_the_bytes_through_the_cache(
         write_new(tmp_path / name, data)
         assert (tmp_path / name).read_bytes() == data
     assert len(direct_opens) == 1
+
+
+def test_a_device_refusing_the_block_size_gets_the_bytes_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device whose blocks are larger than 4 KiB accepts O_DIRECT at open and refuses the
+    write (EINVAL): the file is written through the page cache instead, whole and exact,
+    rather than failing (the filer would retry it forever)."""
+    real_pwrite, refused = os.pwrite, []
+
+    def refusing_pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_write, "_refused", set())
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    data = os.urandom(527_000)
+    write_new(tmp_path / "instance.dcm", data)
+    assert refused, "the direct write was tried"
+    assert (tmp_path / "instance.dcm").read_bytes() == data
+    assert os.stat(tmp_path).st_dev in direct_write._refused

@@ -48,17 +48,28 @@ def write_new(path: str | os.PathLike[str], data: bytes | memoryview, mode: int 
         whole = 0
     try:
         if direct:
-            buffer = _buffer()
-            aligned = memoryview(buffer)
-            for start in range(0, whole, _BUFFER_BYTES):
-                size = min(_BUFFER_BYTES, whole - start)
-                buffer[:size] = view[start : start + size]
-                _pwrite_all(fd, aligned[:size], start)
+            try:
+                _write_direct(fd, view[:whole])
+            except OSError as exc:  # blocks larger than BLOCK: the whole file through the cache
+                if exc.errno != errno.EINVAL:
+                    raise
+                _refused.add(_device(path))
+                whole = 0
             os.close(fd)  # the tail, less than a block, through the cache
             fd = os.open(path, os.O_WRONLY)
         _pwrite_all(fd, view[whole:], whole)
     finally:
         os.close(fd)
+
+
+def _write_direct(fd: int, view: memoryview) -> None:
+    """Write ``view`` (whole blocks) from offset 0, through this thread's aligned buffer."""
+    buffer = _buffer()
+    aligned = memoryview(buffer)
+    for start in range(0, len(view), _BUFFER_BYTES):
+        size = min(_BUFFER_BYTES, len(view) - start)
+        buffer[:size] = view[start : start + size]
+        _pwrite_all(fd, aligned[:size], start)
 
 
 def _open_direct(path: str | os.PathLike[str], mode: int) -> int:
