@@ -8,10 +8,31 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from pynetdicom.ae import ApplicationEntity
 
+from node.delivery.responses import keep_responses
 from tests.support.env import POSTGRES_ADMIN_URL, require_tool
 from tests.support.peers import NodeProcess, Orthanc, free_port
 from tests.support.testdata import repaired_ct_series
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _answers_reach_their_calls() -> Iterator[None]:
+    """Every association a test requests with pynetdicom delivers each answer to the call
+    that waits for it (:func:`node.delivery.responses.keep_responses`): without it, its
+    reactor can take an answer first and the test waits out ``dimse_timeout`` and fails,
+    whatever the node did."""
+    original = ApplicationEntity.associate
+
+    def associate(self: ApplicationEntity, *args: object, **kwargs: object) -> object:
+        assoc = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        if assoc.is_established:
+            keep_responses(assoc)
+        return assoc
+
+    ApplicationEntity.associate = associate  # type: ignore[method-assign,assignment]
+    yield
+    ApplicationEntity.associate = original  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
