@@ -36,7 +36,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +44,7 @@ import numpy as np
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from benchmarks.memory import PeakRss
 from node.catalogue.db import Catalogue, upgrade
 from node.core.settings import DicomSettings
 from node.dimse.allow_list import SourcePolicy
@@ -107,59 +107,6 @@ def timed_send(port: int, folders: list[Path]) -> float:
         if proc.returncode != 0:
             raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
     return time.perf_counter() - started
-
-
-def _tree_rss(root: int, children: bool = True) -> int:
-    """Resident bytes of ``root`` and, with ``children``, its children (``storescp --fork``
-    forks one per association), read from /proc."""
-    if not children:
-        return _rss(Path(f"/proc/{root}"))
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if int(entry.name) == root or ppid == root:
-            total += _rss(entry)
-    return total
-
-
-def _rss(proc: Path) -> int:
-    try:
-        stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0
-    return int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss:
-    """The largest resident size of a process (and its children) while it is running."""
-
-    def __init__(self, pid: int, children: bool) -> None:
-        self.pid, self.children, self.peak = pid, children, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while True:
-            self.peak = max(self.peak, _tree_rss(self.pid, self.children))
-            if self._stop.wait(0.02):
-                return
-
-    @property
-    def mib(self) -> float:
-        return self.peak / (1 << 20)
 
 
 @contextlib.contextmanager

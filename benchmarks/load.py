@@ -31,6 +31,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from benchmarks.ingest import write_series
+from benchmarks.memory import peak_rss_mib
 from node.delivery.responses import keep_responses
 from tests.support.peers import NodeProcess, Orthanc, free_port, wait_for
 
@@ -68,15 +69,6 @@ def send_study(args: tuple[int, int, list[str]]) -> tuple[list[float], int, floa
         if assoc.is_established:
             assoc.release()
     return latencies, failures, last_answer, keeper.handed_back
-
-
-def peak_rss_mib(pid: int) -> float:
-    """The peak resident memory (VmHWM) of the node: one process in embedded mode
-    (listener, watcher, API and the worker thread with the model)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import httpx
 from fastapi import FastAPI
 
 from benchmarks.ingest import write_series
+from benchmarks.memory import peak_rss_mib
 from tests.support.peers import Orthanc, free_port, port_open, wait_for
 
 TOKEN = "benchmark-token"
@@ -69,14 +70,6 @@ def timed_stow(url: str, paths: list[Path], headers: dict[str, str]) -> float:
     if len(stored) != len(paths):
         raise RuntimeError(f"{url} stored {len(stored)} of {len(paths)} instances")
     return elapsed
-
-
-def peak_rss_mib(pid: int) -> float:
-    """Peak resident memory of a process (Linux ``VmHWM``), to show the body is streamed."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def node_rate(paths: list[Path], work: Path) -> tuple[float, float, float]:

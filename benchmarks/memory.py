@@ -1,0 +1,68 @@
+"""Memory of the processes a benchmark measures, read from /proc (Linux)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident memory of a process so far (``VmHWM``), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def tree_rss(root: int, children: bool = True) -> int:
+    """Resident bytes of ``root`` and, with ``children``, its children (``storescp --fork``
+    forks one per association), read from /proc."""
+    if not children:
+        return _rss(Path(f"/proc/{root}"))
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(entry.name) == root or ppid == root:
+            total += _rss(entry)
+    return total
+
+
+def _rss(proc: Path) -> int:
+    try:
+        stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+    """The largest resident size of a process (and its children) while it is running."""
+
+    def __init__(self, pid: int, children: bool) -> None:
+        self.pid, self.children, self.peak = pid, children, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss(self.pid, self.children))
+            if self._stop.wait(0.02):
+                return
+
+    @property
+    def mib(self) -> float:
+        return self.peak / (1 << 20)
