@@ -4,9 +4,10 @@ Success, and catalogues nothing twice.
 A child process ingests a series through an :class:`Ingestor` with a journal and prints
 each SOP Instance UID that got Success; it kills itself with SIGKILL at one point of the
 path (a record half written, a record synced but not filed, a file filed without its row,
-rows committed with their segment still there). A fresh ingestor on the same folders then
-files what the journal holds, and every instance that got Success must be catalogued once,
-with its exact bytes in the spool, and its series counted once per instance.
+a spool file written in part and never renamed, rows committed with their segment still
+there). A fresh ingestor on the same folders then files what the journal holds, and every
+instance that got Success must be catalogued once, with its exact bytes in the spool, its
+series counted once per instance, and nothing left behind in the spool.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     from node.catalogue.db import Catalogue
-    from node.store import journal as journal_module, write_ahead
+    from node.store import direct_write, journal as journal_module, write_ahead
     from node.store.ingest import Ingestor
     from node.store.journal import JOURNAL_DIR, Journal, Segment
     from node.store.spool import Spool
@@ -81,6 +82,14 @@ CHILD = textwrap.dedent(
             if calls["n"] == crash_at:
                 die()
         write_ahead.WriteAhead._write = write
+    elif point == "mid-file":  # a spool file's whole blocks written, its tail not, no rename
+        original_direct = direct_write._write_direct
+        def direct(fd, view):
+            original_direct(fd, view)
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                die()
+        direct_write._write_direct = direct
     elif point == "zero-fill":  # a spare segment half zero-filled: never used, removed
         original_chunk = journal_module.Journal._zero_chunk
         def chunk(fd, zeros, offset, direct):
@@ -113,7 +122,7 @@ CHILD = textwrap.dedent(
         outcome = ingestor.ingest(path.read_bytes(), "CRASHER")
         if outcome.status == 0:
             print(path.name, flush=True)
-        if point == "mid-filing" or point == "filed":
+        if point in ("mid-filing", "mid-file", "filed"):
             ingestor.settle()
         if point in ("zero-fill", "reused"):  # let the spare be made while the segment fills
             import time
@@ -160,12 +169,13 @@ def _check(root: Path, url: str, series: Path, succeeded: list[str]) -> Ingestor
         assert spool.absolute(row.path).is_file(), f"catalogued {sop} has no file"
     assert not list((spool.root / JOURNAL_DIR).glob("*.journal")), "replayed segments go"
     assert not list((spool.root / JOURNAL_DIR).glob("*.tmp")), "a half-made spare goes"
+    assert not list(spool.root.glob("*/*/.*.tmp")), "a spool file cut short goes"
     return ingestor
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize(
-    "point", ["mid-write", "synced", "mid-filing", "filed", "zero-fill", "reused"]
+    "point", ["mid-write", "synced", "mid-filing", "mid-file", "filed", "zero-fill", "reused"]
 )
 def test_kill_9_in_the_journal_path_loses_nothing_that_got_success(
     point: str, backend: str, series: Path, tmp_path: Path, request: pytest.FixtureRequest

@@ -387,16 +387,22 @@ class WriteAhead:
             if records and (
                 record.segment != segment or uid in records or len(records) >= MAX_FILED_AT_ONCE
             ):
-                self._file(list(records.values()), durably=True)
+                self._refile(list(records.values()))
                 records = {}
             segment = record.segment
             records[uid] = _pending_from(record)
             total += 1
         if records:
-            self._file(list(records.values()), durably=True)
+            self._refile(list(records.values()))
         if total:
             log.warning("filed %d instance(s) again from the journal after a restart", total)
         self.journal.retire_recovered()
+
+    def _refile(self, batch: list[_Pending]) -> None:
+        """File records of an earlier run durably, and remove what the crash left beside
+        their spool files (a temporary file written in part, never renamed)."""
+        for relative in self._file(batch, durably=True):
+            _remove_leftovers(self.ingestor.spool.absolute(relative))
 
 
 def _digest(item: _Pending) -> str:
@@ -404,6 +410,12 @@ def _digest(item: _Pending) -> str:
     if item.sha256 is None:
         item.sha256 = hashlib.sha256(item.payload).hexdigest()
     return item.sha256
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary files a crash left beside ``path`` (written, never renamed)."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def _holds(path: Any, digest: str) -> bool:
