@@ -57,9 +57,21 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
+def temporary_beside(path: Path) -> Path:
+    """A new, unique name in ``path``'s folder to write its bytes under before renaming
+    them to ``path``: hidden, so that listings of the spool skip it."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def leftovers_beside(path: Path) -> list[Path]:
+    """The :func:`temporary_beside` files of ``path`` still there: a crash cut them short
+    before their rename."""
+    return list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` atomically and durably (temp + fsync + rename + dir fsync)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temporary_beside(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         _write_all(fd, data)
@@ -128,7 +140,7 @@ class StagedFile:
         self.placed = True
 
     def _copy_to(self, target: Path) -> None:
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temporary_beside(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._mode)
         try:
             with self.path.open("rb") as source:

@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +40,13 @@ from node.core.status import OUT_OF_RESOURCES, SUCCESS
 from node.store.direct_write import write_new
 from node.store.header import InstanceHeader
 from node.store.journal import Journal, JournalError, Record, Segment
-from node.store.spool import StoredFile, fsync_dir, write_durably
+from node.store.spool import (
+    StoredFile,
+    fsync_dir,
+    leftovers_beside,
+    temporary_beside,
+    write_durably,
+)
 from node.store.syscalls import syncfs
 
 if TYPE_CHECKING:
@@ -343,7 +348,7 @@ class WriteAhead:
         if durably:
             write_durably(path, payload)
             return
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temporary_beside(path)
         try:
             write_new(tmp, payload)  # past the page cache: synced with the segment
         except BaseException:
@@ -402,7 +407,8 @@ class WriteAhead:
         """File records of an earlier run durably, and remove what the crash left beside
         their spool files (a temporary file written in part, never renamed)."""
         for relative in self._file(batch, durably=True):
-            _remove_leftovers(self.ingestor.spool.absolute(relative))
+            for leftover in leftovers_beside(self.ingestor.spool.absolute(relative)):
+                leftover.unlink(missing_ok=True)
 
 
 def _digest(item: _Pending) -> str:
@@ -410,12 +416,6 @@ def _digest(item: _Pending) -> str:
     if item.sha256 is None:
         item.sha256 = hashlib.sha256(item.payload).hexdigest()
     return item.sha256
-
-
-def _remove_leftovers(path: Path) -> None:
-    """Remove the temporary files a crash left beside ``path`` (written, never renamed)."""
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-        leftover.unlink(missing_ok=True)
 
 
 def _holds(path: Any, digest: str) -> bool:
