@@ -211,8 +211,8 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
     )
     try:
         # A new node's journal has no prepared segments yet: its first ~300 MiB also pay for
-        # zero-filling them (kept since, across restarts). Timed apart, then the same series
-        # as DCMTK into the node as it runs from then on.
+        # zero-filling them (kept since, across restarts). Its first series is timed apart;
+        # the node is timed below as it runs from then on.
         warm_up = [work / f"series-warm-up-{i}" for i in range(2)]
         for extra in warm_up:
             if not extra.exists():
