@@ -13,7 +13,9 @@ The node is timed as it runs once its journal has prepared segments to reuse (ke
 restarts): after two other series, the first of them printed apart as a new node's pace.
 And, beside DCMTK storing, DCMTK receiving without storing (``storescp --ignore``): what the
 sender and the network allow at all. The node's CPU time per instance (all its threads,
-user and system) and the sender's are printed too.
+user and system) and the sender's are printed too, and what the disk was asked to write
+while DCMTK and the node received (bytes, flushes and busy time per instance, from
+/proc/diskstats): storescp's bytes wait in the page cache, the node's are made durable.
 
 Disks differ between machines, so the ratios node/DCMTK, node/file floor and node/journal
 floor are printed from the same run. DCMTK, the receive floor and the node are sent to in
@@ -44,6 +46,7 @@ import numpy as np
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from benchmarks.disk import DiskCounters, device_of, read_counters
 from benchmarks.memory import PeakRss
 from node.catalogue.db import Catalogue, upgrade
 from node.core.settings import DicomSettings
@@ -136,6 +139,35 @@ def dcmtk_rate(folders: list[Path], slices: int, work: Path) -> tuple[float, flo
     return rate, rss.mib
 
 
+class DiskLoad:
+    """The disk's writes during the sends timed for one receiver, summed over repeats."""
+
+    def __init__(self, device: tuple[int, int]) -> None:
+        self.device = device
+        self.total: DiskCounters | None = DiskCounters()
+        self.seconds = 0.0
+
+    def timed(self, port: int, folders: list[Path]) -> float:
+        before = read_counters(self.device)
+        elapsed = timed_send(port, folders)
+        after = read_counters(self.device)
+        if self.total is not None and before is not None and after is not None:
+            self.total += after - before
+        else:
+            self.total = None
+        self.seconds += elapsed
+        return elapsed
+
+    def describe(self, instances: int) -> str:
+        if self.total is None:
+            return "not counted"
+        busy = self.total.busy_ms / 10 / self.seconds
+        return (
+            f"{self.total.bytes_written / instances / 1024:,.0f} KiB, "
+            f"{self.total.flushes / instances:.2f} flushes, busy {busy:.0f}%"
+        )
+
+
 def _spread(rates: list[float]) -> str:
     """The median of ``rates`` and their range."""
     return f"{statistics.median(rates):7.1f} instances/s ({min(rates):.0f}-{max(rates):.0f})"
@@ -223,16 +255,18 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         # DCMTK, the receive floor and the node in turn, so that a slower moment of a
         # shared machine falls on all three: medians, and each one's range.
         dcmtk_rates, receive_rates, node_rates = [], [], []
+        device = device_of(work)
+        dcmtk_disk, node_disk = DiskLoad(device), DiskLoad(device)
         cpu_user = cpu_system = sender_user = sender_system = 0.0
         with storescp(work) as (dcmtk_port, _), storescp(work, ignore=True) as (ignore_port, _):
             for repeat in range(args.repeats):
-                dcmtk_rates.append(args.slices / timed_send(dcmtk_port, [folder]))
+                dcmtk_rates.append(args.slices / dcmtk_disk.timed(dcmtk_port, [folder]))
                 receive_rates.append(args.slices / timed_send(ignore_port, [folder]))
                 fresh = work / f"series-node-{repeat}"  # new UIDs: each is new to the node
                 if not fresh.exists():
                     write_series(fresh, args.slices)
                 before = os.times()
-                node_rates.append(args.slices / timed_send(port, [fresh]))
+                node_rates.append(args.slices / node_disk.timed(port, [fresh]))
                 cpu = os.times()
                 cpu_user += cpu.user - before.user
                 cpu_system += cpu.system - before.system
@@ -256,6 +290,12 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
             f"CPU per instance (ms): node {cpu_user * per:.2f} user + "
             f"{cpu_system * per:.2f} system; storescu {sender_user * per:.2f} user + "
             f"{sender_system * per:.2f} system"
+        )
+        sent = args.slices * args.repeats
+        size = sum(path.stat().st_size for path in folder.iterdir()) / args.slices / 1024
+        print(
+            f"disk writes while receiving, per instance of {size:,.0f} KiB: "
+            f"DCMTK {dcmtk_disk.describe(sent)} | node {node_disk.describe(sent)}"
         )
         folders = [work / f"series-{i}" for i in range(args.senders)]
         for extra in folders:
