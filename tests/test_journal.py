@@ -406,3 +406,36 @@ def test_records_of_the_earlier_format_are_still_read(tmp_path: Path) -> None:
     (folder / "000000000001.journal").write_bytes(record + bytes(8192 - len(record) % 4096))
     [found] = list(Journal(folder).recover())
     assert found.meta == {"n": 1} and found.payload == payload
+
+
+def test_a_busy_journal_reuses_its_retired_segments_instead_of_zero_filling_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load, a drained segment becomes the journal's next spare before it runs out,
+    so that no spare has to be zero-filled (a whole segment of writes beside the
+    instances arriving) once the journal has its first ones."""
+    from node.store import journal as journal_module
+    from node.store import write_ahead
+
+    monkeypatch.setattr(write_ahead, "RETIRE_BYTES", 1 << 40)  # never by size: by spares
+    fills: list[float] = []
+    real_fill = journal_module.Journal._zero_fill
+
+    def counted(self: Journal) -> None:
+        fills.append(time.monotonic())
+        real_fill(self)
+
+    monkeypatch.setattr(journal_module.Journal, "_zero_fill", counted)
+    many = tmp_path / "many"
+    write_series(many, 80)  # about 11 segments of 4 MiB
+    ingestor = _journalled(tmp_path, segment=1 << 22)
+    journal = ingestor.write_ahead.journal  # type: ignore[union-attr]
+    payloads = [p.read_bytes() for p in sorted(many.iterdir())]
+    for index, data in enumerate(payloads):
+        if index == len(payloads) // 2:  # past the first segments' zero-filling
+            warmed = len(fills)
+        assert ingestor.ingest(data, "A").status == SUCCESS
+        assert ingestor.settle()  # a filer that keeps up
+    assert 0 < warmed == len(fills), "a spare was zero-filled while retired ones could serve"
+    assert journal.spares > 0
+    ingestor.close()
