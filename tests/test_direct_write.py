@@ -76,3 +76,24 @@ def test_a_device_refusing_the_block_size_gets_the_bytes_through_the_cache(
     assert refused, "the direct write was tried"
     assert (tmp_path / "instance.dcm").read_bytes() == data
     assert os.stat(tmp_path).st_dev in direct_write._refused
+
+
+def test_a_paced_write_asks_before_each_step_and_writes_no_more_than_a_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filer's spool files share the disk with the journal's flushes: before each
+    direct write of at most ``PACED_STEP`` bytes, ``pace`` is asked (and may wait)."""
+    real_pwrite, events = os.pwrite, []
+
+    def logged_pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            events.append(("write", len(data)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", logged_pwrite)
+    data = os.urandom(3 * direct_write.PACED_STEP + 5 * BLOCK + 7)
+    write_new(tmp_path / "instance.dcm", data, pace=lambda: events.append(("pace", 0)))
+    assert (tmp_path / "instance.dcm").read_bytes() == data
+    steps = [size for kind, size in events if kind == "write"]
+    assert steps == [direct_write.PACED_STEP] * 3 + [5 * BLOCK]
+    assert [kind for kind, _ in events] == ["pace", "write"] * 4

@@ -84,8 +84,8 @@ CHILD = textwrap.dedent(
         write_ahead.WriteAhead._write = write
     elif point == "mid-file":  # a spool file's whole blocks written, its tail not, no rename
         original_direct = direct_write._write_direct
-        def direct(fd, view):
-            original_direct(fd, view)
+        def direct(fd, view, *pace):
+            original_direct(fd, view, *pace)
             calls["n"] += 1
             if calls["n"] == crash_at:
                 die()
@@ -438,4 +438,74 @@ def test_a_busy_journal_reuses_its_retired_segments_instead_of_zero_filling_more
         assert ingestor.settle()  # a filer that keeps up
     assert 0 < warmed == len(fills), "a spare was zero-filled while retired ones could serve"
     assert journal.spares > 0
+    ingestor.close()
+
+
+def test_a_writer_waits_for_the_flush_in_flight_and_no_longer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``wait_quiet`` (the filer's pace) returns at once with no flush in flight, when the
+    flush ends, or at its time-out, whichever comes first."""
+    import threading
+
+    from node.store import journal as journal_module
+
+    release, started = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def held(fd: int) -> None:
+        started.set()
+        release.wait(10)
+        real(fd)
+
+    journal = Journal(tmp_path / "j", 1 << 22)
+    assert list(journal.recover()) == []
+    began = time.monotonic()
+    journal.wait_quiet(5.0)
+    assert time.monotonic() - began < 1.0, "nothing in flight: no wait"
+    monkeypatch.setattr(journal_module.os, "fdatasync", held)
+    append = threading.Thread(target=journal.append, args=({"n": 0}, [b"x" * 5000]))
+    append.start()
+    assert started.wait(10)
+    began = time.monotonic()
+    journal.wait_quiet(0.2)
+    assert 0.15 < time.monotonic() - began < 2.0, "a flush in flight: waited, up to the time-out"
+    threading.Timer(0.3, release.set).start()
+    began = time.monotonic()
+    journal.wait_quiet(5.0)
+    assert 0.2 < time.monotonic() - began < 3.0, "returned when the flush ended"
+    append.join(10)
+    for segment in journal.close():
+        os.close(segment.fd)
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_the_filer_paces_each_spool_file_between_journal_flushes(
+    behind: bool, series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every direct write of a spool file the filer makes behind the journal first asks the
+    journal for a quiet moment; not once the filer has fallen behind (``PACE_BELOW``)."""
+    from node.store import direct_write, write_ahead
+
+    asked: list[int] = []
+    real_wait = Journal.wait_quiet
+
+    def counted(self: Journal, timeout: float) -> None:
+        asked.append(1)
+        real_wait(self, timeout)
+
+    monkeypatch.setattr(Journal, "wait_quiet", counted)
+    monkeypatch.setattr(direct_write, "_refused", set())
+    if behind:
+        monkeypatch.setattr(write_ahead, "PACE_BELOW", 0)
+    ingestor = _journalled(tmp_path)
+    payloads = [p.read_bytes() for p in sorted(series.iterdir())]
+    for data in payloads:
+        assert ingestor.ingest(data, "A").status == SUCCESS
+    assert ingestor.settle()
+    steps = sum(
+        -(-(len(d) // direct_write.BLOCK * direct_write.BLOCK) // direct_write.PACED_STEP)
+        for d in payloads
+    )
+    assert len(asked) == (0 if behind else steps)
     ingestor.close()

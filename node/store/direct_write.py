@@ -9,6 +9,10 @@ page is written through the cache (direct I/O moves whole blocks). Durability is
 unchanged: the filer syncs the file system before a journal segment is let go, which
 flushes the disk's own cache too.
 
+A writer sharing the disk with latency-bound writes (the filer, with the journal's flushes)
+passes ``pace``: called before each step of at most ``PACED_STEP`` bytes, it may wait for
+a quiet moment, so that a flush never queues behind more than one step of these writes.
+
 Where the file system refuses direct I/O (tmpfs before Linux 6.6, some network file
 systems), or the device's blocks are larger than 4 KiB, files are written through the page
 cache as before.
@@ -21,9 +25,11 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Callable
 
 BLOCK = 4096  # a multiple of every logical block size direct I/O asks offsets and lengths in
 _BUFFER_BYTES = 4 << 20
+PACED_STEP = 1 << 20  # a paced write goes to the disk at most this much at a time
 _local = threading.local()
 _refused: set[int] = set()  # devices whose file system refused O_DIRECT
 
@@ -36,8 +42,14 @@ def _buffer() -> mmap.mmap:
     return buffer
 
 
-def write_new(path: str | os.PathLike[str], data: bytes | memoryview, mode: int = 0o600) -> None:
-    """Create ``path`` (it must not exist) holding ``data``; not synced."""
+def write_new(
+    path: str | os.PathLike[str],
+    data: bytes | memoryview,
+    mode: int = 0o600,
+    pace: Callable[[], None] | None = None,
+) -> None:
+    """Create ``path`` (it must not exist) holding ``data``; not synced. ``pace`` is called
+    before each direct write of whole blocks (see the module's docstring)."""
     view = memoryview(data).cast("B")
     whole = len(view) // BLOCK * BLOCK
     fd = -1
@@ -51,7 +63,7 @@ def write_new(path: str | os.PathLike[str], data: bytes | memoryview, mode: int 
     try:
         if direct:
             try:
-                _write_direct(fd, view[:whole])
+                _write_direct(fd, view[:whole], pace)
             except OSError as exc:  # blocks larger than BLOCK: the whole file through the cache
                 if exc.errno != errno.EINVAL:
                     raise
@@ -64,13 +76,16 @@ def write_new(path: str | os.PathLike[str], data: bytes | memoryview, mode: int 
         os.close(fd)
 
 
-def _write_direct(fd: int, view: memoryview) -> None:
+def _write_direct(fd: int, view: memoryview, pace: Callable[[], None] | None = None) -> None:
     """Write ``view`` (whole blocks) from offset 0, through this thread's aligned buffer."""
     buffer = _buffer()
     aligned = memoryview(buffer)
-    for start in range(0, len(view), _BUFFER_BYTES):
-        size = min(_BUFFER_BYTES, len(view) - start)
+    step = _BUFFER_BYTES if pace is None else PACED_STEP
+    for start in range(0, len(view), step):
+        size = min(step, len(view) - start)
         buffer[:size] = view[start : start + size]
+        if pace is not None:
+            pace()
         _pwrite_all(fd, aligned[:size], start)
 
 

@@ -115,6 +115,7 @@ class Journal:
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()
         self._synced = threading.Condition(self._lock)
+        self._flushes = 0  # fdatasyncs in flight
         self._current: Segment | None = None
         self._next_number = 1
         self._old: list[Path] = []
@@ -344,6 +345,7 @@ class Journal:
                     self._synced.wait()
                     continue
                 segment.syncing = True
+                self._flushes += 1
                 target = segment.finished
                 self._lock.release()
                 try:
@@ -353,8 +355,18 @@ class Journal:
                 finally:
                     self._lock.acquire()
                     segment.syncing = False
+                    self._flushes -= 1
                     self._synced.notify_all()
                 segment.synced = max(segment.synced, target)
+
+    def wait_quiet(self, timeout: float) -> None:
+        """Wait until no flush is in flight, or ``timeout`` seconds at most: for a writer
+        that shares the disk with the journal and can wait (the filer). A sender waits for
+        each flush, so a write queued in front of one delays its answer; between flushes
+        (while the next instance arrives) the disk is idle."""
+        with self._lock:
+            if self._flushes:
+                self._synced.wait_for(lambda: not self._flushes, timeout)
 
     # -- retiring
 

@@ -63,6 +63,12 @@ RETIRE_BYTES = 512 << 20  # journal segments kept, while busy, before their file
 SPARES_LOW = 3  # ... unless the journal has fewer spares than this: then at once
 IDLE_SECONDS = 1.0  # quiet this long, the filer syncs and removes drained segments
 FILING_THREADS = 4  # write spool files in parallel (a write releases the GIL)
+# Each step of a spool file's direct write waits this long at most while a journal flush is
+# in flight: a sender waits for every flush, and writes queued in front of one delay it.
+# Alternating runs on a 2-core VM: 10 senders 397-411/s against 346-357/s unpaced, one
+# association 274-323/s against 260-300/s.
+PACE_SECONDS = 0.003
+PACE_BELOW = 32 << 20  # ... while the filer keeps up: with this much waiting, it does not
 _RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # Commits behind the journal need not wait for the disk; _catalogue_barrier makes them
 # durable before the journal lets go of their records.
@@ -356,11 +362,15 @@ class WriteAhead:
             return
         tmp = temporary_beside(path)
         try:
-            write_new(tmp, payload)  # past the page cache: synced with the segment
+            write_new(tmp, payload, pace=self._pace)  # past the page cache, between flushes
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, path)
+
+    def _pace(self) -> None:
+        if self._pending_bytes < PACE_BELOW:  # read without the lock: a hint
+            self.journal.wait_quiet(PACE_SECONDS)
 
     def _retire(self, segment: Segment) -> None:
         """Sync the files and catalogue rows filed from a full segment, then retire it (kept
