@@ -15,7 +15,9 @@ And, beside DCMTK storing, DCMTK receiving without storing (``storescp --ignore`
 sender and the network allow at all. The node's CPU time per instance (all its threads,
 user and system) and the sender's are printed too, and what the disk was asked to write
 while DCMTK and the node received (bytes, flushes and busy time per instance, from
-/proc/diskstats): storescp's bytes wait in the page cache, the node's are made durable.
+/proc/diskstats), and what a ``sync`` right after each send wrote: storescp's bytes wait
+in the page cache, the node's are made durable. Every timed send starts after a ``sync``
+(untimed), so that none of them pays for what the one before left in the page cache.
 
 Disks differ between machines, so the ratios node/DCMTK, node/file floor and node/journal
 floor are printed from the same run. DCMTK, the receive floor and the node are sent to in
@@ -140,31 +142,41 @@ def dcmtk_rate(folders: list[Path], slices: int, work: Path) -> tuple[float, flo
 
 
 class DiskLoad:
-    """The disk's writes during the sends timed for one receiver, summed over repeats."""
+    """The disk's writes during the sends timed for one receiver, and those it left to be
+    written later (by a ``sync`` right after), summed over repeats. Each send starts
+    after a ``sync``, untimed: the bytes an earlier receiver left in the page cache are
+    not written while this one receives."""
 
     def __init__(self, device: tuple[int, int]) -> None:
         self.device = device
-        self.total: DiskCounters | None = DiskCounters()
+        self.during: DiskCounters | None = DiskCounters()
+        self.after = DiskCounters()
         self.seconds = 0.0
 
     def timed(self, port: int, folders: list[Path]) -> float:
+        os.sync()
         before = read_counters(self.device)
         elapsed = timed_send(port, folders)
-        after = read_counters(self.device)
-        if self.total is not None and before is not None and after is not None:
-            self.total += after - before
+        sent = read_counters(self.device)
+        os.sync()
+        synced = read_counters(self.device)
+        if self.during is not None and None not in (before, sent, synced):
+            assert before is not None and sent is not None and synced is not None
+            self.during += sent - before
+            self.after += synced - sent
         else:
-            self.total = None
+            self.during = None
         self.seconds += elapsed
         return elapsed
 
     def describe(self, instances: int) -> str:
-        if self.total is None:
+        if self.during is None:
             return "not counted"
-        busy = self.total.busy_ms / 10 / self.seconds
+        busy = self.during.busy_ms / 10 / self.seconds
         return (
-            f"{self.total.bytes_written / instances / 1024:,.0f} KiB, "
-            f"{self.total.flushes / instances:.2f} flushes, busy {busy:.0f}%"
+            f"{self.during.bytes_written / instances / 1024:,.0f} KiB, "
+            f"{self.during.flushes / instances:.2f} flushes, busy {busy:.0f}% "
+            f"(then {self.after.bytes_written / instances / 1024:,.0f} KiB by a sync)"
         )
 
 
@@ -256,12 +268,12 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         # shared machine falls on all three: medians, and each one's range.
         dcmtk_rates, receive_rates, node_rates = [], [], []
         device = device_of(work)
-        dcmtk_disk, node_disk = DiskLoad(device), DiskLoad(device)
+        dcmtk_disk, receive_disk, node_disk = DiskLoad(device), DiskLoad(device), DiskLoad(device)
         cpu_user = cpu_system = sender_user = sender_system = 0.0
         with storescp(work) as (dcmtk_port, _), storescp(work, ignore=True) as (ignore_port, _):
             for repeat in range(args.repeats):
                 dcmtk_rates.append(args.slices / dcmtk_disk.timed(dcmtk_port, [folder]))
-                receive_rates.append(args.slices / timed_send(ignore_port, [folder]))
+                receive_rates.append(args.slices / receive_disk.timed(ignore_port, [folder]))
                 fresh = work / f"series-node-{repeat}"  # new UIDs: each is new to the node
                 if not fresh.exists():
                     write_series(fresh, args.slices)
