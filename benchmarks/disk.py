@@ -19,14 +19,12 @@ class DiskCounters:
     """Totals for one block device since it appeared; subtract two readings."""
 
     bytes_written: int = 0
-    writes: int = 0
     flushes: int = 0
     busy_ms: int = 0  # time with at least one request in flight
 
     def __sub__(self, other: DiskCounters) -> DiskCounters:
         return DiskCounters(
             self.bytes_written - other.bytes_written,
-            self.writes - other.writes,
             self.flushes - other.flushes,
             self.busy_ms - other.busy_ms,
         )
@@ -34,7 +32,6 @@ class DiskCounters:
     def __add__(self, other: DiskCounters) -> DiskCounters:
         return DiskCounters(
             self.bytes_written + other.bytes_written,
-            self.writes + other.writes,
             self.flushes + other.flushes,
             self.busy_ms + other.busy_ms,
         )
@@ -58,5 +55,5 @@ def read_counters(device: tuple[int, int]) -> DiskCounters | None:
         if len(fields) < 14 or (int(fields[0]), int(fields[1])) != device:
             continue
         flushes = int(fields[18]) if len(fields) > 18 else 0  # Linux 5.5 and later
-        return DiskCounters(int(fields[9]) * SECTOR, int(fields[7]), flushes, int(fields[12]))
+        return DiskCounters(int(fields[9]) * SECTOR, flushes, int(fields[12]))
     return None

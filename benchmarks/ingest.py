@@ -160,12 +160,11 @@ class DiskLoad:
         sent = read_counters(self.device)
         os.sync()
         synced = read_counters(self.device)
-        if self.during is not None and None not in (before, sent, synced):
-            assert before is not None and sent is not None and synced is not None
+        if self.during is None or before is None or sent is None or synced is None:
+            self.during = None
+        else:
             self.during += sent - before
             self.after += synced - sent
-        else:
-            self.during = None
         self.seconds += elapsed
         return elapsed
 

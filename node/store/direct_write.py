@@ -11,7 +11,7 @@ flushes the disk's own cache too.
 
 A writer sharing the disk with latency-bound writes (the filer, with the journal's flushes)
 passes ``pace``: called before each step of at most ``PACED_STEP`` bytes, it may wait for
-a quiet moment, so that a flush never queues behind more than one step of these writes.
+a quiet moment, so that a flush queues behind no more than the steps already under way.
 
 Where the file system refuses direct I/O (tmpfs before Linux 6.6, some network file
 systems), or the device's blocks are larger than 4 KiB, files are written through the page
