@@ -511,3 +511,47 @@ def test_the_filer_paces_each_spool_file_between_journal_flushes(
     )
     assert len(asked) == (0 if behind else steps)
     ingestor.close()
+
+
+def test_a_record_naming_a_path_of_its_own_is_never_filed(
+    series: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Recovery reads every 4 KiB boundary of a segment, so also what lies between records:
+    bytes a sender chose, left by a record cut short or by the segment's earlier use. A
+    record found there that names a path other than the spool's own for its UIDs (outside
+    the spool), or lacks what the node writes, is skipped; the node starts, and the records
+    beside it are filed."""
+    from node.store.header import read_header
+    from node.store.write_ahead import header_meta
+
+    url = f"sqlite:///{tmp_path / 'catalogue.sqlite'}"
+    upgrade(url)
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    journal = Journal(spool.root / JOURNAL_DIR, 1 << 22)
+    assert list(journal.recover()) == []
+    first, second = (p.read_bytes() for p in sorted(series.iterdir())[:2])
+    evil_header, good_header = read_header(first), read_header(second)
+    evil = header_meta(evil_header, "../escaped.dcm", "EVIL")
+    good = header_meta(
+        good_header,
+        spool.relative_path(
+            good_header.study_instance_uid,
+            good_header.series_instance_uid,
+            good_header.sop_instance_uid,
+        ),
+        "A",
+    )
+    for meta in (evil, {"sop": evil_header.sop_instance_uid}, good):
+        journal.append(meta, [first if meta is not good else second])
+    for segment in journal.close():  # a crash: nothing filed
+        os.close(segment.fd)
+
+    ingestor = Ingestor(spool, Catalogue(url), journal=Journal(spool.root / JOURNAL_DIR, 1 << 22))
+    ingestor.close()
+    assert not (tmp_path / "escaped.dcm").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".dcm"] == []
+    with ingestor.catalogue.session() as session:
+        assert session.scalars(select(Instance.sop_instance_uid)).all() == [
+            good_header.sop_instance_uid
+        ]
+    assert sum("not one of ours" in r.getMessage() for r in caplog.records) == 2

@@ -37,10 +37,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.catalogue.instance_lookups import INSTANCES as _INSTANCES
 from node.catalogue.instance_lookups import KNOWN_ANY, KNOWN_ONE
 from node.core.status import OUT_OF_RESOURCES, SUCCESS
+from node.core.uids import validate_uid
 from node.store.direct_write import write_new
 from node.store.header import InstanceHeader
 from node.store.journal import Journal, JournalError, Record, Segment
 from node.store.spool import (
+    Spool,
     StoredFile,
     fsync_dir,
     leftovers_beside,
@@ -111,18 +113,41 @@ def header_meta(
     }
 
 
-def _pending_from(record: Record) -> _Pending:
+def _pending_from(record: Record, spool: Spool) -> _Pending | None:
+    """The record as an instance to file again, or None for one this node cannot have
+    written: its UIDs invalid, or a path other than the spool's own for them (the scan of a
+    segment at recovery also reads what a crash or an earlier use of the segment left
+    between records, bytes a sender chose). Nothing it names is trusted before this."""
     meta = record.meta
+    try:
+        uids = [validate_uid(meta[key], key) for key in ("sop_class", "sop", "study", "series")]
+        syntax = validate_uid(meta["syntax"], "syntax")
+        sop_class, sop, study, series = uids
+        if meta["path"] != spool.relative_path(study, series, sop):
+            raise ValueError("a path of its own")
+        texts = meta["texts"]
+        if not isinstance(texts, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in texts.items()
+        ):
+            raise ValueError("descriptive attributes that are not text")
+        number, ae = meta["number"], meta["ae"]
+        if not (number is None or type(number) is int) or not (ae is None or isinstance(ae, str)):
+            raise ValueError("an instance number or AE title of the wrong type")
+    except (KeyError, TypeError, ValueError) as exc:
+        log.error(
+            "a journal record in segment %d is not one of ours, skipped: %s", record.segment, exc
+        )
+        return None
     header = InstanceHeader(
-        meta["sop_class"],
-        meta["sop"],
-        meta["study"],
-        meta["series"],
-        transfer_syntax_uid=meta["syntax"],
-        texts=dict(meta["texts"]),
-        instance_number=meta["number"],
+        sop_class,
+        sop,
+        study,
+        series,
+        transfer_syntax_uid=syntax,
+        texts=dict(texts),
+        instance_number=number,
     )
-    return _Pending(header, record.payload, meta["path"], meta["ae"], None)
+    return _Pending(header, record.payload, meta["path"], ae, None)
 
 
 class WriteAhead:
@@ -404,14 +429,17 @@ class WriteAhead:
         records: dict[str, _Pending] = {}  # a batch: distinct UIDs, one segment at most
         segment, total = None, 0
         for record in self.journal.recover():
-            uid = record.meta["sop"]
+            pending = _pending_from(record, self.ingestor.spool)
+            if pending is None:
+                continue
+            uid = pending.header.sop_instance_uid
             if records and (
                 record.segment != segment or uid in records or len(records) >= MAX_FILED_AT_ONCE
             ):
                 self._refile(list(records.values()))
                 records = {}
             segment = record.segment
-            records[uid] = _pending_from(record)
+            records[uid] = pending
             total += 1
         if records:
             self._refile(list(records.values()))
