@@ -132,7 +132,7 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         fsync_dir(self.folder.parent)
         for path in self.folder.glob("*.tmp"):  # a spare cut short while it was zero-filled
-            path.unlink()
+            path.unlink(missing_ok=True)
         # A spare keeps the number it last had: numbers only grow, so records of a reused
         # segment's earlier life can never carry the number it is given again.
         numbers = [0]
