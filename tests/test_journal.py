@@ -370,7 +370,7 @@ def test_a_reused_segment_never_replays_its_earlier_records(series: Path, tmp_pa
     assert not first.prepared and last.prepared, "left for the zero-filled spare"
     for segment in journal.close():  # all filed and synced: retired
         journal.forget(segment)
-    kept = f"{last.number:012d}.spare"
+    kept = last.path.with_suffix(".spare").name
     assert kept in {p.name for p in folder.iterdir()}
     assert {p.suffix for p in folder.iterdir()} == {".spare"}
     for fresh in folder.glob("*.spare"):  # a fresh spare made meanwhile: reuse the old one
@@ -556,3 +556,51 @@ def test_a_record_naming_a_path_of_its_own_is_never_filed(
             good_header.sop_instance_uid
         ]
     assert sum("not one of ours" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_record_hidden_in_an_instance_is_never_read_back(tmp_path: Path) -> None:
+    """A sender's instance may hold bytes that look like a journal record at 4 KiB
+    boundaries, claiming any segment number. Recovery scans past a record cut short, and
+    over what a reused segment held before: neither ever reads such bytes back."""
+    import json
+
+    from node.store import journal as journal_module
+
+    def forged(number: int) -> bytes:
+        meta, payload = json.dumps({"forged": number}).encode(), b"forged payload"
+        head = journal_module._HEAD.pack(
+            b"CJR2", number, len(meta), len(payload), zlib.crc32(payload)
+        )
+        record = head + journal_module._HEAD_CRC.pack(zlib.crc32(meta, zlib.crc32(head)))
+        record += meta + payload
+        return record + bytes(4096 - len(record))
+
+    def recovered() -> list[dict[str, object]]:
+        return [record.meta for record in Journal(folder, 1 << 22).recover()]
+
+    folder = tmp_path / "j"
+    journal = Journal(folder, 1 << 22)
+    assert list(journal.recover()) == []
+    carrier_meta = {"carrier": 1}
+    lead = 4096 - journal_module.HEAD_BYTES - len(json.dumps(carrier_meta, separators=(",", ":")))
+    carrier = b"".join(forged(number) for number in range(1, 5))  # on 4 KiB boundaries
+    journal.append(carrier_meta, [bytes(lead), carrier])
+    [segment] = journal.close()
+    os.close(segment.fd)
+    assert recovered() == [carrier_meta]
+
+    # Cut short by a crash: its last byte never reached the disk.
+    with segment.path.open("r+b") as fp:
+        fp.seek(4096 + len(carrier) - 1)
+        fp.write(b"\xff")
+    assert recovered() == []
+
+    # Retired and kept as a spare, then reused under the next number.
+    segment.path.rename(segment.path.with_suffix(".spare"))
+    journal = Journal(folder, 1 << 22)
+    assert list(journal.recover()) == [] and journal.spares == 1
+    reused = journal.append({"new": 1}, [b"y"])
+    assert reused.prepared and reused.number == segment.number + 1
+    for left in journal.close():
+        os.close(left.fd)
+    assert recovered() == [{"new": 1}]

@@ -9,7 +9,7 @@ instance written before it (group commit: the threads of concurrent associations
 A segment is a file allocated and fsynced when it is created, so that an append changes no
 metadata but the extents it fills. Each record starts on a 4 KiB boundary::
 
-    magic "CJR2" | segment number (u64) | meta length (u32) | payload length (u64)
+    magic "CJR2" | segment key (u64) | meta length (u32) | payload length (u64)
     | CRC-32 of the payload (u32) | CRC-32 of the fields before it and the meta (u32)
     | meta (JSON: the instance's header and where it goes) | payload (Part 10 bytes)
 
@@ -19,9 +19,16 @@ payload's SHA-256 in place of its CRC-32) are still read.
 
 Recovery reads every 4 KiB boundary of every segment left behind and keeps the records
 whose checksums hold, so a record cut short by a crash (never answered with Success) costs
-nothing but itself. Records are materialised behind the journal (:mod:`node.store.ingest`):
-their spool file written and catalogue row committed; a segment is deleted once all its
-records are materialised and their files synced.
+nothing but itself. So it also reads bytes a sender chose: a record cut short, or what a
+reused segment held in its earlier life, may hold what looks like a record. Each life of a
+segment therefore has a random 64-bit key, in its file name (``NUMBER-KEY.journal``) and in
+every head written during it, and a head with another key is not read: no sender can
+know the key of a life that has not begun. (Segments named by their number alone, of an
+earlier version, have their number as their key.)
+
+Records are materialised behind the journal (:mod:`node.store.ingest`): their spool file
+written and catalogue row committed; a segment is deleted once all its records are
+materialised and their files synced.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class Segment:
     path: Path
     fd: int
     size: int
+    key: int  # this life's, in every head (see the module's docstring)
     end: int = 0  # bytes reserved so far
     full: bool = False
     outstanding: int = 0  # records appended and not yet materialised
@@ -137,21 +145,22 @@ class Journal:
         # segment's earlier life can never carry the number it is given again.
         numbers = [0]
         for path in self.folder.glob(f"*{_SPARE}"):
-            if path.stem.isdigit():
-                numbers.append(int(path.stem))
+            named = _parse_name(path.stem)
+            if named is not None:
+                numbers.append(named[0])
             if path.stat().st_size == self.segment_bytes:
                 self._spares.append(path)
             else:  # made for another segment size
                 path.unlink()
         found = sorted(
-            (int(path.stem), path)
+            (*named, path)
             for path in self.folder.glob(f"*{_SUFFIX}")
-            if path.stem.isdigit()
+            if (named := _parse_name(path.stem)) is not None
         )
-        self._old = [path for _, path in found]
-        self._next_number = max(numbers + [number for number, _ in found]) + 1
-        for number, path in found:
-            yield from _read_segment(number, path)
+        self._old = [path for _, _, path in found]
+        self._next_number = max(numbers + [number for number, _, _ in found]) + 1
+        for number, key, path in found:
+            yield from _read_segment(number, key, path)
 
     def retire_recovered(self) -> None:
         """Remove the segments :meth:`recover` read, once their records are materialised
@@ -185,7 +194,7 @@ class Journal:
                 crc32 = 0
                 for part in payload:
                     crc32 = zlib.crc32(part, crc32)
-            head = _HEAD.pack(MAGIC, segment.number, len(meta_bytes), size, crc32)
+            head = _HEAD.pack(MAGIC, segment.key, len(meta_bytes), size, crc32)
             check = _HEAD_CRC.pack(zlib.crc32(meta_bytes, zlib.crc32(head)))
             # Padded to whole pages: a page written in part is read from disk first.
             padding = _zeros()[: _aligned(length) - length]
@@ -224,8 +233,8 @@ class Journal:
         """A prepared segment under the next number, or None when there is none."""
         while self._spares:
             spare = self._spares.pop()
-            number = self._next_number
-            path = self.folder / f"{number:012d}{_SUFFIX}"
+            number, key = self._next_number, _new_key()
+            path = self.folder / _segment_name(number, key)
             try:
                 os.rename(spare, path)
             except OSError as exc:
@@ -242,13 +251,13 @@ class Journal:
                     os.close(fd)
                 path.unlink(missing_ok=True)
                 raise JournalError(exc.errno, f"cannot reuse a journal segment: {exc}") from exc
-            return Segment(number, path, fd, self.segment_bytes, prepared=True)
+            return Segment(number, path, fd, self.segment_bytes, key, prepared=True)
         return None
 
     def _create(self) -> Segment:
-        number = self._next_number
+        number, key = self._next_number, _new_key()
         self._next_number += 1
-        path = self.folder / f"{number:012d}{_SUFFIX}"
+        path = self.folder / _segment_name(number, key)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, self.segment_bytes)
@@ -258,7 +267,7 @@ class Journal:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise JournalError(exc.errno, f"cannot create a journal segment: {exc}") from exc
-        return Segment(number, path, fd, self.segment_bytes)
+        return Segment(number, path, fd, self.segment_bytes, key)
 
     def _prepare_spare(self) -> None:
         """Zero-fill a spare segment in the background (the lock held), unless one is
@@ -427,7 +436,28 @@ def _zeros() -> memoryview:
     return memoryview(mmap.mmap(-1, _ZERO_CHUNK))
 
 
-def _read_segment(number: int, path: Path) -> Iterator[Record]:
+def _new_key() -> int:
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def _segment_name(number: int, key: int) -> str:
+    return f"{number:012d}-{key:016x}{_SUFFIX}"
+
+
+def _parse_name(stem: str) -> tuple[int, int] | None:
+    """A segment's (or spare's) number and key from its name; None for another file."""
+    number, _, key = stem.partition("-")
+    if not number.isdigit():
+        return None
+    if not key:  # named by an earlier version: its heads carry its number
+        return int(number), int(number)
+    try:
+        return int(number), int(key, 16)
+    except ValueError:
+        return None
+
+
+def _read_segment(number: int, key: int, path: Path) -> Iterator[Record]:
     """Every record of a segment whose checksums hold, skipping what a crash cut short."""
     with path.open("rb") as fp:
         if fp.seek(0, 2) == 0:
@@ -435,7 +465,7 @@ def _read_segment(number: int, path: Path) -> Iterator[Record]:
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as data:
             offset, size = 0, len(data)
             while offset + HEAD_BYTES <= size:
-                record = _record_at(data, offset, number)
+                record = _record_at(data, offset, key)
                 if record is None:
                     offset += ALIGN
                     continue
@@ -444,9 +474,7 @@ def _read_segment(number: int, path: Path) -> Iterator[Record]:
                 offset += _aligned(length)
 
 
-def _record_at(
-    data: mmap.mmap, offset: int, number: int
-) -> tuple[dict[str, Any], bytes, int] | None:
+def _record_at(data: mmap.mmap, offset: int, key: int) -> tuple[dict[str, Any], bytes, int] | None:
     magic = data[offset : offset + 4]
     if magic not in (MAGIC, MAGIC_V1):
         return None
@@ -458,7 +486,7 @@ def _record_at(
     _, segment, meta_length, size, payload_check = layout.unpack(head)
     start = offset + layout.size + _HEAD_CRC.size
     end = start + meta_length + size
-    if segment != number or end > len(data):
+    if segment != key or end > len(data):
         return None
     meta_bytes = data[start : start + meta_length]
     if zlib.crc32(meta_bytes, zlib.crc32(head)) != check:
