@@ -120,10 +120,9 @@ def _pending_from(record: Record, spool: Spool) -> _Pending | None:
     between records, bytes a sender chose). Nothing it names is trusted before this."""
     meta = record.meta
     try:
-        uids = [validate_uid(meta[key], key) for key in ("sop_class", "sop", "study", "series")]
-        syntax = validate_uid(meta["syntax"], "syntax")
-        sop_class, sop, study, series = uids
-        if meta["path"] != spool.relative_path(study, series, sop):
+        sop_class, syntax = (validate_uid(meta[key], key) for key in ("sop_class", "syntax"))
+        sop, study, series = meta["sop"], meta["study"], meta["series"]
+        if meta["path"] != spool.relative_path(study, series, sop):  # which validates them
             raise ValueError("a path of its own")
         texts = meta["texts"]
         if not isinstance(texts, dict) or not all(
