@@ -235,7 +235,6 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
     if not folder.exists():
         write_series(folder, args.slices)
     floor = durable_floor(folder, work)
-    shutil.rmtree(work / "floor")
     journal = journal_floor(folder, work)
     written = journal_floor(folder, work, written=True)
 
@@ -320,6 +319,10 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         server.shutdown()
         ingestor.close()
         catalogue.dispose()
+        # Removed only now: for half a minute after many files are deleted, ext4 takes
+        # longer to create files (it skips the inodes just freed), which would fall on
+        # whatever is timed next.
+        shutil.rmtree(work / "floor")
         shutil.rmtree(run_dir, ignore_errors=True)
     forked, forked_rss = dcmtk_rate(folders, args.slices, work)
     print(

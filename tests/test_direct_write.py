@@ -33,6 +33,35 @@ def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
     assert path.read_bytes() == b"kept"
 
 
+@pytest.mark.parametrize("size", [0, BLOCK - 1, 527_000])
+def test_replace_writes_over_a_longer_file_exactly(tmp_path: Path, size: int) -> None:
+    """The filer writes a spool file in place; one a failed attempt left (longer, or other
+    bytes) is written over and cut to the new length."""
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(os.urandom(2 << 20))
+    data = os.urandom(size)
+    write_new(path, data, replace=True)
+    assert path.read_bytes() == data
+
+
+def test_a_file_is_opened_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tail after the whole blocks goes through the same descriptor, O_DIRECT cleared:
+    opening the file again would look its name up again, in a folder other filing threads
+    are creating files in."""
+    real_open, opened = os.open, []
+
+    def counted(path: str, flags: int, *args: int) -> int:
+        opened.append(path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(direct_write, "_refused", set())
+    monkeypatch.setattr(os, "open", counted)
+    data = os.urandom(527_000)
+    write_new(tmp_path / "instance.dcm", data)
+    assert (tmp_path / "instance.dcm").read_bytes() == data
+    assert len(opened) == 1
+
+
 def test_a_file_system_without_direct_io_gets_the_bytes_through_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,7 +82,7 @@ CHILD = textwrap.dedent(
             if calls["n"] == crash_at:
                 die()
         write_ahead.WriteAhead._write = write
-    elif point == "mid-file":  # a spool file's whole blocks written, its tail not, no rename
+    elif point == "mid-file":  # a spool file's whole blocks written in place, its tail not
         original_direct = direct_write._write_direct
         def direct(fd, view, *pace):
             original_direct(fd, view, *pace)
@@ -512,6 +512,47 @@ def test_the_filer_paces_each_spool_file_between_journal_flushes(
     )
     assert len(asked) == (0 if behind else steps)
     ingestor.close()
+
+
+def test_the_filer_writes_each_spool_file_in_place_under_its_own_name(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind the journal, a spool file is created once under its final name: no temporary
+    name and no rename, each of which locks the series' folder (the filing threads spun on
+    that lock). Its bytes are exact once filed."""
+    real_open, real_replace = os.open, os.replace
+    created: list[str] = []
+    renamed: list[str] = []
+
+    def logged_open(path: str, flags: int, *args: int) -> int:
+        spooled = str(tmp_path / "spool") in str(path) and JOURNAL_DIR not in str(path)
+        if flags & os.O_CREAT and spooled:
+            created.append(str(path))
+        return real_open(path, flags, *args)
+
+    def logged_replace(source: str, target: str) -> None:
+        if str(tmp_path / "spool") in str(target) and JOURNAL_DIR not in str(target):
+            renamed.append(str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "open", logged_open)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    ingestor = _journalled(tmp_path)
+    try:
+        payloads = [p.read_bytes() for p in sorted(series.iterdir())]
+        for data in payloads:
+            assert ingestor.ingest(data, "A").status == SUCCESS
+        assert ingestor.settle()
+        with ingestor.catalogue.session() as session:
+            rows = list(session.scalars(select(Instance)))
+        paths = {str(ingestor.spool.absolute(row.path)) for row in rows}
+        assert sorted(created) == sorted(paths), "each file created once, under its name"
+        assert renamed == []
+        assert sorted(ingestor.spool.absolute(r.path).read_bytes() for r in rows) == sorted(
+            payloads
+        )
+    finally:
+        ingestor.close()
 
 
 def test_a_record_naming_a_path_of_its_own_is_never_filed(

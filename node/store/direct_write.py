@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import threading
@@ -47,18 +48,21 @@ def write_new(
     data: bytes | memoryview,
     mode: int = 0o600,
     pace: Callable[[], None] | None = None,
+    replace: bool = False,
 ) -> None:
-    """Create ``path`` (it must not exist) holding ``data``; not synced. ``pace`` is called
-    before each direct write of whole blocks (see the module's docstring)."""
+    """Create ``path`` holding ``data``; not synced. It must not exist, unless ``replace``:
+    then a file there is truncated and written over. ``pace`` is called before each direct
+    write of whole blocks (see the module's docstring)."""
     view = memoryview(data).cast("B")
     whole = len(view) // BLOCK * BLOCK
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
     fd = -1
     direct = hasattr(os, "O_DIRECT") and whole > 0
     if direct:
-        fd = _open_direct(path, mode)
+        fd = _open_direct(path, flags, mode)
         direct = fd >= 0
     if not direct:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        fd = os.open(path, flags, mode)
         whole = 0
     try:
         if direct:
@@ -69,8 +73,9 @@ def write_new(
                     raise
                 _refused.add(_device(path))
                 whole = 0
-            os.close(fd)  # the tail, less than a block, through the cache
-            fd = os.open(path, os.O_WRONLY)
+            # The tail, less than a block, through the cache: the same descriptor, its
+            # O_DIRECT cleared (opening the file again would look its name up again).
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         _pwrite_all(fd, view[whole:], whole)
     finally:
         os.close(fd)
@@ -89,18 +94,20 @@ def _write_direct(fd: int, view: memoryview, pace: Callable[[], None] | None = N
         _pwrite_all(fd, aligned[:size], start)
 
 
-def _open_direct(path: str | os.PathLike[str], mode: int) -> int:
-    """A new file opened for direct I/O, or -1 where its file system refuses it."""
+def _open_direct(path: str | os.PathLike[str], flags: int, mode: int) -> int:
+    """The file opened for direct I/O (``flags`` beside), or -1 where its file system
+    refuses it."""
     if _refused and _device(path) in _refused:  # looked up only once one has refused
         return -1
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, mode)
+        return os.open(path, flags | os.O_DIRECT, mode)
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
         _refused.add(_device(path))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # created before the flag was refused, on some kernels
+        if flags & os.O_EXCL:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # created before the flag was refused, on some kernels
         return -1
 
 

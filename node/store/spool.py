@@ -1,8 +1,11 @@
 """The spool: received DICOM files, written so that a Success status is never a lie.
 
-Every file is written to a temporary name, fsynced, renamed into place and its folder
-fsynced, so after a crash a final name always holds complete bytes. Paths are built only
-from validated UIDs.
+Every file written here is written to a temporary name, fsynced, renamed into place and its
+folder fsynced, so after a crash a final name always holds complete bytes. (The ingest
+journal's filer writes its files in place instead, :mod:`node.store.write_ahead`: the
+journal holds their bytes until they are synced, and a file a crash cut short is written
+again from it at start-up, before anything reads the spool.) Paths are built only from
+validated UIDs.
 
 Bytes that arrive as a stream (STOW-RS) are staged: written and hashed as they come, to a
 file under ``<spool>/.incoming`` (same file system, so placing is a rename), fsynced when

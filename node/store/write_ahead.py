@@ -3,9 +3,9 @@
 The listener's answer waits for one thing only: the journal record holding the instance's
 bytes and its catalogue record is on disk (:mod:`node.store.journal`, one ``fdatasync``
 shared by every association waiting at that moment). A thread behind it then writes the
-spool file (renamed into place, not yet fsynced) and commits the catalogue rows of every
-record waiting, in one transaction; a journal segment is retired only once all its files
-are fsynced. Until then, a crash at any point is repaired at start-up, before anything
+spool file (in place, under its own name, not yet fsynced) and commits the catalogue rows
+of every record waiting, in one transaction; a journal segment is retired only once all
+its files are fsynced. Until then, a crash at any point is repaired at start-up, before anything
 reads the spool or the catalogue: every record left in the journal is filed again, and one
 already filed is recognised by its SOP Instance UID and digest, so it is never catalogued
 twice.
@@ -46,7 +46,6 @@ from node.store.spool import (
     StoredFile,
     fsync_dir,
     leftovers_beside,
-    temporary_beside,
     write_durably,
 )
 from node.store.syscalls import syncfs
@@ -384,13 +383,15 @@ class WriteAhead:
         if durably:
             write_durably(path, payload)
             return
-        tmp = temporary_beside(path)
+        # Written in place, under its own name: no reader looks for it before its row is
+        # committed, and one a crash cuts short is written again from the journal (durably,
+        # renamed into place) before anyone reads. A temporary name and a rename would lock
+        # the series' folder twice more per file (four filing threads spun on that lock).
         try:
-            write_new(tmp, payload, pace=self._pace)  # past the page cache, between flushes
+            write_new(path, payload, pace=self._pace, replace=True)  # past the page cache
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
-        os.replace(tmp, path)
 
     def _pace(self) -> None:
         if self._pending_bytes < PACE_BELOW:  # read without the lock: a hint
