@@ -284,7 +284,7 @@ class AssociationAcceptor:
                 # Silence before a PDU is timed as above; a PDU once begun must arrive whole
                 # within network_timeout, however its bytes are paced.
                 pdu_type, body = connection.read_pdu(
-                    limits.max_pdu, within=limits.network_timeout or None
+                    limits.max_pdu, within=limits.network_timeout or None, at_once=True
                 )
             except AssociationAborted as exc:
                 if not waiting:

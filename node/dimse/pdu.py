@@ -106,6 +106,33 @@ class Connection:
             raise AssociationAborted(f"the connection failed: {exc}") from None
         return buffer
 
+    def read_into(self, size: int, deadline: float | None = None) -> bytearray:
+        """``size`` bytes, read straight into a buffer of that size: for a length already
+        bounded by a limit the listener's memory bound counts (a P-DATA-TF within the
+        maximum PDU length), it saves the copies of :meth:`read_exact`'s growing buffer."""
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        done = 0
+        try:
+            while done < size:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    self.sock.settimeout(left)
+                read = self.reader.readinto1(view[done:])
+                if not read:
+                    raise AssociationAborted("the peer closed the connection")
+                done += read
+        except TimeoutError:
+            why = f"timed out waiting for the peer ({self._unread()} bytes unread)"
+            raise AssociationAborted(why, 0x00) from None
+        except (OSError, ValueError) as exc:
+            raise AssociationAborted(f"the connection failed: {exc}") from None
+        finally:
+            view.release()
+        return buffer
+
     def _unread(self) -> int:
         """Bytes that have arrived and wait in the socket (0 when the peer sent nothing):
         a timeout with bytes waiting would be the node's fault, not the peer's.
@@ -125,10 +152,15 @@ class Connection:
                 self.sock.settimeout(timeout)
 
     def read_pdu(
-        self, limit: int, deadline: float | None = None, within: float | None = None
+        self,
+        limit: int,
+        deadline: float | None = None,
+        within: float | None = None,
+        at_once: bool = False,
     ) -> tuple[int, bytearray]:
         """One whole PDU of at most ``limit`` bytes after its header; a longer one ends the
-        association before a byte of its body is read.
+        association before a byte of its body is read. With ``at_once``, the body's buffer
+        is taken whole before its bytes arrive (:meth:`read_into`).
 
         ``deadline`` bounds the whole read, waiting for the first byte included. ``within``
         bounds it from the PDU's first byte on: the wait for a PDU to begin is the socket's
@@ -136,23 +168,24 @@ class Connection:
         ``within`` seconds, so a peer that trickles a byte now and then cannot hold the
         association open with one PDU that never ends."""
         if within is None or deadline is not None:
-            return self._read_pdu(self.read_exact(6, deadline), limit, deadline)
+            return self._read_pdu(self.read_exact(6, deadline), limit, deadline, at_once)
         idle = self.sock.gettimeout()
         first = self.read_exact(1)
         deadline = time.monotonic() + within
-        pdu = self._read_pdu(first + self.read_exact(5, deadline), limit, deadline)
+        pdu = self._read_pdu(first + self.read_exact(5, deadline), limit, deadline, at_once)
         self.sock.settimeout(idle)  # what the caller set, for its sends too
         return pdu
 
     def _read_pdu(
-        self, header: bytearray, limit: int, deadline: float | None
+        self, header: bytearray, limit: int, deadline: float | None, at_once: bool = False
     ) -> tuple[int, bytearray]:
         pdu_type, length = PDU_HEADER.unpack(header)
         if length > limit:
             raise AssociationAborted(
                 f"a PDU of {length} bytes, over the maximum of {limit}", ABORT_INVALID_PARAMETER
             )
-        return pdu_type, self.read_exact(length, deadline)
+        read = self.read_into if at_once else self.read_exact
+        return pdu_type, read(length, deadline)
 
     def send(self, data: bytes) -> None:
         try:

@@ -1,0 +1,99 @@
+"""Reading PDUs off the socket: a P-DATA-TF body read straight into a buffer of its size
+gets exactly the bytes sent, however the peer paces them, and keeps the limits of a read
+that grows as bytes arrive (a peer that stops or trickles is cut off)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from node.dimse.pdu import AssociationAborted, Connection
+
+P_DATA = 0x04
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Connection, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)
+    connection = Connection(ours)
+    try:
+        yield connection, theirs
+    finally:
+        connection.close()
+        theirs.close()
+
+
+def _pdu(body: bytes) -> bytes:
+    return struct.pack(">BBL", P_DATA, 0, len(body)) + body
+
+
+@pytest.mark.parametrize("at_once", [False, True])
+def test_a_body_sent_in_small_pieces_arrives_whole(
+    pair: tuple[Connection, socket.socket], at_once: bool
+) -> None:
+    connection, peer = pair
+    bodies = [os.urandom(size) for size in (0, 1, 5000, 200_000)]
+    data = b"".join(_pdu(body) for body in bodies)
+
+    def trickle() -> None:
+        for start in range(0, len(data), 7_001):
+            peer.sendall(data[start : start + 7_001])
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    received = [connection.read_pdu(1 << 20, within=10, at_once=at_once) for _ in bodies]
+    sender.join()
+    assert received == [(P_DATA, bytearray(body)) for body in bodies]
+
+
+def test_a_body_cut_short_by_the_peer_ends_the_association(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, peer = pair
+    peer.sendall(_pdu(os.urandom(10_000))[:5_000])
+    peer.shutdown(socket.SHUT_WR)
+    with pytest.raises(AssociationAborted, match="closed the connection"):
+        connection.read_pdu(1 << 20, within=10, at_once=True)
+
+
+def test_a_trickled_body_must_arrive_whole_within_its_time(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    """A byte now and then keeps no PDU open past ``within``: its buffer taken whole at
+    the start changes nothing to that."""
+    connection, peer = pair
+    data = _pdu(os.urandom(1_000))
+    stop = threading.Event()
+
+    def drip() -> None:
+        for index in range(len(data)):
+            if stop.wait(0.05):
+                return
+            peer.sendall(data[index : index + 1])
+
+    sender = threading.Thread(target=drip)
+    sender.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(AssociationAborted, match="timed out"):
+            connection.read_pdu(1 << 20, within=0.5, at_once=True)
+    finally:
+        stop.set()
+        sender.join()
+    assert time.monotonic() - started < 3
+
+
+def test_a_length_over_the_limit_is_refused_before_its_body_is_read(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, peer = pair
+    peer.sendall(struct.pack(">BBL", P_DATA, 0, 1 << 30))
+    with pytest.raises(AssociationAborted, match="over the maximum"):
+        connection.read_pdu(1 << 20, within=10, at_once=True)
