@@ -555,6 +555,32 @@ def test_the_filer_writes_each_spool_file_in_place_under_its_own_name(
         ingestor.close()
 
 
+def test_a_record_is_catalogued_promptly_without_anyone_waiting_for_it(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filer is woken by the record that starts a batch, not by every record: readers
+    (QIDO, completion) still see an instance promptly after its Success, with nobody in
+    settle() to hurry the filer, whether it was idle or gathering a batch."""
+    from node.store import write_ahead
+
+    monkeypatch.setattr(write_ahead, "IDLE_SECONDS", 60.0)  # a missed wake-up would show
+    ingestor = _journalled(tmp_path)
+    try:
+        payloads = [p.read_bytes() for p in sorted(series.iterdir())]
+
+        def catalogued() -> int:
+            with ingestor.catalogue.session() as session:
+                return session.scalar(select(func.count()).select_from(Instance)) or 0
+
+        assert ingestor.ingest(payloads[0], "A").status == SUCCESS  # the filer was idle
+        wait_for(lambda: catalogued() == 1, 10, "the first record was not filed")
+        for data in payloads[1:]:  # fewer than a batch: filed after FILING_DELAY
+            assert ingestor.ingest(data, "A").status == SUCCESS
+        wait_for(lambda: catalogued() == len(payloads), 10, "the batch was not filed")
+    finally:
+        ingestor.close()
+
+
 def test_a_record_naming_a_path_of_its_own_is_never_filed(
     series: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

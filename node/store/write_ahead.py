@@ -155,7 +155,11 @@ class WriteAhead:
         self.ingestor = ingestor
         self.journal = journal
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)  # filed: for settle() and the backlog
+        # Work for the filer: woken by the record that starts a batch, by the one that fills
+        # it, and by settle() and close(), not by every record (a wake-up each cost the
+        # listener's threads a context switch and the interpreter lock, for nothing).
+        self._work = threading.Condition(self._lock)
         self._pending: dict[str, _Pending] = {}
         self._queue: list[str] = []
         self._pending_bytes = 0
@@ -206,7 +210,8 @@ class WriteAhead:
             self._pending[uid] = _Pending(header, data, relative, calling_ae, segment)
             self._queue.append(uid)
             self._pending_bytes += len(data)
-            self._changed.notify_all()
+            if len(self._queue) == 1 or len(self._queue) >= FILING_BATCH:
+                self._work.notify()
         return IngestOutcome(SUCCESS, series_uid=header.series_instance_uid)
 
     def settle(self, uids: set[str] | None = None, timeout: float | None = None) -> bool:
@@ -218,7 +223,7 @@ class WriteAhead:
             if not any(uid in self._pending for uid in waiting):
                 return True  # nothing to wait for: the filer keeps gathering its batch
             self._hurry += 1
-            self._changed.notify_all()
+            self._work.notify()
             try:
                 while any(uid in self._pending for uid in waiting):
                     left = None if deadline is None else deadline - time.monotonic()
@@ -235,6 +240,7 @@ class WriteAhead:
         with self._lock:
             self._stopping = True
             self._changed.notify_all()
+            self._work.notify()
         self._thread.join(60.0)
         self._pool.shutdown()
         drained = not self._pending
@@ -252,7 +258,7 @@ class WriteAhead:
             with self._lock:
                 idle = False
                 while not self._queue and not self._stopping and not idle:
-                    idle = not self._changed.wait(IDLE_SECONDS)
+                    idle = not self._work.wait(IDLE_SECONDS)
                 if idle:  # a quiet moment: sync what full segments hold and let them go
                     self._lock.release()
                     try:
@@ -279,7 +285,7 @@ class WriteAhead:
                 with self._lock:
                     if self._stopping:
                         return  # they stay in the journal, filed at the next start
-                    self._changed.wait(delay)
+                    self._work.wait(delay)
                 continue
             failures = 0
             with self._lock:
@@ -304,7 +310,7 @@ class WriteAhead:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._changed.wait(left)
+            self._work.wait(left)
 
     def _retire_drained(self, least: int) -> None:
         """Retire the full, drained segments once they hold ``least`` bytes or more: a
