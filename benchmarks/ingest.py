@@ -51,6 +51,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from benchmarks.disk import DiskCounters, device_of, read_counters
 from benchmarks.memory import PeakRss
 from node.catalogue.db import Catalogue, upgrade
+from node.core.collector import settle_collector
 from node.core.settings import DicomSettings
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
@@ -251,6 +252,7 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         ingestor,
         SourcePolicy(catalogue, accept_any=True),
     )
+    settle_collector()  # as `curia-node run` does once started
     try:
         # A new node's journal has no prepared segments yet: its first ~300 MiB also pay for
         # zero-filling them (kept since, across restarts). Its first series is timed apart;

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.source_settings import SourceSettingsView
+from node.core.collector import settle_collector
 from node.core.settings import Settings
 from node.delivery.commitment_reports import CommitmentReporter
 from node.delivery.mpps_forward import MppsForwarder
@@ -198,6 +199,7 @@ class NodeService:
         signal.signal(signal.SIGTERM, on_signal)
         try:
             self.start()
+            settle_collector()
             log.info("Curia Node ready")
             done.wait()
         finally:
