@@ -12,6 +12,7 @@ import io
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import cast
 
 from node.dimse.association import READ_BUFFER_BYTES
@@ -88,30 +89,29 @@ class Connection:
         nothing until the bytes are really there. With ``deadline`` (a ``time.monotonic()``
         value) the whole read must finish by then, however the peer paces its bytes."""
         buffer = bytearray()
-        try:
-            while len(buffer) < size:
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError
-                    self.sock.settimeout(left)
-                chunk = self.reader.read1(min(size - len(buffer), READ_STEP))
-                if not chunk:
-                    raise AssociationAborted("the peer closed the connection")
-                buffer += chunk
-        except TimeoutError:
-            why = f"timed out waiting for the peer ({self._unread()} bytes unread)"
-            raise AssociationAborted(why, 0x00) from None
-        except (OSError, ValueError) as exc:
-            raise AssociationAborted(f"the connection failed: {exc}") from None
+
+        def step(done: int) -> int:
+            chunk = self.reader.read1(min(size - done, READ_STEP))
+            buffer.extend(chunk)
+            return len(chunk)
+
+        self._fill(size, deadline, step)
         return buffer
 
     def read_into(self, size: int, deadline: float | None = None) -> bytearray:
         """``size`` bytes, read straight into a buffer of that size: for a length already
         bounded by a limit the listener's memory bound counts (a P-DATA-TF within the
-        maximum PDU length), it saves the copies of :meth:`read_exact`'s growing buffer."""
+        maximum PDU length), it saves the copies of :meth:`read_exact`'s growing buffer.
+        ``deadline`` as there."""
         buffer = bytearray(size)
-        view = memoryview(buffer)
+        with memoryview(buffer) as view:
+            self._fill(size, deadline, lambda done: self.reader.readinto1(view[done:]))
+        return buffer
+
+    def _fill(self, size: int, deadline: float | None, step: Callable[[int], int]) -> None:
+        """Call ``step(bytes so far)``, which reads what has arrived and says how much,
+        until ``size`` bytes are in; the peer's close, a failure or ``deadline`` passing
+        end the association."""
         done = 0
         try:
             while done < size:
@@ -120,7 +120,7 @@ class Connection:
                     if left <= 0:
                         raise TimeoutError
                     self.sock.settimeout(left)
-                read = self.reader.readinto1(view[done:])
+                read = step(done)
                 if not read:
                     raise AssociationAborted("the peer closed the connection")
                 done += read
@@ -129,9 +129,6 @@ class Connection:
             raise AssociationAborted(why, 0x00) from None
         except (OSError, ValueError) as exc:
             raise AssociationAborted(f"the connection failed: {exc}") from None
-        finally:
-            view.release()
-        return buffer
 
     def _unread(self) -> int:
         """Bytes that have arrived and wait in the socket (0 when the peer sent nothing):
