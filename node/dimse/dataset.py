@@ -9,9 +9,9 @@ read and dropped, and the instance is refused at its end.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 
+from node.store.checksum import crc32
 from node.store.spool import StagedFile
 
 
@@ -33,7 +33,7 @@ class ReceivedDataSet(list[memoryview]):
 
     def begin(self, prefix: bytes) -> None:
         """Set the file meta that goes before the fragments (before the first of them)."""
-        self.prefix, self.crc32 = prefix, zlib.crc32(prefix)
+        self.prefix, self.crc32 = prefix, crc32(prefix)
 
     def part10(self) -> bytes:
         """The prefix and the fragments held in memory, as one Part 10 file."""
@@ -67,7 +67,7 @@ class ReceivedDataSet(list[memoryview]):
             self.spill.write(value)
         else:
             self.append(value)
-            self.crc32 = zlib.crc32(value, self.crc32)
+            self.crc32 = crc32(value, self.crc32)
 
     def discard(self) -> None:
         """Remove the spilled file unless ingest placed it (safe to call more than once)."""

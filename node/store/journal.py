@@ -42,12 +42,12 @@ import os
 import struct
 import threading
 import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.store.checksum import crc32 as _crc32
 from node.store.spool import fsync_dir
 from node.store.syscalls import write_out
 
@@ -193,9 +193,9 @@ class Journal:
             if crc32 is None:
                 crc32 = 0
                 for part in payload:
-                    crc32 = zlib.crc32(part, crc32)
+                    crc32 = _crc32(part, crc32)
             head = _HEAD.pack(MAGIC, segment.key, len(meta_bytes), size, crc32)
-            check = _HEAD_CRC.pack(zlib.crc32(meta_bytes, zlib.crc32(head)))
+            check = _HEAD_CRC.pack(_crc32(meta_bytes, _crc32(head)))
             # Padded to whole pages: a page written in part is read from disk first.
             padding = _zeros()[: _aligned(length) - length]
             parts: list[Buffer] = [head, check, meta_bytes, *payload, padding]
@@ -489,11 +489,11 @@ def _record_at(data: mmap.mmap, offset: int, key: int) -> tuple[dict[str, Any], 
     if segment != key or end > len(data):
         return None
     meta_bytes = data[start : start + meta_length]
-    if zlib.crc32(meta_bytes, zlib.crc32(head)) != check:
+    if _crc32(meta_bytes, _crc32(head)) != check:
         return None
     payload = data[start + meta_length : end]
     if magic == MAGIC:
-        intact = zlib.crc32(payload) == payload_check
+        intact = _crc32(payload) == payload_check
     else:
         intact = hashlib.sha256(payload).digest() == payload_check
     if not intact:
