@@ -330,23 +330,26 @@ class WriteAhead:
         same digest (filed before a crash) gets its file back if it lost it; one whose row
         now holds other bytes (replaced since) is left as it is."""
         ingestor = self.ingestor
-        digests = list(self._pool.map(_digest, batch))  # hashing releases the interpreter
         with ingestor.catalogue.engine.connect() as connection:
             rows = connection.execute(
                 KNOWN_ANY, {"uids": [i.header.sop_instance_uid for i in batch]}
             )
             known = {uid: sha256 for uid, _, sha256 in rows}
-        new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
-        writes: list[tuple[Path, bytes]] = []
-        for item, digest in zip(batch, digests, strict=True):
+
+        def place(item: _Pending) -> str:
+            """Digest one record and write its file unless it need not be: one task per
+            record, so that one thread hashes (releasing the interpreter) while another
+            waits for the disk, rather than every hash before the first write."""
+            digest = _digest(item)
             before = known.get(item.header.sop_instance_uid)
-            if before is not None and before != digest:
-                continue
-            path = ingestor.spool.absolute(item.relative_path)
-            if before is None or not _holds(path, digest):
-                writes.append((path, item.payload))
-        for _ in self._pool.map(lambda job: self._write(job[0], job[1], durably), writes):
-            pass
+            if before is None or before == digest:
+                path = ingestor.spool.absolute(item.relative_path)
+                if before is None or not _holds(path, digest):
+                    self._write(path, item.payload, durably)
+            return digest
+
+        digests = list(self._pool.map(place, batch))
+        new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
         for item, digest in zip(batch, digests, strict=True):
             before = known.get(item.header.sop_instance_uid)
             if before is None:
