@@ -10,7 +10,9 @@ from node.catalogue.models import Instance
 
 INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 
-#: (sop_instance_uid, id, sha256) of catalogued instances
-KNOWN = select(INSTANCES.c.sop_instance_uid, INSTANCES.c.id, INSTANCES.c.sha256)
+#: (sop_instance_uid, id, sha256, path) of catalogued instances; sha256 is None for one
+#: filed from the ingest journal whose digest nothing has needed yet (computed from the
+#: file at ``path`` when first needed)
+KNOWN = select(INSTANCES.c.sop_instance_uid, INSTANCES.c.id, INSTANCES.c.sha256, INSTANCES.c.path)
 KNOWN_ONE = KNOWN.where(INSTANCES.c.sop_instance_uid == bindparam("uid"))
 KNOWN_ANY = KNOWN.where(INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))

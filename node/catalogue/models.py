@@ -119,7 +119,9 @@ class Instance(Base):
     instance_number: Mapped[int | None]
     path: Mapped[str] = mapped_column(Text, doc="relative to the spool folder")
     size: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str | None] = mapped_column(
+        String(64), doc="of the stored file; None until first needed (filed from the journal)"
+    )
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     series: Mapped[Series] = relationship(back_populates="instances")

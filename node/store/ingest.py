@@ -81,10 +81,12 @@ def _text(header: InstanceHeader, name: str, limit: int) -> str | None:
 
 @dataclass(frozen=True)
 class _Known:
-    """A catalogued instance met again: its row and the digest of its bytes."""
+    """A catalogued instance met again: its row, the digest of its bytes (None: not
+    computed yet) and its file."""
 
     id: int
-    sha256: str
+    sha256: str | None
+    path: str
 
 
 # Core statements built once: an instance costs their execution, not their construction
@@ -106,6 +108,11 @@ _STUDY_ID = select(_STUDIES.c.id).where(_STUDIES.c.study_instance_uid == bindpar
 _ADD_STUDY = insert(_STUDIES).returning(_STUDIES.c.id)
 _ADD_SERIES = insert(_SERIES).returning(_SERIES.c.id)
 _ADD_INSTANCES = insert(_INSTANCES)
+_KEEP_DIGEST = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.id == bindparam("row"), _INSTANCES.c.sha256.is_(None))
+    .values(sha256=bindparam("digest"))
+)
 
 
 class Ingestor:
@@ -255,7 +262,7 @@ class Ingestor:
                         if len(uids) == 1
                         else connection.execute(KNOWN_ANY, {"uids": uids})
                     )
-                    existing = {uid: _Known(id_, sha256) for uid, id_, sha256 in rows}
+                    existing = {uid: _Known(*known) for uid, *known in rows}
             except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
                 log.error(
                     "cannot read the catalogue for %d instance(s): %s", len(batch), brief(exc)
@@ -273,6 +280,7 @@ class Ingestor:
         Success, stored once; different bytes follow the configured policy (keep the first
         copy, or replace it atomically), recorded in the audit trail."""
         replace = self.duplicate_policy == "replace"
+        self._digest_known(existing)
         outcomes: list[IngestOutcome | None] = [None] * len(batch)
         to_write: list[int] = []
         differing: set[int] = set()
@@ -318,6 +326,32 @@ class Ingestor:
             if outcomes[index] is None:
                 outcomes[index] = self._success(batch[index], duplicate=True)
         return _filled(outcomes)
+
+    def _digest_known(self, existing: dict[str, _Known]) -> None:
+        """Give the catalogued instances met again a digest where their row has none yet
+        (filed from the journal), computed from their file and kept in the row. A file
+        that cannot be read has no digest: its row differs from whatever arrives."""
+        computed: dict[int, str] = {}
+        for uid, known in existing.items():
+            if known.sha256 is not None:
+                continue
+            try:
+                with open(self.spool.absolute(known.path), "rb") as fp:
+                    digest = hashlib.file_digest(fp, "sha256").hexdigest()
+            except OSError as exc:
+                log.error("cannot read a catalogued instance's file to compare it: %s", exc)
+                continue
+            existing[uid] = _Known(known.id, digest, known.path)
+            computed[known.id] = digest
+        if not computed:
+            return
+        try:
+            with self._catalogue_lock, self.catalogue.engine.begin() as connection:
+                connection.execute(
+                    _KEEP_DIGEST, [{"row": row, "digest": d} for row, d in computed.items()]
+                )
+        except SQLAlchemyError as exc:  # computed again next time
+            log.error("cannot keep the digests of %d instance(s): %s", len(computed), brief(exc))
 
     def _add_instances(
         self,

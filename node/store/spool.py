@@ -41,7 +41,7 @@ _COPY_CHUNK = 4 * 1024 * 1024
 class StoredFile:
     relative_path: str
     size: int
-    sha256: str
+    sha256: str | None  # None: not computed (filed from the journal; see the catalogue's)
 
 
 def fsync_dir(path: Path) -> None:
