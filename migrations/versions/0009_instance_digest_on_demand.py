@@ -2,9 +2,9 @@
 
 The digest of a catalogued instance is read only when the same SOP Instance UID arrives
 again (the duplicate policy compares bytes) or a journal record is filed again after a
-crash. Computing it for every instance as it was filed cost a quarter of the node's
-processor time per instance; it is now computed from the stored file the first time it is
-needed, and kept.
+crash. Computing it for every instance as it was filed cost 0.3-0.45 ms of processor time
+each, about a fifth of the node's; it is now computed from the stored file the first time
+it is needed, and kept.
 
 Revision ID: 0009
 Revises: 0008

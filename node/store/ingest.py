@@ -37,7 +37,7 @@ from node.core.status import (
 from node.store.disk import DiskGuard
 from node.store.header import InstanceHeader, RejectedInstance, read_header
 from node.store.journal import Journal
-from node.store.spool import Spool, StagedFile, StoredFile
+from node.store.spool import Spool, StagedFile, StoredFile, file_sha256
 from node.store.structure import MAX_INFLATED as MAX_INFLATED  # re-exported
 from node.store.structure import MAX_NESTING as MAX_NESTING  # re-exported
 from node.store.write_ahead import WriteAhead
@@ -335,11 +335,9 @@ class Ingestor:
         for uid, known in existing.items():
             if known.sha256 is not None:
                 continue
-            try:
-                with open(self.spool.absolute(known.path), "rb") as fp:
-                    digest = hashlib.file_digest(fp, "sha256").hexdigest()
-            except OSError as exc:
-                log.error("cannot read a catalogued instance's file to compare it: %s", exc)
+            digest = file_sha256(self.spool.absolute(known.path))
+            if digest is None:
+                log.error("cannot read the file of a catalogued instance to compare it")
                 continue
             existing[uid] = _Known(known.id, digest, known.path)
             computed[known.id] = digest

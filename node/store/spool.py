@@ -44,6 +44,15 @@ class StoredFile:
     sha256: str | None  # None: not computed (filed from the journal; see the catalogue's)
 
 
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of the file at ``path``, read in chunks; None where it cannot be read."""
+    try:
+        with open(path, "rb") as fp:
+            return hashlib.file_digest(fp, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

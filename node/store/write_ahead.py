@@ -49,6 +49,7 @@ from node.store.journal import Journal, JournalError, Record, Segment
 from node.store.spool import (
     Spool,
     StoredFile,
+    file_sha256,
     fsync_dir,
     leftovers_beside,
     write_durably,
@@ -331,9 +332,9 @@ class WriteAhead:
 
     def _file(self, batch: list[_Pending], durably: bool = False) -> list[str]:
         """Write the spool files of ``batch`` and commit the catalogue rows of those not
-        catalogued yet; the relative paths, in order. A record already catalogued (filed before a
-        crash) gets its file back if it lost it; one whose row now holds other bytes
-        (replaced since) is left as it is."""
+        catalogued yet; the relative paths, in order. A record already catalogued (filed
+        before a crash) gets its file back if it lost it; one whose row now holds other
+        bytes (replaced since) is left as it is."""
         ingestor = self.ingestor
         with ingestor.catalogue.engine.connect() as connection:
             rows = connection.execute(
@@ -354,7 +355,7 @@ class WriteAhead:
                 self._write(path, item.payload, durably)
                 return
             digest, before = _digest(item), known[uid]
-            if (before is None or before == digest) and not _holds(path, digest):
+            if (before is None or before == digest) and file_sha256(path) != digest:
                 self._write(path, item.payload, durably)
 
         for _ in self._pool.map(place, batch):  # writing releases the interpreter
@@ -478,12 +479,3 @@ def _digest(item: _Pending) -> str:
     if item.sha256 is None:
         item.sha256 = hashlib.sha256(item.payload).hexdigest()
     return item.sha256
-
-
-def _holds(path: Any, digest: str) -> bool:
-    """Whether the file at ``path`` holds bytes with this digest."""
-    try:
-        with open(path, "rb") as fp:
-            return hashlib.file_digest(fp, "sha256").hexdigest() == digest
-    except OSError:
-        return False
