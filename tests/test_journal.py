@@ -278,6 +278,47 @@ def test_duplicates_behind_the_journal_follow_the_policy(
         ingestor.close()
 
 
+def test_a_look_ahead_spares_the_lookup_and_goes_stale_once_its_uid_is_taken(
+    series: Path, tmp_path: Path
+) -> None:
+    """A C-STORE's UID is looked up as its command arrives. That answer is used after the
+    last byte only while nothing of the UID's lock was journalled or catalogued since:
+    another association that stored the UID meanwhile makes it a duplicate again."""
+    from sqlalchemy import event
+
+    ingestor = _journalled(tmp_path)
+    statements: list[str] = []
+    event.listen(
+        ingestor.catalogue.engine,
+        "before_cursor_execute",
+        lambda _c, _cur, statement, *_: statements.append(statement),
+    )
+    try:
+        first, second = sorted(series.iterdir())[:2]
+        uid = dcmread(first, stop_before_pixels=True).SOPInstanceUID
+        ahead = ingestor.look_ahead(uid)
+        assert ahead is not None, "a UID the node has not met is new"
+        statements.clear()
+        outcome = ingestor.ingest(first.read_bytes(), "A", expected_sop_uid=uid, ahead=ahead)
+        assert outcome.status == SUCCESS and not outcome.duplicate
+        assert not [s for s in statements if "FROM instances" in s], "not looked up again"
+        assert ingestor.look_ahead(uid) is None, "journalled: not new"
+
+        other = dcmread(second, stop_before_pixels=True).SOPInstanceUID
+        ahead = ingestor.look_ahead(other)
+        assert ahead is not None
+        data = second.read_bytes()
+        assert ingestor.ingest(data, "B", expected_sop_uid=other).status == SUCCESS
+        late = ingestor.ingest(data, "C", expected_sop_uid=other, ahead=ahead)
+        assert late.status == SUCCESS and late.duplicate, "its look-ahead went stale"
+        assert ingestor.settle()
+        with ingestor.catalogue.session() as session:
+            assert len(session.scalars(select(Instance)).all()) == 2
+            assert session.scalars(select(Series)).one().instance_count == 2
+    finally:
+        ingestor.close()
+
+
 def test_concurrent_associations_share_a_flush_and_full_segments_go(
     series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -47,6 +47,7 @@ from node.core.status import (
     SUCCESS,
     UNRECOGNISED_OPERATION,
 )
+from node.core.uids import is_valid_uid
 from node.dimse.association import (
     ASSOCIATE_RQ_BYTES,
     Association,
@@ -118,6 +119,7 @@ class _Message:
         self.command = bytearray()
         self.fields: dict[int, bytes] | None = None
         self.fragments = ReceivedDataSet()
+        self.ahead: int | None = None  # a C-STORE's look-ahead (see Service.look_ahead)
 
 
 class AssociationAcceptor:
@@ -356,6 +358,7 @@ class AssociationAcceptor:
                 if us_value(message.fields, 0x0800) != NO_DATA_SET:
                     if us_value(message.fields, 0x0100) == C_STORE_RQ:
                         message.fragments.begin(self._file_meta(association, message))
+                        message.ahead = self._look_ahead(message.fields)
                     continue
             else:
                 if message.fields is None:
@@ -398,10 +401,20 @@ class AssociationAcceptor:
         if command == C_ECHO_RQ:
             status = SUCCESS
         elif command == C_STORE_RQ:
-            status, comment = self._store(association, context, fields, message.fragments)
+            status, comment = self._store(
+                association, context, fields, message.fragments, message.ahead
+            )
         self.connection.send_command(
             message.context_id, response(fields, status, comment), association.peer_max_pdu
         )
+
+    def _look_ahead(self, fields: dict[int, bytes]) -> int | None:
+        """Ask the node about the instance a C-STORE names while its data set arrives
+        (a UID that is not valid is left to the checks after its last byte)."""
+        sop_instance = uid(fields.get(0x1000, b""))
+        if not is_valid_uid(sop_instance):
+            return None
+        return self.server.service.look_ahead(sop_instance)
 
     @staticmethod
     def _file_meta(association: Association, message: _Message) -> bytes:
@@ -454,9 +467,10 @@ class AssociationAcceptor:
         context: PresentationContext,
         fields: dict[int, bytes],
         fragments: ReceivedDataSet,
+        ahead: int | None = None,
     ) -> tuple[int, str]:
         try:
-            return self._store_received(association, context, fields, fragments)
+            return self._store_received(association, context, fields, fragments, ahead)
         finally:
             fragments.discard()  # placed by ingest, moved to quarantine, or not kept
             self._receiving = None
@@ -467,6 +481,7 @@ class AssociationAcceptor:
         context: PresentationContext,
         fields: dict[int, bytes],
         fragments: ReceivedDataSet,
+        ahead: int | None,
     ) -> tuple[int, str]:
         sop_class, sop_instance = fields.get(0x0002, b""), fields.get(0x1000, b"")
         size = fragments.size
@@ -490,7 +505,12 @@ class AssociationAcceptor:
         else:
             data = fragments.part10()
             request = StoreRequest(
-                uid(sop_class), uid(sop_instance), syntax, data, crc32=fragments.crc32
+                uid(sop_class),
+                uid(sop_instance),
+                syntax,
+                data,
+                crc32=fragments.crc32,
+                ahead=ahead,
             )
             fragments.clear()
         started = time.monotonic()

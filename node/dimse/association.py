@@ -70,6 +70,7 @@ class StoreRequest:
     data: bytes
     staged: StagedFile | None = None
     crc32: int | None = None  # of ``data``, computed as it arrived (None: not computed)
+    ahead: int | None = None  # Service.look_ahead's answer when the command arrived
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,11 @@ class Service(Protocol):
     def stage(self) -> StagedFile: ...
 
     def accepted(self, association: Association) -> None: ...
+
+    def look_ahead(self, sop_instance_uid: str) -> int | None:
+        """Asked when a C-STORE command arrives, before its data set: what the node may
+        prepare for it (a token handed back in :attr:`StoreRequest.ahead`), or None."""
+        ...
 
     def store(self, association: Association, request: StoreRequest) -> tuple[int, str]: ...
 

@@ -125,6 +125,9 @@ class AssociationHandlers:
         """A staged file in the spool for a data set too large to hold in memory."""
         return self.ingestor.spool.stage()
 
+    def look_ahead(self, sop_instance_uid: str) -> int | None:
+        return self.ingestor.look_ahead(sop_instance_uid)
+
     def store(self, association: Association, request: StoreRequest) -> tuple[int, str]:
         calling = association.requestor.calling_ae_title
         if request.staged is not None:
@@ -138,6 +141,7 @@ class AssociationHandlers:
                 expected_sop_uid=request.sop_instance_uid,
                 expected_sop_class=request.sop_class_uid,
                 crc32=request.crc32,
+                ahead=request.ahead,
             )
         if outcome.status == SUCCESS:
             if outcome.series_uid:

@@ -136,6 +136,10 @@ class Ingestor:
         # Two associations sending the same SOP Instance UID at once must not race on its
         # file: each UID maps to one of these locks for the whole check-write-commit.
         self._uid_locks = [threading.Lock() for _ in range(64)]
+        # Per lock: how many times a UID of it became catalogued or journalled, counted
+        # after it did (under the lock). A look-ahead that found a UID new holds while its
+        # count is unchanged (:meth:`look_ahead`).
+        self._changes = [0] * len(self._uid_locks)
         # One writer at a time: keeps study/series upserts free of races on any database.
         self._catalogue_lock = threading.Lock()
         self.write_ahead = WriteAhead(self, journal) if journal is not None else None
@@ -154,6 +158,18 @@ class Ingestor:
         if self.write_ahead is not None:
             self.write_ahead.close()
 
+    def look_ahead(self, sop_instance_uid: str) -> int | None:
+        """Whether an instance of this UID would be new, asked when its C-STORE command
+        arrives, so that the catalogue is read while its data set is still arriving, not
+        after its last byte: a token for :meth:`ingest` where it is new (neither catalogued
+        nor in the journal), None otherwise. The token holds only while no other instance
+        of its UID's lock has become catalogued or journalled since."""
+        if self.write_ahead is None:
+            return None
+        stripe = self._stripe(sop_instance_uid)
+        seen = self._changes[stripe]  # read first: a change after it invalidates the token
+        return seen if self.write_ahead.is_new(sop_instance_uid) else None
+
     def ingest(
         self,
         data: bytes,
@@ -161,11 +177,13 @@ class Ingestor:
         expected_sop_uid: str | None = None,
         expected_sop_class: str | None = None,
         crc32: int | None = None,
+        ahead: int | None = None,
     ) -> IngestOutcome:
         """Store and catalogue one instance received as Part 10 bytes; ``expected_*`` are
         the UIDs the C-STORE command named, which the data set must carry too (else it is
         refused 0xA900: stored under the command's class, it would be catalogued as what
-        it is not). ``crc32``: of ``data``, where the receiver computed it on the way."""
+        it is not). ``crc32``: of ``data``, where the receiver computed it on the way;
+        ``ahead``: :meth:`look_ahead`'s token for ``expected_sop_uid``."""
         if not self._room_for(len(data), calling_ae):
             return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
@@ -188,8 +206,16 @@ class Ingestor:
                 log.error("cannot quarantine a refused instance: %s", error)
             return self._refused(exc, calling_ae)
         if self.write_ahead is not None:
-            with self._uid_locks[self._stripe(header.sop_instance_uid)]:
-                outcome = self.write_ahead.accept(header, data, calling_ae, crc32)
+            stripe = self._stripe(header.sop_instance_uid)
+            with self._uid_locks[stripe]:
+                new = (
+                    ahead is not None
+                    and expected_sop_uid is not None  # which the header's UID is, here
+                    and ahead == self._changes[stripe]
+                )
+                outcome = self.write_ahead.accept(header, data, calling_ae, crc32, new)
+                if outcome is not None and outcome.status == SUCCESS:
+                    self._changes[stripe] += 1
             if outcome is not None:
                 return outcome
         return self._store([_Entry(header, data)], calling_ae)[0]
@@ -268,7 +294,10 @@ class Ingestor:
                     "cannot read the catalogue for %d instance(s): %s", len(batch), brief(exc)
                 )
                 return [IngestOutcome(OUT_OF_RESOURCES, "cannot read the catalogue")] * len(batch)
-            return self._write_and_catalogue(batch, existing, calling_ae)
+            outcomes = self._write_and_catalogue(batch, existing, calling_ae)
+            for stripe in stripes:  # catalogued or replaced: look-aheads made before are stale
+                self._changes[stripe] += 1
+            return outcomes
 
     def _stripe(self, sop_instance_uid: str) -> int:
         return hash(sop_instance_uid) % len(self._uid_locks)

@@ -178,23 +178,42 @@ class WriteAhead:
 
     # -- the listener's side
 
+    def is_new(self, uid: str) -> bool:
+        """Whether no instance of ``uid`` is in the journal or the catalogue (False where
+        the catalogue cannot be read: the caller then asks again, the usual way)."""
+        with self._lock:
+            if uid in self._pending:
+                return False
+        try:
+            with self.ingestor.catalogue.engine.connect() as connection:
+                return connection.execute(KNOWN_ONE, {"uid": uid}).first() is None
+        except SQLAlchemyError:
+            return False
+
     def accept(
-        self, header: InstanceHeader, data: bytes, calling_ae: str | None, crc32: int | None = None
+        self,
+        header: InstanceHeader,
+        data: bytes,
+        calling_ae: str | None,
+        crc32: int | None = None,
+        new: bool = False,
     ) -> IngestOutcome | None:
         """Journal a new instance and answer for it; None when it is not new (or still in
         the journal), for the caller's own path. The caller holds its UID's lock; ``crc32``
-        is that of ``data`` where the receiver computed it."""
+        is that of ``data`` where the receiver computed it; ``new``: the caller knows it is
+        new (:meth:`node.store.ingest.Ingestor.look_ahead`), so it is not looked up again."""
         from node.store.ingest import IngestOutcome, brief
 
         uid = header.sop_instance_uid
-        self.settle({uid})
-        try:
-            with self.ingestor.catalogue.engine.connect() as connection:
-                if connection.execute(KNOWN_ONE, {"uid": uid}).first() is not None:
-                    return None
-        except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
-            log.error("cannot read the catalogue for an instance: %s", brief(exc))
-            return IngestOutcome(OUT_OF_RESOURCES, "cannot read the catalogue")
+        if not new:
+            self.settle({uid})
+            try:
+                with self.ingestor.catalogue.engine.connect() as connection:
+                    if connection.execute(KNOWN_ONE, {"uid": uid}).first() is not None:
+                        return None
+            except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
+                log.error("cannot read the catalogue for an instance: %s", brief(exc))
+                return IngestOutcome(OUT_OF_RESOURCES, "cannot read the catalogue")
         relative = self.ingestor.spool.relative_path(
             header.study_instance_uid, header.series_instance_uid, uid
         )
