@@ -185,10 +185,13 @@ class WriteAhead:
             if uid in self._pending:
                 return False
         try:
-            with self.ingestor.catalogue.engine.connect() as connection:
-                return connection.execute(KNOWN_ONE, {"uid": uid}).first() is None
+            return not self._catalogued(uid)
         except SQLAlchemyError:
             return False
+
+    def _catalogued(self, uid: str) -> bool:
+        with self.ingestor.catalogue.engine.connect() as connection:
+            return connection.execute(KNOWN_ONE, {"uid": uid}).first() is not None
 
     def accept(
         self,
@@ -208,9 +211,8 @@ class WriteAhead:
         if not new:
             self.settle({uid})
             try:
-                with self.ingestor.catalogue.engine.connect() as connection:
-                    if connection.execute(KNOWN_ONE, {"uid": uid}).first() is not None:
-                        return None
+                if self._catalogued(uid):
+                    return None
             except SQLAlchemyError as exc:  # unreachable: the sender keeps it and retries
                 log.error("cannot read the catalogue for an instance: %s", brief(exc))
                 return IngestOutcome(OUT_OF_RESOURCES, "cannot read the catalogue")
