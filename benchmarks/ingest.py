@@ -8,6 +8,9 @@ parsing or catalogue:
 - the file floor: each instance to a new file, fsynced, renamed, its folder fsynced;
 - the journal floor: each instance appended to a preallocated file, one fdatasync each
   (and the same into blocks zero-filled beforehand, as the node's journal segments are);
+- the same into zero-filled blocks and a copy: each instance then also written to a file of
+  its own past the page cache, as the node's filer writes its spool copy (one after the
+  other here; the node overlaps them), the file system synced at the end;
 
 The node is timed as it runs once its journal has prepared segments to reuse (kept across
 restarts): after two other series, the first of them printed apart as a new node's pace.
@@ -55,9 +58,11 @@ from node.core.collector import settle_collector
 from node.core.settings import DicomSettings
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
+from node.store.direct_write import write_new
 from node.store.ingest import Ingestor
 from node.store.journal import JOURNAL_DIR, Journal
 from node.store.spool import Spool, fsync_dir, write_durably
+from node.store.syscalls import syncfs
 from tests.support.peers import free_port, port_open, wait_for
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -202,11 +207,17 @@ def durable_floor(folder: Path, work: Path) -> float:
 JOURNAL_SEGMENT = 256 << 20
 
 
-def journal_floor(folder: Path, work: Path, written: bool = False) -> float:
+def journal_floor(
+    folder: Path, work: Path, written: bool = False, copies: Path | None = None
+) -> float:
     """Instances/s for the cheapest durable write of the same bytes: appended with
     ``pwrite`` to a preallocated file (created, allocated and fsynced beforehand), one
     ``fdatasync`` per instance. With ``written`` its blocks are zero-filled first, as the
-    node's journal segments are (a flush then changes no file system metadata)."""
+    node's journal segments are (a flush then changes no file system metadata).
+
+    With ``copies`` (a new folder), each instance is then also written to a file of its
+    own there, past the page cache, and the file system synced at the end: the disk work
+    of the node's journal and spool copy, one after the other, with nothing else."""
     payloads = [path.read_bytes() for path in sorted(folder.iterdir())]
     path = work / "journal.floor"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -221,10 +232,14 @@ def journal_floor(folder: Path, work: Path, written: bool = False) -> float:
         fsync_dir(work)
         offset = 0
         started = time.perf_counter()
-        for data in payloads:
+        for index, data in enumerate(payloads):
             os.pwrite(fd, data, offset)
             os.fdatasync(fd)
             offset += len(data)
+            if copies is not None:
+                write_new(copies / f"{index}.dcm", data)
+        if copies is not None and not syncfs(copies):
+            os.sync()
         return len(payloads) / (time.perf_counter() - started)
     finally:
         os.close(fd)
@@ -238,6 +253,8 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
     floor = durable_floor(folder, work)
     journal = journal_floor(folder, work)
     written = journal_floor(folder, work, written=True)
+    (work / "floor-copies").mkdir()
+    twice = journal_floor(folder, work, written=True, copies=work / "floor-copies")
 
     run_dir = Path(tempfile.mkdtemp(prefix="node-", dir=work))
     url = f"sqlite:///{run_dir / 'catalogue.sqlite'}"
@@ -294,8 +311,13 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         print(f"journal floor  : {journal:7.1f} instances/s (preallocated pwrite + fdatasync)")
         print(f"  into written : {written:7.1f} instances/s (the same, blocks zero-filled first)")
         print(
+            f"  and a copy   : {twice:7.1f} instances/s (the same, then each written to a file "
+            "of its own past the page cache: the node's two writes, one after the other)"
+        )
+        print(
             f"ratios node/DCMTK {node / dcmtk:.2f}, node/file floor {node / floor:.2f}, "
-            f"node/journal floor {node / journal:.2f}, node/receive floor {node / receive:.2f}"
+            f"node/journal floor {node / journal:.2f}, node/receive floor {node / receive:.2f}, "
+            f"node/journal floor and a copy {node / twice:.2f}"
         )
         per = 1000 / (args.slices * args.repeats)
         print(
@@ -325,6 +347,7 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         # longer to create files (it skips the inodes just freed), which would fall on
         # whatever is timed next.
         shutil.rmtree(work / "floor")
+        shutil.rmtree(work / "floor-copies")
         shutil.rmtree(run_dir, ignore_errors=True)
     forked, forked_rss = dcmtk_rate(folders, args.slices, work)
     print(
