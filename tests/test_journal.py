@@ -33,7 +33,7 @@ from node.core.status import SUCCESS
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
 from node.store.ingest import Ingestor
-from node.store.journal import JOURNAL_DIR, Journal, Segment
+from node.store.journal import JOURNAL_DIR, Journal, Reservation, Segment
 from node.store.spool import Spool
 from tests.support.peers import free_port, wait_for
 
@@ -65,7 +65,7 @@ CHILD = textwrap.dedent(
                 die()
             original(fd, parts, offset, length)
         journal_module.Journal._write = staticmethod(half)
-    elif point == "synced":  # records synced; nothing filed; dies before answering
+    elif point in ("synced", "streamed"):  # records synced; nothing filed; no answer
         write_ahead.WriteAhead._run = lambda self: None
         original_sync = journal_module.Journal._sync
         def sync(self, segment):
@@ -118,8 +118,19 @@ CHILD = textwrap.dedent(
     ingestor = Ingestor(
         spool, Catalogue(url), journal=Journal(spool.root / JOURNAL_DIR, 1 << 22)
     )
-    for path in sorted((root / "series").iterdir()):
-        outcome = ingestor.ingest(path.read_bytes(), "CRASHER")
+    for number, path in enumerate(sorted((root / "series").iterdir()), 1):
+        data = path.read_bytes()
+        if point in ("mid-arrival", "streamed"):  # written to the journal as it arrives
+            reserved = ingestor.reserve(len(data))
+            reserved.feed(data[: len(data) // 2])
+            if point == "mid-arrival" and number == crash_at:  # its last bytes never come
+                die()
+            try:
+                outcome = ingestor.ingest(data, "CRASHER", reserved=reserved)
+            finally:
+                reserved.release()
+        else:
+            outcome = ingestor.ingest(data, "CRASHER")
         if outcome.status == 0:
             print(path.name, flush=True)
         if point in ("mid-filing", "mid-file", "filed"):
@@ -177,7 +188,18 @@ def _check(root: Path, url: str, series: Path, succeeded: list[str]) -> Ingestor
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 @pytest.mark.parametrize(
-    "point", ["mid-write", "synced", "mid-filing", "mid-file", "filed", "zero-fill", "reused"]
+    "point",
+    [
+        "mid-write",
+        "synced",
+        "mid-arrival",
+        "streamed",
+        "mid-filing",
+        "mid-file",
+        "filed",
+        "zero-fill",
+        "reused",
+    ],
 )
 def test_kill_9_in_the_journal_path_loses_nothing_that_got_success(
     point: str, backend: str, series: Path, tmp_path: Path, request: pytest.FixtureRequest
@@ -190,7 +212,7 @@ def test_kill_9_in_the_journal_path_loses_nothing_that_got_success(
     upgrade(url)
     (tmp_path / "series").symlink_to(series)
     succeeded = _run_child(tmp_path, url, point)
-    expected = CRASH_AT - 1 if point in ("mid-write", "synced") else None
+    expected = CRASH_AT - 1 if point in ("mid-write", "synced", "mid-arrival", "streamed") else None
     if expected is not None:
         assert len(succeeded) == expected, "no Success for the instance the crash cut short"
     ingestor = _check(tmp_path, url, series, succeeded)
@@ -222,6 +244,94 @@ def test_a_cut_short_record_costs_only_itself(series: Path, tmp_path: Path) -> N
     found = list(Journal(tmp_path / "j").recover())
     assert [r.meta["n"] for r in found] == [1, 2]
     assert [r.payload for r in found] == payloads[1:]
+
+
+def test_records_written_as_they_arrive_are_read_back_and_one_never_finished_is_not(
+    series: Path, tmp_path: Path
+) -> None:
+    """A record written as its instance arrives has its head written last: one whose last
+    bytes never came (the sender never got Success) leaves pages without a head, which
+    recovery skips, and the records around it are read back whole. One that outgrows its
+    room is appended after its last byte instead, and the room it leaves is never read."""
+    journal = Journal(tmp_path / "j", 64 << 20)  # one segment: no spare is made before 8 MiB
+    assert list(journal.recover()) == []
+    first, second, third = (p.read_bytes() for p in sorted(series.iterdir())[:3])
+    cut = journal.reserve(len(first) + 4096)
+    assert cut is not None
+    cut.feed(first[:200_000])
+    cut.feed(first[200_000:300_000])
+    assert cut.placed == 300_000 // 4096 * 4096, "whole pages only, from both fragments"
+    whole = journal.reserve(len(second) + 4096)
+    assert whole is not None
+    whole.feed(second)
+    journal.commit(whole, {"n": "whole"}, second)
+    small = journal.reserve(4096)
+    assert small is not None
+    small.feed(third)  # past its room: nothing placed
+    assert small.placed == 0
+    journal.commit(small, {"n": "appended"}, third)
+    journal.append({"n": "after"}, [first])
+    [segment] = journal.close()
+    assert segment.outstanding == 4, "the room of the record never finished is still held"
+    cut.release()
+    assert segment.outstanding == 3
+    os.close(segment.fd)
+    found = list(Journal(tmp_path / "j").recover())
+    assert [(r.meta["n"], r.payload) for r in found] == [
+        ("whole", second),
+        ("appended", third),
+        ("after", first),
+    ]
+
+
+def test_room_given_back_while_it_is_the_segments_last(tmp_path: Path) -> None:
+    """Unused room is taken back while no record follows it, so one association's records
+    lie end to end; a record committed smaller than its room ends where it ends."""
+    journal = Journal(tmp_path / "j", 64 << 20)  # one segment: no spare is made before 8 MiB
+    assert list(journal.recover()) == []
+    payload = os.urandom(100_000)
+    room = journal.reserve(1 << 20)
+    assert room is not None
+    segment = room.segment
+    journal.commit(room, {"n": 1}, payload)
+    used = segment.end
+    assert used < 1 << 18, "the end of the room came back"
+    unused = journal.reserve(1 << 20)
+    assert unused is not None
+    unused.release()
+    assert segment.end == used, "released while last: all of it came back"
+    kept, after = journal.reserve(1 << 20), journal.reserve(1 << 20)
+    assert kept is not None and after is not None
+    kept.release()
+    assert segment.end > used + (2 << 20), "a room with a record after it stays taken"
+    journal.commit(after, {"n": 2}, payload)
+    journal.close()
+    os.close(segment.fd)
+    assert [r.meta["n"] for r in Journal(tmp_path / "j").recover()] == [1, 2]
+
+
+def test_a_segment_still_being_written_to_is_not_let_go_at_shutdown(
+    series: Path, tmp_path: Path
+) -> None:
+    """A receiver may still be writing an instance into the journal while the node shuts
+    down: its segment's descriptor stays open (closed, it could be another file's by the
+    time the receiver writes), and the next start finds nothing to replay from it."""
+    data = sorted(series.iterdir())[0].read_bytes()
+    ingestor = _journalled(tmp_path)
+    room = ingestor.reserve(len(data))
+    assert room is not None
+    room.feed(data[:100_000])
+    ingestor.close()
+    os.fstat(room.segment.fd)  # still open
+    room.feed(data[100_000:])
+    assert room.placed == len(data) // 4096 * 4096 and not room.overflowed
+    room.release()
+    again = _journalled(tmp_path)
+    try:
+        with again.catalogue.session() as session:
+            assert session.scalar(select(func.count()).select_from(Instance)) == 0
+    finally:
+        again.close()
 
 
 def _journalled(root: Path, policy: str = "keep_first", segment: int = 1 << 22) -> Ingestor:
@@ -367,17 +477,25 @@ def test_a_c_store_is_journalled_with_the_checksum_of_its_bytes(
 ) -> None:
     """The listener keeps each C-STORE's CRC-32 as its PDVs arrive (file meta first); the
     journal record carries that checksum, so it must be the checksum of exactly the bytes
-    recorded: recovery after a crash keeps only records whose checksum holds."""
+    recorded: recovery after a crash keeps only records whose checksum holds. A new
+    instance is written to the journal as it arrives: its first pages are in place before
+    its last byte."""
     appended: list[tuple[int | None, int]] = []
-    real = Journal.append
+    placed_early: list[int] = []
+    real = Journal.commit
 
     def spy(
-        self: Journal, meta: dict[str, object], payload: list[bytes], crc32: int | None = None
+        self: Journal,
+        reservation: Reservation,
+        meta: dict[str, object],
+        payload: bytes,
+        crc32: int | None = None,
     ) -> Segment:
-        appended.append((crc32, zlib.crc32(b"".join(payload))))
-        return real(self, meta, payload, crc32)
+        appended.append((crc32, zlib.crc32(payload)))
+        placed_early.append(reservation.placed)
+        return real(self, reservation, meta, payload, crc32)
 
-    monkeypatch.setattr(Journal, "append", spy)
+    monkeypatch.setattr(Journal, "commit", spy)
     ingestor = _journalled(tmp_path)
     port = free_port()
     server = start_listener(
@@ -392,6 +510,7 @@ def test_a_c_store_is_journalled_with_the_checksum_of_its_bytes(
         ingestor.close()
     assert len(appended) == SLICES
     assert all(given == actual for given, actual in appended), appended
+    assert all(placed >= 16384 for placed in placed_early), placed_early
     with ingestor.catalogue.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == SLICES
 

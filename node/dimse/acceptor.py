@@ -138,6 +138,7 @@ class AssociationAcceptor:
         self.limits = server.limits
         self.ticket = ticket or Ticket(requestor_address[0], connection.sock)
         self._receiving: ReceivedDataSet | None = None  # a data set that may be on disk
+        self._last_size = 0  # of the last data set received: the next one's likely size
         self._reports: ReportChannel | None = None  # storage commitment reports sent back here
 
     def run(self) -> None:
@@ -359,6 +360,10 @@ class AssociationAcceptor:
                     if us_value(message.fields, 0x0100) == C_STORE_RQ:
                         message.fragments.begin(self._file_meta(association, message))
                         message.ahead = self._look_ahead(message.fields)
+                        if message.ahead is not None:  # new: written as it arrives
+                            room = self.server.service.reserve(self._last_size)
+                            message.fragments.write_into(room)
+                            self._receiving = message.fragments  # its room given back if cut
                     continue
             else:
                 if message.fields is None:
@@ -511,7 +516,9 @@ class AssociationAcceptor:
                 data,
                 crc32=fragments.crc32,
                 ahead=ahead,
+                reserved=fragments.reserved,
             )
+            self._last_size = len(data)
             fragments.clear()
         started = time.monotonic()
         try:

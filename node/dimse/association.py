@@ -12,6 +12,7 @@ from typing import Protocol
 from pynetdicom.presentation import PresentationContext
 
 from node.core.status import SUCCESS
+from node.store.journal import Reservation
 from node.store.spool import StagedFile
 
 
@@ -71,6 +72,7 @@ class StoreRequest:
     staged: StagedFile | None = None
     crc32: int | None = None  # of ``data``, computed as it arrived (None: not computed)
     ahead: int | None = None  # Service.look_ahead's answer when the command arrived
+    reserved: Reservation | None = None  # where ``data`` was written as it arrived
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,11 @@ class Service(Protocol):
     def look_ahead(self, sop_instance_uid: str) -> int | None:
         """Asked when a C-STORE command arrives, before its data set: what the node may
         prepare for it (a token handed back in :attr:`StoreRequest.ahead`), or None."""
+        ...
+
+    def reserve(self, size_hint: int) -> Reservation | None:
+        """Asked after :meth:`look_ahead` found the instance new: room in the journal where
+        its data set (of about ``size_hint`` bytes) is written as it arrives, or None."""
         ...
 
     def store(self, association: Association, request: StoreRequest) -> tuple[int, str]: ...

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from node.store.checksum import crc32
+from node.store.journal import Reservation
 from node.store.spool import StagedFile
 
 
@@ -21,6 +22,9 @@ class ReceivedDataSet(list[memoryview]):
     A C-STORE's data set starts with its Part 10 file meta (:meth:`begin`), and its CRC-32
     is kept as the fragments arrive: the journal's checksum of the instance is then ready
     when its last byte is, instead of costing a pass over half a megabyte after it.
+
+    Where the node gave it room in the journal (``reserved``), its bytes are written there
+    as they arrive, in whole pages; the room is given back if it is spilled or discarded.
     """
 
     def __init__(self) -> None:
@@ -30,6 +34,7 @@ class ReceivedDataSet(list[memoryview]):
         self.spill: StagedFile | None = None
         self.prefix = b""
         self.crc32 = 0  # of the prefix and the fragments held in memory
+        self.reserved: Reservation | None = None
 
     def begin(self, prefix: bytes) -> None:
         """Set the file meta that goes before the fragments (before the first of them)."""
@@ -57,6 +62,7 @@ class ReceivedDataSet(list[memoryview]):
             self.discard()
             return
         if self.spill is None and self.size > memory_limit:
+            self.release()
             staged = open_spill()
             self.spill = staged
             staged.write(self.prefix)
@@ -68,8 +74,24 @@ class ReceivedDataSet(list[memoryview]):
         else:
             self.append(value)
             self.crc32 = crc32(value, self.crc32)
+            if self.reserved is not None:
+                self.reserved.feed(value)
+
+    def write_into(self, reserved: Reservation | None) -> None:
+        """Write the data set into ``reserved`` as it arrives, from its file meta on."""
+        self.reserved = reserved
+        if reserved is not None:
+            reserved.feed(self.prefix)
 
     def discard(self) -> None:
-        """Remove the spilled file unless ingest placed it (safe to call more than once)."""
+        """Remove the spilled file unless ingest placed it, and give back journal room not
+        used (safe to call more than once)."""
+        self.release()
         if self.spill is not None:
             self.spill.discard()
+
+    def release(self) -> None:
+        """Give back the journal room, unless the instance was journalled in it."""
+        if self.reserved is not None:
+            self.reserved.release()
+            self.reserved = None

@@ -46,6 +46,7 @@ from node.dimse.report_channels import ReturnPaths
 from node.dimse.server import Listener
 from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
 from node.store.ingest import Ingestor, IngestOutcome, brief
+from node.store.journal import Reservation
 from node.store.spool import StagedFile
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,9 @@ class AssociationHandlers:
     def look_ahead(self, sop_instance_uid: str) -> int | None:
         return self.ingestor.look_ahead(sop_instance_uid)
 
+    def reserve(self, size_hint: int) -> Reservation | None:
+        return self.ingestor.reserve(size_hint)
+
     def store(self, association: Association, request: StoreRequest) -> tuple[int, str]:
         calling = association.requestor.calling_ae_title
         if request.staged is not None:
@@ -142,6 +146,7 @@ class AssociationHandlers:
                 expected_sop_class=request.sop_class_uid,
                 crc32=request.crc32,
                 ahead=request.ahead,
+                reserved=request.reserved,
             )
         if outcome.status == SUCCESS:
             if outcome.series_uid:

@@ -36,7 +36,7 @@ from node.core.status import (
 )
 from node.store.disk import DiskGuard
 from node.store.header import InstanceHeader, RejectedInstance, read_header
-from node.store.journal import Journal
+from node.store.journal import Journal, Reservation
 from node.store.spool import Spool, StagedFile, StoredFile, file_sha256
 from node.store.structure import MAX_INFLATED as MAX_INFLATED  # re-exported
 from node.store.structure import MAX_NESTING as MAX_NESTING  # re-exported
@@ -170,6 +170,14 @@ class Ingestor:
         seen = self._changes[stripe]  # read first: a change after it invalidates the token
         return seen if self.write_ahead.is_new(sop_instance_uid) else None
 
+    def reserve(self, size_hint: int) -> Reservation | None:
+        """Room in the journal where an instance of about ``size_hint`` bytes is written as
+        it arrives, so that the flush after its last byte finds most of it on the disk;
+        None where there is no journal."""
+        if self.write_ahead is None:
+            return None
+        return self.write_ahead.reserve(size_hint)
+
     def ingest(
         self,
         data: bytes,
@@ -178,12 +186,15 @@ class Ingestor:
         expected_sop_class: str | None = None,
         crc32: int | None = None,
         ahead: int | None = None,
+        reserved: Reservation | None = None,
     ) -> IngestOutcome:
         """Store and catalogue one instance received as Part 10 bytes; ``expected_*`` are
         the UIDs the C-STORE command named, which the data set must carry too (else it is
         refused 0xA900: stored under the command's class, it would be catalogued as what
         it is not). ``crc32``: of ``data``, where the receiver computed it on the way;
-        ``ahead``: :meth:`look_ahead`'s token for ``expected_sop_uid``."""
+        ``ahead``: :meth:`look_ahead`'s token for ``expected_sop_uid``; ``reserved``: the
+        journal room it was written to as it arrived (:meth:`reserve`), given back by the
+        caller when it is not used."""
         if not self._room_for(len(data), calling_ae):
             return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
@@ -213,7 +224,7 @@ class Ingestor:
                     and expected_sop_uid is not None  # which the header's UID is, here
                     and ahead == self._changes[stripe]
                 )
-                outcome = self.write_ahead.accept(header, data, calling_ae, crc32, new)
+                outcome = self.write_ahead.accept(header, data, calling_ae, crc32, new, reserved)
                 if outcome is not None and outcome.status == SUCCESS:
                     self._changes[stripe] += 1
             if outcome is not None:

@@ -17,6 +17,15 @@ The listener computes the payload's CRC-32 as its PDVs arrive; the catalogue's S
 computed behind the journal, by the filer. Records of the first format ("CJR1", the
 payload's SHA-256 in place of its CRC-32) are still read.
 
+A record may instead be written as its instance arrives (:meth:`Journal.reserve`): its
+payload first, in whole pages started on their way to the disk while the rest is still on
+the network, then its meta, and its head last, in a page of its own before both ("CJR3",
+the same fields)::
+
+    head page | payload (Part 10 bytes) | meta
+
+The flush after the last byte then finds most of the instance written already.
+
 Recovery reads every 4 KiB boundary of every segment left behind and keeps the records
 whose checksums hold, so a record cut short by a crash (never answered with Success) costs
 nothing but itself. So it also reads bytes a sender chose: a record cut short, or what a
@@ -49,14 +58,15 @@ from typing import Any
 
 from node.store.checksum import crc32 as _crc32
 from node.store.spool import fsync_dir
-from node.store.syscalls import write_out
+from node.store.syscalls import start_write_out, write_out
 
 log = logging.getLogger(__name__)
 
-MAGIC, MAGIC_V1 = b"CJR2", b"CJR1"
+MAGIC, MAGIC_V1, MAGIC_STREAMED = b"CJR2", b"CJR1", b"CJR3"
 ALIGN = 4096
 SEGMENT_BYTES = 128 << 20
 SPARE_SEGMENTS = 4  # retired segments kept for reuse (their blocks already written)
+PLACE_STEP = 64 << 10  # a record written as it arrives is written this much at a time, or more
 PREPARE_AFTER = 8 << 20  # appended to a merely allocated segment (or a quarter) before a spare
 _ZERO_CHUNK = 1 << 20  # a spare is zero-filled this much at a time
 JOURNAL_DIR = (
@@ -95,6 +105,44 @@ class Segment:
     synced: int = 0
     syncing: bool = False
     prepared: bool = False  # every block written beforehand: appends change no metadata
+    streaming: int = 0  # reservations open: their receivers may still write to it
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Room in a segment for one record written as its instance arrives: a head page,
+    then ``capacity`` bytes for its payload and meta. The receiver places the bytes as
+    they arrive, and releases the room if the instance is not journalled after all."""
+
+    journal: Journal
+    segment: Segment
+    offset: int  # of the head page
+    capacity: int
+    placed: int = 0  # payload bytes written so far (whole pages)
+    open: bool = True  # neither committed nor released
+    overflowed: bool = False  # outgrew the room (or a write failed): appended instead
+    waiting: list[memoryview] = field(default_factory=list)  # fed, not yet written
+    waiting_bytes: int = 0
+
+    def feed(self, data: Buffer) -> None:
+        """Take the payload's next bytes; its whole pages are written once ``PLACE_STEP``
+        of them wait (:meth:`Journal.place`). Past the room nothing more is written, and
+        :meth:`Journal.commit` appends the record instead."""
+        if not self.open or self.overflowed:
+            return
+        self.waiting.append(memoryview(data).cast("B"))
+        self.waiting_bytes += len(data)
+        if self.placed + self.waiting_bytes > self.capacity:
+            self.overflowed = True
+            self.waiting, self.waiting_bytes = [], 0
+            return
+        whole = self.waiting_bytes // ALIGN * ALIGN
+        if whole >= PLACE_STEP:
+            self.journal.place(self, whole)
+
+    def release(self) -> None:
+        """See :meth:`Journal.release`."""
+        self.journal.release(self)
 
 
 @dataclass(frozen=True)
@@ -207,6 +255,99 @@ class Journal:
             raise
         self._sync(segment)
         return segment
+
+    # -- writing as the instance arrives
+
+    def reserve(self, capacity: int) -> Reservation | None:
+        """Room for a record whose payload and meta take ``capacity`` bytes at most (a
+        segment's worth at most); None once the journal is closed."""
+        capacity = min(_aligned(capacity), self.segment_bytes - ALIGN)
+        with self._lock:
+            if self._closed:
+                return None
+            segment = self._room(ALIGN + capacity)
+            offset = segment.end
+            segment.end += ALIGN + capacity
+            segment.outstanding += 1
+            segment.streaming += 1
+        return Reservation(self, segment, offset, capacity)
+
+    def place(self, reservation: Reservation, length: int) -> None:
+        """Write the first ``length`` bytes waiting in a reservation (whole pages) and
+        start them on their way to the disk without waiting for them."""
+        waiting = reservation.waiting
+        fd, start = reservation.segment.fd, reservation.offset + ALIGN + reservation.placed
+        try:
+            self._write(fd, _slice(waiting, 0, length), start, length)
+            start_write_out(fd, start, length)
+        except OSError as exc:  # the commit appends it the usual way, or says why it cannot
+            log.debug("cannot write a journal record as it arrives: %s", exc)
+            reservation.overflowed = True
+            reservation.waiting, reservation.waiting_bytes = [], 0
+            return
+        reservation.placed += length
+        reservation.waiting = _slice(waiting, length, reservation.waiting_bytes)
+        reservation.waiting_bytes -= length
+
+    def commit(
+        self,
+        reservation: Reservation,
+        meta: dict[str, Any],
+        payload: Buffer,
+        crc32: int | None = None,
+    ) -> Segment:
+        """Finish a reserved record with the whole ``payload`` (its first pages placed
+        already) and return once it is durable, as :meth:`append` does. One that outgrew
+        its room is appended the usual way, and its room given back."""
+        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        size = len(payload)
+        length = size + len(meta_bytes)
+        if not reservation.open or reservation.overflowed or length > reservation.capacity:
+            try:
+                return self.append(meta, [payload], crc32)
+            finally:
+                self.release(reservation)
+        segment = reservation.segment
+        try:
+            if crc32 is None:
+                crc32 = _crc32(payload)
+            head = _HEAD.pack(MAGIC_STREAMED, segment.key, len(meta_bytes), size, crc32)
+            check = _HEAD_CRC.pack(_crc32(meta_bytes, _crc32(head)))
+            padding = _zeros()[: _aligned(length) - length]
+            rest: list[Buffer] = [memoryview(payload)[reservation.placed :], meta_bytes, padding]
+            start = reservation.offset + ALIGN + reservation.placed
+            self._write(segment.fd, rest, start, _aligned(length) - reservation.placed)
+            page: list[Buffer] = [head, check, _zeros()[: ALIGN - HEAD_BYTES]]
+            self._write(segment.fd, page, reservation.offset, ALIGN)
+        except BaseException:
+            self.release(reservation)
+            raise
+        with self._lock:
+            reservation.open = False
+            reservation.waiting, reservation.waiting_bytes = [], 0
+            segment.streaming -= 1
+            self._shrink(reservation, ALIGN + _aligned(length))
+        self._sync(segment)
+        return segment
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation that will not be committed (safe to call again)."""
+        with self._lock:
+            if not reservation.open:
+                return
+            reservation.open = False
+            reservation.waiting, reservation.waiting_bytes = [], 0
+            reservation.segment.outstanding -= 1
+            reservation.segment.streaming -= 1
+            self._shrink(reservation, 0)
+
+    @staticmethod
+    def _shrink(reservation: Reservation, used: int) -> None:
+        """Give back the unused end of a reservation that is still its segment's last (the
+        lock held); one with records after it keeps its room, never read."""
+        segment = reservation.segment
+        if segment.end == reservation.offset + ALIGN + reservation.capacity:
+            segment.end = reservation.offset + used
 
     def _room(self, length: int) -> Segment:
         """The segment to append ``length`` bytes to (the lock held): the current one while
@@ -328,7 +469,7 @@ class Journal:
             return len(self._spares)
 
     @staticmethod
-    def _write(fd: int, parts: list[Buffer], offset: int, length: int) -> None:
+    def _write(fd: int, parts: Sequence[Buffer], offset: int, length: int) -> None:
         done = 0
         views = [memoryview(part).cast("B") for part in parts]
         while done < length:
@@ -429,6 +570,20 @@ class Journal:
         return left
 
 
+def _slice(parts: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
+    """The bytes ``start:end`` of ``parts`` taken as one sequence, as views of them."""
+    views, position = [], 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        following = position + len(view)
+        if following > start and position < end:
+            views.append(view[max(start - position, 0) : min(end, following) - position])
+        position = following
+        if position >= end:
+            break
+    return views
+
+
 @functools.cache
 def _zeros() -> memoryview:
     """Zeros for padding records and filling spares, made on first use, in page-aligned
@@ -476,23 +631,28 @@ def _read_segment(number: int, key: int, path: Path) -> Iterator[Record]:
 
 def _record_at(data: mmap.mmap, offset: int, key: int) -> tuple[dict[str, Any], bytes, int] | None:
     magic = data[offset : offset + 4]
-    if magic not in (MAGIC, MAGIC_V1):
+    if magic not in (MAGIC, MAGIC_V1, MAGIC_STREAMED):
         return None
-    layout = _HEAD if magic == MAGIC else _HEAD_V1
+    layout = _HEAD_V1 if magic == MAGIC_V1 else _HEAD
     if offset + layout.size + _HEAD_CRC.size > len(data):
         return None
     head = data[offset : offset + layout.size]
     (check,) = _HEAD_CRC.unpack_from(data, offset + layout.size)
     _, segment, meta_length, size, payload_check = layout.unpack(head)
-    start = offset + layout.size + _HEAD_CRC.size
+    if magic == MAGIC_STREAMED:  # head page, payload, meta
+        start = offset + ALIGN
+        payload_at, meta_at = start, start + size
+    else:  # head, meta, payload
+        start = offset + layout.size + _HEAD_CRC.size
+        meta_at, payload_at = start, start + meta_length
     end = start + meta_length + size
     if segment != key or end > len(data):
         return None
-    meta_bytes = data[start : start + meta_length]
+    meta_bytes = data[meta_at : meta_at + meta_length]
     if _crc32(meta_bytes, _crc32(head)) != check:
         return None
-    payload = data[start + meta_length : end]
-    if magic == MAGIC:
+    payload = data[payload_at : payload_at + size]
+    if magic != MAGIC_V1:
         intact = _crc32(payload) == payload_check
     else:
         intact = hashlib.sha256(payload).digest() == payload_check

@@ -2,7 +2,8 @@
 
 ``syncfs`` flushes a whole file system at once (every file filed from a journal segment
 and their folders, in one call); ``sync_file_range`` writes a range of one file out and
-waits for it. Where libc has neither (not Linux), callers fall back to per-file fsyncs.
+waits for it, or only starts it. Where libc has neither (not Linux), callers fall back to
+per-file fsyncs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 # sync_file_range flags: wait for writes already under way, start the range's, wait for them
 _WRITE_AND_WAIT = 1 | 2 | 4
+_START_WRITE = 2
 
 
 @functools.cache
@@ -53,3 +55,13 @@ def write_out(fd: int, offset: int, length: int) -> None:
         return
     start, size = ctypes.c_int64(offset), ctypes.c_int64(length)
     _check(libc.sync_file_range(fd, start, size, _WRITE_AND_WAIT))
+
+
+def start_write_out(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` bytes of a file from ``offset`` to disk without waiting
+    for them (a later fdatasync finds them written, or on their way)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "sync_file_range"):
+        return
+    start, size = ctypes.c_int64(offset), ctypes.c_int64(length)
+    _check(libc.sync_file_range(fd, start, size, _START_WRITE))

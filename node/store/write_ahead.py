@@ -45,7 +45,7 @@ from node.core.status import OUT_OF_RESOURCES, SUCCESS
 from node.core.uids import validate_uid
 from node.store.direct_write import write_new
 from node.store.header import InstanceHeader
-from node.store.journal import Journal, JournalError, Record, Segment
+from node.store.journal import Journal, JournalError, Record, Reservation, Segment
 from node.store.spool import (
     Spool,
     StoredFile,
@@ -77,6 +77,12 @@ FILING_THREADS = 4  # write spool files in parallel (a write releases the GIL)
 PACE_SECONDS = 0.003
 PACE_BELOW = 32 << 20  # ... while the filer keeps up: with this much waiting, it does not
 _RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+# Room reserved for an instance written to the journal as it arrives: what the sender's
+# instance before it took, an eighth more and room for its meta; a first instance gets
+# MIN_RESERVATION. One that outgrows its room is journalled after its last byte instead.
+MIN_RESERVATION = 256 << 10
+RESERVED_FOR_META = 64 << 10
+MAX_RESERVATION = 32 << 20
 # Commits behind the journal need not wait for the disk; _catalogue_barrier makes them
 # durable before the journal lets go of their records.
 _RELAXED = ("sqlite", "postgresql")
@@ -189,6 +195,12 @@ class WriteAhead:
         except SQLAlchemyError:
             return False
 
+    def reserve(self, size_hint: int) -> Reservation | None:
+        """Room in the journal where an instance of about ``size_hint`` bytes (the
+        sender's one before) is written as it arrives; None once the journal is closed."""
+        room = max(size_hint + size_hint // 8, MIN_RESERVATION) + RESERVED_FOR_META
+        return self.journal.reserve(min(room, MAX_RESERVATION))
+
     def _catalogued(self, uid: str) -> bool:
         with self.ingestor.catalogue.engine.connect() as connection:
             return connection.execute(KNOWN_ONE, {"uid": uid}).first() is not None
@@ -200,11 +212,13 @@ class WriteAhead:
         calling_ae: str | None,
         crc32: int | None = None,
         new: bool = False,
+        reserved: Reservation | None = None,
     ) -> IngestOutcome | None:
         """Journal a new instance and answer for it; None when it is not new (or still in
         the journal), for the caller's own path. The caller holds its UID's lock; ``crc32``
         is that of ``data`` where the receiver computed it; ``new``: the caller knows it is
-        new (:meth:`node.store.ingest.Ingestor.look_ahead`), so it is not looked up again."""
+        new (:meth:`node.store.ingest.Ingestor.look_ahead`), so it is not looked up again;
+        ``reserved``: the room it was written to as it arrived (:meth:`reserve`)."""
         from node.store.ingest import IngestOutcome, brief
 
         uid = header.sop_instance_uid
@@ -229,7 +243,10 @@ class WriteAhead:
                 self._changed.wait(left)
         try:
             meta = header_meta(header, relative, calling_ae)
-            segment = self.journal.append(meta, [data], crc32)
+            if reserved is not None:
+                segment = self.journal.commit(reserved, meta, data, crc32)
+            else:
+                segment = self.journal.append(meta, [data], crc32)
         except (JournalError, ValueError) as exc:
             log.error("cannot journal an instance: %s", exc)
             return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the journal")
@@ -272,6 +289,8 @@ class WriteAhead:
         self._pool.shutdown()
         drained = not self._pending
         for segment in self.journal.close():
+            if segment.streaming:  # a receiver may still write: left open, filed next start
+                continue
             if drained:
                 self._retire(segment)
             else:  # filed at the next start
