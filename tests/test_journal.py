@@ -12,6 +12,7 @@ series counted once per instance, and nothing left behind in the spool.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -29,11 +30,11 @@ from benchmarks.ingest import timed_send, write_series
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import Instance, Series
 from node.core.settings import DicomSettings
-from node.core.status import SUCCESS
+from node.core.status import OUT_OF_RESOURCES, SUCCESS
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
 from node.store.ingest import Ingestor
-from node.store.journal import JOURNAL_DIR, Journal, Reservation, Segment
+from node.store.journal import JOURNAL_DIR, Journal, JournalError, Reservation, Segment
 from node.store.spool import Spool
 from tests.support.peers import free_port, wait_for
 
@@ -332,6 +333,26 @@ def test_a_segment_still_being_written_to_is_not_let_go_at_shutdown(
             assert session.scalar(select(func.count()).select_from(Instance)) == 0
     finally:
         again.close()
+
+
+def test_no_room_in_the_journal_leaves_the_instance_to_be_refused_as_usual(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal that cannot make a segment (the disk is full) gives no room: the C-STORE
+    then takes its usual way, which answers Out of Resources, instead of failing in the
+    middle of its PDVs."""
+    ingestor = _journalled(tmp_path)
+
+    def full(self: Journal) -> Segment:
+        raise JournalError(errno.ENOSPC, "cannot create a journal segment: no space")
+
+    monkeypatch.setattr(Journal, "_create", full)
+    try:
+        data = sorted(series.iterdir())[0].read_bytes()
+        assert ingestor.reserve(len(data)) is None
+        assert ingestor.ingest(data, "CRASHER").status == OUT_OF_RESOURCES
+    finally:
+        ingestor.close()
 
 
 def _journalled(root: Path, policy: str = "keep_first", segment: int = 1 << 22) -> Ingestor:

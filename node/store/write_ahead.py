@@ -197,9 +197,15 @@ class WriteAhead:
 
     def reserve(self, size_hint: int) -> Reservation | None:
         """Room in the journal where an instance of about ``size_hint`` bytes (the
-        sender's one before) is written as it arrives; None once the journal is closed."""
+        sender's one before) is written as it arrives; None once the journal is closed, or
+        where it cannot make room (the instance then takes the usual way, which answers
+        for it)."""
         room = max(size_hint + size_hint // 8, MIN_RESERVATION) + RESERVED_FOR_META
-        return self.journal.reserve(min(room, MAX_RESERVATION))
+        try:
+            return self.journal.reserve(min(room, MAX_RESERVATION))
+        except OSError as exc:
+            log.warning("cannot make room in the journal: %s", exc)
+            return None
 
     def _catalogued(self, uid: str) -> bool:
         with self.ingestor.catalogue.engine.connect() as connection:
