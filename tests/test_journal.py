@@ -62,7 +62,7 @@ CHILD = textwrap.dedent(
         def half(fd, parts, offset, length):
             calls["n"] += 1
             if calls["n"] == crash_at:
-                original(fd, parts[:3], offset, sum(len(p) for p in parts[:3]))
+                original(fd, parts[:2], offset, sum(len(p) for p in parts[:2]))  # head, meta
                 die()
             original(fd, parts, offset, length)
         journal_module.Journal._write = staticmethod(half)

@@ -242,11 +242,10 @@ class Journal:
                 crc32 = 0
                 for part in payload:
                     crc32 = _crc32(part, crc32)
-            head = _HEAD.pack(MAGIC, segment.key, len(meta_bytes), size, crc32)
-            check = _HEAD_CRC.pack(_crc32(meta_bytes, _crc32(head)))
+            head = _head(MAGIC, segment.key, meta_bytes, size, crc32)
             # Padded to whole pages: a page written in part is read from disk first.
             padding = _zeros()[: _aligned(length) - length]
-            parts: list[Buffer] = [head, check, meta_bytes, *payload, padding]
+            parts: list[Buffer] = [head, meta_bytes, *payload, padding]
             self._write(segment.fd, parts, offset, length + len(padding))
         except BaseException:
             with self._lock:
@@ -311,13 +310,12 @@ class Journal:
         try:
             if crc32 is None:
                 crc32 = _crc32(payload)
-            head = _HEAD.pack(MAGIC_STREAMED, segment.key, len(meta_bytes), size, crc32)
-            check = _HEAD_CRC.pack(_crc32(meta_bytes, _crc32(head)))
+            head = _head(MAGIC_STREAMED, segment.key, meta_bytes, size, crc32)
             padding = _zeros()[: _aligned(length) - length]
             rest: list[Buffer] = [memoryview(payload)[reservation.placed :], meta_bytes, padding]
             start = reservation.offset + ALIGN + reservation.placed
             self._write(segment.fd, rest, start, _aligned(length) - reservation.placed)
-            page: list[Buffer] = [head, check, _zeros()[: ALIGN - HEAD_BYTES]]
+            page: list[Buffer] = [head, _zeros()[: ALIGN - HEAD_BYTES]]
             self._write(segment.fd, page, reservation.offset, ALIGN)
         except BaseException:
             self.release(reservation)
@@ -568,6 +566,12 @@ class Journal:
         if preparing is not None:
             preparing.join()
         return left
+
+
+def _head(magic: bytes, key: int, meta: bytes, size: int, crc32: int) -> bytes:
+    """A record's head: its fields, then the CRC-32 of the fields and the meta."""
+    head = _HEAD.pack(magic, key, len(meta), size, crc32)
+    return head + _HEAD_CRC.pack(_crc32(meta, _crc32(head)))
 
 
 def _slice(parts: Sequence[Buffer], start: int, end: int) -> list[memoryview]:

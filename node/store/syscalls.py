@@ -50,18 +50,18 @@ def syncfs(folder: Any) -> bool:
 def write_out(fd: int, offset: int, length: int) -> None:
     """Write ``length`` bytes of a file from ``offset`` to disk and wait for them, where
     ``sync_file_range`` is available (elsewhere a later fsync does it all)."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "sync_file_range"):
-        return
-    start, size = ctypes.c_int64(offset), ctypes.c_int64(length)
-    _check(libc.sync_file_range(fd, start, size, _WRITE_AND_WAIT))
+    _sync_file_range(fd, offset, length, _WRITE_AND_WAIT)
 
 
 def start_write_out(fd: int, offset: int, length: int) -> None:
     """Start writing ``length`` bytes of a file from ``offset`` to disk without waiting
     for them (a later fdatasync finds them written, or on their way)."""
+    _sync_file_range(fd, offset, length, _START_WRITE)
+
+
+def _sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
     libc = _libc()
     if libc is None or not hasattr(libc, "sync_file_range"):
         return
     start, size = ctypes.c_int64(offset), ctypes.c_int64(length)
-    _check(libc.sync_file_range(fd, start, size, _START_WRITE))
+    _check(libc.sync_file_range(fd, start, size, flags))
