@@ -11,6 +11,11 @@ parsing or catalogue:
 - the same into zero-filled blocks and a copy: each instance then also written to a file of
   its own past the page cache, as the node's filer writes its spool copy (one after the
   other here; the node overlaps them), the file system synced at the end;
+- the durable receive floor (:mod:`benchmarks.durable_receive`): the same bytes over
+  loopback from a sender that waits for each answer, made durable before it (written as
+  they arrive, or after the last byte), and not written at all; and from it, the pace of a
+  receiver that cheap with storescu as the sender: the receive floor's time per instance
+  plus what writing as the bytes arrive added to the network's;
 
 The node is timed as it runs once its journal has prepared segments to reuse (kept across
 restarts): after two other series, the first of them printed apart as a new node's pace.
@@ -52,6 +57,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from benchmarks.disk import DiskCounters, device_of, read_counters
+from benchmarks.durable_receive import durable_receive
 from benchmarks.memory import PeakRss
 from node.catalogue.db import Catalogue, upgrade
 from node.core.collector import settle_collector
@@ -255,6 +261,7 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
     written = journal_floor(folder, work, written=True)
     (work / "floor-copies").mkdir()
     twice = journal_floor(folder, work, written=True, copies=work / "floor-copies")
+    received = durable_receive(folder, work)
 
     run_dir = Path(tempfile.mkdtemp(prefix="node-", dir=work))
     url = f"sqlite:///{run_dir / 'catalogue.sqlite'}"
@@ -313,6 +320,19 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         print(
             f"  and a copy   : {twice:7.1f} instances/s (the same, then each written to a file "
             "of its own past the page cache: the node's two writes, one after the other)"
+        )
+        print(
+            f"durable receive: {received['arriving']:7.1f} instances/s written as they arrive, "
+            f"{received['after']:.1f}/s written after the last byte, "
+            f"{received['network']:.1f}/s not written (loopback, an answer awaited per instance)"
+        )
+        # The cycle of a receiver as cheap as that one, sent to by storescu: storescu's own
+        # (the receive floor) and what the durable write adds to it on loopback.
+        paced = 1 / (1 / receive + 1 / received["arriving"] - 1 / received["network"])
+        print(
+            f"  storescu's pace : {paced:7.1f} instances/s (the receive floor, plus what "
+            "writing as they arrive adds): DCMTK/that "
+            f"{dcmtk / paced:.2f}, node/that {node / paced:.2f}"
         )
         print(
             f"ratios node/DCMTK {node / dcmtk:.2f}, node/file floor {node / floor:.2f}, "
