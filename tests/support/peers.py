@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,10 +24,43 @@ T = TypeVar("T")
 VENV_BIN = Path(sys.executable).parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_ports() -> range:
+    """The kernel's range for the local end of outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port no one holds, for a peer that will listen on it.
+
+    Chosen outside the kernel's ephemeral range: a port from ``bind(0)`` lies inside it, so
+    any outgoing connection (to PostgreSQL, RabbitMQ, a peer) could take it as its local end
+    between this call and the peer's own bind, and the peer would fail to start. The check
+    binds to every address without ``SO_REUSEADDR``, as strictly as a listener can collide.
+    """
+    ephemeral = _ephemeral_ports()
+    outside = (
+        range(20000, ephemeral.start) if ephemeral.start > 21000 else range(ephemeral.stop, 65536)
+    )
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(500):
+        port = rng.choice(outside)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port in {outside.start}-{outside.stop - 1}")
 
 
 def wait_for(check: Callable[[], T], timeout: float, msg: str, interval: float = 0.2) -> T:
