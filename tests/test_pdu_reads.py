@@ -97,3 +97,66 @@ def test_a_length_over_the_limit_is_refused_before_its_body_is_read(
     peer.sendall(struct.pack(">BBL", P_DATA, 0, 1 << 30))
     with pytest.raises(AssociationAborted, match="over the maximum"):
         connection.read_pdu(1 << 20, within=10, at_once=True)
+
+
+class _CountingSocket(socket.socket):
+    """A socket that counts its timeout changes."""
+
+    changes = 0
+
+    def settimeout(self, value: float | None) -> None:
+        type(self).changes += 1
+        super().settimeout(value)
+
+
+def test_pdus_read_in_pieces_leave_the_timeout_the_caller_set() -> None:
+    """Each timeout change is a system call, which under many associations hands the
+    interpreter lock to another thread: a PDU whose bytes come in several reads, within a
+    deadline the caller's own timeout already bounds, changes it not once."""
+    ours, theirs = socket.socketpair()
+    counting = _CountingSocket(fileno=ours.detach())
+    counting.settimeout(10)
+    _CountingSocket.changes = 0
+    connection = Connection(counting)
+    bodies = [os.urandom(size) for size in (5000, 200_000, 300_000)]
+    data = b"".join(_pdu(body) for body in bodies)
+
+    def send() -> None:
+        for start in range(0, len(data), 50_000):
+            theirs.sendall(data[start : start + 50_000])
+            time.sleep(0.002)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        received = [connection.read_pdu(1 << 20, within=10, at_once=True) for _ in bodies]
+    finally:
+        sender.join()
+        connection.close()
+        theirs.close()
+    assert received == [(P_DATA, bytearray(body)) for body in bodies]
+    assert _CountingSocket.changes == 0
+
+
+def test_a_timeout_shorter_than_the_deadline_does_not_cut_a_pdu_short(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    """The silence allowed before a PDU may be shorter than the time it has to arrive
+    whole once begun: a pause in the middle of it longer than the first is not an end."""
+    connection, peer = pair
+    connection.sock.settimeout(0.2)
+    data = _pdu(os.urandom(10_000))
+
+    def send() -> None:
+        peer.sendall(data[:3_000])
+        time.sleep(0.6)
+        peer.sendall(data[3_000:])
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        pdu_type, body = connection.read_pdu(1 << 20, within=5, at_once=True)
+    finally:
+        sender.join()
+    assert (pdu_type, bytes(body)) == (P_DATA, data[6:])
+    assert connection.sock.gettimeout() == 0.2, "the caller's timeout is back for its sends"

@@ -282,7 +282,7 @@ class AssociationAcceptor:
             if not waiting and self._reports is not None:
                 idle = self._reports.idle(limits.network_timeout)  # reports sent back here
             timeout = limits.dimse_timeout if waiting else limits.network_timeout
-            connection.sock.settimeout(max(timeout - idle, 0.001) if timeout else None)
+            connection.set_timeout(max(timeout - idle, 0.001) if timeout else None)
             try:
                 # Silence before a PDU is timed as above; a PDU once begun must arrive whole
                 # within network_timeout, however its bytes are paced.

@@ -21,6 +21,7 @@ from node.dimse.association import READ_BUFFER_BYTES
 ASSOCIATE_RQ, P_DATA, RELEASE_RQ, ABORT = 0x01, 0x04, 0x05, 0x07
 PDU_HEADER = struct.Struct(">BxL")
 READ_STEP = READ_BUFFER_BYTES  # bytes asked of the socket at once; also the read buffer's size
+DEADLINE_LEEWAY = 1 + 1 / 16  # how far past a read's deadline a wait may end (as a factor)
 
 # A-ABORT provider reasons, PS3.8 9.3.8
 ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
@@ -119,7 +120,7 @@ class Connection:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise TimeoutError
-                    self.sock.settimeout(left)
+                    self._wait_at_most(left)
                 read = step(done)
                 if not read:
                     raise AssociationAborted("the peer closed the connection")
@@ -129,6 +130,24 @@ class Connection:
             raise AssociationAborted(why, 0x00) from None
         except (OSError, ValueError) as exc:
             raise AssociationAborted(f"the connection failed: {exc}") from None
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """The socket's timeout, left alone when it already has that value: each change is
+        a system call, which lets every other association's thread take the interpreter
+        lock in between."""
+        if self.sock.gettimeout() != seconds:
+            self.sock.settimeout(seconds)
+
+    def _wait_at_most(self, left: float) -> None:
+        """Bound the next wait for bytes by ``left`` seconds, give or take a sixteenth.
+
+        A timeout already set a little above ``left`` (the one the previous read of the same
+        PDU set, a few milliseconds ago) is kept: a deadline met a sixteenth late is still
+        met, and a PDU no longer costs a timeout change per read. A shorter one is not: a
+        wait cut short would end the association before its deadline."""
+        current = self.sock.gettimeout()
+        if current is None or not left <= current <= left * DEADLINE_LEEWAY:
+            self.sock.settimeout(left)
 
     def _unread(self) -> int:
         """Bytes that have arrived and wait in the socket (0 when the peer sent nothing):
@@ -170,7 +189,7 @@ class Connection:
         first = self.read_exact(1)
         deadline = time.monotonic() + within
         pdu = self._read_pdu(first + self.read_exact(5, deadline), limit, deadline, at_once)
-        self.sock.settimeout(idle)  # what the caller set, for its sends too
+        self.set_timeout(idle)  # what the caller set, for its sends too
         return pdu
 
     def _read_pdu(
