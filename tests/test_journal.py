@@ -335,6 +335,26 @@ def test_a_segment_still_being_written_to_is_not_let_go_at_shutdown(
         again.close()
 
 
+def test_one_instance_at_a_time_is_written_as_it_arrives(series: Path, tmp_path: Path) -> None:
+    """While one association writes an instance into the journal as it arrives, another
+    gets no room: its instance is journalled after its last byte, as usual, and still
+    answered Success. Once the first is committed, room is given again."""
+    first, second = (path.read_bytes() for path in sorted(series.iterdir())[:2])
+    ingestor = _journalled(tmp_path)
+    try:
+        room = ingestor.reserve(len(first))
+        assert room is not None
+        room.feed(first)
+        assert ingestor.reserve(len(second)) is None
+        assert ingestor.ingest(second, "OTHER").status == SUCCESS
+        assert ingestor.ingest(first, "FIRST", reserved=room).status == SUCCESS
+        again = ingestor.reserve(len(second))
+        assert again is not None
+        again.release()
+    finally:
+        ingestor.close()
+
+
 def test_no_room_in_the_journal_leaves_the_instance_to_be_refused_as_usual(
     series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -461,6 +461,12 @@ class Journal:
             write_out(fd, offset, len(zeros))
 
     @property
+    def streaming(self) -> int:
+        """Reservations open: records being written as their bytes arrive."""
+        with self._lock:
+            return sum(s.streaming for s in (self._current, *self._full) if s is not None)
+
+    @property
     def spares(self) -> int:
         """Prepared segments ready for use."""
         with self._lock:
