@@ -48,6 +48,10 @@ def free_port() -> int:
     outside = (
         range(20000, ephemeral.start) if ephemeral.start > 21000 else range(ephemeral.stop, 65536)
     )
+    if not outside:  # no room below or above it: any port the kernel gives
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(500):
         port = rng.choice(outside)
