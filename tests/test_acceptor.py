@@ -24,7 +24,7 @@ from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import AssociationRecord, Instance, RefusedAssociations
 from node.core.settings import DicomSettings
 from node.core.status import STATUSES, STORE_KEPT, Category, category
-from node.dimse.acceptor import APPLICATION_CONTEXT_NAME
+from node.dimse.acceptor import APPLICATION_CONTEXT_NAME, _decoded_request
 from node.dimse.allow_list import SourcePolicy, add_source
 from node.dimse.listener import start_listener
 from node.dimse.messages import IMPLEMENTATION_CLASS_UID, command_set, parse_command, response
@@ -191,6 +191,32 @@ def test_a_request_with_role_selection_is_served(node: tuple[Listener, Ingestor]
     assert assoc.is_established
     assert assoc.send_c_store(dcmread(CT_SMALL)).Status == 0
     assoc.release()
+
+
+def test_a_sender_proposing_again_is_answered_alike_without_a_second_decoding(
+    node: tuple[Listener, Ingestor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Senders open association after association with the same request: decoding it is
+    most of what negotiation costs, so a request seen lately is not decoded again, and its
+    answer is the same."""
+    server, _ = node
+    _decoded_request.cache_clear()
+    decodings = []
+    decode = A_ASSOCIATE_RQ.decode
+
+    def counted(self: A_ASSOCIATE_RQ, data: bytes) -> None:
+        decodings.append(len(data))
+        decode(self, data)
+
+    monkeypatch.setattr(A_ASSOCIATE_RQ, "decode", counted)
+    answers = []
+    for _ in range(3):
+        sock, answer = _associate_raw(_port(server))
+        sock.close()
+        answers.append(answer)
+    assert answers[0][0] == 0x02, "accepted"
+    assert answers[1:] == answers[:1] * 2
+    assert len(decodings) == 1
 
 
 def test_an_unsupported_sop_class_is_refused_in_negotiation(
