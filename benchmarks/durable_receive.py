@@ -42,7 +42,7 @@ for data in payloads:
     view = memoryview(data)
     for start in range(0, len(data), {PIECE}):
         sock.sendall(view[start : start + {PIECE}])
-    if sock.recv(2) != b"ok":
+    if sock.recv({len(ANSWER)}) != {ANSWER!r}:
         raise SystemExit("no answer")
 sock.close()
 """
