@@ -9,7 +9,15 @@ import pytest
 import sqlalchemy as sa
 
 from node.catalogue.db import Catalogue, upgrade
-from node.catalogue.models import PipelineRun, RunState, Series, SeriesState, Study
+from node.catalogue.instance_lookups import UidLookup
+from node.catalogue.models import (
+    Instance,
+    PipelineRun,
+    RunState,
+    Series,
+    SeriesState,
+    Study,
+)
 from node.workflow.completion import CompletionWatcher
 
 TABLES = {
@@ -43,6 +51,56 @@ def test_postgres_schema_upgrades(postgres_url: str) -> None:
     engine = sa.create_engine(postgres_url)
     assert set(sa.inspect(engine).get_table_names()) >= TABLES
     engine.dispose()
+
+
+def _uid_lookup_sees_each_commit(url: str) -> None:
+    """What ingest relies on: a UID catalogued after the lookup's connection last answered
+    is found at once (no transaction kept open on it), one never catalogued is not."""
+    upgrade(url)
+    catalogue = Catalogue(url)
+    lookup = UidLookup(url, connections=1)
+    try:
+        assert not lookup("1.2.3.1"), "nothing is catalogued yet"
+        with catalogue.session() as session:
+            study = Study(study_instance_uid="1.2.3")
+            series = Series(series_instance_uid="1.2.3.9", study=study)
+            session.add(
+                Instance(
+                    sop_instance_uid="1.2.3.1",
+                    series=series,
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    transfer_syntax_uid="1.2.840.10008.1.2.1",
+                    path="a",
+                    size=1,
+                )
+            )
+        assert lookup("1.2.3.1"), "a row committed since is seen by the same connection"
+        assert not lookup("1.2.3.10"), "a UID is matched whole, not as a prefix"
+    finally:
+        lookup.dispose()
+        catalogue.dispose()
+
+
+def test_the_uid_lookup_sees_each_commit_on_sqlite(tmp_path: Path) -> None:
+    _uid_lookup_sees_each_commit(f"sqlite:///{tmp_path / 'c.sqlite'}")
+
+
+@pytest.mark.production
+def test_the_uid_lookup_sees_each_commit_on_postgres(postgres_url: str) -> None:
+    _uid_lookup_sees_each_commit(postgres_url)
+
+
+def test_a_uid_lookup_that_cannot_read_the_catalogue_says_so_as_the_engine_would(
+    tmp_path: Path,
+) -> None:
+    """Ingest treats a catalogue it cannot read as 'not known to be new' by catching
+    SQLAlchemy's errors: the lookup's driver errors must arrive as those."""
+    lookup = UidLookup(f"sqlite:///{tmp_path / 'no-schema.sqlite'}")
+    try:
+        with pytest.raises(sa.exc.SQLAlchemyError, match="instances"):
+            lookup("1.2.3")
+    finally:
+        lookup.dispose()
 
 
 def _series(catalogue: Catalogue, uid: str, last: datetime) -> None:

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_PACKAGE = "migrations"
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine tuned for durability.
+def make_engine(url: str, **options: Any) -> Engine:
+    """Create an engine tuned for durability (``options``: more of ``create_engine``'s).
 
     SQLite runs in WAL mode with ``synchronous=FULL`` so a committed row survives a power
     cut, and a busy timeout so the listener, watcher and worker threads can share it. Its
@@ -27,7 +27,9 @@ def make_engine(url: str) -> Engine:
     could have dropped them, and the ping would cost every short transaction a query.
     """
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **options
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -39,7 +41,8 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    settings: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+    return create_engine(url, **(settings | options))
 
 
 @contextmanager

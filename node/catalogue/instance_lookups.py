@@ -5,7 +5,9 @@ costs their execution, not their construction."""
 from __future__ import annotations
 
 from sqlalchemy import Table, bindparam, select
+from sqlalchemy.exc import DBAPIError
 
+from node.catalogue.db import make_engine
 from node.catalogue.models import Instance
 
 INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
@@ -15,4 +17,48 @@ INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 #: file at ``path`` when first needed)
 KNOWN = select(INSTANCES.c.sop_instance_uid, INSTANCES.c.id, INSTANCES.c.sha256, INSTANCES.c.path)
 KNOWN_ONE = KNOWN.where(INSTANCES.c.sop_instance_uid == bindparam("uid"))
+#: a row's id if ``uid`` is catalogued (the column is unique): whether it is
+IS_CATALOGUED = select(INSTANCES.c.id).where(INSTANCES.c.sop_instance_uid == bindparam("uid"))
 KNOWN_ANY = KNOWN.where(INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True)))
+
+
+class UidLookup:
+    """Whether a SOP Instance UID is catalogued, asked on connections kept for it alone.
+
+    Every instance received asks this once, on its association's thread, while its data
+    set arrives. Asked through the catalogue's engine, each question cost a pool checkout
+    (a ping, on PostgreSQL), a compiled statement's execution and a rollback on return:
+    0.07 ms of interpreter time in isolation, and 0.25 ms (median) on a listener receiving
+    one series while its journal was filed behind it. Here it is the statement compiled
+    once, run on a connection that holds no transaction (autocommit: every question sees
+    the latest commit, and giving the connection back costs no rollback)."""
+
+    def __init__(self, url: str, connections: int = 4) -> None:
+        self.engine = make_engine(
+            url, isolation_level="AUTOCOMMIT", pool_reset_on_return=None, pool_size=connections
+        )
+        compiled = IS_CATALOGUED.compile(dialect=self.engine.dialect)
+        self._sql = str(compiled)
+        self._positional = compiled.positional
+        self._error = self.engine.dialect.loaded_dbapi.Error
+
+    def __call__(self, uid: str) -> bool:
+        """True if a row of ``uid`` is committed; :class:`sqlalchemy.exc.DBAPIError`
+        where the catalogue cannot be read (that connection is then not used again)."""
+        params: tuple[str] | dict[str, str] = (uid,) if self._positional else {"uid": uid}
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            try:
+                cursor.execute(self._sql, params)
+                return cursor.fetchone() is not None
+            finally:
+                cursor.close()
+        except self._error as exc:
+            connection.invalidate(exc)
+            raise DBAPIError.instance(self._sql, params, exc, self._error) from exc
+        finally:
+            connection.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -40,7 +40,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.catalogue.instance_lookups import INSTANCES as _INSTANCES
-from node.catalogue.instance_lookups import KNOWN_ANY, KNOWN_ONE
+from node.catalogue.instance_lookups import KNOWN_ANY, UidLookup
 from node.core.status import OUT_OF_RESOURCES, SUCCESS
 from node.core.uids import validate_uid
 from node.store.direct_write import write_new
@@ -180,6 +180,7 @@ class WriteAhead:
         self._stopping = False
         self._hurry = 0  # threads waiting in settle(): file at once
         self._pool = ThreadPoolExecutor(FILING_THREADS, thread_name_prefix="journal-filing")
+        self._catalogued = UidLookup(ingestor.catalogue.url)
         self._replay()
         self._thread = threading.Thread(target=self._run, name="journal-filer", daemon=True)
         self._thread.start()
@@ -216,10 +217,6 @@ class WriteAhead:
         except OSError as exc:
             log.warning("cannot make room in the journal: %s", exc)
             return None
-
-    def _catalogued(self, uid: str) -> bool:
-        with self.ingestor.catalogue.engine.connect() as connection:
-            return connection.execute(KNOWN_ONE, {"uid": uid}).first() is not None
 
     def accept(
         self,
@@ -303,6 +300,7 @@ class WriteAhead:
             self._work.notify()
         self._thread.join(60.0)
         self._pool.shutdown()
+        self._catalogued.dispose()
         drained = not self._pending
         for segment in self.journal.close():
             if segment.streaming:  # a receiver may still write: left open, filed next start
