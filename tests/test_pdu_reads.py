@@ -16,6 +16,7 @@ import pytest
 from node.dimse.pdu import AssociationAborted, Connection
 
 P_DATA = 0x04
+TIMEOUTS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
 
 
 @pytest.fixture
@@ -100,13 +101,18 @@ def test_a_length_over_the_limit_is_refused_before_its_body_is_read(
 
 
 class _CountingSocket(socket.socket):
-    """A socket that counts its timeout changes."""
+    """A socket that counts its timeout changes, Python's and the kernel's."""
 
     changes = 0
 
     def settimeout(self, value: float | None) -> None:
         type(self).changes += 1
         super().settimeout(value)
+
+    def setsockopt(self, level: int, option: int, value: object, *rest: object) -> None:
+        if option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            type(self).changes += 1
+        super().setsockopt(level, option, value, *rest)  # type: ignore[call-overload]
 
 
 def test_pdus_read_in_pieces_leave_the_timeout_the_caller_set() -> None:
@@ -116,8 +122,8 @@ def test_pdus_read_in_pieces_leave_the_timeout_the_caller_set() -> None:
     ours, theirs = socket.socketpair()
     counting = _CountingSocket(fileno=ours.detach())
     counting.settimeout(10)
-    _CountingSocket.changes = 0
     connection = Connection(counting)
+    _CountingSocket.changes = 0
     bodies = [os.urandom(size) for size in (5000, 200_000, 300_000)]
     data = b"".join(_pdu(body) for body in bodies)
 
@@ -144,7 +150,7 @@ def test_a_timeout_shorter_than_the_deadline_does_not_cut_a_pdu_short(
     """The silence allowed before a PDU may be shorter than the time it has to arrive
     whole once begun: a pause in the middle of it longer than the first is not an end."""
     connection, peer = pair
-    connection.sock.settimeout(0.2)
+    connection.set_timeout(0.2)
     data = _pdu(os.urandom(10_000))
 
     def send() -> None:
@@ -159,4 +165,19 @@ def test_a_timeout_shorter_than_the_deadline_does_not_cut_a_pdu_short(
     finally:
         sender.join()
     assert (pdu_type, bytes(body)) == (P_DATA, data[6:])
-    assert connection.sock.gettimeout() == 0.2, "the caller's timeout is back for its sends"
+    assert connection.timeout == 0.2, "the caller's timeout is back for its sends"
+    waits = [connection.sock.getsockopt(socket.SOL_SOCKET, option, 16) for option in TIMEOUTS]
+    assert [struct.unpack("@ll", wait) for wait in waits] == [(0, 200_000)] * 2
+
+
+def test_a_silent_peer_ends_the_association_once_the_timeout_passes(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    """A plain socket waits in the kernel, bounded by the timeout the caller set: silence
+    before a PDU ends the association then, not later, and not at once."""
+    connection, _ = pair
+    connection.set_timeout(0.3)
+    started = time.monotonic()
+    with pytest.raises(AssociationAborted, match="timed out"):
+        connection.read_pdu(1 << 20, within=10, at_once=True)
+    assert 0.25 < time.monotonic() - started < 3

@@ -330,10 +330,7 @@ class AssociationAcceptor:
     def _await_close(self) -> None:
         """After the A-RELEASE-RP the requestor closes the connection (PS3.8 7.2); wait for
         that briefly, so the answer is not cut off by our own close."""
-        sock = self.connection.sock
-        with contextlib.suppress(OSError, ValueError):
-            sock.settimeout(min(self.limits.acse_timeout or 5.0, 5.0))
-            self.connection.reader.read(1)
+        self.connection.wait_closed(min(self.limits.acse_timeout or 5.0, 5.0))
 
     def _pdvs(self, association: Association, body: bytearray, message: _Message) -> _Message:
         view = memoryview(body)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ ASSOCIATE_RQ, P_DATA, RELEASE_RQ, ABORT = 0x01, 0x04, 0x05, 0x07
 PDU_HEADER = struct.Struct(">BxL")
 READ_STEP = READ_BUFFER_BYTES  # bytes asked of the socket at once; also the read buffer's size
 DEADLINE_LEEWAY = 1 + 1 / 16  # how far past a read's deadline a wait may end (as a factor)
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO and SO_SNDTIMEO
 
 # A-ABORT provider reasons, PS3.8 9.3.8
 ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
@@ -79,11 +82,29 @@ def p_data(context_id: int, command: bytes, data: bytes, peer_max_pdu: int) -> b
 
 
 class Connection:
-    """Reads whole PDUs from a socket and writes P-DATA-TF within the peer's maximum."""
+    """Reads whole PDUs from a socket and writes P-DATA-TF within the peer's maximum.
+
+    A plain TCP socket is read straight into the buffers that keep the bytes, and left in
+    blocking mode with its waits bounded by the kernel (``SO_RCVTIMEO``, ``SO_SNDTIMEO``):
+    a P-DATA-TF's body then arrives in one ``recv(MSG_WAITALL)``, where a socket with a
+    Python timeout costs a ``poll`` before every ``recv``, and each system call lets another
+    thread take the interpreter lock. A TLS socket keeps Python's timeouts and a buffered
+    reader (its records do not map onto the PDUs' bytes).
+
+    The connection owns its socket's timeouts from here on: callers change them through
+    :meth:`set_timeout`, never on the socket."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=READ_STEP))
+        self.direct = not isinstance(sock, ssl.SSLSocket)
+        self.timeout = sock.gettimeout()  # what the caller set: the wait for the next PDU
+        self._kernel_timeouts: dict[int, float | None] = {}  # SO_RCVTIMEO, SO_SNDTIMEO
+        self.reader: io.BufferedReader | None = None
+        if self.direct:
+            sock.settimeout(None)  # blocking: its waits are bounded below, by the kernel
+            self.set_timeout(self.timeout)
+        else:
+            self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=READ_STEP))
 
     def read_exact(self, size: int, deadline: float | None = None) -> bytearray:
         """``size`` bytes, in a buffer grown as they arrive: a length the peer claims costs
@@ -92,7 +113,8 @@ class Connection:
         buffer = bytearray()
 
         def step(done: int) -> int:
-            chunk = self.reader.read1(min(size - done, READ_STEP))
+            want = min(size - done, READ_STEP)
+            chunk = self.sock.recv(want) if self.reader is None else self.reader.read1(want)
             buffer.extend(chunk)
             return len(chunk)
 
@@ -106,7 +128,16 @@ class Connection:
         ``deadline`` as there."""
         buffer = bytearray(size)
         with memoryview(buffer) as view:
-            self._fill(size, deadline, lambda done: self.reader.readinto1(view[done:]))
+            if self.reader is None:
+                sock = self.sock
+                self._fill(
+                    size,
+                    deadline,
+                    lambda done: sock.recv_into(view[done:], size - done, socket.MSG_WAITALL),
+                )
+            else:
+                reader = self.reader
+                self._fill(size, deadline, lambda done: reader.readinto1(view[done:]))
         return buffer
 
     def _fill(self, size: int, deadline: float | None, step: Callable[[int], int]) -> None:
@@ -125,18 +156,33 @@ class Connection:
                 if not read:
                     raise AssociationAborted("the peer closed the connection")
                 done += read
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: the kernel's timeout
             why = f"timed out waiting for the peer ({self._unread()} bytes unread)"
             raise AssociationAborted(why, 0x00) from None
         except (OSError, ValueError) as exc:
             raise AssociationAborted(f"the connection failed: {exc}") from None
 
     def set_timeout(self, seconds: float | None) -> None:
-        """The socket's timeout, left alone when it already has that value: each change is
-        a system call, which lets every other association's thread take the interpreter
-        lock in between."""
-        if self.sock.gettimeout() != seconds:
-            self.sock.settimeout(seconds)
+        """The longest wait for the peer's bytes (and for room to send), left alone when it
+        already has that value: each change is a system call, which lets every other
+        association's thread take the interpreter lock in between."""
+        self.timeout = seconds
+        if not self.direct:
+            if self.sock.gettimeout() != seconds:
+                self.sock.settimeout(seconds)
+            return
+        self._set_kernel_timeout(socket.SO_RCVTIMEO, seconds)
+        self._set_kernel_timeout(socket.SO_SNDTIMEO, seconds)
+
+    def _set_kernel_timeout(self, option: int, seconds: float | None) -> None:
+        """``SO_RCVTIMEO`` or ``SO_SNDTIMEO`` of a direct socket, unless it has that value."""
+        if self._kernel_timeouts.get(option, -1.0) == seconds:
+            return
+        # 0 in a timeval means no limit; a timeout of 0 means not waiting: a microsecond.
+        wait = 0.0 if seconds is None else max(seconds, 1e-6)
+        value = _TIMEVAL.pack(int(wait), int(wait % 1 * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, option, value)
+        self._kernel_timeouts[option] = seconds
 
     def _wait_at_most(self, left: float) -> None:
         """Bound the next wait for bytes by ``left`` seconds, give or take a sixteenth.
@@ -145,9 +191,15 @@ class Connection:
         PDU set, a few milliseconds ago) is kept: a deadline met a sixteenth late is still
         met, and a PDU no longer costs a timeout change per read. A shorter one is not: a
         wait cut short would end the association before its deadline."""
-        current = self.sock.gettimeout()
+        if self.direct:
+            current = self._kernel_timeouts.get(socket.SO_RCVTIMEO)
+        else:
+            current = self.sock.gettimeout()
         if current is None or not left <= current <= left * DEADLINE_LEEWAY:
-            self.sock.settimeout(left)
+            if self.direct:
+                self._set_kernel_timeout(socket.SO_RCVTIMEO, left)
+            else:
+                self.sock.settimeout(left)
 
     def _unread(self) -> int:
         """Bytes that have arrived and wait in the socket (0 when the peer sent nothing):
@@ -157,6 +209,11 @@ class Connection:
         block until that timeout passes, whatever the flags, which made every timed-out
         association wait a second full timeout here (and then count bytes that arrived
         during it, such as the peer's own A-ABORT)."""
+        if self.direct:
+            try:
+                return len(self.sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except OSError:  # nothing there
+                return 0
         timeout = self.sock.gettimeout()
         try:
             self.sock.settimeout(0.0)
@@ -166,6 +223,39 @@ class Connection:
         finally:
             with contextlib.suppress(OSError):
                 self.sock.settimeout(timeout)
+
+    def readable(self, timeout: float) -> bool:
+        """Whether the peer's next bytes are there within ``timeout``, without reading any.
+
+        Bytes already in a TLS reader's buffer count; a timeout on that socket would make
+        its reader unusable, hence a non-blocking peek, then ``poll``."""
+        if self.reader is not None:
+            previous = self.sock.gettimeout()
+            try:
+                self.sock.settimeout(0.0)
+                if self.reader.peek(1):
+                    return True
+            except (BlockingIOError, ssl.SSLWantReadError):
+                pass
+            except (OSError, ValueError):
+                return True  # the read that follows reports what went wrong
+            finally:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(previous)
+        if timeout <= 0:
+            return self.direct and self._unread() > 0
+        poller = select.poll()  # not select(): a descriptor number may pass FD_SETSIZE
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+
+    def wait_closed(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the peer to close the connection (or send anything)."""
+        with contextlib.suppress(OSError, ValueError, AssociationAborted):
+            self.set_timeout(timeout)
+            if self.reader is None:
+                self.sock.recv(1)
+            else:
+                self.reader.read(1)
 
     def read_pdu(
         self,
@@ -185,12 +275,27 @@ class Connection:
         association open with one PDU that never ends."""
         if within is None or deadline is not None:
             return self._read_pdu(self.read_exact(6, deadline), limit, deadline, at_once)
-        idle = self.sock.gettimeout()
-        first = self.read_exact(1)
+        header = self._first_bytes(6)
         deadline = time.monotonic() + within
-        pdu = self._read_pdu(first + self.read_exact(5, deadline), limit, deadline, at_once)
-        self.set_timeout(idle)  # what the caller set, for its sends too
+        if len(header) < 6:
+            header += self.read_exact(6 - len(header), deadline)
+        pdu = self._read_pdu(header, limit, deadline, at_once)
+        self.set_timeout(self.timeout)  # what the caller set, for its sends too
         return pdu
+
+    def _first_bytes(self, most: int) -> bytearray:
+        """The first of the next ``most`` bytes, as soon as any arrive, within the socket's
+        own timeout: a direct socket's one ``recv`` usually brings a PDU's whole header."""
+        if self.reader is not None:
+            return self.read_exact(1)
+        buffer = bytearray()
+
+        def step(_: int) -> int:
+            buffer.extend(self.sock.recv(most))
+            return len(buffer)
+
+        self._fill(1, None, step)
+        return buffer
 
     def _read_pdu(
         self, header: bytearray, limit: int, deadline: float | None, at_once: bool = False
@@ -214,7 +319,8 @@ class Connection:
         self.send(p_data(context_id, command, b"", peer_max_pdu))
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.reader.close()
+        if self.reader is not None:
+            with contextlib.suppress(OSError):
+                self.reader.close()
         with contextlib.suppress(OSError):
             self.sock.close()

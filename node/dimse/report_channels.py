@@ -21,8 +21,6 @@ between steps, within its usual idle limit.
 from __future__ import annotations
 
 import logging
-import select
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -73,31 +71,6 @@ def report_message(
         ]
     )
     return p_data(context_id, command, data, peer_max_pdu)
-
-
-def wait_readable(connection: Connection, timeout: float) -> bool:
-    """Whether the peer's next bytes are there within ``timeout``, without reading any.
-
-    Bytes already in the reader's buffer count. A timeout on the socket itself would make
-    its reader unusable, hence a non-blocking peek, then ``poll``.
-    """
-    sock, previous = connection.sock, connection.sock.gettimeout()
-    try:
-        sock.settimeout(0.0)
-        try:
-            if connection.reader.peek(1):
-                return True
-        except (BlockingIOError, ssl.SSLWantReadError):
-            pass
-        except (OSError, ValueError):
-            return True  # the read that follows reports what went wrong
-        if timeout <= 0:
-            return False
-        poller = select.poll()  # not select(): a descriptor number may pass FD_SETSIZE
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
-    finally:
-        sock.settimeout(previous)
 
 
 @dataclass
@@ -151,7 +124,7 @@ class ReportChannel:
             spent = now - started
             if not self._waiting or spent >= limit:
                 return spent
-            if wait_readable(self.connection, min(self._next_look - now, limit - spent)):
+            if self.connection.readable(min(self._next_look - now, limit - spent)):
                 break
         return time.monotonic() - started
 
