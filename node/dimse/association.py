@@ -15,6 +15,8 @@ from node.core.status import SUCCESS
 from node.store.journal import Reservation
 from node.store.spool import StagedFile
 
+_SUCCESS_KEY = f"0x{SUCCESS:04X}"  # the status nearly every instance is counted under
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -57,7 +59,7 @@ class Association:
             self.stored += 1
         else:
             self.failed += 1
-        self.statuses[f"0x{status:04X}"] += 1
+        self.statuses[_SUCCESS_KEY if status == SUCCESS else f"0x{status:04X}"] += 1
 
 
 @dataclass(frozen=True)
