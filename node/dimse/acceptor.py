@@ -332,7 +332,9 @@ class AssociationAcceptor:
         that briefly, so the answer is not cut off by our own close."""
         self.connection.wait_closed(min(self.limits.acse_timeout or 5.0, 5.0))
 
-    def _pdvs(self, association: Association, body: bytearray, message: _Message) -> _Message:
+    def _pdvs(
+        self, association: Association, body: bytes | bytearray, message: _Message
+    ) -> _Message:
         view = memoryview(body)
         offset, size = 0, len(body)
         while offset < size:
