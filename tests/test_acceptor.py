@@ -16,7 +16,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE, build_role
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
+from pynetdicom.presentation import build_context, negotiate_as_acceptor
 from pynetdicom.sop_class import CTImageStorage, PatientRootQueryRetrieveInformationModelFind
 from sqlalchemy import select
 
@@ -24,6 +24,7 @@ from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.models import AssociationRecord, Instance, RefusedAssociations
 from node.core.settings import DicomSettings
 from node.core.status import STATUSES, STORE_KEPT, Category, category
+from node.dimse import acceptor as acceptor_module
 from node.dimse.acceptor import APPLICATION_CONTEXT_NAME, _decoded_request
 from node.dimse.allow_list import SourcePolicy, add_source
 from node.dimse.listener import start_listener
@@ -196,19 +197,24 @@ def test_a_request_with_role_selection_is_served(node: tuple[Listener, Ingestor]
 def test_a_sender_proposing_again_is_answered_alike_without_a_second_decoding(
     node: tuple[Listener, Ingestor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Senders open association after association with the same request: decoding it is
-    most of what negotiation costs, so a request seen lately is not decoded again, and its
-    answer is the same."""
+    """Senders open association after association with the same request: decoding it and
+    negotiating its contexts is what negotiation costs, so a request seen lately is neither
+    decoded nor negotiated again, its answer is the same, and the association works."""
     server, _ = node
     _decoded_request.cache_clear()
-    decodings = []
+    decodings, negotiations = [], []
     decode = A_ASSOCIATE_RQ.decode
 
     def counted(self: A_ASSOCIATE_RQ, data: bytes) -> None:
         decodings.append(len(data))
         decode(self, data)
 
+    def negotiated(*args: object) -> object:
+        negotiations.append(args)
+        return negotiate_as_acceptor(*args)
+
     monkeypatch.setattr(A_ASSOCIATE_RQ, "decode", counted)
+    monkeypatch.setattr(acceptor_module, "negotiate_as_acceptor", negotiated)
     answers = []
     for _ in range(3):
         sock, answer = _associate_raw(_port(server))
@@ -216,7 +222,10 @@ def test_a_sender_proposing_again_is_answered_alike_without_a_second_decoding(
         answers.append(answer)
     assert answers[0][0] == 0x02, "accepted"
     assert answers[1:] == answers[:1] * 2
-    assert len(decodings) == 1
+    assert (len(decodings), len(negotiations)) == (1, 1)
+    sock, _ = _associate_raw(_port(server))
+    with sock:
+        _echo_and_release(sock)
 
 
 def test_an_unsupported_sop_class_is_refused_in_negotiation(
@@ -235,19 +244,24 @@ def test_an_unsupported_sop_class_is_refused_in_negotiation(
     assert (record.outcome, record.stored) == ("aborted", 0)
 
 
+def _echo_and_release(sock: socket.socket) -> None:
+    """A C-ECHO on context 1 answered Success, then a release answered."""
+    sock.sendall(_p_data(1, 0x03, _echo_command()))
+    reply = _read_pdu(sock)
+    assert reply[0] == 0x04
+    fields = parse_command(reply[12:])
+    assert fields[0x0900] == b"\x00\x00"
+    assert fields[0x0100] == struct.pack("<H", 0x8030)
+    sock.sendall(struct.pack(">BBLL", 0x05, 0, 4, 0))
+    assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+
+
 def test_echo_by_hand_then_release(node: tuple[Listener, Ingestor]) -> None:
     server, _ = node
     sock, answer = _associate_raw(_port(server))
     with sock:
         assert answer[0] == 0x02  # A-ASSOCIATE-AC
-        sock.sendall(_p_data(1, 0x03, _echo_command()))
-        reply = _read_pdu(sock)
-        assert reply[0] == 0x04
-        fields = parse_command(reply[12:])
-        assert fields[0x0900] == b"\x00\x00"
-        assert fields[0x0100] == struct.pack("<H", 0x8030)
-        sock.sendall(struct.pack(">BBLL", 0x05, 0, 4, 0))
-        assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+        _echo_and_release(sock)
 
 
 @pytest.mark.parametrize(
