@@ -33,7 +33,9 @@ class UidLookup:
     once, run on a connection that holds no transaction (autocommit: every question sees
     the latest commit, and giving the connection back costs no rollback)."""
 
-    def __init__(self, url: str, connections: int = 4) -> None:
+    def __init__(self, url: str, connections: int = 16) -> None:
+        # As many connections kept as associations commonly receive at once: past the
+        # pool's size each question would open and close a connection of its own.
         self.engine = make_engine(
             url, isolation_level="AUTOCOMMIT", pool_reset_on_return=None, pool_size=connections
         )
