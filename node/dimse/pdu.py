@@ -96,15 +96,19 @@ class Connection:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.direct = not isinstance(sock, ssl.SSLSocket)
         self.timeout = sock.gettimeout()  # what the caller set: the wait for the next PDU
         self._kernel_timeouts: dict[int, float | None] = {}  # SO_RCVTIMEO, SO_SNDTIMEO
-        self.reader: io.BufferedReader | None = None
-        if self.direct:
+        self.reader: io.BufferedReader | None = None  # TLS only
+        if isinstance(sock, ssl.SSLSocket):
+            self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=READ_STEP))
+        else:
             sock.settimeout(None)  # blocking: its waits are bounded below, by the kernel
             self.set_timeout(self.timeout)
-        else:
-            self.reader = cast(io.BufferedReader, sock.makefile("rb", buffering=READ_STEP))
+
+    @property
+    def direct(self) -> bool:
+        """Whether the socket is read straight, without a buffered reader (plain TCP)."""
+        return self.reader is None
 
     def read_exact(self, size: int, deadline: float | None = None) -> bytearray:
         """``size`` bytes, in a buffer grown as they arrive: a length the peer claims costs
