@@ -213,26 +213,15 @@ class Connection:
 
     def _unread(self) -> int:
         """Bytes that have arrived and wait in the socket (0 when the peer sent nothing):
-        a timeout with bytes waiting would be the node's fault, not the peer's.
-
-        The peek must not wait: on a socket with a timeout Python retries a recv that would
-        block until that timeout passes, whatever the flags, which made every timed-out
-        association wait a second full timeout here (and then count bytes that arrived
-        during it, such as the peer's own A-ABORT)."""
-        if self.direct:
-            try:
-                return len(self.sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-            except OSError:  # nothing there
-                return 0
-        timeout = self.sock.gettimeout()
-        try:
-            self.sock.settimeout(0.0)
-            return len(self.sock.recv(1 << 16, socket.MSG_PEEK))
-        except (OSError, ValueError):  # nothing there, or a TLS socket (no flags allowed)
+        a timeout with bytes waiting would be the node's fault, not the peer's. The peek
+        must not wait (``MSG_DONTWAIT``). A TLS socket cannot peek (no flags allowed on
+        its ``recv``): 0."""
+        if not self.direct:
             return 0
-        finally:
-            with contextlib.suppress(OSError):
-                self.sock.settimeout(timeout)
+        try:
+            return len(self.sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing there
+            return 0
 
     def readable(self, timeout: float) -> bool:
         """Whether the peer's next bytes are there within ``timeout``, without reading any.
@@ -253,7 +242,7 @@ class Connection:
                 with contextlib.suppress(OSError):
                     self.sock.settimeout(previous)
         if timeout <= 0:
-            return self.direct and self._unread() > 0
+            return self._unread() > 0
         poller = select.poll()  # not select(): a descriptor number may pass FD_SETSIZE
         poller.register(self.sock, select.POLLIN)
         return bool(poller.poll(timeout * 1000))
