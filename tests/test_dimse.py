@@ -311,6 +311,7 @@ def _store_bytes(port: int, path: Path, syntax: str, monkeypatch: pytest.MonkeyP
     [
         "deflated",  # zlib.error escaped the handler: 0xC211
         "cut",  # the header alone was read: stored with Success
+        "trailing",  # bytes after the pixel data that are no element
     ],
 )
 def test_bytes_that_are_no_data_set_get_cannot_understand(
@@ -329,13 +330,29 @@ def test_bytes_that_are_no_data_set_get_cannot_understand(
     if defect == "deflated":
         syntax = "1.2.840.10008.1.2.1.99"
         data = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, syntax) + data[dataset_offset(data) :]
-    else:
+    elif defect == "cut":
         data = data[: len(data) - 1000]
+    else:
+        data += b"\xfc\xff\xfc"
     sent = tmp_path / "sent.dcm"
     sent.write_bytes(data)
     assert _store_bytes(port, sent, syntax, monkeypatch) == 0xC000
     assert stored(ingestor) == 0
     assert len(list((tmp_path / "quarantine").rglob("*.dcm"))) == 1
+
+
+def test_elements_after_the_pixel_data_are_received_and_stored(
+    listener: tuple[int, Ingestor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header is read from a data set's first fragment, which says where its pixel data
+    ends; CT_small goes on past that (an element after its pixels): read whole, stored whole."""
+    port, ingestor = listener
+    source = Path(get_testdata_file("CT_small.dcm"))
+    syntax = str(dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    assert _store_bytes(port, source, syntax, monkeypatch) == 0x0000
+    [path] = (tmp_path / "spool").rglob("*.dcm")
+    assert dcmread(path)[0xFFFCFFFC].value == dcmread(source)[0xFFFCFFFC].value
+    assert stored(ingestor) == 1
 
 
 def _unreachable() -> Catalogue:

@@ -42,11 +42,12 @@ from node.store.header import (
     InstanceHeader,
     RejectedInstance,
     _quick_header,
+    header_ahead,
     header_from,
     parse_header,
     read_header,
 )
-from node.store.structure import MAX_NESTING, Malformed, scan
+from node.store.structure import MAX_NESTING, Malformed, _Walk, scan
 from tests.support.fuzzing import element_map, file_meta
 
 SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.1"
@@ -552,3 +553,110 @@ def test_bytes_changed_at_random_read_as_pydicom_reads_them(name: str) -> None:
         else:
             data[where:where] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
         same_as_pydicom(bytes(data))
+
+
+# --- the header read from the start of a data set, as it arrives ----------------------------
+
+
+def meta_and_data_set(data: bytes) -> tuple[str, bytes]:
+    """A Part 10 stream's transfer syntax and its data set (what a receiver gets)."""
+    meta_end, syntax = _Walk(data, frozenset())._meta()
+    return syntax, data[meta_end:]
+
+
+def ahead_agrees(data: bytes, start_length: int) -> bool:
+    """Whether the header read from the data set's first ``start_length`` bytes, where it
+    is read at all, is the one :func:`read_header` reads from the whole (and says so only
+    for the length the whole has); True where it is read, False where it is left."""
+    syntax, data_set = meta_and_data_set(data)
+    ahead = header_ahead(data_set[:start_length], syntax)
+    if ahead is None:
+        return False
+    header, length = ahead
+    if length == len(data_set):  # the receiver takes it: it must be what the whole says
+        assert header == read_header(data)
+    return True
+
+
+def slice_of(syntax: str) -> bytes:
+    """A CT slice as a scanner sends it: its pixel data last."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    for element in list(ds):
+        if element.tag > 0x7FE00010:
+            del ds[element.tag]
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = BytesIO()
+    ds.save_as(buffer, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_native_header_is_read_from_the_first_fragment(syntax: str) -> None:
+    data = slice_of(syntax)
+    _, data_set = meta_and_data_set(data)
+    first = header_ahead(data_set[: len(data_set) // 2], syntax)
+    assert first == (read_header(data), len(data_set))
+    # Every start that reaches into the pixel data reads the same; none before it is read,
+    # nor the whole data set (its pixel data's end is then no news: it is all there).
+    pixels_at = data_set.index(b"\xe0\x7f\x10\x00")
+    header_end = pixels_at + (8 if syntax == ImplicitVRLittleEndian else 12)
+    for cut in range(1, len(data_set) + 1, 7):
+        assert ahead_agrees(data, cut) == (header_end <= cut < len(data_set)), cut
+
+
+def test_a_data_set_going_on_past_its_pixel_data_is_read_whole() -> None:
+    """CT_small ends with an element after its pixel data: the start's answer names a
+    length other than the data set's, so a receiver does not take it."""
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    syntax, data_set = meta_and_data_set(data)
+    ahead = header_ahead(data_set[:16384], syntax)
+    assert ahead is not None and ahead[1] < len(data_set)
+
+
+def test_no_header_is_read_ahead_where_the_start_cannot_settle_it() -> None:
+    """Encapsulated or deflated pixel data, a start that ends between elements or inside
+    one that is not the pixel data, elements after the pixel data, a start malformed:
+    left to the read of the whole."""
+    for name in ("JPEG2000.dcm", "image_dfl.dcm"):
+        data = Path(get_testdata_file(name)).read_bytes()
+        syntax, data_set = meta_and_data_set(data)
+        assert header_ahead(data_set, syntax) is None, name
+    pixels = explicit(0x7FE00010, "OW", b"\x00\x01" * 64)
+    identity = IDENTITY + b"".join(
+        explicit(tag, vr, value) for tag, (vr, value) in header_with({}).items() if tag > 0x00080060
+    )
+    assert header_ahead(identity, ExplicitVRLittleEndian) is None
+    assert header_ahead((identity + pixels)[: len(identity) + 5], ExplicitVRLittleEndian) is None
+    description = explicit(0x0008103E, "LO", b"A" * 64)
+    assert header_ahead((identity + description)[:-10], ExplicitVRLittleEndian) is None
+    damaged = identity + explicit(0x00100010, "XX", b"AB") + pixels
+    assert header_ahead(damaged[:-8], ExplicitVRLittleEndian) is None
+    # Pixel data that ends within the start, then more: the start says nothing of the rest.
+    padded = identity + pixels + explicit(0xFFFCFFFC, "OB", b"\x00" * 8)
+    assert header_ahead(padded[:-4], ExplicitVRLittleEndian) is None
+    # Pixel data past the start: its length is the data set's, if nothing follows it.
+    ahead = header_ahead((identity + pixels)[:-4], ExplicitVRLittleEndian)
+    assert ahead is not None and ahead[1] == len(identity + pixels)
+
+
+def test_a_header_read_ahead_is_never_other_than_the_wholes() -> None:
+    """Bytes changed at random before the pixel data: wherever the start is read, the
+    whole of that length reads the same (or the start was not read)."""
+    base = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    syntax, data_set = meta_and_data_set(base)
+    meta = base[: len(base) - len(data_set)]
+    rng = random.Random(20261206)
+    read = 0
+    for _ in range(400):
+        changed = bytearray(data_set)
+        for _ in range(rng.randrange(1, 4)):
+            changed[rng.randrange(0, 2000)] = rng.randrange(256)
+        start = rng.choice([2048, 4096, 16384])
+        ahead = header_ahead(bytes(changed[:start]), syntax)
+        if ahead is None:
+            continue
+        read += 1
+        header, length = ahead
+        whole = meta + bytes(changed[:length]) + bytes(max(0, length - len(changed)))
+        assert header == read_header(whole)  # well formed, and the same header
+    assert read > 50

@@ -384,7 +384,7 @@ class AssociationAcceptor:
                 message.fields = parse_command(message.command)
                 if us_value(message.fields, 0x0800) != NO_DATA_SET:
                     if us_value(message.fields, 0x0100) == C_STORE_RQ:
-                        message.fragments.begin(self._file_meta(association, message))
+                        message.fragments.begin(*self._file_meta(association, message))
                         message.ahead = self._look_ahead(message.fields)
                         if message.ahead is not None:  # new: written as it arrives
                             room = self.server.service.reserve(self._last_size)
@@ -448,16 +448,19 @@ class AssociationAcceptor:
         return self.server.service.look_ahead(sop_instance)
 
     @staticmethod
-    def _file_meta(association: Association, message: _Message) -> bytes:
-        """The Part 10 file meta of a C-STORE's data set, from its command and context."""
+    def _file_meta(association: Association, message: _Message) -> tuple[bytes, str]:
+        """The Part 10 file meta of a C-STORE's data set, from its command and context,
+        and the data set's transfer syntax."""
         assert message.fields is not None and message.context_id is not None
         context = association.contexts[message.context_id]
-        return file_meta(
+        syntax = str(context.transfer_syntax[0])
+        meta = file_meta(
             message.fields.get(0x0002, b""),
             message.fields.get(0x1000, b""),
-            str(context.transfer_syntax[0]),
+            syntax,
             association.requestor.calling_ae_title,
         )
+        return meta, syntax
 
     def _normalised(
         self,
@@ -543,6 +546,7 @@ class AssociationAcceptor:
                 crc32=fragments.crc32,
                 ahead=ahead,
                 reserved=fragments.reserved,
+                header=fragments.header(),
             )
             self._last_size = len(data)
             fragments.clear()

@@ -12,6 +12,7 @@ from typing import Protocol
 from pynetdicom.presentation import PresentationContext
 
 from node.core.status import SUCCESS
+from node.store.header import InstanceHeader
 from node.store.journal import Reservation
 from node.store.spool import StagedFile
 
@@ -75,6 +76,7 @@ class StoreRequest:
     crc32: int | None = None  # of ``data``, computed as it arrived (None: not computed)
     ahead: int | None = None  # Service.look_ahead's answer when the command arrived
     reserved: Reservation | None = None  # where ``data`` was written as it arrived
+    header: InstanceHeader | None = None  # read as ``data`` arrived (None: not read yet)
 
 
 @dataclass(frozen=True)

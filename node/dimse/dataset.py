@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from node.store.checksum import crc32
+from node.store.header import InstanceHeader, header_ahead
 from node.store.journal import Reservation
 from node.store.spool import StagedFile
 
@@ -35,10 +36,23 @@ class ReceivedDataSet(list[memoryview]):
         self.prefix = b""
         self.crc32 = 0  # of the prefix and the fragments held in memory
         self.reserved: Reservation | None = None
+        self.syntax = ""  # the data set's transfer syntax, where it is an instance's
+        self._ahead: tuple[InstanceHeader, int] | None = None
 
-    def begin(self, prefix: bytes) -> None:
-        """Set the file meta that goes before the fragments (before the first of them)."""
-        self.prefix, self.crc32 = prefix, crc32(prefix)
+    def begin(self, prefix: bytes, syntax: str = "") -> None:
+        """Set the file meta that goes before the fragments (before the first of them),
+        and, for an instance, its transfer syntax: its header is then read from its first
+        fragment as it arrives (:meth:`header`)."""
+        self.prefix, self.crc32, self.syntax = prefix, crc32(prefix), syntax
+
+    def header(self) -> InstanceHeader | None:
+        """The instance's header, read as its first fragment arrived, where that fragment
+        settled it (:func:`node.store.header.header_ahead`) and the data set ended where it
+        said; else None, and the caller reads the whole."""
+        ahead = self._ahead
+        if ahead is None or self.size != ahead[1] or self.spill is not None or self.over_limit:
+            return None
+        return ahead[0]
 
     def part10(self) -> bytes:
         """The prefix and the fragments held in memory, as one Part 10 file."""
@@ -72,6 +86,8 @@ class ReceivedDataSet(list[memoryview]):
         if self.spill is not None:
             self.spill.write(value)
         else:
+            if self.syntax and not self:  # the first fragment: the header, off the answer's path
+                self._ahead = header_ahead(value, self.syntax)
             self.append(value)
             self.crc32 = crc32(value, self.crc32)
             if self.reserved is not None:

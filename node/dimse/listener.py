@@ -150,6 +150,7 @@ class AssociationHandlers:
                 crc32=request.crc32,
                 ahead=request.ahead,
                 reserved=request.reserved,
+                header=request.header,
             )
         if outcome.status == SUCCESS:
             if outcome.series_uid:

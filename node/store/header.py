@@ -28,7 +28,7 @@ from pydicom.uid import (
 
 from node.core.status import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS
 from node.core.uids import InvalidUID, validate_uid
-from node.store.structure import Malformed, Scan, scan
+from node.store.structure import Buffer, Malformed, Scan, scan, scan_head
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,22 @@ def read_header(data: bytes) -> InstanceHeader:
     if header is not None:
         return header
     return header_from(parse_header(data, whole=False))  # the structure is checked already
+
+
+def header_ahead(start: Buffer, transfer_syntax: str) -> tuple[InstanceHeader, int] | None:
+    """What :func:`read_header` would make of a Part 10 stream in ``transfer_syntax``
+    whose data set begins with ``start``, and the data set's length for which that holds
+    (:func:`node.store.structure.scan_head`); None where the start does not settle it, or
+    its header needs pydicom, or would be refused: :func:`read_header` of the whole then
+    says so, after its last byte."""
+    head = scan_head(start, transfer_syntax, _HEADER_TAG_SET)
+    if head is None:
+        return None
+    try:
+        header = _quick_header(head[0])
+    except RejectedInstance:
+        return None
+    return None if header is None else (header, head[1])
 
 
 def _quick_header(found: Scan) -> InstanceHeader | None:

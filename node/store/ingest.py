@@ -187,6 +187,7 @@ class Ingestor:
         crc32: int | None = None,
         ahead: int | None = None,
         reserved: Reservation | None = None,
+        header: InstanceHeader | None = None,
     ) -> IngestOutcome:
         """Store and catalogue one instance received as Part 10 bytes; ``expected_*`` are
         the UIDs the C-STORE command named, which the data set must carry too (else it is
@@ -194,11 +195,13 @@ class Ingestor:
         it is not). ``crc32``: of ``data``, where the receiver computed it on the way;
         ``ahead``: :meth:`look_ahead`'s token for ``expected_sop_uid``; ``reserved``: the
         journal room it was written to as it arrived (:meth:`reserve`), given back by the
-        caller when it is not used."""
+        caller when it is not used; ``header``: what :func:`read_header` makes of ``data``,
+        where the receiver read it already."""
         if not self._room_for(len(data), calling_ae):
             return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
-            header = read_header(data)
+            if header is None:
+                header = read_header(data)
             if expected_sop_uid is not None and header.sop_instance_uid != expected_sop_uid:
                 raise RejectedInstance(
                     DATASET_DOES_NOT_MATCH_SOP_CLASS,

@@ -103,6 +103,34 @@ def scan(source: Buffer | Path | BinaryIO, wanted: frozenset[int] = frozenset())
         source.seek(start)  # where the caller's reader expects it
 
 
+def scan_head(data: Buffer, tsuid: str, wanted: frozenset[int]) -> tuple[Scan, int] | None:
+    """The scan of a whole data set (no file meta) in ``tsuid`` of which ``data`` is only
+    the start, and the data set's length, where the start alone settles both: its top-level
+    elements are well formed up to native pixel data of a defined length that runs past
+    ``data``, and nothing follows that. The data set is then well formed exactly when it
+    ends where its pixel data does, and :func:`scan` of the whole would find the same.
+    None where the start does not settle it (the caller scans the whole once it has it).
+
+    A receiver scans the first fragment of a data set as it arrives, not the whole after
+    its last byte: the header is then ready the moment the instance is."""
+    implicit, little, encapsulated, deflated = _syntax(tsuid)
+    if deflated or encapsulated is not False or len(data) < 8:
+        return None
+    walk = _Walk(data, wanted)
+    if not little:
+        walk._structs(_BE)
+    walk.encapsulated, walk.open_end = False, True
+    if data[0:2] == b"\x00\x00" or (implicit and not _looks_implicit(data, 0, len(data))):
+        walk.plain = False
+    try:
+        walk._elements(0, len(data), False, implicit, 0)
+    except Malformed:
+        return None
+    if walk.pixel_end is None:
+        return None
+    return Scan(tsuid, implicit, little, False, walk.elements, walk.plain), walk.pixel_end
+
+
 class _Walk:
     """One pass over a Part 10 stream: the file meta, then the data set."""
 
@@ -114,6 +142,8 @@ class _Walk:
         self.stopped = False  # past the top-level pixel data: pydicom reads no further
         self.plain = True
         self.elements: dict[int, tuple[bytes | None, bytes]] = {}
+        self.open_end = False  # data is the start of a data set (scan_head)
+        self.pixel_end: int | None = None  # where, then, its top-level pixel data ends
         self._structs(_LE)
 
     def _structs(self, structs: tuple[struct.Struct, struct.Struct, struct.Struct]) -> None:
@@ -217,6 +247,9 @@ class _Walk:
                 raise Malformed("pixel data not encapsulated in an encapsulated transfer syntax")
             end = pos + length
             if end > limit:
+                if self.open_end and depth == 0 and tag == _PIXEL_DATA:
+                    self.pixel_end = end  # the rest of the data set is beyond the start
+                    return limit
                 raise Malformed(f"a value of {length} bytes runs past its end at {start}")
             if reading and depth == 0 and tag in self.wanted:
                 self.elements[tag] = (vr, bytes(data[pos:end]))
