@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 from pathlib import Path
 
@@ -23,6 +24,24 @@ def test_a_new_file_holds_exactly_the_bytes(tmp_path: Path, size: int) -> None:
     write_new(path, data)
     assert path.read_bytes() == data
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("size", [BLOCK - 1, 527_000, (4 << 20) + 3 * BLOCK + 7])
+def test_parts_are_written_one_after_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """An instance arrives as its file meta and the PDVs that carried it, of any sizes, and
+    is written from them as they are: block boundaries fall inside parts and between
+    them, in the direct steps (a paced step is smaller than the file) and in the tail."""
+    monkeypatch.setattr(direct_write, "PACED_STEP", 64 * BLOCK)
+    data = os.urandom(size)
+    cuts = sorted({0, size, 132, 350, BLOCK + 1, 2 * BLOCK, 131_066, 262_132, size - 5})
+    cuts = [cut for cut in cuts if 0 <= cut <= size]
+    parts = [memoryview(data)[start:end] for start, end in itertools.pairwise(cuts)]
+    assert b"".join(parts) == data
+    path = tmp_path / "instance.dcm"
+    write_new(path, [bytes(parts[0]), *parts[1:]], pace=lambda: None)
+    assert path.read_bytes() == data
 
 
 def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
@@ -90,16 +109,16 @@ def test_a_device_refusing_the_block_size_gets_the_bytes_through_the_cache(
     """A device whose blocks are larger than 4 KiB accepts O_DIRECT at open and refuses the
     write (EINVAL): the file is written through the page cache instead, whole and exact,
     rather than failing (the filer would retry it forever)."""
-    real_pwrite, refused = os.pwrite, []
+    real_pwritev, refused = os.pwritev, []
 
-    def refusing_pwrite(fd: int, data: memoryview, offset: int) -> int:
+    def refusing_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
             refused.append(offset)
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
+        return real_pwritev(fd, buffers, offset)
 
     monkeypatch.setattr(direct_write, "_refused", set())
-    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    monkeypatch.setattr(os, "pwritev", refusing_pwritev)
     data = os.urandom(527_000)
     write_new(tmp_path / "instance.dcm", data)
     assert refused, "the direct write was tried"
@@ -112,14 +131,14 @@ def test_a_paced_write_asks_before_each_step_and_writes_no_more_than_a_step(
 ) -> None:
     """The filer's spool files share the disk with the journal's flushes: before each
     direct write of at most ``PACED_STEP`` bytes, ``pace`` is asked (and may wait)."""
-    real_pwrite, events = os.pwrite, []
+    real_pwritev, events = os.pwritev, []
 
-    def logged_pwrite(fd: int, data: memoryview, offset: int) -> int:
+    def logged_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            events.append(("write", len(data)))
-        return real_pwrite(fd, data, offset)
+            events.append(("write", sum(len(buffer) for buffer in buffers)))
+        return real_pwritev(fd, buffers, offset)
 
-    monkeypatch.setattr(os, "pwrite", logged_pwrite)
+    monkeypatch.setattr(os, "pwritev", logged_pwritev)
     data = os.urandom(3 * direct_write.PACED_STEP + 5 * BLOCK + 7)
     write_new(tmp_path / "instance.dcm", data, pace=lambda: events.append(("pace", 0)))
     assert (tmp_path / "instance.dcm").read_bytes() == data

@@ -59,12 +59,12 @@ CHILD = textwrap.dedent(
 
     if point == "mid-write":  # the crash_at-th record is cut short: no Success for it
         original = journal_module.Journal._write
-        def half(fd, parts, offset, length):
+        def half(fd, parts, offset):
             calls["n"] += 1
             if calls["n"] == crash_at:
-                original(fd, parts[:2], offset, sum(len(p) for p in parts[:2]))  # head, meta
+                original(fd, parts[:2], offset)  # head, meta
                 die()
-            original(fd, parts, offset, length)
+            original(fd, parts, offset)
         journal_module.Journal._write = staticmethod(half)
     elif point in ("synced", "streamed"):  # records synced; nothing filed; no answer
         write_ahead.WriteAhead._run = lambda self: None
@@ -265,12 +265,12 @@ def test_records_written_as_they_arrive_are_read_back_and_one_never_finished_is_
     whole = journal.reserve(len(second) + 4096)
     assert whole is not None
     whole.feed(second)
-    journal.commit(whole, {"n": "whole"}, second)
+    journal.commit(whole, {"n": "whole"}, [second])
     small = journal.reserve(4096)
     assert small is not None
     small.feed(third)  # past its room: nothing placed
     assert small.placed == 0
-    journal.commit(small, {"n": "appended"}, third)
+    journal.commit(small, {"n": "appended"}, [third])
     journal.append({"n": "after"}, [first])
     [segment] = journal.close()
     assert segment.outstanding == 4, "the room of the record never finished is still held"
@@ -294,7 +294,7 @@ def test_room_given_back_while_it_is_the_segments_last(tmp_path: Path) -> None:
     room = journal.reserve(1 << 20)
     assert room is not None
     segment = room.segment
-    journal.commit(room, {"n": 1}, payload)
+    journal.commit(room, {"n": 1}, [payload])
     used = segment.end
     assert used < 1 << 18, "the end of the room came back"
     unused = journal.reserve(1 << 20)
@@ -305,7 +305,7 @@ def test_room_given_back_while_it_is_the_segments_last(tmp_path: Path) -> None:
     assert kept is not None and after is not None
     kept.release()
     assert segment.end > used + (2 << 20), "a room with a record after it stays taken"
-    journal.commit(after, {"n": 2}, payload)
+    journal.commit(after, {"n": 2}, [payload])
     journal.close()
     os.close(segment.fd)
     assert [r.meta["n"] for r in Journal(tmp_path / "j").recover()] == [1, 2]
@@ -529,10 +529,10 @@ def test_a_c_store_is_journalled_with_the_checksum_of_its_bytes(
         self: Journal,
         reservation: Reservation,
         meta: dict[str, object],
-        payload: bytes,
+        payload: list[bytes | memoryview],
         crc32: int | None = None,
     ) -> Segment:
-        appended.append((crc32, zlib.crc32(payload)))
+        appended.append((crc32, zlib.crc32(b"".join(payload))))
         placed_early.append(reservation.placed)
         return real(self, reservation, meta, payload, crc32)
 

@@ -537,7 +537,7 @@ class AssociationAcceptor:
         if fragments.spill is not None:
             request = StoreRequest(uid(sop_class), uid(sop_instance), syntax, b"", fragments.spill)
         else:
-            data = fragments.part10()
+            data = fragments.parts()
             request = StoreRequest(
                 uid(sop_class),
                 uid(sop_instance),
@@ -548,7 +548,7 @@ class AssociationAcceptor:
                 reserved=fragments.reserved,
                 header=fragments.header(),
             )
-            self._last_size = len(data)
+            self._last_size = size + len(fragments.prefix)
             fragments.clear()
         started = time.monotonic()
         try:

@@ -12,6 +12,7 @@ from typing import Protocol
 from pynetdicom.presentation import PresentationContext
 
 from node.core.status import SUCCESS
+from node.store.buffers import Parts
 from node.store.header import InstanceHeader
 from node.store.journal import Reservation
 from node.store.spool import StagedFile
@@ -71,7 +72,7 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
-    data: bytes
+    data: bytes | Parts  # or the parts it arrived in, not joined
     staged: StagedFile | None = None
     crc32: int | None = None  # of ``data``, computed as it arrived (None: not computed)
     ahead: int | None = None  # Service.look_ahead's answer when the command arrived

@@ -54,9 +54,9 @@ class ReceivedDataSet(list[memoryview]):
             return None
         return ahead[0]
 
-    def part10(self) -> bytes:
-        """The prefix and the fragments held in memory, as one Part 10 file."""
-        return b"".join((self.prefix, *self))
+    def parts(self) -> tuple[bytes | memoryview, ...]:
+        """The prefix and the fragments held in memory: a Part 10 file, not joined."""
+        return (self.prefix, *self)
 
     def add(
         self,

@@ -44,6 +44,7 @@ from node.dimse.association_end import record_association_end
 from node.dimse.refusals import RefusalTally
 from node.dimse.report_channels import ReturnPaths
 from node.dimse.server import Listener
+from node.store.buffers import size_of
 from node.store.header import InstanceHeader, RejectedInstance, header_from, parse_header
 from node.store.ingest import Ingestor, IngestOutcome, brief
 from node.store.journal import Reservation
@@ -156,7 +157,7 @@ class AssociationHandlers:
             if outcome.series_uid:
                 association.series_uids.add(outcome.series_uid)
             _INSTANCES_RECEIVED.inc()
-            size = request.staged.size if request.staged is not None else len(request.data)
+            size = request.staged.size if request.staged is not None else size_of(request.data)
             _BYTES_RECEIVED.inc(size)
         else:
             STORE_FAILURES.labels("dimse", f"0x{outcome.status:04X}").inc()

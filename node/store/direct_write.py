@@ -28,6 +28,8 @@ import os
 import threading
 from collections.abc import Callable
 
+from node.store.buffers import Buffer, Parts, pwrite_parts, size_of, slice_of
+
 BLOCK = 4096  # a multiple of every logical block size direct I/O asks offsets and lengths in
 _BUFFER_BYTES = 4 << 20
 PACED_STEP = 1 << 20  # a paced write goes to the disk at most this much at a time
@@ -45,16 +47,18 @@ def _buffer() -> mmap.mmap:
 
 def write_new(
     path: str | os.PathLike[str],
-    data: bytes | memoryview,
+    data: Buffer | Parts,
     mode: int = 0o600,
     pace: Callable[[], None] | None = None,
     replace: bool = False,
 ) -> None:
-    """Create ``path`` holding ``data``; not synced. It must not exist, unless ``replace``:
-    then a file there is truncated and written over. ``pace`` is called before each direct
-    write of whole blocks (see the module's docstring)."""
-    view = memoryview(data).cast("B")
-    whole = len(view) // BLOCK * BLOCK
+    """Create ``path`` holding ``data`` (bytes, or parts written one after the other); not
+    synced. It must not exist, unless ``replace``: then a file there is truncated and
+    written over. ``pace`` is called before each direct write of whole blocks (see the
+    module's docstring)."""
+    parts: Parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    size = size_of(parts)
+    whole = size // BLOCK * BLOCK
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
     fd = -1
     direct = hasattr(os, "O_DIRECT") and whole > 0
@@ -67,7 +71,7 @@ def write_new(
     try:
         if direct:
             try:
-                _write_direct(fd, view[:whole], pace)
+                _write_direct(fd, parts, whole, pace)
             except OSError as exc:  # blocks larger than BLOCK: the whole file through the cache
                 if exc.errno != errno.EINVAL:
                     raise
@@ -76,22 +80,28 @@ def write_new(
             # The tail, less than a block, through the cache: the same descriptor, its
             # O_DIRECT cleared (opening the file again would look its name up again).
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        _pwrite_all(fd, view[whole:], whole)
+        pwrite_parts(fd, slice_of(parts, whole, size), whole)
     finally:
         os.close(fd)
 
 
-def _write_direct(fd: int, view: memoryview, pace: Callable[[], None] | None = None) -> None:
-    """Write ``view`` (whole blocks) from offset 0, through this thread's aligned buffer."""
+def _write_direct(
+    fd: int, parts: Parts, length: int, pace: Callable[[], None] | None = None
+) -> None:
+    """Write the first ``length`` bytes of ``parts`` (whole blocks) from offset 0, through
+    this thread's aligned buffer."""
     buffer = _buffer()
     aligned = memoryview(buffer)
     step = _BUFFER_BYTES if pace is None else PACED_STEP
-    for start in range(0, len(view), step):
-        size = min(step, len(view) - start)
-        buffer[:size] = view[start : start + size]
+    for start in range(0, length, step):
+        size = min(step, length - start)
+        filled = 0
+        for view in slice_of(parts, start, start + size):
+            buffer[filled : filled + len(view)] = view
+            filled += len(view)
         if pace is not None:
             pace()
-        _pwrite_all(fd, aligned[:size], start)
+        pwrite_parts(fd, [aligned[:size]], start)
 
 
 def _open_direct(path: str | os.PathLike[str], flags: int, mode: int) -> int:
@@ -113,9 +123,3 @@ def _open_direct(path: str | os.PathLike[str], flags: int, mode: int) -> int:
 
 def _device(path: str | os.PathLike[str]) -> int:
     return os.stat(os.path.dirname(os.fspath(path)) or ".").st_dev
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written

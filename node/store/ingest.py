@@ -34,6 +34,7 @@ from node.core.status import (
     OUT_OF_RESOURCES,
     SUCCESS,
 )
+from node.store.buffers import Parts, joined, size_of
 from node.store.disk import DiskGuard
 from node.store.header import InstanceHeader, RejectedInstance, read_header
 from node.store.journal import Journal, Reservation
@@ -180,7 +181,7 @@ class Ingestor:
 
     def ingest(
         self,
-        data: bytes,
+        data: bytes | Parts,
         calling_ae: str | None,
         expected_sop_uid: str | None = None,
         expected_sop_class: str | None = None,
@@ -189,7 +190,8 @@ class Ingestor:
         reserved: Reservation | None = None,
         header: InstanceHeader | None = None,
     ) -> IngestOutcome:
-        """Store and catalogue one instance received as Part 10 bytes; ``expected_*`` are
+        """Store and catalogue one instance received as Part 10 bytes (or the parts they
+        arrived in, joined only where they must be: not on the journal's way); ``expected_*`` are
         the UIDs the C-STORE command named, which the data set must carry too (else it is
         refused 0xA900: stored under the command's class, it would be catalogued as what
         it is not). ``crc32``: of ``data``, where the receiver computed it on the way;
@@ -197,10 +199,11 @@ class Ingestor:
         journal room it was written to as it arrived (:meth:`reserve`), given back by the
         caller when it is not used; ``header``: what :func:`read_header` makes of ``data``,
         where the receiver read it already."""
-        if not self._room_for(len(data), calling_ae):
+        if not self._room_for(size_of(data), calling_ae):
             return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
             if header is None:
+                data = joined(data)
                 header = read_header(data)
             if expected_sop_uid is not None and header.sop_instance_uid != expected_sop_uid:
                 raise RejectedInstance(
@@ -215,7 +218,7 @@ class Ingestor:
                 )
         except RejectedInstance as exc:
             try:
-                self.spool.quarantine(data, exc.reason, calling_ae)
+                self.spool.quarantine(joined(data), exc.reason, calling_ae)
             except OSError as error:  # the refusal stands; only its evidence is lost
                 log.error("cannot quarantine a refused instance: %s", error)
             return self._refused(exc, calling_ae)
@@ -232,7 +235,7 @@ class Ingestor:
                     self._changes[stripe] += 1
             if outcome is not None:
                 return outcome
-        return self._store([_Entry(header, data)], calling_ae)[0]
+        return self._store([_Entry(header, joined(data))], calling_ae)[0]
 
     def ingest_staged(
         self,

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.store.buffers import Buffer, checksum_of, pwrite_parts
+from node.store.buffers import slice_of as _slice
 from node.store.checksum import crc32 as _crc32
 from node.store.spool import fsync_dir
 from node.store.syscalls import start_write_out, write_out
@@ -76,11 +78,8 @@ _HEAD = struct.Struct("<4sQIQI")
 _HEAD_V1 = struct.Struct("<4sQIQ32s")
 _HEAD_CRC = struct.Struct("<I")
 HEAD_BYTES = _HEAD.size + _HEAD_CRC.size
-_IOV_MAX = 1024
 _SUFFIX = ".journal"
 _SPARE = ".spare"  # a retired or zero-filled segment, ready to be renamed and reused
-
-Buffer = bytes | bytearray | memoryview
 
 
 def _aligned(size: int) -> int:
@@ -239,14 +238,12 @@ class Journal:
             segment.outstanding += 1
         try:
             if crc32 is None:
-                crc32 = 0
-                for part in payload:
-                    crc32 = _crc32(part, crc32)
+                crc32 = checksum_of(payload)
             head = _head(MAGIC, segment.key, meta_bytes, size, crc32)
             # Padded to whole pages: a page written in part is read from disk first.
             padding = _zeros()[: _aligned(length) - length]
             parts: list[Buffer] = [head, meta_bytes, *payload, padding]
-            self._write(segment.fd, parts, offset, length + len(padding))
+            self._write(segment.fd, parts, offset)
         except BaseException:
             with self._lock:
                 segment.outstanding -= 1
@@ -277,7 +274,7 @@ class Journal:
         waiting = reservation.waiting
         fd, start = reservation.segment.fd, reservation.offset + ALIGN + reservation.placed
         try:
-            self._write(fd, _slice(waiting, 0, length), start, length)
+            self._write(fd, _slice(waiting, 0, length), start)
             start_write_out(fd, start, length)
         except OSError as exc:  # the commit appends it the usual way, or says why it cannot
             log.debug("cannot write a journal record as it arrives: %s", exc)
@@ -292,31 +289,32 @@ class Journal:
         self,
         reservation: Reservation,
         meta: dict[str, Any],
-        payload: Buffer,
+        payload: Sequence[Buffer],
         crc32: int | None = None,
     ) -> Segment:
-        """Finish a reserved record with the whole ``payload`` (its first pages placed
-        already) and return once it is durable, as :meth:`append` does. One that outgrew
-        its room is appended the usual way, and its room given back."""
+        """Finish a reserved record with the whole ``payload`` (its parts, one after the
+        other; its first pages placed already) and return once it is durable, as
+        :meth:`append` does. One that outgrew its room is appended the usual way, and its
+        room given back."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-        size = len(payload)
+        size = sum(len(part) for part in payload)
         length = size + len(meta_bytes)
         if not reservation.open or reservation.overflowed or length > reservation.capacity:
             try:
-                return self.append(meta, [payload], crc32)
+                return self.append(meta, payload, crc32)
             finally:
                 self.release(reservation)
         segment = reservation.segment
         try:
             if crc32 is None:
-                crc32 = _crc32(payload)
+                crc32 = checksum_of(payload)
             head = _head(MAGIC_STREAMED, segment.key, meta_bytes, size, crc32)
             padding = _zeros()[: _aligned(length) - length]
-            rest: list[Buffer] = [memoryview(payload)[reservation.placed :], meta_bytes, padding]
+            rest: list[Buffer] = [*_slice(payload, reservation.placed, size), meta_bytes, padding]
             start = reservation.offset + ALIGN + reservation.placed
-            self._write(segment.fd, rest, start, _aligned(length) - reservation.placed)
+            self._write(segment.fd, rest, start)
             page: list[Buffer] = [head, _zeros()[: ALIGN - HEAD_BYTES]]
-            self._write(segment.fd, page, reservation.offset, ALIGN)
+            self._write(segment.fd, page, reservation.offset)
         except BaseException:
             self.release(reservation)
             raise
@@ -473,20 +471,11 @@ class Journal:
             return len(self._spares)
 
     @staticmethod
-    def _write(fd: int, parts: Sequence[Buffer], offset: int, length: int) -> None:
-        done = 0
-        views = [memoryview(part).cast("B") for part in parts]
-        while done < length:
-            try:
-                written = os.pwritev(fd, views[:_IOV_MAX], offset + done)
-            except OSError as exc:
-                raise JournalError(exc.errno, f"cannot write to the journal: {exc}") from exc
-            done += written
-            while views and written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            if views and written:
-                views[0] = views[0][written:]
+    def _write(fd: int, parts: Sequence[Buffer], offset: int) -> None:
+        try:
+            pwrite_parts(fd, parts, offset)
+        except OSError as exc:
+            raise JournalError(exc.errno, f"cannot write to the journal: {exc}") from exc
 
     def _sync(self, segment: Segment) -> None:
         """Group commit: whoever finds no flush running flushes for everyone whose append
@@ -578,20 +567,6 @@ def _head(magic: bytes, key: int, meta: bytes, size: int, crc32: int) -> bytes:
     """A record's head: its fields, then the CRC-32 of the fields and the meta."""
     head = _HEAD.pack(magic, key, len(meta), size, crc32)
     return head + _HEAD_CRC.pack(_crc32(meta, _crc32(head)))
-
-
-def _slice(parts: Sequence[Buffer], start: int, end: int) -> list[memoryview]:
-    """The bytes ``start:end`` of ``parts`` taken as one sequence, as views of them."""
-    views, position = [], 0
-    for part in parts:
-        view = memoryview(part).cast("B")
-        following = position + len(view)
-        if following > start and position < end:
-            views.append(view[max(start - position, 0) : min(end, following) - position])
-        position = following
-        if position >= end:
-            break
-    return views
 
 
 @functools.cache

@@ -25,7 +25,6 @@ way of :mod:`node.store.ingest` (after anything of its UID still in the journal 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -43,6 +42,7 @@ from node.catalogue.instance_lookups import INSTANCES as _INSTANCES
 from node.catalogue.instance_lookups import KNOWN_ANY, UidLookup
 from node.core.status import OUT_OF_RESOURCES, SUCCESS
 from node.core.uids import validate_uid
+from node.store.buffers import Parts, joined, sha256_of, size_of
 from node.store.direct_write import write_new
 from node.store.header import InstanceHeader
 from node.store.journal import Journal, JournalError, Record, Reservation, Segment
@@ -102,7 +102,8 @@ class _Pending:
     """An instance in the journal, waiting to be filed."""
 
     header: InstanceHeader
-    payload: bytes
+    payload: Parts  # the Part 10 bytes, in the parts they were received in
+    size: int
     relative_path: str
     calling_ae: str | None
     segment: Segment | None  # None: recovered from a segment of an earlier run
@@ -159,7 +160,7 @@ def _pending_from(record: Record, spool: Spool) -> _Pending | None:
         texts=dict(texts),
         instance_number=number,
     )
-    return _Pending(header, record.payload, meta["path"], ae, None)
+    return _Pending(header, (record.payload,), len(record.payload), meta["path"], ae, None)
 
 
 class WriteAhead:
@@ -221,7 +222,7 @@ class WriteAhead:
     def accept(
         self,
         header: InstanceHeader,
-        data: bytes,
+        data: bytes | Parts,
         calling_ae: str | None,
         crc32: int | None = None,
         new: bool = False,
@@ -229,7 +230,8 @@ class WriteAhead:
     ) -> IngestOutcome | None:
         """Journal a new instance and answer for it; None when it is not new (or still in
         the journal), for the caller's own path. The caller holds its UID's lock; ``crc32``
-        is that of ``data`` where the receiver computed it; ``new``: the caller knows it is
+        is that of ``data`` (Part 10 bytes, or their parts as received) where the receiver
+        computed it; ``new``: the caller knows it is
         new (:meth:`node.store.ingest.Ingestor.look_ahead`), so it is not looked up again;
         ``reserved``: the room it was written to as it arrived (:meth:`reserve`)."""
         from node.store.ingest import IngestOutcome, brief
@@ -254,19 +256,21 @@ class WriteAhead:
                     log.error("the ingest journal's backlog is full: refusing an instance")
                     return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
                 self._changed.wait(left)
+        parts: Parts = (data,) if isinstance(data, bytes) else data
+        size = size_of(parts)
         try:
             meta = header_meta(header, relative, calling_ae)
             if reserved is not None:
-                segment = self.journal.commit(reserved, meta, data, crc32)
+                segment = self.journal.commit(reserved, meta, parts, crc32)
             else:
-                segment = self.journal.append(meta, [data], crc32)
+                segment = self.journal.append(meta, parts, crc32)
         except (JournalError, ValueError) as exc:
             log.error("cannot journal an instance: %s", exc)
             return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the journal")
         with self._lock:
-            self._pending[uid] = _Pending(header, data, relative, calling_ae, segment)
+            self._pending[uid] = _Pending(header, parts, size, relative, calling_ae, segment)
             self._queue.append(uid)
-            self._pending_bytes += len(data)
+            self._pending_bytes += size
             if len(self._queue) == 1 or len(self._queue) >= FILING_BATCH:
                 self._work.notify()
         return IngestOutcome(SUCCESS, series_uid=header.series_instance_uid)
@@ -351,7 +355,7 @@ class WriteAhead:
             with self._lock:
                 del self._queue[: len(uids)]
                 for uid in uids:
-                    self._pending_bytes -= len(self._pending.pop(uid).payload)
+                    self._pending_bytes -= self._pending.pop(uid).size
                 self._changed.notify_all()
             by_segment: dict[int, tuple[Segment, list[str]]] = {}
             for item, path in zip(batch, paths, strict=True):
@@ -417,7 +421,7 @@ class WriteAhead:
         new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
         for item in batch:
             if item.header.sop_instance_uid not in known:
-                stored = StoredFile(item.relative_path, len(item.payload), None)
+                stored = StoredFile(item.relative_path, item.size, None)
                 new[item.calling_ae].append((item.header, stored))
         if new:
             with ingestor._catalogue_lock, ingestor.catalogue.engine.connect() as connection:
@@ -451,10 +455,10 @@ class WriteAhead:
         with engine.begin() as connection:
             connection.exec_driver_sql("SELECT txid_current()")
 
-    def _write(self, path: Path, payload: bytes, durably: bool) -> None:
+    def _write(self, path: Path, payload: Parts, durably: bool) -> None:
         self.ingestor.spool._ensure_dir(path.parent)
         if durably:
-            write_durably(path, payload)
+            write_durably(path, joined(payload))
             return
         # Written in place, under its own name: no reader looks for it before its row is
         # committed, and one a crash cuts short is written again from the journal (durably,
@@ -531,5 +535,5 @@ class WriteAhead:
 def _digest(item: _Pending) -> str:
     """The catalogue's SHA-256 of an instance in the journal, computed once."""
     if item.sha256 is None:
-        item.sha256 = hashlib.sha256(item.payload).hexdigest()
+        item.sha256 = sha256_of(item.payload)
     return item.sha256
