@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.store.buffers import Buffer, checksum_of, pwrite_parts
+from node.store.buffers import Buffer, checksum_of, pwrite_parts, size_of
 from node.store.buffers import slice_of as _slice
 from node.store.checksum import crc32 as _crc32
 from node.store.spool import fsync_dir
@@ -227,7 +227,7 @@ class Journal:
         ``outstanding`` count already includes the record). ``crc32``: the payload's, where
         the caller has it already (computed as the bytes arrived)."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-        size = sum(len(part) for part in payload)
+        size = size_of(payload)
         length = HEAD_BYTES + len(meta_bytes) + size
         if length > self.segment_bytes:
             raise ValueError(f"a record of {length} bytes does not fit a journal segment")
@@ -297,7 +297,7 @@ class Journal:
         :meth:`append` does. One that outgrew its room is appended the usual way, and its
         room given back."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-        size = sum(len(part) for part in payload)
+        size = size_of(payload)
         length = size + len(meta_bytes)
         if not reservation.open or reservation.overflowed or length > reservation.capacity:
             try:
