@@ -5,11 +5,22 @@
 #   docker build --build-arg BASE=python:3.11-slim-bookworm -t curia-node:cpu .
 ARG BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
-# Stage 1: build the node's wheel (pure Python: any Python 3.11 builds it). The wheel carries
-# the migrations, SR templates and dashboard as package data, so the image needs no sources.
-FROM python:3.11-slim-bookworm AS wheel
+# Stage 1: build the node's wheel on the runtime's own base and Python: the wheel carries one
+# compiled module (node.dimse._receive, the listener's data set receiver), built for the
+# Python that runs it, and the migrations, SR templates and dashboard as package data, so
+# the image needs no sources. Without a compiler the wheel still builds, receiving in Python.
+FROM ${BASE} AS wheel
+ENV DEBIAN_FRONTEND=noninteractive PATH=/opt/build/bin:$PATH
+RUN apt-get update \
+ && if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv" 2>/dev/null; then \
+      apt-get install -y --no-install-recommends python3 python3-venv python3-dev; \
+    fi \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/build \
+ && pip install --no-cache-dir --upgrade pip setuptools wheel
 WORKDIR /src
-COPY setup.cfg pyproject.toml README.md ./
+COPY setup.py setup.cfg pyproject.toml README.md ./
 COPY node ./node
 COPY pipelines ./pipelines
 COPY sr_templates ./sr_templates

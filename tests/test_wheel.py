@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the wheel is built from: the package configuration and the importable folders.
-SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "node", "pipelines")
+SOURCES = ("setup.py", "setup.cfg", "pyproject.toml", "README.md", "node", "pipelines")
 DATA_PACKAGES = ("migrations", "sr_templates")
 
 # Run inside the installed environment: where everything was imported from, and the templates.
@@ -80,7 +80,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     root = tmp_path_factory.mktemp("wheel")
     sources = root / "src"
     sources.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")  # the wheel builds its own
     for name in (*SOURCES, *DATA_PACKAGES):
         source = ROOT / name
         if source.is_dir():
@@ -115,6 +115,8 @@ def test_wheel_carries_the_migrations_templates_and_dashboard(installed: Install
     assert templates and {f"sr_templates/{name}" for name in templates} <= names
     assert "node/web/static/dashboard/index.html" in names
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
+    if shutil.which("cc"):  # the listener's compiled receiver, built with the wheel
+        assert any(n.startswith("node/dimse/_receive.") and n.endswith(".so") for n in names)
 
 
 def test_installed_node_imports_from_the_wheel_and_loads_its_templates(

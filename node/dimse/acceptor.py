@@ -81,6 +81,8 @@ from node.dimse.pdu import (
     ABORT_UNEXPECTED_PDU,
     ABORT_UNRECOGNISED_PDU,
     ASSOCIATE_RQ,
+    FRAGMENTS_DONE,
+    FRAGMENTS_FIRST,
     P_DATA,
     PDU_HEADER,
     RELEASE_RP,
@@ -89,6 +91,7 @@ from node.dimse.pdu import (
     Connection,
     abort_pdu,
     bad_ae_titles,
+    new_buffer,
     reject_pdu,
 )
 from node.dimse.report_channels import ReportChannel
@@ -106,6 +109,8 @@ MAX_COMMAND = 1 << 16  # bytes: a command set is a few hundred bytes
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 
+# The compiled loop's buffer: the sender's instance before, an eighth more, this at least.
+COMPILED_MIN_BUFFER = 256 << 10
 SLOW_STORE_SECONDS = 5.0  # a C-STORE handler slower than this is worth a line in the log
 DECODED_REQUESTS = 16  # A-ASSOCIATE-RQs kept decoded: the same few senders call again and again
 
@@ -122,6 +127,7 @@ class _Message:
         self.fields: dict[int, bytes] | None = None
         self.fragments = ReceivedDataSet()
         self.ahead: int | None = None  # a C-STORE's look-ahead (see Service.look_ahead)
+        self.compiled = False  # its data set read by the compiled loop (see _receive_compiled)
 
 
 @functools.lru_cache(maxsize=DECODED_REQUESTS)
@@ -311,11 +317,18 @@ class AssociationAcceptor:
             timeout = limits.dimse_timeout if waiting else limits.network_timeout
             connection.set_timeout(max(timeout - idle, 0.001) if timeout else None)
             try:
-                # Silence before a PDU is timed as above; a PDU once begun must arrive whole
-                # within network_timeout, however its bytes are paced.
-                pdu_type, body = connection.read_pdu(
-                    limits.max_pdu, within=limits.network_timeout or None, at_once=True
-                )
+                if message.compiled:
+                    handed = self._receive_compiled(association, message)
+                    if handed is None:  # the data set is in, and its message answered
+                        message = _Message()
+                        continue
+                    pdu_type, body = handed
+                else:
+                    # Silence before a PDU is timed as above; a PDU once begun must arrive
+                    # whole within network_timeout, however its bytes are paced.
+                    pdu_type, body = connection.read_pdu(
+                        limits.max_pdu, within=limits.network_timeout or None, at_once=True
+                    )
             except AssociationAborted as exc:
                 if not waiting:
                     raise
@@ -390,6 +403,7 @@ class AssociationAcceptor:
                             room = self.server.service.reserve(self._last_size)
                             message.fragments.write_into(room)
                             self._receiving = message.fragments  # its room given back if cut
+                        message.compiled = self.connection.compiled and offset == size
                     continue
             else:
                 if message.fields is None:
@@ -406,6 +420,46 @@ class AssociationAcceptor:
             self._dispatch(association, message)
             message = _Message()
         return message
+
+    def _receive_compiled(
+        self, association: Association, message: _Message
+    ) -> tuple[int, bytes | bytearray] | None:
+        """Read a C-STORE's data set with the compiled loop (:mod:`node.dimse._receive`)
+        into one buffer after its file meta, sized from the sender's instance before; its
+        header read from the first fragment, as :class:`ReceivedDataSet` does. None once
+        the message is in and answered; else the PDU the loop handed back (the data set
+        goes on the usual way)."""
+        fragments, limits = message.fragments, self.limits
+        assert message.context_id is not None
+        self._receiving = fragments
+        start = len(fragments.prefix)
+        hint = max(self._last_size + self._last_size // 8, COMPILED_MIN_BUFFER)
+        most = min(limits.instance_memory_bytes, limits.max_instance_bytes)
+        buffer = new_buffer(start + min(hint, most))
+        buffer[:start] = fragments.prefix
+        room = fragments.room()
+        end, first = start, bool(fragments.syntax)
+        while True:
+            got = self.connection.receive_fragments(
+                buffer,
+                end,
+                message.context_id,
+                limits.max_pdu,
+                limits.network_timeout or None,
+                room,
+                first_only=first,
+            )
+            if got.status == FRAGMENTS_FIRST:
+                fragments.read_ahead(memoryview(buffer)[start : got.end])
+                end, first = got.end, False
+                continue
+            break
+        fragments.received(buffer, start, got.end, room)
+        message.compiled = False
+        if got.status == FRAGMENTS_DONE:
+            self._dispatch(association, message)
+            return None
+        return got.pdu
 
     def _dispatch(self, association: Association, message: _Message) -> None:
         fields = message.fields

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from node.dimse.pdu import Room
 from node.store.checksum import crc32
 from node.store.header import InstanceHeader, header_ahead
-from node.store.journal import Reservation
+from node.store.journal import ALIGN, PLACE_STEP, Reservation
 from node.store.spool import StagedFile
 
 
@@ -92,6 +93,45 @@ class ReceivedDataSet(list[memoryview]):
             self.crc32 = crc32(value, self.crc32)
             if self.reserved is not None:
                 self.reserved.feed(value)
+
+    def room(self) -> Room | None:
+        """Where the compiled receiver writes this data set's whole pages as they arrive
+        (:meth:`node.dimse.pdu.Connection.receive_fragments`): its journal room, from
+        the first byte of its file meta on; None without one."""
+        reserved = self.reserved
+        if reserved is None or not reserved.open or reserved.overflowed or reserved.placed:
+            return None
+        base = reserved.offset + ALIGN
+        return Room(reserved.segment.fd, base, 0, reserved.capacity, PLACE_STEP)
+
+    def read_ahead(self, first: memoryview) -> None:
+        """Read the header from the data set's first fragment, received into a buffer of
+        the compiled receiver's (:meth:`add` does so for fragments it is given)."""
+        if self.syntax:
+            self._ahead = header_ahead(first, self.syntax)
+
+    def received(self, buffer: bytearray, start: int, end: int, room: Room | None) -> None:
+        """Take what the compiled receiver read into ``buffer``: its file meta up to
+        ``start`` (the prefix), the data set's bytes from there to ``end``, their whole
+        pages written to ``room`` up to its ``placed``. Any fragments that follow are
+        given to :meth:`add`, as usual."""
+        if end == start:
+            return
+        view = memoryview(buffer)
+        fragment = view[start:end]
+        self.append(fragment)
+        self.size += end - start
+        self.crc32 = crc32(fragment, self.crc32)
+        reserved = self.reserved
+        if reserved is None or room is None:
+            return
+        if room.placed < 0:
+            reserved.overflowed = True
+            reserved.waiting, reserved.waiting_bytes = [], 0
+            return
+        reserved.placed = room.placed
+        reserved.waiting = [view[room.placed : end]]
+        reserved.waiting_bytes = end - room.placed
 
     def write_into(self, reserved: Reservation | None) -> None:
         """Write the data set into ``reserved`` as it arrives, from its file meta on."""

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import select
 import socket
 import ssl
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 from node.dimse.association import READ_BUFFER_BYTES
+
+try:  # compiled with the node where a C compiler was at hand (setup.py); else Python alone
+    from node.dimse import _receive  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - exercised where the module is not built
+    _receive = None
 
 # PDU types, PS3.8 9.3.1
 ASSOCIATE_RQ, P_DATA, RELEASE_RQ, ABORT = 0x01, 0x04, 0x05, 0x07
@@ -25,6 +32,10 @@ PDU_HEADER = struct.Struct(">BxL")
 READ_STEP = READ_BUFFER_BYTES  # bytes asked of the socket at once; also the read buffer's size
 DEADLINE_LEEWAY = 1 + 1 / 16  # how far past a read's deadline a wait may end (as a factor)
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO and SO_SNDTIMEO
+
+# What :meth:`Connection.receive_fragments` ran into (the compiled loop's statuses)
+FRAGMENTS_DONE, FRAGMENTS_FIRST, FRAGMENTS_HANDOFF = 0, 1, 2
+_CLOSED, _TIMEOUT, _FAILED, _TOO_LONG = 3, 4, 5, 6
 
 # A-ABORT provider reasons, PS3.8 9.3.8
 ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
@@ -81,6 +92,37 @@ def p_data(context_id: int, command: bytes, data: bytes, peer_max_pdu: int) -> b
     return b"".join(pdus)
 
 
+def new_buffer(size: int) -> bytearray:
+    """A buffer of ``size`` bytes for the compiled loop to read into: not zero-filled
+    where the module is built (every byte read is written first)."""
+    return _receive.buffer(size) if _receive is not None else bytearray(size)
+
+
+@dataclass
+class Room:
+    """Where a data set's whole pages are written as they arrive: a file (the journal),
+    the offset of the data set's first byte in it, the bytes of it written already, its
+    room, and how many bytes wait before a write. ``placed`` is -1 once the room is given
+    up (outgrown, or a write failed)."""
+
+    fd: int
+    base: int
+    placed: int
+    capacity: int
+    step: int
+
+
+@dataclass
+class Fragments:
+    """What :meth:`Connection.receive_fragments` did: why it stopped (``FRAGMENTS_*``),
+    where the data set's bytes now end in the buffer, and a PDU it did not take (its
+    type and whole body), to be handled the usual way."""
+
+    status: int
+    end: int
+    pdu: tuple[int, bytes | bytearray] | None = None
+
+
 class Connection:
     """Reads whole PDUs from a socket and writes P-DATA-TF within the peer's maximum.
 
@@ -109,6 +151,67 @@ class Connection:
     def direct(self) -> bool:
         """Whether the socket is read straight, without a buffered reader (plain TCP)."""
         return self.reader is None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether data sets can be received by the compiled loop (a plain TCP socket,
+        where the module was built)."""
+        return self.reader is None and _receive is not None
+
+    def receive_fragments(
+        self,
+        buffer: bytearray,
+        end: int,
+        context_id: int,
+        limit: int,
+        within: float | None,
+        room: Room | None,
+        first_only: bool = False,
+    ) -> Fragments:
+        """Data set fragments of ``context_id`` read into ``buffer`` from ``end`` on, one
+        P-DATA-TF of one PDV at a time, without the interpreter lock, until the last one
+        (or the first, with ``first_only``); whole pages written to ``room`` as they
+        arrive (its ``placed`` updated). A PDU it does not take (another type, several
+        PDVs, a command, another context, a fragment past the buffer's end) is read whole
+        and returned. Waits and ``within`` are :meth:`read_pdu`'s; a PDU over ``limit``
+        bytes, a timeout or the peer's close end the association as there."""
+        assert _receive is not None
+        rcvtimeo = self._kernel_timeouts.get(socket.SO_RCVTIMEO)
+        status, end, placed, pdu_type, length, held, error, left = _receive.receive(
+            self.sock.fileno(),
+            buffer,
+            end,
+            context_id,
+            limit,
+            -1 if room is None else room.fd,
+            0 if room is None else room.base,
+            -1 if room is None else room.placed,
+            0 if room is None else room.capacity,
+            0 if room is None else room.step,
+            int((within or 0) * 1e9),
+            int((rcvtimeo or 0) * 1e9),
+            first_only,
+        )
+        self._kernel_timeouts[socket.SO_RCVTIMEO] = left / 1e9 if left else None
+        if room is not None:
+            room.placed = placed
+        if status in (FRAGMENTS_DONE, FRAGMENTS_FIRST):
+            return Fragments(status, end)
+        if status == FRAGMENTS_HANDOFF:
+            deadline = time.monotonic() + within if within else None
+            rest = self.read_into(length - (len(held) - 6), deadline) if length else b""
+            self.set_timeout(self.timeout)
+            return Fragments(status, end, (pdu_type, held[6:] + rest))
+        if status == _CLOSED:
+            raise AssociationAborted("the peer closed the connection")
+        if status == _TIMEOUT:
+            why = f"timed out waiting for the peer ({self._unread()} bytes unread)"
+            raise AssociationAborted(why, 0x00)
+        if status == _TOO_LONG:
+            raise AssociationAborted(
+                f"a PDU of {length} bytes, over the maximum of {limit}", ABORT_INVALID_PARAMETER
+            )
+        raise AssociationAborted(f"the connection failed: {os.strerror(error)}")
 
     def read_exact(self, size: int, deadline: float | None = None) -> bytearray:
         """``size`` bytes, in a buffer grown as they arrive: a length the peer claims costs

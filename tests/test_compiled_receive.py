@@ -1,0 +1,336 @@
+"""The compiled data set receiver (:mod:`node.dimse._receive`): the bytes of a C-STORE's
+data set land after its file meta exactly as sent, however they are paced, their whole
+pages in the journal room as they arrive; whatever the loop does not take comes back
+whole to the Python upper layer; a peer that stops, closes or overruns a limit ends the
+association as it does when Python reads. And the node stores the same bytes with the
+loop as without it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import select
+
+from node.catalogue.db import Catalogue, upgrade
+from node.catalogue.models import Instance
+from node.core.settings import DicomSettings
+from node.dimse import pdu as pdu_module
+from node.dimse.allow_list import SourcePolicy
+from node.dimse.listener import start_listener
+from node.dimse.pdu import (
+    FRAGMENTS_DONE,
+    FRAGMENTS_FIRST,
+    FRAGMENTS_HANDOFF,
+    AssociationAborted,
+    Connection,
+    Room,
+    new_buffer,
+)
+from node.store.ingest import Ingestor
+from node.store.journal import JOURNAL_DIR, Journal
+from node.store.spool import Spool
+from tests.support.peers import free_port
+
+compiled = pytest.mark.skipif(pdu_module._receive is None, reason="the module is not built")
+
+P_DATA, RELEASE_RQ = 0x04, 0x05
+CONTEXT = 1
+PREFIX = b"M" * 300  # stands for the Part 10 file meta
+LIMIT = 1 << 20
+
+
+def _pdv(value: bytes, last: bool, context: int = CONTEXT, command: bool = False) -> bytes:
+    flags = (0x02 if last else 0) | (0x01 if command else 0)
+    return struct.pack(">LBB", len(value) + 2, context, flags) + value
+
+
+def _pdu(*pdvs: bytes, pdu_type: int = P_DATA) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+
+def _data_set(fragments: list[bytes]) -> bytes:
+    return b"".join(
+        _pdu(_pdv(value, last=index == len(fragments) - 1)) for index, value in enumerate(fragments)
+    )
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Connection, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)
+    connection = Connection(ours)
+    try:
+        yield connection, theirs
+    finally:
+        connection.close()
+        theirs.close()
+
+
+def _buffer(capacity: int) -> bytearray:
+    buffer = new_buffer(len(PREFIX) + capacity)
+    buffer[: len(PREFIX)] = PREFIX
+    return buffer
+
+
+def _send_paced(
+    peer: socket.socket, data: bytes, piece: int, pause: float = 0.0
+) -> threading.Thread:
+    def send() -> None:
+        for start in range(0, len(data), piece):
+            peer.sendall(data[start : start + piece])
+            if pause:
+                time.sleep(pause)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    return sender
+
+
+@compiled
+def test_fragments_land_after_the_file_meta_and_their_pages_in_the_room(
+    pair: tuple[Connection, socket.socket], tmp_path: Path
+) -> None:
+    connection, peer = pair
+    fragments = [os.urandom(size) for size in (70_000, 131_066, 1, 0, 90_001)]
+    sender = _send_paced(peer, _data_set(fragments), 7_001)
+    journal = tmp_path / "room"
+    fd = os.open(journal, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        room = Room(fd, base=8192, placed=0, capacity=1 << 20, step=64 << 10)
+        buffer = _buffer(400_000)
+        got = connection.receive_fragments(buffer, len(PREFIX), CONTEXT, LIMIT, 10, room)
+        sender.join()
+        whole = PREFIX + b"".join(fragments)
+        assert got.status == FRAGMENTS_DONE and got.pdu is None
+        assert bytes(buffer[: got.end]) == whole
+        assert room.placed % 4096 == 0 and 64 << 10 <= room.placed <= len(whole)
+        assert os.pread(fd, room.placed, 8192) == whole[: room.placed]
+    finally:
+        os.close(fd)
+
+
+@compiled
+def test_it_stops_after_the_first_fragment_when_asked(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, peer = pair
+    fragments = [os.urandom(5_000), os.urandom(6_000)]
+    peer.sendall(_data_set(fragments))
+    buffer = _buffer(20_000)
+    first = connection.receive_fragments(buffer, len(PREFIX), CONTEXT, LIMIT, 10, None, True)
+    assert (first.status, first.end) == (FRAGMENTS_FIRST, len(PREFIX) + 5_000)
+    rest = connection.receive_fragments(buffer, first.end, CONTEXT, LIMIT, 10, None)
+    assert rest.status == FRAGMENTS_DONE
+    assert bytes(buffer[: rest.end]) == PREFIX + b"".join(fragments)
+
+
+@compiled
+@pytest.mark.parametrize(
+    "other",
+    [
+        _pdu(_pdv(b"C" * 40, last=True, command=True)),  # a command fragment
+        _pdu(_pdv(b"D" * 40, last=True, context=3)),  # another presentation context
+        _pdu(_pdv(b"E" * 40, last=False), _pdv(b"F" * 40, last=True)),  # two PDVs in one PDU
+        _pdu(b"\x00" * 4, pdu_type=RELEASE_RQ),  # another PDU type
+        _pdu(_pdv(b"G" * 20_000, last=True)),  # a fragment past the buffer's end
+        _pdu(b"\x00\x00"),  # a P-DATA-TF too short for a PDV
+    ],
+    ids=["command", "other-context", "two-pdvs", "release", "past-the-buffer", "short"],
+)
+def test_a_pdu_it_does_not_take_comes_back_whole(
+    pair: tuple[Connection, socket.socket], other: bytes
+) -> None:
+    """What the loop read of a PDU it does not take, and the rest, is the body the Python
+    reader would have returned: the upper layer checks and answers it as ever."""
+    connection, peer = pair
+    before = os.urandom(3_000)
+    peer.sendall(_pdu(_pdv(before, last=False)) + other)
+    buffer = _buffer(10_000)
+    got = connection.receive_fragments(buffer, len(PREFIX), CONTEXT, LIMIT, 10, None)
+    assert got.status == FRAGMENTS_HANDOFF
+    assert got.pdu == (other[0], bytearray(other[6:]))
+    assert bytes(buffer[: got.end]) == PREFIX + before
+
+
+@compiled
+def test_a_room_outgrown_is_given_up(
+    pair: tuple[Connection, socket.socket], tmp_path: Path
+) -> None:
+    """Past its room nothing more is written to the journal: the record is appended after
+    its last byte instead (``placed`` -1)."""
+    connection, peer = pair
+    peer.sendall(_data_set([os.urandom(100_000), os.urandom(100_000)]))
+    fd = os.open(tmp_path / "room", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        room = Room(fd, base=0, placed=0, capacity=150_000, step=4096)
+        got = connection.receive_fragments(_buffer(300_000), len(PREFIX), CONTEXT, LIMIT, 10, room)
+    finally:
+        os.close(fd)
+    assert got.status == FRAGMENTS_DONE
+    assert room.placed == -1
+
+
+@compiled
+def test_a_fragment_cut_short_by_the_peer_ends_the_association(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, peer = pair
+    peer.sendall(_data_set([os.urandom(10_000)])[:5_000])
+    peer.shutdown(socket.SHUT_WR)
+    with pytest.raises(AssociationAborted, match="closed the connection"):
+        connection.receive_fragments(_buffer(20_000), len(PREFIX), CONTEXT, LIMIT, 10, None)
+
+
+@compiled
+def test_a_pdu_over_the_limit_ends_the_association_before_its_body(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, peer = pair
+    peer.sendall(struct.pack(">BBL", P_DATA, 0, 1 << 30))
+    with pytest.raises(AssociationAborted, match="over the maximum"):
+        connection.receive_fragments(_buffer(20_000), len(PREFIX), CONTEXT, LIMIT, 10, None)
+
+
+@compiled
+def test_a_trickled_pdu_must_arrive_whole_within_its_time(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, peer = pair
+    data = _data_set([os.urandom(1_000)])
+    stop = threading.Event()
+
+    def drip() -> None:
+        for index in range(len(data)):
+            if stop.wait(0.05):
+                return
+            peer.sendall(data[index : index + 1])
+
+    sender = threading.Thread(target=drip)
+    sender.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(AssociationAborted, match="timed out"):
+            connection.receive_fragments(_buffer(2_000), len(PREFIX), CONTEXT, LIMIT, 0.5, None)
+    finally:
+        stop.set()
+        sender.join()
+    assert time.monotonic() - started < 3
+
+
+@compiled
+def test_a_pause_inside_a_pdu_longer_than_the_silence_between_pdus_is_not_an_end(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    """And once the PDU is in, the wait for the next is the caller's again."""
+    connection, peer = pair
+    connection.set_timeout(0.2)
+    data = _data_set([os.urandom(10_000), os.urandom(10)])
+    sender = _send_paced(peer, data[:3_000], 3_000)
+    sender.join()
+
+    def rest() -> None:
+        time.sleep(0.6)
+        peer.sendall(data[3_000:])
+
+    late = threading.Thread(target=rest)
+    late.start()
+    try:
+        got = connection.receive_fragments(_buffer(20_000), len(PREFIX), CONTEXT, LIMIT, 5, None)
+    finally:
+        late.join()
+    assert got.status == FRAGMENTS_DONE
+    wait = connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+    assert struct.unpack("@ll", wait) == (0, 200_000)
+
+
+@compiled
+def test_a_silent_peer_ends_the_association_once_the_timeout_passes(
+    pair: tuple[Connection, socket.socket],
+) -> None:
+    connection, _ = pair
+    connection.set_timeout(0.3)
+    started = time.monotonic()
+    with pytest.raises(AssociationAborted, match="timed out"):
+        connection.receive_fragments(_buffer(2_000), len(PREFIX), CONTEXT, LIMIT, 10, None)
+    assert 0.25 < time.monotonic() - started < 3
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_the_module_is_built_where_a_compiler_is() -> None:
+    """The install builds it (setup.py); without it the listener is several times
+    slower per instance, in Python."""
+    assert pdu_module._receive is not None
+
+
+# -- the node, with and without the loop ---------------------------------------------------
+
+
+def _stored_bytes(tmp_path: Path, sends: list[bytes]) -> list[bytes]:
+    """The spool files of the instances one pynetdicom association sends, in order."""
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    ingestor = Ingestor(spool, catalogue, journal=Journal(spool.root / JOURNAL_DIR))
+    port = free_port()
+    server = start_listener(
+        DicomSettings(host="127.0.0.1", port=port, max_pdu=16384),
+        ingestor,
+        SourcePolicy(catalogue, accept_any=True),
+    )
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate("127.0.0.1", port, ae_title="CURIA", max_pdu=16384)
+        assert assoc.is_established
+        uids = []
+        for data in sends:
+            dataset = dcmread(BytesIO(data))
+            uids.append(str(dataset.SOPInstanceUID))
+            assert assoc.send_c_store(dataset).Status == 0x0000
+        assoc.release()
+        ingestor.settle()
+    finally:
+        server.shutdown()
+        ingestor.close()
+    with catalogue.session() as session:
+        paths = {row.sop_instance_uid: row.path for row in session.scalars(select(Instance))}
+    return [spool.absolute(paths[uid]).read_bytes() for uid in uids]
+
+
+@compiled
+def test_the_node_stores_the_same_bytes_with_the_loop_as_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Growing instances (each outgrows the buffer the one before sized) and a small one,
+    sent in 16 KiB PDUs: the loop hands the rest of an outgrown data set to Python."""
+    sends = []
+    for size in (1, 400, 8, 900, 3):
+        dataset = dcmread(get_testdata_file("CT_small.dcm"))
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.add_new(0x00090010, "LO", "PADDING")
+        dataset.add_new(0x00091010, "OB", os.urandom(size * 1024))
+        out = BytesIO()
+        dataset.save_as(out, enforce_file_format=True)
+        sends.append(out.getvalue())
+    with_loop = _stored_bytes(tmp_path / "compiled", sends)
+    monkeypatch.setattr(pdu_module, "_receive", None)
+    without = _stored_bytes(tmp_path / "python", sends)
+    assert with_loop == without
+    assert len(with_loop) == len(sends)
