@@ -49,7 +49,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from benchmarks.disk import DiskCounters, device_of, read_counters
 from benchmarks.durable_receive import durable_receive
-from benchmarks.memory import PeakRss
+from benchmarks.memory import PeakRss, cpu_seconds
 from node.catalogue.db import Catalogue, upgrade
 from node.core.collector import settle_collector
 from node.core.settings import DicomSettings
@@ -69,6 +69,7 @@ from node.store.ingest import Ingestor
 from node.store.journal import JOURNAL_DIR, Journal
 from node.store.spool import Spool, fsync_dir, write_durably
 from node.store.syscalls import syncfs
+from node.store.write_ahead import IDLE_SECONDS
 from tests.support.peers import free_port, port_open, wait_for
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -165,10 +166,17 @@ class DiskLoad:
         self.after = DiskCounters()
         self.seconds = 0.0
 
-    def timed(self, port: int, folders: list[Path]) -> float:
+    def timed(
+        self, port: int, folders: list[Path], settle: Callable[[], object] | None = None
+    ) -> float:
+        """Seconds the send took; ``settle``, called after it (untimed), waits until the
+        receiver has done all it does for what it received (the node: filed it), so its
+        disk writes are counted with the send's."""
         os.sync()
         before = read_counters(self.device)
         elapsed = timed_send(port, folders)
+        if settle is not None:
+            settle()
         sent = read_counters(self.device)
         os.sync()
         synced = read_counters(self.device)
@@ -189,6 +197,22 @@ class DiskLoad:
             f"{self.during.flushes / instances:.2f} flushes, busy {busy:.0f}% "
             f"(then {self.after.bytes_written / instances / 1024:,.0f} KiB by a sync)"
         )
+
+
+def _settle(ingestor: Ingestor) -> float:
+    """Seconds until every instance the node answered is filed (spool and catalogue)."""
+    started = time.perf_counter()
+    if not ingestor.settle():
+        raise RuntimeError("the node did not file what it received within its settle time")
+    return time.perf_counter() - started
+
+
+def _quiet(journal: Journal) -> None:
+    """Wait, untimed, until the node's work behind its journal is done: its drained
+    segments retired (once it has been idle a moment) and no spare being zero-filled, so
+    none of it falls on the next receiver timed."""
+    time.sleep(IDLE_SECONDS + 0.5)
+    wait_for(lambda: not journal.preparing, 60, "the journal's spare was not made")
 
 
 def _spread(rates: list[float]) -> str:
@@ -269,7 +293,7 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
     catalogue = Catalogue(url)
     spool = Spool(run_dir / "spool", run_dir / "quarantine")
     node_journal = Journal(spool.root / JOURNAL_DIR)
-    ingestor = Ingestor(spool, catalogue, journal=node_journal)
+    ingestor = Ingestor(spool, catalogue, journal=node_journal, filing_process=True)
     port = free_port()
     server = start_listener(
         DicomSettings(host="127.0.0.1", port=port, max_associations=args.senders + 2),
@@ -287,10 +311,13 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
                 write_series(extra, args.slices)
         cold = args.slices / timed_send(port, warm_up[:1])
         timed_send(port, warm_up[1:])
+        _settle(ingestor)
         wait_for(lambda: node_journal.spares >= 1, 30, "the journal kept no spare segment")
+        _quiet(node_journal)
         # DCMTK, the receive floor and the node in turn, so that a slower moment of a
         # shared machine falls on all three: medians, and each one's range.
         dcmtk_rates, receive_rates, node_rates = [], [], []
+        lags: list[float] = []  # seconds from the sender's end to its instances all filed
         device = device_of(work)
         dcmtk_disk, receive_disk, node_disk = DiskLoad(device), DiskLoad(device), DiskLoad(device)
         cpu_user = cpu_system = sender_user = sender_system = 0.0
@@ -301,11 +328,16 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
                 fresh = work / f"series-node-{repeat}"  # new UIDs: each is new to the node
                 if not fresh.exists():
                     write_series(fresh, args.slices)
-                before = os.times()
-                node_rates.append(args.slices / node_disk.timed(port, [fresh]))
-                cpu = os.times()
-                cpu_user += cpu.user - before.user
-                cpu_system += cpu.system - before.system
+                filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
+                before, filing_before = os.times(), cpu_seconds(filer)
+                node_rates.append(
+                    args.slices
+                    / node_disk.timed(port, [fresh], settle=lambda: lags.append(_settle(ingestor)))
+                )
+                cpu, filing = os.times(), cpu_seconds(filer)
+                _quiet(node_journal)
+                cpu_user += cpu.user - before.user + filing[0] - filing_before[0]
+                cpu_system += cpu.system - before.system + filing[1] - filing_before[1]
                 sender_user += cpu.children_user - before.children_user
                 sender_system += cpu.children_system - before.children_system
         dcmtk, node = statistics.median(dcmtk_rates), statistics.median(node_rates)
@@ -313,6 +345,11 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         print(f"DCMTK storescp : {_spread(dcmtk_rates)} (no fsync, no catalogue)")
         print(f"Curia Node     : {_spread(node_rates)} (durable + catalogued before Success)")
         print(f"  new journal  : {cold:7.1f} instances/s (a new node's first series)")
+        print(
+            "  filed        : every instance in spool and catalogue "
+            + " / ".join(f"{lag * 1000:.0f}" for lag in lags)
+            + " ms after storescu's end (Success waits for the journal alone)"
+        )
         print(f"receive floor  : {_spread(receive_rates)} (storescp --ignore: stores nothing)")
         print(f"file floor     : {floor:7.1f} instances/s (new file + fsync + rename + dir fsync)")
         print(f"journal floor  : {journal:7.1f} instances/s (preallocated pwrite + fdatasync)")
@@ -355,8 +392,11 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         for extra in folders:
             if not extra.exists():
                 write_series(extra, args.slices)
-        with PeakRss(os.getpid(), children=False) as peak:
+        filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
+        with PeakRss(os.getpid(), children=False, also=(filer,) if filer else ()) as peak:
             elapsed = timed_send(port, folders)
+        many_lag = _settle(ingestor)
+        _quiet(node_journal)
         total = args.slices * args.senders
         rss = peak.mib
     finally:
@@ -372,7 +412,8 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
     forked, forked_rss = dcmtk_rate(folders, args.slices, work)
     print(
         f"{args.senders} senders x {args.slices} (distinct series): "
-        f"node {total / elapsed:.1f} instances/s aggregate, peak RSS {rss:.0f} MiB | "
+        f"node {total / elapsed:.1f} instances/s aggregate (all filed {many_lag * 1000:.0f} ms "
+        f"after), peak RSS {rss:.0f} MiB (with its filing process) | "
         f"storescp --fork {forked:.1f} instances/s, peak RSS {forked_rss:.0f} MiB | "
         f"ratio {total / elapsed / forked:.2f}"
     )

@@ -1,4 +1,4 @@
-"""Memory of the processes a benchmark measures, read from /proc (Linux)."""
+"""Memory and processor time of the processes a benchmark measures, read from /proc (Linux)."""
 
 from __future__ import annotations
 
@@ -41,11 +41,25 @@ def _rss(proc: Path) -> int:
     return int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakRss:
-    """The largest resident size of a process (and its children) while it is running."""
+def cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """User and system processor seconds of a process so far; 0 for none, or one gone."""
+    if pid is None:
+        return 0.0, 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(stat[11]) / tick, int(stat[12]) / tick
 
-    def __init__(self, pid: int, children: bool) -> None:
+
+class PeakRss:
+    """The largest resident size of a process (and its children, and ``also`` those
+    processes) while it is running."""
+
+    def __init__(self, pid: int, children: bool, also: tuple[int, ...] = ()) -> None:
         self.pid, self.children, self.peak = pid, children, 0
+        self.also = also
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -59,7 +73,8 @@ class PeakRss:
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, tree_rss(self.pid, self.children))
+            others = sum(_rss(Path(f"/proc/{pid}")) for pid in self.also)
+            self.peak = max(self.peak, tree_rss(self.pid, self.children) + others)
             if self._stop.wait(0.02):
                 return
 

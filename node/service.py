@@ -93,6 +93,7 @@ class NodeService:
             guard,
             settings.dicom.duplicate_policy,
             journal=Journal(settings.spool_dir / JOURNAL_DIR),
+            filing_process=True,
         )
         self._stoppers.append(ingestor.close)
         watcher = CompletionWatcher(

@@ -5,9 +5,10 @@ A child process ingests a series through an :class:`Ingestor` with a journal and
 each SOP Instance UID that got Success; it kills itself with SIGKILL at one point of the
 path (a record half written, a record synced but not filed, a file filed without its row,
 a spool file written in part and never renamed, rows committed with their segment still
-there). A fresh ingestor on the same folders then files what the journal holds, and every
-instance that got Success must be catalogued once, with its exact bytes in the spool, its
-series counted once per instance, and nothing left behind in the spool.
+there), filing in a process of its own (as the node does) or in its own. A fresh ingestor
+on the same folders then files what the journal holds, and every instance that got
+Success must be catalogued once, with its exact bytes in the spool, its series counted
+once per instance, and nothing left behind in the spool.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     from node.catalogue.db import Catalogue
-    from node.store import direct_write, journal as journal_module, write_ahead
+    from node.store import direct_write, filing, journal as journal_module, write_ahead
     from node.store.ingest import Ingestor
     from node.store.journal import JOURNAL_DIR, Journal, Segment
     from node.store.spool import Spool
 
     root, url, point, crash_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    separate = point.endswith("-by-process")  # filed by a process of its own, as the node does
+    point = point.removesuffix("-by-process")
     calls = {"n": 0}
 
     def die():
@@ -76,13 +79,13 @@ CHILD = textwrap.dedent(
                 die()
         journal_module.Journal._sync = sync
     elif point == "mid-filing":  # files written, their rows never committed
-        original_write = write_ahead.WriteAhead._write
+        original_write = filing.Filer._write
         def write(self, path, payload, durably):
             original_write(self, path, payload, durably)
             calls["n"] += 1
             if calls["n"] == crash_at:
                 die()
-        write_ahead.WriteAhead._write = write
+        filing.Filer._write = write
     elif point == "mid-file":  # a spool file's whole blocks written in place, its tail not
         original_direct = direct_write._write_direct
         def direct(fd, view, *pace):
@@ -117,7 +120,10 @@ CHILD = textwrap.dedent(
 
     spool = Spool(root / "spool", root / "quarantine")
     ingestor = Ingestor(
-        spool, Catalogue(url), journal=Journal(spool.root / JOURNAL_DIR, 1 << 22)
+        spool,
+        Catalogue(url),
+        journal=Journal(spool.root / JOURNAL_DIR, 1 << 22),
+        filing_process=separate,
     )
     for number, path in enumerate(sorted((root / "series").iterdir()), 1):
         data = path.read_bytes()
@@ -198,6 +204,8 @@ def _check(root: Path, url: str, series: Path, succeeded: list[str]) -> Ingestor
         "mid-filing",
         "mid-file",
         "filed",
+        "streamed-by-process",
+        "filed-by-process",
         "zero-fill",
         "reused",
     ],
@@ -561,7 +569,7 @@ def _fill(journal: Journal, payloads: list[bytes], tag: str) -> list[Segment]:
     the first segment is a quarter full; the segments they went to."""
     segments = []
     for index, data in enumerate(payloads):
-        segment = journal.append({"tag": tag, "n": index}, [data])
+        segment = journal.append({"tag": tag, "n": index}, [data]).segment
         if segment not in segments:
             segments.append(segment)
         if index == 2:
@@ -591,7 +599,7 @@ def test_a_reused_segment_never_replays_its_earlier_records(series: Path, tmp_pa
 
     journal = Journal(folder, 1 << 22)
     assert list(journal.recover()) == [] and journal.spares == 1
-    reused = journal.append({"tag": "new", "n": 0}, [payloads[6]])
+    reused = journal.append({"tag": "new", "n": 0}, [payloads[6]]).segment
     assert reused.prepared and reused.number > last.number
     for segment in journal.close():  # a crash: nothing filed, nothing retired (and the
         os.close(segment.fd)  # spare it began zero-filling is stopped, not left running)
@@ -878,7 +886,7 @@ def test_a_record_hidden_in_an_instance_is_never_read_back(tmp_path: Path) -> No
     segment.path.rename(segment.path.with_suffix(".spare"))
     journal = Journal(folder, 1 << 22)
     assert list(journal.recover()) == [] and journal.spares == 1
-    reused = journal.append({"new": 1}, [b"y"])
+    reused = journal.append({"new": 1}, [b"y"]).segment
     assert reused.prepared and reused.number == segment.number + 1
     for left in journal.close():
         os.close(left.fd)

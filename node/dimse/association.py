@@ -53,7 +53,6 @@ class Association:
     bytes_received: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     series_uids: set[str] = field(default_factory=set)  # series stored on it
-    settled: bool = False  # everything answered on it is filed (checked at its release)
 
     def count(self, status: int, size: int) -> None:
         self.bytes_received += size

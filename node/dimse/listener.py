@@ -205,13 +205,13 @@ class AssociationHandlers:
         return answer
 
     def releasing(self, association: Association) -> None:
-        """Before the A-RELEASE-RP: a sender that has released finds every instance it got
-        Success for in the catalogue (those still in the ingest journal are filed first)."""
-        if association.series_uids:
-            association.settled = self.ingestor.settle()
+        """Before the A-RELEASE-RP: nothing to wait for. Every instance answered Success is
+        in the journal; their filing into spool and catalogue follows the sender's stream
+        (:mod:`node.store.write_ahead`) and is waited for after the release is answered, in
+        :meth:`closed`, not while the sender waits for the answer."""
 
     def closed(self, association: Association, outcome: str, reason: str | None) -> None:
-        if association.series_uids and not association.settled:
+        if association.series_uids:
             self.ingestor.settle()  # its instances are catalogued before its end is a signal
         try:
             record_association_end(self.ingestor.catalogue, association, outcome, self.sources)

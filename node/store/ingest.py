@@ -126,10 +126,12 @@ class Ingestor:
         guard: DiskGuard | None = None,
         duplicate_policy: str = "keep_first",
         journal: Journal | None = None,
+        filing_process: bool = False,
     ) -> None:
         """With a ``journal``, new instances given to :meth:`ingest` are made durable in it
-        and filed behind it (:mod:`node.store.write_ahead`); what an earlier run left in it
-        is filed here, before this returns."""
+        and filed behind it (:mod:`node.store.write_ahead`), in a process of its own with
+        ``filing_process`` (:mod:`node.store.filing`); what an earlier run left in it is
+        filed here, before this returns."""
         self.spool = spool
         self.catalogue = catalogue
         self.guard = guard
@@ -143,7 +145,9 @@ class Ingestor:
         self._changes = [0] * len(self._uid_locks)
         # One writer at a time: keeps study/series upserts free of races on any database.
         self._catalogue_lock = threading.Lock()
-        self.write_ahead = WriteAhead(self, journal) if journal is not None else None
+        self.write_ahead = (
+            WriteAhead(self, journal, separate=filing_process) if journal is not None else None
+        )
 
     def settle(self, timeout: float | None = SETTLE_SECONDS) -> bool:
         """Wait until every instance answered so far is in the catalogue (those still in

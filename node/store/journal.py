@@ -145,6 +145,15 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """Where a record was made durable: its segment, and the offset of its payload in it
+    (from which the filer reads it back, in a process of its own)."""
+
+    segment: Segment
+    payload_at: int
+
+
+@dataclass(frozen=True)
 class Record:
     """A record read back from a segment: its meta, payload, and the segment it is in."""
 
@@ -222,8 +231,8 @@ class Journal:
 
     def append(
         self, meta: dict[str, Any], payload: Sequence[Buffer], crc32: int | None = None
-    ) -> Segment:
-        """Write one record and return once it is durable: the segment that holds it (its
+    ) -> Entry:
+        """Write one record and return once it is durable: where it is (its segment's
         ``outstanding`` count already includes the record). ``crc32``: the payload's, where
         the caller has it already (computed as the bytes arrived)."""
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
@@ -250,7 +259,7 @@ class Journal:
                 segment.finished += 1  # nothing to wait for; the next flush covers the rest
             raise
         self._sync(segment)
-        return segment
+        return Entry(segment, offset + HEAD_BYTES + len(meta_bytes))
 
     # -- writing as the instance arrives
 
@@ -291,7 +300,7 @@ class Journal:
         meta: dict[str, Any],
         payload: Sequence[Buffer],
         crc32: int | None = None,
-    ) -> Segment:
+    ) -> Entry:
         """Finish a reserved record with the whole ``payload`` (its parts, one after the
         other; its first pages placed already) and return once it is durable, as
         :meth:`append` does. One that outgrew its room is appended the usual way, and its
@@ -324,7 +333,7 @@ class Journal:
             segment.streaming -= 1
             self._shrink(reservation, ALIGN + _aligned(length))
         self._sync(segment)
-        return segment
+        return Entry(segment, reservation.offset + ALIGN)
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation that will not be committed (safe to call again)."""
@@ -463,6 +472,12 @@ class Journal:
         """Reservations open: records being written as their bytes arrive."""
         with self._lock:
             return sum(s.streaming for s in (self._current, *self._full) if s is not None)
+
+    @property
+    def preparing(self) -> bool:
+        """Whether a spare segment is being zero-filled (in the background)."""
+        with self._lock:
+            return self._preparing is not None and self._preparing.is_alive()
 
     @property
     def spares(self) -> int:
