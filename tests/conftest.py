@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import sqlalchemy as sa
 from pynetdicom.ae import ApplicationEntity
 
 from node.delivery.responses import keep_responses
+from node.dimse.pdu import Connection
 from tests.support.env import POSTGRES_ADMIN_URL, require_tool
 from tests.support.peers import NodeProcess, Orthanc, free_port
 from tests.support.testdata import repaired_ct_series
@@ -108,3 +110,16 @@ def browser() -> Iterator[object]:
         )
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Connection, socket.socket]]:
+    """A connection the node reads PDUs from, and the peer's end of it (a socket pair)."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)
+    connection = Connection(ours)
+    try:
+        yield connection, theirs
+    finally:
+        connection.close()
+        theirs.close()

@@ -13,7 +13,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from node.dimse.pdu import (
 from node.store.ingest import Ingestor
 from node.store.journal import JOURNAL_DIR, Journal
 from node.store.spool import Spool
+from tests.support.pacing import dripping
 from tests.support.peers import free_port
 
 compiled = pytest.mark.skipif(pdu_module._receive is None, reason="the module is not built")
@@ -67,18 +67,6 @@ def _data_set(fragments: list[bytes]) -> bytes:
     return b"".join(
         _pdu(_pdv(value, last=index == len(fragments) - 1)) for index, value in enumerate(fragments)
     )
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[Connection, socket.socket]]:
-    ours, theirs = socket.socketpair()
-    ours.settimeout(10)
-    connection = Connection(ours)
-    try:
-        yield connection, theirs
-    finally:
-        connection.close()
-        theirs.close()
 
 
 def _buffer(capacity: int) -> bytearray:
@@ -211,24 +199,12 @@ def test_a_trickled_pdu_must_arrive_whole_within_its_time(
     pair: tuple[Connection, socket.socket],
 ) -> None:
     connection, peer = pair
-    data = _data_set([os.urandom(1_000)])
-    stop = threading.Event()
-
-    def drip() -> None:
-        for index in range(len(data)):
-            if stop.wait(0.05):
-                return
-            peer.sendall(data[index : index + 1])
-
-    sender = threading.Thread(target=drip)
-    sender.start()
     started = time.monotonic()
-    try:
-        with pytest.raises(AssociationAborted, match="timed out"):
-            connection.receive_fragments(_buffer(2_000), len(PREFIX), CONTEXT, LIMIT, 0.5, None)
-    finally:
-        stop.set()
-        sender.join()
+    with (
+        dripping(peer, _data_set([os.urandom(1_000)])),
+        pytest.raises(AssociationAborted, match="timed out"),
+    ):
+        connection.receive_fragments(_buffer(2_000), len(PREFIX), CONTEXT, LIMIT, 0.5, None)
     assert time.monotonic() - started < 3
 
 

@@ -9,26 +9,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from node.dimse.pdu import AssociationAborted, Connection
+from tests.support.pacing import dripping
 
 P_DATA = 0x04
 TIMEOUTS = (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[Connection, socket.socket]]:
-    ours, theirs = socket.socketpair()
-    ours.settimeout(10)
-    connection = Connection(ours)
-    try:
-        yield connection, theirs
-    finally:
-        connection.close()
-        theirs.close()
 
 
 def _pdu(body: bytes) -> bytes:
@@ -70,24 +58,12 @@ def test_a_trickled_body_must_arrive_whole_within_its_time(
     """A byte now and then keeps no PDU open past ``within``: its buffer taken whole at
     the start changes nothing to that."""
     connection, peer = pair
-    data = _pdu(os.urandom(1_000))
-    stop = threading.Event()
-
-    def drip() -> None:
-        for index in range(len(data)):
-            if stop.wait(0.05):
-                return
-            peer.sendall(data[index : index + 1])
-
-    sender = threading.Thread(target=drip)
-    sender.start()
     started = time.monotonic()
-    try:
-        with pytest.raises(AssociationAborted, match="timed out"):
-            connection.read_pdu(1 << 20, within=0.5, at_once=True)
-    finally:
-        stop.set()
-        sender.join()
+    with (
+        dripping(peer, _pdu(os.urandom(1_000))),
+        pytest.raises(AssociationAborted, match="timed out"),
+    ):
+        connection.read_pdu(1 << 20, within=0.5, at_once=True)
     assert time.monotonic() - started < 3
 
 
