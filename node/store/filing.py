@@ -207,6 +207,19 @@ class FilingProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._connection: Connection | None = None
 
+    def start(self) -> None:
+        """Start the filing process now, in the background, so that the first batch does
+        not wait for it to import what it needs (a second or two)."""
+
+        def start() -> None:
+            with self._lock:
+                try:
+                    self._ready()
+                except FilingFailed as exc:  # the first batch tries again, or is filed here
+                    log.warning("%s", exc)
+
+        threading.Thread(target=start, name="filing-start", daemon=True).start()
+
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
@@ -303,7 +316,10 @@ def _serve(connection: Connection) -> None:
             answer: tuple[str, Any] = ("filed", filer.file(batch))
         except Exception as exc:  # the listener logs it and sends the batch again later
             answer = ("failed", f"{type(exc).__name__}: {exc}")
-        connection.send(answer)
+        try:
+            connection.send(answer)
+        except OSError:  # the listener's process is gone: what it sent is in its journal
+            break
     filer.close()
     ingestor.catalogue.dispose()
 

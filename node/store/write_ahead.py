@@ -180,6 +180,8 @@ class WriteAhead:
             MAX_PENDING_BYTES * 3 // 4 if self._process is None else FILING_BACKLOG_BYTES
         )
         self._catalogued = UidLookup(ingestor.catalogue.url)
+        if self._process is not None:
+            self._process.start()
         self._replay()
         self._thread = threading.Thread(target=self._run, name="journal-filer", daemon=True)
         self._thread.start()
