@@ -105,6 +105,8 @@ def test_kill_9_during_a_push_loses_nothing_that_got_success(
 
     again = _push(node, series_300, kill_after=None)
     assert len(again) == SLICES, "after the restart every instance is accepted"
+    # Filed once the sender's stream ends, each once.
+    wait_for(lambda: len(_catalogued(node)) >= SLICES or None, 30, "the push filed")
     assert len(_catalogued(node)) == SLICES, "each stored once"
 
     def series_done() -> bool:

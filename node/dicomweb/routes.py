@@ -61,8 +61,10 @@ def create_dicomweb_router(
 ) -> APIRouter:
     """STOW-RS, QIDO-RS and WADO-RS under ``/dicom-web``.
 
-    Pass the node's own ``ingestor`` so DIMSE and STOW-RS share its locks; without one the
-    router makes its own from ``settings`` (for an API-only process).
+    Pass the node's own ``ingestor`` so DIMSE and STOW-RS share its locks, and so that
+    QIDO-RS and WADO-RS find every instance answered Success before their request (what is
+    still waiting in its ingest journal is filed first); without one the router makes its
+    own from ``settings`` (for an API-only process).
     """
     if ingestor is None:
         ingestor = Ingestor(
@@ -135,6 +137,7 @@ def create_dicomweb_router(
     ) -> Response:
         negotiate(request.headers.get("accept"), [DICOM_JSON])
         query = Query.parse(level, request.query_params.multi_items())
+        ingestor.settle()  # what was answered Success before this request is found
         if study is not None:
             query.restrict("StudyInstanceUID", checked_uid(study, "StudyInstanceUID"))
         if series is not None:
@@ -188,6 +191,7 @@ def create_dicomweb_router(
         study = checked_uid(study, "StudyInstanceUID")
         series = None if series is None else checked_uid(series, "SeriesInstanceUID")
         sop = None if sop is None else checked_uid(sop, "SOPInstanceUID")
+        ingestor.settle()  # what was answered Success before this request is found
         with catalogue.session() as session:
             objects = locate(settings, session, study, series, sop)
         if not objects:

@@ -244,6 +244,11 @@ class AssociationAcceptor:
                 self._receiving.discard()  # cut short: its spilled bytes are not kept
             if self._reports is not None:
                 self._reports.close()  # unanswered reports go the other way, if allowed
+            # The peer is done with the connection: it and its association slot go before
+            # the association's end is recorded, which waits for its instances to be filed
+            # (a sender that associates again at once finds its slot free).
+            self.connection.close()
+            self.server.gate.close(self.ticket)
             self.server.service.closed(association, outcome, reason)
 
     # -- association establishment
