@@ -29,6 +29,7 @@ from node.catalogue.models import Instance
 from node.core.settings import DicomSettings
 from node.dimse import pdu as pdu_module
 from node.dimse.allow_list import SourcePolicy
+from node.dimse.dataset import ReceivedDataSet
 from node.dimse.listener import start_listener
 from node.dimse.pdu import (
     FRAGMENTS_DONE,
@@ -310,3 +311,21 @@ def test_the_node_stores_the_same_bytes_with_the_loop_as_without(
     without = _stored_bytes(tmp_path / "python", sends)
     assert with_loop == without
     assert len(with_loop) == len(sends)
+
+
+def test_a_small_instance_keeps_only_its_own_bytes_not_the_buffer_it_arrived_in() -> None:
+    """Until filed, an instance held in memory counts its size against the backlog's bound:
+    a 2 KiB report received into a buffer sized for a CT slice must not hold the slice's
+    worth of memory."""
+    fragments = ReceivedDataSet()
+    fragments.begin(PREFIX)
+    buffer = _buffer(600_000)
+    buffer[len(PREFIX) : len(PREFIX) + 2048] = os.urandom(2048)
+    fragments.received(buffer, len(PREFIX), len(PREFIX) + 2048, None)
+    [kept] = fragments
+    assert bytes(kept) == bytes(buffer[len(PREFIX) : len(PREFIX) + 2048])
+    assert len(kept.obj) == 2048
+    large = _buffer(600_000)
+    fragments = ReceivedDataSet()
+    fragments.received(large, len(PREFIX), 500_000, None)
+    assert fragments[0].obj is large, "a buffer mostly used is kept as it is, not copied"

@@ -119,6 +119,8 @@ class ReceivedDataSet(list[memoryview]):
             return
         view = memoryview(buffer)
         fragment = view[start:end]
+        if len(buffer) > 2 * end:  # a small instance in a buffer sized for a larger one:
+            fragment = memoryview(bytes(fragment))  # what is kept until filed is its size
         self.append(fragment)
         self.size += end - start
         self.crc32 = crc32(fragment, self.crc32)
