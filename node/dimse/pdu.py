@@ -112,6 +112,9 @@ class Room:
     step: int
 
 
+_NO_ROOM = Room(fd=-1, base=0, placed=-1, capacity=0, step=0)  # nothing written anywhere
+
+
 @dataclass
 class Fragments:
     """What :meth:`Connection.receive_fragments` did: why it stopped (``FRAGMENTS_*``),
@@ -177,17 +180,18 @@ class Connection:
         bytes, a timeout or the peer's close end the association as there."""
         assert _receive is not None
         rcvtimeo = self._kernel_timeouts.get(socket.SO_RCVTIMEO)
+        into = room or _NO_ROOM
         status, end, placed, pdu_type, length, held, error, left = _receive.receive(
             self.sock.fileno(),
             buffer,
             end,
             context_id,
             limit,
-            -1 if room is None else room.fd,
-            0 if room is None else room.base,
-            -1 if room is None else room.placed,
-            0 if room is None else room.capacity,
-            0 if room is None else room.step,
+            into.fd,
+            into.base,
+            into.placed,
+            into.capacity,
+            into.step,
             int((within or 0) * 1e9),
             int((rcvtimeo or 0) * 1e9),
             first_only,

@@ -34,7 +34,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,19 +182,8 @@ class FilingFailed(Exception):
     """The filing process could not file a batch (it says why), or is gone."""
 
 
-@dataclass(frozen=True)
-class _Job:
-    """What the filing process needs of one record: all but its bytes, and where they are."""
-
-    header: InstanceHeader
-    size: int
-    relative_path: str
-    calling_ae: str | None
-    source: tuple[str, int]
-
-
 class FilingProcess:
-    """The filer in a process of its own, started on first use and again after it dies."""
+    """The filer in a process of its own, started with the node and again after it dies."""
 
     def __init__(self, catalogue_url: str, spool: Spool, duplicate_policy: str) -> None:
         self._config = {
@@ -227,12 +216,9 @@ class FilingProcess:
     def file(self, batch: list[Pending]) -> list[str]:
         """File ``batch`` (records whose payload is in the journal) in the filing process;
         the relative paths, in order. :class:`FilingFailed` if it cannot."""
-        jobs = []
-        for item in batch:
-            assert item.source is not None
-            jobs.append(
-                _Job(item.header, item.size, item.relative_path, item.calling_ae, item.source)
-            )
+        # All but the bytes (read back from the journal there) and this process's segment.
+        jobs = [replace(item, payload=None, segment=None) for item in batch]
+        assert all(job.source is not None for job in jobs)
         with self._lock:
             connection = self._ready()
             try:
@@ -303,15 +289,11 @@ def _serve(connection: Connection) -> None:
     connection.send("ready")
     while True:
         try:
-            jobs: list[_Job] | None = connection.recv()
+            batch: list[Pending] | None = connection.recv()
         except EOFError:  # the listener's process is gone
             break
-        if jobs is None:
+        if batch is None:
             break
-        batch = [
-            Pending(job.header, None, job.size, job.relative_path, job.calling_ae, None, job.source)
-            for job in jobs
-        ]
         try:
             answer: tuple[str, Any] = ("filed", filer.file(batch))
         except Exception as exc:  # the listener logs it and sends the batch again later
