@@ -34,7 +34,15 @@ time), so that a slow moment of a shared machine falls on all of them: medians, 
 Then ``--senders`` concurrent storescu x ``--slices``
 (distinct series) into the node and into ``storescp --fork``, side by side: aggregate
 instances/s and peak RSS while they send, sampled every 20 ms (the node's: this process,
-which hosts the listener; DCMTK's: the sum over storescp and its forked children).
+which hosts the listener; DCMTK's: the sum over storescp and its forked children), and the
+processor time each took per instance, its senders' included (on a machine with few
+processors the senders and the receiver share them).
+
+Every series is written, and synced, before anything is timed, and nothing is deleted
+until the end (each run keeps its own outputs): for half a minute after many files are
+deleted, ext4 takes longer to create files (it looks past the inodes just freed), and
+bytes still on their way from the page cache would be written while a receiver is timed.
+A run of the defaults keeps about 5 GB on the disk until then.
 
     .venv/bin/python -m benchmarks.ingest [--slices 300] [--senders 10] [--repeats 3] [--runs 1]
 """
@@ -140,18 +148,30 @@ def storescp(work: Path, fork: bool = False, ignore: bool = False) -> Iterator[t
     try:
         wait_for(lambda: port_open(port), 10, "storescp did not start")
         yield port, proc.pid
-    finally:
+    finally:  # what it stored is removed with ``work``, at the end (see the docstring)
         proc.terminate()
         proc.wait()
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def dcmtk_rate(folders: list[Path], slices: int, work: Path) -> tuple[float, float]:
     """Instances/s of ``storescp --fork`` receiving from several senders at once, and its
     peak RSS in MiB."""
+    os.sync()
     with storescp(work, fork=True) as (port, pid), PeakRss(pid, children=True) as rss:
         rate = slices * len(folders) / timed_send(port, folders)
     return rate, rss.mib
+
+
+def cpu_per_instance(
+    before: os.times_result, after: os.times_result, instances: int, own: bool = True
+) -> float:
+    """Milliseconds of processor time per instance between two ``os.times()``: this
+    process's (``own``) and its children's that were waited for (senders, storescp)."""
+    spent = after.children_user - before.children_user
+    spent += after.children_system - before.children_system
+    if own:
+        spent += after.user - before.user + after.system - before.system
+    return spent * 1000 / instances
 
 
 class DiskLoad:
@@ -276,10 +296,20 @@ def journal_floor(
         path.unlink()
 
 
-def one_run(args: argparse.Namespace, work: Path) -> None:
-    folder = work / "series"
-    if not folder.exists():
-        write_series(folder, args.slices)
+def write_inputs(args: argparse.Namespace, work: Path) -> None:
+    """Every series the runs send, written and synced before anything is timed."""
+    names = ["series", "series-warm-up-0", "series-warm-up-1"]
+    names += [f"series-node-{repeat}" for repeat in range(args.repeats)]
+    names += [f"series-{sender}" for sender in range(args.senders)]
+    for name in names:
+        write_series(work / name, args.slices)
+    os.sync()
+
+
+def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
+    """One comparison, sending the series in ``inputs``; what it writes goes to ``work``,
+    removed only at the end of every run."""
+    folder = inputs / "series"
     floor = durable_floor(folder, work)
     journal = journal_floor(folder, work)
     written = journal_floor(folder, work, written=True)
@@ -305,10 +335,7 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
         # A new node's journal has no prepared segments yet: its first ~300 MiB also pay for
         # zero-filling them (kept since, across restarts). Its first series is timed apart;
         # the node is timed below as it runs from then on.
-        warm_up = [work / f"series-warm-up-{i}" for i in range(2)]
-        for extra in warm_up:
-            if not extra.exists():
-                write_series(extra, args.slices)
+        warm_up = [inputs / f"series-warm-up-{i}" for i in range(2)]
         cold = args.slices / timed_send(port, warm_up[:1])
         timed_send(port, warm_up[1:])
         _settle(ingestor)
@@ -325,9 +352,7 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
             for repeat in range(args.repeats):
                 dcmtk_rates.append(args.slices / dcmtk_disk.timed(dcmtk_port, [folder]))
                 receive_rates.append(args.slices / receive_disk.timed(ignore_port, [folder]))
-                fresh = work / f"series-node-{repeat}"  # new UIDs: each is new to the node
-                if not fresh.exists():
-                    write_series(fresh, args.slices)
+                fresh = inputs / f"series-node-{repeat}"  # new UIDs: each is new to the node
                 filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
                 before, filing_before = os.times(), cpu_seconds(filer)
                 node_rates.append(
@@ -388,34 +413,39 @@ def one_run(args: argparse.Namespace, work: Path) -> None:
             f"disk writes while receiving, per instance of {size:,.0f} KiB: "
             f"DCMTK {dcmtk_disk.describe(sent)} | node {node_disk.describe(sent)}"
         )
-        folders = [work / f"series-{i}" for i in range(args.senders)]
-        for extra in folders:
-            if not extra.exists():
-                write_series(extra, args.slices)
+        folders = [inputs / f"series-{i}" for i in range(args.senders)]
+        total = args.slices * args.senders
         filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
+        os.sync()
+        before, filing_before = os.times(), cpu_seconds(filer)
         with PeakRss(os.getpid(), children=False, also=(filer,) if filer else ()) as peak:
             elapsed = timed_send(port, folders)
         many_lag = _settle(ingestor)
+        after, filing_after = os.times(), cpu_seconds(filer)
+        node_cpu = cpu_per_instance(before, after, total)
+        node_cpu += (sum(filing_after) - sum(filing_before)) * 1000 / total
+        senders_cpu = cpu_per_instance(before, after, total, own=False)
         _quiet(node_journal)
-        total = args.slices * args.senders
         rss = peak.mib
     finally:
         server.shutdown()
         ingestor.close()
         catalogue.dispose()
-        # Removed only now: for half a minute after many files are deleted, ext4 takes
-        # longer to create files (it skips the inodes just freed), which would fall on
-        # whatever is timed next.
-        shutil.rmtree(work / "floor")
-        shutil.rmtree(work / "floor-copies")
-        shutil.rmtree(run_dir, ignore_errors=True)
+    # storescp --fork as the node was: after a sync, no file deleted since the run began.
+    before = os.times()
     forked, forked_rss = dcmtk_rate(folders, args.slices, work)
+    forked_cpu = cpu_per_instance(before, os.times(), total, own=False)
     print(
         f"{args.senders} senders x {args.slices} (distinct series): "
         f"node {total / elapsed:.1f} instances/s aggregate (all filed {many_lag * 1000:.0f} ms "
         f"after), peak RSS {rss:.0f} MiB (with its filing process) | "
         f"storescp --fork {forked:.1f} instances/s, peak RSS {forked_rss:.0f} MiB | "
         f"ratio {total / elapsed / forked:.2f}"
+    )
+    print(
+        f"  CPU per instance (ms), senders' included: node {node_cpu:.2f} (with its filing, "
+        f"until all filed; senders {senders_cpu:.2f}) | storescp --fork {forked_cpu:.2f} "
+        f"| {os.cpu_count()} processors"
     )
 
 
@@ -433,10 +463,13 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="curia-ingest-"))
     try:
+        write_inputs(args, work)
         for run in range(args.runs):
             if args.runs > 1:
                 print(f"-- run {run + 1} of {args.runs}")
-            one_run(args, work)
+            outputs = work / f"run-{run + 1}"
+            outputs.mkdir()
+            one_run(args, work, outputs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
