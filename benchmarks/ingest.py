@@ -33,8 +33,9 @@ turn ``--repeats`` times (storescp and the node kept running; a new series for t
 time), so that a slow moment of a shared machine falls on all of them: medians, with ranges.
 Then ``--senders`` concurrent storescu x ``--slices``
 (distinct series) into the node and into ``storescp --fork``, side by side: aggregate
-instances/s and peak RSS while they send, sampled every 20 ms (the node's: this process,
-which hosts the listener; DCMTK's: the sum over storescp and its forked children), and the
+instances/s and peak RSS while they send (the node's: the high-water marks of this process,
+which hosts the listener, and of its filing process; DCMTK's: the sum over storescp and its
+forked children, sampled every 20 ms), and the
 processor time each took per instance, its senders' included (on a machine with few
 processors the senders and the receiver share them).
 
@@ -66,7 +67,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from benchmarks.disk import DiskCounters, device_of, read_counters
 from benchmarks.durable_receive import durable_receive
-from benchmarks.memory import PeakRss, cpu_seconds
+from benchmarks.memory import HighWater, PeakRss, cpu_seconds
 from node.catalogue.db import Catalogue, upgrade
 from node.core.collector import settle_collector
 from node.core.settings import DicomSettings
@@ -418,7 +419,7 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
         os.sync()
         before, filing_before = os.times(), cpu_seconds(filer)
-        with PeakRss(os.getpid(), children=False, also=(filer,) if filer else ()) as peak:
+        with HighWater((os.getpid(), filer) if filer else (os.getpid(),)) as peak:
             elapsed = timed_send(port, folders)
         many_lag = _settle(ingestor)
         after, filing_after = os.times(), cpu_seconds(filer)
