@@ -90,6 +90,34 @@ def test_the_uid_lookup_sees_each_commit_on_postgres(postgres_url: str) -> None:
     _uid_lookup_sees_each_commit(postgres_url)
 
 
+@pytest.mark.production
+def test_the_uid_lookup_answers_after_postgres_drops_its_connections(postgres_url: str) -> None:
+    """The lookup keeps its connections without pinging them: after the server ends them
+    (a restart, an administrator), the next question still gets its answer, not an error
+    that would refuse an instance."""
+    upgrade(postgres_url)
+    lookup = UidLookup(postgres_url, connections=4)
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    try:
+        held = [lookup._connection() for _ in range(3)]  # three kept, idle
+        for connection in held:
+            lookup._idle.put(connection)
+        assert not lookup("1.2.3.1")
+        with admin.connect() as conn:
+            ended = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar()
+        assert ended >= 3, "the lookup's connections were ended by the server"
+        assert not lookup("1.2.3.1"), "answered on a new connection"
+        assert not lookup("1.2.3.2"), "and the stale ones kept were not used again"
+    finally:
+        admin.dispose()
+        lookup.dispose()
+
+
 def test_a_uid_lookup_that_cannot_read_the_catalogue_says_so_as_the_engine_would(
     tmp_path: Path,
 ) -> None:

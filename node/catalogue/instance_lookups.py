@@ -53,30 +53,41 @@ class UidLookup:
         self._error = self.engine.dialect.loaded_dbapi.Error
         self._kept = connections
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._disposed = False
 
     def __call__(self, uid: str) -> bool:
         """True if a row of ``uid`` is committed; :class:`sqlalchemy.exc.DBAPIError`
-        where the catalogue cannot be read (that connection is then closed)."""
+        where the catalogue cannot be read (that connection is then closed).
+
+        The connections kept are not pinged before each question (the pool pinged
+        PostgreSQL's on every checkout): one the server has dropped (a restart) fails its
+        question, which is then asked once more on a new connection, every other kept
+        connection closed, as stale as it."""
         params: tuple[str] | dict[str, str] = (uid,) if self._positional else {"uid": uid}
-        connection = self._connection()
-        try:
-            cursor = connection.cursor()
+        for retry in (False, True):
+            connection = self._connection()
             try:
-                cursor.execute(self._sql, params)
-                found = cursor.fetchone() is not None
-            finally:
-                cursor.close()
-        except self._error as exc:
-            _close(connection)
-            raise DBAPIError.instance(self._sql, params, exc, self._error) from exc
-        except BaseException:
-            _close(connection)
-            raise
-        if self._idle.qsize() < self._kept:
-            self._idle.put(connection)
-        else:
-            _close(connection)
-        return found
+                cursor = connection.cursor()
+                try:
+                    cursor.execute(self._sql, params)
+                    found = cursor.fetchone() is not None
+                finally:
+                    cursor.close()
+            except self._error as exc:
+                _close(connection)
+                if not retry and self.engine.dialect.is_disconnect(exc, connection, None):
+                    self._close_idle()
+                    continue
+                raise DBAPIError.instance(self._sql, params, exc, self._error) from exc
+            except BaseException:
+                _close(connection)
+                raise
+            if not self._disposed and self._idle.qsize() < self._kept:
+                self._idle.put(connection)
+            else:
+                _close(connection)
+            return found
+        raise AssertionError("unreachable: the second try returns or raises")
 
     def _connection(self) -> Any:
         """An idle connection, or a new one (the engine's settings applied, then detached
@@ -88,12 +99,16 @@ class UidLookup:
             proxied.detach()
             return proxied.dbapi_connection
 
-    def dispose(self) -> None:
+    def _close_idle(self) -> None:
         while True:
             try:
                 _close(self._idle.get_nowait())
             except queue.Empty:
-                break
+                return
+
+    def dispose(self) -> None:
+        self._disposed = True  # a question still being answered closes its connection
+        self._close_idle()
         self.engine.dispose()
 
 
