@@ -158,7 +158,7 @@ def dcmtk_rate(folders: list[Path], slices: int, work: Path) -> tuple[float, flo
     """Instances/s of ``storescp --fork`` receiving from several senders at once, and its
     peak RSS in MiB."""
     os.sync()
-    with storescp(work, fork=True) as (port, pid), PeakRss(pid, children=True) as rss:
+    with storescp(work, fork=True) as (port, pid), PeakRss(pid) as rss:
         rate = slices * len(folders) / timed_send(port, folders)
     return rate, rss.mib
 

@@ -16,11 +16,9 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def tree_rss(root: int, children: bool = True) -> int:
-    """Resident bytes of ``root`` and, with ``children``, its children (``storescp --fork``
-    forks one per association), read from /proc."""
-    if not children:
-        return _rss(Path(f"/proc/{root}"))
+def tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and its children (``storescp --fork`` forks one per
+    association), read from /proc."""
     total = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -84,13 +82,12 @@ class HighWater:
 
 
 class PeakRss:
-    """The largest resident size of a process (and its children, and ``also`` those
-    processes) while it is running, sampled every 20 ms (for processes whose children
-    come and go: ``storescp --fork``)."""
+    """The largest resident size of a process and its children while it is running,
+    sampled every 20 ms (for a process whose children come and go: ``storescp --fork``;
+    for one that lasts, :class:`HighWater` reads its peak without sampling)."""
 
-    def __init__(self, pid: int, children: bool, also: tuple[int, ...] = ()) -> None:
-        self.pid, self.children, self.peak = pid, children, 0
-        self.also = also
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -104,8 +101,7 @@ class PeakRss:
 
     def _sample(self) -> None:
         while True:
-            others = sum(_rss(Path(f"/proc/{pid}")) for pid in self.also)
-            self.peak = max(self.peak, tree_rss(self.pid, self.children) + others)
+            self.peak = max(self.peak, tree_rss(self.pid))
             if self._stop.wait(0.02):
                 return
 
