@@ -37,7 +37,9 @@ instances/s and peak RSS while they send (the node's: the high-water marks of th
 which hosts the listener, and of its filing process; DCMTK's: the sum over storescp and its
 forked children, sampled every 20 ms), and the
 processor time each took per instance, its senders' included (on a machine with few
-processors the senders and the receiver share them).
+processors the senders and the receiver share them), and what each asked of the disk while
+it received (storescp's bytes wait in the page cache until after its send; the node's
+journal is on disk before each answer).
 
 Every series is written, and synced, before anything is timed, and nothing is deleted
 until the end (each run keeps its own outputs): for half a minute after many files are
@@ -154,13 +156,15 @@ def storescp(work: Path, fork: bool = False, ignore: bool = False) -> Iterator[t
         proc.wait()
 
 
-def dcmtk_rate(folders: list[Path], slices: int, work: Path) -> tuple[float, float]:
+def dcmtk_rate(
+    folders: list[Path], slices: int, work: Path, disk: DiskLoad | None = None
+) -> tuple[float, float]:
     """Instances/s of ``storescp --fork`` receiving from several senders at once, and its
-    peak RSS in MiB."""
+    peak RSS in MiB; ``disk`` counts the disk's writes while it received."""
     os.sync()
     with storescp(work, fork=True) as (port, pid), PeakRss(pid) as rss:
-        rate = slices * len(folders) / timed_send(port, folders)
-    return rate, rss.mib
+        elapsed = timed_send(port, folders) if disk is None else disk.timed(port, folders)
+    return slices * len(folders) / elapsed, rss.mib
 
 
 def cpu_per_instance(
@@ -418,10 +422,11 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         total = args.slices * args.senders
         filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
         os.sync()
+        many_disk, lags = DiskLoad(device), []
         before, filing_before = os.times(), cpu_seconds(filer)
         with HighWater((os.getpid(), filer) if filer else (os.getpid(),)) as peak:
-            elapsed = timed_send(port, folders)
-        many_lag = _settle(ingestor)
+            elapsed = many_disk.timed(port, folders, settle=lambda: lags.append(_settle(ingestor)))
+        many_lag = lags[0]
         after, filing_after = os.times(), cpu_seconds(filer)
         node_cpu = cpu_per_instance(before, after, total)
         node_cpu += (sum(filing_after) - sum(filing_before)) * 1000 / total
@@ -433,8 +438,8 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         ingestor.close()
         catalogue.dispose()
     # storescp --fork as the node was: after a sync, no file deleted since the run began.
-    before = os.times()
-    forked, forked_rss = dcmtk_rate(folders, args.slices, work)
+    before, forked_disk = os.times(), DiskLoad(device)
+    forked, forked_rss = dcmtk_rate(folders, args.slices, work, forked_disk)
     forked_cpu = cpu_per_instance(before, os.times(), total, own=False)
     print(
         f"{args.senders} senders x {args.slices} (distinct series): "
@@ -447,6 +452,12 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         f"  CPU per instance (ms), senders' included: node {node_cpu:.2f} (with its filing, "
         f"until all filed; senders {senders_cpu:.2f}) | storescp --fork {forked_cpu:.2f} "
         f"| {os.cpu_count()} processors"
+    )
+    # storescp's bytes wait in the page cache past its timed send; the node's are on disk
+    # before each answer, and the spool copies written by its filer before "all filed".
+    print(
+        f"  disk writes while receiving, per instance: node {many_disk.describe(total)} | "
+        f"storescp --fork {forked_disk.describe(total)}"
     )
 
 
