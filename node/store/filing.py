@@ -220,13 +220,20 @@ class FilingProcess:
         jobs = [replace(item, payload=None, segment=None) for item in batch]
         assert all(job.source is not None for job in jobs)
         with self._lock:
-            connection = self._ready()
-            try:
-                connection.send(jobs)
-                answer = connection.recv()
-            except (EOFError, OSError) as exc:
-                self._stop()
-                raise FilingFailed(f"the filing process is gone: {exc}") from None
+            # Twice at most: a process killed a moment ago may not be reaped yet (its
+            # threads still exiting), so it looked alive and took the batch to its grave;
+            # the next try starts a new one, once the old is gone.
+            for tries_left in (1, 0):
+                connection = self._ready()
+                try:
+                    connection.send(jobs)
+                    answer = connection.recv()
+                    break
+                except (EOFError, OSError) as exc:
+                    self._stop()
+                    if not tries_left:
+                        raise FilingFailed(f"the filing process is gone: {exc}") from None
+                    log.warning("the filing process is gone (%s): starting another", exc)
         if answer[0] != "filed":
             raise FilingFailed(answer[1])
         paths: list[str] = answer[1]
