@@ -16,6 +16,11 @@ parsing or catalogue:
   they arrive, or after the last byte), and not written at all; and from it, the pace of a
   receiver that cheap with storescu as the sender: the receive floor's time per instance
   plus what writing as the bytes arrive added to the network's;
+- the durable receiver floor (:file:`durable_scp.c`, compiled at run time where there is a C
+  compiler): a C-STORE receiver in C that appends each data set fragment to a zero-filled
+  journal as it arrives and answers once a shared ``fdatasync`` covers it, with nothing
+  else (no parsing, no catalogue), sent to by storescu on one association and by the ten
+  senders: the cheapest receiver that keeps the node's meaning of Success;
 
 The node is timed as it runs once its journal has prepared segments to reuse (kept across
 restarts): after two other series, the first of them printed apart as a new node's pace.
@@ -165,6 +170,43 @@ def dcmtk_rate(
     with storescp(work, fork=True) as (port, pid), PeakRss(pid) as rss:
         elapsed = timed_send(port, folders) if disk is None else disk.timed(port, folders)
     return slices * len(folders) / elapsed, rss.mib
+
+
+def durable_scp_rates(
+    sends: list[list[Path]], slices: int, work: Path
+) -> list[tuple[float, float]] | None:
+    """The durable receiver floor (:file:`durable_scp.c`: every data set fragment appended
+    to a zero-filled journal as it arrives, each C-STORE answered once a shared
+    ``fdatasync`` covers it, nothing else), compiled here and sent to by storescu: for each
+    send in turn (its folders sent at once, ``slices`` instances each), instances/s and the
+    processor time per instance (the senders' included) in ms; None where there is no C
+    compiler."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    binary = work / "durable_scp"
+    source = Path(__file__).with_name("durable_scp.c")
+    subprocess.run([compiler, "-O2", "-pthread", "-o", str(binary), str(source)], check=True)
+    port = free_port()
+    command = [str(binary), str(port), str(work / "durable-scp.journal"), "1024"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE)
+    rates = []
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the durable receiver floor did not start")
+        for folders in sends:
+            os.sync()  # its zero-filled journal, and what came before, on disk first
+            before, receiver = os.times(), cpu_seconds(proc.pid)
+            elapsed = timed_send(port, folders)
+            spent = (sum(cpu_seconds(proc.pid)) - sum(receiver)) * 1000
+            instances = slices * len(folders)
+            cpu = cpu_per_instance(before, os.times(), instances, own=False)
+            rates.append((instances / elapsed, cpu + spent / instances))
+    finally:
+        proc.kill()
+        proc.wait()
+    return rates
 
 
 def cpu_per_instance(
@@ -441,6 +483,7 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
     before, forked_disk = os.times(), DiskLoad(device)
     forked, forked_rss = dcmtk_rate(folders, args.slices, work, forked_disk)
     forked_cpu = cpu_per_instance(before, os.times(), total, own=False)
+    floors = durable_scp_rates([[folder], folders], args.slices, work)
     print(
         f"{args.senders} senders x {args.slices} (distinct series): "
         f"node {total / elapsed:.1f} instances/s aggregate (all filed {many_lag * 1000:.0f} ms "
@@ -453,6 +496,19 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         f"until all filed; senders {senders_cpu:.2f}) | storescp --fork {forked_cpu:.2f} "
         f"| {os.cpu_count()} processors"
     )
+    if floors is not None:
+        (floor_one, _), (floor_many, floor_cpu) = floors
+        print(
+            f"durable receiver floor (durable_scp.c: journal as it arrives, group commit, no "
+            f"parsing, no catalogue), one association: {floor_one:.1f} instances/s | "
+            f"node/that {node / floor_one:.2f}, DCMTK/that {dcmtk / floor_one:.2f}; "
+            f"that/journal floor into written {floor_one / written:.2f}"
+        )
+        print(
+            f"  {args.senders} senders: {floor_many:.1f} instances/s, CPU per instance "
+            f"{floor_cpu:.2f} ms, senders' included | node/that "
+            f"{total / elapsed / floor_many:.2f}, storescp --fork/that {forked / floor_many:.2f}"
+        )
     # storescp's bytes wait in the page cache past its timed send; the node's are on disk
     # before each answer, and the spool copies written by its filer before "all filed".
     print(
