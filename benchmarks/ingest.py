@@ -161,14 +161,12 @@ def storescp(work: Path, fork: bool = False, ignore: bool = False) -> Iterator[t
         proc.wait()
 
 
-def dcmtk_rate(
-    folders: list[Path], slices: int, work: Path, disk: DiskLoad | None = None
-) -> tuple[float, float]:
-    """Instances/s of ``storescp --fork`` receiving from several senders at once, and its
-    peak RSS in MiB; ``disk`` counts the disk's writes while it received."""
-    os.sync()
+def dcmtk_rate(folders: list[Path], slices: int, work: Path, disk: DiskLoad) -> tuple[float, float]:
+    """Instances/s of ``storescp --fork`` receiving from several senders at once (after a
+    ``sync``, as :meth:`DiskLoad.timed` sends), and its peak RSS in MiB; ``disk`` counts the
+    disk's writes while it received."""
     with storescp(work, fork=True) as (port, pid), PeakRss(pid) as rss:
-        elapsed = timed_send(port, folders) if disk is None else disk.timed(port, folders)
+        elapsed = disk.timed(port, folders)
     return slices * len(folders) / elapsed, rss.mib
 
 
@@ -463,7 +461,7 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         folders = [inputs / f"series-{i}" for i in range(args.senders)]
         total = args.slices * args.senders
         filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
-        os.sync()
+        os.sync()  # before the processor time is read: the timed send's own sync finds nothing
         many_disk, lags = DiskLoad(device), []
         before, filing_before = os.times(), cpu_seconds(filer)
         with HighWater((os.getpid(), filer) if filer else (os.getpid(),)) as peak:
