@@ -36,21 +36,22 @@ Disks differ between machines, so the ratios node/DCMTK, node/file floor and nod
 floor are printed from the same run. DCMTK, the receive floor and the node are sent to in
 turn ``--repeats`` times (storescp and the node kept running; a new series for the node each
 time), so that a slow moment of a shared machine falls on all of them: medians, with ranges.
-Then ``--senders`` concurrent storescu x ``--slices``
-(distinct series) into the node and into ``storescp --fork``, side by side: aggregate
-instances/s and peak RSS while they send (the node's: the high-water marks of this process,
-which hosts the listener, and of its filing process; DCMTK's: the sum over storescp and its
-forked children, sampled every 20 ms), and the
-processor time each took per instance, its senders' included (on a machine with few
-processors the senders and the receiver share them), and what each asked of the disk while
-it received (storescp's bytes wait in the page cache until after its send; the node's
-journal is on disk before each answer).
+Then ``--senders`` concurrent storescu x ``--slices`` (distinct series) into the node and
+into ``storescp --fork``, in turn ``--repeats`` times (the node idle while ``--fork``
+receives; the machine's speed swings by half within a run): aggregate instances/s, medians
+and ranges, and peak RSS while they send (the node's: the high-water marks of this
+process, which hosts the listener, and of its filing process; DCMTK's: the sum over
+storescp and its forked children, sampled every 20 ms), and the processor time each took
+per instance, its senders' included (on a machine with few processors the senders and the
+receiver share them), and what each asked of the disk while it received (storescp's bytes
+wait in the page cache until after its send; the node's journal is on disk before each
+answer).
 
 Every series is written, and synced, before anything is timed, and nothing is deleted
 until the end (each run keeps its own outputs): for half a minute after many files are
 deleted, ext4 takes longer to create files (it looks past the inodes just freed), and
 bytes still on their way from the page cache would be written while a receiver is timed.
-With the defaults that is about 5 GB per run, beside 2.3 GB of series.
+With the defaults that is about 11 GB per run, beside 5.5 GB of series.
 
     .venv/bin/python -m benchmarks.ingest [--slices 300] [--senders 10] [--repeats 3] [--runs 1]
 """
@@ -66,6 +67,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -345,7 +347,11 @@ def write_inputs(args: argparse.Namespace, work: Path) -> None:
     """Every series the runs send, written and synced before anything is timed."""
     names = ["series", "series-warm-up-0", "series-warm-up-1"]
     names += [f"series-node-{repeat}" for repeat in range(args.repeats)]
-    names += [f"series-{sender}" for sender in range(args.senders)]
+    names += [
+        f"series-{repeat}-{sender}"
+        for repeat in range(args.repeats)
+        for sender in range(args.senders)
+    ]
     for name in names:
         write_series(work / name, args.slices)
     os.sync()
@@ -458,42 +464,16 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
             f"disk writes while receiving, per instance of {size:,.0f} KiB: "
             f"DCMTK {dcmtk_disk.describe(sent)} | node {node_disk.describe(sent)}"
         )
-        folders = [inputs / f"series-{i}" for i in range(args.senders)]
-        total = args.slices * args.senders
-        filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
-        os.sync()  # before the processor time is read: the timed send's own sync finds nothing
-        many_disk, lags = DiskLoad(device), []
-        before, filing_before = os.times(), cpu_seconds(filer)
-        with HighWater((os.getpid(), filer) if filer else (os.getpid(),)) as peak:
-            elapsed = many_disk.timed(port, folders, settle=lambda: lags.append(_settle(ingestor)))
-        many_lag = lags[0]
-        after, filing_after = os.times(), cpu_seconds(filer)
-        node_cpu = cpu_per_instance(before, after, total)
-        node_cpu += (sum(filing_after) - sum(filing_before)) * 1000 / total
-        senders_cpu = cpu_per_instance(before, after, total, own=False)
-        _quiet(node_journal)
-        rss = peak.mib
+        # Ten senders, the node and storescp --fork in turn --repeats times (the node idle
+        # while --fork receives), so that a slower moment of the machine falls on both.
+        many = _many_senders(args, inputs, work, port, ingestor, node_journal, device)
     finally:
         server.shutdown()
         ingestor.close()
         catalogue.dispose()
-    # storescp --fork as the node was: after a sync, no file deleted since the run began.
-    before, forked_disk = os.times(), DiskLoad(device)
-    forked, forked_rss = dcmtk_rate(folders, args.slices, work, forked_disk)
-    forked_cpu = cpu_per_instance(before, os.times(), total, own=False)
+    folders = [inputs / f"series-0-{i}" for i in range(args.senders)]
     floors = durable_scp_rates([[folder], folders], args.slices, work)
-    print(
-        f"{args.senders} senders x {args.slices} (distinct series): "
-        f"node {total / elapsed:.1f} instances/s aggregate (all filed {many_lag * 1000:.0f} ms "
-        f"after), peak RSS {rss:.0f} MiB (with its filing process) | "
-        f"storescp --fork {forked:.1f} instances/s, peak RSS {forked_rss:.0f} MiB | "
-        f"ratio {total / elapsed / forked:.2f}"
-    )
-    print(
-        f"  CPU per instance (ms), senders' included: node {node_cpu:.2f} (with its filing, "
-        f"until all filed; senders {senders_cpu:.2f}) | storescp --fork {forked_cpu:.2f} "
-        f"| {os.cpu_count()} processors"
-    )
+    many.report(args)
     if floors is not None:
         (floor_one, _), (floor_many, floor_cpu) = floors
         print(
@@ -505,13 +485,105 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         print(
             f"  {args.senders} senders: {floor_many:.1f} instances/s, CPU per instance "
             f"{floor_cpu:.2f} ms, senders' included | node/that "
-            f"{total / elapsed / floor_many:.2f}, storescp --fork/that {forked / floor_many:.2f}"
+            f"{statistics.median(many.node) / floor_many:.2f}, storescp --fork/that "
+            f"{statistics.median(many.fork) / floor_many:.2f}"
         )
-    # storescp's bytes wait in the page cache past its timed send; the node's are on disk
-    # before each answer, and the spool copies written by its filer before "all filed".
-    print(
-        f"  disk writes while receiving, per instance: node {many_disk.describe(total)} | "
-        f"storescp --fork {forked_disk.describe(total)}"
+    many.report_disk(args)
+
+
+@dataclass
+class ManySenders:
+    """Ten senders (``--senders``) sent to the node and to ``storescp --fork`` in turn:
+    each one's instances/s per repeat, processor time per instance with the senders'
+    (summed over the repeats), peak RSS, and the disk's writes."""
+
+    node: list[float]
+    fork: list[float]
+    lags: list[float]  # seconds from the senders' end to every instance filed
+    node_cpu: float
+    senders_cpu: float
+    fork_cpu: float
+    node_rss: float
+    fork_rss: float
+    node_disk: DiskLoad
+    fork_disk: DiskLoad
+
+    def report(self, args: argparse.Namespace) -> None:
+        node, fork = statistics.median(self.node), statistics.median(self.fork)
+        lags = " / ".join(f"{lag * 1000:.0f}" for lag in self.lags)
+        ratios = " / ".join(f"{n / f:.2f}" for n, f in zip(self.node, self.fork, strict=True))
+        print(
+            f"{args.senders} senders x {args.slices} (distinct series), node and storescp "
+            f"--fork in turn {len(self.node)} times: node {_spread(self.node)} aggregate (all "
+            f"filed {lags} ms after), peak RSS {self.node_rss:.0f} MiB (with its filing "
+            f"process) | storescp --fork {_spread(self.fork)}, peak RSS {self.fork_rss:.0f} "
+            f"MiB | ratio of the medians {node / fork:.2f} (each turn: {ratios})"
+        )
+        print(
+            f"  CPU per instance (ms), senders' included: node {self.node_cpu:.2f} (with its "
+            f"filing, until all filed; senders {self.senders_cpu:.2f}) | storescp --fork "
+            f"{self.fork_cpu:.2f} | {os.cpu_count()} processors"
+        )
+
+    def report_disk(self, args: argparse.Namespace) -> None:
+        # storescp's bytes wait in the page cache past its timed send; the node's are on
+        # disk before each answer, and the spool copies written by its filer before "all
+        # filed".
+        sent = args.slices * args.senders * len(self.node)
+        print(
+            f"  disk writes while receiving, per instance: node {self.node_disk.describe(sent)}"
+            f" | storescp --fork {self.fork_disk.describe(sent)}"
+        )
+
+
+def _many_senders(
+    args: argparse.Namespace,
+    inputs: Path,
+    work: Path,
+    port: int,
+    ingestor: Ingestor,
+    journal: Journal,
+    device: tuple[int, int],
+) -> ManySenders:
+    """The node (new series each turn) and ``storescp --fork`` (the first turn's series
+    again) received from ``--senders`` storescu at once, in turn ``--repeats`` times."""
+    total = args.slices * args.senders
+    node, fork, lags = [], [], []
+    node_cpu = senders_cpu = fork_cpu = node_rss = fork_rss = 0.0
+    node_disk, fork_disk = DiskLoad(device), DiskLoad(device)
+    for repeat in range(args.repeats):
+        folders = [inputs / f"series-{repeat}-{i}" for i in range(args.senders)]
+        filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
+        os.sync()  # before the processor time is read: the timed send's own sync finds nothing
+        before, filing_before = os.times(), cpu_seconds(filer)
+        with HighWater((os.getpid(), filer) if filer else (os.getpid(),)) as peak:
+            elapsed = node_disk.timed(port, folders, settle=lambda: lags.append(_settle(ingestor)))
+        after, filing_after = os.times(), cpu_seconds(filer)
+        node.append(total / elapsed)
+        node_cpu += cpu_per_instance(before, after, total)
+        node_cpu += (sum(filing_after) - sum(filing_before)) * 1000 / total
+        senders_cpu += cpu_per_instance(before, after, total, own=False)
+        node_rss = max(node_rss, peak.mib)
+        _quiet(journal)
+        # storescp --fork as the node was: after a sync, no file deleted since the run began.
+        before = os.times()
+        first = [inputs / f"series-0-{i}" for i in range(args.senders)]
+        rate, rss = dcmtk_rate(first, args.slices, work, fork_disk)
+        fork.append(rate)
+        fork_cpu += cpu_per_instance(before, os.times(), total, own=False)
+        fork_rss = max(fork_rss, rss)
+    turns = args.repeats
+    return ManySenders(
+        node,
+        fork,
+        lags,
+        node_cpu / turns,
+        senders_cpu / turns,
+        fork_cpu / turns,
+        node_rss,
+        fork_rss,
+        node_disk,
+        fork_disk,
     )
 
 
