@@ -347,13 +347,11 @@ def write_inputs(args: argparse.Namespace, work: Path) -> None:
     """Every series the runs send, written and synced before anything is timed."""
     names = ["series", "series-warm-up-0", "series-warm-up-1"]
     names += [f"series-node-{repeat}" for repeat in range(args.repeats)]
-    names += [
-        f"series-{repeat}-{sender}"
-        for repeat in range(args.repeats)
-        for sender in range(args.senders)
-    ]
-    for name in names:
-        write_series(work / name, args.slices)
+    folders = [work / name for name in names]
+    for turn in range(args.repeats):  # the ten senders': new series for the node each turn
+        folders += _senders_series(work, args.senders, turn)
+    for path in folders:
+        write_series(path, args.slices)
     os.sync()
 
 
@@ -471,8 +469,9 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         server.shutdown()
         ingestor.close()
         catalogue.dispose()
-    folders = [inputs / f"series-0-{i}" for i in range(args.senders)]
-    floors = durable_scp_rates([[folder], folders], args.slices, work)
+    floors = durable_scp_rates(
+        [[folder], _senders_series(inputs, args.senders, 0)], args.slices, work
+    )
     many.report(args)
     if floors is not None:
         (floor_one, _), (floor_many, floor_cpu) = floors
@@ -494,8 +493,8 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
 @dataclass
 class ManySenders:
     """Ten senders (``--senders``) sent to the node and to ``storescp --fork`` in turn:
-    each one's instances/s per repeat, processor time per instance with the senders'
-    (summed over the repeats), peak RSS, and the disk's writes."""
+    each one's instances/s per turn, processor time per instance with the senders'
+    (averaged over the turns), peak RSS (the highest), and the disk's writes."""
 
     node: list[float]
     fork: list[float]
@@ -536,6 +535,11 @@ class ManySenders:
         )
 
 
+def _senders_series(inputs: Path, senders: int, turn: int) -> list[Path]:
+    """The series the ten senders (``senders``) send in one turn."""
+    return [inputs / f"series-{turn}-{sender}" for sender in range(senders)]
+
+
 def _many_senders(
     args: argparse.Namespace,
     inputs: Path,
@@ -551,8 +555,9 @@ def _many_senders(
     node, fork, lags = [], [], []
     node_cpu = senders_cpu = fork_cpu = node_rss = fork_rss = 0.0
     node_disk, fork_disk = DiskLoad(device), DiskLoad(device)
-    for repeat in range(args.repeats):
-        folders = [inputs / f"series-{repeat}-{i}" for i in range(args.senders)]
+    first = _senders_series(inputs, args.senders, 0)
+    for turn in range(args.repeats):
+        folders = _senders_series(inputs, args.senders, turn)
         filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
         os.sync()  # before the processor time is read: the timed send's own sync finds nothing
         before, filing_before = os.times(), cpu_seconds(filer)
@@ -567,7 +572,6 @@ def _many_senders(
         _quiet(journal)
         # storescp --fork as the node was: after a sync, no file deleted since the run began.
         before = os.times()
-        first = [inputs / f"series-0-{i}" for i in range(args.senders)]
         rate, rss = dcmtk_rate(first, args.slices, work, fork_disk)
         fork.append(rate)
         fork_cpu += cpu_per_instance(before, os.times(), total, own=False)
