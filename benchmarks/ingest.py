@@ -578,16 +578,16 @@ def _many_senders(
         fork_rss = max(fork_rss, rss)
     turns = args.repeats
     return ManySenders(
-        node,
-        fork,
-        lags,
-        node_cpu / turns,
-        senders_cpu / turns,
-        fork_cpu / turns,
-        node_rss,
-        fork_rss,
-        node_disk,
-        fork_disk,
+        node=node,
+        fork=fork,
+        lags=lags,
+        node_cpu=node_cpu / turns,
+        senders_cpu=senders_cpu / turns,
+        fork_cpu=fork_cpu / turns,
+        node_rss=node_rss,
+        fork_rss=fork_rss,
+        node_disk=node_disk,
+        fork_disk=fork_disk,
     )
 
 
