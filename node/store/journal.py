@@ -357,10 +357,15 @@ class Journal:
 
     def _room(self, length: int) -> Segment:
         """The segment to append ``length`` bytes to (the lock held): the current one while
-        it has room, even a merely allocated one while a spare is ready (left early, it
-        would be removed once drained, where filled it becomes a spare itself)."""
+        it has room, unless it was merely allocated and a prepared one is ready (an append
+        to blocks not yet written also commits the file system's journal: one association
+        received 320-354 instances/s filling allocated segments to their end)."""
         segment = self._current
-        if segment is not None and segment.end + length <= segment.size:
+        if (
+            segment is not None
+            and segment.end + length <= segment.size
+            and (segment.prepared or not self._spares)
+        ):
             return segment
         if segment is not None:
             segment.full = True
