@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 MAGIC, MAGIC_V1, MAGIC_STREAMED = b"CJR2", b"CJR1", b"CJR3"
 ALIGN = 4096
 SEGMENT_BYTES = 128 << 20
-SPARE_SEGMENTS = 4  # retired segments kept for reuse (their blocks already written)
+SPARE_SEGMENTS = 4  # retired segments kept for reuse (their blocks written, or nearly)
 PLACE_STEP = 64 << 10  # a record written as it arrives is written this much at a time, or more
 # Flushes in flight at once: an append that finds one running starts its own beside it
 # rather than waiting for it to end and then flushing (see Journal._sync).
@@ -105,7 +105,7 @@ class Segment:
     finished: int = 0
     synced: int = 0
     syncing: int = 0  # flushes in flight
-    prepared: bool = False  # every block written beforehand: appends change no metadata
+    prepared: bool = False  # blocks written beforehand (or nearly): appends change little metadata
     streaming: int = 0  # reservations open: their receivers may still write to it
 
 
