@@ -23,7 +23,10 @@ parsing or catalogue:
   senders: the cheapest receiver that keeps the node's meaning of Success;
 
 The node is timed as it runs once its journal has prepared segments to reuse (kept across
-restarts): after two other series, the first of them printed apart as a new node's pace.
+restarts): after two other series, the first of them printed apart as a new node's pace;
+and its ten senders after a burst of theirs, untimed as a comparison but printed apart
+too, which leaves the journal the spare segments a burst fills (a new node's first burst
+makes them as it goes).
 And, beside DCMTK storing, DCMTK receiving without storing (``storescp --ignore``): what the
 sender and the network allow at all. The node's CPU time per instance (all its threads,
 user and system) and the sender's are printed too, and what the disk was asked to write
@@ -51,7 +54,9 @@ Every series is written, and synced, before anything is timed, and nothing is de
 until the end (each run keeps its own outputs): for half a minute after many files are
 deleted, ext4 takes longer to create files (it looks past the inodes just freed), and
 bytes still on their way from the page cache would be written while a receiver is timed.
-With the defaults that is about 11 GB per run, beside 5.5 GB of series.
+With the defaults that is about 11 GB per run, beside 7 GB of series. Before the first
+run the machine's free memory is filled with page cache that costs no disk
+(:func:`fill_memory`): every receiver is timed as on a server whose memory is in use.
 
     .venv/bin/python -m benchmarks.ingest [--slices 300] [--senders 10] [--repeats 3] [--runs 1]
 """
@@ -343,12 +348,50 @@ def journal_floor(
         path.unlink()
 
 
+def fill_memory(work: Path, margin: int = 1 << 30) -> None:
+    """Fill the machine's free memory, but ``margin``, with page cache that costs no disk
+    (a sparse file read through, kept until the end), as a server's memory is once it has
+    run a while: every receiver then gets its pages by reclaiming cache.
+
+    On a virtual machine whose host takes freed memory back (free page reporting), a page
+    never touched, or freed a while ago, costs the host a fault the first time it is
+    written: receivers that take fresh pages for the page cache paid 1 to 1.5 ms of system
+    time per 513 KiB instance for it (storescp --fork 752-844/s in two runs, 1,886/s in a
+    third, once earlier runs had filled the memory). Measured so, no receiver's pace
+    depends on how much memory the ones before it left untouched."""
+    free = _meminfo_bytes("MemFree") - margin
+    if free <= 0:
+        return
+    path = work / "memory.fill"
+    with open(path, "wb") as out:
+        out.truncate(free)
+    started = time.perf_counter()
+    chunk = bytearray(8 << 20)
+    with open(path, "rb", buffering=0) as source:
+        while source.readinto(chunk):
+            pass
+    print(
+        f"memory: {free / (1 << 30):.1f} GiB of free memory filled with page cache in "
+        f"{time.perf_counter() - started:.0f} s (a sparse file read through; left free "
+        f"{_meminfo_bytes('MemFree') / (1 << 30):.1f} GiB)"
+    )
+
+
+def _meminfo_bytes(field: str) -> int:
+    with open("/proc/meminfo") as info:
+        for line in info:
+            name, _, rest = line.partition(":")
+            if name == field:
+                return int(rest.split()[0]) * 1024
+    raise RuntimeError(f"/proc/meminfo has no {field}")
+
+
 def write_inputs(args: argparse.Namespace, work: Path) -> None:
     """Every series the runs send, written and synced before anything is timed."""
     names = ["series", "series-warm-up-0", "series-warm-up-1"]
     names += [f"series-node-{repeat}" for repeat in range(args.repeats)]
     folders = [work / name for name in names]
-    for turn in range(args.repeats):  # the ten senders': new series for the node each turn
+    for turn in [*range(args.repeats), "first"]:  # new series for the node each turn
         folders += _senders_series(work, args.senders, turn)
     for path in folders:
         write_series(path, args.slices)
@@ -496,6 +539,7 @@ class ManySenders:
     each one's instances/s per turn, processor time per instance with the senders'
     (averaged over the turns), peak RSS (the highest), and the disk's writes."""
 
+    first: float  # the node's first burst, untimed as a comparison
     node: list[float]
     fork: list[float]
     lags: list[float]  # seconds from the senders' end to every instance filed
@@ -519,6 +563,10 @@ class ManySenders:
             f"MiB | ratio of the medians {node / fork:.2f} (each turn: {ratios})"
         )
         print(
+            f"  the node's first burst: {self.first:7.1f} instances/s (its journal making "
+            "the segments a burst fills, kept as spares since)"
+        )
+        print(
             f"  CPU per instance (ms), senders' included: node {self.node_cpu:.2f} (with its "
             f"filing, until all filed; senders {self.senders_cpu:.2f}) | storescp --fork "
             f"{self.fork_cpu:.2f} | {os.cpu_count()} processors"
@@ -535,7 +583,7 @@ class ManySenders:
         )
 
 
-def _senders_series(inputs: Path, senders: int, turn: int) -> list[Path]:
+def _senders_series(inputs: Path, senders: int, turn: int | str) -> list[Path]:
     """The series the ten senders (``senders``) send in one turn."""
     return [inputs / f"series-{turn}-{sender}" for sender in range(senders)]
 
@@ -556,6 +604,15 @@ def _many_senders(
     node_cpu = senders_cpu = fork_cpu = node_rss = fork_rss = 0.0
     node_disk, fork_disk = DiskLoad(device), DiskLoad(device)
     first = _senders_series(inputs, args.senders, 0)
+    # A burst first, untimed as a comparison: the journal keeps the segments it fills as
+    # spares (across restarts too), so the node is timed as it runs from then on.
+    warm_up = (
+        args.slices
+        * args.senders
+        / timed_send(port, _senders_series(inputs, args.senders, "first"))
+    )
+    _settle(ingestor)
+    _quiet(journal)
     for turn in range(args.repeats):
         folders = _senders_series(inputs, args.senders, turn)
         filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
@@ -578,6 +635,7 @@ def _many_senders(
         fork_rss = max(fork_rss, rss)
     turns = args.repeats
     return ManySenders(
+        first=warm_up,
         node=node,
         fork=fork,
         lags=lags,
@@ -606,6 +664,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="curia-ingest-"))
     try:
         write_inputs(args, work)
+        fill_memory(work)
         for run in range(args.runs):
             if args.runs > 1:
                 print(f"-- run {run + 1} of {args.runs}")
