@@ -668,6 +668,47 @@ def test_a_busy_journal_reuses_its_retired_segments_and_zero_fills_none(
     ingestor.close()
 
 
+def test_a_burst_is_kept_as_spares_and_the_next_one_appends_to_them_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every segment a burst filled is kept as a spare (across a restart), up to what the
+    filer lets a burst fill before it files, and the next burst appends to those alone:
+    no segment made anew, none of its cached pages freed and taken again."""
+    from node.store import journal as journal_module
+    from node.store import write_ahead
+
+    segment_bytes = 1 << 22
+    assert journal_module.SPARE_SEGMENTS * journal_module.SEGMENT_BYTES >= (
+        write_ahead.FILING_BACKLOG_BYTES
+    ), "a burst the filer lets wait fits in the spares"
+    folder = tmp_path / "j"
+    payload = os.urandom(128_000)  # 32 records (128 KiB each, aligned) fill a 4 MiB segment
+    journal = Journal(folder, segment_bytes)
+    assert list(journal.recover()) == []
+    for n in range(12 * 32):  # a burst of 12 segments, more than the 4 kept before
+        journal.append({"n": n}, [payload])
+    burst = journal.close()
+    assert len(burst) == 12
+    for segment in burst:  # filed and synced: retired
+        journal.forget(segment)
+
+    made: list[int] = []
+    real_create = journal_module.Journal._create
+
+    def counted(self: Journal) -> Segment:
+        made.append(1)
+        return real_create(self)
+
+    monkeypatch.setattr(journal_module.Journal, "_create", counted)
+    journal = Journal(folder, segment_bytes)
+    assert list(journal.recover()) == [] and journal.spares == 12
+    for n in range(10 * 32):
+        assert journal.append({"n": n}, [payload]).segment.prepared
+    assert made == [], "the next burst made a segment anew"
+    for segment in journal.close():
+        journal.forget(segment)
+
+
 def test_a_writer_waits_for_the_flush_in_flight_and_no_longer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
