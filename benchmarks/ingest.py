@@ -81,7 +81,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from benchmarks.disk import DiskCounters, device_of, read_counters
 from benchmarks.durable_receive import durable_receive
-from benchmarks.memory import HighWater, PeakRss, cpu_seconds
+from benchmarks.memory import HighWater, PeakRss, cpu_seconds, fill_memory
 from node.catalogue.db import Catalogue, upgrade
 from node.core.collector import settle_collector
 from node.core.settings import DicomSettings
@@ -346,44 +346,6 @@ def journal_floor(
     finally:
         os.close(fd)
         path.unlink()
-
-
-def fill_memory(work: Path, margin: int = 1 << 30) -> None:
-    """Fill the machine's free memory, but ``margin``, with page cache that costs no disk
-    (a sparse file read through, kept until the end), as a server's memory is once it has
-    run a while: every receiver then gets its pages by reclaiming cache.
-
-    On a virtual machine whose host takes freed memory back (free page reporting), a page
-    never touched, or freed a while ago, costs the host a fault the first time it is
-    written: receivers that take fresh pages for the page cache paid 1 to 1.5 ms of system
-    time per 513 KiB instance for it (storescp --fork 752-844/s in two runs, 1,886/s in a
-    third, once earlier runs had filled the memory). Measured so, no receiver's pace
-    depends on how much memory the ones before it left untouched."""
-    free = _meminfo_bytes("MemFree") - margin
-    if free <= 0:
-        return
-    path = work / "memory.fill"
-    with open(path, "wb") as out:
-        out.truncate(free)
-    started = time.perf_counter()
-    chunk = bytearray(8 << 20)
-    with open(path, "rb", buffering=0) as source:
-        while source.readinto(chunk):
-            pass
-    print(
-        f"memory: {free / (1 << 30):.1f} GiB of free memory filled with page cache in "
-        f"{time.perf_counter() - started:.0f} s (a sparse file read through; left free "
-        f"{_meminfo_bytes('MemFree') / (1 << 30):.1f} GiB)"
-    )
-
-
-def _meminfo_bytes(field: str) -> int:
-    with open("/proc/meminfo") as info:
-        for line in info:
-            name, _, rest = line.partition(":")
-            if name == field:
-                return int(rest.split()[0]) * 1024
-    raise RuntimeError(f"/proc/meminfo has no {field}")
 
 
 def write_inputs(args: argparse.Namespace, work: Path) -> None:
