@@ -67,8 +67,8 @@ log = logging.getLogger(__name__)
 MAGIC, MAGIC_V1, MAGIC_STREAMED = b"CJR2", b"CJR1", b"CJR3"
 ALIGN = 4096
 SEGMENT_BYTES = 128 << 20
-# Retired segments kept for reuse (their blocks written, or nearly): as many as a burst fills
-# before the filer starts (write_ahead.FILING_BACKLOG_BYTES, 2 GiB, over SEGMENT_BYTES), so
+# Retired segments kept for reuse (their blocks written, or nearly): 2 GiB, which is also as
+# much as a burst may fill before the filer starts (write_ahead.FILING_BACKLOG_BYTES), so
 # that a burst appends to files whose blocks and cached pages it already has. Removing a
 # segment frees its cached pages; a virtual machine whose host takes freed memory back
 # (free page reporting) then pays for every page of the next segment anew: ten senders into

@@ -43,7 +43,15 @@ from node.core.uids import validate_uid
 from node.store.buffers import Parts, size_of
 from node.store.filing import Filer, FilingFailed, FilingProcess, Pending
 from node.store.header import InstanceHeader
-from node.store.journal import Journal, JournalError, Record, Reservation, Segment
+from node.store.journal import (
+    SEGMENT_BYTES,
+    SPARE_SEGMENTS,
+    Journal,
+    JournalError,
+    Record,
+    Reservation,
+    Segment,
+)
 from node.store.spool import (
     Spool,
     fsync_dir,
@@ -64,7 +72,7 @@ BACKLOG_WAIT_SECONDS = 30.0  # longest wait for room in the backlog before refus
 # FILING_BACKLOG_BYTES in the journal alone (about 4,000 CT slices: ten senders' burst of a
 # few seconds), or MAX_WAITING records.
 FILING_QUIET = 0.05
-FILING_BACKLOG_BYTES = 2 << 30
+FILING_BACKLOG_BYTES = SPARE_SEGMENTS * SEGMENT_BYTES  # 2 GiB: what the journal's spares hold
 FILING_BATCH = 64  # a record that makes this many waiting wakes the filer to look
 MAX_FILED_AT_ONCE = 500  # records filed in one catalogue transaction
 MAX_WAITING = 16 * MAX_FILED_AT_ONCE  # records waiting, whatever their size
