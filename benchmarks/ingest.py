@@ -32,7 +32,10 @@ sender and the network allow at all. The node's CPU time per instance (all its t
 user and system) and the sender's are printed too, and what the disk was asked to write
 while DCMTK and the node received (bytes, flushes and busy time per instance, from
 /proc/diskstats), and what a ``sync`` right after each send wrote: storescp's bytes wait
-in the page cache, the node's are made durable. Every timed send starts after a ``sync``
+in the page cache, the node's are made durable. Beside them, the share of the processors'
+time the host took (steal, /proc/stat) while each receiver's sends were timed: on a
+virtual machine it swings from nothing to a quarter within a run, and a receiver timed in
+such a moment ran on less machine than the one beside it. Every timed send starts after a ``sync``
 (untimed), so that none of them pays for what the one before left in the page cache.
 
 Disks differ between machines, so the ratios node/DCMTK, node/file floor and node/journal
@@ -81,7 +84,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from benchmarks.disk import DiskCounters, device_of, read_counters
 from benchmarks.durable_receive import durable_receive
-from benchmarks.memory import HighWater, PeakRss, cpu_seconds, fill_memory
+from benchmarks.memory import HighWater, PeakRss, Steal, cpu_seconds, fill_memory
 from node.catalogue.db import Catalogue, upgrade
 from node.core.collector import settle_collector
 from node.core.settings import DicomSettings
@@ -237,6 +240,7 @@ class DiskLoad:
         self.during: DiskCounters | None = DiskCounters()
         self.after = DiskCounters()
         self.seconds = 0.0
+        self.steal = Steal()  # the host's share of the processors while sends were timed
 
     def timed(
         self, port: int, folders: list[Path], settle: Callable[[], object] | None = None
@@ -246,7 +250,8 @@ class DiskLoad:
         disk writes are counted with the send's."""
         os.sync()
         before = read_counters(self.device)
-        elapsed = timed_send(port, folders)
+        with self.steal.timed():
+            elapsed = timed_send(port, folders)
         if settle is not None:
             settle()
         sent = read_counters(self.device)
@@ -262,12 +267,13 @@ class DiskLoad:
 
     def describe(self, instances: int) -> str:
         if self.during is None:
-            return "not counted"
+            return f"not counted, steal {self.steal.percent:.0f}%"
         busy = self.during.busy_ms / 10 / self.seconds
         return (
             f"{self.during.bytes_written / instances / 1024:,.0f} KiB, "
             f"{self.during.flushes / instances:.2f} flushes, busy {busy:.0f}% "
-            f"(then {self.after.bytes_written / instances / 1024:,.0f} KiB by a sync)"
+            f"(then {self.after.bytes_written / instances / 1024:,.0f} KiB by a sync); "
+            f"steal {self.steal.percent:.0f}%"
         )
 
 
