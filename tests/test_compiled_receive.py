@@ -210,19 +210,21 @@ def test_a_trickled_pdu_must_arrive_whole_within_its_time(
 
 
 @compiled
+@pytest.mark.parametrize("cut", [3, 3_000], ids=["header", "body"])
 def test_a_pause_inside_a_pdu_longer_than_the_silence_between_pdus_is_not_an_end(
-    pair: tuple[Connection, socket.socket],
+    pair: tuple[Connection, socket.socket], cut: int
 ) -> None:
-    """And once the PDU is in, the wait for the next is the caller's again."""
+    """Inside its header or its body; and once the PDU is in, the wait for the next is the
+    caller's again."""
     connection, peer = pair
     connection.set_timeout(0.2)
     data = _data_set([os.urandom(10_000), os.urandom(10)])
-    sender = _send_paced(peer, data[:3_000], 3_000)
+    sender = _send_paced(peer, data[:cut], cut)
     sender.join()
 
     def rest() -> None:
         time.sleep(0.6)
-        peer.sendall(data[3_000:])
+        peer.sendall(data[cut:])
 
     late = threading.Thread(target=rest)
     late.start()
@@ -245,6 +247,108 @@ def test_a_silent_peer_ends_the_association_once_the_timeout_passes(
     with pytest.raises(AssociationAborted, match="timed out"):
         connection.receive_fragments(_buffer(2_000), len(PREFIX), CONTEXT, LIMIT, 10, None)
     assert 0.25 < time.monotonic() - started < 3
+
+
+# -- an answer sent and the next PDU read in one call ---------------------------------------
+
+ANSWER = _pdu(_pdv(b"R" * 150, last=True, command=True))  # stands for a C-STORE-RSP
+BOTH_WAYS = pytest.mark.parametrize("built", [True, False], ids=["compiled", "python"])
+
+
+def _ways(built: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not built:
+        monkeypatch.setattr(pdu_module, "_receive", None)
+    elif pdu_module._receive is None:
+        pytest.skip("the module is not built")
+
+
+@BOTH_WAYS
+@pytest.mark.parametrize(
+    "following",
+    [
+        _pdu(_pdv(b"C" * 200, last=True, command=True)),  # the next command
+        _pdu(b"\x00" * 4, pdu_type=RELEASE_RQ),
+        _pdu(_pdv(b"C" * 180, last=True, command=True), _pdv(b"D" * 9_000, last=True)),
+    ],
+    ids=["command", "release", "command-and-data-in-one"],
+)
+def test_an_answer_goes_out_whole_and_the_next_pdu_comes_back_whole(
+    pair: tuple[Connection, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+    built: bool,
+    following: bytes,
+) -> None:
+    """A long PDU (a sender's command and data in one) is read on in Python."""
+    _ways(built, monkeypatch)
+    connection, peer = pair
+    peer.sendall(following)
+    pdu_type, body = connection.exchange(ANSWER, LIMIT, 10)
+    assert (pdu_type, bytes(body)) == (following[0], following[6:])
+    peer.settimeout(5)
+    assert peer.recv(len(ANSWER), socket.MSG_WAITALL) == ANSWER
+
+
+@BOTH_WAYS
+def test_after_an_exchange_the_wait_for_the_next_pdu_is_the_callers_again(
+    pair: tuple[Connection, socket.socket], monkeypatch: pytest.MonkeyPatch, built: bool
+) -> None:
+    _ways(built, monkeypatch)
+    connection, peer = pair
+    connection.set_timeout(0.2)
+    data = _pdu(_pdv(b"C" * 200, last=True, command=True))
+    peer.sendall(data[:3])
+
+    def rest() -> None:
+        time.sleep(0.5)  # longer than the silence allowed between PDUs, inside one
+        peer.sendall(data[3:])
+
+    late = threading.Thread(target=rest)
+    late.start()
+    try:
+        assert connection.exchange(ANSWER, LIMIT, 5)[0] == P_DATA
+    finally:
+        late.join()
+    wait = connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+    assert struct.unpack("@ll", wait) == (0, 200_000)
+
+
+@BOTH_WAYS
+def test_an_exchange_ends_the_association_as_a_read_does(
+    pair: tuple[Connection, socket.socket], monkeypatch: pytest.MonkeyPatch, built: bool
+) -> None:
+    """The peer's close, a PDU over the limit, a trickled PDU, a silent peer."""
+    _ways(built, monkeypatch)
+    connection, peer = pair
+    peer.sendall(struct.pack(">BBL", P_DATA, 0, LIMIT + 1))
+    with pytest.raises(AssociationAborted, match="over the maximum"):
+        connection.exchange(ANSWER, LIMIT, 10)
+    connection.set_timeout(0.3)
+    started = time.monotonic()
+    with pytest.raises(AssociationAborted, match="timed out"):
+        connection.exchange(ANSWER, LIMIT, 10)
+    assert 0.25 < time.monotonic() - started < 3
+    started = time.monotonic()
+    with (
+        dripping(peer, _pdu(_pdv(b"C" * 200, last=True, command=True))),
+        pytest.raises(AssociationAborted, match="timed out"),
+    ):
+        connection.set_timeout(5)
+        connection.exchange(ANSWER, LIMIT, 0.5)
+    assert time.monotonic() - started < 3
+    peer.shutdown(socket.SHUT_WR)
+    with pytest.raises(AssociationAborted, match="closed the connection"):
+        connection.exchange(ANSWER, LIMIT, 10)
+
+
+@BOTH_WAYS
+def test_an_answer_the_peer_cannot_take_ends_the_association(
+    pair: tuple[Connection, socket.socket], monkeypatch: pytest.MonkeyPatch, built: bool
+) -> None:
+    _ways(built, monkeypatch)
+    connection, peer = pair
+    peer.close()
+    with pytest.raises(AssociationAborted, match="cannot send to the peer"):
+        connection.exchange(ANSWER, LIMIT, 10)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")

@@ -34,6 +34,7 @@ enum {
     TIMEOUT = 4,  /* the peer was silent too long, or a PDU did not arrive whole in time */
     FAILED = 5,   /* the socket failed (errno) */
     TOO_LONG = 6, /* a PDU over the maximum length */
+    UNSENT = 7,   /* the answer could not be sent (errno) */
 };
 
 #define P_DATA 0x04
@@ -100,6 +101,24 @@ static int read_exact(Link *link, char *into, size_t size, int64_t deadline) {
     return DONE;
 }
 
+/* Read a PDU's 6-byte header: the wait for its first bytes is the socket's timeout (silence
+ * between PDUs); from them on, the PDU must arrive whole by `*deadline` (now + `within`, 0
+ * for none), which is set here, as the Python reader does (pdu.Connection.read_pdu). */
+static int read_head(Link *link, unsigned char *head, int64_t within, int64_t *deadline) {
+    ssize_t n;
+    for (;;) {
+        n = recv(link->fd, head, 6, 0);
+        if (n > 0) break;
+        if (n == 0) return CLOSED;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return TIMEOUT;
+        link->error = errno;
+        return FAILED;
+    }
+    *deadline = within > 0 ? now_ns() + within : 0;
+    return n < 6 ? read_exact(link, (char *)head + n, (size_t)(6 - n), *deadline) : DONE;
+}
+
 /* Put the socket's timeout back to the caller's (the silence allowed between PDUs) once a
  * PDU's deadline changed it. */
 static int restore(Link *link, int64_t wait) {
@@ -161,7 +180,8 @@ static PyObject *receive(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
         held = 0;
-        status = read_exact(&link, (char *)head, 6, 0);
+        int64_t deadline = 0;
+        status = read_head(&link, head, within, &deadline);
         if (status != DONE) break;
         held = 6;
         pdu_type = head[0];
@@ -174,7 +194,6 @@ static PyObject *receive(PyObject *self, PyObject *args) {
             status = HANDOFF;
             break;
         }
-        int64_t deadline = within > 0 ? now_ns() + within : 0;
         status = read_exact(&link, (char *)head + 6, 6, deadline);
         if (status != DONE) break;
         held = 12;
@@ -212,6 +231,78 @@ static PyObject *receive(PyObject *self, PyObject *args) {
                          (const char *)head, held, link.error, (long long)link.rcvtimeo);
 }
 
+/* Send all of `data` (the socket's SO_SNDTIMEO bounds each wait for room). */
+static int send_all(Link *link, const char *data, size_t size) {
+    size_t sent = 0;
+    while (sent < size) {
+        ssize_t n = send(link->fd, data + sent, size - sent, MSG_NOSIGNAL);
+        if (n >= 0) {
+            sent += (size_t)n;
+            continue;
+        }
+        if (errno == EINTR) continue;
+        link->error = errno;
+        return UNSENT;
+    }
+    return DONE;
+}
+
+/* The body of a PDU this short comes back whole from exchange(); a longer one (a data set's
+ * P-DATA-TF, where a sender sends its command and data in one) is read by the caller. */
+#define SHORT_PDU 4096
+
+/* exchange(fd, answer, max_pdu, within_ns, rcvtimeo_ns) -> (status, pdu_type, pdu_length,
+ * body or None, errno, rcvtimeo_ns)
+ *
+ * The answer to one message sent and the next PDU's header read (and its body, where it is
+ * short: the next command), in one call without the interpreter lock: a C-STORE's response
+ * and its sender's next command cost the association's thread one hand-over of the lock
+ * instead of three (a send, the wait for the next PDU, its body). The wait for the PDU is
+ * the socket's timeout (silence between PDUs); once begun, it must arrive whole within
+ * `within_ns`, as in receive(). Status: DONE (the PDU whole), HANDOFF (its header only: the
+ * caller reads the body), or why it ended (UNSENT: the answer could not be sent). */
+static PyObject *exchange(PyObject *self, PyObject *args) {
+    int fd;
+    Py_buffer answer;
+    unsigned long max_pdu;
+    long long within, rcvtimeo;
+    if (!PyArg_ParseTuple(args, "iy*kLL", &fd, &answer, &max_pdu, &within, &rcvtimeo)) return NULL;
+    Link link = {fd, rcvtimeo, 0};
+    const int64_t wait = rcvtimeo;
+    unsigned char head[6] = {0};
+    char body[SHORT_PDU];
+    unsigned int pdu_type = 0;
+    uint32_t pdu_length = 0;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = send_all(&link, (const char *)answer.buf, (size_t)answer.len);
+    int64_t deadline = 0;
+    if (status == DONE) status = read_head(&link, head, within, &deadline);
+    if (status == DONE) {
+        pdu_type = head[0];
+        pdu_length = be32(head + 2);
+        if (pdu_length > max_pdu) {
+            status = TOO_LONG;
+        } else if (pdu_length > SHORT_PDU) {
+            status = HANDOFF;
+        } else {
+            status = read_exact(&link, body, pdu_length, deadline);
+            if (status == DONE) status = restore(&link, wait);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&answer);
+    PyObject *whole = NULL;
+    if (status == DONE) {
+        whole = PyBytes_FromStringAndSize(body, pdu_length);
+        if (whole == NULL) return NULL;
+    } else {
+        whole = Py_NewRef(Py_None);
+    }
+    return Py_BuildValue("iiINiL", status, (int)pdu_type, (unsigned int)pdu_length, whole,
+                         link.error, (long long)link.rcvtimeo);
+}
+
 static PyObject *buffer_of(PyObject *self, PyObject *arg) {
     Py_ssize_t size = PyLong_AsSsize_t(arg);
     if (size < 0) {
@@ -226,6 +317,9 @@ static PyMethodDef methods[] = {
      "receive(fd, buffer, end, context_id, max_pdu, journal_fd, journal_base, placed, room, step, within_ns,"
      " rcvtimeo_ns, first_only) -> (status, end, placed, pdu_type, pdu_length, held, errno,"
      " rcvtimeo_ns)"},
+    {"exchange", exchange, METH_VARARGS,
+     "exchange(fd, answer, max_pdu, within_ns, rcvtimeo_ns) -> (status, pdu_type, pdu_length,"
+     " body or None, errno, rcvtimeo_ns)"},
     {"buffer", buffer_of, METH_O, "buffer(size) -> a bytearray of size bytes, not zero-filled"},
     {NULL, NULL, 0, NULL},
 };

@@ -92,6 +92,7 @@ from node.dimse.pdu import (
     abort_pdu,
     bad_ae_titles,
     new_buffer,
+    p_data,
     reject_pdu,
 )
 from node.dimse.report_channels import ReportChannel
@@ -209,6 +210,7 @@ class AssociationAcceptor:
         self._receiving: ReceivedDataSet | None = None  # a data set that may be on disk
         self._last_size = 0  # of the last data set received: the next one's likely size
         self._reports: ReportChannel | None = None  # storage commitment reports sent back here
+        self._answer: bytes | None = None  # a response not yet sent (see _respond)
 
     def run(self) -> None:
         try:
@@ -238,6 +240,7 @@ class AssociationAcceptor:
             outcome, reason = "aborted", str(exc)
             if exc.reason is not None:
                 with contextlib.suppress(AssociationAborted):
+                    self._send_answer()  # what was answered before the fault is told
                     self.connection.send(abort_pdu(exc.reason))
         finally:
             if self._receiving is not None:
@@ -323,6 +326,7 @@ class AssociationAcceptor:
             connection.set_timeout(max(timeout - idle, 0.001) if timeout else None)
             try:
                 if message.compiled:
+                    self._send_answer()
                     handed = self._receive_compiled(association, message)
                     if handed is None:  # the data set is in, and its message answered
                         message = _Message()
@@ -331,9 +335,14 @@ class AssociationAcceptor:
                 else:
                     # Silence before a PDU is timed as above; a PDU once begun must arrive
                     # whole within network_timeout, however its bytes are paced.
-                    pdu_type, body = connection.read_pdu(
-                        limits.max_pdu, within=limits.network_timeout or None, at_once=True
-                    )
+                    answer, self._answer = self._answer, None
+                    within = limits.network_timeout or None
+                    if answer is not None:  # sent, and the next PDU read, in one call
+                        pdu_type, body = connection.exchange(answer, limits.max_pdu, within)
+                    else:
+                        pdu_type, body = connection.read_pdu(
+                            limits.max_pdu, within=within, at_once=True
+                        )
             except AssociationAborted as exc:
                 if not waiting:
                     raise
@@ -479,10 +488,8 @@ class AssociationAcceptor:
         context = association.contexts[message.context_id]
         if command in NORMALISED_REQUESTS:
             answer = self._normalised(association, context, fields, message.fragments)
-            self.connection.send_command(
-                message.context_id,
-                normalised_response(fields, *astuple(answer)),
-                association.peer_max_pdu,
+            self._respond(
+                association, message.context_id, normalised_response(fields, *astuple(answer))
             )
             if self._reports is not None:
                 self._reports.answered_request()
@@ -494,9 +501,24 @@ class AssociationAcceptor:
             status, comment = self._store(
                 association, context, fields, message.fragments, message.ahead
             )
-        self.connection.send_command(
-            message.context_id, response(fields, status, comment), association.peer_max_pdu
-        )
+        self._respond(association, message.context_id, response(fields, status, comment))
+
+    def _respond(self, association: Association, context_id: int, command: bytes) -> None:
+        """Send a response, or, on a plain TCP connection without storage commitment
+        reports, keep it for the read of the sender's next PDU (:meth:`Connection.exchange`:
+        one call sends it and reads that PDU). Kept responses go in the order made; any kept
+        is sent before the association's thread waits for anything else."""
+        pdus = p_data(context_id, command, b"", association.peer_max_pdu)
+        if self.connection.compiled and self._reports is None:
+            self._answer = pdus if self._answer is None else self._answer + pdus
+        else:
+            self.connection.send(pdus)
+
+    def _send_answer(self) -> None:
+        """Send the response kept by :meth:`_respond`, if any."""
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            self.connection.send(answer)
 
     def _look_ahead(self, fields: dict[int, bytes]) -> int | None:
         """Ask the node about the instance a C-STORE names while its data set arrives

@@ -17,7 +17,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, cast
 
 from node.dimse.association import READ_BUFFER_BYTES
 
@@ -35,7 +35,7 @@ _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO and SO_SNDTIM
 
 # What :meth:`Connection.receive_fragments` ran into (the compiled loop's statuses)
 FRAGMENTS_DONE, FRAGMENTS_FIRST, FRAGMENTS_HANDOFF = 0, 1, 2
-_CLOSED, _TIMEOUT, _FAILED, _TOO_LONG = 3, 4, 5, 6
+_CLOSED, _TIMEOUT, _FAILED, _TOO_LONG, _UNSENT = 3, 4, 5, 6, 7
 
 # A-ABORT provider reasons, PS3.8 9.3.8
 ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
@@ -206,6 +206,37 @@ class Connection:
             rest = self.read_into(length - (len(held) - 6), deadline) if length else b""
             self.set_timeout(self.timeout)
             return Fragments(status, end, (pdu_type, held[6:] + rest))
+        self._ended(status, length, limit, error)
+
+    def exchange(
+        self, answer: bytes, limit: int, within: float | None
+    ) -> tuple[int, bytes | bytearray]:
+        """Send ``answer`` and read the next PDU, as :meth:`send` then :meth:`read_pdu`
+        (``within`` as there) do, in one call of the compiled module where the connection
+        is :attr:`compiled`: the answer to a C-STORE and its sender's next command then
+        cost one hand-over of the interpreter lock, not three. A long PDU's body (over
+        4 KiB: not a command) is read here the usual way."""
+        if _receive is None or self.reader is not None:
+            self.send(answer)
+            return self.read_pdu(limit, within=within, at_once=True)
+        rcvtimeo = self._kernel_timeouts.get(socket.SO_RCVTIMEO)
+        status, pdu_type, length, body, error, left = _receive.exchange(
+            self.sock.fileno(), answer, limit, int((within or 0) * 1e9), int((rcvtimeo or 0) * 1e9)
+        )
+        self._kernel_timeouts[socket.SO_RCVTIMEO] = left / 1e9 if left else None
+        if status == FRAGMENTS_DONE:
+            return pdu_type, body
+        if status == FRAGMENTS_HANDOFF:
+            deadline = time.monotonic() + within if within else None
+            body = self.read_into(length, deadline)
+            self.set_timeout(self.timeout)
+            return pdu_type, body
+        if status == _UNSENT:
+            raise AssociationAborted(f"cannot send to the peer: {os.strerror(error)}")
+        self._ended(status, length, limit, error)
+
+    def _ended(self, status: int, length: int, limit: int, error: int) -> NoReturn:
+        """Why the compiled module stopped reading, as the association's end."""
         if status == _CLOSED:
             raise AssociationAborted("the peer closed the connection")
         if status == _TIMEOUT:
