@@ -433,3 +433,56 @@ def test_a_small_instance_keeps_only_its_own_bytes_not_the_buffer_it_arrived_in(
     fragments = ReceivedDataSet()
     fragments.received(large, len(PREFIX), 500_000, None)
     assert fragments[0].obj is large, "a buffer mostly used is kept as it is, not copied"
+
+
+@compiled
+@pytest.mark.parametrize("open_at_once", [1, 2])
+def test_the_header_is_read_from_the_start_of_the_data_set_however_many_associations_are_open(
+    tmp_path: Path, open_at_once: int
+) -> None:
+    """Alone, the loop stops after the first fragment and the header is read while the
+    rest arrives; beside another association it reads the data set whole and the header
+    from its start after: either way ingest gets it ready, and the instance is stored."""
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    catalogue = Catalogue(url)
+    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
+    ingestor = Ingestor(spool, catalogue, journal=Journal(spool.root / JOURNAL_DIR))
+    port = free_port()
+    server = start_listener(
+        DicomSettings(host="127.0.0.1", port=port, max_pdu=16384),
+        ingestor,
+        SourcePolicy(catalogue, accept_any=True),
+    )
+    headers = []
+    store = server.service.store
+
+    def spy(association, request):  # type: ignore[no-untyped-def]
+        headers.append(request.header)
+        return store(association, request)
+
+    server.service.store = spy  # type: ignore[method-assign]
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage)
+        associations = [
+            scu.associate("127.0.0.1", port, ae_title="CURIA", max_pdu=16384)
+            for _ in range(open_at_once)
+        ]
+        for assoc in associations:
+            assert assoc.is_established
+            dataset = dcmread(get_testdata_file("CT_small.dcm"))
+            dataset.SOPInstanceUID = generate_uid()
+            for tag in [tag for tag in dataset.keys() if tag > 0x7FE00010]:
+                del dataset[tag]  # the pixel data last, as a scanner's slice has it
+            assert assoc.send_c_store(dataset).Status == 0x0000
+        for assoc in associations:
+            assoc.release()
+        ingestor.settle()
+    finally:
+        server.shutdown()
+        ingestor.close()
+    assert len(headers) == open_at_once
+    assert all(header is not None for header in headers)
+    with catalogue.session() as session:
+        assert len(session.scalars(select(Instance)).all()) == open_at_once

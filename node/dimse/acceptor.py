@@ -440,9 +440,15 @@ class AssociationAcceptor:
     ) -> tuple[int, bytes | bytearray] | None:
         """Read a C-STORE's data set with the compiled loop (:mod:`node.dimse._receive`)
         into one buffer after its file meta, sized from the sender's instance before; its
-        header read from the first fragment, as :class:`ReceivedDataSet` does. None once
+        header read from the start of it, as :class:`ReceivedDataSet` does. None once
         the message is in and answered; else the PDU the loop handed back (the data set
-        goes on the usual way)."""
+        goes on the usual way).
+
+        On the only association, the loop stops after the first fragment, and the header
+        is read while the rest arrives: it is then ready with the last byte. With others
+        open, the processors are busy with them anyway, and each stop cost the thread a
+        hand-over of the interpreter lock: the loop reads the data set whole, and the
+        header is read from its start after."""
         fragments, limits = message.fragments, self.limits
         assert message.context_id is not None
         self._receiving = fragments
@@ -452,7 +458,8 @@ class AssociationAcceptor:
         buffer = new_buffer(start + min(hint, most))
         buffer[:start] = fragments.prefix
         room = fragments.room()
-        end, first = start, bool(fragments.syntax)
+        early = bool(fragments.syntax) and self.server.gate.associations < 2
+        end, first = start, early
         while True:
             got = self.connection.receive_fragments(
                 buffer,
@@ -468,6 +475,8 @@ class AssociationAcceptor:
                 end, first = got.end, False
                 continue
             break
+        if fragments.syntax and not early and got.end > start:  # its first PDU's worth
+            fragments.read_ahead(memoryview(buffer)[start : min(got.end, start + limits.max_pdu)])
         fragments.received(buffer, start, got.end, room)
         message.compiled = False
         if got.status == FRAGMENTS_DONE:

@@ -82,6 +82,12 @@ class ConnectionGate:
                 victim.sock.shutdown(socket.SHUT_RDWR)
         return Admission(ticket, tuple(evicted))
 
+    @property
+    def associations(self) -> int:
+        """Associations open at this moment (read without the lock: a hint, not a count
+        to act on as exact)."""
+        return self._associations
+
     def associate(self, ticket: Ticket) -> bool:
         """Take an association slot for an admitted request; False when all are in use."""
         with self._lock:
