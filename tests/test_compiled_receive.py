@@ -13,6 +13,9 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, Association
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
@@ -40,6 +43,7 @@ from node.dimse.pdu import (
     Room,
     new_buffer,
 )
+from node.dimse.server import Listener
 from node.store.ingest import Ingestor
 from node.store.journal import JOURNAL_DIR, Journal
 from node.store.spool import Spool
@@ -252,17 +256,22 @@ def test_a_silent_peer_ends_the_association_once_the_timeout_passes(
 # -- an answer sent and the next PDU read in one call ---------------------------------------
 
 ANSWER = _pdu(_pdv(b"R" * 150, last=True, command=True))  # stands for a C-STORE-RSP
-BOTH_WAYS = pytest.mark.parametrize("built", [True, False], ids=["compiled", "python"])
 
 
-def _ways(built: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not built:
+@pytest.fixture(params=[True, False], ids=["compiled", "python"])
+def ends(
+    request: pytest.FixtureRequest,
+    pair: tuple[Connection, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Connection, socket.socket]:
+    """``pair``, read with the compiled module and without it: both must behave alike."""
+    if not request.param:
         monkeypatch.setattr(pdu_module, "_receive", None)
     elif pdu_module._receive is None:
         pytest.skip("the module is not built")
+    return pair
 
 
-@BOTH_WAYS
 @pytest.mark.parametrize(
     "following",
     [
@@ -273,14 +282,10 @@ def _ways(built: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     ids=["command", "release", "command-and-data-in-one"],
 )
 def test_an_answer_goes_out_whole_and_the_next_pdu_comes_back_whole(
-    pair: tuple[Connection, socket.socket],
-    monkeypatch: pytest.MonkeyPatch,
-    built: bool,
-    following: bytes,
+    ends: tuple[Connection, socket.socket], following: bytes
 ) -> None:
     """A long PDU (a sender's command and data in one) is read on in Python."""
-    _ways(built, monkeypatch)
-    connection, peer = pair
+    connection, peer = ends
     peer.sendall(following)
     pdu_type, body = connection.exchange(ANSWER, LIMIT, 10)
     assert (pdu_type, bytes(body)) == (following[0], following[6:])
@@ -288,12 +293,10 @@ def test_an_answer_goes_out_whole_and_the_next_pdu_comes_back_whole(
     assert peer.recv(len(ANSWER), socket.MSG_WAITALL) == ANSWER
 
 
-@BOTH_WAYS
 def test_after_an_exchange_the_wait_for_the_next_pdu_is_the_callers_again(
-    pair: tuple[Connection, socket.socket], monkeypatch: pytest.MonkeyPatch, built: bool
+    ends: tuple[Connection, socket.socket],
 ) -> None:
-    _ways(built, monkeypatch)
-    connection, peer = pair
+    connection, peer = ends
     connection.set_timeout(0.2)
     data = _pdu(_pdv(b"C" * 200, last=True, command=True))
     peer.sendall(data[:3])
@@ -312,13 +315,11 @@ def test_after_an_exchange_the_wait_for_the_next_pdu_is_the_callers_again(
     assert struct.unpack("@ll", wait) == (0, 200_000)
 
 
-@BOTH_WAYS
 def test_an_exchange_ends_the_association_as_a_read_does(
-    pair: tuple[Connection, socket.socket], monkeypatch: pytest.MonkeyPatch, built: bool
+    ends: tuple[Connection, socket.socket],
 ) -> None:
     """The peer's close, a PDU over the limit, a trickled PDU, a silent peer."""
-    _ways(built, monkeypatch)
-    connection, peer = pair
+    connection, peer = ends
     peer.sendall(struct.pack(">BBL", P_DATA, 0, LIMIT + 1))
     with pytest.raises(AssociationAborted, match="over the maximum"):
         connection.exchange(ANSWER, LIMIT, 10)
@@ -340,12 +341,10 @@ def test_an_exchange_ends_the_association_as_a_read_does(
         connection.exchange(ANSWER, LIMIT, 10)
 
 
-@BOTH_WAYS
 def test_an_answer_the_peer_cannot_take_ends_the_association(
-    pair: tuple[Connection, socket.socket], monkeypatch: pytest.MonkeyPatch, built: bool
+    ends: tuple[Connection, socket.socket],
 ) -> None:
-    _ways(built, monkeypatch)
-    connection, peer = pair
+    connection, peer = ends
     peer.close()
     with pytest.raises(AssociationAborted, match="cannot send to the peer"):
         connection.exchange(ANSWER, LIMIT, 10)
@@ -361,37 +360,59 @@ def test_the_module_is_built_where_a_compiler_is() -> None:
 # -- the node, with and without the loop ---------------------------------------------------
 
 
-def _stored_bytes(tmp_path: Path, sends: list[bytes]) -> list[bytes]:
-    """The spool files of the instances one pynetdicom association sends, in order."""
+@dataclass
+class _Node:
+    """A listener with its journal (16 KiB PDUs), and what it stores into."""
+
+    listener: Listener
+    port: int
+    catalogue: Catalogue
+    spool: Spool
+    ingestor: Ingestor
+
+    def associate(self) -> Association:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage)
+        assoc = scu.associate("127.0.0.1", self.port, ae_title="CURIA", max_pdu=16384)
+        assert assoc.is_established
+        return assoc
+
+
+@contextmanager
+def _node(tmp_path: Path) -> Iterator[_Node]:
+    """A running node; once the block ends, everything it received is filed."""
     url = f"sqlite:///{tmp_path / 'c.sqlite'}"
     upgrade(url)
     catalogue = Catalogue(url)
     spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
     ingestor = Ingestor(spool, catalogue, journal=Journal(spool.root / JOURNAL_DIR))
     port = free_port()
-    server = start_listener(
+    listener = start_listener(
         DicomSettings(host="127.0.0.1", port=port, max_pdu=16384),
         ingestor,
         SourcePolicy(catalogue, accept_any=True),
     )
     try:
-        scu = AE(ae_title="SCU")
-        scu.add_requested_context(CTImageStorage)
-        assoc = scu.associate("127.0.0.1", port, ae_title="CURIA", max_pdu=16384)
-        assert assoc.is_established
-        uids = []
+        yield _Node(listener, port, catalogue, spool, ingestor)
+        ingestor.settle()
+    finally:
+        listener.shutdown()
+        ingestor.close()
+
+
+def _stored_bytes(tmp_path: Path, sends: list[bytes]) -> list[bytes]:
+    """The spool files of the instances one pynetdicom association sends, in order."""
+    uids = []
+    with _node(tmp_path) as node:
+        assoc = node.associate()
         for data in sends:
             dataset = dcmread(BytesIO(data))
             uids.append(str(dataset.SOPInstanceUID))
             assert assoc.send_c_store(dataset).Status == 0x0000
         assoc.release()
-        ingestor.settle()
-    finally:
-        server.shutdown()
-        ingestor.close()
-    with catalogue.session() as session:
+    with node.catalogue.session() as session:
         paths = {row.sop_instance_uid: row.path for row in session.scalars(select(Instance))}
-    return [spool.absolute(paths[uid]).read_bytes() for uid in uids]
+    return [node.spool.absolute(paths[uid]).read_bytes() for uid in uids]
 
 
 @compiled
@@ -443,34 +464,17 @@ def test_the_header_is_read_from_the_start_of_the_data_set_however_many_associat
     """Alone, the loop stops after the first fragment and the header is read while the
     rest arrives; beside another association it reads the data set whole and the header
     from its start after: either way ingest gets it ready, and the instance is stored."""
-    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
-    upgrade(url)
-    catalogue = Catalogue(url)
-    spool = Spool(tmp_path / "spool", tmp_path / "quarantine")
-    ingestor = Ingestor(spool, catalogue, journal=Journal(spool.root / JOURNAL_DIR))
-    port = free_port()
-    server = start_listener(
-        DicomSettings(host="127.0.0.1", port=port, max_pdu=16384),
-        ingestor,
-        SourcePolicy(catalogue, accept_any=True),
-    )
     headers = []
-    store = server.service.store
+    with _node(tmp_path) as node:
+        store = node.listener.service.store
 
-    def spy(association, request):  # type: ignore[no-untyped-def]
-        headers.append(request.header)
-        return store(association, request)
+        def spy(association, request):  # type: ignore[no-untyped-def]
+            headers.append(request.header)
+            return store(association, request)
 
-    server.service.store = spy  # type: ignore[method-assign]
-    try:
-        scu = AE(ae_title="SCU")
-        scu.add_requested_context(CTImageStorage)
-        associations = [
-            scu.associate("127.0.0.1", port, ae_title="CURIA", max_pdu=16384)
-            for _ in range(open_at_once)
-        ]
+        node.listener.service.store = spy  # type: ignore[method-assign]
+        associations = [node.associate() for _ in range(open_at_once)]
         for assoc in associations:
-            assert assoc.is_established
             dataset = dcmread(get_testdata_file("CT_small.dcm"))
             dataset.SOPInstanceUID = generate_uid()
             for tag in [element.tag for element in dataset if element.tag > 0x7FE00010]:
@@ -478,11 +482,7 @@ def test_the_header_is_read_from_the_start_of_the_data_set_however_many_associat
             assert assoc.send_c_store(dataset).Status == 0x0000
         for assoc in associations:
             assoc.release()
-        ingestor.settle()
-    finally:
-        server.shutdown()
-        ingestor.close()
     assert len(headers) == open_at_once
     assert all(header is not None for header in headers)
-    with catalogue.session() as session:
+    with node.catalogue.session() as session:
         assert len(session.scalars(select(Instance)).all()) == open_at_once
