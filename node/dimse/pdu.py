@@ -451,10 +451,6 @@ class Connection:
         except OSError as exc:
             raise AssociationAborted(f"cannot send to the peer: {exc}") from None
 
-    def send_command(self, context_id: int, command: bytes, peer_max_pdu: int) -> None:
-        """A command set in as many P-DATA-TF as the peer's maximum PDU length needs."""
-        self.send(p_data(context_id, command, b"", peer_max_pdu))
-
     def close(self) -> None:
         if self.reader is not None:
             with contextlib.suppress(OSError):
