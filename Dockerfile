@@ -5,17 +5,18 @@
 #   docker build --build-arg BASE=python:3.11-slim-bookworm -t curia-node:cpu .
 ARG BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
-# Stage 1: build the node's wheel on the runtime's own base and Python: the wheel carries one
-# compiled module (node.dimse._receive, the listener's data set receiver), built for the
-# Python that runs it, and the migrations, SR templates and dashboard as package data, so
-# the image needs no sources. Without a compiler the wheel still builds, receiving in Python.
+# Stage 1: build the node's wheel on the runtime's own base and Python: the wheel carries two
+# compiled modules (node.dimse._receive, the listener's data set receiver, and
+# node.catalogue._uid_lookup, its SQLite catalogue lookup), built for the Python that runs
+# them, and the migrations, SR templates and dashboard as package data, so the image needs
+# no sources. Without a compiler the wheel still builds, doing the same in Python.
 FROM ${BASE} AS wheel
 ENV DEBIAN_FRONTEND=noninteractive PATH=/opt/build/bin:$PATH
 RUN apt-get update \
  && if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv" 2>/dev/null; then \
       apt-get install -y --no-install-recommends python3 python3-venv python3-dev; \
     fi \
- && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libsqlite3-dev \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/build \
  && pip install --no-cache-dir --upgrade pip setuptools wheel

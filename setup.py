@@ -1,7 +1,9 @@
-"""The node's one compiled module; everything else is in setup.cfg.
+"""The node's compiled modules; everything else is in setup.cfg.
 
-``node.dimse._receive`` receives a C-STORE's data set without the interpreter lock. It is
-optional: where it cannot be built, the listener receives in Python, as it always could.
+``node.dimse._receive`` receives a C-STORE's data set without the interpreter lock;
+``node.catalogue._uid_lookup`` asks an SQLite catalogue whether a UID is in it without
+letting go of the lock (it needs SQLite's headers, Debian's libsqlite3-dev). Both are
+optional: where one cannot be built, the node does the same in Python, as it always could.
 """
 
 from setuptools import Extension, setup
@@ -13,6 +15,13 @@ setup(
             ["node/dimse/_receive.c"],
             optional=True,
             extra_compile_args=["-O2"],
-        )
+        ),
+        Extension(
+            "node.catalogue._uid_lookup",
+            ["node/catalogue/_uid_lookup.c"],
+            libraries=["sqlite3"],
+            optional=True,
+            extra_compile_args=["-O2"],
+        ),
     ]
 )

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install the real DICOM peers and validators the tests run against (Debian packages), the
-# headless browser the dashboard and viewer tests drive, and npm (fetches the OHIF viewer).
+# headless browser the dashboard and viewer tests drive, npm (fetches the OHIF viewer), and
+# SQLite's headers, for the node's compiled catalogue lookup (setup.py).
 set -euo pipefail
-packages=(dcmtk orthanc orthanc-dicomweb dicom3tools pixelmed-apps openssl chromium chromium-driver)
+packages=(dcmtk orthanc orthanc-dicomweb dicom3tools pixelmed-apps openssl chromium chromium-driver
+  libsqlite3-dev)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from node.catalogue import instance_lookups
 from node.catalogue.db import Catalogue, upgrade
 from node.catalogue.instance_lookups import UidLookup
 from node.catalogue.models import (
@@ -81,8 +86,75 @@ def _uid_lookup_sees_each_commit(url: str) -> None:
         catalogue.dispose()
 
 
-def test_the_uid_lookup_sees_each_commit_on_sqlite(tmp_path: Path) -> None:
-    _uid_lookup_sees_each_commit(f"sqlite:///{tmp_path / 'c.sqlite'}")
+compiled_lookup = pytest.mark.skipif(
+    instance_lookups._uid_lookup is None, reason="the compiled lookup is not built"
+)
+
+
+@pytest.mark.parametrize(
+    "compiled", [pytest.param(True, marks=compiled_lookup), False], ids=["compiled", "driver"]
+)
+def test_the_uid_lookup_sees_each_commit_on_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    if not compiled:
+        monkeypatch.setattr(instance_lookups, "_uid_lookup", None)
+    url = f"sqlite:///{tmp_path / 'c.sqlite'}"
+    upgrade(url)
+    assert UidLookup(url).compiled is compiled
+    _uid_lookup_sees_each_commit(url)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_the_compiled_uid_lookup_is_built_where_a_compiler_is() -> None:
+    """The install builds it (setup.py, against Debian's libsqlite3-dev); without it ten
+    associations receiving at once wait on the interpreter lock around every question."""
+    assert instance_lookups._uid_lookup is not None
+
+
+@compiled_lookup
+def test_a_question_sqlite_cannot_answer_at_once_is_asked_the_usual_way(tmp_path: Path) -> None:
+    """The compiled lookup holds the interpreter lock, so it never waits for SQLite's
+    locks: while another connection holds the catalogue, it gives up at once and the
+    question goes through the driver, which waits (its busy timeout) and answers."""
+    path = tmp_path / "c.sqlite"
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    lookup = UidLookup(url, connections=1)
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        assert lookup.compiled
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")  # no reader gets in, WAL or not
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(instance_lookups._uid_lookup.LookupFailed, match="locked"):
+            lookup._compiled("1.2.3")
+        threading.Timer(0.3, holder.close).start()
+        started = time.monotonic()
+        assert not lookup("1.2.3"), "answered once the catalogue was let go"
+        assert time.monotonic() - started >= 0.2, "the driver waited for it"
+        assert not lookup._compiled("1.2.3"), "and the compiled lookup answers again"
+    finally:
+        holder.close()
+        lookup.dispose()
+
+
+def test_only_an_sqlite_file_is_asked_by_the_compiled_lookup(tmp_path: Path) -> None:
+    """PostgreSQL, an SQLite database in memory, or a file the lookup cannot open (not
+    there yet, no schema) are asked through the driver alone; nothing is created."""
+    missing = tmp_path / "missing.sqlite"
+    for url in (
+        "postgresql+psycopg://curia@127.0.0.1:1/none",
+        "sqlite://",
+        "sqlite:///:memory:",
+        f"sqlite:///{missing}",
+        f"sqlite:///{tmp_path / 'no-schema.sqlite'}",
+    ):
+        if url.endswith("no-schema.sqlite"):
+            sqlite3.connect(url.removeprefix("sqlite:///")).close()
+        lookup = UidLookup(url)
+        assert not lookup.compiled, url
+        lookup.dispose()
+    assert not missing.exists()
 
 
 @pytest.mark.production

@@ -9,10 +9,16 @@ import queue
 from typing import Any
 
 from sqlalchemy import Table, bindparam, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from node.catalogue.db import make_engine
 from node.catalogue.models import Instance
+
+try:  # optional: where it is not built, every question goes through the driver
+    from node.catalogue import _uid_lookup  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the build
+    _uid_lookup = None
 
 INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 
@@ -54,6 +60,12 @@ class UidLookup:
         self._kept = connections
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._disposed = False
+        self._compiled = _compiled_lookup(url, self._sql)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether questions are asked by the compiled lookup first."""
+        return self._compiled is not None
 
     def __call__(self, uid: str) -> bool:
         """True if a row of ``uid`` is committed; :class:`sqlalchemy.exc.DBAPIError`
@@ -63,6 +75,11 @@ class UidLookup:
         PostgreSQL's on every checkout): one the server has dropped (a restart) fails its
         question, which is then asked once more on a new connection, every other kept
         connection closed, as stale as it."""
+        if self._compiled is not None:
+            try:
+                return bool(self._compiled(uid))
+            except _uid_lookup.LookupFailed:
+                pass  # asked below, which waits for SQLite, or says why it cannot answer
         params: tuple[str] | dict[str, str] = (uid,) if self._positional else {"uid": uid}
         for retry in (False, True):
             connection = self._connection()
@@ -108,8 +125,25 @@ class UidLookup:
 
     def dispose(self) -> None:
         self._disposed = True  # a question still being answered closes its connection
+        if self._compiled is not None:
+            self._compiled.close()  # a question after this goes the usual way
         self._close_idle()
         self.engine.dispose()
+
+
+def _compiled_lookup(url: str, sql: str) -> Any:
+    """The compiled lookup of ``sql`` on the SQLite catalogue file at ``url``; None for
+    another database, one in memory, or where the module is not built or cannot open it."""
+    parsed = make_url(url)
+    if _uid_lookup is None or parsed.get_backend_name() != "sqlite":
+        return None
+    path = parsed.database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    try:
+        return _uid_lookup.Catalogued(path, sql)
+    except _uid_lookup.LookupFailed:
+        return None
 
 
 def _close(connection: Any) -> None:
