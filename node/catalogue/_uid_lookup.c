@@ -27,7 +27,8 @@
 static PyObject *LookupFailed;
 
 typedef struct {
-    PyObject_HEAD sqlite3 *db;
+    PyObject_HEAD
+    sqlite3 *db;
     sqlite3_stmt *statement;
 } Catalogued;
 
