@@ -22,11 +22,12 @@ parsing or catalogue:
   else (no parsing, no catalogue), sent to by storescu on one association and by the ten
   senders: the cheapest receiver that keeps the node's meaning of Success;
 
-The node is timed as it runs once its journal has prepared segments to reuse (kept across
-restarts): after two other series, the first of them printed apart as a new node's pace;
-and its ten senders after a burst of theirs, untimed as a comparison but printed apart
-too, which leaves the journal the spare segments a burst fills (a new node's first burst
-makes them as it goes).
+The node is built as ``curia-node run`` builds it (its disk guard asked before each
+instance is let in), and timed as it runs once its journal has prepared segments to reuse
+(kept across restarts): after two other series, the first of them printed apart as a new
+node's pace; and its ten senders after a burst of theirs, untimed as a comparison but
+printed apart too, which leaves the journal the spare segments a burst fills (a new node's
+first burst makes them as it goes).
 And, beside DCMTK storing, DCMTK receiving without storing (``storescp --ignore``): what the
 sender and the network allow at all. The node's CPU time per instance (all its threads,
 user and system) and the sender's are printed too, and what the disk was asked to write
@@ -91,6 +92,7 @@ from node.core.settings import DicomSettings
 from node.dimse.allow_list import SourcePolicy
 from node.dimse.listener import start_listener
 from node.store.direct_write import write_new
+from node.store.disk import DiskGuard
 from node.store.ingest import Ingestor
 from node.store.journal import JOURNAL_DIR, Journal
 from node.store.spool import Spool, fsync_dir, write_durably
@@ -383,10 +385,13 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
     catalogue = Catalogue(url)
     spool = Spool(run_dir / "spool", run_dir / "quarantine")
     node_journal = Journal(spool.root / JOURNAL_DIR)
-    ingestor = Ingestor(spool, catalogue, journal=node_journal, filing_process=True)
-    port = free_port()
+    settings = DicomSettings(host="127.0.0.1", port=free_port(), max_associations=args.senders + 2)
+    # As `curia-node run` builds it: its disk guard asked before each instance is let in.
+    guard = DiskGuard(run_dir, settings.min_free_mb * 1024 * 1024)
+    ingestor = Ingestor(spool, catalogue, guard, journal=node_journal, filing_process=True)
+    port = settings.port
     server = start_listener(
-        DicomSettings(host="127.0.0.1", port=port, max_associations=args.senders + 2),
+        settings,
         ingestor,
         SourcePolicy(catalogue, accept_any=True),
     )
