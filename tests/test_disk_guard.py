@@ -29,11 +29,15 @@ class _Disk:
         return Usage(1 << 40, 0, self.free)
 
 
+def _guarded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, free: int) -> tuple[_Disk, DiskGuard]:
+    """A guard with the usual watermark on a file system with ``free`` bytes free."""
+    return _Disk(monkeypatch, free), DiskGuard(tmp_path, WATERMARK)
+
+
 def test_far_above_the_watermark_the_file_system_is_asked_once_a_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fs = _Disk(monkeypatch, WATERMARK + 100 * MARGIN_BYTES)
-    guard = DiskGuard(tmp_path, WATERMARK)
+    fs, guard = _guarded(monkeypatch, tmp_path, WATERMARK + 100 * MARGIN_BYTES)
     assert all(guard.can_accept(MIB // 2) for _ in range(1000))
     assert fs.asked == 1
     fs.now += RECHECK_SECONDS
@@ -44,8 +48,7 @@ def test_far_above_the_watermark_the_file_system_is_asked_once_a_second(
 def test_near_the_watermark_every_question_is_exact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fs = _Disk(monkeypatch, WATERMARK + 10 * MIB)
-    guard = DiskGuard(tmp_path, WATERMARK)
+    fs, guard = _guarded(monkeypatch, tmp_path, WATERMARK + 10 * MIB)
     assert guard.can_accept(10 * MIB), "exactly at the watermark after it: accepted"
     assert not guard.can_accept(10 * MIB + 1)
     assert fs.asked == 2
@@ -59,8 +62,7 @@ def test_what_was_let_in_since_the_reading_brings_the_next_one_forward(
 ) -> None:
     """Each instance let in counts twice (its journal record and its spool file) against
     the last reading, so the guard looks again before the disk can reach the watermark."""
-    fs = _Disk(monkeypatch, WATERMARK + MARGIN_BYTES + 10 * MIB)
-    guard = DiskGuard(tmp_path, WATERMARK)
+    fs, guard = _guarded(monkeypatch, tmp_path, WATERMARK + MARGIN_BYTES + 10 * MIB)
     assert guard.can_accept(4 * MIB) and fs.asked == 1
     assert guard.can_accept(1 * MIB) and fs.asked == 1, "still a margin's worth above it"
     fs.free -= 10 * MIB  # what was let in took its room
@@ -71,8 +73,7 @@ def test_what_was_let_in_since_the_reading_brings_the_next_one_forward(
 def test_a_raised_watermark_is_honoured_at_the_next_question(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fs = _Disk(monkeypatch, WATERMARK + 100 * MARGIN_BYTES)
-    guard = DiskGuard(tmp_path, WATERMARK)
+    fs, guard = _guarded(monkeypatch, tmp_path, WATERMARK + 100 * MARGIN_BYTES)
     assert guard.can_accept()
     guard.min_free_bytes = fs.free + 1
     assert not guard.can_accept()
