@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RECHECK_SECONDS = 1.0
-MARGIN_BYTES = 256 << 20  # about 500 CT slices, twice over: more than a second of ingest
+MARGIN_BYTES = 256 << 20  # room for what others write within a second, not counted here
 _COPIES = 2  # an instance lets in takes room in the journal, then in the spool
 
 
