@@ -16,12 +16,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -60,7 +63,22 @@ CHILD = textwrap.dedent(
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if point == "mid-write":  # the crash_at-th record is cut short: no Success for it
+    if point.endswith("-in-python"):  # the journal's writes and flushes made in Python
+        point = point.removesuffix("-in-python")
+        journal_module._flush = None
+    compiled = journal_module._flush is not None
+
+    if point == "mid-write" and compiled:  # the crash_at-th record cut short, yet flushed
+        original_commit = journal_module.Journal._commit_compiled
+        def half(self, segment, writes):
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                offset, parts = writes[0]
+                original_commit(self, segment, [(offset, parts[:2])])  # head, meta
+                die()
+            original_commit(self, segment, writes)
+        journal_module.Journal._commit_compiled = half
+    elif point == "mid-write":  # the crash_at-th record is cut short: no Success for it
         original = journal_module.Journal._write
         def half(fd, parts, offset):
             calls["n"] += 1
@@ -71,13 +89,14 @@ CHILD = textwrap.dedent(
         journal_module.Journal._write = staticmethod(half)
     elif point in ("synced", "streamed"):  # records synced; nothing filed; no answer
         write_ahead.WriteAhead._run = lambda self: None
-        original_sync = journal_module.Journal._sync
-        def sync(self, segment):
-            original_sync(self, segment)
+        name = "_commit_compiled" if compiled else "_sync"
+        original_sync = getattr(journal_module.Journal, name)
+        def sync(self, *args):
+            original_sync(self, *args)
             calls["n"] += 1
             if calls["n"] == crash_at:
                 die()
-        journal_module.Journal._sync = sync
+        setattr(journal_module.Journal, name, sync)
     elif point == "mid-filing":  # files written, their rows never committed
         original_write = filing.Filer._write
         def write(self, path, payload, durably):
@@ -204,6 +223,9 @@ def _check(root: Path, url: str, series: Path, succeeded: list[str]) -> Ingestor
         "synced",
         "mid-arrival",
         "streamed",
+        "mid-write-in-python",
+        "synced-in-python",
+        "streamed-in-python",
         "mid-filing",
         "mid-file",
         "filed",
@@ -224,7 +246,8 @@ def test_kill_9_in_the_journal_path_loses_nothing_that_got_success(
     upgrade(url)
     (tmp_path / "series").symlink_to(series)
     succeeded = _run_child(tmp_path, url, point)
-    expected = CRASH_AT - 1 if point in ("mid-write", "synced", "mid-arrival", "streamed") else None
+    cut = point.removesuffix("-in-python")
+    expected = CRASH_AT - 1 if cut in ("mid-write", "synced", "mid-arrival", "streamed") else None
     if expected is not None:
         assert len(succeeded) == expected, "no Success for the instance the crash cut short"
     ingestor = _check(tmp_path, url, series, succeeded)
@@ -481,22 +504,49 @@ def test_a_look_ahead_spares_the_lookup_and_goes_stale_once_its_uid_is_taken(
         ingestor.close()
 
 
+def _slow_disk(
+    monkeypatch: pytest.MonkeyPatch, flushing: str, pause: float, started: Callable[[], object]
+) -> Callable[[], int]:
+    """Flushes that take ``pause`` seconds longer than the disk's, made by the compiled
+    flusher (``flushing="compiled"``) or in Python; ``started`` is called as each begins
+    (in Python only). Returns a count of the flushes made so far."""
+    from node.store import journal as journal_module
+
+    if flushing == "compiled":
+        if journal_module._flush is None:
+            pytest.skip("the compiled flusher is not built")
+        made: list[Any] = []
+
+        def slow(fd: int) -> Any:
+            made.append(journal_module._flush.Flusher(fd, journal_module.FLUSHES_AT_ONCE, pause))
+            return made[-1]
+
+        monkeypatch.setattr(journal_module, "_flusher", slow)
+        return lambda: sum(flusher.flushes for flusher in made)
+    monkeypatch.setattr(journal_module, "_flush", None)
+    flushes: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        flushes.append(fd)
+        started()
+        time.sleep(pause)
+        real(fd)
+
+    monkeypatch.setattr(journal_module.os, "fdatasync", counted)
+    return lambda: len(flushes)
+
+
+@pytest.mark.parametrize("flushing", ["compiled", "python"])
 def test_concurrent_associations_share_a_flush_and_full_segments_go(
-    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flushing: str, series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import threading
 
     from node.store import journal as journal_module
 
-    flushes = []
-    real = os.fdatasync
-
-    def counted(fd: int) -> None:  # a slow disk: appends of other threads pile up
-        flushes.append(fd)
-        time.sleep(0.02)
-        real(fd)
-
-    monkeypatch.setattr(journal_module.os, "fdatasync", counted)
+    # A slow disk: appends of other threads pile up behind each flush.
+    flushes = _slow_disk(monkeypatch, flushing, 0.02, lambda: None)
     ingestor = _journalled(tmp_path, segment=1 << 22)  # several instances per segment
     payloads = [p.read_bytes() for p in sorted(series.iterdir())]
     outcomes: list[int] = []
@@ -512,7 +562,7 @@ def test_concurrent_associations_share_a_flush_and_full_segments_go(
     for thread in threads:
         thread.join()
     assert outcomes == [SUCCESS] * SLICES
-    assert len(flushes) < SLICES, "one flush covers several associations' instances"
+    assert 0 < flushes() < SLICES, "one flush covers several associations' instances"
     assert ingestor.settle()
     wait_for(
         lambda: len(list((ingestor.spool.root / JOURNAL_DIR).glob("*.journal"))) == 1,
@@ -711,39 +761,35 @@ def test_a_burst_is_kept_as_spares_and_the_next_one_appends_to_them_only(
         journal.forget(segment)
 
 
+@pytest.mark.parametrize("flushing", ["compiled", "python"])
 def test_a_writer_waits_for_the_flush_in_flight_and_no_longer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    flushing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``wait_quiet`` (the filer's pace) returns at once with no flush in flight, when the
     flush ends, or at its time-out, whichever comes first."""
     import threading
 
-    from node.store import journal as journal_module
-
-    release, started = threading.Event(), threading.Event()
-    real = os.fdatasync
-
-    def held(fd: int) -> None:
-        started.set()
-        release.wait(10)
-        real(fd)
-
+    started = threading.Event()
+    _slow_disk(monkeypatch, flushing, 1.0, started.set)
     journal = Journal(tmp_path / "j", 1 << 22)
     assert list(journal.recover()) == []
     began = time.monotonic()
     journal.wait_quiet(5.0)
-    assert time.monotonic() - began < 1.0, "nothing in flight: no wait"
-    monkeypatch.setattr(journal_module.os, "fdatasync", held)
+    assert time.monotonic() - began < 0.5, "nothing in flight: no wait"
     append = threading.Thread(target=journal.append, args=({"n": 0}, [b"x" * 5000]))
+    began = time.monotonic()
     append.start()
-    assert started.wait(10)
-    began = time.monotonic()
+    if flushing == "python":
+        assert started.wait(10)
+    else:  # the compiled flusher's flush begins once the record is written
+        wait_for(lambda: journal._current is not None, 10, "no segment")
+        segment = journal._current
+        assert segment is not None
+        wait_for(lambda: segment.flusher.flushing, 10, "no flush began")
     journal.wait_quiet(0.2)
-    assert 0.15 < time.monotonic() - began < 2.0, "a flush in flight: waited, up to the time-out"
-    threading.Timer(0.3, release.set).start()
-    began = time.monotonic()
+    assert 0.15 < time.monotonic() - began < 0.9, "a flush in flight: waited, up to the time-out"
     journal.wait_quiet(5.0)
-    assert 0.2 < time.monotonic() - began < 3.0, "returned when the flush ended"
+    assert 0.9 < time.monotonic() - began < 3.0, "returned when the flush ended"
     append.join(10)
     for segment in journal.close():
         os.close(segment.fd)
@@ -952,3 +998,55 @@ def test_the_journal_checksum_is_zlib_crc32_piece_by_piece() -> None:
         carried = crc32(memoryview(piece), carried)
     assert carried == zlib.crc32(data) == crc32(data)
     assert crc32(b"") == zlib.crc32(b"") and crc32(b"x", 7) == zlib.crc32(b"x", 7)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here")
+def test_the_compiled_flusher_is_built_where_a_compiler_is() -> None:
+    from node.store import journal as journal_module
+
+    assert journal_module._flush is not None, "setup.py builds node.store._flush"
+
+
+@pytest.mark.parametrize("flushing", ["compiled", "python"])
+def test_a_record_the_disk_refuses_is_an_error_and_one_unflushed_stays_counted(
+    flushing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the disk refuses raises, and the record is not counted as waiting to be
+    filed (it was never written whole); a flush that fails raises too, and its record
+    stays counted (it may be on disk: its segment is not let go before a restart reads
+    it). The same whether the journal writes in C or in Python."""
+    from node.store import journal as journal_module
+
+    if flushing == "compiled" and journal_module._flush is None:
+        pytest.skip("the compiled flusher is not built")
+    if flushing == "python":
+        monkeypatch.setattr(journal_module, "_flush", None)
+    journal = Journal(tmp_path / "j", 1 << 22)
+    assert list(journal.recover()) == []
+    journal.append({"n": 0}, [b"x" * 5000])
+    segment = journal._current
+    assert segment is not None and segment.outstanding == 1
+    read_only = os.open(segment.path, os.O_RDONLY)
+    null = os.open(os.devnull, os.O_WRONLY)  # takes writes; refuses fdatasync (EINVAL)
+    writable = segment.fd
+    try:
+        if flushing == "compiled":
+            segment.flusher = journal_module._flush.Flusher(read_only)
+        else:
+            segment.fd = read_only
+        with pytest.raises(JournalError, match="cannot write to the journal"):
+            journal.append({"n": 1}, [b"y" * 5000])
+        assert segment.outstanding == 1, "a record never written is not waited for"
+        if flushing == "compiled":
+            segment.flusher = journal_module._flush.Flusher(null)
+        else:
+            segment.fd = null
+        with pytest.raises(JournalError, match="cannot flush the journal"):
+            journal.append({"n": 2}, [b"z" * 5000])
+        assert segment.outstanding == 2, "a record written but not flushed stays counted"
+    finally:
+        segment.fd = writable
+        os.close(read_only)
+        os.close(null)
+    for left in journal.close():
+        os.close(left.fd)
