@@ -93,6 +93,8 @@ _HEAD = struct.Struct("<4sQIQI")
 _HEAD_V1 = struct.Struct("<4sQIQ32s")
 _HEAD_CRC = struct.Struct("<I")
 HEAD_BYTES = _HEAD.size + _HEAD_CRC.size
+# A record's meta, compact; one encoder for all (json.dumps with separators builds one per call).
+_META = json.JSONEncoder(separators=(",", ":"))
 _SUFFIX = ".journal"
 _SPARE = ".spare"  # a retired or zero-filled segment, ready to be renamed and reused
 
@@ -255,7 +257,7 @@ class Journal:
         """Write one record and return once it is durable: where it is (its segment's
         ``outstanding`` count already includes the record). ``crc32``: the payload's, where
         the caller has it already (computed as the bytes arrived)."""
-        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        meta_bytes = _META.encode(meta).encode()
         size = size_of(payload)
         length = HEAD_BYTES + len(meta_bytes) + size
         if length > self.segment_bytes:
@@ -329,7 +331,7 @@ class Journal:
         other; its first pages placed already) and return once it is durable, as
         :meth:`append` does. One that outgrew its room is appended the usual way, and its
         room given back."""
-        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        meta_bytes = _META.encode(meta).encode()
         size = size_of(payload)
         length = size + len(meta_bytes)
         if not reservation.open or reservation.overflowed or length > reservation.capacity:
