@@ -1029,18 +1029,19 @@ def test_a_record_the_disk_refuses_is_an_error_and_one_unflushed_stays_counted(
     read_only = os.open(segment.path, os.O_RDONLY)
     null = os.open(os.devnull, os.O_WRONLY)  # takes writes; refuses fdatasync (EINVAL)
     writable = segment.fd
-    try:
+
+    def write_to(fd: int) -> None:  # the segment's writes go to fd from now on
         if flushing == "compiled":
-            segment.flusher = journal_module._flush.Flusher(read_only)
+            segment.flusher = journal_module._flush.Flusher(fd)
         else:
-            segment.fd = read_only
+            segment.fd = fd
+
+    try:
+        write_to(read_only)
         with pytest.raises(JournalError, match="cannot write to the journal"):
             journal.append({"n": 1}, [b"y" * 5000])
         assert segment.outstanding == 1, "a record never written is not waited for"
-        if flushing == "compiled":
-            segment.flusher = journal_module._flush.Flusher(null)
-        else:
-            segment.fd = null
+        write_to(null)
         with pytest.raises(JournalError, match="cannot flush the journal"):
             journal.append({"n": 2}, [b"z" * 5000])
         assert segment.outstanding == 2, "a record written but not flushed stays counted"
