@@ -274,17 +274,11 @@ class Journal:
             # Padded to whole pages: a page written in part is read from disk first.
             padding = _zeros()[: _aligned(length) - length]
             parts: list[Buffer] = [head, meta_bytes, *payload, padding]
-            if segment.flusher is None:
-                self._write(segment.fd, parts, offset)
         except BaseException:
             with self._lock:
                 segment.outstanding -= 1
-                segment.finished += 1  # nothing to wait for; the next flush covers the rest
             raise
-        if segment.flusher is None:
-            self._sync(segment)
-        else:
-            self._commit_compiled(segment, [(offset, parts)])
+        self._durable(segment, [(offset, parts)])
         return Entry(segment, offset + HEAD_BYTES + len(meta_bytes))
 
     # -- writing as the instance arrives
@@ -348,9 +342,6 @@ class Journal:
             rest: list[Buffer] = [*_slice(payload, reservation.placed, size), meta_bytes, padding]
             start = reservation.offset + ALIGN + reservation.placed
             page: list[Buffer] = [head, _zeros()[: ALIGN - HEAD_BYTES]]
-            if segment.flusher is None:
-                self._write(segment.fd, rest, start)
-                self._write(segment.fd, page, reservation.offset)
         except BaseException:
             self.release(reservation)
             raise
@@ -359,10 +350,9 @@ class Journal:
             reservation.waiting, reservation.waiting_bytes = [], 0
             segment.streaming -= 1
             self._shrink(reservation, ALIGN + _aligned(length))
-        if segment.flusher is None:
-            self._sync(segment)
-        else:
-            self._commit_compiled(segment, [(start, rest), (reservation.offset, page)])
+        # The payload's rest and the meta first, the head page last: a head never names
+        # bytes written after it.
+        self._durable(segment, [(start, rest), (reservation.offset, page)])
         return Entry(segment, reservation.offset + ALIGN)
 
     def release(self, reservation: Reservation) -> None:
@@ -538,6 +528,24 @@ class Journal:
         except OSError as exc:
             raise JournalError(exc.errno, f"cannot write to the journal: {exc}") from exc
 
+    def _durable(self, segment: Segment, writes: list[tuple[int, list[Buffer]]]) -> None:
+        """Write each ``(offset, parts)`` of one record, in order, and return once a flush
+        covers them: by the compiled writer where it is built (:meth:`_commit_compiled`),
+        else here (:meth:`_write`, then :meth:`_sync`). A record whose write failed is no
+        longer counted as outstanding (nothing waits for it); one whose flush failed stays
+        counted (it may be on disk: its segment is kept until a restart reads it)."""
+        if segment.flusher is not None:
+            self._commit_compiled(segment, writes)
+            return
+        try:
+            for offset, parts in writes:
+                self._write(segment.fd, parts, offset)
+        except BaseException:
+            with self._lock:
+                segment.outstanding -= 1
+            raise
+        self._sync(segment)
+
     def _commit_compiled(self, segment: Segment, writes: list[tuple[int, list[Buffer]]]) -> None:
         """Write each ``(offset, parts)`` of one record and return once a flush covers
         them, in one call of :mod:`node.store._flush` without the interpreter lock (the
@@ -545,9 +553,7 @@ class Journal:
         after each system call and each wait, from every other association's thread.
         Ten senders into one listener on a 2-core VM, alternated in one process: 8 pairs,
         1.00-1.21, median 1.08 (the association threads' `futex` calls 21 per instance
-        down to 15).
-        A record whose write failed is not counted as outstanding (nothing waited for a
-        flush); one whose flush failed stays counted, as with :meth:`_sync`."""
+        down to 15). Failures counted as :meth:`_durable` says."""
         status, error = segment.flusher.commit(writes)
         if status == _flush.WRITE_FAILED:
             with self._lock:
