@@ -660,3 +660,21 @@ def test_a_header_read_ahead_is_never_other_than_the_wholes() -> None:
         whole = meta + bytes(changed[:length]) + bytes(max(0, length - len(changed)))
         assert header == read_header(whole)  # well formed, and the same header
     assert read > 50
+
+
+def test_the_compiled_walk_is_built_where_a_compiler_is() -> None:
+    from node.store import structure
+
+    assert structure._scan is not None, "setup.py builds node.store._scan"
+
+
+def test_a_plain_value_is_printable_ascii_without_a_backslash() -> None:
+    """The values decoded without pydicom: every byte tried inside a value (trailing
+    spaces and NULs are padding, removed as pydicom removes them)."""
+    from node.store.header import _plain
+
+    for byte in range(256):
+        printable = 0x20 <= byte <= 0x7E and byte != 0x5C
+        expected = f"A{chr(byte)}A" if printable else None
+        assert _plain(b"A" + bytes([byte]) + b"A \x00") == expected, byte
+    assert _plain(b"") == "" and _plain(b" \x00 ") == ""

@@ -29,6 +29,11 @@ from pydicom.uid import UID
 
 from node.core.uids import is_valid_uid
 
+try:  # the same walk over element headers, compiled (node/store/_scan.c); optional
+    from node.store import _scan  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - built without a C compiler
+    _scan = None
+
 try:  # what pydicom's reader looks VRs up with (the same table, minus a slower fallback)
     from pydicom.datadict import _dictionary_vr_fast as _dictionary_vr
 except ImportError:  # pragma: no cover - another pydicom
@@ -123,7 +128,7 @@ def scan_head(data: Buffer, tsuid: str, wanted: frozenset[int]) -> tuple[Scan, i
     if data[0:2] == b"\x00\x00" or (implicit and not _looks_implicit(data, 0, len(data))):
         walk.plain = False
     try:
-        walk._elements(0, len(data), False, implicit, 0)
+        walk.data_set(0, implicit, little)
     except Malformed:
         return None
     if walk.pixel_end is None:
@@ -163,8 +168,29 @@ class _Walk:
             self.plain = False  # pydicom reads group 0000 as a command set, implicit VR
         if start == self.size or (implicit and not _looks_implicit(data, start, self.size)):
             self.plain = False  # pydicom guesses the encoding of an empty or odd data set
-        self._elements(start, self.size, False, implicit, 0)
+        self.data_set(start, implicit, little)
         return Scan(tsuid, implicit, little, deflated, self.elements, self.plain)
+
+    def data_set(self, start: int, implicit: bool, little: bool) -> None:
+        """The data set's elements from ``start`` to the end of the bytes: by the compiled
+        walk where it is built (the same rules, 50-100 times faster), else in Python."""
+        if _scan is None:
+            self._elements(start, self.size, False, implicit, 0)
+            return
+        found = _scan.walk(
+            self.data,
+            start,
+            implicit,
+            little,
+            self.encapsulated,
+            self.open_end,
+            self.wanted,
+            MAX_NESTING,
+        )
+        if isinstance(found, str):
+            raise Malformed(found)
+        self.elements, plain, self.pixel_end, asks = found
+        self.plain = self.plain and plain and all(_sequence_in_dictionary(t) for t in asks)
 
     def _meta(self) -> tuple[int, str]:
         """Where the data set starts, and the transfer syntax the file meta names."""
@@ -260,10 +286,7 @@ class _Walk:
         if depth == 0 and tag in self.wanted:
             self.plain = False  # pydicom parses it into a sequence as it reads
         elif vr is None:
-            try:
-                self.plain = self.plain and _dictionary_vr(tag) == "SQ"
-            except KeyError:  # pydicom peeks for an item; a value otherwise
-                self.plain = False
+            self.plain = self.plain and _sequence_in_dictionary(tag)
         elif vr != b"SQ":  # UN read as explicit items, or fragments read as a value
             self.plain = False
 
@@ -310,6 +333,14 @@ class _Walk:
             if end > limit:
                 raise Malformed(f"a fragment of {length} bytes runs past its end at {pos}")
             pos = end
+
+
+def _sequence_in_dictionary(tag: int) -> bool:
+    """Whether pydicom reads an implicit VR element of undefined length as a sequence."""
+    try:
+        return _dictionary_vr(tag) == "SQ"
+    except KeyError:  # pydicom peeks for an item; a value otherwise
+        return False
 
 
 def _looks_implicit(data: Buffer, start: int, size: int) -> bool:
