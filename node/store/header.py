@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +28,7 @@ from pydicom.uid import (
 )
 
 from node.core.status import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS
-from node.core.uids import InvalidUID, validate_uid
+from node.core.uids import InvalidUID, is_valid_uid, validate_uid
 from node.store.structure import Buffer, Malformed, Scan, scan, scan_head
 
 
@@ -74,7 +75,6 @@ _QUICK = tuple(
 _ASCII_CHARSETS = frozenset(
     {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 144", "ISO_IR 192", "GB18030", "GBK"}
 )
-_PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the backslash
 _INTEGER = re.compile(r" *[+-]?[0-9]+")
 
 
@@ -211,10 +211,11 @@ def _quick_header(found: Scan) -> InstanceHeader | None:
             return None
         instance_number = int(number)
     try:
-        tsuid = validate_uid(found.transfer_syntax, "TransferSyntaxUID")
-        sop_class, sop_instance, study, series = [
-            validate_uid(values.get(name, ""), name) for name in _UIDS
-        ]
+        tsuid = _repeated_uid(found.transfer_syntax, "TransferSyntaxUID")
+        sop_class = _repeated_uid(values.get("SOPClassUID", ""), "SOPClassUID")
+        sop_instance = validate_uid(values.get("SOPInstanceUID", ""), "SOPInstanceUID")
+        study = _repeated_uid(values.get("StudyInstanceUID", ""), "StudyInstanceUID")
+        series = _repeated_uid(values.get("SeriesInstanceUID", ""), "SeriesInstanceUID")
     except InvalidUID as exc:
         raise RejectedInstance(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from exc
     texts = {name: values[name] for name in _TEXTS if values.get(name)}
@@ -229,13 +230,26 @@ def _quick_header(found: Scan) -> InstanceHeader | None:
     )
 
 
+@lru_cache(maxsize=1024)
+def _valid(uid: str) -> bool:
+    return is_valid_uid(uid)
+
+
+def _repeated_uid(value: str, name: str) -> str:
+    """:func:`validate_uid` for a UID that most instances share with the one before
+    (a series', a study's, a SOP class, a transfer syntax): remembered once valid."""
+    return value if _valid(value) else validate_uid(value, name)
+
+
 def _plain(raw: bytes) -> str | None:
     """A value as pydicom decodes a single-valued UI, CS, DA, IS, SH or LO (trailing
     padding and NULs removed), if it is printable ASCII without a backslash; else None."""
-    value = raw.rstrip(b"\x00 ")
-    if not _PRINTABLE.fullmatch(value):
+    try:
+        text = raw.rstrip(b"\x00 ").decode("ascii")
+    except UnicodeDecodeError:
         return None
-    return value.decode("ascii")
+    # Printable ASCII is 0x20-0x7E, exactly what str.isprintable() allows of ASCII.
+    return text if text.isprintable() and "\\" not in text else None
 
 
 def _pydicom_encoding(syntax: str) -> tuple[bool, bool] | None:
