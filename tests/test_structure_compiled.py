@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pydicom.data
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     CTImageStorage,
@@ -42,7 +43,14 @@ PYDICOM_FILES = sorted(
     for path in (Path(pydicom.data.__file__).parent / "test_files").glob("*")
     if path.is_file() and path.read_bytes()[128:132] == b"DICM"
 )
-WANTED = [frozenset(), _HEADER_TAG_SET, frozenset({0x00280010, 0x00081140, 0x00540016})]
+WANTED = [
+    frozenset(),
+    _HEADER_TAG_SET,
+    frozenset({0x00280010, 0x00081140, 0x00540016}),
+    # every top-level tag of a CT header, and more: as many as a caller may want
+    frozenset(int(element.tag) for element in dcmread(get_testdata_file("CT_small.dcm")))
+    | frozenset(range(0x00091000, 0x00091100)),
+]
 # A private sequence (unknown to pydicom's dictionary) and a dictionary one, for the implicit
 # VR elements of undefined length whose reading depends on that dictionary.
 PRIVATE, REFERENCED = 0x00091010, 0x00081140

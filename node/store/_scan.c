@@ -29,7 +29,6 @@
 #define PIXEL_DATA 0x7FE00010u
 #define FLOAT_PIXEL_DATA 0x7FE00008u
 #define DOUBLE_PIXEL_DATA 0x7FE00009u
-#define MAX_WANTED 64
 #define RELEASE_FROM (1 << 20) /* bytes from which the walk lets go of the lock */
 
 enum { VR_UNKNOWN = 0, VR_SHORT = 1, VR_LONG = 2 };
@@ -60,8 +59,8 @@ typedef struct {
 typedef struct {
     const unsigned char *data;
     int little, encapsulated, open_end, max_nesting;  /* encapsulated: -1 unknown */
-    uint32_t wanted[MAX_WANTED];
-    int n_wanted;
+    uint32_t *wanted;
+    Py_ssize_t n_wanted;
     int stopped, plain;
     Py_ssize_t pixel_end; /* -1: none */
     Kept *kept;
@@ -89,7 +88,7 @@ static inline uint32_t u32(const Walk *w, Py_ssize_t at) {
 }
 
 static inline int wanted(const Walk *w, uint32_t tag) {
-    for (int i = 0; i < w->n_wanted; i++)
+    for (Py_ssize_t i = 0; i < w->n_wanted; i++)
         if (w->wanted[i] == tag) return 1;
     return 0;
 }
@@ -389,20 +388,21 @@ static PyObject *walk(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "start is outside the data");
         goto done;
     }
-    PyObject *iterator = PyObject_GetIter(tags);
-    if (iterator == NULL) goto done;
-    PyObject *item;
-    while ((item = PyIter_Next(iterator)) != NULL) {
-        unsigned long tag = PyLong_AsUnsignedLong(item);
-        Py_DECREF(item);
+    PyObject *listed = PySequence_Fast(tags, "wanted must be an iterable of tags");
+    if (listed == NULL) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(listed);
+    w.wanted = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint32_t));
+    if (w.wanted == NULL) {
+        Py_DECREF(listed);
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long tag = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(listed, i));
         if (tag == (unsigned long)-1 && PyErr_Occurred()) break;
-        if (w.n_wanted == MAX_WANTED) {
-            PyErr_SetString(PyExc_ValueError, "too many wanted tags");
-            break;
-        }
         w.wanted[w.n_wanted++] = (uint32_t)tag;
     }
-    Py_DECREF(iterator);
+    Py_DECREF(listed);
     if (PyErr_Occurred()) goto done;
     Py_ssize_t end;
     if (buffer.len - start >= RELEASE_FROM) {
@@ -413,6 +413,7 @@ static PyObject *walk(PyObject *self, PyObject *args) {
         end = elements(&w, start, buffer.len, 0, implicit, 0);
     result = answer(&w, end);
 done:
+    PyMem_Free(w.wanted);
     free(w.kept);
     free(w.asks);
     PyBuffer_Release(&buffer);
