@@ -31,6 +31,10 @@
 #define DOUBLE_PIXEL_DATA 0x7FE00009u
 #define RELEASE_FROM (1 << 20) /* bytes from which the walk lets go of the lock */
 
+/* Offsets into the data: 64-bit wherever Py_ssize_t is not, so that an offset plus a 32-bit
+ * length never wraps. */
+typedef int64_t Pos;
+
 enum { VR_UNKNOWN = 0, VR_SHORT = 1, VR_LONG = 2 };
 static unsigned char vr_kinds[65536]; /* by the VR's two bytes, as read */
 
@@ -53,33 +57,33 @@ enum {
 typedef struct {
     uint32_t tag;
     char vr[2];
-    Py_ssize_t at, length;
+    Pos at, length;
 } Kept;
 
 typedef struct {
     const unsigned char *data;
     int little, encapsulated, open_end, max_nesting;  /* encapsulated: -1 unknown */
     uint32_t *wanted;
-    Py_ssize_t n_wanted;
+    Pos n_wanted;
     int stopped, plain;
-    Py_ssize_t pixel_end; /* -1: none */
+    Pos pixel_end; /* -1: none */
     Kept *kept;
-    Py_ssize_t n_kept, room_kept;
+    Pos n_kept, room_kept;
     uint32_t *asks;
-    Py_ssize_t n_asks, room_asks;
+    Pos n_asks, room_asks;
     /* why it stopped */
     int error;
-    Py_ssize_t error_at;
+    Pos error_at;
     uint32_t error_length;
     char error_vr[2];
 } Walk;
 
-static inline uint16_t u16(const Walk *w, Py_ssize_t at) {
+static inline uint16_t u16(const Walk *w, Pos at) {
     const unsigned char *p = w->data + at;
     return w->little ? (uint16_t)(p[0] | p[1] << 8) : (uint16_t)(p[0] << 8 | p[1]);
 }
 
-static inline uint32_t u32(const Walk *w, Py_ssize_t at) {
+static inline uint32_t u32(const Walk *w, Pos at) {
     const unsigned char *p = w->data + at;
     return w->little ? (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
                            (uint32_t)p[3] << 24
@@ -88,21 +92,21 @@ static inline uint32_t u32(const Walk *w, Py_ssize_t at) {
 }
 
 static inline int wanted(const Walk *w, uint32_t tag) {
-    for (Py_ssize_t i = 0; i < w->n_wanted; i++)
+    for (Pos i = 0; i < w->n_wanted; i++)
         if (w->wanted[i] == tag) return 1;
     return 0;
 }
 
-static int fail(Walk *w, int error, Py_ssize_t at, uint32_t length) {
+static int fail(Walk *w, int error, Pos at, uint32_t length) {
     w->error = error;
     w->error_at = at;
     w->error_length = length;
     return -1;
 }
 
-static int keep(Walk *w, uint32_t tag, const char *vr, Py_ssize_t at, Py_ssize_t length) {
+static int keep(Walk *w, uint32_t tag, const char *vr, Pos at, Pos length) {
     if (w->n_kept == w->room_kept) {
-        Py_ssize_t room = w->room_kept ? 2 * w->room_kept : 16;
+        Pos room = w->room_kept ? 2 * w->room_kept : 16;
         Kept *grown = realloc(w->kept, (size_t)room * sizeof(Kept));
         if (grown == NULL) return fail(w, NO_MEMORY, 0, 0);
         w->kept = grown;
@@ -123,7 +127,7 @@ static int keep(Walk *w, uint32_t tag, const char *vr, Py_ssize_t at, Py_ssize_t
 
 static int ask(Walk *w, uint32_t tag) {
     if (w->n_asks == w->room_asks) {
-        Py_ssize_t room = w->room_asks ? 2 * w->room_asks : 8;
+        Pos room = w->room_asks ? 2 * w->room_asks : 8;
         uint32_t *grown = realloc(w->asks, (size_t)room * sizeof(uint32_t));
         if (grown == NULL) return fail(w, NO_MEMORY, 0, 0);
         w->asks = grown;
@@ -135,7 +139,7 @@ static int ask(Walk *w, uint32_t tag) {
 
 #define IS_VR(vr, a, b) ((vr)[0] == (a) && (vr)[1] == (b))
 
-static Py_ssize_t items(Walk *w, Py_ssize_t pos, Py_ssize_t limit, int delimited, int implicit,
+static Pos items(Walk *w, Pos pos, Pos limit, int delimited, int implicit,
                         int depth);
 
 /* An undefined length that pydicom's reader meets: does it read it as this walk does?
@@ -151,14 +155,14 @@ static int undefined(Walk *w, uint32_t tag, const char *vr, int depth) {
 }
 
 /* Encapsulated pixel data: items of defined length, then the delimiter. */
-static Py_ssize_t fragments(Walk *w, Py_ssize_t pos, Py_ssize_t limit) {
+static Pos fragments(Walk *w, Pos pos, Pos limit) {
     for (;;) {
         if (pos + 8 > limit) return fail(w, CUT_SHORT, pos, 0);
         uint32_t tag = (uint32_t)u16(w, pos) << 16 | u16(w, pos + 2);
         uint32_t length = u32(w, pos + 4);
         if (tag == SEQUENCE_END) return pos + 8;
         if (tag != ITEM || length == UNDEFINED) return fail(w, NOT_FRAGMENT, pos, 0);
-        Py_ssize_t end = pos + 8 + (Py_ssize_t)length;
+        Pos end = pos + 8 + (Pos)length;
         if (end > limit) return fail(w, FRAGMENT_PAST, pos, length);
         pos = end;
     }
@@ -166,7 +170,7 @@ static Py_ssize_t fragments(Walk *w, Py_ssize_t pos, Py_ssize_t limit) {
 
 /* Elements from `pos` up to `limit` or, if `delimited`, up to an item delimiter; where
  * they end, or -1. */
-static Py_ssize_t elements(Walk *w, Py_ssize_t pos, Py_ssize_t limit, int delimited,
+static Pos elements(Walk *w, Pos pos, Pos limit, int delimited,
                            int implicit, int depth) {
     const unsigned char *data = w->data;
     for (;;) {
@@ -183,7 +187,7 @@ static Py_ssize_t elements(Walk *w, Py_ssize_t pos, Py_ssize_t limit, int delimi
         }
         if (tag == ITEM_END && delimited) return pos + 8;
         if (tag >> 16 == 0xFFFE) return fail(w, DELIMITER, pos, 0);
-        Py_ssize_t start = pos;
+        Pos start = pos;
         if (vr == NULL)
             pos += 8;
         else {
@@ -225,7 +229,7 @@ static Py_ssize_t elements(Walk *w, Py_ssize_t pos, Py_ssize_t limit, int delimi
         }
         if (tag == PIXEL_DATA && depth == 0 && w->encapsulated == 1)
             return fail(w, NOT_ENCAPSULATED, start, 0);
-        Py_ssize_t end = pos + (Py_ssize_t)length;
+        Pos end = pos + (Pos)length;
         if (end > limit) {
             if (w->open_end && depth == 0 && tag == PIXEL_DATA) {
                 w->pixel_end = end; /* the rest of the data set is beyond the start */
@@ -244,7 +248,7 @@ static Py_ssize_t elements(Walk *w, Py_ssize_t pos, Py_ssize_t limit, int delimi
 }
 
 /* The items of a sequence, up to `limit` or its delimiter. */
-static Py_ssize_t items(Walk *w, Py_ssize_t pos, Py_ssize_t limit, int delimited, int implicit,
+static Pos items(Walk *w, Pos pos, Pos limit, int delimited, int implicit,
                         int depth) {
     if (depth > w->max_nesting) return fail(w, NESTED, 0, 0);
     for (;;) {
@@ -258,7 +262,7 @@ static Py_ssize_t items(Walk *w, Py_ssize_t pos, Py_ssize_t limit, int delimited
         if (length == UNDEFINED) {
             pos = elements(w, pos, limit, 1, implicit, depth);
         } else {
-            Py_ssize_t end = pos + (Py_ssize_t)length;
+            Pos end = pos + (Pos)length;
             if (end > limit) return fail(w, ITEM_PAST, pos - 8, length);
             pos = elements(w, pos, end, 0, implicit, depth);
         }
@@ -267,41 +271,43 @@ static Py_ssize_t items(Walk *w, Py_ssize_t pos, Py_ssize_t limit, int delimited
 }
 
 static PyObject *why(const Walk *w) {
+    long long at = (long long)w->error_at;
+    unsigned long length = (unsigned long)w->error_length;
     switch (w->error) {
     case CUT_SHORT:
         return PyUnicode_FromString("an element header is cut short");
     case DELIMITER:
-        return PyUnicode_FromFormat("a delimiter or item tag among elements at %zd", w->error_at);
+        return PyUnicode_FromFormat("a delimiter or item tag among elements at %lld", at);
     case UNKNOWN_VR: {
         PyObject *vr = PyUnicode_DecodeLatin1(w->error_vr, 2, NULL);
         if (vr == NULL) return NULL;
-        PyObject *text = PyUnicode_FromFormat("unknown VR %R at %zd", vr, w->error_at);
+        PyObject *text = PyUnicode_FromFormat("unknown VR %R at %lld", vr, at);
         Py_DECREF(vr);
         return text;
     }
     case UNDEFINED_VALUE:
-        return PyUnicode_FromFormat("undefined length for %c%c at %zd", w->error_vr[0],
-                                    w->error_vr[1], w->error_at);
+        return PyUnicode_FromFormat("undefined length for %c%c at %lld", w->error_vr[0],
+                                    w->error_vr[1], at);
     case NOT_ENCAPSULATED:
         return PyUnicode_FromString(
             "pixel data not encapsulated in an encapsulated transfer syntax");
     case VALUE_PAST:
-        return PyUnicode_FromFormat("a value of %lu bytes runs past its end at %zd",
-                                    (unsigned long)w->error_length, w->error_at);
+        return PyUnicode_FromFormat("a value of %lu bytes runs past its end at %lld",
+                                    length, at);
     case NESTED:
         return PyUnicode_FromFormat("sequences nested more than %d deep", w->max_nesting);
     case NOT_ITEM:
-        return PyUnicode_FromFormat("a sequence holds something other than items at %zd",
-                                    w->error_at);
+        return PyUnicode_FromFormat("a sequence holds something other than items at %lld",
+                                    at);
     case ITEM_PAST:
-        return PyUnicode_FromFormat("an item of %lu bytes runs past its end at %zd",
-                                    (unsigned long)w->error_length, w->error_at);
+        return PyUnicode_FromFormat("an item of %lu bytes runs past its end at %lld",
+                                    length, at);
     case NOT_FRAGMENT:
-        return PyUnicode_FromFormat("encapsulated pixel data holds a non-fragment at %zd",
-                                    w->error_at);
+        return PyUnicode_FromFormat("encapsulated pixel data holds a non-fragment at %lld",
+                                    at);
     case FRAGMENT_PAST:
-        return PyUnicode_FromFormat("a fragment of %lu bytes runs past its end at %zd",
-                                    (unsigned long)w->error_length, w->error_at);
+        return PyUnicode_FromFormat("a fragment of %lu bytes runs past its end at %lld",
+                                    length, at);
     default:
         return PyErr_NoMemory();
     }
@@ -309,7 +315,7 @@ static PyObject *why(const Walk *w) {
 
 /* The answer once the walk is over, with the interpreter lock: (elements, plain, pixel end
  * or None, tags to ask pydicom's dictionary of), or the reason as a str. */
-static PyObject *answer(const Walk *w, Py_ssize_t end) {
+static PyObject *answer(const Walk *w, Pos end) {
     if (end < 0) return why(w);
     PyObject *kept = PyDict_New();
     if (kept == NULL) return NULL;
@@ -318,7 +324,8 @@ static PyObject *answer(const Walk *w, Py_ssize_t end) {
         PyObject *tag = PyLong_FromUnsignedLong(k->tag);
         PyObject *vr = k->vr[0] || k->vr[1] ? PyBytes_FromStringAndSize(k->vr, 2)
                                             : Py_NewRef(Py_None);
-        PyObject *value = PyBytes_FromStringAndSize((const char *)w->data + k->at, k->length);
+        PyObject *value =
+            PyBytes_FromStringAndSize((const char *)w->data + k->at, (Py_ssize_t)k->length);
         PyObject *pair = tag && vr && value ? PyTuple_Pack(2, vr, value) : NULL;
         int set = pair ? PyDict_SetItem(kept, tag, pair) : -1;
         Py_XDECREF(tag);
@@ -344,7 +351,7 @@ static PyObject *answer(const Walk *w, Py_ssize_t end) {
         }
         PyTuple_SET_ITEM(asks, i, tag);
     }
-    PyObject *pixel_end = w->pixel_end < 0 ? Py_NewRef(Py_None) : PyLong_FromSsize_t(w->pixel_end);
+    PyObject *pixel_end = w->pixel_end < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(w->pixel_end);
     if (pixel_end == NULL) {
         Py_DECREF(kept);
         Py_DECREF(asks);
@@ -404,7 +411,7 @@ static PyObject *walk(PyObject *self, PyObject *args) {
     }
     Py_DECREF(listed);
     if (PyErr_Occurred()) goto done;
-    Py_ssize_t end;
+    Pos end;
     if (buffer.len - start >= RELEASE_FROM) {
         Py_BEGIN_ALLOW_THREADS
         end = elements(&w, start, buffer.len, 0, implicit, 0);
