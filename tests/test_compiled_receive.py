@@ -44,6 +44,7 @@ from node.dimse.pdu import (
     new_buffer,
 )
 from node.dimse.server import Listener
+from node.store.header import read_header
 from node.store.ingest import Ingestor
 from node.store.journal import JOURNAL_DIR, Journal
 from node.store.spool import Spool
@@ -486,3 +487,32 @@ def test_the_header_is_read_from_the_start_of_the_data_set_however_many_associat
     assert all(header is not None for header in headers)
     with node.catalogue.session() as session:
         assert len(session.scalars(select(Instance)).all()) == open_at_once
+
+
+@compiled
+def test_a_header_its_start_left_unsettled_is_read_from_the_buffer_not_a_joined_copy(
+    tmp_path: Path,
+) -> None:
+    """CT_small has an element after its pixel data, so its start does not settle its
+    header: read from the compiled loop's buffer after the last byte, it is the one the
+    stored file reads as, and ingest gets it ready (nothing joined to read it)."""
+    headers = []
+    with _node(tmp_path) as node:
+        store = node.listener.service.store
+
+        def spy(association, request):  # type: ignore[no-untyped-def]
+            headers.append(request.header)
+            return store(association, request)
+
+        node.listener.service.store = spy  # type: ignore[method-assign]
+        assoc = node.associate()
+        dataset = dcmread(get_testdata_file("CT_small.dcm"))
+        dataset.SOPInstanceUID = generate_uid()
+        assert max(element.tag for element in dataset) > 0x7FE00010
+        assert assoc.send_c_store(dataset).Status == 0x0000
+        assoc.release()
+    with node.catalogue.session() as session:
+        [row] = session.scalars(select(Instance)).all()
+    [header] = headers
+    assert header is not None
+    assert header == read_header(node.spool.absolute(row.path).read_bytes())

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from node.dimse.pdu import Room
 from node.store.checksum import crc32
-from node.store.header import InstanceHeader, header_ahead
+from node.store.header import InstanceHeader, header_ahead, header_of_data_set
 from node.store.journal import ALIGN, PLACE_STEP, Reservation
 from node.store.spool import StagedFile
 
@@ -49,11 +49,22 @@ class ReceivedDataSet(list[memoryview]):
     def header(self) -> InstanceHeader | None:
         """The instance's header, read as its first fragment arrived, where that fragment
         settled it (:func:`node.store.header.header_ahead`) and the data set ended where it
-        said; else None, and the caller reads the whole."""
-        ahead = self._ahead
-        if ahead is None or self.size != ahead[1] or self.spill is not None or self.over_limit:
+        said; else, where the data set is in one buffer (the compiled receiver's), read
+        from it without joining it to its file meta
+        (:func:`node.store.header.header_of_data_set`); else None, and the caller reads
+        the whole, joined.
+
+        Encapsulated (compressed) pixel data, or an element after the pixel data, leaves
+        the start unsettled: the whole was then copied, file meta and data set joined, only
+        to read its header (half a megabyte for a CT slice)."""
+        if self.spill is not None or self.over_limit or not self.syntax:
             return None
-        return ahead[0]
+        ahead = self._ahead
+        if ahead is not None and self.size == ahead[1]:
+            return ahead[0]
+        if len(self) == 1:
+            return header_of_data_set(self[0], self.syntax)
+        return None
 
     def parts(self) -> tuple[bytes | memoryview, ...]:
         """The prefix and the fragments held in memory: a Part 10 file, not joined."""

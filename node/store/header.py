@@ -29,7 +29,7 @@ from pydicom.uid import (
 
 from node.core.status import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH_SOP_CLASS
 from node.core.uids import InvalidUID, is_valid_uid, validate_uid
-from node.store.structure import Buffer, Malformed, Scan, scan, scan_head
+from node.store.structure import Buffer, Malformed, Scan, scan, scan_data_set, scan_head
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,23 @@ def header_ahead(start: Buffer, transfer_syntax: str) -> tuple[InstanceHeader, i
     except RejectedInstance:
         return None
     return None if header is None else (header, head[1])
+
+
+def header_of_data_set(data_set: Buffer, transfer_syntax: str) -> InstanceHeader | None:
+    """What :func:`read_header` would make of a Part 10 stream whose file meta, well
+    formed, names ``transfer_syntax`` and is followed by ``data_set``, read without
+    joining the two (:func:`node.store.structure.scan_data_set`): for a data set whose
+    start did not settle its header (:func:`header_ahead`: encapsulated pixel data,
+    elements after the pixel data). None where the data set would be refused, or its
+    header needs pydicom, or it starts with group 0002: :func:`read_header` of the whole
+    then says so."""
+    if not _valid(transfer_syntax):
+        return None
+    try:
+        found = scan_data_set(data_set, transfer_syntax, _HEADER_TAG_SET)
+        return None if found is None else _quick_header(found)
+    except (Malformed, RejectedInstance):
+        return None
 
 
 def _quick_header(found: Scan) -> InstanceHeader | None:

@@ -136,6 +136,17 @@ def scan_head(data: Buffer, tsuid: str, wanted: frozenset[int]) -> tuple[Scan, i
     return Scan(tsuid, implicit, little, False, walk.elements, walk.plain), walk.pixel_end
 
 
+def scan_data_set(data: Buffer, tsuid: str, wanted: frozenset[int]) -> Scan | None:
+    """What :func:`scan` finds in a Part 10 stream made of a well-formed file meta that
+    names ``tsuid`` followed by the data set ``data``, without joining the two (a receiver
+    holds its own file meta apart from the data set's bytes); raises :class:`Malformed` as
+    :func:`scan` would. None where the data set starts with group 0002: the walk of the
+    file meta would read on into it."""
+    if data[0:2] == b"\x02\x00":
+        return None
+    return _Walk(data, wanted).after_meta(0, tsuid)
+
+
 class _Walk:
     """One pass over a Part 10 stream: the file meta, then the data set."""
 
@@ -156,6 +167,11 @@ class _Walk:
 
     def run(self) -> Scan:
         start, tsuid = self._meta()
+        return self.after_meta(start, tsuid)
+
+    def after_meta(self, start: int, tsuid: str) -> Scan:
+        """The data set from ``start`` to the end, in the transfer syntax ``tsuid`` named
+        by the file meta before it."""
         implicit, little, self.encapsulated, deflated = _syntax(tsuid)
         if not little:
             self._structs(_BE)
