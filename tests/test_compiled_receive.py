@@ -44,7 +44,7 @@ from node.dimse.pdu import (
     new_buffer,
 )
 from node.dimse.server import Listener
-from node.store.header import read_header
+from node.store.header import InstanceHeader, read_header
 from node.store.ingest import Ingestor
 from node.store.journal import JOURNAL_DIR, Journal
 from node.store.spool import Spool
@@ -457,6 +457,19 @@ def test_a_small_instance_keeps_only_its_own_bytes_not_the_buffer_it_arrived_in(
     assert fragments[0].obj is large, "a buffer mostly used is kept as it is, not copied"
 
 
+def _headers_given(node: _Node) -> list[InstanceHeader | None]:
+    """The headers the receiver hands ingest with each instance, from now on, in order."""
+    headers: list[InstanceHeader | None] = []
+    store = node.listener.service.store
+
+    def spy(association, request):  # type: ignore[no-untyped-def]
+        headers.append(request.header)
+        return store(association, request)
+
+    node.listener.service.store = spy  # type: ignore[method-assign]
+    return headers
+
+
 @compiled
 @pytest.mark.parametrize("open_at_once", [1, 2])
 def test_the_header_is_read_from_the_start_of_the_data_set_however_many_associations_are_open(
@@ -465,15 +478,8 @@ def test_the_header_is_read_from_the_start_of_the_data_set_however_many_associat
     """Alone, the loop stops after the first fragment and the header is read while the
     rest arrives; beside another association it reads the data set whole and the header
     from its start after: either way ingest gets it ready, and the instance is stored."""
-    headers = []
     with _node(tmp_path) as node:
-        store = node.listener.service.store
-
-        def spy(association, request):  # type: ignore[no-untyped-def]
-            headers.append(request.header)
-            return store(association, request)
-
-        node.listener.service.store = spy  # type: ignore[method-assign]
+        headers = _headers_given(node)
         associations = [node.associate() for _ in range(open_at_once)]
         for assoc in associations:
             dataset = dcmread(get_testdata_file("CT_small.dcm"))
@@ -496,15 +502,8 @@ def test_a_header_its_start_left_unsettled_is_read_from_the_buffer_not_a_joined_
     """CT_small has an element after its pixel data, so its start does not settle its
     header: read from the compiled loop's buffer after the last byte, it is the one the
     stored file reads as, and ingest gets it ready (nothing joined to read it)."""
-    headers = []
     with _node(tmp_path) as node:
-        store = node.listener.service.store
-
-        def spy(association, request):  # type: ignore[no-untyped-def]
-            headers.append(request.header)
-            return store(association, request)
-
-        node.listener.service.store = spy  # type: ignore[method-assign]
+        headers = _headers_given(node)
         assoc = node.associate()
         dataset = dcmread(get_testdata_file("CT_small.dcm"))
         dataset.SOPInstanceUID = generate_uid()

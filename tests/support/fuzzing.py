@@ -241,6 +241,25 @@ class Base:
         return self.element(PIXEL_DATA)
 
 
+def changed_at_random(data: bytes, rng: random.Random, first: int = 0, span: int = 2500) -> bytes:
+    """``data`` with bytes from ``first`` to ``span`` changed blindly: one to three flipped,
+    cut there, or up to eight inserted, as the rng picks."""
+    changed = bytearray(data)
+    action = rng.choice(["flip", "flip", "cut", "insert"])
+    end = min(len(changed), span)
+    if first >= end:
+        return bytes(changed)
+    where = rng.randrange(first, end)
+    if action == "flip":
+        for _ in range(rng.randrange(1, 4)):
+            changed[rng.randrange(first, end)] = rng.randrange(256)
+    elif action == "cut":
+        del changed[where:]
+    else:
+        changed[where:where] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+    return bytes(changed)
+
+
 def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     """Preamble, prefix and file meta group, as a sender writes them."""
     meta = FileMetaDataset()
