@@ -15,7 +15,6 @@ from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
-import pydicom.data
 import pytest
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, decode_bytes
@@ -47,53 +46,24 @@ from node.store.header import (
     parse_header,
     read_header,
 )
-from node.store.structure import MAX_NESTING, Malformed, _Walk, scan
-from tests.support.fuzzing import changed_at_random, element_map, file_meta
-
-SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.1"
-UNDEFINED = 0xFFFFFFFF
-ITEM = b"\xfe\xff\x00\xe0"
-ITEM_END = b"\xfe\xff\x0d\xe0" + b"\x00" * 4
-SEQUENCE_END = b"\xfe\xff\xdd\xe0" + b"\x00" * 4
-LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-
-
-# --- encoding by hand, little endian ---------------------------------------------------------
-
-
-def explicit(tag: int, vr: str, value: bytes, length: int | None = None) -> bytes:
-    length = len(value) if length is None else length
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
-    if vr in LONG_VRS:
-        return head + b"\x00\x00" + struct.pack("<L", length) + value
-    return head + struct.pack("<H", length) + value
-
-
-def implicit(tag: int, value: bytes, length: int | None = None) -> bytes:
-    length = len(value) if length is None else length
-    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, length) + value
-
-
-def item(content: bytes, defined: bool = True) -> bytes:
-    if defined:
-        return ITEM + struct.pack("<L", len(content)) + content
-    return ITEM + b"\xff" * 4 + content + ITEM_END
-
-
-IDENTITY = (
-    explicit(0x00080016, "UI", CTImageStorage.encode())
-    + explicit(0x00080018, "UI", SOP_INSTANCE.encode() + b"\x00")
-    + explicit(0x00080060, "CS", b"CT")
+from node.store.structure import MAX_NESTING, Malformed, scan
+from tests.support.encoding import (
+    IDENTITY,
+    IDENTITY_IMPLICIT,
+    ITEM,
+    ITEM_END,
+    LONG_VRS,
+    PYDICOM_FILES,
+    SEQUENCE_END,
+    SOP_INSTANCE,
+    UNDEFINED,
+    explicit,
+    implicit,
+    item,
+    meta_and_data_set,
+    part10,
 )
-IDENTITY_IMPLICIT = (
-    implicit(0x00080016, CTImageStorage.encode())
-    + implicit(0x00080018, SOP_INSTANCE.encode() + b"\x00")
-    + implicit(0x00080060, b"CT")
-)
-
-
-def part10(dataset: bytes, syntax: str = ExplicitVRLittleEndian) -> bytes:
-    return file_meta(CTImageStorage, SOP_INSTANCE, syntax) + dataset
+from tests.support.fuzzing import changed_at_random, element_map
 
 
 def refused(data: bytes | Path) -> bool:
@@ -409,13 +379,6 @@ def took_the_quick_path(data: bytes) -> bool:
     return _quick_header(scan(data, _HEADER_TAG_SET)) is not None
 
 
-PYDICOM_FILES = sorted(
-    path
-    for path in (Path(pydicom.data.__file__).parent / "test_files").glob("*")
-    if path.is_file() and path.read_bytes()[128:132] == b"DICM"
-)
-
-
 @pytest.mark.parametrize("path", PYDICOM_FILES, ids=lambda path: path.name)
 def test_pydicoms_test_files_read_as_pydicom_reads_them(path: Path) -> None:
     same_as_pydicom(path.read_bytes())
@@ -546,12 +509,6 @@ def test_bytes_changed_at_random_read_as_pydicom_reads_them(name: str) -> None:
 
 
 # --- the header read from the start of a data set, as it arrives ----------------------------
-
-
-def meta_and_data_set(data: bytes) -> tuple[str, bytes]:
-    """A Part 10 stream's transfer syntax and its data set (what a receiver gets)."""
-    meta_end, syntax = _Walk(data, frozenset())._meta()
-    return syntax, data[meta_end:]
 
 
 def ahead_agrees(data: bytes, start_length: int) -> bool:

@@ -10,13 +10,11 @@ over bytes changed at random, and over the encodings built by hand that few file
 from __future__ import annotations
 
 import random
-import struct
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pydicom.data
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -31,18 +29,22 @@ from pydicom.uid import (
 
 from node.store import structure
 from node.store.header import _HEADER_TAG_SET
-from node.store.structure import MAX_NESTING, Malformed, _Walk, scan, scan_head
-from tests.support.fuzzing import changed_at_random, file_meta
+from node.store.structure import MAX_NESTING, Malformed, scan, scan_head
+from tests.support.encoding import (
+    IDENTITY_IMPLICIT,
+    PYDICOM_FILES,
+    SEQUENCE_END,
+    explicit,
+    implicit,
+    item,
+    meta_and_data_set,
+    part10,
+)
+from tests.support.fuzzing import changed_at_random
 
 _scan = pytest.importorskip("node.store._scan", reason="the compiled walk is not built here")
 
-SOP_INSTANCE = "1.2.826.0.1.3680043.8.498.1"
 UNKNOWN_SYNTAX = "1.2.826.0.1.3680043.8.498.99"
-PYDICOM_FILES = sorted(
-    path
-    for path in (Path(pydicom.data.__file__).parent / "test_files").glob("*")
-    if path.is_file() and path.read_bytes()[128:132] == b"DICM"
-)
 WANTED = [
     frozenset(),
     _HEADER_TAG_SET,
@@ -91,38 +93,8 @@ def same_start(data_set: bytes, syntax: str, wanted: frozenset[int] = _HEADER_TA
     return compiled
 
 
-def data_set_of(data: bytes) -> tuple[str, bytes]:
-    end, syntax = _Walk(data, frozenset())._meta()
-    return syntax, data[end:]
-
-
-def element(tag: int, vr: str, value: bytes, big: bool = False) -> bytes:
-    order = ">" if big else "<"
-    head = struct.pack(f"{order}HH", tag >> 16, tag & 0xFFFF) + vr.encode()
-    if vr in {"OB", "OW", "SQ", "UN", "UT"}:
-        return head + b"\x00\x00" + struct.pack(f"{order}L", len(value)) + value
-    return head + struct.pack(f"{order}H", len(value)) + value
-
-
-def implicit(tag: int, value: bytes, length: int | None = None) -> bytes:
-    size = len(value) if length is None else length
-    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, size) + value
-
-
-def delimited_item(content: bytes) -> bytes:
-    return b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + content + b"\xfe\xff\x0d\xe0" + b"\x00" * 4
-
-
-SEQUENCE_END = b"\xfe\xff\xdd\xe0" + b"\x00" * 4
-IDENTITY = (
-    implicit(0x00080016, CTImageStorage.encode())
-    + implicit(0x00080018, SOP_INSTANCE.encode() + b"\x00")
-    + implicit(0x00080060, b"CT")
-)
-
-
-def part10(data_set: bytes, syntax: str = ImplicitVRLittleEndian) -> bytes:
-    return file_meta(CTImageStorage, SOP_INSTANCE, syntax) + data_set
+def part10_implicit(data_set: bytes) -> bytes:
+    return part10(data_set, ImplicitVRLittleEndian)
 
 
 @pytest.mark.parametrize("path", PYDICOM_FILES, ids=lambda path: path.name)
@@ -131,7 +103,7 @@ def test_pydicoms_test_files_are_walked_alike_whole_and_from_every_start(path: P
     for wanted in WANTED:
         same_scan(data, wanted)
     try:
-        syntax, data_set = data_set_of(data)
+        syntax, data_set = meta_and_data_set(data)
     except Malformed:
         return
     for cut in sorted({*range(0, min(len(data_set), 600), 37), *range(0, len(data_set), 997)}):
@@ -144,7 +116,7 @@ def test_pydicoms_test_files_are_walked_alike_whole_and_from_every_start(path: P
 )
 def test_bytes_changed_at_random_are_walked_alike(name: str) -> None:
     base = Path(get_testdata_file(name)).read_bytes()
-    syntax, data_set = data_set_of(base)
+    syntax, data_set = meta_and_data_set(base)
     rng = random.Random(20261207)
     refused = 0
     for _ in range(400):
@@ -159,26 +131,28 @@ def test_implicit_sequences_of_undefined_length_ask_pydicoms_dictionary() -> Non
     """An implicit VR element of undefined length is read as items by both walks; whether
     pydicom reads it so too (``plain``) depends on its dictionary, asked by both alike."""
     pixels = implicit(0x7FE00010, b"\x00\x01" * 8)
-    empty_item = delimited_item(b"")
+    empty_item = item(b"", defined=False)
     for tag in (REFERENCED, PRIVATE):
         sequence = implicit(tag, empty_item + SEQUENCE_END, 0xFFFFFFFF)
-        found = same_scan(part10(IDENTITY + sequence + pixels))
+        found = same_scan(part10_implicit(IDENTITY_IMPLICIT + sequence + pixels))
         assert not isinstance(found, tuple)
         assert found.plain == (tag == REFERENCED)
         # nested in a sequence of the dictionary's: asked there too
-        outer = implicit(REFERENCED, delimited_item(sequence) + SEQUENCE_END, 0xFFFFFFFF)
-        assert same_scan(part10(IDENTITY + outer + pixels)).plain == (tag == REFERENCED)
-        start = same_start(IDENTITY + sequence + pixels[:-4], ImplicitVRLittleEndian)
+        outer = implicit(REFERENCED, item(sequence, defined=False) + SEQUENCE_END, 0xFFFFFFFF)
+        assert same_scan(part10_implicit(IDENTITY_IMPLICIT + outer + pixels)).plain == (
+            tag == REFERENCED
+        )
+        start = same_start(IDENTITY_IMPLICIT + sequence + pixels[:-4], ImplicitVRLittleEndian)
         assert start is not None and start[0].plain == (tag == REFERENCED)
 
 
 def test_encodings_few_files_have_are_walked_alike() -> None:
-    pixels = element(0x7FE00010, "OW", b"\x00\x01" * 8)
-    explicit_identity = element(0x00080016, "UI", CTImageStorage.encode()) + element(
+    pixels = explicit(0x7FE00010, "OW", b"\x00\x01" * 8)
+    explicit_identity = explicit(0x00080016, "UI", CTImageStorage.encode()) + explicit(
         0x00080060, "CS", b"CT"
     )
-    un_items = b"\x09\x00\x10\x10UN\x00\x00\xff\xff\xff\xff" + delimited_item(
-        implicit(0x00100010, b"NAME")
+    un_items = b"\x09\x00\x10\x10UN\x00\x00\xff\xff\xff\xff" + item(
+        implicit(0x00100010, b"NAME"), defined=False
     )
     fragments = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\x00\x00\x00\x00"
     cases = [
@@ -200,12 +174,12 @@ def test_encodings_few_files_have_are_walked_alike() -> None:
         ),
         part10(explicit_identity + b"\xfe\xff\x00\xe0\x00\x00\x00\x00", ExplicitVRLittleEndian),
         part10(
-            element(0x00080016, "UI", CTImageStorage.encode(), big=True)
-            + element(0x7FE00010, "OW", b"\x01\x00" * 8, big=True),
+            explicit(0x00080016, "UI", CTImageStorage.encode(), big=True)
+            + explicit(0x7FE00010, "OW", b"\x01\x00" * 8, big=True),
             ExplicitVRBigEndian,
         ),
-        part10(b"\x00\x00\x00\x00" + IDENTITY),  # a command group
-        part10(IDENTITY[:-3]),  # cut inside a value
+        part10_implicit(b"\x00\x00\x00\x00" + IDENTITY_IMPLICIT),  # a command group
+        part10_implicit(IDENTITY_IMPLICIT[:-3]),  # cut inside a value
     ]
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     deflated = deflater.compress(explicit_identity + pixels) + deflater.flush()
@@ -215,7 +189,7 @@ def test_encodings_few_files_have_are_walked_alike() -> None:
             same_scan(data, wanted)
         for cut in range(0, len(data) - 132, 3):
             try:
-                syntax, data_set = data_set_of(data)
+                syntax, data_set = meta_and_data_set(data)
             except Malformed:
                 break
             same_start(data_set[:cut], syntax)
@@ -225,12 +199,14 @@ def test_sequences_nested_to_the_limit_and_past_it_are_walked_alike() -> None:
     def nested(depth: int) -> bytes:
         content = implicit(0x00100010, b"NAME")
         for _ in range(depth):
-            content = implicit(REFERENCED, delimited_item(content) + SEQUENCE_END, 0xFFFFFFFF)
+            content = implicit(REFERENCED, item(content, defined=False) + SEQUENCE_END, 0xFFFFFFFF)
         return content
 
     pixels = implicit(0x7FE00010, b"\x00\x01" * 8)
-    assert not isinstance(same_scan(part10(IDENTITY + nested(MAX_NESTING) + pixels)), tuple)
-    found = same_scan(part10(IDENTITY + nested(MAX_NESTING + 1) + pixels))
+    assert not isinstance(
+        same_scan(part10_implicit(IDENTITY_IMPLICIT + nested(MAX_NESTING) + pixels)), tuple
+    )
+    found = same_scan(part10_implicit(IDENTITY_IMPLICIT + nested(MAX_NESTING + 1) + pixels))
     assert found == ("malformed", f"sequences nested more than {MAX_NESTING} deep")
 
 
@@ -238,7 +214,7 @@ def test_a_long_walk_without_the_interpreter_lock_answers_alike() -> None:
     """A data set past a megabyte is walked with the interpreter lock let go (its values
     copied out after): the same answer, from bytes and from a bytearray."""
     many = b"".join(implicit(0x00091000 | (i & 0xFF), b"ABCD") for i in range(120_000))
-    data = part10(IDENTITY + many + implicit(0x7FE00010, b"\x00" * 16))
+    data = part10_implicit(IDENTITY_IMPLICIT + many + implicit(0x7FE00010, b"\x00" * 16))
     assert len(data) > 1 << 20
     found = same_scan(data, _HEADER_TAG_SET)
     assert not isinstance(found, tuple) and found.elements[0x00080060] == (None, b"CT")
