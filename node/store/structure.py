@@ -189,7 +189,8 @@ class _Walk:
 
     def data_set(self, start: int, implicit: bool, little: bool) -> None:
         """The data set's elements from ``start`` to the end of the bytes: by the compiled
-        walk where it is built (the same rules, 50-100 times faster), else in Python."""
+        walk where it is built (the same rules; 20 to 70 times faster, measured on a CT
+        header and on an enhanced one), else in Python."""
         if _scan is None:
             self._elements(start, self.size, False, implicit, 0)
             return
