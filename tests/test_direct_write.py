@@ -145,3 +145,32 @@ def test_a_paced_write_asks_before_each_step_and_writes_no_more_than_a_step(
     steps = [size for kind, size in events if kind == "write"]
     assert steps == [direct_write.PACED_STEP] * 3 + [5 * BLOCK]
     assert [kind for kind, _ in events] == ["pace", "write"] * 4
+
+
+@pytest.mark.parametrize("size", [BLOCK, 527_000, (4 << 20) + 3 * BLOCK + 7])
+def test_a_page_aligned_map_is_written_from_where_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """The filer writes a payload from its journal segment's map: its whole blocks go to
+    the disk from the map itself (never through the thread's buffer), its tail through the
+    cache, paced or not."""
+    import mmap
+
+    data = os.urandom(size)
+    segment = tmp_path / "segment"
+    segment.write_bytes(os.urandom(BLOCK) + data + os.urandom(99))
+
+    def no_buffer() -> mmap.mmap:
+        raise AssertionError("copied through the thread's buffer")
+
+    monkeypatch.setattr(direct_write, "_buffer", no_buffer)
+    monkeypatch.setattr(direct_write, "PACED_STEP", 64 * BLOCK)
+    with segment.open("rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)[BLOCK : BLOCK + size]
+    write_new(tmp_path / "a.dcm", view, aligned=True)
+    write_new(tmp_path / "b.dcm", view, aligned=True, pace=lambda: None)
+    view.release()
+    mapped.close()
+    assert (tmp_path / "a.dcm").read_bytes() == data
+    assert (tmp_path / "b.dcm").read_bytes() == data

@@ -159,3 +159,43 @@ def test_what_someone_waits_for_is_filed_at_once(
         _check_stored(ingestor, series)
     finally:
         ingestor.close()
+
+
+def test_a_record_written_as_it_arrived_is_filed_from_its_segment_as_it_is(
+    series: list[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filing process reads a record the listener wrote as it arrived (its payload on a
+    page boundary) from its segment's map, and writes it to its spool file from there:
+    the same bytes, catalogued, never copied through the direct writer's buffer."""
+    from node.store import direct_write
+    from node.store.filing import Filer, Pending
+    from node.store.header import read_header
+
+    def no_buffer() -> object:
+        raise AssertionError("copied through the direct writer's buffer")
+
+    ingestor = _ingestor(tmp_path, separate=False)
+    journal = Journal(tmp_path / "journal", 16 << 20)
+    assert list(journal.recover()) == []
+    jobs = []
+    for data in series[:3]:
+        header = read_header(data)
+        relative = ingestor.spool.relative_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        room = journal.reserve(len(data) + 8192)
+        assert room is not None
+        room.feed(data[: len(data) // 2])
+        meta = write_ahead.header_meta(header, relative, "SCU")
+        entry = journal.commit(room, meta, [data])
+        source = (str(entry.segment.path), entry.payload_at)
+        jobs.append(Pending(header, None, len(data), relative, "SCU", None, source))
+    monkeypatch.setattr(direct_write, "_buffer", no_buffer)
+    filer = Filer(ingestor)
+    try:
+        assert filer.file(jobs) == [job.relative_path for job in jobs]
+        _check_stored(ingestor, series[:3])
+    finally:
+        filer.close()
+        ingestor.close()
+        journal.close()

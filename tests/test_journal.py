@@ -99,8 +99,8 @@ CHILD = textwrap.dedent(
         setattr(journal_module.Journal, name, sync)
     elif point == "mid-filing":  # files written, their rows never committed
         original_write = filing.Filer._write
-        def write(self, path, payload, durably):
-            original_write(self, path, payload, durably)
+        def write(self, path, *rest):
+            original_write(self, path, *rest)
             calls["n"] += 1
             if calls["n"] == crash_at:
                 die()

@@ -51,11 +51,14 @@ def write_new(
     mode: int = 0o600,
     pace: Callable[[], None] | None = None,
     replace: bool = False,
+    aligned: bool = False,
 ) -> None:
     """Create ``path`` holding ``data`` (bytes, or parts written one after the other); not
     synced. It must not exist, unless ``replace``: then a file there is truncated and
     written over. ``pace`` is called before each direct write of whole blocks (see the
-    module's docstring)."""
+    module's docstring). ``aligned`` says that ``data`` is one buffer starting on a page
+    boundary (a slice of a mapped file at a multiple of 4 KiB): its blocks then go to the
+    disk from where they are, not copied into this thread's buffer first."""
     parts: Parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
     size = size_of(parts)
     whole = size // BLOCK * BLOCK
@@ -71,7 +74,7 @@ def write_new(
     try:
         if direct:
             try:
-                _write_direct(fd, parts, whole, pace)
+                _write_direct(fd, parts, whole, pace, aligned and len(parts) == 1)
             except OSError as exc:  # blocks larger than BLOCK: the whole file through the cache
                 if exc.errno != errno.EINVAL:
                     raise
@@ -86,13 +89,25 @@ def write_new(
 
 
 def _write_direct(
-    fd: int, parts: Parts, length: int, pace: Callable[[], None] | None = None
+    fd: int,
+    parts: Parts,
+    length: int,
+    pace: Callable[[], None] | None = None,
+    in_place: bool = False,
 ) -> None:
     """Write the first ``length`` bytes of ``parts`` (whole blocks) from offset 0, through
-    this thread's aligned buffer."""
+    this thread's aligned buffer, or, ``in_place``, from the one part itself (page-aligned:
+    see :func:`write_new`)."""
+    step = _BUFFER_BYTES if pace is None else PACED_STEP
+    if in_place:
+        source = memoryview(parts[0]).cast("B")
+        for start in range(0, length, step):
+            if pace is not None:
+                pace()
+            pwrite_parts(fd, [source[start : min(start + step, length)]], start)
+        return
     buffer = _buffer()
     aligned = memoryview(buffer)
-    step = _BUFFER_BYTES if pace is None else PACED_STEP
     for start in range(0, length, step):
         size = min(step, length - start)
         filled = 0

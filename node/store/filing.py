@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import socket
 import subprocess
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from node.catalogue.instance_lookups import KNOWN_ANY
 from node.store.buffers import Parts, joined, sha256_of
-from node.store.direct_write import write_new
+from node.store.direct_write import BLOCK, write_new
 from node.store.header import InstanceHeader
 from node.store.journal import Segment
 from node.store.spool import Spool, StoredFile, file_sha256, write_durably
@@ -72,8 +73,11 @@ class Pending:
     source: tuple[str, int] | None = None  # (the segment's path, the payload's offset)
     sha256: str | None = None  # computed (:func:`_digest`) only to compare it with a row
 
-    def bytes(self) -> Parts:
-        """The payload, read back from the journal where it is not held."""
+    def bytes(self, segments: Segments | None = None) -> Parts:
+        """The payload, read back from the journal where it is not held (from its
+        segment's map in ``segments``, where given)."""
+        if self.payload is None and segments is not None:
+            return (segments.view(self),)
         if self.payload is None:
             assert self.source is not None
             path, offset = self.source
@@ -86,6 +90,43 @@ class Pending:
                 raise OSError(f"a journal record of {self.size} bytes is cut short in {path}")
             return (data,)
         return self.payload
+
+
+class Segments:
+    """The journal segments a batch's payloads are read from, each mapped once.
+
+    Reading a payload back into a string of its own, then copying it into the direct
+    writer's aligned buffer, moved each instance through memory twice in the filing
+    process. From a map of its segment, a payload that starts on a page boundary (one the
+    listener wrote as it arrived) goes from the page cache to the disk with no copy at
+    all. A map lives as long as the views of it: the batch's. The pages of a payload
+    written are let go of the map at once (:meth:`done`): the page cache keeps them, and
+    the filing process's resident size stays what it was."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def view(self, item: Pending) -> memoryview:
+        assert item.source is not None
+        path, offset = item.source
+        mapped = self._maps.get(path)
+        if mapped is None:
+            with open(path, "rb") as file:
+                mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            mapped = self._maps.setdefault(path, mapped)
+        if offset + item.size > len(mapped):
+            raise OSError(f"a journal record of {item.size} bytes is cut short in {path}")
+        return memoryview(mapped)[offset : offset + item.size]
+
+    def done(self, item: Pending) -> None:
+        """Let go of the pages of ``item``'s payload in its map (they stay cached)."""
+        assert item.source is not None
+        path, offset = item.source
+        mapped = self._maps.get(path)
+        if mapped is not None:
+            start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+            with contextlib.suppress(OSError, ValueError):
+                mapped.madvise(mmap.MADV_DONTNEED, start, offset + item.size - start)
 
 
 class Filer:
@@ -110,6 +151,7 @@ class Filer:
                 KNOWN_ANY, {"uids": [i.header.sop_instance_uid for i in batch]}
             )
             known = {uid: sha256 for uid, _, sha256, _ in rows}
+        segments = Segments()
 
         def place(item: Pending) -> None:
             """Write one record's file unless it need not be. A new instance's is written
@@ -121,11 +163,11 @@ class Filer:
             uid = item.header.sop_instance_uid
             path = ingestor.spool.absolute(item.relative_path)
             if uid not in known:
-                self._write(path, item.bytes(), durably)
+                self._write(path, item, segments, durably)
                 return
             digest, before = _digest(item), known[uid]
             if (before is None or before == digest) and file_sha256(path) != digest:
-                self._write(path, item.bytes(), durably)
+                self._write(path, item, segments, durably)
 
         for _ in self._pool.map(place, batch):  # writing releases the interpreter
             pass
@@ -152,20 +194,29 @@ class Filer:
                         connection.commit()
         return [item.relative_path for item in batch]
 
-    def _write(self, path: Path, payload: Parts, durably: bool) -> None:
+    def _write(self, path: Path, item: Pending, segments: Segments, durably: bool) -> None:
         self.ingestor.spool._ensure_dir(path.parent)
-        if durably:
-            write_durably(path, joined(payload))
-            return
-        # Written in place, under its own name: no reader looks for it before its row is
-        # committed, and one a crash cuts short is written again from the journal (durably,
-        # renamed into place) before anyone reads. A temporary name and a rename would lock
-        # the series' folder twice more per file (four filing threads spun on that lock).
         try:
-            write_new(path, payload, pace=self._pace, replace=True)  # past the page cache
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+            payload = item.bytes(segments)
+            if durably:
+                write_durably(path, joined(payload))
+                return
+            # A payload read from its segment's map at a page boundary is written from there.
+            aligned = item.payload is None and item.source is not None
+            aligned = aligned and item.source is not None and item.source[1] % BLOCK == 0
+            # Written in place, under its own name: no reader looks for it before its row
+            # is committed, and one a crash cuts short is written again from the journal
+            # (durably, renamed into place) before anyone reads. A temporary name and a
+            # rename would lock the series' folder twice more per file (four filing threads
+            # spun on that lock).
+            try:
+                write_new(path, payload, pace=self._pace, replace=True, aligned=aligned)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        finally:
+            if item.payload is None:
+                segments.done(item)
 
 
 def _digest(item: Pending) -> str:
