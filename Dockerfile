@@ -5,10 +5,11 @@
 #   docker build --build-arg BASE=python:3.11-slim-bookworm -t curia-node:cpu .
 ARG BASE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
-# Stage 1: build the node's wheel on the runtime's own base and Python: the wheel carries four
+# Stage 1: build the node's wheel on the runtime's own base and Python: the wheel carries five
 # compiled modules (node.dimse._receive, the listener's data set receiver, node.store._flush,
-# its journal's writer and group commit, node.store._scan, its header walk, and
-# node.catalogue._uid_lookup, its SQLite catalogue lookup), built for the Python that runs
+# its journal's writer and group commit, node.store._scan, its header walk,
+# node.store._filing, its spool files' batch writer, and node.catalogue._uid_lookup, its
+# SQLite catalogue lookup), built for the Python that runs
 # them, and the migrations, SR templates and dashboard as package data, so the image needs
 # no sources. Without a compiler the wheel still builds, doing the same in Python.
 FROM ${BASE} AS wheel

@@ -2,7 +2,8 @@
 
 ``node.dimse._receive`` receives a C-STORE's data set without the interpreter lock;
 ``node.store._flush`` writes a journal record and waits for the flush that covers it
-without it; ``node.store._scan`` walks a data set's element headers;
+without it; ``node.store._scan`` walks a data set's element headers; ``node.store._filing``
+writes a batch of spool files in threads of its own;
 ``node.catalogue._uid_lookup`` asks an SQLite catalogue whether a UID is in it without
 letting go of the lock (it needs SQLite's headers, Debian's libsqlite3-dev). All are
 optional: where one cannot be built, the node does the same in Python, as it always could.
@@ -29,6 +30,13 @@ setup(
             ["node/store/_scan.c"],
             optional=True,
             extra_compile_args=["-O2"],
+        ),
+        Extension(
+            "node.store._filing",
+            ["node/store/_filing.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-pthread"],
+            extra_link_args=["-pthread"],
         ),
         Extension(
             "node.catalogue._uid_lookup",

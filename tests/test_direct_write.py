@@ -174,3 +174,102 @@ def test_a_page_aligned_map_is_written_from_where_it_is(
     mapped.close()
     assert (tmp_path / "a.dcm").read_bytes() == data
     assert (tmp_path / "b.dcm").read_bytes() == data
+
+
+def _compiled() -> object:
+    from node.store import filing
+
+    if filing._filing is None:
+        pytest.skip("the compiled batch writer is not built here")
+    return filing._filing
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["from-a-map", "anywhere"])
+def test_a_compiled_batch_writes_each_file_exactly(tmp_path: Path, aligned: bool) -> None:
+    """The filing process's batch writer: every file holds exactly its bytes, whatever
+    their size and wherever they lie in memory (a page-aligned map, or a copy through the
+    thread's buffer), written over a longer file where one was there; one it cannot create
+    is reported by its errno and the others are written all the same."""
+    import mmap
+
+    writer = _compiled()
+    blobs = [os.urandom(size) for size in SIZES]
+    source = tmp_path / "segment"
+    offsets, position, layout = [], 0, bytearray()
+    for blob in blobs:
+        position += -position % BLOCK if aligned else 1 + position % 3  # page, or anywhere
+        layout += bytes(position - len(layout))
+        offsets.append(position)
+        layout += blob
+        position += len(blob)
+    source.write_bytes(bytes(layout))
+    with source.open("rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    views = [
+        memoryview(mapped)[at : at + len(blob)] for at, blob in zip(offsets, blobs, strict=True)
+    ]
+    (tmp_path / "0.dcm").write_bytes(os.urandom(5 << 20))  # longer: cut to the new length
+    jobs = [(str(tmp_path / f"{index}.dcm"), view) for index, view in enumerate(views)]
+    jobs.insert(2, (str(tmp_path / "missing" / "x.dcm"), views[0]))
+    errors = writer.write_files(jobs, 4)
+    assert errors[2] == errno.ENOENT
+    assert errors[:2] + errors[3:] == [0] * len(blobs)
+    for index, blob in enumerate(blobs):
+        path = tmp_path / f"{index}.dcm"
+        assert path.read_bytes() == blob
+        assert index == 0 or path.stat().st_mode & 0o777 == 0o600  # made here: the owner's only
+    for view in views:
+        view.release()
+    mapped.close()
+
+
+def test_a_compiled_batch_writes_through_the_cache_where_direct_io_is_refused(
+    tmp_path: Path,
+) -> None:
+    """On a file system that refuses O_DIRECT (tmpfs before Linux 6.6) the batch writer
+    writes each file through the page cache; one with a single thread, as many files as
+    there are threads, or none at all, the same."""
+    writer = _compiled()
+    shm = Path("/dev/shm")
+    folder = shm / f"curia-filing-{os.getpid()}" if shm.is_dir() else tmp_path
+    folder.mkdir(exist_ok=True)
+    try:
+        blobs = [os.urandom(size) for size in (BLOCK + 5, 527_000)]
+        for threads in (1, 2, 16):
+            jobs = [(str(folder / f"{threads}-{i}.dcm"), blob) for i, blob in enumerate(blobs)]
+            assert writer.write_files(jobs, threads) == [0, 0]
+            for (path, _), blob in zip(jobs, blobs, strict=True):
+                assert Path(path).read_bytes() == blob
+        assert writer.write_files([], 4) == []
+    finally:
+        if folder != tmp_path:
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
+
+
+def test_a_file_the_compiled_batch_cannot_finish_is_removed(tmp_path: Path) -> None:
+    """A file whose bytes cannot all be read (here: a map whose file was cut short under
+    it) is reported by its errno and removed, never left half written under its name."""
+    import mmap
+
+    writer = _compiled()
+    source = tmp_path / "segment"
+    source.write_bytes(os.urandom(4 * BLOCK))
+    with source.open("r+b") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        file.truncate(BLOCK)
+    view = memoryview(mapped)[: 3 * BLOCK]
+    try:
+        errors = writer.write_files([(str(tmp_path / "cut.dcm"), view)], 1)
+    finally:
+        view.release()
+        mapped.close()
+    assert errors[0] != 0
+    assert not (tmp_path / "cut.dcm").exists()
+
+
+def test_the_compiled_batch_writer_is_built_where_a_compiler_is() -> None:
+    from node.store import filing
+
+    assert filing._filing is not None, "setup.py builds node.store._filing"

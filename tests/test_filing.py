@@ -161,41 +161,58 @@ def test_what_someone_waits_for_is_filed_at_once(
         ingestor.close()
 
 
-def test_a_record_written_as_it_arrived_is_filed_from_its_segment_as_it_is(
-    series: list[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_records_are_filed_from_their_segment_as_they_are(
+    series: list[bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compiled: bool
 ) -> None:
-    """The filing process reads a record the listener wrote as it arrived (its payload on a
-    page boundary) from its segment's map, and writes it to its spool file from there:
-    the same bytes, catalogued, never copied through the direct writer's buffer."""
-    from node.store import direct_write
+    """The filing process reads records from their segment's map: one the listener wrote as
+    it arrived (its payload on a page boundary) and one appended after its last byte (its
+    payload anywhere), both filed as the same bytes and catalogued, by the compiled batch
+    writer or, where it is not built, by the pool of threads, which writes an aligned
+    payload from the map itself, never through its thread's buffer."""
+    from node.store import direct_write, filing
     from node.store.filing import Filer, Pending
     from node.store.header import read_header
 
-    def no_buffer() -> object:
-        raise AssertionError("copied through the direct writer's buffer")
-
+    if compiled and filing._filing is None:
+        pytest.skip("the compiled batch writer is not built here")
+    if not compiled:
+        monkeypatch.setattr(filing, "_filing", None)
     ingestor = _ingestor(tmp_path, separate=False)
     journal = Journal(tmp_path / "journal", 16 << 20)
     assert list(journal.recover()) == []
     jobs = []
-    for data in series[:3]:
+    for number, data in enumerate(series[:4]):
         header = read_header(data)
         relative = ingestor.spool.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        room = journal.reserve(len(data) + 8192)
-        assert room is not None
-        room.feed(data[: len(data) // 2])
         meta = write_ahead.header_meta(header, relative, "SCU")
-        entry = journal.commit(room, meta, [data])
+        if number % 2:
+            entry = journal.append(meta, [data])
+            assert entry.payload_at % 4096, "an appended payload is not on a page boundary"
+        else:
+            room = journal.reserve(len(data) + 8192)
+            assert room is not None
+            room.feed(data[: len(data) // 2])
+            entry = journal.commit(room, meta, [data])
+            assert entry.payload_at % 4096 == 0
         source = (str(entry.segment.path), entry.payload_at)
         jobs.append(Pending(header, None, len(data), relative, "SCU", None, source))
-    monkeypatch.setattr(direct_write, "_buffer", no_buffer)
+    copied: list[int] = []
+    original = direct_write._buffer
+
+    def buffer() -> object:
+        copied.append(1)
+        return original()
+
+    monkeypatch.setattr(direct_write, "_buffer", buffer)
     filer = Filer(ingestor)
     try:
         assert filer.file(jobs) == [job.relative_path for job in jobs]
-        _check_stored(ingestor, series[:3])
+        _check_stored(ingestor, series[:4])
     finally:
         filer.close()
         ingestor.close()
         journal.close()
+    assert len(copied) == (0 if compiled else 2), "only the appended payloads copied"

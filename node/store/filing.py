@@ -47,6 +47,11 @@ from node.store.header import InstanceHeader
 from node.store.journal import Segment
 from node.store.spool import Spool, StoredFile, file_sha256, write_durably
 
+try:  # built by setup.py where there is a C compiler; else the pool of Python threads
+    from node.store import _filing  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - exercised where the module is not built
+    _filing = None
+
 if TYPE_CHECKING:
     from node.store.ingest import Ingestor
 
@@ -169,7 +174,14 @@ class Filer:
             if (before is None or before == digest) and file_sha256(path) != digest:
                 self._write(path, item, segments, durably)
 
-        for _ in self._pool.map(place, batch):  # writing releases the interpreter
+        rest = batch
+        if _filing is not None and self._pace is None and not durably:
+            self._write_new(
+                [i for i in batch if i.payload is None and i.header.sop_instance_uid not in known],
+                segments,
+            )
+            rest = [i for i in batch if i.payload is not None or i.header.sop_instance_uid in known]
+        for _ in self._pool.map(place, rest):  # writing releases the interpreter
             pass
         new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
         for item in batch:
@@ -193,6 +205,28 @@ class Filer:
                         connection.exec_driver_sql("PRAGMA synchronous=FULL")
                         connection.commit()
         return [item.relative_path for item in batch]
+
+    def _write_new(self, batch: list[Pending], segments: Segments) -> None:
+        """Write the spool files of new instances read from the journal in one compiled
+        call (:mod:`node.store._filing`), as :meth:`_write` writes one; OSError for the
+        first that failed (each that failed is removed)."""
+        if not batch:
+            return
+        spool = self.ingestor.spool
+        paths = [spool.absolute(item.relative_path) for item in batch]
+        for folder in {path.parent for path in paths}:
+            spool._ensure_dir(folder)
+        try:
+            jobs = [
+                (str(path), segments.view(item)) for path, item in zip(paths, batch, strict=True)
+            ]
+            errors = _filing.write_files(jobs, FILING_THREADS)
+        finally:
+            for item in batch:
+                segments.done(item)
+        for path, error in zip(paths, errors, strict=True):
+            if error:
+                raise OSError(error, os.strerror(error), str(path))
 
     def _write(self, path: Path, item: Pending, segments: Segments, durably: bool) -> None:
         self.ingestor.spool._ensure_dir(path.parent)
