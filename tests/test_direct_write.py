@@ -273,3 +273,46 @@ def test_the_compiled_batch_writer_is_built_where_a_compiler_is() -> None:
     from node.store import filing
 
     assert filing._filing is not None, "setup.py builds node.store._filing"
+
+
+def _resident_kib(path: Path) -> int:
+    """This process's resident KiB of its maps of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's first line
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_a_compiled_batch_from_maps_lets_go_of_their_pages(tmp_path: Path, release: bool) -> None:
+    """The filing process writes a batch of payloads from their journal segment's map: each
+    payload's pages are let go of the map once written, so that a batch (hundreds of MB
+    after a burst) never counts as the process's resident memory; the page cache keeps them."""
+    import mmap
+
+    writer = _compiled()
+    source = tmp_path / "segment"
+    data = os.urandom(8 << 20)
+    source.write_bytes(data)
+    with source.open("rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    half = len(data) // 2
+    views = [memoryview(mapped)[:half], memoryview(mapped)[half + 7 :]]  # aligned, and not
+    jobs = [(str(tmp_path / f"{i}.dcm"), view) for i, view in enumerate(views)]
+    try:
+        assert writer.write_files(jobs, 2, release) == [0, 0]
+        resident = _resident_kib(source)
+    finally:
+        for view in views:
+            view.release()
+        mapped.close()
+    assert (tmp_path / "0.dcm").read_bytes() == data[:half]
+    assert (tmp_path / "1.dcm").read_bytes() == data[half + 7 :]
+    if release:
+        assert resident == 0
+    else:
+        assert resident > 1024, "the map's pages count until let go (what the test measures)"

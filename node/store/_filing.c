@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #define BLOCK 4096         /* a multiple of every logical block size O_DIRECT asks for */
@@ -37,6 +38,7 @@ typedef struct {
 typedef struct {
     Job *jobs;
     Py_ssize_t count;
+    int release; /* the data are views of shared file maps: let go of their pages once written */
     atomic_long next;
 } Work;
 
@@ -113,17 +115,26 @@ static void *worker(void *arg) {
     for (;;) {
         long index = atomic_fetch_add(&work->next, 1);
         if (index >= work->count) break;
-        work->jobs[index].error = write_one(&work->jobs[index], &buffer);
+        Job *job = &work->jobs[index];
+        job->error = write_one(job, &buffer);
+        if (work->release && job->size > 0) {
+            /* The pages stay in the page cache; only this process's map of them goes, so
+             * that a batch does not count as the filing process's resident memory. */
+            uintptr_t start = (uintptr_t)job->data / BLOCK * BLOCK;
+            madvise((void *)start, (uintptr_t)job->data + job->size - start, MADV_DONTNEED);
+        }
     }
     free(buffer);
     return NULL;
 }
 
-/* write_files(jobs, threads) -> [errno or 0 per job]; jobs: [(path, bytes-like)] */
+/* write_files(jobs, threads, release) -> [errno or 0 per job]; jobs: [(path, bytes-like)];
+ * release: every job's data is a view of a shared file map (MADV_DONTNEED would clear
+ * anything else). */
 static PyObject *write_files(PyObject *self, PyObject *args) {
     PyObject *list;
-    int threads;
-    if (!PyArg_ParseTuple(args, "O!i", &PyList_Type, &list, &threads)) return NULL;
+    int threads, release = 0;
+    if (!PyArg_ParseTuple(args, "O!i|p", &PyList_Type, &list, &threads, &release)) return NULL;
     Py_ssize_t count = PyList_GET_SIZE(list);
     Job *jobs = PyMem_Calloc(count ? (size_t)count : 1, sizeof(Job));
     Py_buffer *views = PyMem_Calloc(count ? (size_t)count : 1, sizeof(Py_buffer));
@@ -149,7 +160,7 @@ static PyObject *write_files(PyObject *self, PyObject *args) {
     if (threads < 1) threads = 1;
     if (threads > MOST_THREADS) threads = MOST_THREADS;
     if (threads > count) threads = (int)(count ? count : 1);
-    Work work = {jobs, count, 0};
+    Work work = {jobs, count, release, 0};
     pthread_t started[MOST_THREADS];
     int running = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -182,9 +193,10 @@ end:
 
 static PyMethodDef methods[] = {
     {"write_files", write_files, METH_VARARGS,
-     "write_files(jobs, threads) -> [errno or 0 for each (path, data) job]: each file created"
-     " (or truncated) holding its data, past the page cache where allowed; one that failed"
-     " removed"},
+     "write_files(jobs, threads, release=False) -> [errno or 0 for each (path, data) job]: each"
+     " file created (or truncated) holding its data, past the page cache where allowed; one"
+     " that failed removed; release: the data are views of shared file maps, whose pages are"
+     " let go of once written"},
     {NULL, NULL, 0, NULL},
 };
 

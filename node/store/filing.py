@@ -216,14 +216,9 @@ class Filer:
         paths = [spool.absolute(item.relative_path) for item in batch]
         for folder in {path.parent for path in paths}:
             spool._ensure_dir(folder)
-        try:
-            jobs = [
-                (str(path), segments.view(item)) for path, item in zip(paths, batch, strict=True)
-            ]
-            errors = _filing.write_files(jobs, FILING_THREADS)
-        finally:
-            for item in batch:
-                segments.done(item)
+        jobs = [(str(path), segments.view(item)) for path, item in zip(paths, batch, strict=True)]
+        # Each payload's pages let go of its map once written (see Segments.done).
+        errors = _filing.write_files(jobs, FILING_THREADS, True)
         for path, error in zip(paths, errors, strict=True):
             if error:
                 raise OSError(error, os.strerror(error), str(path))
