@@ -112,6 +112,7 @@ class Segments:
         self._maps: dict[str, mmap.mmap] = {}
 
     def view(self, item: Pending) -> memoryview:
+        """``item``'s payload, as a view of its segment's map."""
         assert item.source is not None
         path, offset = item.source
         mapped = self._maps.get(path)
@@ -231,8 +232,8 @@ class Filer:
                 write_durably(path, joined(payload))
                 return
             # A payload read from its segment's map at a page boundary is written from there.
-            aligned = item.payload is None and item.source is not None
-            aligned = aligned and item.source is not None and item.source[1] % BLOCK == 0
+            source = item.source if item.payload is None else None
+            aligned = source is not None and source[1] % BLOCK == 0
             # Written in place, under its own name: no reader looks for it before its row
             # is committed, and one a crash cuts short is written again from the journal
             # (durably, renamed into place) before anyone reads. A temporary name and a
