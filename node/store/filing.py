@@ -177,11 +177,10 @@ class Filer:
 
         rest = batch
         if _filing is not None and self._pace is None and not durably:
-            self._write_new(
-                [i for i in batch if i.payload is None and i.header.sop_instance_uid not in known],
-                segments,
-            )
-            rest = [i for i in batch if i.payload is not None or i.header.sop_instance_uid in known]
+            # New instances read from the journal in one compiled call; the rest as before.
+            fresh = [i.payload is None and i.header.sop_instance_uid not in known for i in batch]
+            self._write_new([i for i, is_new in zip(batch, fresh, strict=True) if is_new], segments)
+            rest = [i for i, is_new in zip(batch, fresh, strict=True) if not is_new]
         for _ in self._pool.map(place, rest):  # writing releases the interpreter
             pass
         new: dict[str | None, list[tuple[InstanceHeader, StoredFile]]] = defaultdict(list)
