@@ -545,7 +545,9 @@ def test_concurrent_associations_share_a_flush_and_full_segments_go(
 
     from node.store import journal as journal_module
 
-    # A slow disk: appends of other threads pile up behind each flush.
+    # A slow disk: appends of other threads pile up behind each flush. Two flushes at a
+    # time, so that the series' slices are many more than run at once.
+    monkeypatch.setattr(journal_module, "FLUSHES_AT_ONCE", 2)
     flushes = _slow_disk(monkeypatch, flushing, 0.02, lambda: None)
     ingestor = _journalled(tmp_path, segment=1 << 22)  # several instances per segment
     payloads = [p.read_bytes() for p in sorted(series.iterdir())]
