@@ -515,3 +515,45 @@ def test_a_header_its_start_left_unsettled_is_read_from_the_buffer_not_a_joined_
     [header] = headers
     assert header is not None
     assert header == read_header(node.spool.absolute(row.path).read_bytes())
+
+
+@compiled
+def test_the_journal_answers_the_only_association_and_two_at_once_are_answered_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the only association, each C-STORE's Success goes out from the journal the moment
+    its record is durable; with another association open, from the association's thread
+    as before. Either way every instance is answered Success once, and catalogued by the
+    time the associations have ended."""
+    from node.store import journal as journal_module
+
+    if journal_module._flush is None:
+        pytest.skip("the compiled flusher is not built")
+    sent_by_journal: list[bool] = []
+    original = journal_module.Journal._durable
+
+    def noted(self: Journal, segment: object, writes: object, answer: object = None) -> None:
+        original(self, segment, writes, answer)  # type: ignore[arg-type]
+        sent_by_journal.append(answer is not None and answer.sent)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(journal_module.Journal, "_durable", noted)
+
+    def instance() -> object:
+        dataset = dcmread(get_testdata_file("CT_small.dcm"))
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        return dataset
+
+    with _node(tmp_path) as node:
+        alone = node.associate()
+        for _ in range(3):
+            assert alone.send_c_store(instance()).Status == 0x0000
+        other = node.associate()
+        for assoc in (alone, other):
+            assert assoc.send_c_store(instance()).Status == 0x0000
+        other.release()
+        alone.release()
+        node.ingestor.settle()
+        with node.catalogue.session() as session:
+            assert len(session.scalars(select(Instance)).all()) == 5
+    assert sent_by_journal == [True, True, True, False, False]

@@ -3,7 +3,8 @@ Success, and catalogues nothing twice.
 
 A child process ingests a series through an :class:`Ingestor` with a journal and prints
 each SOP Instance UID that got Success; it kills itself with SIGKILL at one point of the
-path (a record half written, a record synced but not filed, a file filed without its row,
+path (a record half written, a record synced but not filed, one answered by the journal
+itself but not yet entered for filing, a file filed without its row,
 a spool file written in part and never renamed, rows committed with their segment still
 there), filing in a process of its own (as the node does) or in its own. A fresh ingestor
 on the same folders then files what the journal holds, and every instance that got
@@ -56,6 +57,13 @@ CHILD = textwrap.dedent(
     from node.store.spool import Spool
 
     root, url, point, crash_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    answers = None  # ("answered") the sockets the journal's answers go through
+
+    def told():  # print the answers the journal sent: the names of the instances
+        try:
+            print(answers[1].recv(1 << 16).decode(), end="", flush=True)
+        except BlockingIOError:
+            pass
     separate = point.endswith("-by-process")  # filed by a process of its own, as the node does
     point = point.removesuffix("-by-process")
     calls = {"n": 0}
@@ -70,13 +78,13 @@ CHILD = textwrap.dedent(
 
     if point == "mid-write" and compiled:  # the crash_at-th record cut short, yet flushed
         original_commit = journal_module.Journal._commit_compiled
-        def half(self, segment, writes):
+        def half(self, segment, writes, answer=None):
             calls["n"] += 1
             if calls["n"] == crash_at:
                 offset, parts = writes[0]
                 original_commit(self, segment, [(offset, parts[:2])])  # head, meta
                 die()
-            original_commit(self, segment, writes)
+            original_commit(self, segment, writes, answer)
         journal_module.Journal._commit_compiled = half
     elif point == "mid-write":  # the crash_at-th record is cut short: no Success for it
         original = journal_module.Journal._write
@@ -97,6 +105,18 @@ CHILD = textwrap.dedent(
             if calls["n"] == crash_at:
                 die()
         setattr(journal_module.Journal, name, sync)
+    elif point == "answered":  # the journal sends each Success; dead just after one
+        import socket
+        answers = socket.socketpair()
+        answers[1].setblocking(False)
+        original_answered = journal_module.Journal._commit_compiled
+        def answered(self, segment, writes, answer=None):
+            original_answered(self, segment, writes, answer)
+            calls["n"] += 1
+            if calls["n"] == crash_at:  # answered, not yet entered for filing
+                told()
+                die()
+        journal_module.Journal._commit_compiled = answered
     elif point == "mid-filing":  # files written, their rows never committed
         original_write = filing.Filer._write
         def write(self, path, *rest):
@@ -155,9 +175,15 @@ CHILD = textwrap.dedent(
                 outcome = ingestor.ingest(data, "CRASHER", reserved=reserved)
             finally:
                 reserved.release()
+        elif answers is not None:
+            answer = journal_module.Answer(answers[0].fileno(), f"{path.name}\\n".encode())
+            outcome = ingestor.ingest(data, "CRASHER", answer=answer)
+            assert answer.sent and outcome.status == 0
         else:
             outcome = ingestor.ingest(data, "CRASHER")
-        if outcome.status == 0:
+        if answers is not None:
+            told()
+        elif outcome.status == 0:
             print(path.name, flush=True)
         if point in ("mid-filing", "mid-file", "filed"):
             ingestor.settle()
@@ -221,6 +247,7 @@ def _check(root: Path, url: str, series: Path, succeeded: list[str]) -> Ingestor
     [
         "mid-write",
         "synced",
+        "answered",
         "mid-arrival",
         "streamed",
         "mid-write-in-python",
@@ -238,6 +265,10 @@ def _check(root: Path, url: str, series: Path, succeeded: list[str]) -> Ingestor
 def test_kill_9_in_the_journal_path_loses_nothing_that_got_success(
     point: str, backend: str, series: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    from node.store import journal as journal_module
+
+    if point == "answered" and journal_module._flush is None:
+        pytest.skip("the journal answers a sender itself only where it is compiled")
     url = (
         f"sqlite:///{tmp_path / 'catalogue.sqlite'}"
         if backend == "sqlite"
@@ -248,6 +279,8 @@ def test_kill_9_in_the_journal_path_loses_nothing_that_got_success(
     succeeded = _run_child(tmp_path, url, point)
     cut = point.removesuffix("-in-python")
     expected = CRASH_AT - 1 if cut in ("mid-write", "synced", "mid-arrival", "streamed") else None
+    if cut == "answered":
+        expected = CRASH_AT  # answered by the journal the moment it was durable
     if expected is not None:
         assert len(succeeded) == expected, "no Success for the instance the crash cut short"
     ingestor = _check(tmp_path, url, series, succeeded)
@@ -595,10 +628,11 @@ def test_a_c_store_is_journalled_with_the_checksum_of_its_bytes(
         meta: dict[str, object],
         payload: list[bytes | memoryview],
         crc32: int | None = None,
+        answer: Any = None,
     ) -> Segment:
         appended.append((crc32, zlib.crc32(b"".join(payload))))
         placed_early.append(reservation.placed)
-        return real(self, reservation, meta, payload, crc32)
+        return real(self, reservation, meta, payload, crc32, answer)
 
     monkeypatch.setattr(Journal, "commit", spy)
     ingestor = _journalled(tmp_path)
@@ -1009,6 +1043,43 @@ def test_the_compiled_flusher_is_built_where_a_compiler_is() -> None:
     assert journal_module._flush is not None, "setup.py builds node.store._flush"
 
 
+def test_the_compiled_flusher_sends_an_answer_only_once_its_record_is_flushed(
+    tmp_path: Path,
+) -> None:
+    """commit(writes, socket, answer): the answer goes out after the flush, never when the
+    write or the flush failed; a send that fails says so (UNSENT) with the record durable."""
+    import socket
+
+    from node.store import journal as journal_module
+
+    flush = journal_module._flush
+    if flush is None:
+        pytest.skip("the compiled flusher is not built")
+    fd = os.open(tmp_path / "segment", os.O_RDWR | os.O_CREAT, 0o600)
+    null = os.open(os.devnull, os.O_WRONLY)  # takes writes; refuses fdatasync (EINVAL)
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    try:
+        flusher = flush.Flusher(fd)
+        assert flusher.commit([(0, [b"one"])], ours.fileno(), b"Success") == (flush.OK, 0)
+        assert theirs.recv(64) == b"Success"
+        assert flusher.flushes == 1
+        assert flush.Flusher(null).commit([(0, [b"two"])], ours.fileno(), b"Success")[0] == (
+            flush.FLUSH_FAILED
+        )
+        with pytest.raises(BlockingIOError):
+            theirs.recv(64)  # nothing said of a record that is not durable
+        theirs.close()
+        status, error = flusher.commit([(8, [b"three"])], ours.fileno(), b"Success")
+        assert (status, error) == (flush.UNSENT, errno.EPIPE)
+        assert os.pread(fd, 5, 8) == b"three", "written and flushed all the same"
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(fd)
+        os.close(null)
+
+
 @pytest.mark.parametrize("flushing", ["compiled", "python"])
 def test_a_record_the_disk_refuses_is_an_error_and_one_unflushed_stays_counted(
     flushing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -1053,3 +1124,64 @@ def test_a_record_the_disk_refuses_is_an_error_and_one_unflushed_stays_counted(
         os.close(null)
     for left in journal.close():
         os.close(left.fd)
+
+
+@pytest.mark.parametrize("flushing", ["compiled", "python"])
+def test_an_answer_the_journal_sent_is_waited_for_by_settle_before_it_is_counted(
+    flushing: str, series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled journal sends a sender's Success the moment its record is durable, and
+    the instance is entered for filing after: a settle() begun in between (the end of an
+    association, a storage commitment request) waits for that instance, rather than
+    finding nothing to wait for and letting completion count its series short. Where the
+    journal is not compiled, nothing is sent: the caller answers, as before."""
+    import socket
+    import threading
+
+    from node.store import journal as journal_module
+    from node.store.journal import Answer
+
+    if flushing == "compiled" and journal_module._flush is None:
+        pytest.skip("the compiled flusher is not built")
+    if flushing == "python":
+        monkeypatch.setattr(journal_module, "_flush", None)
+    durable, go_on = threading.Event(), threading.Event()
+    original = journal_module.Journal._durable
+
+    def held(self: Journal, segment: Segment, writes: Any, answer: Any = None) -> None:
+        original(self, segment, writes, answer)
+        durable.set()
+        assert go_on.wait(10)
+
+    monkeypatch.setattr(journal_module.Journal, "_durable", held)
+    ingestor = _journalled(tmp_path)
+    ours, theirs = socket.socketpair()
+    try:
+        data = sorted(series.iterdir())[0].read_bytes()
+        answer = Answer(ours.fileno(), b"Success")
+        outcomes: list[int] = []
+        sender = threading.Thread(
+            target=lambda: outcomes.append(ingestor.ingest(data, "A", answer=answer).status)
+        )
+        sender.start()
+        assert durable.wait(10)
+        if flushing == "python":
+            go_on.set()
+            sender.join(10)
+            assert outcomes == [SUCCESS] and not answer.sent, "the caller answers"
+            return
+        theirs.settimeout(5)
+        assert theirs.recv(16) == b"Success", "answered once durable, before anything else"
+        assert answer.sent
+        assert not ingestor.settle(timeout=0.3), "settle() waits for the answered instance"
+        go_on.set()
+        sender.join(10)
+        assert outcomes == [SUCCESS]
+        assert ingestor.settle(timeout=10)
+        with ingestor.catalogue.session() as session:
+            assert session.scalar(select(func.count()).select_from(Instance)) == 1
+    finally:
+        go_on.set()
+        ours.close()
+        theirs.close()
+        ingestor.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import struct
 import time
 from dataclasses import astuple
@@ -96,6 +97,7 @@ from node.dimse.pdu import (
     reject_pdu,
 )
 from node.dimse.report_channels import ReportChannel
+from node.store.journal import Answer
 
 if TYPE_CHECKING:  # the listener creates acceptors; an acceptor only reads its settings
     from node.dimse.server import Listener
@@ -211,6 +213,7 @@ class AssociationAcceptor:
         self._last_size = 0  # of the last data set received: the next one's likely size
         self._reports: ReportChannel | None = None  # storage commitment reports sent back here
         self._answer: bytes | None = None  # a response not yet sent (see _respond)
+        self._answered = False  # the last message's response sent by the journal (Answer)
 
     def run(self) -> None:
         try:
@@ -337,8 +340,9 @@ class AssociationAcceptor:
                     # whole within network_timeout, however its bytes are paced.
                     answer, self._answer = self._answer, None
                     within = limits.network_timeout or None
-                    if answer is not None:  # sent, and the next PDU read, in one call
-                        pdu_type, body = connection.exchange(answer, limits.max_pdu, within)
+                    if answer is not None or self._answered:  # sent, and the next PDU read
+                        self._answered = False
+                        pdu_type, body = connection.exchange(answer or b"", limits.max_pdu, within)
                     else:
                         pdu_type, body = connection.read_pdu(
                             limits.max_pdu, within=within, at_once=True
@@ -507,10 +511,42 @@ class AssociationAcceptor:
         if command == C_ECHO_RQ:
             status = SUCCESS
         elif command == C_STORE_RQ:
+            early = self._early_answer(association, message.context_id, fields)
             status, comment = self._store(
-                association, context, fields, message.fragments, message.ahead
+                association, context, fields, message.fragments, message.ahead, early
             )
+            if early is not None and early.error:
+                raise AssociationAborted(f"cannot send to the peer: {os.strerror(early.error)}")
+            if early is not None and early.sent:
+                self._answered = True
+                return
         self._respond(association, message.context_id, response(fields, status, comment))
+
+    def _early_answer(
+        self, association: Association, context_id: int, fields: dict[int, bytes]
+    ) -> Answer | None:
+        """A C-STORE's Success response for the journal to send the moment the instance is
+        durable, before this thread counts it (:class:`node.store.journal.Answer`), on the
+        only association: its sender then turns to its next instance while this thread
+        does the rest. None where responses go another way (through TLS, beside storage
+        commitment reports, behind one kept by :meth:`_respond`), and while other
+        associations are open: their threads have the processors' time anyway.
+
+        One association sending 513 KiB slices into a 2-core VM, alternated in one
+        process, 16 pairs: median 1.04 x (11 above 1); the wait from the answer to the
+        sender's next command 120-170 us down to about 90 (one run). Ten senders, 9
+        pairs, answered this way too: median 0.96 x."""
+        connection = self.connection
+        if (
+            not connection.compiled
+            or self._reports is not None
+            or self._answer is not None
+            or self.server.gate.associations > 1
+        ):
+            return None
+        success = response(fields, SUCCESS, "")
+        pdus = p_data(context_id, success, b"", association.peer_max_pdu)
+        return Answer(connection.sock.fileno(), pdus)
 
     def _respond(self, association: Association, context_id: int, command: bytes) -> None:
         """Send a response, or, on a plain TCP connection without storage commitment
@@ -592,9 +628,10 @@ class AssociationAcceptor:
         fields: dict[int, bytes],
         fragments: ReceivedDataSet,
         ahead: int | None = None,
+        answer: Answer | None = None,
     ) -> tuple[int, str]:
         try:
-            return self._store_received(association, context, fields, fragments, ahead)
+            return self._store_received(association, context, fields, fragments, ahead, answer)
         finally:
             fragments.discard()  # placed by ingest, moved to quarantine, or not kept
             self._receiving = None
@@ -606,6 +643,7 @@ class AssociationAcceptor:
         fields: dict[int, bytes],
         fragments: ReceivedDataSet,
         ahead: int | None,
+        answer: Answer | None = None,
     ) -> tuple[int, str]:
         sop_class, sop_instance = fields.get(0x0002, b""), fields.get(0x1000, b"")
         size = fragments.size
@@ -637,6 +675,7 @@ class AssociationAcceptor:
                 ahead=ahead,
                 reserved=fragments.reserved,
                 header=fragments.header(),
+                answer=answer,
             )
             self._last_size = size + len(fragments.prefix)
             fragments.clear()

@@ -14,7 +14,7 @@ from pynetdicom.presentation import PresentationContext
 from node.core.status import SUCCESS
 from node.store.buffers import Parts
 from node.store.header import InstanceHeader
-from node.store.journal import Reservation
+from node.store.journal import Answer, Reservation
 from node.store.spool import StagedFile
 
 _SUCCESS_KEY = f"0x{SUCCESS:04X}"  # the status nearly every instance is counted under
@@ -77,6 +77,7 @@ class StoreRequest:
     ahead: int | None = None  # Service.look_ahead's answer when the command arrived
     reserved: Reservation | None = None  # where ``data`` was written as it arrived
     header: InstanceHeader | None = None  # read as ``data`` arrived (None: not read yet)
+    answer: Answer | None = None  # its Success, sent by the journal where it can (see there)
 
 
 @dataclass(frozen=True)

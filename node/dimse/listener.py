@@ -152,6 +152,7 @@ class AssociationHandlers:
                 ahead=request.ahead,
                 reserved=request.reserved,
                 header=request.header,
+                answer=request.answer,
             )
         if outcome.status == SUCCESS:
             if outcome.series_uid:

@@ -22,6 +22,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -30,7 +31,7 @@
 #define IOV_MAX 1024
 #endif
 
-enum { OK = 0, WRITE_FAILED = 1, FLUSH_FAILED = 2 };
+enum { OK = 0, WRITE_FAILED = 1, FLUSH_FAILED = 2, UNSENT = 3 };
 
 typedef struct {
     PyObject_HEAD
@@ -131,24 +132,50 @@ static int covered(Flusher *self) {
     return error;
 }
 
-/* commit(writes) -> (status, errno): `writes` a sequence of (offset, parts), each part a
- * contiguous buffer; all written, then the call waits for a flush that covers them.
- * Status: OK, WRITE_FAILED (nothing waited for), or FLUSH_FAILED. */
-static PyObject *flusher_commit(Flusher *self, PyObject *writes) {
+/* Send all of `size` bytes on socket `fd` (its SO_SNDTIMEO bounds each wait); 0 or errno. */
+static int send_all(int fd, const char *data, size_t size) {
+    while (size > 0) {
+        ssize_t n = send(fd, data, size, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        data += n;
+        size -= (size_t)n;
+    }
+    return 0;
+}
+
+/* commit(writes, socket=-1, answer=b"") -> (status, errno): `writes` a sequence of (offset,
+ * parts), each part a contiguous buffer; all written, then the call waits for a flush that
+ * covers them, and then sends `answer` on `socket`, where given: the sender is answered the
+ * moment its instance is durable, and the interpreter's bookkeeping of it comes after, while
+ * the sender turns to its next instance. Status: OK, WRITE_FAILED (nothing waited for),
+ * FLUSH_FAILED (nothing sent), or UNSENT (durable, but the answer could not be sent). */
+static PyObject *flusher_commit(Flusher *self, PyObject *args) {
+    PyObject *writes;
+    int socket_fd = -1;
+    Py_buffer answer = {0};
+    if (!PyArg_ParseTuple(args, "O|iy*", &writes, &socket_fd, &answer)) return NULL;
     PyObject *sequence = PySequence_Fast(writes, "writes must be a sequence");
-    if (sequence == NULL) return NULL;
+    if (sequence == NULL) {
+        PyBuffer_Release(&answer);
+        return NULL;
+    }
     Py_ssize_t groups = PySequence_Fast_GET_SIZE(sequence);
     Py_ssize_t total = 0;
     for (Py_ssize_t g = 0; g < groups; g++) {
         PyObject *item = PySequence_Fast_GET_ITEM(sequence, g);
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
             Py_DECREF(sequence);
+            PyBuffer_Release(&answer);
             PyErr_SetString(PyExc_TypeError, "each write must be (offset, parts)");
             return NULL;
         }
         Py_ssize_t parts = PyObject_Length(PyTuple_GET_ITEM(item, 1));
         if (parts < 0) {
             Py_DECREF(sequence);
+            PyBuffer_Release(&answer);
             return NULL;
         }
         total += parts;
@@ -205,6 +232,10 @@ static PyObject *flusher_commit(Flusher *self, PyObject *writes) {
         error = covered(self);
         if (error) status = FLUSH_FAILED;
     }
+    if (status == OK && socket_fd >= 0 && answer.len > 0) {
+        error = send_all(socket_fd, (const char *)answer.buf, (size_t)answer.len);
+        if (error) status = UNSENT;
+    }
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("ii", status, error);
 done:
@@ -214,6 +245,7 @@ done:
     PyMem_Free(offsets);
     PyMem_Free(counts);
     Py_DECREF(sequence);
+    PyBuffer_Release(&answer);
     return result;
 }
 
@@ -244,9 +276,9 @@ static PyObject *flusher_flushing(Flusher *self, void *closure) {
 }
 
 static PyMethodDef flusher_methods[] = {
-    {"commit", (PyCFunction)flusher_commit, METH_O,
-     "commit(writes) -> (status, errno): write each (offset, parts), then wait for a flush"
-     " that covers them"},
+    {"commit", (PyCFunction)flusher_commit, METH_VARARGS,
+     "commit(writes, socket=-1, answer=b'') -> (status, errno): write each (offset, parts),"
+     " wait for a flush that covers them, then send answer on socket"},
     {"wait_quiet", (PyCFunction)flusher_wait_quiet, METH_O,
      "wait_quiet(timeout): until no flush is in flight, or timeout seconds"},
     {NULL, NULL, 0, NULL},
@@ -293,5 +325,6 @@ PyMODINIT_FUNC PyInit__flush(void) {
     PyModule_AddIntConstant(m, "OK", OK);
     PyModule_AddIntConstant(m, "WRITE_FAILED", WRITE_FAILED);
     PyModule_AddIntConstant(m, "FLUSH_FAILED", FLUSH_FAILED);
+    PyModule_AddIntConstant(m, "UNSENT", UNSENT);
     return m;
 }

@@ -37,7 +37,7 @@ from node.core.status import (
 from node.store.buffers import Parts, joined, size_of
 from node.store.disk import DiskGuard
 from node.store.header import InstanceHeader, RejectedInstance, read_header
-from node.store.journal import Journal, Reservation
+from node.store.journal import Answer, Journal, Reservation
 from node.store.spool import Spool, StagedFile, StoredFile, file_sha256
 from node.store.structure import MAX_INFLATED as MAX_INFLATED  # re-exported
 from node.store.structure import MAX_NESTING as MAX_NESTING  # re-exported
@@ -193,6 +193,7 @@ class Ingestor:
         ahead: int | None = None,
         reserved: Reservation | None = None,
         header: InstanceHeader | None = None,
+        answer: Answer | None = None,
     ) -> IngestOutcome:
         """Store and catalogue one instance received as Part 10 bytes (or the parts they
         arrived in, joined only where they must be: not on the journal's way); ``expected_*`` are
@@ -202,7 +203,9 @@ class Ingestor:
         ``ahead``: :meth:`look_ahead`'s token for ``expected_sop_uid``; ``reserved``: the
         journal room it was written to as it arrived (:meth:`reserve`), given back by the
         caller when it is not used; ``header``: what :func:`read_header` makes of ``data``,
-        where the receiver read it already."""
+        where the receiver read it already; ``answer``: the sender's Success, which the
+        journal sends itself the moment the instance is durable, where it takes it
+        (:class:`node.store.journal.Answer`: ``sent`` says whether it did)."""
         if not self._room_for(size_of(data), calling_ae):
             return IngestOutcome(OUT_OF_RESOURCES, "free disk space below the watermark")
         try:
@@ -234,7 +237,9 @@ class Ingestor:
                     and expected_sop_uid is not None  # which the header's UID is, here
                     and ahead == self._changes[stripe]
                 )
-                outcome = self.write_ahead.accept(header, data, calling_ae, crc32, new, reserved)
+                outcome = self.write_ahead.accept(
+                    header, data, calling_ae, crc32, new, reserved, answer
+                )
                 if outcome is not None and outcome.status == SUCCESS:
                     self._changes[stripe] += 1
             if outcome is not None:

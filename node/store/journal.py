@@ -182,6 +182,21 @@ class Entry:
     payload_at: int
 
 
+@dataclass(eq=False)
+class Answer:
+    """A sender's Success response, sent by the journal on ``socket`` the moment a flush
+    covers the instance's record (:mod:`node.store._flush`), before the interpreter takes
+    the thread back: the bookkeeping of the instance then runs while the sender turns to
+    its next one. ``sent`` once it went; ``error``: the errno of a send that failed (the
+    record is durable; the connection is not). Not sent where the journal is not compiled,
+    or the record not committed: the caller answers, as usual."""
+
+    socket: int
+    pdus: bytes
+    sent: bool = False
+    error: int = 0
+
+
 @dataclass(frozen=True)
 class Record:
     """A record read back from a segment: its meta, payload, and the segment it is in."""
@@ -263,11 +278,16 @@ class Journal:
     # -- appending
 
     def append(
-        self, meta: dict[str, Any], payload: Sequence[Buffer], crc32: int | None = None
+        self,
+        meta: dict[str, Any],
+        payload: Sequence[Buffer],
+        crc32: int | None = None,
+        answer: Answer | None = None,
     ) -> Entry:
         """Write one record and return once it is durable: where it is (its segment's
         ``outstanding`` count already includes the record). ``crc32``: the payload's, where
-        the caller has it already (computed as the bytes arrived)."""
+        the caller has it already (computed as the bytes arrived); ``answer``: sent once it
+        is durable, where the journal is compiled (see :class:`Answer`)."""
         meta_bytes = _META.encode(meta).encode()
         size = size_of(payload)
         length = HEAD_BYTES + len(meta_bytes) + size
@@ -289,7 +309,7 @@ class Journal:
             with self._lock:
                 segment.outstanding -= 1
             raise
-        self._durable(segment, [(offset, parts)])
+        self._durable(segment, [(offset, parts)], answer)
         return Entry(segment, offset + HEAD_BYTES + len(meta_bytes))
 
     # -- writing as the instance arrives
@@ -331,6 +351,7 @@ class Journal:
         meta: dict[str, Any],
         payload: Sequence[Buffer],
         crc32: int | None = None,
+        answer: Answer | None = None,
     ) -> Entry:
         """Finish a reserved record with the whole ``payload`` (its parts, one after the
         other; its first pages placed already) and return once it is durable, as
@@ -341,7 +362,7 @@ class Journal:
         length = size + len(meta_bytes)
         if not reservation.open or reservation.overflowed or length > reservation.capacity:
             try:
-                return self.append(meta, payload, crc32)
+                return self.append(meta, payload, crc32, answer)
             finally:
                 self.release(reservation)
         segment = reservation.segment
@@ -363,7 +384,7 @@ class Journal:
             self._shrink(reservation, ALIGN + _aligned(length))
         # The payload's rest and the meta first, the head page last: a head never names
         # bytes written after it.
-        self._durable(segment, [(start, rest), (reservation.offset, page)])
+        self._durable(segment, [(start, rest), (reservation.offset, page)], answer)
         return Entry(segment, reservation.offset + ALIGN)
 
     def release(self, reservation: Reservation) -> None:
@@ -539,14 +560,20 @@ class Journal:
         except OSError as exc:
             raise JournalError(exc.errno, f"cannot write to the journal: {exc}") from exc
 
-    def _durable(self, segment: Segment, writes: list[tuple[int, list[Buffer]]]) -> None:
+    def _durable(
+        self,
+        segment: Segment,
+        writes: list[tuple[int, list[Buffer]]],
+        answer: Answer | None = None,
+    ) -> None:
         """Write each ``(offset, parts)`` of one record, in order, and return once a flush
-        covers them: by the compiled writer where it is built (:meth:`_commit_compiled`),
-        else here (:meth:`_write`, then :meth:`_sync`). A record whose write failed is no
-        longer counted as outstanding (nothing waits for it); one whose flush failed stays
-        counted (it may be on disk: its segment is kept until a restart reads it)."""
+        covers them: by the compiled writer where it is built (:meth:`_commit_compiled`,
+        which also sends ``answer``), else here (:meth:`_write`, then :meth:`_sync`). A
+        record whose write failed is no longer counted as outstanding (nothing waits for
+        it); one whose flush failed stays counted (it may be on disk: its segment is kept
+        until a restart reads it)."""
         if segment.flusher is not None:
-            self._commit_compiled(segment, writes)
+            self._commit_compiled(segment, writes, answer)
             return
         try:
             for offset, parts in writes:
@@ -557,15 +584,31 @@ class Journal:
             raise
         self._sync(segment)
 
-    def _commit_compiled(self, segment: Segment, writes: list[tuple[int, list[Buffer]]]) -> None:
+    def _commit_compiled(
+        self,
+        segment: Segment,
+        writes: list[tuple[int, list[Buffer]]],
+        answer: Answer | None = None,
+    ) -> None:
         """Write each ``(offset, parts)`` of one record and return once a flush covers
         them, in one call of :mod:`node.store._flush` without the interpreter lock (the
         rule of :meth:`_sync`, kept in C): the writes and the flush took the lock back
         after each system call and each wait, from every other association's thread.
         Ten senders into one listener on a 2-core VM, alternated in one process: 8 pairs,
         1.00-1.21, median 1.08 (the association threads' `futex` calls 21 per instance
-        down to 15). Failures counted as :meth:`_durable` says."""
-        status, error = segment.flusher.commit(writes)
+        down to 15). Failures counted as :meth:`_durable` says.
+
+        With an ``answer``, the same call sends it once the flush covers the record
+        (where the acceptor gives one: see ``AssociationAcceptor._early_answer``)."""
+        if answer is None:
+            status, error = segment.flusher.commit(writes)
+        else:
+            status, error = segment.flusher.commit(writes, answer.socket, answer.pdus)
+            if status == _flush.OK:
+                answer.sent = True
+            elif status == _flush.UNSENT:  # durable all the same: the connection failed
+                answer.error = error
+                return
         if status == _flush.WRITE_FAILED:
             with self._lock:
                 segment.outstanding -= 1

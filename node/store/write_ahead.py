@@ -46,6 +46,7 @@ from node.store.header import InstanceHeader
 from node.store.journal import (
     SEGMENT_BYTES,
     SPARE_SEGMENTS,
+    Answer,
     Journal,
     JournalError,
     Record,
@@ -178,6 +179,11 @@ class WriteAhead:
         self._pending_bytes = 0
         self._stopping = False
         self._hurry = 0  # threads waiting in settle(): file at once
+        # Instances being journalled whose Success the journal sends itself (Answer): each
+        # holds a claim, numbered in order, from before its commit until its entry is in
+        # _pending, so that settle() cannot miss one already answered.
+        self._claims: set[int] = set()
+        self._last_claim = 0
         self._last_record = 0.0  # when the last record was journalled (time.monotonic())
         self._filer = Filer(ingestor, pace=self._pace)
         self._process = (
@@ -242,13 +248,16 @@ class WriteAhead:
         crc32: int | None = None,
         new: bool = False,
         reserved: Reservation | None = None,
+        answer: Answer | None = None,
     ) -> IngestOutcome | None:
         """Journal a new instance and answer for it; None when it is not new (or still in
         the journal), for the caller's own path. The caller holds its UID's lock; ``crc32``
         is that of ``data`` (Part 10 bytes, or their parts as received) where the receiver
         computed it; ``new``: the caller knows it is
         new (:meth:`node.store.ingest.Ingestor.look_ahead`), so it is not looked up again;
-        ``reserved``: the room it was written to as it arrived (:meth:`reserve`)."""
+        ``reserved``: the room it was written to as it arrived (:meth:`reserve`);
+        ``answer``: the sender's Success, sent by the journal once the record is durable
+        (:class:`Answer`), before the instance is counted here."""
         from node.store.ingest import IngestOutcome, brief
 
         uid = header.sop_instance_uid
@@ -271,21 +280,32 @@ class WriteAhead:
                     log.error("the ingest journal's backlog is full: refusing an instance")
                     return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the catalogue")
                 self._changed.wait(left)
+            claim = 0
+            if answer is not None:
+                self._last_claim = claim = self._last_claim + 1
+                self._claims.add(claim)
         parts: Parts = (data,) if isinstance(data, bytes) else data
         size = size_of(parts)
         try:
             meta = header_meta(header, relative, calling_ae)
             if reserved is not None:
-                entry = self.journal.commit(reserved, meta, parts, crc32)
+                entry = self.journal.commit(reserved, meta, parts, crc32, answer)
             else:
-                entry = self.journal.append(meta, parts, crc32)
-        except (JournalError, ValueError) as exc:
+                entry = self.journal.append(meta, parts, crc32, answer)
+        except BaseException as exc:
+            if claim:
+                with self._lock:
+                    self._unclaim(claim)
+            if not isinstance(exc, (JournalError, ValueError)):
+                raise
             log.error("cannot journal an instance: %s", exc)
             return IngestOutcome(OUT_OF_RESOURCES, "cannot write to the journal")
         segment = entry.segment
         held = None if self._process is not None else parts  # read back by the process
         source = (str(segment.path), entry.payload_at)
         with self._lock:
+            if claim:
+                self._unclaim(claim)
             self._pending[uid] = Pending(header, held, size, relative, calling_ae, segment, source)
             self._queue.append(uid)
             self._pending_bytes += size
@@ -295,11 +315,30 @@ class WriteAhead:
                 self._work.notify()
         return IngestOutcome(SUCCESS, series_uid=header.series_instance_uid)
 
+    def _unclaim(self, claim: int) -> None:
+        """An instance answered by the journal is in ``_pending``, or was not journalled
+        (the lock held)."""
+        self._claims.discard(claim)
+        if self._hurry:
+            self._changed.notify_all()
+
     def settle(self, uids: set[str] | None = None, timeout: float | None = None) -> bool:
         """Wait until the journal's instances (those of ``uids``, or all received so far)
         are filed; False if ``timeout`` passed first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
+            # Instances answered (or about to be) before this call, not yet in _pending.
+            claimed = self._last_claim
+            if uids is None and any(claim <= claimed for claim in self._claims):
+                self._hurry += 1
+                try:
+                    while any(claim <= claimed for claim in self._claims):
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            return False
+                        self._changed.wait(left)
+                finally:
+                    self._hurry -= 1
             waiting = set(self._pending) if uids is None else uids
             if not any(uid in self._pending for uid in waiting):
                 return True  # nothing to wait for: the filer keeps gathering its batch
