@@ -40,9 +40,10 @@ such a moment ran on less machine than the one beside it. Every timed send start
 (untimed), so that none of them pays for what the one before left in the page cache.
 
 Disks differ between machines, so the ratios node/DCMTK, node/file floor and node/journal
-floor are printed from the same run. DCMTK, the receive floor and the node are sent to in
-turn ``--repeats`` times (storescp and the node kept running; a new series for the node each
-time), so that a slow moment of a shared machine falls on all of them: medians, with ranges.
+floor are printed from the same run. DCMTK, the receive floor, the journal floor and the
+node are sent to (or measured) in turn ``--repeats`` times (storescp and the node kept
+running; a new series for the node each time), so that a slow moment of a shared machine
+falls on all of them: medians, with ranges.
 Then ``--senders`` concurrent storescu x ``--slices`` (distinct series) into the node and
 into ``storescp --fork``, in turn ``--repeats`` times (the node idle while ``--fork``
 receives; the machine's speed swings by half within a run): aggregate instances/s, medians
@@ -373,7 +374,6 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
     removed only at the end of every run."""
     folder = inputs / "series"
     floor = durable_floor(folder, work)
-    journal = journal_floor(folder, work)
     written = journal_floor(folder, work, written=True)
     (work / "floor-copies").mkdir()
     twice = journal_floor(folder, work, written=True, copies=work / "floor-copies")
@@ -408,7 +408,7 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         _quiet(node_journal)
         # DCMTK, the receive floor and the node in turn, so that a slower moment of a
         # shared machine falls on all three: medians, and each one's range.
-        dcmtk_rates, receive_rates, node_rates = [], [], []
+        dcmtk_rates, receive_rates, journal_rates, node_rates = [], [], [], []
         lags: list[float] = []  # seconds from the sender's end to its instances all filed
         device = device_of(work)
         dcmtk_disk, receive_disk, node_disk = DiskLoad(device), DiskLoad(device), DiskLoad(device)
@@ -417,6 +417,9 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
             for repeat in range(args.repeats):
                 dcmtk_rates.append(args.slices / dcmtk_disk.timed(dcmtk_port, [folder]))
                 receive_rates.append(args.slices / receive_disk.timed(ignore_port, [folder]))
+                # The disk's floor beside each turn: its pace drifts within minutes, and
+                # the goal's ratio is to the floor of the same moment.
+                journal_rates.append(journal_floor(folder, work))
                 fresh = inputs / f"series-node-{repeat}"  # new UIDs: each is new to the node
                 filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
                 before, filing_before = os.times(), cpu_seconds(filer)
@@ -431,7 +434,7 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
                 sender_user += cpu.children_user - before.children_user
                 sender_system += cpu.children_system - before.children_system
         dcmtk, node = statistics.median(dcmtk_rates), statistics.median(node_rates)
-        receive = statistics.median(receive_rates)
+        receive, journal = statistics.median(receive_rates), statistics.median(journal_rates)
         print(f"DCMTK storescp : {_spread(dcmtk_rates)} (no fsync, no catalogue)")
         print(f"Curia Node     : {_spread(node_rates)} (durable + catalogued before Success)")
         print(f"  new journal  : {cold:7.1f} instances/s (a new node's first series)")
@@ -442,7 +445,10 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         )
         print(f"receive floor  : {_spread(receive_rates)} (storescp --ignore: stores nothing)")
         print(f"file floor     : {floor:7.1f} instances/s (new file + fsync + rename + dir fsync)")
-        print(f"journal floor  : {journal:7.1f} instances/s (preallocated pwrite + fdatasync)")
+        print(
+            f"journal floor  : {_spread(journal_rates)} (preallocated pwrite + fdatasync, "
+            "measured before each of the node's turns)"
+        )
         print(f"  into written : {written:7.1f} instances/s (the same, blocks zero-filled first)")
         print(
             f"  and a copy   : {twice:7.1f} instances/s (the same, then each written to a file "
