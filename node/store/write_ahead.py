@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
@@ -329,29 +330,28 @@ class WriteAhead:
         with self._lock:
             # Instances answered (or about to be) before this call, not yet in _pending.
             claimed = self._last_claim
-            if uids is None and any(claim <= claimed for claim in self._claims):
-                self._hurry += 1
-                try:
-                    while any(claim <= claimed for claim in self._claims):
-                        left = None if deadline is None else deadline - time.monotonic()
-                        if left is not None and left <= 0:
-                            return False
-                        self._changed.wait(left)
-                finally:
-                    self._hurry -= 1
+            if uids is None and not self._wait(
+                lambda: all(claim > claimed for claim in self._claims), deadline
+            ):
+                return False
             waiting = set(self._pending) if uids is None else uids
             if not any(uid in self._pending for uid in waiting):
                 return True  # nothing to wait for: the filer keeps gathering its batch
-            self._hurry += 1
             self._work.notify()
-            try:
-                while any(uid in self._pending for uid in waiting):
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        return False
-                    self._changed.wait(left)
-            finally:
-                self._hurry -= 1
+            return self._wait(lambda: not any(uid in self._pending for uid in waiting), deadline)
+
+    def _wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait until ``done()``, the lock held and this thread counted as one the filer
+        hurries for; False if ``deadline`` (time.monotonic()) passed first."""
+        self._hurry += 1
+        try:
+            while not done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(left)
+        finally:
+            self._hurry -= 1
         return True
 
     def close(self) -> None:
