@@ -430,8 +430,8 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
         _settle(ingestor)
         wait_for(lambda: node_journal.spares >= 1, 30, "the journal kept no spare segment")
         _quiet(node_journal)
-        # DCMTK, the receive floor and the node in turn, so that a slower moment of a
-        # shared machine falls on all three: medians, and each one's range.
+        # DCMTK, the receive floor, the journal floor and the node in turn, so that a
+        # slower moment of a shared machine falls on all four: medians, and each one's range.
         dcmtk_rates, receive_rates, journal_rates, node_rates = [], [], [], []
         lags: list[float] = []  # seconds from the sender's end to its instances all filed
         device = device_of(work)
