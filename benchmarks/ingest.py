@@ -53,7 +53,9 @@ and ranges, and peak RSS while they send (the node's: the high-water marks of th
 process, which hosts the listener, and of its filing process; DCMTK's: the sum over
 storescp and its forked children, sampled every 20 ms), and the processor time each took
 per instance, its senders' included (on a machine with few processors the senders and the
-receiver share them), and what each asked of the disk while it received (storescp's bytes
+receiver share them; the node's also as the listener's and the filing process's while the
+senders sent: what the node's receiving costs, beside the filing that follows), and what
+each asked of the disk while it received (storescp's bytes
 wait in the page cache until after its send; the node's journal is on disk before each
 answer).
 
@@ -547,6 +549,8 @@ class ManySenders:
     fork: list[float]
     lags: list[float]  # seconds from the senders' end to every instance filed
     node_cpu: float
+    listening_cpu: float  # the listener's process while the senders sent
+    filing_cpu: float  # the filing process's while they sent
     senders_cpu: float
     fork_cpu: float
     node_rss: float
@@ -571,8 +575,9 @@ class ManySenders:
         )
         print(
             f"  CPU per instance (ms), senders' included: node {self.node_cpu:.2f} (with its "
-            f"filing, until all filed; senders {self.senders_cpu:.2f}) | storescp --fork "
-            f"{self.fork_cpu:.2f} | {os.cpu_count()} processors"
+            f"filing, until all filed; senders {self.senders_cpu:.2f}; while they sent, the "
+            f"listener {self.listening_cpu:.2f} and the filing {self.filing_cpu:.2f}) | "
+            f"storescp --fork {self.fork_cpu:.2f} | {os.cpu_count()} processors"
         )
 
     def report_disk(self, args: argparse.Namespace) -> None:
@@ -604,7 +609,7 @@ def _many_senders(
     again) received from ``--senders`` storescu at once, in turn ``--repeats`` times."""
     total = args.slices * args.senders
     node, fork, lags = [], [], []
-    node_cpu = senders_cpu = fork_cpu = node_rss = fork_rss = 0.0
+    node_cpu = senders_cpu = fork_cpu = node_rss = fork_rss = listening = filing_while = 0.0
     node_disk, fork_disk = DiskLoad(device), DiskLoad(device)
     first = _senders_series(inputs, args.senders, 0)
     # A burst first, untimed as a comparison: the journal keeps the segments it fills as
@@ -621,12 +626,24 @@ def _many_senders(
         filer = ingestor.write_ahead.filing_pid if ingestor.write_ahead else None
         os.sync()  # before the processor time is read: the timed send's own sync finds nothing
         before, filing_before = os.times(), cpu_seconds(filer)
+        sent: list[tuple[os.times_result, tuple[float, float]]] = []  # as the senders ended
+
+        def settle(
+            sent: list[tuple[os.times_result, tuple[float, float]]] = sent,
+            filer: int | None = filer,
+        ) -> None:
+            sent.append((os.times(), cpu_seconds(filer)))
+            lags.append(_settle(ingestor))
+
         with HighWater((os.getpid(), filer) if filer else (os.getpid(),)) as peak:
-            elapsed = node_disk.timed(port, folders, settle=lambda: lags.append(_settle(ingestor)))
+            elapsed = node_disk.timed(port, folders, settle=settle)
         after, filing_after = os.times(), cpu_seconds(filer)
         node.append(total / elapsed)
         node_cpu += cpu_per_instance(before, after, total)
         node_cpu += (sum(filing_after) - sum(filing_before)) * 1000 / total
+        ((ended, filing_ended),) = sent
+        listening += (ended.user - before.user + ended.system - before.system) * 1000 / total
+        filing_while += (sum(filing_ended) - sum(filing_before)) * 1000 / total
         senders_cpu += cpu_per_instance(before, after, total, own=False)
         node_rss = max(node_rss, peak.mib)
         _quiet(journal)
@@ -643,6 +660,8 @@ def _many_senders(
         fork=fork,
         lags=lags,
         node_cpu=node_cpu / turns,
+        listening_cpu=listening / turns,
+        filing_cpu=filing_while / turns,
         senders_cpu=senders_cpu / turns,
         fork_cpu=fork_cpu / turns,
         node_rss=node_rss,
