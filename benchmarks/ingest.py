@@ -55,9 +55,8 @@ storescp and its forked children, sampled every 20 ms), and the processor time e
 per instance, its senders' included (on a machine with few processors the senders and the
 receiver share them; the node's also as the listener's and the filing process's while the
 senders sent: what the node's receiving costs, beside the filing that follows), and what
-each asked of the disk while it received (storescp's bytes
-wait in the page cache until after its send; the node's journal is on disk before each
-answer).
+each asked of the disk while it received (storescp's bytes wait in the page cache until
+after its send; the node's journal is on disk before each answer).
 
 Every series is written, and synced, before anything is timed, and nothing is deleted
 until the end (each run keeps its own outputs): for half a minute after many files are
