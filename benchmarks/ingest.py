@@ -59,9 +59,12 @@ each asked of the disk while it received (storescp's bytes wait in the page cach
 after its send; the node's journal is on disk before each answer).
 
 Every series is written, and synced, before anything is timed, and nothing is deleted
-until the end (each run keeps its own outputs): for half a minute after many files are
+until the end (each run keeps its own outputs): for minutes after many files are
 deleted, ext4 takes longer to create files (it looks past the inodes just freed), and
 bytes still on their way from the page cache would be written while a receiver is timed.
+Each run prints what creating a file costs as it starts (:func:`creation_us`): a run
+started right after another's clean-up pays ten times the usual for a while, storescp
+as it receives and the node's filer behind its journal.
 With the defaults that is about 11 GB per run, beside 7 GB of series. Before the first
 run the machine's free memory is filled with page cache that costs no disk
 (:func:`fill_memory`): every receiver is timed as on a server whose memory is in use.
@@ -87,7 +90,7 @@ import numpy as np
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from benchmarks.disk import DiskCounters, device_of, read_counters
+from benchmarks.disk import DiskCounters, creation_us, device_of, read_counters
 from benchmarks.durable_receive import durable_receive
 from benchmarks.memory import HighWater, PeakRss, Steal, cpu_seconds, fill_memory
 from node.catalogue.db import Catalogue, upgrade
@@ -398,6 +401,7 @@ def one_run(args: argparse.Namespace, inputs: Path, work: Path) -> None:
     """One comparison, sending the series in ``inputs``; what it writes goes to ``work``,
     removed only at the end of every run."""
     folder = inputs / "series"
+    print(f"file creation  : {creation_us(work / 'creation'):7.1f} us per new file (empty)")
     floor = durable_floor(folder, work)
     written = journal_floor(folder, work, written=True)
     (work / "floor-copies").mkdir()
